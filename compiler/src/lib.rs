@@ -1,0 +1,1 @@
+//! dsc-compiler: from a resolved model to costs, IR and kernels.

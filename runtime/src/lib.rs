@@ -1,0 +1,3 @@
+//! dsc-runtime: execution, checkpoints and the `dsc` command-line tool.
+
+pub mod cli;

@@ -1,0 +1,1 @@
+//! Integration tests for dsc live in tests/tests/.
