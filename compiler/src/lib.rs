@@ -1,1 +1,3 @@
 //! dsc-compiler: from a resolved model to costs, IR and kernels.
+
+pub mod stats;

@@ -34,8 +34,11 @@ struct Cx {
 
 impl Cx {
     fn span(&self, pair: &Pair<Rule>) -> Span {
+        // Non-atomic rules end after the whitespace they skipped looking for an optional
+        // part (`3..` then no `step`); carets should stop at the text itself.
         let s = pair.as_span();
-        Span::new(self.file, s.start(), s.end())
+        let trimmed = s.as_str().trim_end().len();
+        Span::new(self.file, s.start(), s.start() + trimmed)
     }
 
     fn spanned_str(&self, pair: &Pair<Rule>) -> Spanned<String> {
@@ -96,33 +99,25 @@ impl Cx {
             Rule::ident => Value::Ident(pair.as_str().to_string()),
             Rule::string => Value::Str(unescape(pair.into_inner().next().map_or("", |p| p.as_str()))),
             Rule::range => {
-                let ints: Vec<Pair<Rule>> = pair.into_inner().collect();
-                let start = self.parse_int(&ints[0])?;
-                // `a..b step s` has 3 ints; `a.. step s` cannot be told from `a..b` by count,
-                // so look at the text between the ints.
-                let (end, step) = match ints.len() {
-                    1 => (None, None),
-                    3 => (Some(self.parse_int(&ints[1])?), Some(self.parse_int(&ints[2])?)),
-                    _ => {
-                        let between = &self.source_between(&ints[0], &ints[1]);
-                        if between.contains("step") {
-                            (None, Some(self.parse_int(&ints[1])?))
-                        } else {
-                            (Some(self.parse_int(&ints[1])?), None)
-                        }
+                // `a..`, `a..b`, `a.. step s`, `a..b step s`: an int after `step` is the step.
+                let mut start = None;
+                let mut end = None;
+                let mut step = None;
+                let mut after_step = false;
+                for p in pair.into_inner() {
+                    match p.as_rule() {
+                        Rule::step_kw => after_step = true,
+                        _ if after_step => step = Some(self.parse_int(&p)?),
+                        _ if start.is_none() => start = Some(self.parse_int(&p)?),
+                        _ => end = Some(self.parse_int(&p)?),
                     }
-                };
-                Value::Range { start, end, step }
+                }
+                Value::Range { start: start.expect("a range starts with an int"), end, step }
             }
             Rule::list => Value::List(pair.into_inner().map(|p| self.parse_value(p)).collect::<Result<_, _>>()?),
             r => unreachable!("value has no {r:?}"),
         };
         Ok(Spanned::new(v, span))
-    }
-
-    fn source_between(&self, a: &Pair<Rule>, b: &Pair<Rule>) -> String {
-        let full = a.as_span().get_input();
-        full[a.as_span().end()..b.as_span().start()].to_string()
     }
 
     fn parse_int(&self, pair: &Pair<Rule>) -> Result<i128, Diagnostic> {

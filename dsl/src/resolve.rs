@@ -276,11 +276,14 @@ fn merge_chain(m: &ModelDecl, table: &HashMap<String, (FileId, &ModelDecl)>) -> 
         match table.get(parent.node.as_str()) {
             Some((_, p)) => {
                 if !seen.insert(p.name.node.as_str()) {
+                    let mut names: Vec<&str> = chain.iter().map(|c| c.name.node.as_str()).collect();
+                    names.push(&p.name.node);
                     return Err(Diagnostic::new(
                         parent.span,
-                        format!("`{}` extends itself through `{}` (an extends cycle)", m.name.node, parent.node),
-                        "cycle here",
+                        format!("`extends` cycle: {}", names.join(" → ")),
+                        "closes the cycle",
                     )
+                    .with_help("a model cannot be its own ancestor")
                     .into());
                 }
                 chain.push(p);
@@ -852,8 +855,10 @@ impl Elaborator {
             let shown: Vec<String> = gaps.iter().take(8).map(u64::to_string).collect();
             let more = if gaps.len() > 8 { format!(" and {} more", gaps.len() - 8) } else { String::new() };
             let span = self.spans.get("layers").unwrap_or(section_head(top.block));
+            let what = if gaps.len() == 1 { "layer" } else { "layers" };
+            let verb = if gaps.len() == 1 { "has" } else { "have" };
             self.err(
-                Diagnostic::new(span, format!("layers {}{more} have no feed-forward block", shown.join(", ")), format!("{layers} layers declared here"))
+                Diagnostic::new(span, format!("{what} {}{more} {verb} no feed-forward block", shown.join(", ")), format!("{layers} layers declared here"))
                     .with_help("the `layers` ranges of the `ffn` blocks must cover 0..layers exactly once"),
             );
             bad = true;
@@ -990,7 +995,7 @@ impl Elaborator {
         } else if groups_kept > groups {
             self.err(Diagnostic::new(at(self, "groups_kept"), format!("`groups_kept` = {groups_kept} exceeds `groups` = {groups}"), "cannot keep more groups than exist"));
             ok = false;
-        } else if groups_kept * (routed / groups) < top_k {
+        } else if groups > 1 && groups_kept * (routed / groups) < top_k {
             self.err(Diagnostic::new(at(self, "groups_kept"), format!(
                 "the {groups_kept} kept groups hold {} experts, fewer than `top_k` = {top_k}", groups_kept * (routed / groups)), "too few experts left to choose from")
                 .with_help("raise `groups_kept` or lower `top_k`"));
