@@ -1,3 +1,4 @@
 //! dsc-compiler: from a resolved model to costs, IR and kernels.
 
+pub mod ir;
 pub mod stats;

@@ -54,13 +54,15 @@
 //! latent at every step, as the unabsorbed reference code does, is not counted). MTP
 //! modules (a training-time objective, optional speculative decoding) are not included.
 //!
-//! Arithmetic is done in u128 (enough for every model within [`dsc_dsl::resolve::LIMITS`])
-//! and reported as u64, saturating at `u64::MAX`; no real model comes near that.
+//! Counts are u128: the resolver bounds every dimension, and within those bounds an
+//! absurd spec can exceed u64 (2^16 experts × 2^24 × 2^24 weights per layer), while u128
+//! holds every count exactly; nothing saturates or wraps.
 
 use dsc_dsl::model::{Attention, DType, Ffn, Model};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
+/// What [`stats`] computes for one model at one context length.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Stats {
     pub params: Params,
@@ -71,23 +73,23 @@ pub struct Stats {
 /// Parameter counts; see the module documentation for what each one includes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Params {
-    pub total: u64,
-    pub active: u64,
-    pub active_non_embedding: u64,
-    pub mtp: u64,
-    pub embedding: u64,
-    pub head: u64,
+    pub total: u128,
+    pub active: u128,
+    pub active_non_embedding: u128,
+    pub mtp: u128,
+    pub embedding: u128,
+    pub head: u128,
 }
 
 /// KV-cache size per token, summed over the main model's layers.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct KvCache {
-    pub elements_per_token: u64,
+    pub elements_per_token: u128,
     /// What caching full per-head K and V would take (MHA with the same heads and dims).
-    pub naive_elements_per_token: u64,
+    pub naive_elements_per_token: u128,
     /// `elements_per_token` times the element size, keyed by dtype name
     /// (`f32`, `bf16`, `f16`, `fp8`).
-    pub bytes_per_token: BTreeMap<String, u64>,
+    pub bytes_per_token: BTreeMap<String, u128>,
     /// `1 - elements / naive_elements`.
     pub reduction_vs_naive: f64,
 }
@@ -96,13 +98,13 @@ pub struct KvCache {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Flops {
     /// `matmul + attention`.
-    pub per_token: u64,
+    pub per_token: u128,
     /// Positions attended to.
-    pub context: u64,
+    pub context: u128,
     /// 2 · active weight-matrix parameters.
-    pub matmul: u64,
+    pub matmul: u128,
     /// QKᵀ and AV over `context` positions, all layers.
-    pub attention: u64,
+    pub attention: u128,
 }
 
 /// Computes parameter counts, KV-cache size and the FLOPs of one token attending to
@@ -165,7 +167,7 @@ pub fn stats(model: &Model, context: u64) -> Stats {
     let naive_elems = layers * naive;
     let bytes_per_token = DType::ALL
         .iter()
-        .map(|d| (d.name().to_string(), sat(kv_elems * d.bytes() as u128)))
+        .map(|d| (d.name().to_string(), (kv_elems * d.bytes() as u128)))
         .collect();
 
     let ctx = context as u128;
@@ -174,26 +176,23 @@ pub fn stats(model: &Model, context: u64) -> Stats {
 
     Stats {
         params: Params {
-            total: sat(total),
-            active: sat(active),
-            active_non_embedding: sat(active - embedding),
-            mtp: sat(mtp),
-            embedding: sat(embedding),
-            head: sat(head),
+            total: (total),
+            active: (active),
+            active_non_embedding: (active - embedding),
+            mtp: (mtp),
+            embedding: (embedding),
+            head: (head),
         },
         kv_cache: KvCache {
-            elements_per_token: sat(kv_elems),
-            naive_elements_per_token: sat(naive_elems),
+            elements_per_token: (kv_elems),
+            naive_elements_per_token: (naive_elems),
             bytes_per_token,
             reduction_vs_naive: 1.0 - kv_elems as f64 / naive_elems as f64,
         },
-        flops: Flops { per_token: sat(matmul + attention), context, matmul: sat(matmul), attention: sat(attention) },
+        flops: Flops { per_token: matmul + attention, context: ctx, matmul, attention },
     }
 }
 
-fn sat(x: u128) -> u64 {
-    u64::try_from(x).unwrap_or(u64::MAX)
-}
 
 /// One attention block: all its parameters (including the MLA latent norms) and the part
 /// that is weight matrices.
@@ -274,7 +273,7 @@ impl Stats {
 
         let p = &self.params;
         let _ = writeln!(s, "\nparameters                      billions            exact");
-        let mut row = |label: &str, v: u64| {
+        let mut row = |label: &str, v: u128| {
             let _ = writeln!(s, "  {label:<26} {:>12.3}  {:>15}", v as f64 / 1e9, grouped(v));
         };
         row("total", p.total);
@@ -314,16 +313,11 @@ impl Stats {
 }
 
 /// `1234567` → `1,234,567`.
-fn grouped(v: u64) -> String {
+fn grouped(v: u128) -> String {
     let digits = v.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
+    // Groups of three from the right; the digits are ASCII, so every chunk is valid UTF-8.
+    let groups: Vec<&str> = digits.as_bytes().rchunks(3).rev().map(|c| std::str::from_utf8(c).unwrap_or("?")).collect();
+    groups.join(",")
 }
 
 #[cfg(test)]
@@ -472,16 +466,17 @@ mod tests {
     #[test]
     fn mla_without_q_rank_and_bias() {
         let s = stats(&tiny_mla(None, false), 5);
-        // q_proj 4·2·4 = 32 replaces q_a + norm + q_b (12 + 3 + 24 = 39): attention 94,
-        //   matrices 89. MoE without bias: 136 total, 88 active.
+        // q_proj 4·2·4 = 32 replaces q_a + norm + q_b (12 + 3 + 24 = 39): attention
+        //   101 - 39 + 32 = 94 params, 96 - 36 + 32 = 92 matrices.
+        //   MoE without bias: 136 total, 88 active.
         // total = 84 + (8+94+72) + 2·(8+94+136) = 84 + 174 + 476 = 734.
         assert_eq!(s.params.total, 734);
         // active = 84 + 174 + 2·(8+94+88) = 638.
         assert_eq!(s.params.active, 638);
         // mtp = 8 + 32 + (8 + 94 + 136) + 4 = 282.
         assert_eq!(s.params.mtp, 282);
-        // matrices: 3·89 + 72 + 2·88 + 40 = 555.
-        assert_eq!(s.flops.matmul, 1110);
+        // matrices: 3·92 + 72 + 2·88 + 40 = 564.
+        assert_eq!(s.flops.matmul, 1128);
     }
 
     #[test]
@@ -504,7 +499,7 @@ mod tests {
     }
 
     #[test]
-    fn saturates_instead_of_wrapping() {
+    fn counts_beyond_u64_stay_exact() {
         // Within the resolver's limits but far beyond u64 for the expert weights:
         // 65536 experts · 3 · 2^24 · 2^24 per layer.
         let big = 1u64 << 24;
@@ -518,7 +513,10 @@ mod tests {
             balance: balance(),
         });
         let s = stats(&m, 1);
-        assert_eq!(s.params.total, u64::MAX);
+        assert!(s.params.total > u64::MAX as u128);
+        // The experts a token skips: (2^16 - 1) of them, 3 · 2^24 · 2^24 weights each, per MoE layer.
+        let moe_layers = m.ffn[1].layers.count() as u128;
+        assert_eq!(s.params.total - s.params.active, moe_layers * ((1u128 << 16) - 1) * 3 * (1u128 << 48));
     }
 
     #[test]
@@ -535,7 +533,8 @@ mod tests {
         assert!(t.contains("  bf16                                 24 bytes         0.0 KiB  (model dtype)\n"), "{t}");
         assert!(t.contains("forward FLOPs per token at context 5\n"), "{t}");
         // Every row of a section lines up: the numbers end in the same column.
-        let param_rows: Vec<&str> = t.lines().filter(|l| l.contains("  total  ") || l.contains("embedding  ")).collect();
+        let param_rows: Vec<&str> = t.lines().skip(3).take_while(|l| !l.is_empty()).collect();
+        assert_eq!(param_rows.len(), 6, "{t}");
         assert!(param_rows.iter().all(|l| l.len() == param_rows[0].len()), "{param_rows:?}");
     }
 }

@@ -8,8 +8,10 @@
 
 pub mod ast;
 pub mod diag;
+pub mod import;
 pub mod model;
 pub mod parse;
+pub mod print;
 pub mod resolve;
 pub mod span;
 

@@ -916,7 +916,14 @@ impl Elaborator {
             }
             ranges.push(LayerRange { start: start as u64, end: end as u64, step: step as u64 });
         }
-        Some((LayerSet { ranges }, v.span))
+        // Ranges of one set must not overlap either (`[0..3, 1..3]`): each layer is listed once.
+        let set = LayerSet { ranges };
+        if let Some(l) = (0..layers).find(|l| set.ranges.iter().filter(|r| LayerSet { ranges: vec![**r] }.contains(*l)).count() > 1) {
+            self.err(Diagnostic::new(v.span, format!("layer {l} is listed twice in this layer set"), "ranges overlap")
+                .with_help("list each layer once"));
+            return None;
+        }
+        Some((set, v.span))
     }
 
     fn moe(&mut self, o: &mut Obj, path: &str) -> Option<Moe> {

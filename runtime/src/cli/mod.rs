@@ -2,6 +2,9 @@
 //! Errors are rendered here, at the edge, and turned into exit codes: 0 success,
 //! 1 a problem with the user's input (diagnostics printed), 2 a usage error (clap).
 
+pub mod cost;
+pub mod import;
+
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -25,12 +28,50 @@ enum Command {
         #[arg(long)]
         resolved: bool,
     },
+    /// Report parameters (total, active, MTP), KV-cache size and FLOPs per token.
+    Stats {
+        spec: PathBuf,
+        #[arg(long)]
+        model: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Positions attended to by the token whose FLOPs are counted.
+        #[arg(long, default_value_t = 4096)]
+        context: u64,
+    },
+    /// Show what a variant changes: differing resolved fields, and the cost deltas.
+    Diff {
+        spec_a: PathBuf,
+        spec_b: PathBuf,
+        #[arg(long)]
+        model_a: Option<String>,
+        #[arg(long)]
+        model_b: Option<String>,
+        #[arg(long, default_value_t = 4096)]
+        context: u64,
+    },
+    /// Turn a Hugging Face config.json into a spec.
+    Import {
+        config: PathBuf,
+        /// Write the spec here (atomically) instead of printing it.
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+        /// Model name in the spec (default: from the config's directory name).
+        #[arg(long)]
+        name: Option<String>,
+    },
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check { spec, model, resolved } => check(&spec, model.as_deref(), resolved),
+        Command::Stats { spec, model, json, context } => cost::stats_cmd(&spec, model.as_deref(), json, context),
+        Command::Diff { spec_a, spec_b, model_a, model_b, context } => {
+            cost::diff_cmd(&spec_a, model_a.as_deref(), &spec_b, model_b.as_deref(), context)
+        }
+        Command::Import { config, out, name } => import::import_cmd(&config, out.as_deref(), name.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -53,7 +94,7 @@ fn check(path: &Path, model: Option<&str>, resolved: bool) -> Result<(), String>
     let spec = load_spec(path, model)?;
     let m = &spec.model;
     if resolved {
-        print!("{:#?}", m);
+        print!("{}", dsc_dsl::print::print_model(m));
         return Ok(());
     }
     let attn = match &m.attention {

@@ -1,0 +1,756 @@
+//! The closed set of IR operations.
+//!
+//! [`Op`] is one enum (no `Box<dyn Op>`): passes `match` on it, CSE hashes `(op, inputs)`,
+//! and adding a variant makes every exhaustive `match` in the compiler point at the code
+//! that must learn about it. Floats are stored as [`Float`] (the bit pattern) so that `Op`
+//! is `Eq + Hash`.
+//!
+//! Each variant documents its **shape rule** (inputs in slot order → outputs), which
+//! [`crate::ir::infer()`] implements one for one, and where it is not obvious, its local
+//! **derivative**, which the later reverse-mode autodiff pass will implement. Notation:
+//! `[..., d]` is any number of leading axes followed by `d`; `T..` names a run of leading
+//! axes that must agree between inputs; `int` is `i32` or `i64`; `float` is any float
+//! dtype. Unless a rule says otherwise, all float inputs share one dtype (no implicit
+//! promotion: lowering inserts [`Op::Cast`] where it wants `f32` math).
+//!
+//! Ops come at two levels. **Primitives** are what the decomposition pass expands to and
+//! the reference interpreter must run. **Composites** (from [`Op::RmsNorm`] on) are kept
+//! whole by lowering because a kernel library has a fused kernel for each; each one's doc
+//! says what it decomposes to.
+
+use super::dim::{Dim, Shape};
+use super::dtype::DType;
+use std::fmt;
+
+/// An `f64` stored by bit pattern, so ops can derive `Eq` and `Hash` for CSE. Two floats
+/// are equal when their bits are (so `0.0 != -0.0` and a NaN equals itself), which is the
+/// right notion for "same op".
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Float(u64);
+
+impl Float {
+    pub fn new(v: f64) -> Float {
+        Float(v.to_bits())
+    }
+    pub fn get(self) -> f64 {
+        f64::from_bits(self.0)
+    }
+}
+
+impl From<f64> for Float {
+    fn from(v: f64) -> Float {
+        Float::new(v)
+    }
+}
+
+impl fmt::Debug for Float {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self)
+    }
+}
+
+impl fmt::Display for Float {
+    /// Shortest round-trip digits; exponent form only for very small or large magnitudes
+    /// (`1e-6`, `10000`, `0.5`), so the text form stays short and stable.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v = self.get();
+        let a = v.abs();
+        if a != 0.0 && a.is_finite() && !(1e-4..1e16).contains(&a) {
+            write!(f, "{v:e}")
+        } else {
+            write!(f, "{v}")
+        }
+    }
+}
+
+/// How many inputs an op takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arity {
+    Exact(usize),
+    /// Variadic with a minimum ([`Op::Concat`], [`Op::Return`]); for [`Op::Call`] the
+    /// callee's signature fixes the count.
+    AtLeast(usize),
+}
+
+impl Arity {
+    pub fn accepts(self, n: usize) -> bool {
+        match self {
+            Arity::Exact(k) => n == k,
+            Arity::AtLeast(k) => n >= k,
+        }
+    }
+}
+
+impl fmt::Display for Arity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Arity::Exact(k) => write!(f, "{k}"),
+            Arity::AtLeast(k) => write!(f, "at least {k}"),
+        }
+    }
+}
+
+/// Elementwise functions of one tensor.
+///
+/// ## Shape rule
+/// `x: float[S]` → `float[S]`, same dtype. `neg` and `abs` also accept `int`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UnaryOp {
+    /// `-x`; d/dx = -1.
+    Neg,
+    /// `|x|`; d/dx = sign(x).
+    Abs,
+    /// `e^x`; d/dx = e^x (reuse the output).
+    Exp,
+    /// `ln x`; d/dx = 1/x.
+    Log,
+    /// `√x`; d/dx = 1/(2√x) (reuse the output).
+    Sqrt,
+    /// `1/√x`; d/dx = -y³/2 with y the output.
+    Rsqrt,
+    /// `1/x`; d/dx = -y².
+    Recip,
+    /// `x²`; d/dx = 2x.
+    Square,
+    /// `σ(x)`; d/dx = y(1-y).
+    Sigmoid,
+    /// `x·σ(x)`; d/dx = σ(x)(1 + x(1-σ(x))).
+    Silu,
+    /// `tanh x`; d/dx = 1-y².
+    Tanh,
+}
+
+impl UnaryOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            UnaryOp::Neg => "neg",
+            UnaryOp::Abs => "abs",
+            UnaryOp::Exp => "exp",
+            UnaryOp::Log => "log",
+            UnaryOp::Sqrt => "sqrt",
+            UnaryOp::Rsqrt => "rsqrt",
+            UnaryOp::Recip => "recip",
+            UnaryOp::Square => "square",
+            UnaryOp::Sigmoid => "sigmoid",
+            UnaryOp::Silu => "silu",
+            UnaryOp::Tanh => "tanh",
+        }
+    }
+    /// Whether the op is defined on integers as well as floats.
+    pub fn allows_int(self) -> bool {
+        matches!(self, UnaryOp::Neg | UnaryOp::Abs)
+    }
+}
+
+/// Elementwise functions of two tensors.
+///
+/// ## Shape rule
+/// numpy broadcasting: align shapes at the right; each pair of dims must be equal or one
+/// of them the constant 1, and the result takes the other. Symbolic dims broadcast only
+/// against 1 or themselves. Both inputs have one dtype; arithmetic ops return it,
+/// comparisons return `bool`.
+///
+/// ## Derivative
+/// The local derivative of a broadcast input is summed ([`Op::Reduce`] with `keepdim`)
+/// over the axes it was broadcast along.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BinaryOp {
+    /// d/da = 1, d/db = 1.
+    Add,
+    /// d/da = 1, d/db = -1.
+    Sub,
+    /// d/da = b, d/db = a.
+    Mul,
+    /// d/da = 1/b, d/db = -a/b².
+    Div,
+    /// The gradient goes to the larger input (`select(a >= b, ...)`).
+    Max,
+    Min,
+    /// `a^b`; d/da = b·a^(b-1), d/db = ln(a)·a^b.
+    Pow,
+    /// `a < b` → `bool`; no derivative.
+    Lt,
+    /// `a == b` → `bool`; no derivative.
+    Eq,
+}
+
+impl BinaryOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Div => "div",
+            BinaryOp::Max => "max",
+            BinaryOp::Min => "min",
+            BinaryOp::Pow => "pow",
+            BinaryOp::Lt => "lt",
+            BinaryOp::Eq => "eq",
+        }
+    }
+    /// Whether the result is `bool` rather than the input dtype.
+    pub fn is_comparison(self) -> bool {
+        matches!(self, BinaryOp::Lt | BinaryOp::Eq)
+    }
+}
+
+/// What [`Op::Reduce`] computes along its axis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReduceOp {
+    Sum,
+    Max,
+    /// Float inputs only.
+    Mean,
+}
+
+impl ReduceOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            ReduceOp::Sum => "reduce_sum",
+            ReduceOp::Max => "reduce_max",
+            ReduceOp::Mean => "reduce_mean",
+        }
+    }
+}
+
+/// Which dims RoPE pairs up (mirrors `dsc_dsl::model::RopeLayout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RopeLayout {
+    /// Llama's `rotate_half`: dim i pairs with dim i + d/2.
+    HalfSplit,
+    /// Adjacent pairs (x0,x1), (x2,x3), ...: DeepSeek V2/V3.
+    Interleaved,
+}
+
+impl From<dsc_dsl::model::RopeLayout> for RopeLayout {
+    fn from(l: dsc_dsl::model::RopeLayout) -> RopeLayout {
+        match l {
+            dsc_dsl::model::RopeLayout::HalfSplit => RopeLayout::HalfSplit,
+            dsc_dsl::model::RopeLayout::Interleaved => RopeLayout::Interleaved,
+        }
+    }
+}
+
+/// YaRN frequency scaling (mirrors `dsc_dsl::model::Yarn`). The softmax-scale part of
+/// YaRN (`mscale(s, mscale_all_dim)²`) is folded into [`Op::Attention`]'s `scale` by
+/// lowering; this struct is only what the cos/sin tables need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Yarn {
+    pub factor: Float,
+    pub original_context: u64,
+    pub beta_fast: Float,
+    pub beta_slow: Float,
+    pub mscale: Float,
+    pub mscale_all_dim: Float,
+}
+
+impl From<&dsc_dsl::model::Yarn> for Yarn {
+    fn from(y: &dsc_dsl::model::Yarn) -> Yarn {
+        Yarn {
+            factor: y.factor.into(),
+            original_context: y.original_context,
+            beta_fast: y.beta_fast.into(),
+            beta_slow: y.beta_slow.into(),
+            mscale: y.mscale.into(),
+            mscale_all_dim: y.mscale_all_dim.into(),
+        }
+    }
+}
+
+/// Router score function (mirrors `dsc_dsl::model::Scoring`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scoring {
+    Softmax,
+    Sigmoid,
+}
+
+/// How a group of experts is scored before the top groups are kept (mirrors
+/// `dsc_dsl::model::GroupScore`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GroupScore {
+    /// Best (biased) score in the group (DeepSeek-V2).
+    Max,
+    /// Sum of the two best (biased) scores in the group (DeepSeek-V3).
+    Top2Sum,
+}
+
+/// Settings of [`Op::MoeRoute`]: `dsc_dsl::model::Router` with the spec's conditional
+/// rules already applied, so a kernel reads plain values: `normalize` is decided for this
+/// `top_k`, and `scale` is the factor actually applied (1 when the spec scales only
+/// un-normalised weights and these are normalised).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Routing {
+    pub top_k: u32,
+    pub scoring: Scoring,
+    /// A per-expert bias input is added to the scores for selection only.
+    pub selection_bias: bool,
+    /// Expert groups; 1 disables group-limited routing.
+    pub groups: u32,
+    pub groups_kept: u32,
+    /// `Some` exactly when `groups > 1`.
+    pub group_score: Option<GroupScore>,
+    /// Divide the chosen weights by their sum.
+    pub normalize: bool,
+    /// Multiply the final weights by this.
+    pub scale: Float,
+}
+
+impl From<&dsc_dsl::model::Router> for Routing {
+    fn from(r: &dsc_dsl::model::Router) -> Routing {
+        use dsc_dsl::model::{GroupScore as G, Normalize as N, Scoring as S};
+        let normalize = match r.normalize {
+            N::Always => true,
+            N::Never => false,
+            N::TopKGt1 => r.top_k > 1,
+        };
+        let scale = if normalize && !r.scale_normalized { 1.0 } else { r.scale };
+        Routing {
+            top_k: r.top_k as u32,
+            scoring: match r.scoring {
+                S::Softmax => Scoring::Softmax,
+                S::Sigmoid => Scoring::Sigmoid,
+            },
+            selection_bias: r.selection_bias,
+            groups: r.groups as u32,
+            groups_kept: r.groups_kept as u32,
+            group_score: r.group_score.map(|g| match g {
+                G::Max => GroupScore::Max,
+                G::Top2Sum => GroupScore::Top2Sum,
+            }),
+            normalize,
+            scale: scale.into(),
+        }
+    }
+}
+
+/// One IR operation. Inputs are listed in slot order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Op {
+    // ---------------------------------------------------------------- leaves
+    /// The `index`-th argument of the function: token ids, positions, caches and labels in
+    /// an entry point; the hidden state and per-layer caches in a layer function. `name`
+    /// is for people and for binding host buffers; arguments are matched by `index`.
+    ///
+    /// ## Shape rule
+    /// No inputs. One output whose type is *declared* when the node is built.
+    Input { index: u32, name: String },
+    /// A weight, named relative to the function (`self_attn.kv_b_proj.weight`). A
+    /// [`Op::Call`] with a layer scopes the callee's params (see [`param_path`]), so one
+    /// layer body serves all layers of its kind. Grouped expert weights are one param
+    /// stacked along a leading expert axis (`mlp.experts.gate_proj.weight: [E, i, h]`).
+    ///
+    /// ## Shape rule
+    /// No inputs. One output with a declared type.
+    Param { name: String },
+    /// A scalar constant. Integer constants are stored exactly up to 2⁵³.
+    ///
+    /// ## Shape rule
+    /// No inputs. One output with a declared dtype and shape `[]` (broadcast it with a
+    /// [`Op::Binary`]).
+    Const { value: Float },
+
+    // ---------------------------------------------------------------- primitives
+    /// Linear layer, `y = x·Wᵀ` as torch's `Linear`: the weight is stored `[out, in]`.
+    ///
+    /// ## Shape rule
+    /// `x: float[..., k]`, `w: float[n, k]` → `float[..., n]`.
+    ///
+    /// ## Derivative
+    /// `dx = matmul(dy, permute(w, [1,0]))`; `dw = sum over leading axes of
+    /// batch_matmul(permute(dy, [..., n, tokens]), x)`: no axis is ever flattened.
+    MatMul,
+    /// Batched matrix product.
+    ///
+    /// ## Shape rule
+    /// `a: float[B.., m, k]`, `b: float[B.., k, n]` → `float[B.., m, n]`; same rank ≥ 2
+    /// and equal batch axes (no broadcasting; insert a [`Op::Reshape`] to add unit axes).
+    ///
+    /// ## Derivative
+    /// `da = dc·bᵀ`, `db = aᵀ·dc` (transposes are [`Op::Permute`] of the last two axes).
+    BatchMatMul,
+    /// See [`UnaryOp`] for the rule and derivatives.
+    Unary(UnaryOp),
+    /// See [`BinaryOp`] for the broadcasting rule and derivatives.
+    Binary(BinaryOp),
+    /// `select(cond, a, b)`: `a` where `cond`, else `b`.
+    ///
+    /// ## Shape rule
+    /// `cond: bool`, `a`, `b` of one dtype; the three shapes broadcast together as in
+    /// [`BinaryOp`]; the result has `a`'s dtype.
+    ///
+    /// ## Derivative
+    /// `da = select(cond, dy, 0)`, `db = select(cond, 0, dy)`.
+    Select,
+    /// Reduction along one axis.
+    ///
+    /// ## Shape rule
+    /// `x: [S]`, `axis < rank` → `S` without `axis` (or with it set to 1 when `keepdim`);
+    /// same dtype. `mean` needs a float input.
+    ///
+    /// ## Derivative
+    /// sum: broadcast `dy` back; mean: the same divided by the axis length; max: to the
+    /// arg-max positions (`select(x == y, dy, 0)`).
+    Reduce { op: ReduceOp, axis: u8, keepdim: bool },
+    /// Softmax along one axis, computed max-subtracted.
+    ///
+    /// ## Shape rule
+    /// `x: float[S]`, `axis < rank` → `float[S]`.
+    ///
+    /// ## Derivative
+    /// `dx = y·(dy - sum(dy·y, axis))`.
+    Softmax { axis: u8 },
+    /// Index select (embedding lookup is `gather(table, ids)` with `axis = 0`).
+    ///
+    /// ## Shape rule
+    /// `table: [A.., n, B..]` with `axis = len(A..)`, `idx: int[I..]` →
+    /// `[A.., I.., B..]` with `table`'s dtype. `[V, h]` gathered by `[b, s]` is `[b, s, h]`.
+    ///
+    /// ## Derivative
+    /// `dtable = scatter_add(zeros, idx, dy)` on the same axis; `idx` has none.
+    Gather { axis: u8 },
+    /// Accumulate `src` into `dst` at the rows named by `idx` (the transpose of
+    /// [`Op::Gather`]); repeated indices add up.
+    ///
+    /// ## Shape rule
+    /// `dst: [A.., n, B..]` with `axis = len(A..)`, `idx: int[I..]`,
+    /// `src: [A.., I.., B..]` of `dst`'s dtype → `dst`'s type.
+    ///
+    /// ## Derivative
+    /// `ddst = dy`, `dsrc = gather(dy, idx)`.
+    ScatterAdd { axis: u8 },
+    /// The `k` largest entries along `axis`, in descending order. Two outputs: values
+    /// (output 0) and their indices (output 1).
+    ///
+    /// ## Shape rule
+    /// `x: [S]` with `S[axis]` constant and `≥ k` (or symbolic) →
+    /// `([S with S[axis] = k], i32[S with S[axis] = k])`, values in `x`'s dtype.
+    ///
+    /// ## Derivative
+    /// `dx = scatter_add(zeros, indices, dvalues)` along `axis`; indices have none.
+    TopK { k: u32, axis: u8 },
+    /// Reinterpret the same elements, row-major, under a new shape.
+    ///
+    /// ## Shape rule
+    /// `x: [S]` → `[shape]`, same dtype, provided `S` and `shape` hold the same number of
+    /// elements for every binding of `b, s, c`. That is checked by factoring: equal product
+    /// of constant dims and the same multiset of symbolic dims, so symbolic axes pass
+    /// through unchanged and only constant axes split or merge (`[b,s,4096]` ↔
+    /// `[b,s,32,128]`).
+    Reshape { shape: Shape },
+    /// Reorder axes: output axis `i` is input axis `perm[i]`.
+    ///
+    /// ## Shape rule
+    /// `x: [S]`, `perm` a permutation of `0..rank` → `[S[perm[0]], S[perm[1]], ...]`.
+    ///
+    /// ## Derivative
+    /// `dx = permute(dy, inverse(perm))`.
+    Permute { perm: Vec<u8> },
+    /// The elements `start .. start+len` along `axis`. `start` and `len` may be symbolic:
+    /// `start = s-1, len = 1` takes the last position.
+    ///
+    /// ## Shape rule
+    /// `x: [S]` → `S` with `S[axis] = len`; same dtype. When the values are constant the
+    /// rule checks `0 ≤ start`, `0 < len` and `start + len ≤ S[axis]`; symbolic bounds are
+    /// checked at run time against the bindings.
+    ///
+    /// ## Derivative
+    /// `dx` is `dy` padded with zeros (a `concat` with zero constants) back to `S[axis]`.
+    Slice { axis: u8, start: Dim, len: Dim },
+    /// Join tensors along one axis.
+    ///
+    /// ## Shape rule
+    /// `x₀..xₙ` (at least one) of one dtype and rank, equal except at `axis` → the common shape
+    /// with `S[axis] = Σ xᵢ[axis]` (symbolic sums are fine: `c + s`).
+    ///
+    /// ## Derivative
+    /// Each `dxᵢ` is a [`Op::Slice`] of `dy`.
+    Concat { axis: u8 },
+    /// Convert element type (round-to-nearest-even for floats).
+    ///
+    /// ## Shape rule
+    /// `x: [S]` → `to[S]`.
+    Cast { to: DType },
+
+    // ---------------------------------------------------------------- composites
+    /// RMSNorm: `x / sqrt(mean(x², -1) + eps) · gain`, statistics in f32.
+    ///
+    /// ## Shape rule
+    /// `x: float[..., d]`, `gain: float[d]` → `x`'s type.
+    ///
+    /// ## Decomposition
+    /// cast→f32, square, reduce_mean(keepdim), add eps, rsqrt, mul, cast back, mul gain.
+    RmsNorm { eps: Float },
+    /// Rotary position embedding, with YaRN-scaled frequencies when `yarn` is set. The
+    /// first `rotary_dim` dims of the last axis are rotated, pairs chosen by `layout`; the
+    /// rest pass through.
+    ///
+    /// ## Shape rule
+    /// `x: float[b, s, d]` or `float[b, s, h, d]`, `positions: int[b, s]` (the leading two
+    /// axes of `x`) → `x`'s type; `rotary_dim` is even, positive and `≤ d`.
+    ///
+    /// ## Derivative
+    /// Rotation is linear in `x`: `dx = rope(dy)` with the angle negated; positions have
+    /// none.
+    ///
+    /// ## Decomposition
+    /// cos/sin tables from `positions` and the frequencies, slices, muls and adds.
+    Rope { layout: RopeLayout, theta: Float, rotary_dim: u32, yarn: Option<Yarn> },
+    /// Scaled dot-product attention, `softmax(q·kᵀ·scale + mask)·v`, grouped-query when
+    /// `kv_heads < heads` (query head `i` reads kv head `i / (heads / kv_heads)`).
+    /// With `causal`, the mask is aligned bottom-right: query `i` sees keys
+    /// `0 ..= sk - sq + i`, so the same op serves prefill (`sk = s`) and decode with a
+    /// cache (`sk = c + s`). MLA lowers to this too: naive form with `kv_heads = heads`
+    /// and `dk ≠ dv`, absorbed form with `kv_heads = 1` over the latent.
+    ///
+    /// ## Shape rule
+    /// `q: float[b, sq, heads, dk]`, `k: float[b, sk, kv_heads, dk]`,
+    /// `v: float[b, sk, kv_heads, dv]`, and when `masked` an additive
+    /// `mask: float[b, sq, sk]` → `float[b, sq, heads, dv]`; `heads % kv_heads == 0`.
+    ///
+    /// ## Decomposition
+    /// reshape to group heads, batch_matmul, mul scale, causal `select`, softmax,
+    /// batch_matmul.
+    Attention { heads: u32, kv_heads: u32, scale: Float, causal: bool, masked: bool },
+    /// MoE router: from router logits to the chosen experts and their gate weights
+    /// (score function, optional selection bias, group-limited top-k, normalisation,
+    /// scaling; see [`Routing`]).
+    ///
+    /// ## Shape rule
+    /// `logits: float[T.., E]`, and when `selection_bias` a `bias: float[E]` →
+    /// `(indices: i32[T.., top_k], weights: float[T.., top_k])`, weights in the logits'
+    /// dtype. `groups` divides `E`, `groups_kept ≤ groups`, `group_score` is set exactly
+    /// when `groups > 1`, and the kept groups hold at least `top_k` experts.
+    ///
+    /// ## Derivative
+    /// Only through the weights: the gathered scores of the chosen experts depend on
+    /// `logits`; indices and the bias (selection only) have none.
+    MoeRoute(Routing),
+    /// The routed experts of one MoE layer as one grouped op: each token runs the SwiGLU
+    /// experts named by its routing indices and sums their outputs weighted by the gate
+    /// weights. The weights stay stacked, so 256 experts are one node, not 256. A
+    /// decomposition to dispatch / grouped GEMM / combine is the kernel library's or a
+    /// later pass's business.
+    ///
+    /// ## Shape rule
+    /// `x: float[T.., h]`, `indices: int[T.., k]`, `weights: float[T.., k]`,
+    /// `gate: float[E, i, h]`, `up: float[E, i, h]`, `down: float[E, h, i]` → `x`'s type.
+    /// `weights` may have its own float dtype (routers often run in f32).
+    ExpertFfn,
+    /// A dense SwiGLU feed-forward, `down(silu(gate(x)) · up(x))` (dense layers and the
+    /// shared experts of an MoE layer).
+    ///
+    /// ## Shape rule
+    /// `x: float[..., h]`, `gate: float[i, h]`, `up: float[i, h]`, `down: float[h, i]` →
+    /// `x`'s type.
+    ///
+    /// ## Decomposition
+    /// matmul, silu, matmul, mul, matmul.
+    SwiGlu,
+    /// Mean token cross-entropy of logits against labels, skipping labels equal to
+    /// `ignore_index` (the training loss).
+    ///
+    /// ## Shape rule
+    /// `logits: float[T.., V]`, `labels: int[T..]` → `f32[]`.
+    ///
+    /// ## Derivative
+    /// `dlogits = (softmax(logits) - onehot(labels)) · dy / count`.
+    CrossEntropy { ignore_index: Option<i64> },
+    /// Append new keys/values to a cache along `axis`. The value is the concatenation,
+    /// like [`Op::Concat`], but the runtime may write it into the cache's own buffer
+    /// (positions `c .. c+s`); this is why it is its own op.
+    ///
+    /// ## Shape rule
+    /// `cache: [A.., c, B..]`, `new: [A.., s, B..]` of one dtype → `[A.., c+s, B..]`.
+    CacheAppend { axis: u8 },
+    /// Call another function of the module (a layer body). `layer` scopes the callee's
+    /// params: see [`param_path`].
+    ///
+    /// ## Shape rule
+    /// Arguments match the callee's `Input`s by index, in count, dtype and shape; the
+    /// outputs are the callee's return values, in order.
+    Call { function: String, layer: Option<u32> },
+    /// The function's results. Exactly one per function.
+    ///
+    /// ## Shape rule
+    /// Any number of inputs of any type; no outputs.
+    Return,
+}
+
+/// The full name of a param `name` seen through a call scoped to `layer`:
+/// `layers.{layer}.{name}`, or `name` itself outside any layer. Calls do not nest, so one
+/// level of scoping is enough; the weight loader maps these names to checkpoint names.
+pub fn param_path(layer: Option<u32>, name: &str) -> String {
+    match layer {
+        Some(l) => format!("layers.{l}.{name}"),
+        None => name.to_string(),
+    }
+}
+
+impl Op {
+    /// The name in the text form.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Input { .. } => "input",
+            Op::Param { .. } => "param",
+            Op::Const { .. } => "const",
+            Op::MatMul => "matmul",
+            Op::BatchMatMul => "batch_matmul",
+            Op::Unary(u) => u.name(),
+            Op::Binary(b) => b.name(),
+            Op::Select => "select",
+            Op::Reduce { op, .. } => op.name(),
+            Op::Softmax { .. } => "softmax",
+            Op::Gather { .. } => "gather",
+            Op::ScatterAdd { .. } => "scatter_add",
+            Op::TopK { .. } => "top_k",
+            Op::Reshape { .. } => "reshape",
+            Op::Permute { .. } => "permute",
+            Op::Slice { .. } => "slice",
+            Op::Concat { .. } => "concat",
+            Op::Cast { .. } => "cast",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::Rope { .. } => "rope",
+            Op::Attention { .. } => "attention",
+            Op::MoeRoute(_) => "moe_route",
+            Op::ExpertFfn => "expert_ffn",
+            Op::SwiGlu => "swiglu",
+            Op::CrossEntropy { .. } => "cross_entropy",
+            Op::CacheAppend { .. } => "cache_append",
+            Op::Call { .. } => "call",
+            Op::Return => "return",
+        }
+    }
+
+    /// How many inputs the op takes.
+    pub fn arity(&self) -> Arity {
+        use Arity::*;
+        match self {
+            Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => Exact(0),
+            Op::Unary(_)
+            | Op::Reduce { .. }
+            | Op::Softmax { .. }
+            | Op::TopK { .. }
+            | Op::Reshape { .. }
+            | Op::Permute { .. }
+            | Op::Slice { .. }
+            | Op::Cast { .. } => Exact(1),
+            Op::MatMul
+            | Op::BatchMatMul
+            | Op::Binary(_)
+            | Op::Gather { .. }
+            | Op::RmsNorm { .. }
+            | Op::Rope { .. }
+            | Op::CrossEntropy { .. }
+            | Op::CacheAppend { .. } => Exact(2),
+            Op::Select | Op::ScatterAdd { .. } => Exact(3),
+            Op::Attention { masked, .. } => Exact(if *masked { 4 } else { 3 }),
+            Op::MoeRoute(r) => Exact(if r.selection_bias { 2 } else { 1 }),
+            Op::SwiGlu => Exact(4),
+            Op::ExpertFfn => Exact(6),
+            Op::Concat { .. } => AtLeast(1),
+            Op::Call { .. } | Op::Return => AtLeast(0),
+        }
+    }
+
+    /// How many values the op produces; `None` for [`Op::Call`], whose callee decides.
+    pub fn num_outputs(&self) -> Option<usize> {
+        match self {
+            Op::TopK { .. } | Op::MoeRoute(_) => Some(2),
+            Op::Return => Some(0),
+            Op::Call { .. } => None,
+            _ => Some(1),
+        }
+    }
+
+    /// Whether output element `i` depends only on input elements `i` (after broadcasting):
+    /// the ops a fuser may chain freely into one loop.
+    pub fn is_elementwise(&self) -> bool {
+        matches!(self, Op::Unary(_) | Op::Binary(_) | Op::Select | Op::Cast { .. })
+    }
+
+    /// Leaves have no inputs and a declared (not inferred) type.
+    pub fn is_leaf(&self) -> bool {
+        matches!(self, Op::Input { .. } | Op::Param { .. } | Op::Const { .. })
+    }
+
+    /// Composites are kept whole by lowering and expanded by the decomposition pass.
+    pub fn is_composite(&self) -> bool {
+        matches!(
+            self,
+            Op::RmsNorm { .. }
+                | Op::Rope { .. }
+                | Op::Attention { .. }
+                | Op::MoeRoute(_)
+                | Op::ExpertFfn
+                | Op::SwiGlu
+                | Op::CrossEntropy { .. }
+                | Op::CacheAppend { .. }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn float_formatting() {
+        assert_eq!(Float::new(1e-6).to_string(), "1e-6");
+        assert_eq!(Float::new(10000.0).to_string(), "10000");
+        assert_eq!(Float::new(0.5).to_string(), "0.5");
+        assert_eq!(Float::new(2.5).to_string(), "2.5");
+        assert_eq!(Float::new(0.0).to_string(), "0");
+        assert_eq!(Float::new(0.1352337788608801).to_string(), "0.1352337788608801");
+    }
+
+    #[test]
+    fn ops_hash_and_compare_structurally() {
+        // CSE relies on this: equal settings give equal, equally hashed ops.
+        let a = Op::RmsNorm { eps: Float::new(1e-6) };
+        let b = Op::RmsNorm { eps: Float::new(1e-6) };
+        let c = Op::RmsNorm { eps: Float::new(1e-5) };
+        let set: HashSet<Op> = [a.clone(), b, c].into_iter().collect();
+        assert_eq!(set.len(), 2);
+        assert!(set.contains(&a));
+    }
+
+    #[test]
+    fn arity_outputs_and_classes() {
+        assert_eq!(Op::MatMul.arity(), Arity::Exact(2));
+        let att = Op::Attention { heads: 8, kv_heads: 2, scale: 0.1.into(), causal: true, masked: true };
+        assert_eq!(att.arity(), Arity::Exact(4));
+        assert_eq!(Op::TopK { k: 2, axis: 1 }.num_outputs(), Some(2));
+        assert_eq!(Op::Return.num_outputs(), Some(0));
+        assert_eq!(Op::Call { function: "f".into(), layer: None }.num_outputs(), None);
+        assert!(Op::Binary(BinaryOp::Mul).is_elementwise());
+        assert!(!Op::MatMul.is_elementwise());
+        assert!(Op::SwiGlu.is_composite() && !Op::Softmax { axis: 0 }.is_composite());
+        assert!(Arity::AtLeast(1).accepts(3) && !Arity::AtLeast(1).accepts(0));
+        assert_eq!(param_path(Some(3), "mlp.gate.weight"), "layers.3.mlp.gate.weight");
+        assert_eq!(param_path(None, "norm.weight"), "norm.weight");
+    }
+
+    #[test]
+    fn routing_from_router() {
+        use dsc_dsl::model as m;
+        let r = m::Router {
+            top_k: 8,
+            scoring: m::Scoring::Sigmoid,
+            selection_bias: true,
+            groups: 8,
+            groups_kept: 4,
+            group_score: Some(m::GroupScore::Top2Sum),
+            normalize: m::Normalize::TopKGt1,
+            scale: 2.5,
+            scale_normalized: true,
+        };
+        let ro = Routing::from(&r);
+        assert!(ro.normalize);
+        assert_eq!(ro.scale.get(), 2.5);
+        assert_eq!(ro.group_score, Some(GroupScore::Top2Sum));
+        // DeepSeek-V2's original code: normalised weights are not scaled.
+        let v2 = m::Router { normalize: m::Normalize::Always, scale_normalized: false, ..r };
+        assert_eq!(Routing::from(&v2).scale.get(), 1.0);
+    }
+}
