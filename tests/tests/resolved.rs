@@ -2,8 +2,6 @@
 //! what `dsc check --resolved` prints, with inheritance flattened and every documented
 //! default written out. A change to resolution or to a spec shows up here as a diff.
 
-use std::path::Path;
-
 #[test]
 fn every_spec_resolves_to_its_snapshot() {
     let mut settings = insta::Settings::clone_current();
@@ -14,7 +12,7 @@ fn every_spec_resolves_to_its_snapshot() {
             let spec = dsc_dsl::load(path, None).unwrap_or_else(|f| panic!("{}:\n{}", path.display(), f.render()));
             let text = dsc_dsl::print::print_model(&spec.model);
             // The printed form is itself a spec that resolves to the same model.
-            let again = dsc_dsl::load_str(Path::new("resolved.dsc"), &text, None).expect("printed spec resolves");
+            let again = dsc_dsl::load_str(std::path::Path::new("resolved.dsc"), &text, None).expect("printed spec resolves");
             assert_eq!(again.model, spec.model);
             insta::assert_snapshot!("resolved", text);
         });
