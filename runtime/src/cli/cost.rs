@@ -6,7 +6,8 @@
 
 use dsc_compiler::stats::{stats, Stats};
 use dsc_dsl::Model;
-use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use dsc_dsl::ast::{Block, EntryBody, Item};
+use dsc_dsl::span::FileId;
 use serde::Serialize;
 use std::path::Path;
 
@@ -82,117 +83,50 @@ fn diff_text(a: &Path, model_a: Option<&str>, b: &Path, model_b: Option<&str>, c
     Ok(out)
 }
 
-/// The leaves of both models' JSON forms that differ, as `(dotted path, a, b)`, in the
-/// order the fields are declared. A field on one side only reads "(absent)" on the other,
-/// unless the other side has `none` in its place (an absent `mtp` or `yarn` section), which
-/// is then shown instead of listing the section's `none` separately.
+/// The fields that differ, as `(path, a, b)` in spec vocabulary (`ffn moe.router.top_k`),
+/// in the order the canonical printer writes them. A field on one side only reads
+/// "(absent)" on the other.
 fn field_changes(a: &Model, b: &Model) -> Result<Vec<(String, String, String)>, String> {
     let (la, lb) = (leaves(a)?, leaves(b)?);
     let get = |l: &[(String, String)], k: &str| l.iter().find(|(p, _)| p == k).map(|(_, v)| v.clone());
-    let has_descendant = |l: &[(String, String)], k: &str| l.iter().any(|(p, _)| p.starts_with(&format!("{k}.")));
-    // A leaf that stands where the other side has a whole section (`mtp: none` vs `mtp.depth`).
-    let ancestor_leaf = |l: &[(String, String)], k: &str| {
-        l.iter().find(|(p, _)| k.starts_with(&format!("{p}."))).map(|(_, v)| v.clone())
-    };
-
+    let absent = || "(absent)".to_string();
     let mut out = Vec::new();
     for path in union_in_order(&la, &lb) {
-        let (va, vb) = (get(&la, &path), get(&lb, &path));
-        let (va, vb) = match (va, vb) {
-            (Some(x), Some(y)) if x == y => continue,
-            (Some(x), Some(y)) => (x, y),
-            (Some(_), None) if has_descendant(&lb, &path) => continue,
-            (None, Some(_)) if has_descendant(&la, &path) => continue,
-            (Some(x), None) => (x, ancestor_leaf(&lb, &path).unwrap_or_else(|| "(absent)".into())),
-            (None, Some(y)) => (ancestor_leaf(&la, &path).unwrap_or_else(|| "(absent)".into()), y),
-            (None, None) => continue,
-        };
-        out.push((path, va, vb));
+        match (get(&la, &path), get(&lb, &path)) {
+            (Some(x), Some(y)) if x == y => {}
+            (x, y) => out.push((path, x.unwrap_or_else(absent), y.unwrap_or_else(absent))),
+        }
     }
     Ok(out)
 }
 
-/// A model → `(dotted path, value)` leaves in declared field order; array elements are
-/// numbered (`ffn.1.kind.top_k`), `None` reads `none`. The model goes through JSON text and
-/// is read back by [`Leaves`] because `serde_json::Value` would sort the keys.
+/// A model's fields as `(dotted path, value text)`, read off its canonical spec text: the
+/// printer already writes every field, defaults included, in a fixed order and in the
+/// words of the spec language, so the diff speaks that language too.
 fn leaves(m: &Model) -> Result<Vec<(String, String)>, String> {
-    let text = serde_json::to_string(m).map_err(|e| format!("cannot serialize model `{}`: {e}", m.name))?;
-    let mut out = Vec::new();
-    let mut de = serde_json::Deserializer::from_str(&text);
-    Leaves { prefix: String::new(), out: &mut out }
-        .deserialize(&mut de)
-        .map_err(|e| format!("cannot read back model `{}`: {e}", m.name))?;
+    let text = dsc_dsl::print::print_model(m);
+    let file = dsc_dsl::parse::parse_file(FileId(0), &text)
+        .map_err(|d| format!("internal: the printed form of `{}` does not parse: {}", m.name, d.message))?;
+    let mut out = vec![("name".to_string(), m.name.clone())];
+    for item in &file.items {
+        if let Item::Model(decl) = item {
+            walk(&decl.body, "", &text, &mut out);
+        }
+    }
     Ok(out)
 }
 
-/// Visits one JSON value, appending its leaves under `prefix`.
-struct Leaves<'a> {
-    prefix: String,
-    out: &'a mut Vec<(String, String)>,
-}
-
-impl Leaves<'_> {
-    fn child(&mut self, key: &str) -> Leaves<'_> {
-        let prefix = if self.prefix.is_empty() { key.to_string() } else { format!("{}.{key}", self.prefix) };
-        Leaves { prefix, out: self.out }
-    }
-    fn leaf<E>(self, v: String) -> Result<(), E> {
-        self.out.push((self.prefix, v));
-        Ok(())
-    }
-}
-
-impl<'de> DeserializeSeed<'de> for Leaves<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Leaves<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_bool<E>(self, v: bool) -> Result<(), E> {
-        self.leaf(v.to_string())
-    }
-    fn visit_i64<E>(self, v: i64) -> Result<(), E> {
-        self.leaf(v.to_string())
-    }
-    fn visit_u64<E>(self, v: u64) -> Result<(), E> {
-        self.leaf(v.to_string())
-    }
-    fn visit_f64<E>(self, v: f64) -> Result<(), E> {
-        // As JSON writes it (`1e-6`, `10000.0`), so floats read the same in both columns.
-        self.leaf(serde_json::Number::from_f64(v).map_or_else(|| v.to_string(), |n| n.to_string()))
-    }
-    fn visit_str<E>(self, v: &str) -> Result<(), E> {
-        self.leaf(v.to_string())
-    }
-    fn visit_unit<E>(self) -> Result<(), E> {
-        self.leaf("none".to_string())
-    }
-    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
-        let mut i = 0usize;
-        while seq.next_element_seed(self.child(&i.to_string()))?.is_some() {
-            i += 1;
+fn walk(block: &Block, prefix: &str, text: &str, out: &mut Vec<(String, String)>) {
+    for e in &block.entries {
+        let name = match &e.label {
+            Some(l) => format!("{} {}", e.key.node, l.node),
+            None => e.key.node.clone(),
+        };
+        let path = if prefix.is_empty() { name } else { format!("{prefix}.{name}") };
+        match &e.body {
+            EntryBody::Value(v) => out.push((path, text[v.span.start as usize..v.span.end as usize].to_string())),
+            EntryBody::Block(b) => walk(b, &path, text, out),
         }
-        if i == 0 {
-            return self.leaf("[]".to_string());
-        }
-        Ok(())
-    }
-    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
-        let mut any = false;
-        while let Some(k) = map.next_key::<String>()? {
-            map.next_value_seed(self.child(&k))?;
-            any = true;
-        }
-        if !any {
-            return self.leaf("{}".to_string());
-        }
-        Ok(())
     }
 }
 
@@ -257,12 +191,10 @@ mod tests {
             "deepseek_v2 -> deepseek_v2_lite",
             "hidden",
             "5120 -> 2048",
-            "attention.q_lora_rank",
+            "attention mla.q_lora_rank",
             "1536 -> none",
-            "ffn.1.kind.router.group_score",
+            "ffn moe.router.group_score",
             "max -> none",
-            "ffn.1.layers.ranges.0.end",
-            "60 -> 27",
             "params total",
             "(-93.3%)",
         ] {
@@ -277,18 +209,16 @@ mod tests {
     fn diff_shows_sections_present_on_one_side() {
         let text = diff_text(&spec("deepseek_v2.dsc"), None, &spec("deepseek_v3.dsc"), None, 4096).unwrap();
         assert!(text.contains("mtp.depth"), "{text}");
-        assert!(text.contains("none -> 1\n"), "{text}");
-        // `mtp: none` is explained by the lines below it, not listed on its own.
-        assert!(!text.lines().any(|l| l.starts_with("mtp ")), "{text}");
+        assert!(text.contains("(absent) -> 1\n"), "{text}");
     }
 
     #[test]
     fn diff_gqa_to_mla_marks_absent_fields() {
         let text = diff_text(&spec("deepseek_llm_7b.dsc"), None, &spec("deepseek_v2_lite.dsc"), None, 4096).unwrap();
-        assert!(text.contains("attention.kind"), "{text}");
-        assert!(text.contains("gqa -> mla"), "{text}");
+        assert!(text.contains("attention mha.head_dim"), "{text}");
         assert!(text.contains("128 -> (absent)"), "{text}"); // head_dim
-        assert!(text.contains("(absent) -> 512"), "{text}"); // kv_lora_rank
+        assert!(text.contains("attention mla.kv_lora_rank"), "{text}");
+        assert!(text.contains("(absent) -> 512"), "{text}");
     }
 
     #[test]
