@@ -15,7 +15,7 @@ struct SpecParser;
 pub fn parse_file(file: FileId, text: &str) -> Result<File, Diagnostic> {
     let mut pairs = SpecParser::parse(Rule::file, text).map_err(|e| syntax_error(file, text, e))?;
     let root = pairs.next().expect("the file rule always yields one pair");
-    let cx = Cx { file };
+    let cx = Cx { file, depth: std::cell::Cell::new(0) };
     let mut items = Vec::new();
     for pair in root.into_inner() {
         match pair.as_rule() {
@@ -30,7 +30,13 @@ pub fn parse_file(file: FileId, text: &str) -> Result<File, Diagnostic> {
 
 struct Cx {
     file: FileId,
+    /// Current nesting of blocks and lists; bounded so that deep input cannot exhaust
+    /// the stack of the recursive functions here and downstream.
+    depth: std::cell::Cell<usize>,
 }
+
+/// Deepest nesting of blocks and lists a spec may use (real specs use 3 or 4).
+pub const MAX_DEPTH: usize = 64;
 
 impl Cx {
     fn span(&self, pair: &Pair<Rule>) -> Span {
@@ -66,10 +72,24 @@ impl Cx {
         Ok(ModelDecl { name: name.expect("model has a name"), extends, body: body.expect("model has a body") })
     }
 
+    /// Runs `f` one nesting level deeper, or fails at `span` past [`MAX_DEPTH`].
+    fn nested<T>(&self, span: Span, f: impl FnOnce() -> Result<T, Diagnostic>) -> Result<T, Diagnostic> {
+        if self.depth.get() >= MAX_DEPTH {
+            return Err(Diagnostic::new(span, format!("nesting deeper than {MAX_DEPTH} levels"), "too deep")
+                .with_help("specs nest sections a few levels deep; this looks like a runaway bracket"));
+        }
+        self.depth.set(self.depth.get() + 1);
+        let r = f();
+        self.depth.set(self.depth.get() - 1);
+        r
+    }
+
     fn parse_block(&self, pair: Pair<Rule>) -> Result<Block, Diagnostic> {
         let span = self.span(&pair);
-        let entries = pair.into_inner().map(|p| self.parse_entry(p)).collect::<Result<_, _>>()?;
-        Ok(Block { entries, span })
+        self.nested(span, || {
+            let entries = pair.into_inner().map(|p| self.parse_entry(p)).collect::<Result<_, _>>()?;
+            Ok(Block { entries, span })
+        })
     }
 
     fn parse_entry(&self, pair: Pair<Rule>) -> Result<Entry, Diagnostic> {
@@ -114,7 +134,9 @@ impl Cx {
                 }
                 Value::Range { start: start.expect("a range starts with an int"), end, step }
             }
-            Rule::list => Value::List(pair.into_inner().map(|p| self.parse_value(p)).collect::<Result<_, _>>()?),
+            Rule::list => Value::List(
+                self.nested(span, || pair.into_inner().map(|p| self.parse_value(p)).collect::<Result<_, _>>())?,
+            ),
             r => unreachable!("value has no {r:?}"),
         };
         Ok(Spanned::new(v, span))
