@@ -445,6 +445,17 @@ impl Elaborator {
         }
     }
 
+    /// Whether a required `key` is set (to something other than `none`); if not, reports
+    /// it missing, suggesting `key = example`.
+    fn require(&mut self, obj: &mut Obj, key: &'static str, example: &str) -> bool {
+        if obj.block.entries.iter().any(|e| e.key.node == key && !is_none(e)) {
+            return true;
+        }
+        obj.known.push(key);
+        self.missing(obj, key, example);
+        false
+    }
+
     fn missing(&mut self, obj: &Obj, key: &str, example: &str) {
         self.err(
             Diagnostic::new(
@@ -511,9 +522,7 @@ impl Elaborator {
         self.number(obj, key, Want::Int { min, max }).map(|x| x as u64)
     }
     fn req_int(&mut self, obj: &mut Obj, key: &'static str, min: u64, max: u64) -> Option<u64> {
-        if obj.block.entries.iter().all(|e| e.key.node != key || is_none(e)) {
-            obj.known.push(key);
-            self.missing(obj, key, "<integer>");
+        if !self.require(obj, key, "<integer>") {
             return None;
         }
         self.int(obj, key, min, max)
@@ -522,9 +531,7 @@ impl Elaborator {
         self.number(obj, key, Want::Float { min, max, min_exclusive })
     }
     fn req_float(&mut self, obj: &mut Obj, key: &'static str, min: f64, max: f64, min_exclusive: bool) -> Option<f64> {
-        if obj.block.entries.iter().all(|e| e.key.node != key || is_none(e)) {
-            obj.known.push(key);
-            self.missing(obj, key, "<number>");
+        if !self.require(obj, key, "<number>") {
             return None;
         }
         self.float(obj, key, min, max, min_exclusive)
@@ -568,10 +575,8 @@ impl Elaborator {
         }
     }
     fn req_choice<T: Copy>(&mut self, obj: &mut Obj, key: &'static str, options: &[(&'static str, T)]) -> Option<T> {
-        if obj.block.entries.iter().all(|e| e.key.node != key || is_none(e)) {
-            obj.known.push(key);
-            let ex = options.iter().map(|o| o.0).collect::<Vec<_>>().join(" | ");
-            self.missing(obj, key, &ex);
+        let ex = options.iter().map(|o| o.0).collect::<Vec<_>>().join(" | ");
+        if !self.require(obj, key, &ex) {
             return None;
         }
         self.choice(obj, key, options)
@@ -872,9 +877,7 @@ impl Elaborator {
     /// `layers = 0..3`, `layers = 3..`, `layers = 5`, `layers = [0..1, 2..28 step 2]`.
     fn layer_set(&mut self, o: &mut Obj, layers: Option<u64>) -> Option<(LayerSet, Span)> {
         let key = "layers";
-        if o.block.entries.iter().all(|e| e.key.node != key || is_none(e)) {
-            o.known.push(key);
-            self.missing(o, key, "0..3");
+        if !self.require(o, key, "0..3") {
             return None;
         }
         let v = self.value(o, key)?;
