@@ -90,8 +90,13 @@ fn mutated_specs_never_panic() {
         let mutated = mutate(&mut rng, text, &pool);
         let result = std::panic::catch_unwind(|| match dsc_dsl::load_str(path, &mutated, None) {
             Ok(spec) => {
-                // A spec that resolves must survive everything downstream of resolution.
-                let _ = dsc_dsl::model::Model::clone(&spec.model);
+                // A spec that resolves must survive everything downstream of resolution:
+                // the cost model, and printing back to a spec that resolves to the same model.
+                let stats = dsc_compiler::stats::stats(&spec.model, 4096);
+                assert!(stats.params.active <= stats.params.total);
+                let text = dsc_dsl::print::print_model(&spec.model);
+                let again = dsc_dsl::load_str(Path::new("printed.dsc"), &text, None).expect("printed form resolves");
+                assert_eq!(again.model, spec.model);
                 true
             }
             Err(f) => {
