@@ -1,4 +1,6 @@
 //! dsc-compiler: from a resolved model to costs, IR and kernels.
 
 pub mod ir;
+pub mod lower;
+pub mod passes;
 pub mod stats;

@@ -1,3 +1,4 @@
 //! dsc-runtime: execution, checkpoints and the `dsc` command-line tool.
 
 pub mod cli;
+pub mod reference;

@@ -50,20 +50,21 @@
 //! # Functions, calls and parameters
 //!
 //! Repeated layers are not unrolled. Lowering emits one function per *distinct* layer
-//! kind (e.g. `layer_dense`, `layer_moe`) and each entry point calls it once per layer:
+//! kind and mode (e.g. `decode.layer.dense`, `decode.layer.moe`; see `crate::lower`) and
+//! each entry point calls it once per layer:
 //!
 //! ```text
-//! fn layer_moe { %0 = input 0 "x" ... %9 = param "mlp.experts.gate_proj.weight" ... }
-//! fn decode    { ... %7 = call layer_moe(%6.0, %1, %4) layer=3 ... }
+//! fn decode.layer.moe { %0 = input 0 "x" ... %9 = param "mlp.experts.gate_proj.weight" ... }
+//! fn decode           { ... %7 = call decode.layer.moe(%6.0, %1, %4, %5) layer=3 ... }
 //! ```
 //!
 //! - A function's arguments are its [`Op::Input`] nodes, ordered by their `index`; its
 //!   results are the inputs of its single [`Op::Return`]. Its [`Signature`] follows.
 //! - Weights are [`Op::Param`]s named relative to the function
 //!   (`self_attn.kv_b_proj.weight`). A call `layer=3` scopes them to
-//!   `layers.3.self_attn.kv_b_proj.weight` ([`op::param_path`]); the weight loader maps
-//!   those names to checkpoint tensors. Weights are never passed as arguments, so a
-//!   61-layer call site stays a handful of edges.
+//!   `model.layers.3.self_attn.kv_b_proj.weight` ([`op::param_path`]), the Hugging Face
+//!   checkpoint name, so weights bind to checkpoint tensors by name. Weights are never
+//!   passed as arguments, so a 61-layer call site stays a handful of edges.
 //! - Routed experts are one grouped op ([`Op::ExpertFfn`]) over weights stacked with a
 //!   leading expert axis, so 256 experts are one node. DeepSeek-V3 (61 layers × 256
 //!   experts) is a few dozen nodes per layer kind plus 61 calls per entry point.

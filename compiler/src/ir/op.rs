@@ -482,7 +482,10 @@ pub enum Op {
     RmsNorm { eps: Float },
     /// Rotary position embedding, with YaRN-scaled frequencies when `yarn` is set. The
     /// first `rotary_dim` dims of the last axis are rotated, pairs chosen by `layout`; the
-    /// rest pass through.
+    /// rest pass through. With YaRN the op also multiplies cos and sin by
+    /// `mscale(factor, mscale) / mscale(factor, mscale_all_dim)`
+    /// (`dsc_dsl::model::yarn_mscale`); the softmax-scale part of YaRN is not its job
+    /// (lowering folds it into [`Op::Attention`]'s `scale`).
     ///
     /// ## Shape rule
     /// `x: float[b, s, d]` or `float[b, s, h, d]`, `positions: int[b, s]` (the leading two
@@ -577,11 +580,14 @@ pub enum Op {
 }
 
 /// The full name of a param `name` seen through a call scoped to `layer`:
-/// `layers.{layer}.{name}`, or `name` itself outside any layer. Calls do not nest, so one
-/// level of scoping is enough; the weight loader maps these names to checkpoint names.
+/// `model.layers.{layer}.{name}`, or `name` itself outside any layer. These are the
+/// Hugging Face checkpoint names (`model.layers.3.self_attn.kv_b_proj.weight`), so weights
+/// bind to checkpoint tensors by name; top-level params are already named in full
+/// (`model.embed_tokens.weight`, `lm_head.weight`). Calls do not nest, so one level of
+/// scoping is enough.
 pub fn param_path(layer: Option<u32>, name: &str) -> String {
     match layer {
-        Some(l) => format!("layers.{l}.{name}"),
+        Some(l) => format!("model.layers.{l}.{name}"),
         None => name.to_string(),
     }
 }
@@ -727,8 +733,8 @@ mod tests {
         assert!(!Op::MatMul.is_elementwise());
         assert!(Op::SwiGlu.is_composite() && !Op::Softmax { axis: 0 }.is_composite());
         assert!(Arity::AtLeast(1).accepts(3) && !Arity::AtLeast(1).accepts(0));
-        assert_eq!(param_path(Some(3), "mlp.gate.weight"), "layers.3.mlp.gate.weight");
-        assert_eq!(param_path(None, "norm.weight"), "norm.weight");
+        assert_eq!(param_path(Some(3), "mlp.gate.weight"), "model.layers.3.mlp.gate.weight");
+        assert_eq!(param_path(None, "model.norm.weight"), "model.norm.weight");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! Errors are rendered here, at the edge, and turned into exit codes: 0 success,
 //! 1 a problem with the user's input (diagnostics printed), 2 a usage error (clap).
 
+pub mod compile;
 pub mod cost;
 pub mod import;
 
@@ -51,6 +52,24 @@ enum Command {
         #[arg(long, default_value_t = 4096)]
         context: u64,
     },
+    /// Lower a spec for one mode, run its pass pipeline, and print the IR.
+    Compile {
+        spec: PathBuf,
+        #[arg(long)]
+        model: Option<String>,
+        /// Which entry point to compile: prefill, decode or train.
+        #[arg(long, default_value = "prefill", value_parser = compile::parse_mode)]
+        mode: dsc_compiler::ir::Mode,
+        /// Turn passes off (`-cse`) or back on (`+cse`), comma-separated.
+        #[arg(long, allow_hyphen_values = true)]
+        passes: Option<String>,
+        /// What to print: `ir` or `memory-plan`.
+        #[arg(long, default_value = "ir")]
+        emit: String,
+        /// Write the output here (atomically) instead of printing it.
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+    },
     /// Turn a Hugging Face config.json into a spec.
     Import {
         config: PathBuf,
@@ -70,6 +89,9 @@ pub fn main() -> ExitCode {
         Command::Stats { spec, model, json, context } => cost::stats_cmd(&spec, model.as_deref(), json, context),
         Command::Diff { spec_a, spec_b, model_a, model_b, context } => {
             cost::diff_cmd(&spec_a, model_a.as_deref(), &spec_b, model_b.as_deref(), context)
+        }
+        Command::Compile { spec, model, mode, passes, emit, out } => {
+            compile::compile_cmd(&spec, model.as_deref(), mode, passes.as_deref(), &emit, out.as_deref())
         }
         Command::Import { config, out, name } => import::import_cmd(&config, out.as_deref(), name.as_deref()),
     };

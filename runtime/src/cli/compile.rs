@@ -1,0 +1,142 @@
+//! `dsc compile SPEC [--model NAME] [--mode prefill|decode|train] [--passes -cse,...]
+//! [--emit ir|memory-plan] [-o FILE]`: lower a spec for one mode, run that mode's pass
+//! pipeline, and print the result: the IR text with `@line:col` spans into the spec, or
+//! the memory plan. `DSC_DUMP=<pass,...|all>` (and `DSC_DUMP_DIR`) dump the IR around
+//! passes; see `dsc_compiler::passes::runner`.
+
+use super::import::write_atomically;
+use super::load_spec;
+use dsc_compiler::ir::{print_module, Mode};
+use dsc_compiler::lower::{lower_mode, LowerError};
+use dsc_compiler::passes::{self, PassCx, PassSelection, PipelineError};
+use dsc_dsl::{Diagnostic, Spec};
+use std::io::Write;
+use std::path::Path;
+
+/// What `--emit` can print.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Emit {
+    /// The module's text form after the pipeline.
+    Ir,
+    /// The `memory_plan` pass's report at the pipeline's default sizes.
+    MemoryPlan,
+}
+
+impl Emit {
+    const NAMES: &'static str = "ir, memory-plan";
+
+    fn parse(s: &str) -> Result<Emit, String> {
+        match s {
+            "ir" => Ok(Emit::Ir),
+            "memory-plan" => Ok(Emit::MemoryPlan),
+            _ => Err(format!("unknown --emit `{s}`; expected one of: {}", Emit::NAMES)),
+        }
+    }
+}
+
+/// `prefill`, `decode` or `train`; for clap's `value_parser`.
+pub fn parse_mode(s: &str) -> Result<Mode, String> {
+    Mode::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| format!("unknown mode `{s}`; expected prefill, decode or train"))
+}
+
+/// Compiles `spec` for `mode` with the passes `passes` leaves on, and prints what `emit`
+/// names to stdout, or writes it atomically to `out`.
+pub fn compile_cmd(spec: &Path, model: Option<&str>, mode: Mode, passes: Option<&str>, emit: &str, out: Option<&Path>) -> Result<(), String> {
+    // Option errors first: they need no spec and should not wait for one to load.
+    let emit = Emit::parse(emit)?;
+    let selection = PassSelection::parse(passes.unwrap_or("")).map_err(|e| format!("--passes: {e}"))?;
+    let cx = PassCx::from_env(mode).map_err(|e| format!("DSC_DUMP: {e}"))?;
+    if emit == Emit::MemoryPlan && !selection.is_enabled(&passes::memory_plan::MemoryPlan) {
+        return Err("--emit memory-plan needs the memory_plan pass, which --passes turns off".into());
+    }
+
+    let spec = load_spec(spec, model)?;
+    let mut module = lower_mode(&spec, mode).map_err(|e| lower_error(&spec, &e))?;
+    let mut cx = cx.with_sources(&spec.sources);
+    passes::compile(&mut module, &selection, &mut cx).map_err(|e| pipeline_error(&spec, &e))?;
+
+    let text = match emit {
+        Emit::Ir => print_module(&module, Some(&spec.sources)),
+        Emit::MemoryPlan => match &cx.memory_plan {
+            Some(p) => p.summary(),
+            None => return Err("the pipeline made no memory plan".into()),
+        },
+    };
+    match out {
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()).map_err(|e| format!("cannot write to stdout: {e}"))
+        }
+        Some(path) => write_atomically(path, text.as_bytes()),
+    }
+}
+
+/// A lowering error, under the spec line it concerns when it has one.
+fn lower_error(spec: &Spec, e: &LowerError) -> String {
+    match e.span() {
+        Some(span) => dsc_dsl::diag::render_one(&spec.sources, &Diagnostic::new(span, e.to_string(), "while lowering this")),
+        None => format!("error: {e}"),
+    }
+}
+
+/// A pipeline error: each located problem under its spec line.
+fn pipeline_error(spec: &Spec, e: &PipelineError) -> String {
+    dsc_dsl::diag::render(&spec.sources, &e.diagnostics())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn spec(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../specs/tiny").join(name)
+    }
+
+    fn out_file(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("dsc-compile-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("out.ir")
+    }
+
+    #[test]
+    fn writes_the_compiled_ir_with_spans() {
+        for mode in Mode::ALL {
+            let out = out_file(mode.name());
+            compile_cmd(&spec("tiny_v3.dsc"), None, mode, Some("-cse"), "ir", Some(&out)).unwrap();
+            let text = std::fs::read_to_string(&out).unwrap();
+            assert!(text.starts_with(&format!("entry {mode} = {mode}\n")), "{text}");
+            // Only this mode's functions survive.
+            for other in Mode::ALL.into_iter().filter(|&m| m != mode) {
+                assert!(!text.contains(&format!("fn {other}")), "{mode}: {other} left in");
+            }
+            assert!(text.contains(" @"), "spans are printed: {text}");
+            std::fs::remove_dir_all(out.parent().unwrap()).unwrap();
+        }
+    }
+
+    #[test]
+    fn emits_the_memory_plan() {
+        let out = out_file("plan");
+        compile_cmd(&spec("tiny_v3.dsc"), None, Mode::Decode, None, "memory-plan", Some(&out)).unwrap();
+        let text = std::fs::read_to_string(&out).unwrap();
+        assert!(text.starts_with("decode entry `decode` at b=1 s=1 c=4096:\n"), "{text}");
+        std::fs::remove_dir_all(out.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn option_errors() {
+        let s = spec("tiny_v3.dsc");
+        let e = compile_cmd(&s, None, Mode::Prefill, Some("-fuse"), "ir", None).unwrap_err();
+        assert_eq!(e, "--passes: unknown pass `fuse`; the passes are: verify, shape_infer, simplify, cse, dce, memory_plan");
+        let e = compile_cmd(&s, None, Mode::Prefill, Some("-shape_infer"), "ir", None).unwrap_err();
+        assert!(e.contains("`shape_infer` is required"), "{e}");
+        let e = compile_cmd(&s, None, Mode::Prefill, None, "kernels", None).unwrap_err();
+        assert_eq!(e, "unknown --emit `kernels`; expected one of: ir, memory-plan");
+        let e = compile_cmd(&s, None, Mode::Prefill, Some("-memory_plan"), "memory-plan", None).unwrap_err();
+        assert!(e.contains("needs the memory_plan pass"), "{e}");
+        assert_eq!(parse_mode("decode"), Ok(Mode::Decode));
+        assert!(parse_mode("infer").unwrap_err().contains("expected prefill, decode or train"));
+    }
+}

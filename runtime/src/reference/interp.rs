@@ -1,0 +1,465 @@
+//! The graph walker: binds the symbols, evaluates a function's live nodes in topological
+//! order, checks each result against its declared type, recurses into calls, and frees
+//! values after their last use.
+//!
+//! Values are `Cow<Tensor>`: weights and caller-owned tensors are borrowed (a 61-layer
+//! run never copies a weight or a call argument), results of ops are owned. A `Reshape`
+//! or same-precision `Cast` that is the last user of an owned value moves it instead of
+//! copying.
+
+use super::elementwise::{binary, cast, select, unary};
+use super::layout::{concat, gather, permute, reduce, scatter_add, slice, top_k};
+use super::linalg::{batch_matmul, linear};
+use super::nn::{attention, cross_entropy, expert_ffn, moe_route, rms_norm, rope, softmax, swiglu, AttentionSpec};
+use super::real::Real;
+use super::tensor::{numel, Data, Tensor};
+use super::weights::Weights;
+use super::{ErrorKind, ExecError, KernelError};
+use dsc_compiler::ir::{param_path, DType, Dim, Function, Module, Node, NodeId, Op, Shape, Sym, Ty, Value};
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::marker::PhantomData;
+
+type Val<'a> = Cow<'a, Tensor>;
+
+/// Run `function` of `module` on `inputs` in precision `T`.
+pub(super) fn run<T: Real>(module: &Module, function: &str, inputs: &[Tensor], weights: &dyn Weights) -> Result<Vec<Tensor>, ExecError> {
+    let f = module
+        .function(function)
+        .ok_or_else(|| ExecError::new(ErrorKind::Entry, format!("the module has no function `{function}`")))?;
+    let sizes = bind_symbols(f, inputs)?;
+    let it = Interp::<T> { module, weights, sizes, _t: PhantomData };
+    let args = inputs.iter().map(Cow::Borrowed).collect();
+    let mut stack = Vec::new();
+    it.call(f, None, args, &mut stack)
+}
+
+/// Bind `b`, `s`, `c` from the argument shapes: a declared dim with one unknown symbol
+/// determines it once the others are known, repeated until nothing changes (so `[b, s]`
+/// ids and a `[b, c+s, ..]` cache bind all three). `c` defaults to 0 when no argument
+/// mentions it; an unbound `b` or `s` is an error only where a shape needs it.
+fn bind_symbols(f: &Function, inputs: &[Tensor]) -> Result<[Option<i64>; 3], ExecError> {
+    let g = &f.graph;
+    let mut pairs: Vec<(Dim, i64, String)> = Vec::new();
+    for n in g.arguments() {
+        let node = g.node(n);
+        let (Op::Input { index, name }, Some(ty)) = (&node.op, node.outputs.first()) else { continue };
+        let Some(t) = inputs.get(*index as usize) else { continue };
+        // A rank mismatch is reported when the input node is checked.
+        if t.rank() == ty.rank() {
+            for (d, &a) in ty.shape.iter().zip(t.shape()) {
+                pairs.push((*d, a as i64, name.clone()));
+            }
+        }
+    }
+    let mut known: [Option<i64>; 3] = [None; 3];
+    loop {
+        let mut progress = false;
+        for (d, actual, name) in &pairs {
+            let unknown: Vec<Sym> = Sym::ALL.into_iter().filter(|&s| d.coeff(s) != 0 && known[s as usize].is_none()).collect();
+            let [s] = unknown[..] else { continue };
+            let rest: i64 = Sym::ALL.into_iter().filter(|&o| o != s).map(|o| d.coeff(o) * known[o as usize].unwrap_or(0)).sum();
+            let num = actual - rest - d.constant_term();
+            let k = d.coeff(s);
+            if num % k != 0 || num / k < 0 {
+                let msg = format!("argument `{name}` has size {actual} where `{}` declares {d}: no non-negative {} fits", f.name, s.letter());
+                return Err(at_fn(ExecError::new(ErrorKind::Binding, msg), &f.name));
+            }
+            known[s as usize] = Some(num / k);
+            progress = true;
+        }
+        if !progress {
+            break;
+        }
+    }
+    known[Sym::Cache as usize].get_or_insert(0);
+    Ok(known)
+}
+
+fn at_fn(mut e: ExecError, function: &str) -> ExecError {
+    e.function.get_or_insert_with(|| function.to_string());
+    e
+}
+
+struct Interp<'m, T> {
+    module: &'m Module,
+    weights: &'m dyn Weights,
+    sizes: [Option<i64>; 3],
+    _t: PhantomData<T>,
+}
+
+/// How a node refers to itself in errors: `%n op`, numbered as the printer does.
+fn node_name(pos: usize, node: &Node) -> String {
+    match &node.op {
+        Op::Param { name } => format!("%{pos} param \"{name}\""),
+        Op::Input { index, name } => format!("%{pos} input {index} \"{name}\""),
+        Op::Call { function, layer } => match layer {
+            Some(l) => format!("%{pos} call {function} layer={l}"),
+            None => format!("%{pos} call {function}"),
+        },
+        op => format!("%{pos} {}", op.name()),
+    }
+}
+
+/// The data of a float tensor of the run's precision.
+fn floats<'t, T: Real>(t: &'t Tensor, what: &str) -> Result<&'t [T], KernelError> {
+    T::view(t.data()).ok_or_else(|| KernelError::dtype(format!("{what} must be {}, got {}", T::NAME, t.data().kind())))
+}
+
+fn graph_err(msg: impl Into<String>) -> KernelError {
+    KernelError { kind: ErrorKind::Graph, message: msg.into() }
+}
+
+impl<'m, T: Real> Interp<'m, T> {
+    /// A dim under the bindings.
+    fn eval_dim(&self, d: &Dim) -> Result<i64, KernelError> {
+        let mut v = d.constant_term();
+        for s in Sym::ALL {
+            let k = d.coeff(s);
+            if k != 0 {
+                let Some(x) = self.sizes[s as usize] else {
+                    return Err(KernelError {
+                        kind: ErrorKind::Binding,
+                        message: format!("symbol {} in {d} is not determined by the entry's arguments", s.letter()),
+                    });
+                };
+                v += k * x;
+            }
+        }
+        Ok(v)
+    }
+
+    fn eval_shape(&self, s: &Shape) -> Result<Vec<usize>, KernelError> {
+        s.iter()
+            .map(|d| {
+                let v = self.eval_dim(d)?;
+                usize::try_from(v).map_err(|_| KernelError { kind: ErrorKind::Binding, message: format!("{d} evaluates to {v} < 0") })
+            })
+            .collect()
+    }
+
+    /// A value against its declared type: element type class and concrete shape.
+    fn check(&self, t: &Tensor, ty: &Ty, what: &str) -> Result<(), KernelError> {
+        let ok = match ty.dtype {
+            d if d.is_float() => T::view(t.data()).is_some(),
+            DType::I32 => matches!(t.data(), Data::I32(_)),
+            DType::I64 => matches!(t.data(), Data::I64(_)),
+            DType::Bool => matches!(t.data(), Data::Bool(_)),
+            _ => false,
+        };
+        if !ok {
+            let held = if ty.dtype.is_float() { T::NAME } else { ty.dtype.name() };
+            return Err(KernelError::dtype(format!("{what} is {} but is declared {} (held as {held})", t.data().kind(), ty)));
+        }
+        if t.rank() != ty.rank() {
+            return Err(KernelError::shape(format!("{what} has shape {:?} but is declared {}", t.shape(), ty.shape)));
+        }
+        let want = self.eval_shape(&ty.shape)?;
+        if t.shape() != want.as_slice() {
+            return Err(KernelError::shape(format!("{what} has shape {:?} but is declared {} = {want:?}", t.shape(), ty.shape)));
+        }
+        Ok(())
+    }
+
+    /// Convert an argument or weight to how the run holds its declared dtype: floats to
+    /// `T`, integers between widths (failing when a value does not fit).
+    fn coerce<'a>(&self, v: Val<'a>, dtype: DType, what: &str) -> Result<Val<'a>, KernelError> {
+        let ok = match (dtype, v.data()) {
+            (d, x) if d.is_float() => T::view(x).is_some() || !x.is_float(),
+            (DType::I32, Data::I32(_)) | (DType::I64, Data::I64(_)) | (DType::Bool, Data::Bool(_)) => true,
+            (DType::I32, Data::I64(_)) | (DType::I64, Data::I32(_)) => false,
+            _ => true,
+        };
+        if ok {
+            return Ok(v); // as is, or a class mismatch `check` reports
+        }
+        let out = cast::<T>(v.into_owned(), dtype).map_err(|e| KernelError { message: format!("{what}: {}", e.message), ..e })?;
+        Ok(Cow::Owned(out))
+    }
+
+    /// Evaluate `f` on `args`, with params scoped to `layer`. `stack` holds the functions
+    /// being evaluated, to refuse recursion instead of overflowing.
+    fn call<'a>(&self, f: &'m Function, layer: Option<u32>, args: Vec<Val<'a>>, stack: &mut Vec<&'m str>) -> Result<Vec<Tensor>, ExecError>
+    where
+        'm: 'a,
+    {
+        if stack.contains(&f.name.as_str()) {
+            let msg = format!("`{}` calls itself (through {})", f.name, stack.join(" → "));
+            return Err(ExecError::new(ErrorKind::Graph, msg));
+        }
+        stack.push(&f.name);
+        let r = self.eval_graph(f, layer, args, stack).map_err(|e| at_fn(e, &f.name));
+        stack.pop();
+        r
+    }
+
+    fn eval_graph<'a>(&self, f: &'m Function, layer: Option<u32>, args: Vec<Val<'a>>, stack: &mut Vec<&'m str>) -> Result<Vec<Tensor>, ExecError>
+    where
+        'm: 'a,
+    {
+        let g = &f.graph;
+        let fail = |kind, msg: String| at_fn(ExecError::new(kind, msg), &f.name);
+        let order = g.topo_order().map_err(|c| fail(ErrorKind::Graph, format!("the graph has a cycle through {} nodes", c.0.len())))?;
+        let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+        let ret = g.return_node().ok_or_else(|| fail(ErrorKind::Graph, "the function has no return".into()))?;
+        let n_args = g.arguments().len();
+        if args.len() != n_args {
+            return Err(fail(ErrorKind::Arguments, format!("`{}` takes {n_args} arguments, got {}", f.name, args.len())));
+        }
+
+        // Inputs per node, checked for dense slots; then the nodes the return needs.
+        let mut inputs: HashMap<NodeId, Vec<Value>> = HashMap::new();
+        let mut live: HashSet<NodeId> = HashSet::new();
+        let mut todo = vec![ret];
+        while let Some(n) = todo.pop() {
+            if !live.insert(n) {
+                continue;
+            }
+            let edges = g.input_edges(n);
+            if edges.iter().enumerate().any(|(i, (slot, _))| *slot as usize != i) {
+                let name = node_name(pos[&n], g.node(n));
+                return Err(ExecError { node: Some(name), ..fail(ErrorKind::Graph, "input slots are not 0..n, each once".into()) });
+            }
+            let vals: Vec<Value> = edges.into_iter().map(|(_, v)| v).collect();
+            todo.extend(vals.iter().map(|v| v.node));
+            inputs.insert(n, vals);
+        }
+        // Position of each live value's last reader.
+        let mut last_use: HashMap<NodeId, usize> = HashMap::new();
+        for &n in order.iter().filter(|n| live.contains(n)) {
+            for v in &inputs[&n] {
+                last_use.insert(v.node, pos[&n]);
+            }
+        }
+
+        let mut args: Vec<Option<Val<'a>>> = args.into_iter().map(Some).collect();
+        let mut env: HashMap<NodeId, Vec<Option<Val<'a>>>> = HashMap::new();
+        for &n in order.iter().filter(|n| live.contains(n)) {
+            let p = pos[&n];
+            let node = g.node(n);
+            let here = |e: KernelError| ExecError {
+                kind: e.kind,
+                message: e.message,
+                function: Some(f.name.clone()),
+                node: Some(node_name(p, node)),
+                span: node.span,
+                calls: Vec::new(),
+            };
+            let ins = &inputs[&n];
+            if n == ret {
+                return self.collect_results(ins, &mut env).map_err(here);
+            }
+            let outs: Vec<Val<'a>> = match &node.op {
+                Op::Input { index, name } => {
+                    let a = args.get_mut(*index as usize).and_then(Option::take).ok_or_else(|| {
+                        here(graph_err(format!("argument {index} is missing or used by two inputs")))
+                    })?;
+                    let ty = node.outputs.first().ok_or_else(|| here(graph_err("an input without a type")))?;
+                    vec![self.coerce(a, ty.dtype, &format!("argument `{name}`")).map_err(here)?]
+                }
+                Op::Param { name } => {
+                    let full = param_path(layer, name);
+                    let w = self.weights.get(&full).ok_or_else(|| {
+                        here(KernelError { kind: ErrorKind::MissingWeight, message: format!("missing weight `{full}`") })
+                    })?;
+                    let ty = node.outputs.first().ok_or_else(|| here(graph_err("a param without a type")))?;
+                    vec![self.coerce(Cow::Borrowed(w), ty.dtype, &format!("weight `{full}`")).map_err(here)?]
+                }
+                Op::Const { value } => {
+                    let ty = node.outputs.first().ok_or_else(|| here(graph_err("a constant without a type")))?;
+                    vec![Cow::Owned(self.constant(value.get(), ty.dtype).map_err(here)?)]
+                }
+                Op::Call { function, layer: call_layer } => {
+                    let callee = self.module.function(function).ok_or_else(|| {
+                        here(KernelError { kind: ErrorKind::Entry, message: format!("no function `{function}`") })
+                    })?;
+                    let scope = match (call_layer, layer) {
+                        (Some(l), None) => Some(*l),
+                        (None, outer) => outer,
+                        (Some(l), Some(outer)) => {
+                            let msg = format!("a call scoped to layer {l} inside layer {outer}: param scopes do not nest");
+                            return Err(here(KernelError { kind: ErrorKind::Unsupported, message: msg }));
+                        }
+                    };
+                    let call_args: Vec<Val<'_>> =
+                        ins.iter().map(|v| Self::value(&env, *v).map(Cow::Borrowed)).collect::<Result<_, _>>().map_err(here)?;
+                    let results = self.call(callee, scope, call_args, stack).map_err(|mut e| {
+                        e.calls.push(format!("`{}` {}", f.name, node_name(p, node)));
+                        e
+                    })?;
+                    results.into_iter().map(Cow::Owned).collect()
+                }
+                op => {
+                    if !op.arity().accepts(ins.len()) {
+                        return Err(here(graph_err(format!("takes {} inputs, got {}", op.arity(), ins.len()))));
+                    }
+                    // A reshape or cast that is the last reader of an owned value takes it.
+                    let movable = matches!(op, Op::Reshape { .. } | Op::Cast { .. })
+                        && last_use.get(&ins[0].node) == Some(&p)
+                        && ins.len() == 1;
+                    let taken = if movable { Self::take(&mut env, ins[0]) } else { None };
+                    let result = match taken {
+                        Some(t) => self.exec_owned(op, t),
+                        None => {
+                            let vals: Vec<&Tensor> = ins.iter().map(|v| Self::value(&env, *v)).collect::<Result<_, _>>().map_err(here)?;
+                            self.exec(op, &vals)
+                        }
+                    };
+                    result.map_err(here)?.into_iter().map(Cow::Owned).collect()
+                }
+            };
+            if outs.len() != node.outputs.len() {
+                let msg = format!("produced {} values but declares {}", outs.len(), node.outputs.len());
+                return Err(here(graph_err(msg)));
+            }
+            for (i, (t, ty)) in outs.iter().zip(&node.outputs).enumerate() {
+                let what = if outs.len() == 1 { "the result".to_string() } else { format!("result {i}") };
+                self.check(t, ty, &what).map_err(here)?;
+            }
+            env.insert(n, outs.into_iter().map(Some).collect());
+            for v in ins {
+                if last_use.get(&v.node) == Some(&p) {
+                    env.remove(&v.node);
+                }
+            }
+        }
+        unreachable!("the return node is live and ends the walk")
+    }
+
+    fn value<'e>(env: &'e HashMap<NodeId, Vec<Option<Val<'_>>>>, v: Value) -> Result<&'e Tensor, KernelError> {
+        env.get(&v.node)
+            .and_then(|outs| outs.get(v.output as usize))
+            .and_then(|o| o.as_deref())
+            .ok_or_else(|| graph_err(format!("reads output {} of a node that has no such value", v.output)))
+    }
+
+    /// Remove an owned value from the environment (for its last reader); borrowed values
+    /// stay, since moving them would not save a copy.
+    fn take(env: &mut HashMap<NodeId, Vec<Option<Val<'_>>>>, v: Value) -> Option<Tensor> {
+        let slot = env.get_mut(&v.node)?.get_mut(v.output as usize)?;
+        match slot.take()? {
+            Cow::Owned(t) => Some(t),
+            b @ Cow::Borrowed(_) => {
+                *slot = Some(b);
+                None
+            }
+        }
+    }
+
+    /// The return's values, each taken from the environment at its last occurrence and
+    /// copied for earlier ones.
+    fn collect_results(&self, ins: &[Value], env: &mut HashMap<NodeId, Vec<Option<Val<'_>>>>) -> Result<Vec<Tensor>, KernelError> {
+        let mut out = Vec::with_capacity(ins.len());
+        for (i, v) in ins.iter().enumerate() {
+            if ins[i + 1..].contains(v) {
+                out.push(Self::value(env, *v)?.clone());
+            } else {
+                let slot = env.get_mut(&v.node).and_then(|o| o.get_mut(v.output as usize)).and_then(Option::take);
+                let t = slot.ok_or_else(|| graph_err("the return reads a missing value"))?;
+                out.push(t.into_owned());
+            }
+        }
+        Ok(out)
+    }
+
+    fn constant(&self, v: f64, dtype: DType) -> Result<Tensor, KernelError> {
+        Ok(match dtype {
+            d if d.is_float() => Tensor::from_parts(Vec::new(), T::wrap(vec![T::of(v)])),
+            DType::Bool => Tensor::bool(&[], vec![v != 0.0]),
+            d => cast::<T>(Tensor::f64(&[], vec![v]), d)?,
+        })
+    }
+
+    /// Ops that can reuse their one input's buffer.
+    fn exec_owned(&self, op: &Op, x: Tensor) -> Result<Vec<Tensor>, KernelError> {
+        match op {
+            Op::Reshape { shape } => Ok(vec![self.reshape(x, shape)?]),
+            Op::Cast { to } => Ok(vec![cast::<T>(x, *to)?]),
+            _ => self.exec(op, &[&x]),
+        }
+    }
+
+    fn reshape(&self, x: Tensor, shape: &Shape) -> Result<Tensor, KernelError> {
+        let want = self.eval_shape(shape)?;
+        let from = x.shape().to_vec();
+        x.reshape(want.clone())
+            .map_err(|_| KernelError::shape(format!("cannot reshape {from:?} ({} elements) to {shape} = {want:?}", numel(&from))))
+    }
+
+    /// One primitive or composite op on its inputs (arity already checked).
+    fn exec(&self, op: &Op, x: &[&Tensor]) -> Result<Vec<Tensor>, KernelError> {
+        let one = |t: Tensor| Ok(vec![t]);
+        let axis = |a: u8, t: &Tensor| -> Result<usize, KernelError> {
+            let a = a as usize;
+            if a < t.rank() {
+                Ok(a)
+            } else {
+                Err(KernelError::shape(format!("axis {a} out of range for rank {}", t.rank())))
+            }
+        };
+        match op {
+            Op::Input { .. } | Op::Param { .. } | Op::Const { .. } | Op::Call { .. } | Op::Return => {
+                Err(graph_err(format!("{} is not evaluated as an op", op.name())))
+            }
+            Op::MatMul => {
+                let (a, w) = (x[0], x[1]);
+                let (Some(&k), [n, wk]) = (a.shape().last(), w.shape()) else {
+                    return Err(KernelError::shape(format!("matmul of {:?} by weight {:?}", a.shape(), w.shape())));
+                };
+                if *wk != k {
+                    return Err(KernelError::shape(format!("matmul: x {:?} contracts {k}, weight {:?} takes {wk}", a.shape(), w.shape())));
+                }
+                let (av, wv) = (floats::<T>(a, "matmul x")?, floats::<T>(w, "matmul weight")?);
+                let m = av.len().checked_div(k).unwrap_or_else(|| numel(&a.shape()[..a.rank() - 1]));
+                let y = linear(av, m, k, wv, *n, true)?;
+                let mut shape = a.shape().to_vec();
+                *shape.last_mut().expect("rank >= 1") = *n;
+                one(Tensor::from_parts(shape, T::wrap(y)))
+            }
+            Op::BatchMatMul => {
+                let (a, b) = (floats::<T>(x[0], "batch_matmul a")?, floats::<T>(x[1], "batch_matmul b")?);
+                let (shape, y) = batch_matmul(a, x[0].shape(), b, x[1].shape())?;
+                one(Tensor::from_parts(shape, T::wrap(y)))
+            }
+            Op::Unary(u) => one(unary::<T>(*u, x[0])?),
+            Op::Binary(b) => one(binary::<T>(*b, x[0], x[1])?),
+            Op::Select => one(select(x[0], x[1], x[2])?),
+            Op::Reduce { op: r, axis: a, keepdim } => one(reduce::<T>(x[0], *r, axis(*a, x[0])?, *keepdim)?),
+            Op::Softmax { axis: a } => one(softmax::<T>(x[0], axis(*a, x[0])?)?),
+            Op::Gather { axis: a } => one(gather(x[0], x[1], axis(*a, x[0])?)?),
+            Op::ScatterAdd { axis: a } => one(scatter_add(x[0], x[1], x[2], axis(*a, x[0])?)?),
+            Op::TopK { k, axis: a } => {
+                let (v, i) = top_k(x[0], *k as usize, axis(*a, x[0])?)?;
+                Ok(vec![v, i])
+            }
+            Op::Reshape { shape } => one(self.reshape(x[0].clone(), shape)?),
+            Op::Permute { perm } => one(permute(x[0], &perm.iter().map(|&p| p as usize).collect::<Vec<_>>())?),
+            Op::Slice { axis: a, start, len } => {
+                let ax = axis(*a, x[0])?;
+                let (s, l) = (self.eval_dim(start)?, self.eval_dim(len)?);
+                let n = x[0].shape()[ax] as i64;
+                if s < 0 || l < 0 || s + l > n {
+                    return Err(KernelError::shape(format!("slice {start}..{start}+{len} = {s}..{} of an axis of {n}", s + l)));
+                }
+                one(slice(x[0], ax, s as usize, l as usize))
+            }
+            Op::Concat { axis: a } | Op::CacheAppend { axis: a } => one(concat(x, axis(*a, x[0])?)?),
+            Op::Cast { to } => one(cast::<T>(x[0].clone(), *to)?),
+            Op::RmsNorm { eps } => one(rms_norm::<T>(x[0], x[1], eps.get())?),
+            Op::Rope { layout, theta, rotary_dim, yarn } => {
+                one(rope::<T>(x[0], x[1], *layout, theta.get(), *rotary_dim as usize, yarn.as_ref())?)
+            }
+            Op::Attention { heads, kv_heads, scale, causal, masked } => {
+                let spec = AttentionSpec { heads: *heads as usize, kv_heads: *kv_heads as usize, scale: scale.get(), causal: *causal };
+                one(attention::<T>(x[0], x[1], x[2], if *masked { Some(x[3]) } else { None }, spec)?)
+            }
+            Op::MoeRoute(r) => {
+                let (i, w) = moe_route::<T>(x[0], x.get(1).copied().filter(|_| r.selection_bias), r)?;
+                Ok(vec![i, w])
+            }
+            Op::ExpertFfn => one(expert_ffn::<T>(x[0], x[1], x[2], x[3], x[4], x[5])?),
+            Op::SwiGlu => one(swiglu::<T>(x[0], x[1], x[2], x[3])?),
+            Op::CrossEntropy { ignore_index } => one(cross_entropy::<T>(x[0], x[1], *ignore_index)?),
+        }
+    }
+}

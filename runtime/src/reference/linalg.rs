@@ -1,0 +1,184 @@
+//! Matrix products through the `gemm` crate.
+//!
+//! `gemm::gemm` takes raw pointers and strides, so it is `unsafe`; [`gemm()`] here is the
+//! one place that calls it, after checking that every element the strides can reach lies
+//! inside the slices it was given. Everything else (linear layers, batched products,
+//! attention, experts) goes through that safe wrapper.
+
+use super::real::Real;
+use super::KernelError as KErr;
+use gemm::Parallelism;
+
+/// A strided matrix inside a slice: element `(r, c)` is `data[offset + r*rs + c*cs]`.
+#[derive(Clone, Copy)]
+pub struct Mat<'a, T> {
+    pub data: &'a [T],
+    pub offset: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a, T> Mat<'a, T> {
+    /// A contiguous row-major `rows × cols` matrix at `offset`.
+    pub fn rows(data: &'a [T], offset: usize, cols: usize) -> Mat<'a, T> {
+        Mat { data, offset, rs: cols, cs: 1 }
+    }
+
+    /// Whether every element of a `rows × cols` view is inside the slice.
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        if rows == 0 || cols == 0 {
+            return true;
+        }
+        let last = (rows - 1)
+            .checked_mul(self.rs)
+            .and_then(|a| (cols - 1).checked_mul(self.cs).and_then(|b| a.checked_add(b)))
+            .and_then(|a| a.checked_add(self.offset));
+        last.is_some_and(|l| l < self.data.len())
+    }
+}
+
+/// Products at least this large (m·n·k) let gemm spread over rayon's threads.
+const PAR_FLOPS: usize = 1 << 18;
+
+/// `dst = lhs · rhs` with `lhs: m×k`, `rhs: k×n` and `dst` contiguous row-major `m×n`.
+/// `parallel` allows gemm to use rayon (callers that already run one product per thread
+/// pass `false`).
+pub fn gemm<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], lhs: Mat<T>, rhs: Mat<T>, parallel: bool) {
+    assert_eq!(dst.len(), m * n, "gemm: dst holds {} elements, not {m}x{n}", dst.len());
+    assert!(lhs.fits(m, k) && rhs.fits(k, n), "gemm: an operand view runs past its slice");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        dst.fill(T::ZERO);
+        return;
+    }
+    let par = if parallel && m.saturating_mul(n).saturating_mul(k) >= PAR_FLOPS {
+        Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: `dst` is an exclusive borrow of exactly m·n elements written at row stride
+    // n and column stride 1; `fits` checked above that every element of the m×k and k×n
+    // operand views is inside its slice (offsets and strides are non-negative, so the
+    // largest reachable index is the one checked). `T` is f32 or f64 (the only `Real`
+    // types), which gemm supports; `read_dst = false` means `dst` need not be
+    // initialised, and with alpha = 0, beta = 1 the result is exactly lhs·rhs.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.data.as_ptr().add(lhs.offset),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr().add(rhs.offset),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            T::ZERO,
+            T::ONE,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// Torch's `Linear`: `x: [m, k]` (row-major) times `w: [n, k]` transposed → `[m, n]`.
+pub fn linear<T: Real>(x: &[T], m: usize, k: usize, w: &[T], n: usize, parallel: bool) -> Result<Vec<T>, KErr> {
+    if x.len() != m * k || w.len() != n * k {
+        return Err(KErr::shape(format!("linear: x has {} elements for [{m}, {k}], weight {} for [{n}, {k}]", x.len(), w.len())));
+    }
+    let mut out = vec![T::ZERO; m * n];
+    // Wᵀ as a k×n view of the [n, k] weight: element (kk, j) is w[j*k + kk].
+    gemm(m, n, k, &mut out, Mat::rows(x, 0, k), Mat { data: w, offset: 0, rs: 1, cs: k }, parallel);
+    Ok(out)
+}
+
+/// `a: [B.., m, k] · b: [B.., k, n]` → `[B.., m, n]`, equal batch axes. Many small
+/// products are spread over threads one per task; a few large ones let gemm split each.
+pub fn batch_matmul<T: Real>(a: &[T], ash: &[usize], b: &[T], bsh: &[usize]) -> Result<(Vec<usize>, Vec<T>), KErr> {
+    let r = ash.len();
+    if r < 2 || bsh.len() != r || ash[..r - 2] != bsh[..r - 2] || ash[r - 1] != bsh[r - 2] {
+        return Err(KErr::shape(format!("batch_matmul of {ash:?} and {bsh:?}")));
+    }
+    let (m, k, n) = (ash[r - 2], ash[r - 1], bsh[r - 1]);
+    let batches: usize = ash[..r - 2].iter().product();
+    let mut shape = ash.to_vec();
+    shape[r - 1] = n;
+    let mut out = vec![T::ZERO; batches * m * n];
+    if m * n == 0 {
+        return Ok((shape, out));
+    }
+    let one = |i: usize, dst: &mut [T], par: bool| {
+        gemm(m, n, k, dst, Mat::rows(a, i * m * k, k), Mat::rows(b, i * k * n, n), par);
+    };
+    if batches >= rayon::current_num_threads() && batches * m * n * k >= PAR_FLOPS {
+        use rayon::prelude::*;
+        out.par_chunks_mut(m * n).enumerate().for_each(|(i, d)| one(i, d, false));
+    } else {
+        out.chunks_mut(m * n).enumerate().for_each(|(i, d)| one(i, d, true));
+    }
+    Ok((shape, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn linear_is_x_times_w_transposed() {
+        let (m, k, n) = (3, 5, 4);
+        let x: Vec<f64> = (0..m * k).map(|i| (i as f64 * 0.37).sin()).collect();
+        let w: Vec<f64> = (0..n * k).map(|i| (i as f64 * 0.11).cos()).collect();
+        let mut wt = vec![0.0; k * n];
+        for j in 0..n {
+            for p in 0..k {
+                wt[p * n + j] = w[j * k + p];
+            }
+        }
+        let y = linear(&x, m, k, &w, n, true).unwrap();
+        let want = naive(&x, &wt, m, k, n);
+        assert!(y.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-12));
+        assert!(linear(&x, m, k, &w[1..], n, true).is_err());
+        // k = 0 is a product of empty sums.
+        assert_eq!(linear::<f32>(&[], 2, 0, &[], 3, true).unwrap(), vec![0.0; 6]);
+    }
+
+    #[test]
+    fn batched_and_large() {
+        let (bt, m, k, n) = (7, 33, 65, 17);
+        let a: Vec<f64> = (0..bt * m * k).map(|i| ((i * 7919) % 101) as f64 / 50.0 - 1.0).collect();
+        let b: Vec<f64> = (0..bt * k * n).map(|i| ((i * 104729) % 97) as f64 / 48.0 - 1.0).collect();
+        let (s, c) = batch_matmul(&a, &[bt, m, k], &b, &[bt, k, n]).unwrap();
+        assert_eq!(s, vec![bt, m, n]);
+        for i in 0..bt {
+            let want = naive(&a[i * m * k..(i + 1) * m * k], &b[i * k * n..(i + 1) * k * n], m, k, n);
+            assert!(c[i * m * n..(i + 1) * m * n].iter().zip(&want).all(|(x, y)| (x - y).abs() < 1e-9));
+        }
+        assert!(batch_matmul(&a, &[bt, m, k], &b, &[bt, n, k]).is_err());
+    }
+
+    #[test]
+    #[should_panic(expected = "runs past")]
+    fn views_are_bounds_checked() {
+        let mut d = vec![0.0f32; 4];
+        let a = vec![0.0f32; 3];
+        gemm(2, 2, 2, &mut d, Mat::rows(&a, 0, 2), Mat::rows(&a, 0, 2), false);
+    }
+}

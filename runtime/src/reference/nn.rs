@@ -1,0 +1,496 @@
+//! The composite ops (and softmax), with the semantics of Hugging Face transformers'
+//! Llama / DeepSeek-V2 / DeepSeek-V3 modeling code, which the runtime is checked against.
+//!
+//! Float order follows the reference where that is cheap (RMSNorm multiplies by the
+//! reciprocal root, then the gain; experts add up in expert-id order), and statistics
+//! (norms, softmax sums, losses) accumulate in `f64` before rounding to the run's
+//! precision, so an `f32` run is never less accurate than the reference's `f32`.
+
+use super::elementwise::PAR_MIN;
+use super::layout::{indices, split_at_axis, top_k_lane};
+use super::linalg::{gemm, linear, Mat};
+use super::real::Real;
+use super::tensor::{numel, Data, Tensor};
+use super::KernelError as KErr;
+use dsc_compiler::ir::{GroupScore, RopeLayout, Routing, Scoring, Yarn};
+use rayon::prelude::*;
+
+fn floats<'a, T: Real>(t: &'a Tensor, what: &str) -> Result<&'a [T], KErr> {
+    T::view(t.data()).ok_or_else(|| KErr::dtype(format!("{what} must be a float tensor of the run's precision ({}), got {}", T::NAME, t.data().kind())))
+}
+
+/// Softmax of one lane of `n` elements `x[j*stride]` into `out[j*stride]`. A lane that
+/// is all -inf (nothing visible) or empty gives zeros, as torch's `_safe_softmax` in
+/// scaled-dot-product attention: a fully masked row contributes nothing instead of NaN.
+fn softmax_lane<T: Real>(x: &[T], out: &mut [T], n: usize, stride: usize) {
+    let mut m = T::NEG_INF;
+    for j in 0..n {
+        m = m.max_nan(x[j * stride]);
+    }
+    if m == T::NEG_INF {
+        for j in 0..n {
+            out[j * stride] = T::ZERO;
+        }
+        return;
+    }
+    let mut sum = 0.0f64;
+    for j in 0..n {
+        let e = (x[j * stride] - m).exp();
+        out[j * stride] = e;
+        sum += e.to_f64();
+    }
+    let s = T::of(sum);
+    for j in 0..n {
+        out[j * stride] = out[j * stride] / s;
+    }
+}
+
+/// Softmax along `axis`, max-subtracted.
+pub fn softmax<T: Real>(x: &Tensor, axis: usize) -> Result<Tensor, KErr> {
+    if axis >= x.rank() {
+        return Err(KErr::shape(format!("axis {axis} out of range for rank {}", x.rank())));
+    }
+    let v = floats::<T>(x, "softmax input")?;
+    let (_, n, inner) = split_at_axis(x.shape(), axis);
+    let mut out = vec![T::ZERO; v.len()];
+    let block = (n * inner).max(1);
+    let work = |(o, chunk): (usize, &mut [T])| {
+        let src = &v[o * block..o * block + chunk.len()];
+        for i in 0..inner {
+            softmax_lane(&src[i..], &mut chunk[i..], n, inner);
+        }
+    };
+    if v.len() >= PAR_MIN {
+        out.par_chunks_mut(block).enumerate().for_each(work);
+    } else {
+        out.chunks_mut(block).enumerate().for_each(work);
+    }
+    Ok(Tensor::from_parts(x.shape().to_vec(), T::wrap(out)))
+}
+
+/// `x · rsqrt(mean(x²) + eps) · gain` over the last axis, as HF's `RMSNorm`: the mean of
+/// squares accumulates in `f64`, is rounded to the run's precision, and the rest runs in
+/// it.
+pub fn rms_norm<T: Real>(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor, KErr> {
+    let d = *x.shape().last().ok_or_else(|| KErr::shape("rms_norm of a scalar".into()))?;
+    let (v, g) = (floats::<T>(x, "x")?, floats::<T>(gain, "gain")?);
+    if g.len() != d {
+        return Err(KErr::shape(format!("gain {:?} for rows of {d}", gain.shape())));
+    }
+    let mut out = vec![T::ZERO; v.len()];
+    let eps = T::of(eps);
+    let row = |(r, o): (usize, &mut [T])| {
+        let xr = &v[r * d..(r + 1) * d];
+        let ms = xr.iter().map(|&a| a.to_f64() * a.to_f64()).sum::<f64>() / d as f64;
+        let inv = T::ONE / (T::of(ms) + eps).sqrt();
+        for ((o, &a), &w) in o.iter_mut().zip(xr).zip(g) {
+            *o = (a * inv) * w;
+        }
+    };
+    if d > 0 {
+        if v.len() >= PAR_MIN {
+            out.par_chunks_mut(d).enumerate().for_each(row);
+        } else {
+            out.chunks_mut(d).enumerate().for_each(row);
+        }
+    }
+    Ok(Tensor::from_parts(x.shape().to_vec(), T::wrap(out)))
+}
+
+/// YaRN's attention factor `0.1·m·ln(s) + 1` for `s > 1`, else 1.
+pub fn yarn_mscale(scale: f64, m: f64) -> f64 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * m * scale.ln() + 1.0
+    }
+}
+
+/// The rotary frequencies `inv_freq[i]`, `i < rotary_dim/2`, and the factor cos and sin
+/// are multiplied by, in `f64`.
+///
+/// Plain RoPE: `theta^(-2i/d)` with `d = rotary_dim`, factor 1. YaRN follows HF's
+/// `_compute_yarn_parameters` (and DeepSeek's `yarn_find_correction_range` /
+/// `yarn_linear_ramp_mask`): the correction range `low = floor(corr(beta_fast))`,
+/// `high = ceil(corr(beta_slow))` with `corr(r) = d·ln(orig / (2πr)) / (2 ln theta)`,
+/// clamped to `[0, d-1]`; `ramp = clamp((i - low)/(high - low), 0, 1)`; dims below the
+/// range (ramp 0, high frequency) keep their frequency (extrapolation), dims above it
+/// (ramp 1) are divided by `factor` (interpolation). The factor is
+/// `mscale(factor, mscale) / mscale(factor, mscale_all_dim)`.
+pub fn rope_frequencies(theta: f64, rotary_dim: usize, yarn: Option<&Yarn>) -> (Vec<f64>, f64) {
+    let d = rotary_dim as f64;
+    let base: Vec<f64> = (0..rotary_dim / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / d)).collect();
+    let Some(y) = yarn else { return (base, 1.0) };
+    let (factor, orig) = (y.factor.get(), y.original_context as f64);
+    let corr = |rot: f64| d * (orig / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln());
+    let low = corr(y.beta_fast.get()).floor().max(0.0);
+    let mut high = corr(y.beta_slow.get()).ceil().min(d - 1.0);
+    if low == high {
+        high += 0.001; // as the reference, to avoid dividing by zero
+    }
+    let inv = base
+        .iter()
+        .enumerate()
+        .map(|(i, &f)| {
+            let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+            f / factor * ramp + f * (1.0 - ramp)
+        })
+        .collect();
+    (inv, yarn_mscale(factor, y.mscale.get()) / yarn_mscale(factor, y.mscale_all_dim.get()))
+}
+
+/// Rotary embedding of `x: [b, s, d]` or `[b, s, h, d]` at `positions: [b, s]`.
+///
+/// The angle of pair `i` at position `p` is `p · inv_freq[i]`, computed in the run's
+/// precision from the frequency rounded to it (as HF computes its `f32` tables); cos and
+/// sin are then taken of that angle and multiplied by the YaRN factor. `HalfSplit` pairs
+/// dim `i` with `i + rotary_dim/2` (`rotate_half`); `Interleaved` rotates `(2i, 2i+1)` in
+/// place with frequency `i`. Dims from `rotary_dim` on pass through.
+pub fn rope<T: Real>(
+    x: &Tensor,
+    positions: &Tensor,
+    layout: RopeLayout,
+    theta: f64,
+    rotary_dim: usize,
+    yarn: Option<&Yarn>,
+) -> Result<Tensor, KErr> {
+    let sh = x.shape();
+    if !(3..=4).contains(&sh.len()) || positions.shape() != &sh[..2] {
+        return Err(KErr::shape(format!("rope of x {sh:?} at positions {:?}", positions.shape())));
+    }
+    let d = sh[sh.len() - 1];
+    if rotary_dim == 0 || rotary_dim % 2 != 0 || rotary_dim > d {
+        return Err(KErr::shape(format!("rotary_dim {rotary_dim} must be even, positive and at most {d}")));
+    }
+    let v = floats::<T>(x, "x")?;
+    let pos = indices(positions, "positions")?;
+    let (freqs, mscale) = rope_frequencies(theta, rotary_dim, yarn);
+    let freqs: Vec<T> = freqs.into_iter().map(T::of).collect();
+    let mscale = T::of(mscale);
+    let half = rotary_dim / 2;
+    let row_len = numel(&sh[2..]); // one (b, s) position: h·d or d
+    let mut out = v.to_vec();
+    let work = |(r, o): (usize, &mut [T])| {
+        let p = T::of(pos[r] as f64);
+        let (cos, sin): (Vec<T>, Vec<T>) = freqs
+            .iter()
+            .map(|&f| {
+                let a = (f * p).to_f64();
+                (T::of(a.cos()) * mscale, T::of(a.sin()) * mscale)
+            })
+            .unzip();
+        for head in o.chunks_mut(d) {
+            for i in 0..half {
+                let (a, b) = match layout {
+                    RopeLayout::HalfSplit => (i, i + half),
+                    RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+                };
+                let (x1, x2) = (head[a], head[b]);
+                head[a] = x1 * cos[i] - x2 * sin[i];
+                head[b] = x2 * cos[i] + x1 * sin[i];
+            }
+        }
+    };
+    if row_len > 0 {
+        if v.len() >= PAR_MIN {
+            out.par_chunks_mut(row_len).enumerate().for_each(work);
+        } else {
+            out.chunks_mut(row_len).enumerate().for_each(work);
+        }
+    }
+    Ok(Tensor::from_parts(sh.to_vec(), T::wrap(out)))
+}
+
+/// Settings of one attention op.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionSpec {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub scale: f64,
+    pub causal: bool,
+}
+
+/// `softmax(q·kᵀ·scale [+ mask] [causal]) · v` per batch and head, as HF's eager
+/// attention: scores are `(q·k)·scale + mask`, in the run's precision. The causal mask is
+/// aligned bottom-right (query `i` sees keys `0 ..= sk - sq + i`). Query head `h` reads kv
+/// head `h / (heads / kv_heads)`. A query that sees no key gets zeros (see
+/// `softmax_lane`).
+pub fn attention<T: Real>(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, spec: AttentionSpec) -> Result<Tensor, KErr> {
+    let (qs, ks, vs) = (q.shape(), k.shape(), v.shape());
+    let AttentionSpec { heads, kv_heads, .. } = spec;
+    if qs.len() != 4 || ks.len() != 4 || vs.len() != 4 {
+        return Err(KErr::shape(format!("attention needs rank-4 q, k, v, got {qs:?}, {ks:?}, {vs:?}")));
+    }
+    let (b, sq, dk) = (qs[0], qs[1], qs[3]);
+    let (sk, dv) = (ks[1], vs[3]);
+    if kv_heads == 0
+        || heads % kv_heads != 0
+        || qs[2] != heads
+        || ks != [b, sk, kv_heads, dk]
+        || vs[..3] != [b, sk, kv_heads]
+    {
+        return Err(KErr::shape(format!("attention with {heads} heads / {kv_heads} kv heads of q {qs:?}, k {ks:?}, v {vs:?}")));
+    }
+    let (qd, kd, vd) = (floats::<T>(q, "q")?, floats::<T>(k, "k")?, floats::<T>(v, "v")?);
+    let md = match mask {
+        Some(m) if m.shape() != [b, sq, sk] => {
+            return Err(KErr::shape(format!("mask {:?} must be [{b}, {sq}, {sk}]", m.shape())));
+        }
+        Some(m) => Some(floats::<T>(m, "mask")?),
+        None => None,
+    };
+    let group = heads / kv_heads;
+    let scale = T::of(spec.scale);
+    // One task per (batch, head): scores [sq, sk], then probabilities · v → [sq, dv].
+    let one = |task: usize| -> Vec<T> {
+        let (bi, h) = (task / heads, task % heads);
+        let kh = h / group;
+        let mut s = vec![T::ZERO; sq * sk];
+        let qm = Mat { data: qd, offset: (bi * sq * heads + h) * dk, rs: heads * dk, cs: 1 };
+        // kᵀ as a dk×sk view of [b, sk, kv_heads, dk].
+        let km = Mat { data: kd, offset: (bi * sk * kv_heads + kh) * dk, rs: 1, cs: kv_heads * dk };
+        gemm(sq, sk, dk, &mut s, qm, km, false);
+        let mut p = vec![T::ZERO; sq * sk];
+        for i in 0..sq {
+            let row = &mut s[i * sk..(i + 1) * sk];
+            // Keys past the diagonal are invisible: -inf, so they drop out of the softmax.
+            let visible = if spec.causal { (sk + i + 1).saturating_sub(sq).min(sk) } else { sk };
+            for (j, x) in row.iter_mut().enumerate() {
+                *x = if j >= visible {
+                    T::NEG_INF
+                } else {
+                    let sc = *x * scale;
+                    match md {
+                        Some(m) => sc + m[(bi * sq + i) * sk + j],
+                        None => sc,
+                    }
+                };
+            }
+            softmax_lane(row, &mut p[i * sk..(i + 1) * sk], sk, 1);
+        }
+        let mut o = vec![T::ZERO; sq * dv];
+        let vm = Mat { data: vd, offset: (bi * sk * kv_heads + kh) * dv, rs: kv_heads * dv, cs: 1 };
+        gemm(sq, dv, sk, &mut o, Mat::rows(&p, 0, sk), vm, false);
+        o
+    };
+    let per_head: Vec<Vec<T>> = if b * heads > 1 { (0..b * heads).into_par_iter().map(one).collect() } else { (0..b * heads).map(one).collect() };
+    let mut out = vec![T::ZERO; b * sq * heads * dv];
+    for (task, o) in per_head.iter().enumerate() {
+        let (bi, h) = (task / heads, task % heads);
+        for i in 0..sq {
+            let at = ((bi * sq + i) * heads + h) * dv;
+            out[at..at + dv].copy_from_slice(&o[i * dv..(i + 1) * dv]);
+        }
+    }
+    Ok(Tensor::from_parts(vec![b, sq, heads, dv], T::wrap(out)))
+}
+
+/// The MoE router (HF `DeepseekV2MoE` gate / `DeepseekV3TopkRouter` + `route_tokens_to_experts`).
+///
+/// Per token: scores = softmax or sigmoid of the logits; choice = scores + bias when
+/// `selection_bias`; with groups, each group is scored by its best choice (`Max`) or the
+/// sum of its two best (`Top2Sum`; a group of one expert scores that expert), the
+/// `groups_kept` best groups are kept (ties to the lower group) and the other experts
+/// can never be chosen; the `top_k` best choices are the indices, **in descending order
+/// of choice score** (ties to the lower expert id); the weights are the *unbiased*
+/// scores there, divided by `sum + 1e-20` when `normalize`, times `scale`.
+///
+/// Experts outside the kept groups are excluded outright (DeepSeek's inference code
+/// masks them with -inf). HF fills them with 0.0 instead, which differs only if fewer
+/// than `top_k` kept experts have a positive biased score.
+pub fn moe_route<T: Real>(logits: &Tensor, bias: Option<&Tensor>, r: &Routing) -> Result<(Tensor, Tensor), KErr> {
+    let e = *logits.shape().last().ok_or_else(|| KErr::shape("moe_route of a scalar".into()))?;
+    let lv = floats::<T>(logits, "logits")?;
+    let bv = match bias {
+        Some(b) if b.shape() != [e] => return Err(KErr::shape(format!("bias {:?} for {e} experts", b.shape()))),
+        Some(b) => Some(floats::<T>(b, "bias")?),
+        None if r.selection_bias => return Err(KErr::shape("selection_bias without a bias input".into())),
+        None => None,
+    };
+    let (k, groups, kept) = (r.top_k as usize, r.groups.max(1) as usize, r.groups_kept as usize);
+    if k == 0 || e % groups != 0 || kept == 0 || kept > groups || kept * (e / groups) < k {
+        return Err(KErr::shape(format!("top_k {k} from {kept} of {groups} groups of {e} experts")));
+    }
+    if groups > 1 && r.group_score.is_none() {
+        return Err(KErr::shape("groups > 1 without a group score".into()));
+    }
+    let per_group = e / groups;
+    let tokens = lv.len().checked_div(e).unwrap_or(0);
+    let (scale, eps) = (T::of(r.scale.get()), T::of(1e-20));
+    let route = |t: usize| -> (Vec<i32>, Vec<T>) {
+        let l = &lv[t * e..(t + 1) * e];
+        let mut scores = vec![T::ZERO; e];
+        match r.scoring {
+            Scoring::Softmax => softmax_lane(l, &mut scores, e, 1),
+            Scoring::Sigmoid => scores.iter_mut().zip(l).for_each(|(s, &x)| *s = x.sigmoid()),
+        }
+        let choice: Vec<T> = match bv {
+            Some(b) => scores.iter().zip(b).map(|(&s, &b)| s + b).collect(),
+            None => scores.clone(),
+        };
+        let mut cand: Vec<(T, usize)> = Vec::with_capacity(e);
+        if groups > 1 {
+            let mut gs: Vec<(T, usize)> = (0..groups)
+                .map(|g| {
+                    let mut members: Vec<(T, usize)> = (0..per_group).map(|j| (choice[g * per_group + j], j)).collect();
+                    let score = match r.group_score {
+                        Some(GroupScore::Top2Sum) => {
+                            let n = members.len().min(2);
+                            top_k_lane(&mut members, n);
+                            members[..n].iter().fold(T::ZERO, |a, m| a + m.0)
+                        }
+                        _ => {
+                            top_k_lane(&mut members, 1);
+                            members[0].0
+                        }
+                    };
+                    (score, g)
+                })
+                .collect();
+            top_k_lane(&mut gs, kept);
+            let mut keep: Vec<usize> = gs[..kept].iter().map(|g| g.1).collect();
+            keep.sort_unstable();
+            for g in keep {
+                cand.extend((g * per_group..(g + 1) * per_group).map(|x| (choice[x], x)));
+            }
+        } else {
+            cand.extend(choice.iter().copied().zip(0..e));
+        }
+        top_k_lane(&mut cand, k);
+        let idx: Vec<i32> = cand[..k].iter().map(|c| c.1 as i32).collect();
+        let mut w: Vec<T> = cand[..k].iter().map(|c| scores[c.1]).collect();
+        if r.normalize {
+            let sum = w.iter().fold(T::ZERO, |a, &b| a + b) + eps;
+            w.iter_mut().for_each(|x| *x = *x / sum);
+        }
+        w.iter_mut().for_each(|x| *x = *x * scale);
+        (idx, w)
+    };
+    let routed: Vec<(Vec<i32>, Vec<T>)> = if tokens * e >= PAR_MIN { (0..tokens).into_par_iter().map(route).collect() } else { (0..tokens).map(route).collect() };
+    let mut shape = logits.shape().to_vec();
+    *shape.last_mut().expect("rank checked") = k;
+    let (mut iv, mut wv) = (Vec::with_capacity(tokens * k), Vec::with_capacity(tokens * k));
+    for (i, w) in routed {
+        iv.extend(i);
+        wv.extend(w);
+    }
+    Ok((Tensor::from_parts(shape.clone(), Data::I32(iv)), Tensor::from_parts(shape, T::wrap(wv))))
+}
+
+/// One SwiGLU's torch-layout weights: `gate, up: [inter, h]`, `down: [h, inter]`.
+struct Ffn<'a, T> {
+    gate: &'a [T],
+    up: &'a [T],
+    down: &'a [T],
+    inter: usize,
+}
+
+/// `down(silu(gate(x)) · up(x))` for the rows of `x: [m, h]`.
+fn swiglu_rows<T: Real>(x: &[T], h: usize, w: Ffn<T>, par: bool) -> Result<Vec<T>, KErr> {
+    let (m, i) = (x.len().checked_div(h).unwrap_or(0), w.inter);
+    let g = linear(x, m, h, w.gate, i, par)?;
+    let u = linear(x, m, h, w.up, i, par)?;
+    let a: Vec<T> = g.iter().zip(&u).map(|(&g, &u)| g.silu() * u).collect();
+    linear(&a, m, i, w.down, h, par)
+}
+
+/// Dense SwiGLU: `x: [..., h]`, `gate, up: [i, h]`, `down: [h, i]`.
+pub fn swiglu<T: Real>(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<Tensor, KErr> {
+    let h = *x.shape().last().ok_or_else(|| KErr::shape("swiglu of a scalar".into()))?;
+    let i = gate.shape().first().copied().unwrap_or(0);
+    if gate.shape() != [i, h] || up.shape() != [i, h] || down.shape() != [h, i] {
+        return Err(KErr::shape(format!("swiglu weights {:?}, {:?}, {:?} for h = {h}", gate.shape(), up.shape(), down.shape())));
+    }
+    let w = Ffn { gate: floats(gate, "gate")?, up: floats(up, "up")?, down: floats(down, "down")?, inter: i };
+    let out = swiglu_rows(floats::<T>(x, "x")?, h, w, true)?;
+    Ok(Tensor::from_parts(x.shape().to_vec(), T::wrap(out)))
+}
+
+/// Routed experts: per token, `Σ_j w_j · down_e(silu(gate_e x) · up_e x)` over its `k`
+/// (expert, weight) pairs.
+///
+/// As HF's eager experts: tokens are grouped per expert, each expert's output row is
+/// multiplied by its gate weight, and the rows are added into the result in expert-id
+/// order (within one expert, in slot order), which is the reference's float order.
+/// Experts run in parallel; only the final additions are sequential.
+pub fn expert_ffn<T: Real>(x: &Tensor, idx: &Tensor, w: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<Tensor, KErr> {
+    let h = *x.shape().last().ok_or_else(|| KErr::shape("expert_ffn of a scalar".into()))?;
+    let (gs, ds) = (gate.shape(), down.shape());
+    if gs.len() != 3 || gs[2] != h || up.shape() != gs || ds != [gs[0], h, gs[1]] {
+        return Err(KErr::shape(format!("expert weights {gs:?}, {:?}, {ds:?} for h = {h}", up.shape())));
+    }
+    let (experts, inter) = (gs[0], gs[1]);
+    let k = *idx.shape().last().ok_or_else(|| KErr::shape("indices of rank 0".into()))?;
+    let tokens = x.numel().checked_div(h).unwrap_or(0);
+    if idx.shape()[..idx.rank() - 1] != x.shape()[..x.rank() - 1] || w.shape() != idx.shape() {
+        return Err(KErr::shape(format!("indices {:?} and weights {:?} for x {:?}", idx.shape(), w.shape(), x.shape())));
+    }
+    let (xv, wv) = (floats::<T>(x, "x")?, floats::<T>(w, "weights")?);
+    let (gv, uv, dv) = (floats::<T>(gate, "gate")?, floats::<T>(up, "up")?, floats::<T>(down, "down")?);
+    let ids = indices(idx, "expert indices")?;
+    // (token, slot) pairs per expert, in token then slot order.
+    let mut buckets: Vec<Vec<usize>> = vec![Vec::new(); experts];
+    for (pair, &ex) in ids.iter().enumerate() {
+        let ex = usize::try_from(ex)
+            .ok()
+            .filter(|&u| u < experts)
+            .ok_or_else(|| KErr::index(format!("expert index {ex} is out of range for {experts} experts")))?;
+        buckets[ex].push(pair);
+    }
+    let hit: Vec<usize> = (0..experts).filter(|&e| !buckets[e].is_empty()).collect();
+    let per_expert = |&e: &usize| -> Result<Vec<T>, KErr> {
+        let pairs = &buckets[e];
+        let mut xs = Vec::with_capacity(pairs.len() * h);
+        for &p in pairs {
+            let t = p / k;
+            xs.extend_from_slice(&xv[t * h..(t + 1) * h]);
+        }
+        let (wi, wd) = (inter * h, h * inter);
+        let w = Ffn { gate: &gv[e * wi..(e + 1) * wi], up: &uv[e * wi..(e + 1) * wi], down: &dv[e * wd..(e + 1) * wd], inter };
+        let mut y = swiglu_rows(&xs, h, w, hit.len() == 1)?;
+        for (row, &p) in y.chunks_mut(h.max(1)).zip(pairs) {
+            row.iter_mut().for_each(|v| *v = *v * wv[p]);
+        }
+        Ok(y)
+    };
+    let ys: Vec<Vec<T>> = hit.par_iter().map(per_expert).collect::<Result<_, _>>()?;
+    let mut out = vec![T::ZERO; tokens * h];
+    for (&e, y) in hit.iter().zip(&ys) {
+        for (row, &p) in y.chunks(h.max(1)).zip(&buckets[e]) {
+            let t = p / k;
+            out[t * h..(t + 1) * h].iter_mut().zip(row).for_each(|(o, &v)| *o += v);
+        }
+    }
+    Ok(Tensor::from_parts(x.shape().to_vec(), T::wrap(out)))
+}
+
+/// Mean over the labels not equal to `ignore_index` of `logsumexp(logits) - logit[label]`
+/// (max-subtracted, accumulated in `f64`). No counted label gives NaN, as torch's mean
+/// over nothing; a counted label outside `0..V` is an error.
+pub fn cross_entropy<T: Real>(logits: &Tensor, labels: &Tensor, ignore_index: Option<i64>) -> Result<Tensor, KErr> {
+    let v = *logits.shape().last().ok_or_else(|| KErr::shape("cross_entropy of a scalar".into()))?;
+    if labels.shape() != &logits.shape()[..logits.rank() - 1] {
+        return Err(KErr::shape(format!("labels {:?} for logits {:?}", labels.shape(), logits.shape())));
+    }
+    let lv = floats::<T>(logits, "logits")?;
+    let ls = indices(labels, "labels")?;
+    let (mut total, mut count) = (0.0f64, 0usize);
+    for (t, &lab) in ls.iter().enumerate() {
+        if Some(lab) == ignore_index {
+            continue;
+        }
+        let l = usize::try_from(lab)
+            .ok()
+            .filter(|&u| u < v)
+            .ok_or_else(|| KErr::index(format!("label {lab} is out of range for {v} classes")))?;
+        let row = &lv[t * v..(t + 1) * v];
+        let m = row.iter().fold(f64::NEG_INFINITY, |a, x| a.max(x.to_f64()));
+        let lse = m + row.iter().map(|x| (x.to_f64() - m).exp()).sum::<f64>().ln();
+        total += lse - row[l].to_f64();
+        count += 1;
+    }
+    Ok(Tensor::from_parts(Vec::new(), T::wrap(vec![T::of(total / count as f64)])))
+}
+
+#[cfg(test)]
+mod tests;
