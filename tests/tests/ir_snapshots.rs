@@ -1,10 +1,14 @@
-//! Golden snapshots of the lowered IR of every spec in `specs/` (`golden/ir/`), one per
-//! spec and mode: the mode's entry point and the functions it calls, in the stable text
-//! form with `@line:col` spans into the spec. A change to lowering, to an op's printed
-//! form or to a spec shows up here as a diff. Every lowered module must also verify.
+//! Golden snapshots of the IR of every spec in `specs/` (`golden/ir/`), one per spec and
+//! mode: the mode's entry point and the functions it calls, in the stable text form with
+//! `@line:col` spans into the spec. `lowered_<mode>` is lowering's output;
+//! `optimized_<mode>` is the same module after the mode's full default pipeline, compiled
+//! the way `dsc compile` does ([`dsc_compiler::passes::compile`]). A change to lowering, to
+//! a pass, to an op's printed form or to a spec shows up here as a diff. Every lowered
+//! and every optimised module must also verify.
 
 use dsc_compiler::ir::{print_module, verify, Mode, Module, Op};
-use dsc_compiler::lower::lower;
+use dsc_compiler::lower::{lower, lower_mode};
+use dsc_compiler::passes::{compile, PassCx, PassSelection};
 use std::collections::HashSet;
 
 /// The part of `m` that `mode` runs: its entry and every function reachable by calls,
@@ -54,6 +58,31 @@ fn every_spec_lowers_to_its_snapshots() {
                 assert_eq!(verify(&part), Ok(()), "{}: {mode} alone", path.display());
                 let text = print_module(&part, Some(&spec.sources));
                 insta::assert_snapshot!(format!("lowered_{mode}"), text);
+            }
+        });
+    });
+}
+
+#[test]
+fn every_spec_compiles_to_its_optimized_snapshots() {
+    let mut settings = insta::Settings::clone_current();
+    settings.set_snapshot_path("../../golden/ir");
+    settings.set_prepend_module_to_snapshot(false);
+    settings.bind(|| {
+        insta::glob!("../..", "specs/**/*.dsc", |path| {
+            // Relative to the package root, as in `lowered_*`, so spans print the same.
+            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+            let rel = std::path::Path::new("..").join(path.strip_prefix(root).unwrap());
+            let path = rel.as_path();
+            let spec = dsc_dsl::load(path, None).unwrap_or_else(|f| panic!("{}:\n{}", path.display(), f.render()));
+            for mode in Mode::ALL {
+                let mut module = lower_mode(&spec, mode).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                let mut cx = PassCx::new(mode).with_sources(&spec.sources);
+                compile(&mut module, &PassSelection::all(), &mut cx)
+                    .unwrap_or_else(|e| panic!("{} {mode}: {}", path.display(), e.render(Some(&spec.sources))));
+                assert_eq!(verify(&module), Ok(()), "{} {mode}", path.display());
+                let text = print_module(&module, Some(&spec.sources));
+                insta::assert_snapshot!(format!("optimized_{mode}"), text);
             }
         });
     });

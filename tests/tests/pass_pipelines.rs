@@ -62,7 +62,8 @@ fn pipelines_verify_and_reach_a_fixed_point_on_every_spec() {
 fn disabling_optional_passes_still_verifies() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../specs/tiny/tiny_v3.dsc");
     let spec = dsc_dsl::load(&path, None).unwrap_or_else(|f| panic!("{}", f.render()));
-    let sel = PassSelection::parse("-simplify,-cse,-dce,-memory_plan").unwrap();
+    let fusion = "-fuse_swiglu,-fuse_rope,-fuse_attention,-fuse_elementwise";
+    let sel = PassSelection::parse(&format!("-simplify,-mla_absorb,-mtp_strip,-cse,-dce,{fusion},-memory_plan")).unwrap();
     for mode in Mode::ALL {
         let mut m = lower_mode(&spec, mode).unwrap();
         let mut cx = PassCx::new(mode);
@@ -70,5 +71,41 @@ fn disabling_optional_passes_still_verifies() {
         let ran: Vec<&str> = cx.timings.iter().map(|t| t.pass).collect();
         assert_eq!(ran, ["verify", "shape_infer"], "{mode}");
         assert!(cx.memory_plan.is_none());
+    }
+}
+
+/// `--passes +decompose` on every spec and mode: the pipeline verifies, and the fusion
+/// passes after it re-form every `swiglu`, `rope` and `attention` the plain pipeline
+/// keeps, leaving no composite but the ones decomposition keeps on purpose.
+#[test]
+fn decompose_then_fusion_reforms_the_composites_on_every_spec() {
+    use dsc_compiler::ir::{Module, Op};
+    let count = |m: &Module, name: &str| -> usize {
+        m.functions.iter().map(|f| f.graph.nodes().into_iter().filter(|&n| f.graph.node(n).op.name() == name).count()).sum()
+    };
+    for path in specs() {
+        let spec = dsc_dsl::load(&path, None).unwrap_or_else(|f| panic!("{}:\n{}", path.display(), f.render()));
+        for mode in Mode::ALL {
+            let what = format!("{} {mode}", path.display());
+            let mut plain = lower_mode(&spec, mode).unwrap();
+            compile(&mut plain, &PassSelection::all(), &mut PassCx::new(mode)).unwrap();
+            let mut m = lower_mode(&spec, mode).unwrap();
+            let mut cx = PassCx::new(mode);
+            cx.verify_each = true;
+            compile(&mut m, &PassSelection::parse("+decompose").unwrap(), &mut cx).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert!(cx.timings.iter().any(|t| t.pass == "decompose" && t.changed.any()), "{what}");
+            for op in ["swiglu", "rope", "attention"] {
+                assert_eq!(count(&m, op), count(&plain, op), "{what}: {op}");
+            }
+            let expanded = |o: &Op| o.is_composite() && !dsc_compiler::passes::decompose::kept(o);
+            let left: Vec<&str> = m
+                .functions
+                .iter()
+                .flat_map(|f| f.graph.nodes().into_iter().map(move |n| f.graph.node(n).op.clone()))
+                .filter(|o| expanded(o) && !matches!(o, Op::SwiGlu | Op::Rope { .. } | Op::Attention { .. }))
+                .map(|o| o.name())
+                .collect();
+            assert!(left.is_empty(), "{what}: {left:?} survived decomposition");
+        }
     }
 }

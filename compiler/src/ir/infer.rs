@@ -8,6 +8,7 @@
 use super::dim::{Dim, Shape};
 use super::dtype::{DType, Ty};
 use super::graph::Signature;
+use super::fused::{FusedKernel, Operand};
 use super::op::{Op, ReduceOp};
 use dsc_dsl::span::Span;
 use std::fmt;
@@ -213,6 +214,21 @@ fn rule(op: &Op, x: &[&Ty], callee: Option<&Signature>) -> R<Vec<Ty>> {
             one(Ty::new(t.dtype, perm.iter().map(|&p| t.shape[p as usize]).collect::<Vec<_>>()))
         }
 
+        Op::Broadcast { shape } => {
+            let t = x[0];
+            if shape.rank() < t.rank() {
+                return Err(format!("cannot broadcast {} to {shape}, which has fewer axes", t.shape));
+            }
+            let off = shape.rank() - t.rank();
+            for (i, d) in t.shape.iter().enumerate() {
+                let o = shape[off + i];
+                if *d != o && !d.is(1) {
+                    return Err(format!("cannot broadcast {} to {shape}: axis {i} is {d}, neither 1 nor {o}", t.shape));
+                }
+            }
+            one(Ty::new(t.dtype, shape.clone()))
+        }
+
         Op::Slice { axis, start, len } => {
             let t = x[0];
             let ax = axis_of(*axis, t.rank())?;
@@ -260,6 +276,28 @@ fn rule(op: &Op, x: &[&Ty], callee: Option<&Signature>) -> R<Vec<Ty>> {
         }
 
         Op::Cast { to } => one(Ty::new(*to, x[0].shape.clone())),
+
+        Op::Iota { len, dtype, .. } => {
+            if !(dtype.is_int() || dtype.is_float()) {
+                return Err(format!("counts in an integer or float type, not {dtype}"));
+            }
+            if len.as_const().is_some_and(|n| n <= 0) {
+                return Err(format!("len {len} must be positive"));
+            }
+            one(Ty::new(*dtype, [*len]))
+        }
+
+        Op::RopeFreqs { theta, rotary_dim, .. } => {
+            if theta.get().is_nan() || theta.get() <= 0.0 {
+                return Err(format!("theta must be positive, got {theta}"));
+            }
+            if *rotary_dim == 0 || rotary_dim % 2 != 0 {
+                return Err(format!("rotary_dim {rotary_dim} must be even and positive"));
+            }
+            one(Ty::new(DType::F32, [Dim::lit(*rotary_dim as i64 / 2)]))
+        }
+
+        Op::Fused(k) => fused(k, x).map(|t| vec![t]),
 
         Op::RmsNorm { eps } => {
             let (t, g) = (x[0], x[1]);
@@ -436,6 +474,51 @@ fn rule(op: &Op, x: &[&Ty], callee: Option<&Signature>) -> R<Vec<Ty>> {
 
 // ---------------------------------------------------------------- helpers
 
+/// The result type of a fused kernel's program over inputs `x`, checking that every
+/// operand exists, every input is read and every value but the result is read later.
+fn fused(k: &FusedKernel, x: &[&Ty]) -> R<Ty> {
+    if k.is_empty() {
+        return Err("an empty kernel".into());
+    }
+    let head = match k.head {
+        Some(h) => Some(rule(&h.op(), &x[..2], None).map_err(|e| format!("head: {e}"))?.remove(0)),
+        None => None,
+    };
+    let mut steps: Vec<Ty> = Vec::with_capacity(k.steps.len());
+    for (j, s) in k.steps.iter().enumerate() {
+        let op = s.op.op();
+        if !op.arity().accepts(s.args.len()) {
+            return Err(format!("s{j}: {} takes {} operands, got {}", op.name(), op.arity(), s.args.len()));
+        }
+        let mut tys: Vec<&Ty> = Vec::with_capacity(s.args.len());
+        for a in &s.args {
+            let t = match *a {
+                Operand::Head => head.as_ref(),
+                Operand::Input(i) => x.get(i as usize).copied(),
+                Operand::Step(i) if (i as usize) < j => steps.get(i as usize),
+                Operand::Step(_) => None,
+            };
+            tys.push(t.ok_or_else(|| format!("s{j} reads {a}, which is not defined before it"))?);
+        }
+        let t = rule(&op, &tys, None).map_err(|e| format!("s{j}: {}: {e}", op.name()))?.remove(0);
+        steps.push(t);
+    }
+    for i in (if k.head.is_some() { 2 } else { 0 })..x.len() {
+        if k.reads(Operand::Input(i as u16)) == 0 {
+            return Err(format!("input {i} is never read"));
+        }
+    }
+    let result = k.result();
+    let values = k.head.iter().map(|_| Operand::Head).chain((0..k.steps.len() as u16).map(Operand::Step));
+    if let Some(dead) = values.filter(|&v| v != result).find(|&v| k.reads(v) == 0) {
+        return Err(format!("{dead} is never read"));
+    }
+    Ok(match result {
+        Operand::Head => head.expect("a kernel without steps has a head"),
+        _ => steps.pop().expect("a kernel with a step result has steps"),
+    })
+}
+
 fn float(t: &Ty, what: &str) -> R<()> {
     if t.dtype.is_float() {
         Ok(())
@@ -605,6 +688,14 @@ mod tests {
         let p = ok(Op::Permute { perm: vec![0, 2, 1] }, &[&x]);
         assert_eq!(p, vec![bf([B, n(4096), S])]);
         assert!(bad(Op::Permute { perm: vec![0, 0, 1] }, &[&x]).contains("not a permutation"));
+        let k_pe = bf([B, C + S, n(1), n(64)]);
+        let heads = Shape::from([B, C + S, n(128), n(64)]);
+        assert_eq!(ok(Op::Broadcast { shape: heads.clone() }, &[&k_pe]), vec![bf(heads.clone())]);
+        let w = bf([n(128), n(64)]);
+        assert_eq!(ok(Op::Broadcast { shape: Shape::from([B, n(128), n(64)]) }, &[&w]), vec![bf([B, n(128), n(64)])]);
+        let e = bad(Op::Broadcast { shape: Shape::from([B, S, n(128), n(64)]) }, &[&k_pe]);
+        assert_eq!(e, "broadcast: cannot broadcast [b,c+s,1,64] to [b,s,128,64]: axis 1 is c+s, neither 1 nor s");
+        assert!(bad(Op::Broadcast { shape: Shape::from([n(64)]) }, &[&w]).contains("fewer axes"));
         let last = Op::Slice { axis: 1, start: S - 1, len: n(1) };
         assert_eq!(ok(last, &[&x]), vec![bf([B, n(1), n(4096)])]);
         let nope = Op::Slice { axis: 2, start: n(0), len: n(128) };
@@ -679,5 +770,40 @@ mod tests {
         assert_eq!(e, "call: argument 0 of `layer` must be bf16[b,s,64], got bf16[b,s,32]");
         assert!(infer(&call, &[&x], None).unwrap_err().message.contains("no function"));
         assert_eq!(infer(&Op::Return, &[&x, &x], None).unwrap().unwrap(), vec![]);
+    }
+
+    #[test]
+    fn iota_rope_freqs_and_fused_kernels() {
+        use crate::ir::fused::{Head, Step, StepOp};
+        let iota = Op::Iota { start: C, len: S, dtype: DType::I64 };
+        assert_eq!(ok(iota, &[]), vec![Ty::new(DType::I64, [S])]);
+        assert!(bad(Op::Iota { start: n(0), len: n(0), dtype: DType::I32 }, &[]).contains("positive"));
+        assert!(bad(Op::Iota { start: n(0), len: n(4), dtype: DType::Bool }, &[]).contains("not bool"));
+        let freqs = Op::RopeFreqs { theta: Float::new(1e4), rotary_dim: 64, yarn: None };
+        assert_eq!(ok(freqs, &[]), vec![Ty::new(DType::F32, [n(32)])]);
+        assert!(bad(Op::RopeFreqs { theta: Float::new(1e4), rotary_dim: 3, yarn: None }, &[]).contains("even"));
+
+        // add(i2, matmul(i0, i1)) then a cast: the result is the last step's type.
+        let step = |op, args: &[Operand]| Step { op, args: args.to_vec() };
+        let k = FusedKernel {
+            head: Some(Head::MatMul),
+            steps: vec![
+                step(StepOp::Binary(BinaryOp::Add), &[Operand::Input(2), Operand::Head]),
+                step(StepOp::Cast(DType::F32), &[Operand::Step(0)]),
+            ],
+        };
+        let (x, w, r) = (bf([B, S, n(8)]), bf([n(6), n(8)]), bf([B, S, n(6)]));
+        assert_eq!(Op::Fused(k.clone()).arity(), crate::ir::Arity::Exact(3));
+        assert_eq!(ok(Op::Fused(k.clone()), &[&x, &w, &r]), vec![Ty::new(DType::F32, [B, S, n(6)])]);
+        assert_eq!(bad(Op::Fused(k), &[&x, &w, &x]), "fused: s0: add: shapes [b,s,8], [b,s,6] do not broadcast (6 vs 8)");
+        // Reading a later step, leaving a value unread, or an empty program are errors.
+        let fwd = FusedKernel { head: None, steps: vec![step(StepOp::Unary(UnaryOp::Exp), &[Operand::Step(1)])] };
+        assert!(bad(Op::Fused(fwd), &[]).contains("s0 reads s1"), "a step reading a later one");
+        let dead = FusedKernel {
+            head: None,
+            steps: vec![step(StepOp::Unary(UnaryOp::Exp), &[Operand::Input(0)]), step(StepOp::Unary(UnaryOp::Neg), &[Operand::Input(0)])],
+        };
+        assert_eq!(bad(Op::Fused(dead), &[&x]), "fused: s0 is never read");
+        assert_eq!(bad(Op::Fused(FusedKernel { head: None, steps: vec![] }), &[]), "fused: an empty kernel");
     }
 }

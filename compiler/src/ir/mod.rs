@@ -47,6 +47,13 @@
 //! them apart. Each op's doc notes its local derivative where it is not obvious, for the
 //! reverse-mode autodiff pass.
 //!
+//! After fusion a third kind appears: `fused` ([`Op::Fused`]), one node standing for a
+//! matmul or RMSNorm head and a tree of elementwise steps, whose program
+//! ([`FusedKernel`]) is closed data like every other op setting. The decomposition pass
+//! also needs two primitives only it emits: `iota` (index ramps for the causal mask and
+//! one-hot compares) and `rope_freqs` (RoPE's frequency table, carrying the rope settings
+//! so the pattern can be fused back).
+//!
 //! # Functions, calls and parameters
 //!
 //! Repeated layers are not unrolled. Lowering emits one function per *distinct* layer
@@ -95,6 +102,7 @@
 
 pub mod dim;
 pub mod dtype;
+pub mod fused;
 pub mod graph;
 pub mod infer;
 pub mod op;
@@ -103,6 +111,7 @@ pub mod verify;
 
 pub use dim::{Bindings, Dim, Shape, Sym};
 pub use dtype::{DType, Ty};
+pub use fused::{FusedKernel, Head, Operand, Step, StepOp};
 pub use graph::{Cycle, Edge, Function, Graph, Mode, Module, Node, NodeId, Signature, Value};
 pub use infer::{infer, InferError};
 pub use op::{param_path, Arity, BinaryOp, Float, GroupScore, Op, ReduceOp, RopeLayout, Routing, Scoring, UnaryOp, Yarn};

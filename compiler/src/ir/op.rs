@@ -20,6 +20,7 @@
 
 use super::dim::{Dim, Shape};
 use super::dtype::DType;
+use super::fused::FusedKernel;
 use std::fmt;
 
 /// An `f64` stored by bit pattern, so ops can derive `Eq` and `Hash` for CSE. Two floats
@@ -118,6 +119,10 @@ pub enum UnaryOp {
     Silu,
     /// `tanh x`; d/dx = 1-y².
     Tanh,
+    /// `sin x`; d/dx = cos x. The decomposed RoPE's sine table.
+    Sin,
+    /// `cos x`; d/dx = -sin x. The decomposed RoPE's cosine table.
+    Cos,
 }
 
 impl UnaryOp {
@@ -134,6 +139,8 @@ impl UnaryOp {
             UnaryOp::Sigmoid => "sigmoid",
             UnaryOp::Silu => "silu",
             UnaryOp::Tanh => "tanh",
+            UnaryOp::Sin => "sin",
+            UnaryOp::Cos => "cos",
         }
     }
     /// Whether the op is defined on integers as well as floats.
@@ -445,6 +452,20 @@ pub enum Op {
     /// ## Derivative
     /// `dx = permute(dy, inverse(perm))`.
     Permute { perm: Vec<u8> },
+    /// Repeat `x` along unit axes (and new leading axes) up to `shape`, numpy's
+    /// `broadcast_to` / torch's `expand`: the one head of MLA's shared rope key read by
+    /// every head, a per-head weight read by every sequence of a batch. A runtime with
+    /// strided views may make it a stride-0 view; the reference interpreter copies.
+    ///
+    /// ## Shape rule
+    /// `x: [S]` → `[shape]`, same dtype, with `rank(shape) ≥ rank(S)`: aligned at the
+    /// right, each `S[i]` equals its output dim or is the constant 1 (symbolic dims only
+    /// ever match themselves, as in [`BinaryOp`] broadcasting).
+    ///
+    /// ## Derivative
+    /// `dx` is `dy` summed ([`Op::Reduce`] with `keepdim`) over every axis that was
+    /// broadcast, then reshaped to `S` (dropping the new leading axes).
+    Broadcast { shape: Shape },
     /// The elements `start .. start+len` along `axis`. `start` and `len` may be symbolic:
     /// `start = s-1, len = 1` takes the last position.
     ///
@@ -470,6 +491,26 @@ pub enum Op {
     /// ## Shape rule
     /// `x: [S]` → `to[S]`.
     Cast { to: DType },
+    /// The integers `start, start+1, …, start+len-1` as a vector (numpy's `arange`). The
+    /// bounds may be symbolic, so the decomposed causal mask can compare query positions
+    /// `sk-sq ..` with key positions `0 .. sk`, and one-hot encodings compare labels with
+    /// `0 .. V`.
+    ///
+    /// ## Shape rule
+    /// No inputs → `dtype[len]`; `dtype` is an integer or float type (not `bool`) and a
+    /// constant `len` is positive. No derivative (nothing flows in).
+    Iota { start: Dim, len: Dim, dtype: DType },
+    /// RoPE's frequency table `inv_freq[i]`, `i < rotary_dim/2`, in `f32`: `theta^(-2i/d)`
+    /// with `d = rotary_dim`, YaRN-corrected when `yarn` is set (the ramp between
+    /// extrapolated and interpolated dims; see the reference interpreter's
+    /// `rope_frequencies`). It is a primitive because those constants are a function of
+    /// the settings alone: writing them as an `iota` and a dozen arithmetic nodes would
+    /// hide the settings that [`Op::Rope`] carries, and the decomposed pattern could not
+    /// be fused back. Its settings are [`Op::Rope`]'s, so a fuser reads them off this node.
+    ///
+    /// ## Shape rule
+    /// No inputs → `f32[rotary_dim/2]`; `rotary_dim` even and positive, `theta > 0`.
+    RopeFreqs { theta: Float, rotary_dim: u32, yarn: Option<Yarn> },
 
     // ---------------------------------------------------------------- composites
     /// RMSNorm: `x / sqrt(mean(x², -1) + eps) · gain`, statistics in f32.
@@ -565,6 +606,23 @@ pub enum Op {
     /// ## Shape rule
     /// `cache: [A.., c, B..]`, `new: [A.., s, B..]` of one dtype → `[A.., c+s, B..]`.
     CacheAppend { axis: u8 },
+
+    // ---------------------------------------------------------------- kernels
+    /// A fused kernel: an optional head op (`matmul` or `rms_norm`) followed by a program
+    /// of elementwise steps over the node's inputs, computed in one pass without writing
+    /// the intermediates to memory. The fusion passes build it; see [`FusedKernel`] for
+    /// the program and its text form.
+    ///
+    /// ## Shape rule
+    /// The head reads inputs 0 and 1 under its own op's rule; each step applies its
+    /// op's rule ([`UnaryOp`], [`BinaryOp`] broadcasting, [`Op::Select`], [`Op::Cast`])
+    /// to the types of its operands; the result is the last step's type (the head's when
+    /// there are no steps). The input count is fixed by the program: every input is read,
+    /// every value but the result is read by a later step.
+    ///
+    /// ## Derivative
+    /// Not taken: autodiff runs before fusion.
+    Fused(FusedKernel),
     /// Call another function of the module (a layer body). `layer` scopes the callee's
     /// params: see [`param_path`].
     ///
@@ -611,9 +669,13 @@ impl Op {
             Op::TopK { .. } => "top_k",
             Op::Reshape { .. } => "reshape",
             Op::Permute { .. } => "permute",
+            Op::Broadcast { .. } => "broadcast",
             Op::Slice { .. } => "slice",
             Op::Concat { .. } => "concat",
             Op::Cast { .. } => "cast",
+            Op::Iota { .. } => "iota",
+            Op::RopeFreqs { .. } => "rope_freqs",
+            Op::Fused(_) => "fused",
             Op::RmsNorm { .. } => "rms_norm",
             Op::Rope { .. } => "rope",
             Op::Attention { .. } => "attention",
@@ -631,13 +693,15 @@ impl Op {
     pub fn arity(&self) -> Arity {
         use Arity::*;
         match self {
-            Op::Input { .. } | Op::Param { .. } | Op::Const { .. } => Exact(0),
+            Op::Input { .. } | Op::Param { .. } | Op::Const { .. } | Op::Iota { .. } | Op::RopeFreqs { .. } => Exact(0),
+            Op::Fused(k) => Exact(k.num_inputs()),
             Op::Unary(_)
             | Op::Reduce { .. }
             | Op::Softmax { .. }
             | Op::TopK { .. }
             | Op::Reshape { .. }
             | Op::Permute { .. }
+            | Op::Broadcast { .. }
             | Op::Slice { .. }
             | Op::Cast { .. } => Exact(1),
             Op::MatMul

@@ -23,7 +23,7 @@
 //! map is given.
 
 use super::graph::{Function, Graph, Module, NodeId, Value};
-use super::op::{GroupScore, Op, RopeLayout, Scoring};
+use super::op::{GroupScore, Op, RopeLayout, Scoring, Yarn};
 use dsc_dsl::span::{FileId, SourceMap, Span};
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -144,6 +144,14 @@ fn location(span: Span, sources: Option<&SourceMap>) -> String {
     }
 }
 
+/// `yarn=(factor=.. ..)`, as `rope` and `rope_freqs` print it.
+fn yarn_attr(y: &Yarn) -> String {
+    format!(
+        "yarn=(factor={} original_context={} beta_fast={} beta_slow={} mscale={} mscale_all_dim={})",
+        y.factor, y.original_context, y.beta_fast, y.beta_slow, y.mscale, y.mscale_all_dim
+    )
+}
+
 /// The op's settings as `key=value` pairs (flags as bare words), in declaration order.
 fn attrs(op: &Op) -> String {
     let mut a: Vec<String> = Vec::new();
@@ -169,7 +177,7 @@ fn attrs(op: &Op) -> String {
             a.push(format!("axis={axis}"))
         }
         Op::TopK { k, axis } => a.push(format!("k={k} axis={axis}")),
-        Op::Reshape { shape } => a.push(format!("shape={shape}")),
+        Op::Reshape { shape } | Op::Broadcast { shape } => a.push(format!("shape={shape}")),
         Op::Permute { perm } => {
             let p: Vec<String> = perm.iter().map(|p| p.to_string()).collect();
             a.push(format!("perm=[{}]", p.join(",")));
@@ -183,13 +191,14 @@ fn attrs(op: &Op) -> String {
                 RopeLayout::Interleaved => "interleaved",
             };
             a.push(format!("layout={layout} theta={theta} rotary_dim={rotary_dim}"));
-            if let Some(y) = yarn {
-                a.push(format!(
-                    "yarn=(factor={} original_context={} beta_fast={} beta_slow={} mscale={} mscale_all_dim={})",
-                    y.factor, y.original_context, y.beta_fast, y.beta_slow, y.mscale, y.mscale_all_dim
-                ));
-            }
+            a.extend(yarn.as_ref().map(yarn_attr));
         }
+        Op::Iota { start, len, dtype } => a.push(format!("start={start} len={len} dtype={dtype}")),
+        Op::RopeFreqs { theta, rotary_dim, yarn } => {
+            a.push(format!("theta={theta} rotary_dim={rotary_dim}"));
+            a.extend(yarn.as_ref().map(yarn_attr));
+        }
+        Op::Fused(k) => a.push(k.to_string()),
         Op::Attention { heads, kv_heads, scale, causal, masked } => {
             a.push(format!("heads={heads} kv_heads={kv_heads} scale={scale}"));
             if *causal {

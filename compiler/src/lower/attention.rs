@@ -90,14 +90,6 @@ fn mla(b: &mut Builder, cx: &Cx, a: &Mla, x: Value, pos: Value, seq: Dim, kv: &K
     let (bt, h) = (Dim::B, Dim::from(a.heads));
     let (nope, rope, vd) = (a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim);
     let qk = nope + rope;
-    // One copy of the shared rope key per head goes into one `concat` (below); its input
-    // slots are `u16`.
-    if a.heads > u64::from(u16::MAX) {
-        return Err(LowerError::Unsupported {
-            span: cx.spec.spans.get("attention.heads"),
-            message: format!("MLA with {} heads: the shared rope key is concatenated once per head, at most {}", a.heads, u16::MAX),
-        });
-    }
 
     // Queries: q_b(rms(q_a(x))) or q_proj(x), heads split into nope | rope.
     let q = match a.q_lora_rank {
@@ -132,8 +124,9 @@ fn mla(b: &mut Builder, cx: &Cx, a: &Mla, x: Value, pos: Value, seq: Dim, kv: &K
     let kvb = b.reshape(kvb, [bt, sk, h, (nope + vd).into()])?;
     let k_nope = b.slice(kvb, 3, 0u64, nope)?;
     let v = b.slice(kvb, 3, nope, vd)?;
+    // The one rope key is shared by every head (torch's `k_pe.expand`).
     let k_pe = b.reshape(k_pe, [bt, sk, Dim::lit(1), rope.into()])?;
-    let k_pe = b.concat(&vec![k_pe; a.heads as usize], 2)?;
+    let k_pe = b.op(Op::Broadcast { shape: [bt, sk, h, rope.into()].into() }, &[k_pe])?;
     let k = b.concat(&[k_nope, k_pe], 3)?;
 
     // Softmax scale 1/√(nope+rope), times mscale(factor, mscale_all_dim)² under YaRN

@@ -31,7 +31,8 @@
 //!
 //! - MLA: `kv_latent [b, c, kv_lora_rank]` (the `kv_a_layernorm`-normalised latent) and
 //!   `k_pe [b, c, qk_rope_head_dim]` (the decoupled key after RoPE), the compressed cache
-//!   of DeepSeek-V2 §2.1; full keys and values are re-expanded from it at every step;
+//!   of DeepSeek-V2 §2.1; as lowered, full keys and values are re-expanded from it at
+//!   every step (the `mla_absorb` pass makes decode attend over it directly);
 //! - MHA/GQA: `k` and `v`, `[b, c, kv_heads, head_dim]`, keys after RoPE.
 //!
 //! ```text
@@ -102,15 +103,14 @@
 //!   k_pe  = rope(slice(ckv, 2, kv_lora, rope), positions)           # [b,s,rope], one head
 //!   latent, k_pe = cache_append(cache, ·, axis 1)                   # decode only
 //!   kv    = reshape(kv_b_proj(latent), [b,sk,H,nope+v]);  k_nope = slice(kv, 3, 0, nope);  v = slice(kv, 3, nope, v)
-//!   k     = concat(k_nope, concat(reshape(k_pe, [b,sk,1,rope]) × H, axis 2), axis 3)
+//!   k     = concat(k_nope, broadcast(reshape(k_pe, [b,sk,1,rope]), [b,sk,H,rope]), axis 3)
 //!   o     = o_proj(reshape(attention(q, k, v, heads=H, kv_heads=H, causal), [b,s,H·v]))
 //!   ```
-//!   The IR has no broadcast op, so the shared rope key reaches every head as one
-//!   `concat` of `H` copies of the same value. The absorption pass recognises the chain
-//!   from the `attention` node: its `k` is `concat(slice(reshape(matmul(latent, kv_b))),
-//!   concat(k_pe…))` and its `v` a slice of the same reshape; it can fold `kv_b_proj`'s
-//!   key rows into the query (`q_nope · W_UK`) and its value rows into `o_proj`, and
-//!   attend over the latent with `kv_heads = 1`.
+//!   The absorption pass ([`crate::passes::mla_absorb`]) recognises the chain from the
+//!   `attention` node: its `k` is `concat(slice(reshape(matmul(latent, kv_b))),
+//!   broadcast(reshape(k_pe)))` and its `v` a slice of the same reshape; it folds
+//!   `kv_b_proj`'s key rows into the query (`q_nope · W_UK`) and its value rows into the
+//!   attention output, and attends over the latent with `kv_heads = 1`.
 //! - Softmax scale: MLA `(nope+rope)^-½`, times `mscale(factor, mscale_all_dim)²` with
 //!   YaRN ([`dsc_dsl::model::yarn_mscale`]); MHA/GQA `head_dim^-½` (Llama applies YaRN to
 //!   cos/sin only). The rope op carries the YaRN settings and scales cos/sin itself.

@@ -23,6 +23,8 @@
 //!   separately;
 //! - `reshape` is a view: its output shares its input's buffer, which then lives as long
 //!   as either;
+//! - `broadcast` is not: the plan counts its full output, as the reference interpreter
+//!   materialises it (a strided runtime that makes it a stride-0 view needs less);
 //! - `cache_append` writes into its cache's buffer (its documented in-place form), so
 //!   appending to a cache argument allocates nothing here: the caller sizes the cache;
 //! - a `call` is planned **once per callee**: the callee's own values form its arena,

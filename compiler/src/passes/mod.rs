@@ -24,7 +24,15 @@
 
 pub mod cse;
 pub mod dce;
+pub mod decompose;
+pub mod fuse_attention;
+pub mod fuse_elementwise;
+pub mod fuse_rope;
+pub mod fuse_swiglu;
 pub mod memory_plan;
+pub mod pattern;
+pub mod mla_absorb;
+pub mod mtp_strip;
 pub mod pipeline;
 pub mod rewrite;
 pub mod runner;
@@ -60,6 +68,12 @@ pub trait Pass: Sync {
     /// runner rejects a pass that would move it backward.
     fn phase(&self) -> Option<Phase> {
         None
+    }
+
+    /// Whether the pass runs unless `--passes -name` turns it off. An opt-in pass
+    /// (`decompose`) sits in its pipelines but runs only when `--passes +name` asks.
+    fn on_by_default(&self) -> bool {
+        true
     }
 
     /// Rewrite (or inspect) the module. On error the module may be left half-rewritten;
@@ -108,6 +122,8 @@ pub enum Phase {
     Lowered,
     /// Every node's output types re-derived from its shape rule (after `shape_infer`).
     Typed,
+    /// Fused kernels formed (after the `fuse_*` passes): later passes see `fused` nodes.
+    Fused,
 }
 
 impl fmt::Display for Phase {
@@ -115,6 +131,7 @@ impl fmt::Display for Phase {
         f.write_str(match self {
             Phase::Lowered => "lowered",
             Phase::Typed => "typed",
+            Phase::Fused => "fused",
         })
     }
 }
@@ -266,6 +283,8 @@ pub struct PassCx<'s> {
     pub reports: Vec<Report>,
     /// Set by the `memory_plan` pass.
     pub memory_plan: Option<memory_plan::Plan>,
+    /// Which form MLA attention takes in inference (`mla_absorb`; `dsc compile --mla`).
+    pub mla: mla_absorb::MlaMode,
 }
 
 impl<'s> PassCx<'s> {
@@ -281,6 +300,7 @@ impl<'s> PassCx<'s> {
             timings: Vec::new(),
             reports: Vec::new(),
             memory_plan: None,
+            mla: mla_absorb::MlaMode::Auto,
         }
     }
 
@@ -340,8 +360,15 @@ pub static PASSES: &[&dyn Pass] = &[
     &verify::Verify,
     &shape_infer::ShapeInfer,
     &simplify::Simplify,
+    &mla_absorb::MlaAbsorb,
+    &mtp_strip::MtpStrip,
     &cse::Cse,
     &dce::Dce,
+    &decompose::Decompose,
+    &fuse_swiglu::FuseSwiGlu,
+    &fuse_rope::FuseRope,
+    &fuse_attention::FuseAttention,
+    &fuse_elementwise::FuseElementwise,
     &memory_plan::MemoryPlan,
 ];
 

@@ -7,7 +7,14 @@
 
 use super::cse::Cse;
 use super::dce::Dce;
+use super::decompose::Decompose;
+use super::fuse_attention::FuseAttention;
+use super::fuse_elementwise::FuseElementwise;
+use super::fuse_rope::FuseRope;
+use super::fuse_swiglu::FuseSwiGlu;
 use super::memory_plan::MemoryPlan;
+use super::mla_absorb::MlaAbsorb;
+use super::mtp_strip::MtpStrip;
 use super::shape_infer::ShapeInfer;
 use super::simplify::Simplify;
 use super::verify::Verify;
@@ -19,12 +26,19 @@ static INFERENCE: &[&dyn Pass] = &[
     &Verify,     // the lowered module is well-formed before anything relies on it
     &ShapeInfer, // every type re-derived from its shape rule; phase → typed
     &Simplify,   // algebraic identities and layout no-ops, to a fixed point
-    // mla_absorb: fold W_UK into the query and W_UV into o_proj (RoPE dims stay apart);
-    //             after simplify, so it matches reshapes/permutes already canonical.
-    // mtp_strip:  drop the multi-token-prediction modules inference does not run.
-    &Cse, // after the rewrites above, which expose duplicates
+    // fold W_UK into the query and W_UV into the attention output where the cost model
+    // (or --mla) says so; after simplify, so it matches reshapes/permutes already canonical
+    &MlaAbsorb,
+    &MtpStrip, // check: no multi-token-prediction module is reachable from inference
+    &Cse,      // after the rewrites above, which expose duplicates
     &Dce, // removes what absorption, stripping and CSE left unused
-    // fuse:       group elementwise chains into kernels (burn-style fusers with scores).
+    &Decompose, // opt-in (--passes +decompose): composites to primitives, before fusion
+    // fusion, phase → fused: the composite recognisers first, so the elementwise fuser
+    // does not swallow the products and sums they match; epilogues and chains last
+    &FuseSwiGlu,
+    &FuseRope,
+    &FuseAttention,
+    &FuseElementwise,
     &MemoryPlan, // last: plans the buffers of the graph that will actually run
 ];
 
@@ -38,7 +52,11 @@ static TRAINING: &[&dyn Pass] = &[
     // autodiff:   append the reverse pass (rule table of local derivatives per op).
     &Cse, // after autodiff, which re-derives many forward values
     &Dce,
-    // fuse
+    &Decompose, // opt-in, as in inference
+    &FuseSwiGlu,
+    &FuseRope,
+    &FuseAttention,
+    &FuseElementwise,
     &MemoryPlan, // forward activations kept for the backward pass dominate here
 ];
 
@@ -71,8 +89,13 @@ mod tests {
 
     #[test]
     fn pipelines_read_as_documented() {
-        assert_eq!(names(inference()), ["verify", "shape_infer", "simplify", "cse", "dce", "memory_plan"]);
-        assert_eq!(names(training()), ["verify", "shape_infer", "simplify", "cse", "dce", "memory_plan"]);
+        let fusion = ["decompose", "fuse_swiglu", "fuse_rope", "fuse_attention", "fuse_elementwise", "memory_plan"];
+        let inf = ["verify", "shape_infer", "simplify", "mla_absorb", "mtp_strip", "cse", "dce"];
+        assert_eq!(names(inference()), [&inf[..], &fusion[..]].concat());
+        assert_eq!(names(training()), [&["verify", "shape_infer", "simplify", "cse", "dce"][..], &fusion[..]].concat());
+        // decompose is the one opt-in pass.
+        let off: Vec<_> = inference().iter().filter(|p| !p.on_by_default()).map(|p| p.name()).collect();
+        assert_eq!(off, ["decompose"]);
         assert_eq!(names(for_mode(Mode::Decode)), names(inference()));
         assert_eq!(names(for_mode(Mode::Train)), names(training()));
     }

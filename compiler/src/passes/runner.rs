@@ -107,16 +107,18 @@ fn lookup(name: &str) -> Result<&'static dyn Pass, PipelineError> {
 // ---------------------------------------------------------------- selection
 
 /// Which passes are turned off, from `--passes -cse,-simplify` (rustc's
-/// `-Zmir-enable-passes`). Names are checked against the registry, so a typo is an error
-/// that lists the valid names, and a required pass can never be turned off. A later item
-/// wins: `-cse,+cse` leaves CSE on.
+/// `-Zmir-enable-passes`), and which opt-in passes ([`Pass::on_by_default`] false, such as
+/// `decompose`) are turned on with `+name`. Names are checked against the registry, so a
+/// typo is an error that lists the valid names, and a required pass can never be turned
+/// off. A later item wins: `-cse,+cse` leaves CSE on.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PassSelection {
     disabled: BTreeSet<&'static str>,
+    enabled: BTreeSet<&'static str>,
 }
 
 impl PassSelection {
-    /// Every pass on.
+    /// Every pass that is on by default (opt-in passes stay off).
     pub fn all() -> PassSelection {
         PassSelection::default()
     }
@@ -142,19 +144,27 @@ impl PassSelection {
         if pass.is_required() {
             return Err(PipelineError::RequiredPass { name: pass.name() });
         }
+        self.enabled.remove(pass.name());
         self.disabled.insert(pass.name());
         Ok(())
     }
 
-    /// Turn `name` back on.
+    /// Turn `name` on (back on, or on at all for an opt-in pass).
     pub fn enable(&mut self, name: &str) -> Result<(), PipelineError> {
         let pass = lookup(name)?;
         self.disabled.remove(pass.name());
+        if !pass.on_by_default() {
+            self.enabled.insert(pass.name());
+        }
         Ok(())
     }
 
     pub fn is_enabled(&self, pass: &dyn Pass) -> bool {
-        !self.disabled.contains(pass.name())
+        if pass.on_by_default() {
+            !self.disabled.contains(pass.name())
+        } else {
+            self.enabled.contains(pass.name())
+        }
     }
 }
 
@@ -304,7 +314,8 @@ mod tests {
         let e = PassSelection::parse("-fuse").unwrap_err();
         assert_eq!(
             e.to_string(),
-            "unknown pass `fuse`; the passes are: verify, shape_infer, simplify, cse, dce, memory_plan"
+            "unknown pass `fuse`; the passes are: verify, shape_infer, simplify, mla_absorb, mtp_strip, cse, dce, decompose, \
+             fuse_swiglu, fuse_rope, fuse_attention, fuse_elementwise, memory_plan"
         );
         let e = DumpConfig::parse(Some("cse,nope"), None).unwrap_err();
         assert!(matches!(e, PipelineError::UnknownPass { ref name, .. } if name == "nope"), "{e}");
@@ -317,6 +328,15 @@ mod tests {
         assert_eq!(e.to_string(), "pass `shape_infer` is required for a correct module and cannot be turned off");
         assert!(matches!(PassSelection::parse("-verify"), Err(PipelineError::RequiredPass { .. })));
         assert!(matches!(PassSelection::parse("cse"), Err(PipelineError::BadSelection { .. })));
+    }
+
+    #[test]
+    fn opt_in_passes_run_only_when_asked() {
+        use crate::passes::decompose::Decompose;
+        assert!(!PassSelection::all().is_enabled(&Decompose));
+        let on = PassSelection::parse("+decompose").unwrap();
+        assert!(on.is_enabled(&Decompose) && on.is_enabled(&Cse));
+        assert!(!PassSelection::parse("+decompose,-decompose").unwrap().is_enabled(&Decompose));
     }
 
     #[test]
@@ -471,8 +491,10 @@ mod tests {
         assert_eq!(m.entries.len(), 1);
         assert!(m.function("train").is_none());
         let ran: Vec<&str> = cx.timings.iter().map(|t| t.pass).collect();
-        assert_eq!(ran, ["verify", "shape_infer", "simplify", "cse", "dce", "memory_plan"]);
+        // decompose is opt-in: in the pipeline, but not run.
+        let fusion = ["fuse_swiglu", "fuse_rope", "fuse_attention", "fuse_elementwise", "memory_plan"];
+        assert_eq!(ran, [&["verify", "shape_infer", "simplify", "mla_absorb", "mtp_strip", "cse", "dce"][..], &fusion[..]].concat());
         assert!(cx.memory_plan.is_some());
-        assert!(cx.timing_report().lines().count() == 7, "{}", cx.timing_report());
+        assert!(cx.timing_report().lines().count() == 13, "{}", cx.timing_report());
     }
 }

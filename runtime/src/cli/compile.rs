@@ -1,13 +1,15 @@
 //! `dsc compile SPEC [--model NAME] [--mode prefill|decode|train] [--passes -cse,...]
-//! [--emit ir|memory-plan] [-o FILE]`: lower a spec for one mode, run that mode's pass
-//! pipeline, and print the result: the IR text with `@line:col` spans into the spec, or
-//! the memory plan. `DSC_DUMP=<pass,...|all>` (and `DSC_DUMP_DIR`) dump the IR around
+//! [--mla auto|absorb|decompress] [--emit ir|memory-plan] [-o FILE]`: lower a spec for
+//! one mode, run that mode's pass pipeline, and print the result: the IR text with
+//! `@line:col` spans into the spec, or the memory plan. `--mla` picks the form of MLA
+//! attention in prefill and decode (`mla_absorb`'s cost model by default). `DSC_DUMP=<pass,...|all>` (and `DSC_DUMP_DIR`) dump the IR around
 //! passes; see `dsc_compiler::passes::runner`.
 
 use super::import::write_atomically;
 use super::load_spec;
 use dsc_compiler::ir::{print_module, Mode};
 use dsc_compiler::lower::{lower_mode, LowerError};
+use dsc_compiler::passes::mla_absorb::{MlaAbsorb, MlaMode};
 use dsc_compiler::passes::{self, PassCx, PassSelection, PipelineError};
 use dsc_dsl::{Diagnostic, Spec};
 use std::io::Write;
@@ -39,16 +41,44 @@ pub fn parse_mode(s: &str) -> Result<Mode, String> {
     Mode::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| format!("unknown mode `{s}`; expected prefill, decode or train"))
 }
 
-/// Compiles `spec` for `mode` with the passes `passes` leaves on, and prints what `emit`
-/// names to stdout, or writes it atomically to `out`.
+/// `auto`, `absorb` or `decompress`; for clap's `value_parser` of `--mla`.
+pub fn parse_mla(s: &str) -> Result<MlaMode, String> {
+    MlaMode::parse(s)
+}
+
+/// [`compile_cmd_with`] with the MLA form left to the cost model.
 pub fn compile_cmd(spec: &Path, model: Option<&str>, mode: Mode, passes: Option<&str>, emit: &str, out: Option<&Path>) -> Result<(), String> {
+    compile_cmd_with(spec, model, mode, passes, MlaMode::Auto, emit, out)
+}
+
+/// Compiles `spec` for `mode` with the passes `passes` leaves on and MLA in the form
+/// `mla` says, and prints what `emit` names to stdout, or writes it atomically to `out`.
+pub fn compile_cmd_with(
+    spec: &Path,
+    model: Option<&str>,
+    mode: Mode,
+    passes: Option<&str>,
+    mla: MlaMode,
+    emit: &str,
+    out: Option<&Path>,
+) -> Result<(), String> {
     // Option errors first: they need no spec and should not wait for one to load.
     let emit = Emit::parse(emit)?;
     let selection = PassSelection::parse(passes.unwrap_or("")).map_err(|e| format!("--passes: {e}"))?;
-    let cx = PassCx::from_env(mode).map_err(|e| format!("DSC_DUMP: {e}"))?;
+    let mut cx = PassCx::from_env(mode).map_err(|e| format!("DSC_DUMP: {e}"))?;
     if emit == Emit::MemoryPlan && !selection.is_enabled(&passes::memory_plan::MemoryPlan) {
         return Err("--emit memory-plan needs the memory_plan pass, which --passes turns off".into());
     }
+    // A forced absorption that cannot happen is an error rather than silently ignored.
+    if mla == MlaMode::Absorb {
+        if mode == Mode::Train {
+            return Err("--mla absorb: training keeps MLA decompressed (the form its gradients are defined on)".into());
+        }
+        if !selection.is_enabled(&MlaAbsorb) {
+            return Err("--mla absorb needs the mla_absorb pass, which --passes turns off".into());
+        }
+    }
+    cx.mla = mla;
 
     let spec = load_spec(spec, model)?;
     let mut module = lower_mode(&spec, mode).map_err(|e| lower_error(&spec, &e))?;
@@ -117,6 +147,23 @@ mod tests {
     }
 
     #[test]
+    fn mla_selects_the_attention_form() {
+        let run = |mla: MlaMode, mode: Mode| {
+            let out = out_file(&format!("mla-{mla}-{mode}"));
+            compile_cmd_with(&spec("tiny_v3.dsc"), None, mode, None, mla, "ir", Some(&out)).unwrap();
+            let text = std::fs::read_to_string(&out).unwrap();
+            std::fs::remove_dir_all(out.parent().unwrap()).unwrap();
+            text
+        };
+        // Decode: one query head group over the latent (kv_heads=1) unless told otherwise.
+        assert!(run(MlaMode::Auto, Mode::Decode).contains("heads=3 kv_heads=1"));
+        assert!(run(MlaMode::Decompress, Mode::Decode).contains("heads=3 kv_heads=3"));
+        // Prefill: decompressed unless forced.
+        assert!(run(MlaMode::Auto, Mode::Prefill).contains("heads=3 kv_heads=3"));
+        assert!(run(MlaMode::Absorb, Mode::Prefill).contains("heads=3 kv_heads=1"));
+    }
+
+    #[test]
     fn emits_the_memory_plan() {
         let out = out_file("plan");
         compile_cmd(&spec("tiny_v3.dsc"), None, Mode::Decode, None, "memory-plan", Some(&out)).unwrap();
@@ -129,13 +176,20 @@ mod tests {
     fn option_errors() {
         let s = spec("tiny_v3.dsc");
         let e = compile_cmd(&s, None, Mode::Prefill, Some("-fuse"), "ir", None).unwrap_err();
-        assert_eq!(e, "--passes: unknown pass `fuse`; the passes are: verify, shape_infer, simplify, cse, dce, memory_plan");
+        // The list is the registry's, whatever passes it holds.
+        assert_eq!(e, format!("--passes: unknown pass `fuse`; the passes are: {}", passes::pass_names().join(", ")));
         let e = compile_cmd(&s, None, Mode::Prefill, Some("-shape_infer"), "ir", None).unwrap_err();
         assert!(e.contains("`shape_infer` is required"), "{e}");
         let e = compile_cmd(&s, None, Mode::Prefill, None, "kernels", None).unwrap_err();
         assert_eq!(e, "unknown --emit `kernels`; expected one of: ir, memory-plan");
         let e = compile_cmd(&s, None, Mode::Prefill, Some("-memory_plan"), "memory-plan", None).unwrap_err();
         assert!(e.contains("needs the memory_plan pass"), "{e}");
+        let e = compile_cmd_with(&s, None, Mode::Decode, Some("-mla_absorb"), MlaMode::Absorb, "ir", None).unwrap_err();
+        assert_eq!(e, "--mla absorb needs the mla_absorb pass, which --passes turns off");
+        let e = compile_cmd_with(&s, None, Mode::Train, None, MlaMode::Absorb, "ir", None).unwrap_err();
+        assert!(e.starts_with("--mla absorb: training keeps MLA decompressed"), "{e}");
+        assert_eq!(parse_mla("absorb"), Ok(MlaMode::Absorb));
+        assert!(parse_mla("naive").unwrap_err().contains("expected one of: auto, absorb, decompress"));
         assert_eq!(parse_mode("decode"), Ok(Mode::Decode));
         assert!(parse_mode("infer").unwrap_err().contains("expected prefill, decode or train"));
     }

@@ -4,7 +4,9 @@
 
 pub mod compile;
 pub mod cost;
+pub mod generate;
 pub mod import;
+pub mod logits;
 
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -63,6 +65,9 @@ enum Command {
         /// Turn passes off (`-cse`) or back on (`+cse`), comma-separated.
         #[arg(long, allow_hyphen_values = true)]
         passes: Option<String>,
+        /// MLA attention in prefill/decode: `auto` (cost model), `absorb` or `decompress`.
+        #[arg(long, default_value = "auto", value_parser = compile::parse_mla)]
+        mla: dsc_compiler::passes::mla_absorb::MlaMode,
         /// What to print: `ir` or `memory-plan`.
         #[arg(long, default_value = "ir")]
         emit: String,
@@ -80,6 +85,10 @@ enum Command {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Run one forward pass of a model directory and write its logits (safetensors).
+    Logits(logits::LogitsArgs),
+    /// Generate tokens from a model directory through the KV cache.
+    Generate(generate::GenerateArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -90,10 +99,12 @@ pub fn main() -> ExitCode {
         Command::Diff { spec_a, spec_b, model_a, model_b, context } => {
             cost::diff_cmd(&spec_a, model_a.as_deref(), &spec_b, model_b.as_deref(), context)
         }
-        Command::Compile { spec, model, mode, passes, emit, out } => {
-            compile::compile_cmd(&spec, model.as_deref(), mode, passes.as_deref(), &emit, out.as_deref())
+        Command::Compile { spec, model, mode, passes, mla, emit, out } => {
+            compile::compile_cmd_with(&spec, model.as_deref(), mode, passes.as_deref(), mla, &emit, out.as_deref())
         }
         Command::Import { config, out, name } => import::import_cmd(&config, out.as_deref(), name.as_deref()),
+        Command::Logits(args) => logits::logits_cmd(&args),
+        Command::Generate(args) => generate::generate_cmd(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -172,6 +172,8 @@ pub fn unary<T: Real>(op: UnaryOp, x: &Tensor) -> Result<Tensor, KErr> {
             UnaryOp::Sigmoid => |x| x.sigmoid(),
             UnaryOp::Silu => |x| x.silu(),
             UnaryOp::Tanh => |x| x.tanh(),
+            UnaryOp::Sin => |x| x.sin(),
+            UnaryOp::Cos => |x| x.cos(),
         };
         return Ok(Tensor::from_parts(shape, T::wrap(map1(v, f))));
     }

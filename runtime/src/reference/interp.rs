@@ -8,14 +8,14 @@
 //! copying.
 
 use super::elementwise::{binary, cast, select, unary};
-use super::layout::{concat, gather, permute, reduce, scatter_add, slice, top_k};
+use super::layout::{broadcast, concat, gather, permute, reduce, scatter_add, slice, top_k};
 use super::linalg::{batch_matmul, linear};
-use super::nn::{attention, cross_entropy, expert_ffn, moe_route, rms_norm, rope, softmax, swiglu, AttentionSpec};
+use super::nn::{attention, cross_entropy, expert_ffn, moe_route, rms_norm, rope, rope_frequencies, softmax, swiglu, AttentionSpec};
 use super::real::Real;
 use super::tensor::{numel, Data, Tensor};
 use super::weights::Weights;
 use super::{ErrorKind, ExecError, KernelError};
-use dsc_compiler::ir::{param_path, DType, Dim, Function, Module, Node, NodeId, Op, Shape, Sym, Ty, Value};
+use dsc_compiler::ir::{param_path, DType, Dim, Function, FusedKernel, Module, Node, NodeId, Op, Operand, Shape, Sym, Ty, Value};
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::marker::PhantomData;
@@ -379,6 +379,36 @@ impl<'m, T: Real> Interp<'m, T> {
         }
     }
 
+    /// A fused kernel, step by step with the unfused kernels (so fusing never changes a
+    /// result in this interpreter: each intermediate is materialised, then dropped).
+    fn fused(&self, k: &FusedKernel, x: &[&Tensor]) -> Result<Tensor, KernelError> {
+        let head = match k.head {
+            Some(h) if x.len() >= 2 => Some(self.exec(&h.op(), &x[..2])?.remove(0)),
+            Some(_) => return Err(graph_err("a fused kernel's head reads two inputs")),
+            None => None,
+        };
+        let mut steps: Vec<Tensor> = Vec::with_capacity(k.steps.len());
+        for (j, s) in k.steps.iter().enumerate() {
+            let args: Vec<&Tensor> = s
+                .args
+                .iter()
+                .map(|a| match *a {
+                    Operand::Head => head.as_ref(),
+                    Operand::Input(i) => x.get(i as usize).copied(),
+                    Operand::Step(i) if (i as usize) < j => steps.get(i as usize),
+                    Operand::Step(_) => None,
+                })
+                .collect::<Option<_>>()
+                .ok_or_else(|| graph_err(format!("fused step s{j} reads a value not defined before it")))?;
+            let y = self.exec(&s.op.op(), &args)?.remove(0);
+            steps.push(y);
+        }
+        match steps.pop().or(head) {
+            Some(t) => Ok(t),
+            None => Err(graph_err("an empty fused kernel")),
+        }
+    }
+
     fn reshape(&self, x: Tensor, shape: &Shape) -> Result<Tensor, KernelError> {
         let want = self.eval_shape(shape)?;
         let from = x.shape().to_vec();
@@ -434,6 +464,7 @@ impl<'m, T: Real> Interp<'m, T> {
             }
             Op::Reshape { shape } => one(self.reshape(x[0].clone(), shape)?),
             Op::Permute { perm } => one(permute(x[0], &perm.iter().map(|&p| p as usize).collect::<Vec<_>>())?),
+            Op::Broadcast { shape } => one(broadcast(x[0], &self.eval_shape(shape)?)?),
             Op::Slice { axis: a, start, len } => {
                 let ax = axis(*a, x[0])?;
                 let (s, l) = (self.eval_dim(start)?, self.eval_dim(len)?);
@@ -445,6 +476,16 @@ impl<'m, T: Real> Interp<'m, T> {
             }
             Op::Concat { axis: a } | Op::CacheAppend { axis: a } => one(concat(x, axis(*a, x[0])?)?),
             Op::Cast { to } => one(cast::<T>(x[0].clone(), *to)?),
+            Op::Iota { start, len, dtype } => {
+                let (s, n) = (self.eval_dim(start)?, self.eval_dim(len)?);
+                let n = usize::try_from(n).map_err(|_| KernelError::shape(format!("iota of length {len} = {n}")))?;
+                one(cast::<T>(Tensor::i64(&[n], (s..s + n as i64).collect()), *dtype)?)
+            }
+            Op::RopeFreqs { theta, rotary_dim, yarn } => {
+                let (f, _) = rope_frequencies(theta.get(), *rotary_dim as usize, yarn.as_ref());
+                one(Tensor::from_parts(vec![f.len()], T::wrap(f.into_iter().map(T::of).collect())))
+            }
+            Op::Fused(k) => one(self.fused(k, x)?),
             Op::RmsNorm { eps } => one(rms_norm::<T>(x[0], x[1], eps.get())?),
             Op::Rope { layout, theta, rotary_dim, yarn } => {
                 one(rope::<T>(x[0], x[1], *layout, theta.get(), *rotary_dim as usize, yarn.as_ref())?)

@@ -100,6 +100,27 @@ fn permute_impl<E: Elem>(x: &[E], out_shape: &[usize], st: &[usize]) -> Vec<E> {
     out
 }
 
+/// `x` repeated up to `shape` (numpy's `broadcast_to`): aligned at the right, each axis
+/// of `x` is either `shape`'s or 1. The copy reads `x` at stride 0 along the repeated
+/// axes, the gather [`permute`] already does with other strides.
+pub fn broadcast(x: &Tensor, shape: &[usize]) -> Result<Tensor, KErr> {
+    let xs = x.shape();
+    let fits = shape.len() >= xs.len() && xs.iter().zip(&shape[shape.len() - xs.len()..]).all(|(&d, &o)| d == o || d == 1);
+    if !fits {
+        return Err(KErr::shape(format!("cannot broadcast {xs:?} to {shape:?}")));
+    }
+    let off = shape.len() - xs.len();
+    let mut st = vec![0usize; shape.len()];
+    let mut stride = 1;
+    for i in (0..xs.len()).rev() {
+        // A repeated axis (size 1 in x, more in the output) is read at stride 0.
+        st[off + i] = if xs[i] == 1 { 0 } else { stride };
+        stride *= xs[i];
+    }
+    let data = with_elem!(x.data(), E => E::wrap(permute_impl::<E>(view(x)?, shape, &st)));
+    Ok(Tensor::from_parts(shape.to_vec(), data))
+}
+
 /// Elements `start .. start+len` along `axis` (bounds already checked by the caller).
 pub fn slice(x: &Tensor, axis: usize, start: usize, len: usize) -> Tensor {
     let (outer, n, inner) = split_at_axis(x.shape(), axis);
@@ -335,6 +356,24 @@ mod tests {
         let big = t(&[64, 33, 17]);
         let back = permute(&permute(&big, &[1, 2, 0]).unwrap(), &[2, 0, 1]).unwrap();
         assert_eq!(back, big);
+    }
+
+    #[test]
+    fn broadcast_repeats_unit_axes() {
+        // [b=2, s=3, 1, d=2] → [2, 3, h=4, 2]: every head reads the one shared row.
+        let x = t(&[2, 3, 1, 2]);
+        let y = broadcast(&x, &[2, 3, 4, 2]).unwrap();
+        for (a, b, h, d) in (0..2).flat_map(|a| (0..3).flat_map(move |b| (0..4).flat_map(move |h| (0..2).map(move |d| (a, b, h, d))))) {
+            assert_eq!(y.get(&[a, b, h, d]), x.get(&[a, b, 0, d]));
+        }
+        // New leading axes, and a scalar.
+        let w = t(&[3, 2]);
+        let y = broadcast(&w, &[2, 3, 2]).unwrap();
+        assert_eq!(y.to_f32_vec(), [w.to_f32_vec(), w.to_f32_vec()].concat());
+        assert_eq!(broadcast(&Tensor::scalar(7.0), &[3]).unwrap().to_f32_vec(), vec![7.0; 3]);
+        assert_eq!(broadcast(&Tensor::i32(&[1], vec![5]), &[0]).unwrap().numel(), 0);
+        assert!(broadcast(&x, &[2, 4, 4, 2]).is_err());
+        assert!(broadcast(&w, &[2]).is_err());
     }
 
     #[test]

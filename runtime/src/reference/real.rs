@@ -82,6 +82,8 @@ pub trait Real:
     fn ln(self) -> Self;
     fn sqrt(self) -> Self;
     fn tanh(self) -> Self;
+    fn sin(self) -> Self;
+    fn cos(self) -> Self;
     fn abs(self) -> Self;
     fn powf(self, e: Self) -> Self;
     fn is_nan(self) -> bool;
@@ -139,6 +141,12 @@ macro_rules! real {
             }
             fn tanh(self) -> Self {
                 <$t>::tanh(self)
+            }
+            fn sin(self) -> Self {
+                <$t>::sin(self)
+            }
+            fn cos(self) -> Self {
+                <$t>::cos(self)
             }
             fn abs(self) -> Self {
                 <$t>::abs(self)

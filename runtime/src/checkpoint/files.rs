@@ -1,0 +1,160 @@
+//! The safetensors files of a model directory: which ones (one `model.safetensors`, or
+//! the shards a `model.safetensors.index.json` names), each memory-mapped with its header
+//! parsed and validated.
+//!
+//! Opening a file reads only its header: the mapping costs address space, not memory,
+//! and tensor bytes are paged in when a tensor is first decoded. The header is checked
+//! against the file size before anything else (safetensors' `read_metadata` verifies that
+//! the offsets tile the data section exactly), so a truncated or padded file is an error
+//! here and no later slice of the mapping can go out of bounds.
+
+use super::error::CheckpointError;
+use memmap2::Mmap;
+use safetensors::tensor::{SafeTensorError, TensorInfo};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// The single-file name transformers writes.
+pub const SINGLE: &str = "model.safetensors";
+/// The index of a sharded checkpoint.
+pub const INDEX: &str = "model.safetensors.index.json";
+
+/// One memory-mapped safetensors file.
+pub struct Shard {
+    pub path: PathBuf,
+    map: Mmap,
+    /// Where the data section starts (8-byte length + header).
+    data_start: usize,
+    pub tensors: HashMap<String, TensorInfo>,
+}
+
+impl Shard {
+    /// Maps `path` and validates its header against the file's size.
+    pub fn open(path: &Path) -> Result<Shard, CheckpointError> {
+        let file = File::open(path).map_err(|e| CheckpointError::io(path, e))?;
+        let len = file.metadata().map_err(|e| CheckpointError::io(path, e))?.len();
+        // An empty file cannot be mapped on every platform; it is corrupt either way.
+        if len < 8 {
+            return Err(CheckpointError::corrupt(path, format!("the file is {len} bytes, shorter than the 8-byte header length")));
+        }
+        // SAFETY: the mapping is read-only and private to this process. Like every
+        // memory-mapped reader (safetensors' own examples, candle) this relies on the
+        // file not being truncated by another process while it is mapped.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| CheckpointError::io(path, e))?;
+        let (n, meta) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| CheckpointError::corrupt(path, describe(&e, &map)))?;
+        let tensors = meta.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
+        Ok(Shard { path: path.to_path_buf(), map, data_start: 8 + n, tensors })
+    }
+
+    /// The stored bytes of one of this file's tensors. In range by construction: the
+    /// header was validated against the file size when it was opened.
+    pub fn bytes(&self, info: &TensorInfo) -> &[u8] {
+        let (s, e) = info.data_offsets;
+        &self.map[self.data_start + s..self.data_start + e]
+    }
+
+    /// Bytes of the file (its mapping).
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// safetensors' error in words that say what is wrong with the file.
+fn describe(e: &SafeTensorError, bytes: &[u8]) -> String {
+    let declared = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+    match e {
+        SafeTensorError::InvalidHeaderLength => format!(
+            "its header length ({} bytes) runs past the end of the file ({} bytes): the file is truncated or not safetensors",
+            declared.unwrap_or(0),
+            bytes.len()
+        ),
+        SafeTensorError::MetadataIncompleteBuffer => {
+            "its data section is not the size its header describes: the file is truncated, or has bytes appended".to_string()
+        }
+        SafeTensorError::HeaderTooLarge => format!("its header length ({} bytes) is implausibly large", declared.unwrap_or(0)),
+        other => other.to_string(),
+    }
+}
+
+/// The files of the checkpoint in `dir`, opened; for a sharded checkpoint also checks
+/// that the index and the shards agree.
+pub fn open_all(dir: &Path) -> Result<Vec<Shard>, CheckpointError> {
+    let index = dir.join(INDEX);
+    if index.is_file() {
+        return open_sharded(&index);
+    }
+    let single = dir.join(SINGLE);
+    if single.is_file() {
+        return Ok(vec![Shard::open(&single)?]);
+    }
+    if !dir.is_dir() {
+        return Err(CheckpointError::io(dir, "no such directory"));
+    }
+    let mut others: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| CheckpointError::io(dir, e))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    others.sort();
+    let found = if others.is_empty() { String::new() } else { format!(" (found {}, but no index naming them)", others.join(", ")) };
+    Err(CheckpointError::io(dir, format!("no `{SINGLE}` or `{INDEX}`{found}")))
+}
+
+/// `model.safetensors.index.json`: `{"metadata": {...}, "weight_map": {tensor: file}}`.
+fn open_sharded(index: &Path) -> Result<Vec<Shard>, CheckpointError> {
+    let text = std::fs::read_to_string(index).map_err(|e| CheckpointError::io(index, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| CheckpointError::index(index, format!("not valid JSON: {e}")))?;
+    let Some(map) = json.get("weight_map").and_then(|m| m.as_object()) else {
+        return Err(CheckpointError::index(index, "no `weight_map` object"));
+    };
+    let mut by_file: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (tensor, file) in map {
+        let Some(file) = file.as_str() else {
+            return Err(CheckpointError::index(index, format!("`weight_map` gives `{tensor}` a non-string file: {file}")));
+        };
+        // Shards live beside the index; a path that climbs out of the directory is not
+        // a shard of this checkpoint.
+        if Path::new(file).components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+            return Err(CheckpointError::index(index, format!("`{tensor}` is in `{file}`, which is not a file beside the index")));
+        }
+        by_file.entry(file.to_string()).or_default().insert(tensor.clone());
+    }
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut shards = Vec::new();
+    let mut problems = Vec::new();
+    for (file, listed) in &by_file {
+        let path = dir.join(file);
+        if !path.is_file() {
+            problems.push(format!("`{file}` (named for {} tensors) is not there", listed.len()));
+            continue;
+        }
+        let shard = Shard::open(&path)?;
+        let mut absent: Vec<&String> = listed.iter().filter(|t| !shard.tensors.contains_key(*t)).collect();
+        absent.sort();
+        if !absent.is_empty() {
+            problems.push(format!("`{file}` lacks {} tensor(s) the index puts there: {}", absent.len(), preview(&absent)));
+        }
+        let mut unlisted: Vec<&String> = shard.tensors.keys().filter(|t| !listed.contains(*t)).collect();
+        unlisted.sort();
+        if !unlisted.is_empty() {
+            problems.push(format!("`{file}` holds {} tensor(s) the index does not list there: {}", unlisted.len(), preview(&unlisted)));
+        }
+        shards.push(shard);
+    }
+    if !problems.is_empty() {
+        return Err(CheckpointError::index(index, format!("the index and its shards disagree:\n  {}", problems.join("\n  "))));
+    }
+    Ok(shards)
+}
+
+fn preview(names: &[&String]) -> String {
+    let shown: Vec<String> = names.iter().take(8).map(|n| format!("`{n}`")).collect();
+    let more = if names.len() > 8 { format!(" and {} more", names.len() - 8) } else { String::new() };
+    format!("{}{more}", shown.join(", "))
+}

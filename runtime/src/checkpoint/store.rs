@@ -1,0 +1,182 @@
+//! The params of an opened checkpoint, decoded on first use.
+//!
+//! [`CheckpointWeights`] implements the interpreter's [`Weights`]: a param is decoded from
+//! the memory-mapped files the first time a run asks for it (widened to `f32`, FP8
+//! dequantised by its block scales, per-expert matrices stacked, fused ones cut) and kept
+//! from then on. Nothing is decoded when a directory is opened, so checking a large
+//! checkpoint against its spec costs its headers only, and a run that never reaches a
+//! param (a train-only MTP module) never pays for it.
+
+use super::files::Shard;
+use super::layout::{Piece, Source, Stored};
+use crate::reference::weights::{bf16_to_f32, f16_to_f32, f8e4m3_to_f32};
+use crate::reference::{Tensor, Weights};
+use rayon::prelude::*;
+use safetensors::Dtype;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+/// One param: where it comes from, and its decoded value once asked for.
+struct Slot {
+    source: Source,
+    value: OnceLock<Tensor>,
+}
+
+/// The params of a checkpoint by IR name ([`dsc_compiler::ir::param_path`]), decoded lazily.
+pub struct CheckpointWeights {
+    shards: Vec<Shard>,
+    slots: HashMap<String, Slot>,
+    block: [usize; 2],
+}
+
+/// Below this many elements a tensor is decoded on one thread (rayon's overhead would
+/// dominate).
+const PAR_MIN: usize = 1 << 16;
+
+impl CheckpointWeights {
+    pub(crate) fn new(shards: Vec<Shard>, plan: HashMap<String, Source>, block: [usize; 2]) -> CheckpointWeights {
+        let slots = plan.into_iter().map(|(k, source)| (k, Slot { source, value: OnceLock::new() })).collect();
+        CheckpointWeights { shards, slots, block }
+    }
+
+    /// The param names, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.slots.keys().map(|s| s.as_str()).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Bytes of the mapped files (address space, not memory: pages come in as read).
+    pub fn mapped_bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.len() as u64).sum()
+    }
+
+    /// Bytes of the params decoded so far (`f32`).
+    pub fn decoded_bytes(&self) -> u64 {
+        self.slots.values().filter_map(|s| s.value.get()).map(|t| (t.numel() * 4) as u64).sum()
+    }
+
+    /// Bytes every param takes once decoded (`f32`), whether or not it has been.
+    pub fn total_bytes(&self) -> u64 {
+        self.slots
+            .values()
+            .map(|s| {
+                let n: usize = match &s.source {
+                    Source::One(p) => p.shape().iter().product(),
+                    Source::Stack(ps) => ps.iter().map(|p| p.shape().iter().product::<usize>()).sum(),
+                };
+                (n * 4) as u64
+            })
+            .sum()
+    }
+
+    /// The param `name`, decoded now if it was not yet.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        let s = self.slots.get(name)?;
+        Some(s.value.get_or_init(|| self.assemble(&s.source)))
+    }
+
+    /// Decodes every param now, in parallel (for timing runs without the first-use cost).
+    pub fn preload(&self) {
+        self.slots.par_iter().for_each(|(_, s)| {
+            s.value.get_or_init(|| self.assemble(&s.source));
+        });
+    }
+
+    fn assemble(&self, source: &Source) -> Tensor {
+        match source {
+            Source::One(p) => Tensor::f32(&p.shape(), self.piece(p)),
+            Source::Stack(ps) => {
+                let each = ps.first().map(|p| p.shape()).unwrap_or_default();
+                let mut data = Vec::with_capacity(ps.len() * each.iter().product::<usize>());
+                for p in ps {
+                    data.extend(self.piece(p));
+                }
+                let mut shape = vec![ps.len()];
+                shape.extend(each);
+                Tensor::f32(&shape, data)
+            }
+        }
+    }
+
+    /// One piece as `f32`: widened, dequantised, cut.
+    fn piece(&self, p: &Piece) -> Vec<f32> {
+        let mut v = self.decode(&p.data);
+        if let Some(sc) = &p.scale {
+            let s = self.decode(sc);
+            dequantise(&mut v, &p.data.info.shape, &s, &sc.info.shape, self.block);
+        }
+        match p.rows {
+            None => v,
+            Some((start, len)) => {
+                let shape = &p.data.info.shape;
+                let (rows, cols) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+                v.chunks_exact(rows * cols).flat_map(|m| m[start * cols..(start + len) * cols].iter().copied()).collect()
+            }
+        }
+    }
+
+    /// A stored tensor's elements as `f32`. The layout check admitted only float types.
+    fn decode(&self, s: &Stored) -> Vec<f32> {
+        let b = self.shards[s.shard].bytes(&s.info);
+        decode_bytes(b, s.info.dtype)
+    }
+}
+
+/// Little-endian stored elements of a float `dtype` as `f32` (f64 rounds to nearest).
+pub(crate) fn decode_bytes(b: &[u8], dtype: Dtype) -> Vec<f32> {
+    fn go<const N: usize>(b: &[u8], f: impl Fn([u8; N]) -> f32 + Sync) -> Vec<f32> {
+        let conv = |c: &[u8]| f(c.try_into().expect("chunks_exact"));
+        if b.len() / N >= PAR_MIN {
+            b.par_chunks_exact(N).map(conv).collect()
+        } else {
+            b.chunks_exact(N).map(conv).collect()
+        }
+    }
+    match dtype {
+        Dtype::F32 => go::<4>(b, f32::from_le_bytes),
+        Dtype::F64 => go::<8>(b, |x| f64::from_le_bytes(x) as f32),
+        Dtype::BF16 => go::<2>(b, |x| bf16_to_f32(u16::from_le_bytes(x))),
+        Dtype::F16 => go::<2>(b, |x| f16_to_f32(u16::from_le_bytes(x))),
+        Dtype::F8_E4M3 => go::<1>(b, |x| f8e4m3_to_f32(x[0])),
+        other => unreachable!("the layout check refuses {other:?}"),
+    }
+}
+
+/// DeepSeek-V3's `weight_dequant`: `w[.., i, j] *= scale_inv[.., i / b₀, j / b₁]`, where
+/// the weight is `[lead.., r, c]` and the scale `[lead.., ⌈r/b₀⌉, ⌈c/b₁⌉]` (checked when
+/// the checkpoint was opened). Blocks at the right and bottom edges may be partial.
+pub(crate) fn dequantise(w: &mut [f32], shape: &[usize], scale: &[f32], scale_shape: &[usize], block: [usize; 2]) {
+    let n = shape.len();
+    let (r, c) = (shape[n - 2], shape[n - 1]);
+    let (sr, sc) = (scale_shape[n - 2], scale_shape[n - 1]);
+    if r == 0 || c == 0 {
+        return;
+    }
+    // One task per row of any of the stacked matrices.
+    let one = |(g, row): (usize, &mut [f32])| {
+        let (m, i) = (g / r, g % r);
+        let srow = &scale[(m * sr + i / block[0]) * sc..][..sc];
+        for (j, x) in row.iter_mut().enumerate() {
+            *x *= srow[j / block[1]];
+        }
+    };
+    if w.len() >= PAR_MIN {
+        w.par_chunks_exact_mut(c).enumerate().for_each(one);
+    } else {
+        w.chunks_exact_mut(c).enumerate().for_each(one);
+    }
+}
+
+impl Weights for CheckpointWeights {
+    fn get(&self, name: &str) -> Option<&Tensor> {
+        CheckpointWeights::get(self, name)
+    }
+}
+
+/// Shared between a backend and whoever reports on it (`dsc generate --stats`).
+impl Weights for Arc<CheckpointWeights> {
+    fn get(&self, name: &str) -> Option<&Tensor> {
+        CheckpointWeights::get(self, name)
+    }
+}

@@ -1,0 +1,115 @@
+//! `dsc logits --model DIR --input IDS.json --out OUT.safetensors [--backend reference]`:
+//! one full forward pass over equal-length sequences (positions from 0), written as
+//! `logits`, `f32 [batch, seq, vocab]`, to a safetensors file.
+//!
+//! `IDS.json` is `{"input_ids": [[...], ...]}` (other keys are ignored, so the fixtures'
+//! `input_ids.json` works as it is).
+
+use super::import::write_atomically;
+use crate::checkpoint::{CheckpointWeights, ModelDir, OpenOptions};
+use crate::generate::{forward, Backend, CompileOptions, ReferenceBackend, BACKENDS};
+use crate::reference::Options;
+use clap::Args;
+use dsc_compiler::passes::mla_absorb::MlaMode;
+use dsc_compiler::passes::PassSelection;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Where the model comes from and how it runs: shared by `logits` and `generate`.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// The model directory: config.json, model.safetensors (or sharded with an index).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Use this spec instead of importing DIR/config.json.
+    #[arg(long)]
+    pub spec: Option<PathBuf>,
+    /// Which model of the spec file (default: its only one).
+    #[arg(long, requires = "spec")]
+    pub spec_model: Option<String>,
+    /// The backend to run on.
+    #[arg(long, default_value = "reference")]
+    pub backend: String,
+    /// Turn compiler passes off (`-cse`) or on, comma-separated, as `dsc compile`.
+    #[arg(long, allow_hyphen_values = true)]
+    pub passes: Option<String>,
+    /// MLA attention absorbed, decompressed (as Hugging Face runs it), or as the cost
+    /// model decides per entry point.
+    #[arg(long, default_value = "auto", value_parser = MlaMode::parse)]
+    pub mla: MlaMode,
+    /// Threads for the run (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// `dsc logits`.
+#[derive(Args, Debug, Clone)]
+pub struct LogitsArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// `{"input_ids": [[...], ...]}`, sequences of equal length.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Where to write `logits` (safetensors, written atomically).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// An opened model on its backend.
+pub struct Loaded {
+    pub backend: Box<dyn Backend>,
+    pub info: ModelInfo,
+}
+
+/// What the commands need of the [`ModelDir`] once its weights went to the backend.
+pub struct ModelInfo {
+    pub generation: crate::checkpoint::GenerationConfig,
+    pub tokenizer: Option<PathBuf>,
+    /// The weights the backend reads, for memory reports.
+    pub weights: Arc<CheckpointWeights>,
+}
+
+/// Opens the model directory and puts it on the chosen backend.
+pub fn load(args: &ModelArgs) -> Result<Loaded, String> {
+    if !BACKENDS.contains(&args.backend.as_str()) {
+        return Err(format!("unknown backend `{}`; available: {}", args.backend, BACKENDS.join(", ")));
+    }
+    let passes = PassSelection::parse(args.passes.as_deref().unwrap_or("")).map_err(|e| format!("--passes: {e}"))?;
+    let opts = OpenOptions { spec: args.spec.clone(), spec_model: args.spec_model.clone(), config: None };
+    let dir = ModelDir::open(&args.model, &opts).map_err(|e| e.to_string())?;
+    let weights = Arc::new(dir.weights);
+    let rest = ModelInfo { generation: dir.generation, tokenizer: dir.tokenizer, weights: weights.clone() };
+    // One pool for the whole command: `Options::threads` would build a pool per step.
+    if let Some(n) = args.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().map_err(|e| format!("--threads {n}: {e}"))?;
+    }
+    let options = Options::default();
+    let backend = ReferenceBackend::new(dir.spec, weights, CompileOptions { passes, mla: args.mla }, options);
+    Ok(Loaded { backend: Box::new(backend), info: rest })
+}
+
+/// Reads `{"input_ids": [[...], ...]}` (a single flat list is one sequence).
+pub fn read_ids(path: &Path) -> Result<Vec<Vec<i64>>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("`{}`: not valid JSON: {e}", path.display()))?;
+    let bad = || format!("`{}`: expected {{\"input_ids\": [[token ids...], ...]}}", path.display());
+    let rows = json.get("input_ids").and_then(|v| v.as_array()).ok_or_else(bad)?;
+    let as_ids = |r: &serde_json::Value| -> Option<Vec<i64>> { r.as_array()?.iter().map(|x| x.as_i64()).collect() };
+    if rows.iter().all(|r| r.is_i64()) && !rows.is_empty() {
+        return Ok(vec![rows.iter().filter_map(|x| x.as_i64()).collect()]);
+    }
+    rows.iter().map(as_ids).collect::<Option<Vec<_>>>().ok_or_else(bad)
+}
+
+/// `dsc logits`.
+pub fn logits_cmd(args: &LogitsArgs) -> Result<(), String> {
+    let ids = read_ids(&args.input)?;
+    let loaded = load(&args.model)?;
+    let out = forward(loaded.backend.as_ref(), &ids, false).map_err(|e| e.to_string())?;
+    let t = &out.logits;
+    let data = t.as_f32().ok_or("the backend returned non-f32 logits")?;
+    let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.shape().to_vec(), &bytes).map_err(|e| e.to_string())?;
+    let file = safetensors::tensor::serialize([("logits", view)], None).map_err(|e| format!("cannot serialise the logits: {e}"))?;
+    write_atomically(&args.out, &file)
+}

@@ -1,0 +1,122 @@
+//! The interface every execution backend implements, and the values that cross it.
+//!
+//! A backend runs the two inference entry points of a compiled model: `prefill` (a batch
+//! of prompts, no cache in, the cache out) and `decode` (one token per sequence, the
+//! cache in, the cache one position longer out). Everything else (padding, masks,
+//! sampling, stopping, timing) is the generation loop's ([`super::generate`]), so a new
+//! backend implements [`Backend`] and nothing more. The reference interpreter is the
+//! first ([`super::reference::ReferenceBackend`]).
+
+use crate::reference::Tensor;
+use std::fmt;
+
+/// A backend failed to run a step (a kernel error, a shape it could not bind).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendError {
+    pub message: String,
+}
+
+impl BackendError {
+    pub fn new(message: impl Into<String>) -> BackendError {
+        BackendError { message: message.into() }
+    }
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for BackendError {}
+
+/// One step's inputs: `batch × seq` tokens, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepInput {
+    pub batch: usize,
+    pub seq: usize,
+    pub ids: Vec<i64>,
+    /// RoPE position of every token (per sequence, so left-padded prompts start at 0).
+    pub positions: Vec<i64>,
+    /// Additive mask `[batch, seq, cached + seq]` (0 visible, `-inf` hidden), or `None`
+    /// when every key is visible (up to causality). Padded batches need one.
+    pub mask: Option<Vec<f32>>,
+    /// Also return every router's decisions ([`StepOutput::routing`]).
+    pub capture_routing: bool,
+}
+
+/// The routers' decisions in one MoE layer: per token (`[batch, seq, top_k]`), the chosen
+/// experts in the router's order (by score) and their final gate weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerRouting {
+    pub layer: Option<u32>,
+    pub indices: Tensor,
+    pub weights: Tensor,
+}
+
+/// The KV cache of a batch: two tensors per layer, `[batch, len, ..]`. For MHA/GQA the
+/// rotated keys and the values, `[b, len, kv_heads, head_dim]` each; for MLA the
+/// normalised latent `[b, len, kv_lora_rank]` and the rotated shared rope key
+/// `[b, len, qk_rope_head_dim]` (see `dsc_compiler::lower`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvCache {
+    /// `cache.{L}.a`, `cache.{L}.b`, layer by layer.
+    pub tensors: Vec<Tensor>,
+}
+
+impl KvCache {
+    /// Cached positions per sequence.
+    pub fn len(&self) -> usize {
+        self.tensors.first().map_or(0, |t| t.shape().get(1).copied().unwrap_or(0))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes the cache occupies as the backend holds it.
+    pub fn bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| (t.numel() * elem_bytes(t)) as u64).sum()
+    }
+
+    /// Elements per cached position of one sequence, all layers together; times the
+    /// model dtype's size it is the cache's cost per token.
+    pub fn elements_per_token(&self) -> u64 {
+        self.tensors.iter().map(|t| t.shape().iter().skip(2).product::<usize>() as u64).sum()
+    }
+}
+
+fn elem_bytes(t: &Tensor) -> usize {
+    use crate::reference::Data;
+    match t.data() {
+        Data::F32(_) | Data::I32(_) => 4,
+        Data::F64(_) | Data::I64(_) => 8,
+        Data::Bool(_) => 1,
+    }
+}
+
+/// One step's results.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepOutput {
+    /// `[batch, seq, vocab]`, `f32`.
+    pub logits: Tensor,
+    pub cache: KvCache,
+    /// One entry per MoE layer when the step asked for it, in layer order.
+    pub routing: Vec<LayerRouting>,
+}
+
+/// An execution backend for a compiled model.
+pub trait Backend {
+    /// Its name, as `--backend` spells it.
+    fn name(&self) -> &str;
+    /// Rows of the output head.
+    fn vocab(&self) -> usize;
+    /// The prompt pass: no cache in; logits for every position and the new cache out.
+    fn prefill(&self, input: &StepInput) -> Result<StepOutput, BackendError>;
+    /// One new token per sequence (`seq` = 1) after `cache`; consumes the cache and
+    /// returns it one position longer.
+    fn decode(&self, input: &StepInput, cache: KvCache) -> Result<StepOutput, BackendError>;
+}
+
+/// The backends `--backend` accepts.
+pub const BACKENDS: &[&str] = &["reference"];

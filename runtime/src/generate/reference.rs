@@ -1,0 +1,159 @@
+//! The reference interpreter as a [`Backend`]: the spec lowered per mode, run through
+//! that mode's pass pipeline (as `dsc compile` does), and interpreted on the CPU.
+//!
+//! A step picks one of a few compiled variants of its mode, built on first use and kept:
+//! with or without the attention-mask argument (only padded batches need it) and with or
+//! without the routers' decisions exposed ([`super::rewrite`]). Arguments go in the
+//! entry's order: `input_ids`, `positions`, the decode caches, then `attention_mask`.
+
+use super::backend::{Backend, BackendError, KvCache, LayerRouting, StepInput, StepOutput};
+use super::rewrite::{add_attention_mask, expose_routing, RouteSite};
+use crate::reference::{run, Options, Tensor, Weights};
+use dsc_compiler::ir::Mode;
+use dsc_compiler::lower::lower_mode;
+use dsc_compiler::passes::mla_absorb::MlaMode;
+use dsc_compiler::passes::{self, PassCx, PassSelection};
+use dsc_dsl::Spec;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Which compiled form of an entry point a step runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Variant {
+    mode: Mode,
+    masked: bool,
+    capture: bool,
+}
+
+/// A compiled entry point and how to read its results.
+struct Compiled {
+    module: dsc_compiler::ir::Module,
+    /// Results before any exposed routing: logits and two cache tensors per layer.
+    results: usize,
+    routes: Vec<RouteSite>,
+}
+
+/// How the entry points are compiled: as `dsc compile --passes .. --mla ..` would.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CompileOptions {
+    /// Passes turned off or on (all on by default).
+    pub passes: PassSelection,
+    /// Absorbed or decompressed MLA, or the cost model's choice (default).
+    pub mla: MlaMode,
+}
+
+/// Runs a spec's prefill and decode on the reference interpreter with weights `W`.
+pub struct ReferenceBackend<W: Weights> {
+    spec: Spec,
+    weights: W,
+    compile: CompileOptions,
+    options: Options,
+    compiled: Mutex<HashMap<Variant, Arc<Compiled>>>,
+}
+
+impl<W: Weights> ReferenceBackend<W> {
+    /// A backend for `spec` compiled as `compile` says; `options` sets threads and
+    /// precision of the interpreter.
+    pub fn new(spec: Spec, weights: W, compile: CompileOptions, options: Options) -> ReferenceBackend<W> {
+        ReferenceBackend { spec, weights, compile, options, compiled: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn weights(&self) -> &W {
+        &self.weights
+    }
+
+    pub fn spec(&self) -> &Spec {
+        &self.spec
+    }
+
+    /// The module a step of `mode` runs (compiled now if it was not yet), for tools that
+    /// want to see it.
+    pub fn module(&self, mode: Mode, masked: bool) -> Result<dsc_compiler::ir::Module, BackendError> {
+        Ok(self.compiled(Variant { mode, masked, capture: false })?.module.clone())
+    }
+
+    fn compiled(&self, v: Variant) -> Result<Arc<Compiled>, BackendError> {
+        let mut cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = cache.get(&v) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(self.compile(v)?);
+        cache.insert(v, c.clone());
+        Ok(c)
+    }
+
+    fn compile(&self, v: Variant) -> Result<Compiled, BackendError> {
+        let err = |e: String| BackendError::new(format!("compiling {}: {e}", v.mode));
+        let mut module = lower_mode(&self.spec, v.mode).map_err(|e| err(e.to_string()))?;
+        let mut cx = PassCx::new(v.mode);
+        cx.mla = self.compile.mla;
+        passes::compile(&mut module, &self.compile.passes, &mut cx).map_err(|e| err(e.render(Some(&self.spec.sources))))?;
+        let results = module.entry(v.mode).and_then(|f| f.graph.return_node().map(|r| f.graph.inputs(r).len())).unwrap_or(0);
+        if v.masked {
+            add_attention_mask(&mut module, v.mode).map_err(err)?;
+        }
+        let routes = if v.capture { expose_routing(&mut module, v.mode).map_err(err)? } else { Vec::new() };
+        Ok(Compiled { module, results, routes })
+    }
+
+    fn step(&self, mode: Mode, input: &StepInput, cache: Vec<Tensor>) -> Result<StepOutput, BackendError> {
+        let (b, s) = (input.batch, input.seq);
+        if input.ids.len() != b * s || input.positions.len() != b * s {
+            return Err(BackendError::new(format!("{} ids and {} positions for a {b}×{s} step", input.ids.len(), input.positions.len())));
+        }
+        let c = Compiled::cache_len(&cache);
+        let v = Variant { mode, masked: input.mask.is_some(), capture: input.capture_routing };
+        let compiled = self.compiled(v)?;
+        let mut args = vec![Tensor::i64(&[b, s], input.ids.clone()), Tensor::i64(&[b, s], input.positions.clone())];
+        args.extend(cache);
+        if let Some(mask) = &input.mask {
+            let sk = c + s;
+            if mask.len() != b * s * sk {
+                return Err(BackendError::new(format!("a mask of {} values for [{b}, {s}, {sk}]", mask.len())));
+            }
+            args.push(Tensor::f32(&[b, s, sk], mask.clone()));
+        }
+        let mut out = run(&compiled.module, mode, &args, &self.weights, &self.options).map_err(|e| BackendError::new(e.to_string()))?;
+        if out.len() != compiled.results + 2 * compiled.routes.len() || compiled.results == 0 {
+            return Err(BackendError::new(format!("{mode} returned {} results", out.len())));
+        }
+        let routed = out.split_off(compiled.results);
+        let mut it = out.into_iter();
+        let logits = it.next().expect("checked").to_f32();
+        let cache = KvCache { tensors: it.collect() };
+        let routing = compiled
+            .routes
+            .iter()
+            .zip(routed.chunks_exact(2))
+            .map(|(&layer, pair)| LayerRouting { layer, indices: pair[0].clone(), weights: pair[1].to_f32() })
+            .collect();
+        Ok(StepOutput { logits, cache, routing })
+    }
+}
+
+impl Compiled {
+    fn cache_len(cache: &[Tensor]) -> usize {
+        cache.first().and_then(|t| t.shape().get(1).copied()).unwrap_or(0)
+    }
+}
+
+impl<W: Weights> Backend for ReferenceBackend<W> {
+    fn name(&self) -> &str {
+        "reference"
+    }
+
+    fn vocab(&self) -> usize {
+        self.spec.model.vocab as usize
+    }
+
+    fn prefill(&self, input: &StepInput) -> Result<StepOutput, BackendError> {
+        self.step(Mode::Prefill, input, Vec::new())
+    }
+
+    fn decode(&self, input: &StepInput, cache: KvCache) -> Result<StepOutput, BackendError> {
+        if input.seq != 1 {
+            return Err(BackendError::new(format!("decode takes one token per sequence, not {}", input.seq)));
+        }
+        self.step(Mode::Decode, input, cache.tensors)
+    }
+}
