@@ -5,3 +5,4 @@ pub mod cli;
 pub mod generate;
 pub mod reference;
 pub mod sampling;
+pub mod rng;

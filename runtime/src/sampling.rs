@@ -11,6 +11,7 @@
 //! seeded by `seed` and the sequence's index in the batch, so a sequence's tokens depend
 //! on its seed and its own logits only, not on what else shares the batch.
 
+use crate::rng::SplitMix64;
 use std::fmt;
 
 /// How to choose tokens.
@@ -63,25 +64,6 @@ impl Sampling {
             }
         }
         Ok(())
-    }
-}
-
-/// SplitMix64: tiny, fast, and well-distributed enough to pick tokens.
-#[derive(Debug, Clone)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, 1)` with 53 random bits.
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 

@@ -15,36 +15,13 @@
 //!
 //! Run with `--nocapture` to see the largest difference per pass and precision.
 
-use dsc_compiler::ir::{param_path, Bindings, Mode, Module, Op, Operand, Ty};
+use dsc_compiler::ir::{Bindings, Mode, Module, Op, Operand, Ty};
+use dsc_tests::{entry_params, random_weights, SplitMix64 as Rng};
 use dsc_compiler::lower::lower_mode;
 use dsc_compiler::passes::{find_pass, run_pipeline, Pass, PassCx, PassSelection};
 use dsc_runtime::reference::{run, Options, Precision, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-
-/// A small deterministic generator (splitmix64), so every run binds the same numbers.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in (0, 1).
-    fn unit(&mut self) -> f64 {
-        ((self.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-    /// Standard normal (Box–Muller).
-    fn normal(&mut self) -> f64 {
-        (-2.0 * self.unit().ln()).sqrt() * (2.0 * std::f64::consts::PI * self.unit()).cos()
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// Run sizes: two sequences of five tokens (prefill, train), one new token after three
 /// cached ones (decode).
@@ -59,49 +36,9 @@ fn dims(t: &Ty, b: &Bindings) -> Vec<usize> {
     t.shape.eval(b).into_iter().map(|d| d as usize).collect()
 }
 
-/// Every weight the entry point reads, by full param path: matrices `~N(0, 1/fan_in)`
-/// (fan-in the last axis, as torch's `[out, in]`), norm gains `1 + N(0, 0.1²)` (so
-/// activations neither vanish nor blow up over the layers, which would make the
-/// comparison vacuous), the router's selection bias `N(0, 0.1²)`. No weight is zero.
+/// Every weight the entry point reads, by full param path (see [`random_weights`]).
 fn weights(m: &Module, mode: Mode, rng: &mut Rng) -> HashMap<String, Tensor> {
-    let entry = m.entry(mode).expect("entry");
-    let mut params: BTreeMap<String, Ty> = BTreeMap::new();
-    let mut scan = |f: &str, layer: Option<u32>| {
-        let g = &m.function(f).expect("callee").graph;
-        for n in g.nodes() {
-            if let Op::Param { name } = &g.node(n).op {
-                params.insert(param_path(layer, name), g.node(n).ty().clone());
-            }
-        }
-    };
-    scan(&entry.name, None);
-    for n in entry.graph.nodes() {
-        if let Op::Call { function, layer } = &entry.graph.node(n).op {
-            scan(function, *layer);
-        }
-    }
-    let none = Bindings::default();
-    params
-        .into_iter()
-        .map(|(name, ty)| {
-            let shape = dims(&ty, &none);
-            let count: usize = shape.iter().product();
-            let v: Vec<f32> = (0..count)
-                .map(|_| {
-                    let z = rng.normal();
-                    let x = if shape.len() >= 2 {
-                        z / (*shape.last().unwrap() as f64).sqrt()
-                    } else if name.ends_with("bias") {
-                        0.1 * z
-                    } else {
-                        1.0 + 0.1 * z
-                    };
-                    if x == 0.0 { 1e-3 } else { x as f32 }
-                })
-                .collect();
-            (name, Tensor::f32(&shape, v))
-        })
-        .collect()
+    random_weights(&entry_params(m, mode), rng)
 }
 
 /// The entry's arguments by index: token ids and labels in `0..vocab` (a fifth of the

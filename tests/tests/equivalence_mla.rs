@@ -10,11 +10,12 @@
 //! - speed (`#[ignore]`, run with `--release -- --ignored --nocapture`): decode tokens/s
 //!   of both forms at several cache lengths, printed, never asserted.
 
-use dsc_compiler::ir::{param_path, Mode, Module, Op, Sym, Ty};
+use dsc_compiler::ir::{Mode, Module, Op, Sym, Ty};
 use dsc_compiler::lower::lower_mode;
 use dsc_compiler::passes::mla_absorb::{mla_sites, MlaMode};
 use dsc_compiler::passes::{compile, PassCx, PassSelection};
 use dsc_runtime::reference::{run, Options, Precision, Tensor};
+use dsc_tests::{entry_params, random_weights, SplitMix64};
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
@@ -60,79 +61,7 @@ fn compiled(spec: &dsc_dsl::Spec, mode: Mode, mla: MlaMode) -> Module {
     m
 }
 
-/// Every param the entry reaches, by full (checkpoint) name, with its type.
-fn params(m: &Module, mode: Mode) -> HashMap<String, Ty> {
-    let entry = m.entry(mode).unwrap();
-    let mut out = HashMap::new();
-    let mut visit = |f: &dsc_compiler::ir::Function, layer: Option<u32>| {
-        for n in f.graph.nodes() {
-            if let Op::Param { name } = &f.graph.node(n).op {
-                out.insert(param_path(layer, name), f.graph.node(n).ty().clone());
-            }
-        }
-    };
-    visit(entry, None);
-    for n in entry.graph.nodes() {
-        if let Op::Call { function, layer } = &entry.graph.node(n).op {
-            visit(m.function(function).unwrap(), *layer);
-        }
-    }
-    out
-}
-
 // ---------------------------------------------------------------- random data
-
-/// splitmix64: small, seeded, good enough for test data.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in (0, 1).
-    fn uniform(&mut self) -> f64 {
-        ((self.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-    /// Standard normal (Box–Muller).
-    fn normal(&mut self) -> f64 {
-        let (u, v) = (self.uniform(), self.uniform());
-        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
-/// A weight for every param: matrices (and stacked experts) `N(0, 1/fan_in)` with the
-/// last axis as fan-in, norm gains `1 + N(0, 0.1²)`, other vectors `N(0, 0.1²)`.
-/// Names are sorted first so the same seed gives the same weights.
-fn random_weights(params: &HashMap<String, Ty>, seed: u64) -> HashMap<String, Tensor> {
-    let mut rng = Rng(seed);
-    let mut names: Vec<&String> = params.keys().collect();
-    names.sort();
-    names
-        .into_iter()
-        .map(|name| {
-            let shape: Vec<usize> = params[name].shape.iter().map(|d| d.as_const().unwrap() as usize).collect();
-            let fan_in = *shape.last().unwrap() as f64;
-            let data: Vec<f32> = (0..shape.iter().product())
-                .map(|_| {
-                    let z = rng.normal();
-                    (match shape.len() {
-                        1 if name.ends_with("norm.weight") => 1.0 + 0.1 * z,
-                        1 => 0.1 * z,
-                        _ => z / fan_in.sqrt(),
-                    }) as f32
-                })
-                .collect();
-            (name.clone(), Tensor::f32(&shape, data))
-        })
-        .collect()
-}
 
 fn vocab(m: &Module, mode: Mode) -> usize {
     let logits = &m.entry(mode).unwrap().graph.signature().outputs[0];
@@ -187,14 +116,14 @@ fn greedy_both_ways(spec: &dsc_dsl::Spec, precision: Precision, batch: usize, pr
     assert!(dec.functions.iter().any(|f| !mla_sites(&f.graph).is_empty()), "the decompressed decode is not decompressed");
     assert!(abs.functions.iter().all(|f| mla_sites(&f.graph).is_empty()), "the absorbed decode still decompresses");
 
-    let mut p = params(&lower_mode(spec, Mode::Prefill).unwrap(), Mode::Prefill);
-    p.extend(params(&lower_mode(spec, Mode::Decode).unwrap(), Mode::Decode));
-    let w = random_weights(&p, seed);
+    let mut p = entry_params(&lower_mode(spec, Mode::Prefill).unwrap(), Mode::Prefill);
+    p.extend(entry_params(&lower_mode(spec, Mode::Decode).unwrap(), Mode::Decode));
+    let w = random_weights(&p, &mut SplitMix64(seed));
     let opts = Options { precision, ..Options::default() };
     let v = vocab(&dec, Mode::Decode);
 
-    let mut rng = Rng(seed ^ 0x5eed);
-    let prompt_ids: Vec<Vec<usize>> = (0..batch).map(|_| (0..prompt).map(|_| rng.below(v)).collect()).collect();
+    let mut rng = SplitMix64(seed ^ 0x5eed);
+    let prompt_ids: Vec<Vec<usize>> = (0..batch).map(|_| (0..prompt).map(|_| rng.below(v as u64) as usize).collect()).collect();
     let inputs = [ids(&prompt_ids), positions(batch, 0, prompt)];
     let out = run(&prefill, Mode::Prefill, &inputs, &w, &opts).unwrap();
     let out_abs = run(&prefill_abs, Mode::Prefill, &inputs, &w, &opts).unwrap();
@@ -346,7 +275,7 @@ const MID: &str = "model mid {
 /// shared test machine makes the mean (and multi-threaded runs) noisy.
 fn tokens_per_second(m: &Module, w: &HashMap<String, Tensor>, c: usize, steps: usize) -> f64 {
     let sig = m.entry(Mode::Decode).unwrap().graph.signature();
-    let mut rng = Rng(7);
+    let mut rng = SplitMix64(7);
     let mut args = vec![Tensor::i64(&[1, 1], vec![1]), Tensor::i64(&[1, 1], vec![c as i64])];
     for t in &sig.inputs[2..] {
         let d = t.shape[2].as_const().unwrap() as usize;
@@ -371,7 +300,7 @@ fn decode_speed_absorbed_vs_decompressed() {
     for (label, spec, steps) in [("tiny_v3", tiny("tiny_v3.dsc"), 200), ("mid (V2-Lite dims, 2 layers)", from_str(MID), 7)] {
         let dec = compiled(&spec, Mode::Decode, MlaMode::Decompress);
         let abs = compiled(&spec, Mode::Decode, MlaMode::Absorb);
-        let w = random_weights(&params(&dec, Mode::Decode), 1);
+        let w = random_weights(&entry_params(&dec, Mode::Decode), &mut SplitMix64(1));
         for c in [64, 256, 1024] {
             let (d, a) = (tokens_per_second(&dec, &w, c, steps), tokens_per_second(&abs, &w, c, steps));
             println!("{label:>30}  c={c:>5}  decompressed {d:>9.1} tok/s  absorbed {a:>9.1} tok/s  absorbed/decompressed {:.2}x", a / d);
