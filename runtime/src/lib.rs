@@ -5,4 +5,6 @@ pub mod cli;
 pub mod generate;
 pub mod reference;
 pub mod sampling;
+#[cfg(feature = "wgpu")]
+pub mod wgpu;
 pub mod rng;

@@ -4,10 +4,17 @@
 //! `@line:col` spans into the spec, or the memory plan. `--mla` picks the form of MLA
 //! attention in prefill and decode (`mla_absorb`'s cost model by default). `DSC_DUMP=<pass,...|all>` (and `DSC_DUMP_DIR`) dump the IR around
 //! passes; see `dsc_compiler::passes::runner`.
+//!
+//! `dsc compile SPEC --target cuda|wgpu [--mode ..] -o DIR` ([`compile_target_cmd`])
+//! writes GPU kernel sources instead: `DIR/kernels/NAME.cu` or `NAME.wgsl`, one per
+//! distinct kernel among the nodes `dsc_compiler::codegen` supports, `DIR/ir.txt` (the
+//! optimised IR) and `DIR/unsupported.txt` (the ops without a kernel yet, with counts).
 
 use super::import::write_atomically;
 use super::load_spec;
-use dsc_compiler::ir::{print_module, Mode};
+use dsc_compiler::codegen::{kernel_source, KernelSpec, Target};
+use dsc_compiler::ir::{print_module, Mode, Module, Op};
+use std::collections::BTreeMap;
 use dsc_compiler::lower::{lower_mode, LowerError};
 use dsc_compiler::passes::mla_absorb::{MlaAbsorb, MlaMode};
 use dsc_compiler::passes::{self, PassCx, PassSelection, PipelineError};
@@ -101,6 +108,73 @@ pub fn compile_cmd_with(
     }
 }
 
+/// `cuda` or `wgpu`; for clap's `value_parser` of `--target`.
+pub fn parse_target(s: &str) -> Result<Target, String> {
+    match s {
+        "cuda" => Ok(Target::Cuda),
+        "wgpu" | "wgsl" => Ok(Target::Wgsl),
+        _ => Err(format!("unknown target `{s}`; expected cuda or wgpu")),
+    }
+}
+
+/// Compiles `spec` for `mode` (as [`compile_cmd_with`] does for `--emit ir`) and writes
+/// the GPU kernels for `target` under `out_dir`: `kernels/NAME.EXT` per distinct kernel,
+/// `ir.txt` and `unsupported.txt`. Returns how many kernel files were written.
+pub fn compile_target_cmd(
+    spec: &Path,
+    model: Option<&str>,
+    mode: Mode,
+    passes: Option<&str>,
+    mla: MlaMode,
+    target: Target,
+    out_dir: &Path,
+) -> Result<usize, String> {
+    let selection = PassSelection::parse(passes.unwrap_or("")).map_err(|e| format!("--passes: {e}"))?;
+    let mut cx = PassCx::from_env(mode).map_err(|e| format!("DSC_DUMP: {e}"))?;
+    cx.mla = mla;
+    let spec = load_spec(spec, model)?;
+    let mut module = lower_mode(&spec, mode).map_err(|e| lower_error(&spec, &e))?;
+    let mut cx = cx.with_sources(&spec.sources);
+    passes::compile(&mut module, &selection, &mut cx).map_err(|e| pipeline_error(&spec, &e))?;
+
+    let (kernels, unsupported) = collect_kernels(&module);
+    let dir = out_dir.join("kernels");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    for (name, k) in &kernels {
+        write_atomically(&dir.join(format!("{name}.{}", target.extension())), kernel_source(k, target).as_bytes())?;
+    }
+    write_atomically(&out_dir.join("ir.txt"), print_module(&module, Some(&spec.sources)).as_bytes())?;
+    let mut text = String::from("# ops of the optimised IR without a GPU kernel yet: op, nodes, why\n");
+    for ((op, why), count) in &unsupported {
+        text.push_str(&format!("{op} {count} {why}\n"));
+    }
+    write_atomically(&out_dir.join("unsupported.txt"), text.as_bytes())?;
+    Ok(kernels.len())
+}
+
+/// The distinct kernels of every function of `module`, by name (sorted, so the output
+/// does not depend on node order), and the unsupported nodes counted by (op, reason).
+/// Graph plumbing (inputs, params, constants, calls, returns) is no kernel and not listed.
+pub fn collect_kernels(module: &Module) -> (BTreeMap<String, KernelSpec>, BTreeMap<(&'static str, String), usize>) {
+    let mut kernels = BTreeMap::new();
+    let mut unsupported = BTreeMap::new();
+    for f in &module.functions {
+        for n in f.graph.nodes() {
+            let node = f.graph.node(n);
+            if matches!(node.op, Op::Input { .. } | Op::Param { .. } | Op::Const { .. } | Op::Call { .. } | Op::Return) {
+                continue;
+            }
+            match KernelSpec::from_node(&f.graph, n) {
+                Ok(k) => {
+                    kernels.insert(k.name(), k);
+                }
+                Err(u) => *unsupported.entry((u.op, u.reason)).or_insert(0) += 1,
+            }
+        }
+    }
+    (kernels, unsupported)
+}
+
 /// A lowering error, under the spec line it concerns when it has one.
 fn lower_error(spec: &Spec, e: &LowerError) -> String {
     match e.span() {
@@ -170,6 +244,25 @@ mod tests {
         let text = std::fs::read_to_string(&out).unwrap();
         assert!(text.starts_with("decode entry `decode` at b=1 s=1 c=4096:\n"), "{text}");
         std::fs::remove_dir_all(out.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn writes_kernels_for_a_target() {
+        for (target, ext) in [(Target::Cuda, "cu"), (Target::Wgsl, "wgsl")] {
+            let dir = out_file(&format!("target-{ext}")).parent().unwrap().to_path_buf();
+            let n = compile_target_cmd(&spec("tiny_v3.dsc"), None, Mode::Decode, None, MlaMode::Auto, target, &dir).unwrap();
+            let files: Vec<_> = std::fs::read_dir(dir.join("kernels")).unwrap().map(|e| e.unwrap().path()).collect();
+            assert_eq!(files.len(), n);
+            assert!(n > 0 && files.iter().all(|p| p.extension().unwrap() == ext), "{files:?}");
+            assert!(files.iter().any(|p| p.file_name().unwrap().to_string_lossy().starts_with("matmul_")), "{files:?}");
+            assert!(std::fs::read_to_string(dir.join("ir.txt")).unwrap().starts_with("entry decode = decode\n"));
+            // Attention has no kernel yet and must be listed as such.
+            let unsupported = std::fs::read_to_string(dir.join("unsupported.txt")).unwrap();
+            assert!(unsupported.lines().any(|l| l.starts_with("attention ")), "{unsupported}");
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+        assert_eq!(parse_target("wgpu"), Ok(Target::Wgsl));
+        assert!(parse_target("metal").unwrap_err().contains("expected cuda or wgpu"));
     }
 
     #[test]

@@ -71,6 +71,9 @@ enum Command {
         /// What to print: `ir` or `memory-plan`.
         #[arg(long, default_value = "ir")]
         emit: String,
+        /// Write GPU kernel sources for this target (`cuda` or `wgpu`) into the directory `-o` names.
+        #[arg(long, value_parser = compile::parse_target)]
+        target: Option<dsc_compiler::codegen::Target>,
         /// Write the output here (atomically) instead of printing it.
         #[arg(short, long)]
         out: Option<PathBuf>,
@@ -99,9 +102,13 @@ pub fn main() -> ExitCode {
         Command::Diff { spec_a, spec_b, model_a, model_b, context } => {
             cost::diff_cmd(&spec_a, model_a.as_deref(), &spec_b, model_b.as_deref(), context)
         }
-        Command::Compile { spec, model, mode, passes, mla, emit, out } => {
-            compile::compile_cmd_with(&spec, model.as_deref(), mode, passes.as_deref(), mla, &emit, out.as_deref())
-        }
+        Command::Compile { spec, model, mode, passes, mla, emit, out, target } => match (target, out) {
+            (Some(t), Some(dir)) => {
+                compile::compile_target_cmd(&spec, model.as_deref(), mode, passes.as_deref(), mla, t, &dir).map(|_| ())
+            }
+            (Some(_), None) => Err("`--target` writes a directory of kernels: give it with `-o DIR`".to_string()),
+            (None, out) => compile::compile_cmd_with(&spec, model.as_deref(), mode, passes.as_deref(), mla, &emit, out.as_deref()),
+        },
         Command::Import { config, out, name } => import::import_cmd(&config, out.as_deref(), name.as_deref()),
         Command::Logits(args) => logits::logits_cmd(&args),
         Command::Generate(args) => generate::generate_cmd(&args),

@@ -1,0 +1,295 @@
+//! The generic `#[cube]` kernels. Each is specialised by comptime data derived from the
+//! IR (an elementwise program, an epsilon, a block size), so one Rust function stands
+//! for a family of kernels and CubeCL caches each distinct specialisation once.
+//!
+//! Launch shapes (the host side, `dsc_runtime::wgpu`, follows them):
+//! - [`fused_ew`]: 1-D, one unit per output element, [`EW_BLOCK`] units per cube.
+//! - [`rms_norm`], [`softmax`]: one cube per row, [`ROW_BLOCK`] units per cube.
+//! - [`matmul`]: [`TILE`]×[`TILE`] units per cube, one cube per output tile.
+
+use cubecl::prelude::*;
+
+/// Units per cube of the elementwise kernel.
+pub const EW_BLOCK: u32 = 256;
+/// Units per cube of the row kernels; a power of two so the tree reduction halves evenly.
+pub const ROW_BLOCK: u32 = 128;
+/// `log2(ROW_BLOCK)`: the reduction is a comptime-unrolled halving loop (a runtime
+/// `while` over a shared-memory index trips a CubeCL 0.11.3 verifier bug, CUBECL.md §2).
+pub const ROW_BLOCK_LOG2: u32 = 7;
+/// Side of the matmul's square shared-memory tiles.
+pub const TILE: u32 = 16;
+
+/// How the elementwise kernel reads one input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Access {
+    /// The input has the output's shape: element `pos` is at `pos`.
+    Direct,
+    /// One element, read by every unit (a rank-0 input such as a constant).
+    Scalar,
+    /// Broadcast: the offset is the output coordinate dotted with the input's strides
+    /// (0 along broadcast axes), read from the `layout` buffer.
+    Strided,
+}
+
+/// One instruction of the elementwise program; register `k` is the `k`-th value the
+/// program produced (the inputs' loads come first, one register per input).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EwOp {
+    Neg(u32),
+    Abs(u32),
+    Exp(u32),
+    Log(u32),
+    Sqrt(u32),
+    Rsqrt(u32),
+    Recip(u32),
+    Square(u32),
+    Sigmoid(u32),
+    Silu(u32),
+    Tanh(u32),
+    Sin(u32),
+    Cos(u32),
+    Add(u32, u32),
+    Sub(u32, u32),
+    Mul(u32, u32),
+    Div(u32, u32),
+    Max(u32, u32),
+    Min(u32, u32),
+    Pow(u32, u32),
+    /// `1` where `a < b`, else `0`: comparisons stay in the float registers and are only
+    /// consumed by [`EwOp::Select`] inside the program.
+    Lt(u32, u32),
+    Eq(u32, u32),
+    /// `c != 0 ? a : b`.
+    Select(u32, u32, u32),
+    /// A copy (a cast to the dtype the program already computes in).
+    Copy(u32),
+}
+
+/// The comptime configuration of [`fused_ew`]: rank of the output, how each input is
+/// read, and the instructions. The result is the last register.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EwProgram {
+    pub rank: u32,
+    pub inputs: Vec<Access>,
+    pub ops: Vec<EwOp>,
+}
+
+/// The fused elementwise kernel. `layout` holds the output shape (`rank` values) then,
+/// per input, `rank` strides (only read for [`Access::Strided`] inputs; the host
+/// writes them for every input so the layout does not depend on the program).
+#[cube(launch, create_dummy_kernel)]
+pub fn fused_ew<F: Float>(inputs: &Sequence<Box<[F]>>, layout: &[u32], out: &mut [F], #[comptime] prog: EwProgram) {
+    let pos = ABSOLUTE_POS;
+    if pos < out.len() {
+        let mut regs = Sequence::<F>::new();
+        #[unroll]
+        for j in 0..prog.inputs.len() {
+            let access = comptime![prog.inputs[j]];
+            match access {
+                Access::Direct => regs.push(inputs.index(j)[pos]),
+                Access::Scalar => regs.push(inputs.index(j)[0]),
+                Access::Strided => {
+                    // Walk the axes from the last: coordinate = rem % dim.
+                    let mut rem = pos as u32;
+                    let mut offset = 0u32;
+                    #[unroll]
+                    for r in 0..prog.rank {
+                        let d = comptime![prog.rank - 1 - r];
+                        let dim = layout[d as usize];
+                        let stride = layout[comptime![(prog.rank * (1 + j as u32) + d) as usize]];
+                        offset += (rem % dim) * stride;
+                        rem /= dim;
+                    }
+                    regs.push(inputs.index(j)[offset as usize]);
+                }
+            }
+        }
+        #[unroll]
+        for i in 0..prog.ops.len() {
+            let op = comptime![prog.ops[i]];
+            match op {
+                EwOp::Neg(a) => regs.push(-*regs.index(a as usize)),
+                EwOp::Abs(a) => regs.push(F::abs(*regs.index(a as usize))),
+                EwOp::Exp(a) => regs.push(F::exp(*regs.index(a as usize))),
+                EwOp::Log(a) => regs.push(F::ln(*regs.index(a as usize))),
+                EwOp::Sqrt(a) => regs.push(F::sqrt(*regs.index(a as usize))),
+                EwOp::Rsqrt(a) => regs.push(F::new(1.0) / F::sqrt(*regs.index(a as usize))),
+                EwOp::Recip(a) => regs.push(F::new(1.0) / *regs.index(a as usize)),
+                EwOp::Square(a) => {
+                    let x = *regs.index(a as usize);
+                    regs.push(x * x)
+                }
+                EwOp::Sigmoid(a) => regs.push(F::new(1.0) / (F::new(1.0) + F::exp(-*regs.index(a as usize)))),
+                EwOp::Silu(a) => {
+                    let x = *regs.index(a as usize);
+                    regs.push(x / (F::new(1.0) + F::exp(-x)))
+                }
+                EwOp::Tanh(a) => regs.push(F::tanh(*regs.index(a as usize))),
+                EwOp::Sin(a) => regs.push(F::sin(*regs.index(a as usize))),
+                EwOp::Cos(a) => regs.push(F::cos(*regs.index(a as usize))),
+                EwOp::Add(a, b) => regs.push(*regs.index(a as usize) + *regs.index(b as usize)),
+                EwOp::Sub(a, b) => regs.push(*regs.index(a as usize) - *regs.index(b as usize)),
+                EwOp::Mul(a, b) => regs.push(*regs.index(a as usize) * *regs.index(b as usize)),
+                EwOp::Div(a, b) => regs.push(*regs.index(a as usize) / *regs.index(b as usize)),
+                EwOp::Max(a, b) => {
+                    let x = *regs.index(a as usize);
+                    let y = *regs.index(b as usize);
+                    regs.push(select(x > y, x, y))
+                }
+                EwOp::Min(a, b) => {
+                    let x = *regs.index(a as usize);
+                    let y = *regs.index(b as usize);
+                    regs.push(select(x < y, x, y))
+                }
+                EwOp::Pow(a, b) => regs.push(F::powf(*regs.index(a as usize), *regs.index(b as usize))),
+                EwOp::Lt(a, b) => {
+                    let c = *regs.index(a as usize) < *regs.index(b as usize);
+                    regs.push(select(c, F::new(1.0), F::new(0.0)))
+                }
+                EwOp::Eq(a, b) => {
+                    let c = *regs.index(a as usize) == *regs.index(b as usize);
+                    regs.push(select(c, F::new(1.0), F::new(0.0)))
+                }
+                EwOp::Select(c, a, b) => {
+                    let cond = *regs.index(c as usize) != F::new(0.0);
+                    regs.push(select(cond, *regs.index(a as usize), *regs.index(b as usize)))
+                }
+                EwOp::Copy(a) => regs.push(*regs.index(a as usize)),
+            }
+        }
+        out[pos] = *regs.index(comptime![prog.inputs.len() + prog.ops.len() - 1]);
+    }
+}
+
+/// Tree reduction of `shared[0..ROW_BLOCK]` into `shared[0]`, by sum or by max.
+#[cube]
+fn block_reduce<F: Float>(shared: &mut Shared<[F]>, tid: u32, #[comptime] max: bool) {
+    sync_cube();
+    #[unroll]
+    for s in 0..ROW_BLOCK_LOG2 {
+        let stride = comptime![ROW_BLOCK >> (s + 1)];
+        if tid < stride {
+            let a = shared[tid as usize];
+            let b = shared[(tid + stride) as usize];
+            if comptime![max] {
+                shared[tid as usize] = select(a > b, a, b);
+            } else {
+                shared[tid as usize] = a + b;
+            }
+        }
+        sync_cube();
+    }
+}
+
+/// `y = x · rsqrt(mean(x²) + eps) · gain` over each row of `cols` elements; one cube per
+/// row, the sum of squares reduced in shared memory (no plane ops: the plane size differs
+/// between lavapipe (8) and NVIDIA (32), and lavapipe's WGSL path reports none).
+#[cube(launch, create_dummy_kernel)]
+pub fn rms_norm<F: Float>(x: &[F], gain: &[F], out: &mut [F], cols: u32, #[comptime] eps_bits: u32) {
+    let row = CUBE_POS_X;
+    let tid = UNIT_POS_X;
+    let base = row * cols;
+    let mut shared = Shared::<[F]>::new_slice(ROW_BLOCK as usize);
+    let mut acc = F::new(0.0);
+    let iters = cols.div_ceil(ROW_BLOCK);
+    for it in 0..iters {
+        let c = it * ROW_BLOCK + tid;
+        if c < cols {
+            let v = x[(base + c) as usize];
+            acc += v * v;
+        }
+    }
+    shared[tid as usize] = acc;
+    block_reduce::<F>(&mut shared, tid, false);
+    let eps = F::new(comptime![f32::from_bits(eps_bits)]);
+    let scale = F::new(1.0) / F::sqrt(shared[0] / F::cast_from(cols) + eps);
+    for it in 0..iters {
+        let c = it * ROW_BLOCK + tid;
+        if c < cols {
+            out[(base + c) as usize] = x[(base + c) as usize] * scale * gain[c as usize];
+        }
+    }
+}
+
+/// Max-subtracted softmax over each row of `cols` elements; one cube per row.
+#[cube(launch, create_dummy_kernel)]
+pub fn softmax<F: Float>(x: &[F], out: &mut [F], cols: u32) {
+    let row = CUBE_POS_X;
+    let tid = UNIT_POS_X;
+    let base = row * cols;
+    let mut shared = Shared::<[F]>::new_slice(ROW_BLOCK as usize);
+    let iters = cols.div_ceil(ROW_BLOCK);
+    // Every row has at least one element, so element 0 seeds the max of idle units.
+    let mut m = x[base as usize];
+    for it in 0..iters {
+        let c = it * ROW_BLOCK + tid;
+        if c < cols {
+            let v = x[(base + c) as usize];
+            m = select(v > m, v, m);
+        }
+    }
+    shared[tid as usize] = m;
+    block_reduce::<F>(&mut shared, tid, true);
+    let row_max = shared[0];
+    // Everyone has read the max before the buffer is reused for the sum.
+    sync_cube();
+    let mut acc = F::new(0.0);
+    for it in 0..iters {
+        let c = it * ROW_BLOCK + tid;
+        if c < cols {
+            acc += F::exp(x[(base + c) as usize] - row_max);
+        }
+    }
+    shared[tid as usize] = acc;
+    block_reduce::<F>(&mut shared, tid, false);
+    let inv = F::new(1.0) / shared[0];
+    for it in 0..iters {
+        let c = it * ROW_BLOCK + tid;
+        if c < cols {
+            out[(base + c) as usize] = F::exp(x[(base + c) as usize] - row_max) * inv;
+        }
+    }
+}
+
+/// `out[m, n] = Σ_k x[m, k] · w[n, k]` (the IR's `matmul`: a torch `Linear` weight
+/// `[out, in]`). Tiles of x and w are staged in shared memory; loads outside the matrix
+/// read as 0 so any M, N, K works.
+#[cube(launch, create_dummy_kernel)]
+pub fn matmul<F: Float>(x: &[F], w: &[F], out: &mut [F], m: u32, n: u32, k: u32) {
+    let tx = UNIT_POS_X; // along n
+    let ty = UNIT_POS_Y; // along m
+    let row = CUBE_POS_Y * TILE + ty;
+    let col = CUBE_POS_X * TILE + tx;
+    // One shared buffer holding both tiles (x's at 0, w's at TILE²): with two, CubeCL
+    // 0.11.3 lays them out in a different order from run to run, and the generated
+    // source must be byte-identical.
+    let mut tiles_mem = Shared::<[F]>::new_slice((2 * TILE * TILE) as usize);
+    let wo = TILE * TILE;
+    let mut acc = F::new(0.0);
+    let tiles = k.div_ceil(TILE);
+    for t in 0..tiles {
+        let kx = t * TILE + tx;
+        // x tile [ty][tx] = x[row, kx]; w tile [tx][ty] = w[wn, kx] with wn the tile's
+        // column ty, so that the inner loop reads w tile [kk][tx] = w[col, t*TILE + kk].
+        let mut xv = F::new(0.0);
+        if row < m && kx < k {
+            xv = x[(row * k + kx) as usize];
+        }
+        tiles_mem[(ty * TILE + tx) as usize] = xv;
+        let wn = CUBE_POS_X * TILE + ty;
+        let mut wv = F::new(0.0);
+        if wn < n && kx < k {
+            wv = w[(wn * k + kx) as usize];
+        }
+        tiles_mem[(wo + tx * TILE + ty) as usize] = wv;
+        sync_cube();
+        #[unroll]
+        for kk in 0..TILE {
+            acc += tiles_mem[(ty * TILE + kk) as usize] * tiles_mem[(wo + kk * TILE + tx) as usize];
+        }
+        sync_cube();
+    }
+    if row < m && col < n {
+        out[(row * n + col) as usize] = acc;
+    }
+}

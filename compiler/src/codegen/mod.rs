@@ -1,0 +1,392 @@
+//! GPU kernels for IR nodes, through CubeCL: which nodes have a kernel
+//! ([`KernelSpec::from_node`]), the generic `#[cube]` kernels ([`kernels`]), and
+//! device-free source text for CUDA C++ and WGSL ([`kernel_source`]).
+//!
+//! A [`KernelSpec`] is everything a kernel is specialised on (op, dtype, comptime
+//! program) and nothing it is not (symbolic sizes are runtime arguments), so equal
+//! specs are one kernel: `dsc compile --target` writes one file per distinct spec and a
+//! runtime compiles each once. CubeCL is named only here and in the runtime; `ir` and
+//! `passes` stay backend-free.
+//!
+//! First milestone: `f32` and `f16`; elementwise programs (plain `Unary`/`Binary` nodes
+//! and head-less `Fused` nodes) whose inputs and result share one float dtype;
+//! `rms_norm`; `softmax` over the last axis; `matmul`. Everything else is
+//! [`Unsupported`] with the reason.
+
+pub mod kernels;
+
+use crate::ir::{BinaryOp, DType, FusedKernel, Graph, NodeId, Op, Operand, StepOp, Ty, UnaryOp};
+use cubecl::prelude::*;
+use cubecl::Compiler;
+use kernels::{Access, EwOp, EwProgram};
+use std::fmt;
+use std::sync::Arc;
+
+/// The float type a kernel computes in (and all its buffers hold).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Elem {
+    F32,
+    F16,
+}
+
+impl Elem {
+    pub fn from_dtype(d: DType) -> Option<Elem> {
+        match d {
+            DType::F32 => Some(Elem::F32),
+            DType::F16 => Some(Elem::F16),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Elem::F32 => "f32",
+            Elem::F16 => "f16",
+        }
+    }
+}
+
+/// One kernel: what it computes and its comptime configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum KernelSpec {
+    /// [`kernels::fused_ew`] running `program`.
+    Elementwise { elem: Elem, program: EwProgram },
+    /// [`kernels::rms_norm`] over the last axis; `eps` as `f32` bits.
+    RmsNorm { elem: Elem, eps_bits: u32 },
+    /// [`kernels::softmax`] over the last axis.
+    Softmax { elem: Elem },
+    /// [`kernels::matmul`]: `x[.., k] · w[n, k]ᵀ`.
+    MatMul { elem: Elem },
+}
+
+/// Why a node has no kernel yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsupported {
+    pub op: &'static str,
+    pub reason: String,
+}
+
+impl fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.op, self.reason)
+    }
+}
+
+/// The source language to generate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Target {
+    Cuda,
+    Wgsl,
+}
+
+impl Target {
+    /// The file extension of this target's sources.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Target::Cuda => "cu",
+            Target::Wgsl => "wgsl",
+        }
+    }
+}
+
+/// FNV-1a, 64-bit: a hash that is the same in every build and run (std's `DefaultHasher`
+/// promises neither), for kernel names that can be golden-tested.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+impl KernelSpec {
+    /// The kernel for node `n` of `g`, or why there is none.
+    pub fn from_node(g: &Graph, n: NodeId) -> Result<KernelSpec, Unsupported> {
+        let node = g.node(n);
+        let op = node.op.name();
+        let no = |reason: &str| Unsupported { op, reason: reason.to_string() };
+        if !matches!(node.op, Op::Unary(_) | Op::Binary(_) | Op::Fused(_) | Op::RmsNorm { .. } | Op::Softmax { .. } | Op::MatMul) {
+            return Err(no("no kernel yet"));
+        }
+        let inputs: Vec<Ty> = g.inputs(n).iter().map(|&v| g.ty(v).clone()).collect();
+        let Some(out) = node.outputs.first() else { return Err(no("no output")) };
+        if node.outputs.len() != 1 {
+            return Err(no("more than one output"));
+        }
+        let elem = Elem::from_dtype(out.dtype).ok_or_else(|| no(&format!("result dtype {} (only f32, f16 so far)", out.dtype.name())))?;
+        if let Some(t) = inputs.iter().find(|t| t.dtype != out.dtype) {
+            return Err(no(&format!("input dtype {} differs from the result's {}", t.dtype.name(), out.dtype.name())));
+        }
+        match &node.op {
+            Op::Unary(u) => {
+                let program = ew_program(out, &inputs, &[ew_unary(*u, 0)]).map_err(|r| no(&r))?;
+                Ok(KernelSpec::Elementwise { elem, program })
+            }
+            Op::Binary(b) => {
+                let op = ew_binary(*b, 0, 1);
+                let program = ew_program(out, &inputs, &[op]).map_err(|r| no(&r))?;
+                Ok(KernelSpec::Elementwise { elem, program })
+            }
+            Op::Fused(k) => {
+                if k.head.is_some() {
+                    return Err(no("fused kernel with a matmul/rms_norm head"));
+                }
+                let ops = fused_ops(k, out.dtype).map_err(|r| no(&r))?;
+                let program = ew_program(out, &inputs, &ops).map_err(|r| no(&r))?;
+                Ok(KernelSpec::Elementwise { elem, program })
+            }
+            Op::RmsNorm { eps } => {
+                if inputs[1].rank() != 1 {
+                    return Err(no("gain of rank other than 1"));
+                }
+                Ok(KernelSpec::RmsNorm { elem, eps_bits: (eps.get() as f32).to_bits() })
+            }
+            Op::Softmax { axis } => {
+                if *axis as usize + 1 != out.rank() {
+                    return Err(no("softmax over an axis other than the last"));
+                }
+                Ok(KernelSpec::Softmax { elem })
+            }
+            Op::MatMul => Ok(KernelSpec::MatMul { elem }),
+            _ => Err(no("no kernel yet")),
+        }
+    }
+
+    /// A stable file and entry name: kind, dtype and, for configured kernels, a hash of
+    /// the configuration (`ew_f32_1a2b3c4d5e6f7a8b`).
+    pub fn name(&self) -> String {
+        let h = || format!("{:016x}", fnv1a(format!("{self:?}").as_bytes()));
+        match self {
+            KernelSpec::Elementwise { elem, .. } => format!("ew_{}_{}", elem.name(), h()),
+            KernelSpec::RmsNorm { elem, .. } => format!("rms_norm_{}_{}", elem.name(), h()),
+            KernelSpec::Softmax { elem } => format!("softmax_{}", elem.name()),
+            KernelSpec::MatMul { elem } => format!("matmul_{}", elem.name()),
+        }
+    }
+
+    pub fn elem(&self) -> Elem {
+        match self {
+            KernelSpec::Elementwise { elem, .. }
+            | KernelSpec::RmsNorm { elem, .. }
+            | KernelSpec::Softmax { elem }
+            | KernelSpec::MatMul { elem } => *elem,
+        }
+    }
+}
+
+fn ew_unary(u: UnaryOp, a: u32) -> EwOp {
+    match u {
+        UnaryOp::Neg => EwOp::Neg(a),
+        UnaryOp::Abs => EwOp::Abs(a),
+        UnaryOp::Exp => EwOp::Exp(a),
+        UnaryOp::Log => EwOp::Log(a),
+        UnaryOp::Sqrt => EwOp::Sqrt(a),
+        UnaryOp::Rsqrt => EwOp::Rsqrt(a),
+        UnaryOp::Recip => EwOp::Recip(a),
+        UnaryOp::Square => EwOp::Square(a),
+        UnaryOp::Sigmoid => EwOp::Sigmoid(a),
+        UnaryOp::Silu => EwOp::Silu(a),
+        UnaryOp::Tanh => EwOp::Tanh(a),
+        UnaryOp::Sin => EwOp::Sin(a),
+        UnaryOp::Cos => EwOp::Cos(a),
+    }
+}
+
+fn ew_binary(b: BinaryOp, x: u32, y: u32) -> EwOp {
+    match b {
+        BinaryOp::Add => EwOp::Add(x, y),
+        BinaryOp::Sub => EwOp::Sub(x, y),
+        BinaryOp::Mul => EwOp::Mul(x, y),
+        BinaryOp::Div => EwOp::Div(x, y),
+        BinaryOp::Max => EwOp::Max(x, y),
+        BinaryOp::Min => EwOp::Min(x, y),
+        BinaryOp::Pow => EwOp::Pow(x, y),
+        BinaryOp::Lt => EwOp::Lt(x, y),
+        BinaryOp::Eq => EwOp::Eq(x, y),
+    }
+}
+
+/// The register program of a head-less fused kernel: registers `0..num_inputs` are the
+/// loads, then one per step. Casts are only supported as copies: the program has one
+/// float type, so a cast to another dtype (a rounding step) is refused.
+fn fused_ops(k: &FusedKernel, dtype: DType) -> Result<Vec<EwOp>, String> {
+    let n = k.num_inputs() as u32;
+    let reg = |o: &Operand| match o {
+        Operand::Input(i) => Ok(*i as u32),
+        Operand::Step(j) => Ok(n + *j as u32),
+        Operand::Head => Err("a step reads a head the kernel lacks".to_string()),
+    };
+    let mut ops = Vec::with_capacity(k.steps.len());
+    for s in &k.steps {
+        let a: Vec<u32> = s.args.iter().map(reg).collect::<Result<_, _>>()?;
+        ops.push(match (s.op, a.as_slice()) {
+            (StepOp::Unary(u), [x]) => ew_unary(u, *x),
+            (StepOp::Binary(b), [x, y]) => ew_binary(b, *x, *y),
+            (StepOp::Select, [c, x, y]) => EwOp::Select(*c, *x, *y),
+            (StepOp::Cast(to), [x]) if to == dtype => EwOp::Copy(*x),
+            (StepOp::Cast(to), _) => return Err(format!("a cast to {} inside an {} program", to.name(), dtype.name())),
+            _ => return Err(format!("step {} with {} operands", s.op.op().name(), a.len())),
+        });
+    }
+    if ops.is_empty() {
+        return Err("an empty program".into());
+    }
+    Ok(ops)
+}
+
+/// The program for a node computing `ops` over `inputs` into `out`: how each input is
+/// read, decided from the symbolic shapes (equal shape: direct; rank 0 or all-ones:
+/// scalar; else strided broadcast).
+fn ew_program(out: &Ty, inputs: &[Ty], ops: &[EwOp]) -> Result<EwProgram, String> {
+    let rank = out.rank();
+    let mut access = Vec::with_capacity(inputs.len());
+    for t in inputs {
+        if t.rank() > rank {
+            return Err("an input of higher rank than the result".into());
+        }
+        access.push(if t.shape == out.shape {
+            Access::Direct
+        } else if t.shape.0.iter().all(|d| d.is(1)) {
+            Access::Scalar
+        } else {
+            Access::Strided
+        });
+    }
+    Ok(EwProgram { rank: rank as u32, inputs: access, ops: ops.to_vec() })
+}
+
+/// Device properties for source generation: no device is opened, so the compilers see
+/// a generic 1024-unit, 64 KiB shared-memory target (the kernels use far less).
+fn offline_properties() -> Arc<DeviceProperties> {
+    use cubecl::ir::{features::Features, DeviceIdentity, HardwareProperties, MemoryDeviceProperties};
+    Arc::new(DeviceProperties::new(
+        Features::default(),
+        MemoryDeviceProperties::new(u64::MAX, 256),
+        HardwareProperties {
+            load_width: 128,
+            vector_register_count: None,
+            plane_size_min: 32,
+            plane_size_max: 32,
+            max_bindings: 32,
+            max_shared_memory_size: 65536,
+            max_cube_count: (u32::MAX, u16::MAX as u32, u16::MAX as u32),
+            max_units_per_cube: 1024,
+            max_cube_dim: (1024, 1024, 1024),
+            num_streaming_multiprocessors: None,
+            num_tensor_cores: None,
+            min_tensor_cores_dim: None,
+            num_cpu_cores: None,
+            last_level_cache_size: None,
+            max_vector_size: VectorSize::MAX,
+            cube_mma_reserved_shared_memory: 0,
+        },
+        cubecl::profile::TimingMethod::Device,
+        DeviceIdentity { name: "offline".into(), fingerprint: "offline".into(), physical: None },
+    ))
+}
+
+/// The cube shape each kernel is launched with (the runtime uses the same).
+pub fn cube_dim(spec: &KernelSpec) -> CubeDim {
+    match spec {
+        KernelSpec::Elementwise { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
+        KernelSpec::RmsNorm { .. } | KernelSpec::Softmax { .. } => CubeDim::new_1d(kernels::ROW_BLOCK),
+        KernelSpec::MatMul { .. } => CubeDim::new_2d(kernels::TILE, kernels::TILE),
+    }
+}
+
+fn compile<K: CubeKernel>(k: K, name: String, target: Target) -> String {
+    // CubeCL names the entry `<fn>_<hash of the kernel id>`, and that hash changes from one
+    // build to the next; the file takes the spec's name instead so the text is stable.
+    let def = k.define();
+    let cubecl_name = def.settings.kernel_name.clone();
+    let text = match target {
+        Target::Cuda => cubecl_cpp::shared::CppCompiler::<cubecl_cpp::target::Cuda>::default()
+            .compile(def, &cubecl_cpp::shared::CompilationOptions::default())
+            .map(|r| r.to_string()),
+        Target::Wgsl => cubecl::wgpu::WgslCompiler::default()
+            .compile(def, &cubecl::WgpuCompilationOptions::default())
+            .map(|r| r.to_string()),
+    }
+    // The kernels are fixed and their configurations validated by `from_node`: a
+    // compilation error is a bug in this module, not in the user's spec.
+    .unwrap_or_else(|e| panic!("CubeCL failed to compile a dsc kernel: {e:?}"));
+    text.replace(&cubecl_name, &name)
+}
+
+fn source_for<F: Float + CubeElement>(spec: &KernelSpec, target: Target) -> String {
+    let settings = KernelSettings::new(*cube_dim(spec), ExecutionMode::Checked, AddressType::U32);
+    let (p, tp) = (offline_properties(), Arc::new(TargetProperties::default()));
+    let b = || BufferCompilationArg { inplace: None };
+    let name = spec.name();
+    match spec {
+        KernelSpec::Elementwise { program, .. } => {
+            let inputs = SequenceCompilationArg::<Box<[F]>> { values: program.inputs.iter().map(|_| b()).collect() };
+            compile(kernels::fused_ew::FusedEw::<F>::new(settings, p, tp, inputs, b(), b(), program.clone()), name, target)
+        }
+        KernelSpec::RmsNorm { eps_bits, .. } => {
+            compile(kernels::rms_norm::RmsNorm::<F>::new(settings, p, tp, b(), b(), b(), (), *eps_bits), name, target)
+        }
+        KernelSpec::Softmax { .. } => compile(kernels::softmax::Softmax::<F>::new(settings, p, tp, b(), b(), ()), name, target),
+        KernelSpec::MatMul { .. } => compile(kernels::matmul::Matmul::<F>::new(settings, p, tp, b(), b(), b(), (), (), ()), name, target),
+    }
+}
+
+/// The kernel's source text for `target`, with a header naming the spec. Deterministic:
+/// no device, no clock, and the entry point is renamed to [`KernelSpec::name`].
+pub fn kernel_source(spec: &KernelSpec, target: Target) -> String {
+    let text = match spec.elem() {
+        Elem::F32 => source_for::<f32>(spec, target),
+        Elem::F16 => source_for::<half::f16>(spec, target),
+    };
+    let comment = format!("// dsc kernel {}: {:?}\n// Generated by CubeCL 0.11.3; the launch ABI is CubeCL's (buffers, then info_st).\n", spec.name(), spec);
+    format!("{comment}{text}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::{Dim, Float, Graph};
+
+    fn node(op: Op, shapes: &[&[i64]], dtype: DType) -> Result<KernelSpec, Unsupported> {
+        let mut g = Graph::new();
+        let args: Vec<crate::ir::Value> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| g.input(i as u32, "x", Ty::new(dtype, s.iter().map(|&d| Dim::lit(d)).collect::<Vec<_>>()), None).into())
+            .collect();
+        let n = g.add_inferred(op, &args, None).unwrap();
+        KernelSpec::from_node(&g, n)
+    }
+
+    #[test]
+    fn specs_from_nodes() {
+        let add = node(Op::Binary(BinaryOp::Add), &[&[2, 3], &[3]], DType::F32).unwrap();
+        let KernelSpec::Elementwise { program, .. } = &add else { panic!("{add:?}") };
+        assert_eq!(program.inputs, vec![Access::Direct, Access::Strided]);
+        assert_eq!(program.ops, vec![EwOp::Add(0, 1)]);
+        // The name depends on the configuration only, through a hash fixed across builds.
+        assert_eq!(add.name(), format!("ew_f32_{:016x}", fnv1a(format!("{add:?}").as_bytes())));
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c, "the published FNV-1a test vector");
+        assert_eq!(node(Op::MatMul, &[&[5, 7], &[3, 7]], DType::F16).unwrap().name(), "matmul_f16");
+        let e = node(Op::MatMul, &[&[5, 7], &[3, 7]], DType::Bf16).unwrap_err();
+        assert_eq!(e.to_string(), "matmul: result dtype bf16 (only f32, f16 so far)");
+        let e = node(Op::Softmax { axis: 0 }, &[&[5, 7]], DType::F32).unwrap_err();
+        assert!(e.reason.contains("other than the last"), "{e}");
+        let r = node(Op::RmsNorm { eps: Float::new(1e-6) }, &[&[5, 7], &[7]], DType::F32).unwrap();
+        assert_eq!(r, KernelSpec::RmsNorm { elem: Elem::F32, eps_bits: 1e-6f32.to_bits() });
+    }
+
+    #[test]
+    fn sources_are_deterministic() {
+        let specs = [
+            node(Op::Binary(BinaryOp::Mul), &[&[4, 9], &[]], DType::F32).unwrap(),
+            node(Op::RmsNorm { eps: Float::new(1e-6) }, &[&[5, 7], &[7]], DType::F16).unwrap(),
+            KernelSpec::Softmax { elem: Elem::F32 },
+            KernelSpec::MatMul { elem: Elem::F32 },
+        ];
+        for s in &specs {
+            for t in [Target::Cuda, Target::Wgsl] {
+                let a = kernel_source(s, t);
+                assert!(a == kernel_source(s, t), "{} {t:?}: two generations differ", s.name());
+                assert!(a.contains(&s.name()), "{}", a);
+            }
+        }
+        assert!(kernel_source(&specs[3], Target::Cuda).contains("__global__"));
+        assert!(kernel_source(&specs[3], Target::Wgsl).contains("@compute"));
+    }
+}
