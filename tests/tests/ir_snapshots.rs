@@ -35,6 +35,16 @@ fn for_mode(m: &Module, mode: Mode) -> Module {
     out
 }
 
+/// Loads a globbed spec under a path relative to the package root: cargo runs tests from
+/// there, so `../specs/x.dsc` names the spec (and the files it includes, which spans
+/// print) the same way on every machine.
+fn load_relative(path: &std::path::Path) -> (std::path::PathBuf, dsc_dsl::Spec) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let rel = std::path::Path::new("..").join(path.strip_prefix(root).unwrap());
+    let spec = dsc_dsl::load(&rel, None).unwrap_or_else(|f| panic!("{}:\n{}", rel.display(), f.render()));
+    (rel, spec)
+}
+
 #[test]
 fn every_spec_lowers_to_its_snapshots() {
     let mut settings = insta::Settings::clone_current();
@@ -42,12 +52,8 @@ fn every_spec_lowers_to_its_snapshots() {
     settings.set_prepend_module_to_snapshot(false);
     settings.bind(|| {
         insta::glob!("../..", "specs/**/*.dsc", |path| {
-            // cargo runs tests from the package root, so `../specs/x.dsc` names the spec (and
-            // the files it includes, which spans print) the same way on every machine.
-            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-            let rel = std::path::Path::new("..").join(path.strip_prefix(root).unwrap());
+            let (rel, spec) = load_relative(path);
             let path = rel.as_path();
-            let spec = dsc_dsl::load(path, None).unwrap_or_else(|f| panic!("{}:\n{}", path.display(), f.render()));
             let module = lower(&spec).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             if let Err(errors) = verify(&module) {
                 let all: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
@@ -70,11 +76,8 @@ fn every_spec_compiles_to_its_optimized_snapshots() {
     settings.set_prepend_module_to_snapshot(false);
     settings.bind(|| {
         insta::glob!("../..", "specs/**/*.dsc", |path| {
-            // Relative to the package root, as in `lowered_*`, so spans print the same.
-            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-            let rel = std::path::Path::new("..").join(path.strip_prefix(root).unwrap());
+            let (rel, spec) = load_relative(path);
             let path = rel.as_path();
-            let spec = dsc_dsl::load(path, None).unwrap_or_else(|f| panic!("{}:\n{}", path.display(), f.render()));
             for mode in Mode::ALL {
                 let mut module = lower_mode(&spec, mode).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 let mut cx = PassCx::new(mode).with_sources(&spec.sources);
