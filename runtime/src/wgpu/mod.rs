@@ -1,19 +1,63 @@
 //! Runs `dsc_compiler::codegen` kernels on a wgpu device through CubeCL (feature `wgpu`).
 //!
-//! First milestone: one node at a time, tensors in and out through host memory. The
-//! kernels compute in the spec's dtype ([`Elem`]); [`Tensor`]s cross as `f32` (the
-//! reference interpreter's precision), converted to `f16` on upload when the kernel
-//! computes in `f16`. Graph execution, device-resident buffers and a memory plan come
-//! later.
+//! Every launch goes through [`dsc_compiler::codegen::launch`]: a node's [`NodeWork`]
+//! (kernels, argument lists, grids as expressions of `b`, `c`, `s`) is evaluated against
+//! the step's [`Bindings`] and launched as written, the same description `dsc compile`
+//! prints into `plan.json`. Buffers live on the device as [`DeviceBuf`]s; floats are held
+//! in the kernel's element type (`f32` or `f16`), integers (token ids, positions, expert
+//! indices) as `i32`.
 
-use crate::reference::Tensor;
+use crate::reference::{Data, Tensor};
 use cubecl::prelude::*;
+use cubecl::server::Handle;
 use cubecl::wgpu::WgpuDevice;
-use dsc_compiler::codegen::{cube_dim, kernels, Elem, KernelSpec};
+use dsc_compiler::codegen::launch::{node_work, Arg, Buf, Launch, NodeWork};
+use dsc_compiler::codegen::{cube_dim, kernels, KernelSpec};
+use dsc_compiler::ir::{Bindings, DType, Graph, NodeId};
+
+/// How a device buffer holds its elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Repr {
+    F32,
+    F16,
+    I32,
+}
+
+impl Repr {
+    /// The device representation of an IR dtype, or why there is none yet.
+    pub fn of(d: DType) -> Result<Repr, String> {
+        match d {
+            DType::F32 => Ok(Repr::F32),
+            DType::F16 => Ok(Repr::F16),
+            DType::I32 | DType::I64 => Ok(Repr::I32),
+            other => Err(format!("no device representation for {} yet", other.name())),
+        }
+    }
+    pub fn bytes(self) -> usize {
+        match self {
+            Repr::F32 | Repr::I32 => 4,
+            Repr::F16 => 2,
+        }
+    }
+}
+
+/// A buffer on the device: `len` elements in `repr`.
+#[derive(Clone)]
+pub struct DeviceBuf {
+    pub handle: Handle,
+    pub len: usize,
+    pub repr: Repr,
+}
 
 /// A wgpu device and CubeCL's client for it.
 pub struct WgpuBackend {
     client: cubecl::client::Client,
+}
+
+impl Default for WgpuBackend {
+    fn default() -> Self {
+        WgpuBackend::new()
+    }
 }
 
 impl WgpuBackend {
@@ -21,122 +65,306 @@ impl WgpuBackend {
     /// CubeCL when there is no adapter at all, which is what tests want: a machine
     /// without one must fail them, not skip them.
     pub fn new() -> WgpuBackend {
-        WgpuBackend { client: cubecl::Device::Wgpu(WgpuDevice::default()).client() }
-    }
-
-    /// Runs `spec` on `inputs` (the node's inputs in slot order) and returns the result of
-    /// shape `out_shape`. The output buffer is first filled with NaN so that an element
-    /// the kernel fails to write cannot pass for a result.
-    pub fn run(&self, spec: &KernelSpec, inputs: &[&Tensor], out_shape: &[usize]) -> Result<Tensor, String> {
-        match spec.elem() {
-            Elem::F32 => self.run_as::<f32>(spec, inputs, out_shape, |v| v, |v| v),
-            Elem::F16 => self.run_as::<half::f16>(spec, inputs, out_shape, half::f16::from_f32, half::f16::to_f32),
+        WgpuBackend {
+            client: cubecl::Device::Wgpu(WgpuDevice::default()).client(),
         }
     }
 
-    fn upload<F: CubeElement>(&self, data: &[F]) -> cubecl::server::Handle {
-        self.client.create_from_slice(F::as_bytes(data))
+    /// Copies `t` to the device in `repr` (integers must fit in `i32`).
+    pub fn upload(&self, t: &Tensor, repr: Repr) -> Result<DeviceBuf, String> {
+        let len = t.numel();
+        let bytes: Vec<u8> = match (repr, t.data()) {
+            (Repr::I32, Data::I64(v)) => {
+                let v: Vec<i32> = v
+                    .iter()
+                    .map(|&x| i32::try_from(x).map_err(|_| format!("index {x} exceeds i32")))
+                    .collect::<Result<_, _>>()?;
+                i32::as_bytes(&v).to_vec()
+            }
+            (Repr::I32, Data::I32(v)) => i32::as_bytes(v).to_vec(),
+            (Repr::I32, d) => return Err(format!("{} data for an integer buffer", d.kind())),
+            (Repr::F32, _) => f32::as_bytes(&t.to_f32_vec()).to_vec(),
+            (Repr::F16, _) => {
+                let v: Vec<half::f16> = t
+                    .to_f32_vec()
+                    .into_iter()
+                    .map(half::f16::from_f32)
+                    .collect();
+                half::f16::as_bytes(&v).to_vec()
+            }
+        };
+        Ok(self.buffer_from_bytes(&bytes, len, repr))
     }
 
-    fn run_as<F: Float + CubeElement>(
+    fn buffer_from_bytes(&self, bytes: &[u8], len: usize, repr: Repr) -> DeviceBuf {
+        // wgpu refuses empty buffers; a zero-length tensor still gets one element.
+        let handle = if bytes.is_empty() {
+            self.client.create_from_slice(&[0u8; 4])
+        } else {
+            self.client.create_from_slice(bytes)
+        };
+        DeviceBuf { handle, len, repr }
+    }
+
+    /// A buffer of `len` elements filled with NaN (floats) or `i32::MIN` (integers), so
+    /// that an element no kernel writes cannot pass for a result.
+    pub fn poisoned(&self, len: usize, repr: Repr) -> DeviceBuf {
+        let bytes: Vec<u8> = match repr {
+            Repr::F32 => f32::as_bytes(&vec![f32::NAN; len]).to_vec(),
+            Repr::F16 => half::f16::as_bytes(&vec![half::f16::NAN; len]).to_vec(),
+            Repr::I32 => i32::as_bytes(&vec![i32::MIN; len]).to_vec(),
+        };
+        self.buffer_from_bytes(&bytes, len, repr)
+    }
+
+    /// Reads `b` back as a tensor of `shape` (`f32` for floats, `i32` for integers).
+    pub fn download(&self, b: &DeviceBuf, shape: &[usize]) -> Tensor {
+        if b.len == 0 {
+            return if b.repr == Repr::I32 {
+                Tensor::i32(shape, vec![])
+            } else {
+                Tensor::zeros(shape)
+            };
+        }
+        let bytes = self.client.read_one_unchecked(b.handle.clone());
+        let bytes = &bytes[..b.len * b.repr.bytes()];
+        match b.repr {
+            Repr::F32 => Tensor::f32(shape, f32::from_bytes(bytes).to_vec()),
+            Repr::F16 => Tensor::f32(
+                shape,
+                half::f16::from_bytes(bytes)
+                    .iter()
+                    .map(|v| v.to_f32())
+                    .collect(),
+            ),
+            Repr::I32 => Tensor::i32(shape, i32::from_bytes(bytes).to_vec()),
+        }
+    }
+
+    /// Runs node `n` of `g` on host tensors (its inputs in slot order) with the run-time
+    /// sizes `bind`, and returns its outputs. Outputs are poisoned first.
+    pub fn run_node(
         &self,
-        spec: &KernelSpec,
+        g: &Graph,
+        n: NodeId,
         inputs: &[&Tensor],
-        out_shape: &[usize],
-        to: impl Fn(f32) -> F,
-        from: impl Fn(F) -> f32,
-    ) -> Result<Tensor, String> {
-        let numel: usize = out_shape.iter().product();
-        if numel == 0 {
-            return Ok(Tensor::zeros(out_shape));
+        bind: &Bindings,
+    ) -> Result<Vec<Tensor>, String> {
+        let work = node_work(g, n).map_err(|u| u.to_string())?;
+        let in_tys: Vec<_> = g.inputs(n).iter().map(|&v| g.ty(v).clone()).collect();
+        if in_tys.len() != inputs.len() {
+            return Err(format!(
+                "{} inputs for a node taking {}",
+                inputs.len(),
+                in_tys.len()
+            ));
         }
-        let host: Vec<Vec<F>> = inputs.iter().map(|t| t.to_f32_vec().into_iter().map(&to).collect()).collect();
-        let handles: Vec<_> = host.iter().map(|h| self.upload(h)).collect();
-        let out = self.upload(&vec![to(f32::NAN); numel]);
-        let buf = |i: usize| unsafe { BufferArg::from_raw_parts(handles[i].clone(), host[i].len()) };
-        let out_arg = unsafe { BufferArg::from_raw_parts(out.clone(), numel) };
-        let dim = cube_dim(spec);
-        let u32_of = |n: usize| u32::try_from(n).map_err(|_| format!("size {n} exceeds u32"));
-        match spec {
+        let ins: Vec<DeviceBuf> = inputs
+            .iter()
+            .zip(&in_tys)
+            .map(|(t, ty)| self.upload(t, Repr::of(ty.dtype)?))
+            .collect::<Result<_, _>>()?;
+        let outs_ty = &g.node(n).outputs;
+        let shapes: Vec<Vec<usize>> = outs_ty
+            .iter()
+            .map(|t| t.shape.eval(bind).into_iter().map(|d| d as usize).collect())
+            .collect();
+        let outs: Vec<DeviceBuf> = match &work {
+            NodeWork::Alias(i) => vec![ins[*i as usize].clone()],
+            NodeWork::Launches { .. } => outs_ty
+                .iter()
+                .zip(&shapes)
+                .map(|(t, s)| Ok(self.poisoned(s.iter().product(), Repr::of(t.dtype)?)))
+                .collect::<Result<_, String>>()?,
+        };
+        self.execute(&work, &ins, &outs, bind)?;
+        Ok(outs
+            .iter()
+            .zip(&shapes)
+            .map(|(b, s)| self.download(b, s))
+            .collect())
+    }
+
+    /// Runs a node's launches on device buffers: `ins` and `outs` in slot order, outputs
+    /// already allocated (an alias needs nothing).
+    pub fn execute(
+        &self,
+        work: &NodeWork,
+        ins: &[DeviceBuf],
+        outs: &[DeviceBuf],
+        bind: &Bindings,
+    ) -> Result<(), String> {
+        let NodeWork::Launches { scratch, launches } = work else {
+            return Ok(());
+        };
+        let scratch: Vec<DeviceBuf> = scratch
+            .iter()
+            .map(|s| Ok(self.poisoned(eval_len(&s.len, bind)?, Repr::of(s.dtype)?)))
+            .collect::<Result<_, String>>()?;
+        for l in launches {
+            let bufs = Bound {
+                ins,
+                outs,
+                scratch: &scratch,
+            };
+            match l.kernel.elem() {
+                dsc_compiler::codegen::Elem::F32 => self.launch::<f32>(l, &bufs, bind)?,
+                dsc_compiler::codegen::Elem::F16 => self.launch::<half::f16>(l, &bufs, bind)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// One launch, its arguments resolved: buffers by slot, sizes evaluated, tables
+    /// uploaded. Each arm passes the arguments in the kernel's parameter order.
+    fn launch<F: Float + CubeElement>(
+        &self,
+        l: &Launch,
+        bufs: &Bound,
+        bind: &Bindings,
+    ) -> Result<(), String> {
+        let a = Args {
+            l,
+            bufs,
+            bind,
+            backend: self,
+        };
+        let [gx, gy, gz] = [0, 1, 2].map(|i| eval_len(&l.grid[i], bind).and_then(u32_of));
+        let (gx, gy, gz) = (gx?, gy?, gz?);
+        if gx == 0 || gy == 0 || gz == 0 {
+            return Ok(()); // nothing to compute (an empty tensor)
+        }
+        let count = CubeCount::Static(gx, gy, gz);
+        let dim = cube_dim(&l.kernel);
+        let c = &self.client;
+        match &l.kernel {
             KernelSpec::Elementwise { program, .. } => {
-                if inputs.len() != program.inputs.len() {
-                    return Err(format!("{} inputs for a program reading {}", inputs.len(), program.inputs.len()));
-                }
-                let layout = ew_layout(out_shape, inputs, program.rank as usize)?;
-                let lh = self.upload(&layout);
                 let mut seq = SequenceArg::<Box<[F]>>::new();
-                for i in 0..inputs.len() {
-                    seq.push(buf(i));
+                for b in bufs.ins {
+                    seq.push(arg(b));
                 }
-                let count = CubeCount::Static(u32_of(numel.div_ceil(kernels::EW_BLOCK as usize))?, 1, 1);
                 kernels::fused_ew::launch::<F>(
-                    &self.client,
+                    c,
                     count,
                     dim,
                     seq,
-                    unsafe { BufferArg::from_raw_parts(lh, layout.len()) },
-                    out_arg,
+                    a.table(1)?,
+                    a.buf(2)?,
                     program.clone(),
-                );
+                )
             }
-            KernelSpec::RmsNorm { eps_bits, .. } => {
-                let cols = *out_shape.last().ok_or("rms_norm of a scalar")?;
-                let rows = u32_of(numel / cols)?;
-                kernels::rms_norm::launch::<F>(&self.client, CubeCount::Static(rows, 1, 1), dim, buf(0), buf(1), out_arg, u32_of(cols)?, *eps_bits);
-            }
+            KernelSpec::RmsNorm { eps_bits, .. } => kernels::rms_norm::launch::<F>(
+                c,
+                count,
+                dim,
+                a.buf(0)?,
+                a.buf(1)?,
+                a.buf(2)?,
+                a.u32(3)?,
+                *eps_bits,
+            ),
             KernelSpec::Softmax { .. } => {
-                let cols = *out_shape.last().ok_or("softmax of a scalar")?;
-                let rows = u32_of(numel / cols)?;
-                kernels::softmax::launch::<F>(&self.client, CubeCount::Static(rows, 1, 1), dim, buf(0), out_arg, u32_of(cols)?);
+                kernels::softmax::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.u32(2)?)
             }
-            KernelSpec::MatMul { .. } => {
-                let (&n, [wn, k]) = (out_shape.last().ok_or("matmul of a scalar")?, inputs[1].shape()) else {
-                    return Err(format!("matmul weight of shape {:?}", inputs[1].shape()));
-                };
-                if *wn != n {
-                    return Err(format!("matmul weight {:?} for a result {out_shape:?}", inputs[1].shape()));
-                }
-                let m = numel / n;
-                let t = kernels::TILE as usize;
-                let count = CubeCount::Static(u32_of(n.div_ceil(t))?, u32_of(m.div_ceil(t))?, 1);
-                kernels::matmul::launch::<F>(&self.client, count, dim, buf(0), buf(1), out_arg, u32_of(m)?, u32_of(n)?, u32_of(*k)?);
-            }
+            KernelSpec::MatMul { .. } => kernels::matmul::launch::<F>(
+                c,
+                count,
+                dim,
+                a.buf(0)?,
+                a.buf(1)?,
+                a.buf(2)?,
+                a.u32(3)?,
+                a.u32(4)?,
+                a.u32(5)?,
+            ),
         }
-        let bytes = self.client.read_one_unchecked(out);
-        let data: Vec<f32> = F::from_bytes(&bytes).iter().map(|&v| from(v)).collect();
-        Ok(Tensor::f32(out_shape, data))
+        Ok(())
     }
 }
 
-/// The elementwise kernel's `layout` buffer: the output shape, then per input its
-/// strides against the output's axes (right-aligned as numpy broadcasting; 0 along an
-/// axis the input lacks or has as 1).
-fn ew_layout(out_shape: &[usize], inputs: &[&Tensor], rank: usize) -> Result<Vec<u32>, String> {
-    if out_shape.len() != rank {
-        return Err(format!("result of rank {} for a rank-{rank} program", out_shape.len()));
+/// The buffers a launch can name.
+struct Bound<'a> {
+    ins: &'a [DeviceBuf],
+    outs: &'a [DeviceBuf],
+    scratch: &'a [DeviceBuf],
+}
+
+/// A launch's arguments, resolved by position.
+struct Args<'a> {
+    l: &'a Launch,
+    bufs: &'a Bound<'a>,
+    bind: &'a Bindings,
+    backend: &'a WgpuBackend,
+}
+
+impl Args<'_> {
+    fn get(&self, i: usize) -> Result<&Arg, String> {
+        self.l
+            .args
+            .get(i)
+            .ok_or_else(|| format!("{}: no argument {i}", self.l.kernel.name()))
     }
-    let to_u32 = |n: usize| u32::try_from(n).map_err(|_| format!("size {n} exceeds u32"));
-    let mut layout: Vec<u32> = out_shape.iter().map(|&d| to_u32(d)).collect::<Result<_, _>>()?;
-    for t in inputs {
-        let s = t.shape();
-        if s.len() > rank {
-            return Err(format!("input of shape {s:?} for a result {out_shape:?}"));
-        }
-        let pad = rank - s.len();
-        let mut strides = vec![0u32; rank];
-        let mut stride = 1usize;
-        for d in (0..s.len()).rev() {
-            if s[d] != 1 {
-                if s[d] != out_shape[pad + d] {
-                    return Err(format!("input of shape {s:?} does not broadcast to {out_shape:?}"));
-                }
-                strides[pad + d] = to_u32(stride)?;
-            }
-            stride *= s[d];
-        }
-        layout.extend(strides);
+    /// Argument `i`, a buffer. The kernel's parameter type decides the element type; the
+    /// runtime only checks the length.
+    fn buf(&self, i: usize) -> Result<BufferArg, String> {
+        let Arg::Buf(b) = self.get(i)? else {
+            return Err(format!(
+                "{}: argument {i} is not a buffer",
+                self.l.kernel.name()
+            ));
+        };
+        let d = match *b {
+            Buf::Input(k) => self.bufs.ins.get(k as usize),
+            Buf::Output(k) => self.bufs.outs.get(k as usize),
+            Buf::Scratch(k) => self.bufs.scratch.get(k as usize),
+        };
+        d.map(arg).ok_or_else(|| {
+            format!(
+                "{}: argument {i} names a missing buffer {b:?}",
+                self.l.kernel.name()
+            )
+        })
     }
-    Ok(layout)
+    fn u32(&self, i: usize) -> Result<u32, String> {
+        let Arg::U32(s) = self.get(i)? else {
+            return Err(format!(
+                "{}: argument {i} is not a scalar",
+                self.l.kernel.name()
+            ));
+        };
+        u32_of(eval_len(s, self.bind)?)
+    }
+    fn table(&self, i: usize) -> Result<BufferArg, String> {
+        let Arg::Table(t) = self.get(i)? else {
+            return Err(format!(
+                "{}: argument {i} is not a table",
+                self.l.kernel.name()
+            ));
+        };
+        let v: Vec<u32> = t
+            .iter()
+            .map(|s| eval_len(s, self.bind).and_then(u32_of))
+            .collect::<Result<_, _>>()?;
+        let b = self
+            .backend
+            .buffer_from_bytes(u32::as_bytes(&v), v.len(), Repr::I32);
+        Ok(arg(&b))
+    }
+}
+
+fn arg(b: &DeviceBuf) -> BufferArg {
+    // Safety: `len` is the element count the buffer was created with (at least one
+    // element is always allocated), and kernels bound-check against it.
+    unsafe { BufferArg::from_raw_parts(b.handle.clone(), b.len.max(1)) }
+}
+
+fn eval_len(s: &dsc_compiler::codegen::launch::Size, bind: &Bindings) -> Result<usize, String> {
+    let v = s.eval(bind);
+    usize::try_from(v).map_err(|_| format!("size {s} evaluates to {v} < 0"))
+}
+
+fn u32_of(n: usize) -> Result<u32, String> {
+    u32::try_from(n).map_err(|_| format!("size {n} exceeds u32"))
 }
 
 #[cfg(test)]

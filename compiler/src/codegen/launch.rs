@@ -1,0 +1,284 @@
+//! How one IR node runs on a device: its launches (kernel, arguments, grid) with every
+//! size an expression of the entry point's run-time sizes `b`, `c`, `s`.
+//!
+//! This is the contract between codegen, `plan.json` and the runtimes: [`node_work`]
+//! decides, once, from the node's symbolic types, which kernels run, in which order, on
+//! which buffers, with which scalar arguments and grid; `dsc compile` prints it and a
+//! runtime evaluates the same expressions against the bindings of a step and launches
+//! it. Neither side re-derives a launch, so what is written is what runs.
+//!
+//! A node may take several launches (a concat is one copy per input, a dense SwiGLU
+//! three matmuls and an elementwise product) and scratch buffers between them; a node
+//! that moves no data (a row-major reshape) is an [`NodeWork::Alias`] of its input.
+
+use super::{Elem, KernelSpec, Unsupported};
+use crate::ir::{Bindings, DType, Dim, Graph, NodeId, Op, Shape};
+use std::fmt;
+
+/// A size: a product / ceiling quotient of affine [`Dim`]s. Buffer lengths (`b·s·4096`)
+/// and grids (`⌈b·s·4096 / 256⌉`) need products, which `Dim` deliberately lacks.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Size {
+    Dim(Dim),
+    Mul(Box<Size>, Box<Size>),
+    /// `⌈a / d⌉` for a positive constant `d`.
+    CeilDiv(Box<Size>, i64),
+}
+
+impl Size {
+    pub fn lit(n: i64) -> Size {
+        Size::Dim(Dim::lit(n))
+    }
+
+    /// The product of `dims` (1 for none), constants folded.
+    pub fn product(dims: &[Dim]) -> Size {
+        let k: i64 = dims.iter().filter_map(|d| d.as_const()).product();
+        let mut s = Size::lit(k);
+        for d in dims.iter().filter(|d| d.as_const().is_none()) {
+            s = s.mul(Size::Dim(*d));
+        }
+        s
+    }
+
+    /// Elements of a shape.
+    pub fn numel(shape: &Shape) -> Size {
+        Size::product(&shape.0)
+    }
+
+    pub fn mul(self, other: Size) -> Size {
+        match (self.as_const(), other.as_const()) {
+            (Some(1), _) => other,
+            (_, Some(1)) => self,
+            (Some(a), Some(b)) => Size::lit(a * b),
+            _ => Size::Mul(Box::new(self), Box::new(other)),
+        }
+    }
+
+    pub fn ceil_div(self, d: i64) -> Size {
+        assert!(d > 0, "ceil_div by {d}");
+        match self.as_const() {
+            Some(a) => Size::lit(a.div_euclid(d) + i64::from(a.rem_euclid(d) != 0)),
+            None if d == 1 => self,
+            None => Size::CeilDiv(Box::new(self), d),
+        }
+    }
+
+    pub fn as_const(&self) -> Option<i64> {
+        match self {
+            Size::Dim(d) => d.as_const(),
+            _ => None,
+        }
+    }
+
+    pub fn eval(&self, b: &Bindings) -> i64 {
+        match self {
+            Size::Dim(d) => d.eval(b),
+            Size::Mul(x, y) => x.eval(b) * y.eval(b),
+            Size::CeilDiv(x, d) => {
+                let a = x.eval(b);
+                a.div_euclid(*d) + i64::from(a.rem_euclid(*d) != 0)
+            }
+        }
+    }
+}
+
+impl fmt::Display for Size {
+    /// `4096`, `b*s*4096` (no parentheses around sums: `(c+s)*128`), `ceil(b*s*4096/256)`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Size::Dim(d) => {
+                let t = d.to_string();
+                if t.contains(['+', '-']) && !t.starts_with('-') {
+                    write!(f, "({t})")
+                } else {
+                    f.write_str(&t)
+                }
+            }
+            Size::Mul(a, b) => write!(f, "{a}*{b}"),
+            Size::CeilDiv(a, d) => write!(f, "ceil({a}/{d})"),
+        }
+    }
+}
+
+/// A buffer a launch binds: one of the node's inputs or outputs (by slot), or one of its
+/// scratch buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Buf {
+    Input(u16),
+    Output(u16),
+    Scratch(u16),
+}
+
+/// One argument of a launch, in the kernel's parameter order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Arg {
+    /// A device buffer.
+    Buf(Buf),
+    /// All the node's inputs, in slot order, as one argument (CubeCL's `Sequence`; the
+    /// elementwise kernel reads any number of inputs).
+    Inputs,
+    /// A `u32` scalar.
+    U32(Size),
+    /// A small `u32` array (shapes, strides) that the runtime uploads for the launch.
+    Table(Vec<Size>),
+}
+
+/// One kernel launch: the kernel, its arguments, and the number of cubes along x, y, z
+/// (the cube's own shape is [`super::cube_dim`] of the kernel).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Launch {
+    pub kernel: KernelSpec,
+    pub args: Vec<Arg>,
+    pub grid: [Size; 3],
+}
+
+/// A scratch buffer a node's launches share: its element type and length.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Scratch {
+    pub dtype: DType,
+    pub len: Size,
+}
+
+/// What running a node takes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum NodeWork {
+    /// No data moves: output 0 is input `.0`'s buffer under another shape.
+    Alias(u16),
+    /// Launches in order; output buffers are allocated by the caller.
+    Launches {
+        scratch: Vec<Scratch>,
+        launches: Vec<Launch>,
+    },
+}
+
+impl NodeWork {
+    /// Every kernel the node launches.
+    pub fn kernels(&self) -> impl Iterator<Item = &KernelSpec> {
+        let l: &[Launch] = match self {
+            NodeWork::Alias(_) => &[],
+            NodeWork::Launches { launches, .. } => launches,
+        };
+        l.iter().map(|l| &l.kernel)
+    }
+}
+
+/// A grid of `x` cubes.
+pub fn grid_x(x: Size) -> [Size; 3] {
+    [x, Size::lit(1), Size::lit(1)]
+}
+
+/// One launch with no scratch.
+pub fn single(kernel: KernelSpec, args: Vec<Arg>, grid: [Size; 3]) -> NodeWork {
+    NodeWork::Launches {
+        scratch: vec![],
+        launches: vec![Launch { kernel, args, grid }],
+    }
+}
+
+/// How node `n` of `g` runs, or why it cannot yet.
+pub fn node_work(g: &Graph, n: NodeId) -> Result<NodeWork, Unsupported> {
+    let node = g.node(n);
+    if let Op::Reshape { .. } = node.op {
+        // Reshape is row-major reinterpretation of a contiguous buffer (every buffer the
+        // runtime holds is contiguous), so it is free.
+        return Ok(NodeWork::Alias(0));
+    }
+    let spec = KernelSpec::from_node(g, n)?;
+    let ins: Vec<Shape> = g.inputs(n).iter().map(|&v| g.ty(v).shape.clone()).collect();
+    let out = node.outputs[0].shape.clone();
+    let dims = |s: &Shape| s.0.clone();
+    let io = |k: usize| {
+        (0..k as u16)
+            .map(|i| Arg::Buf(Buf::Input(i)))
+            .chain([Arg::Buf(Buf::Output(0))])
+            .collect::<Vec<_>>()
+    };
+    Ok(match &spec {
+        KernelSpec::Elementwise { program, .. } => {
+            // layout: the output shape, then per input its strides against the output's
+            // axes (right-aligned; 0 along axes the input lacks or has as 1).
+            let rank = out.rank();
+            let mut layout: Vec<Size> = out.0.iter().map(|d| Size::Dim(*d)).collect();
+            for s in &ins {
+                let pad = rank - s.rank();
+                let mut strides = vec![Size::lit(0); rank];
+                for d in 0..s.rank() {
+                    if !s.0[d].is(1) {
+                        strides[pad + d] = Size::product(&s.0[d + 1..]);
+                    }
+                }
+                layout.extend(strides);
+            }
+            let grid = grid_x(Size::numel(&out).ceil_div(super::kernels::EW_BLOCK as i64));
+            debug_assert_eq!(program.inputs.len(), ins.len());
+            single(
+                spec,
+                vec![Arg::Inputs, Arg::Table(layout), Arg::Buf(Buf::Output(0))],
+                grid,
+            )
+        }
+        KernelSpec::RmsNorm { .. } => {
+            let d = dims(&out);
+            let rows = Size::product(&d[..d.len() - 1]);
+            let mut args = io(2);
+            args.push(Arg::U32(Size::Dim(*d.last().unwrap())));
+            single(spec, args, grid_x(rows))
+        }
+        KernelSpec::Softmax { .. } => {
+            let d = dims(&out);
+            let rows = Size::product(&d[..d.len() - 1]);
+            let mut args = io(1);
+            args.push(Arg::U32(Size::Dim(*d.last().unwrap())));
+            single(spec, args, grid_x(rows))
+        }
+        KernelSpec::MatMul { .. } => {
+            let d = dims(&out);
+            let m = Size::product(&d[..d.len() - 1]);
+            let nn = *d.last().unwrap();
+            let k = ins[1].0[1];
+            let t = super::kernels::TILE as i64;
+            let mut args = io(2);
+            args.extend([
+                Arg::U32(m.clone()),
+                Arg::U32(Size::Dim(nn)),
+                Arg::U32(Size::Dim(k)),
+            ]);
+            single(
+                spec,
+                args,
+                [Size::Dim(nn).ceil_div(t), m.ceil_div(t), Size::lit(1)],
+            )
+        }
+    })
+}
+
+/// The element type a kernel holds a float buffer in.
+pub fn elem_dtype(e: Elem) -> DType {
+    match e {
+        Elem::F32 => DType::F32,
+        Elem::F16 => DType::F16,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_fold_print_and_evaluate() {
+        let s = Size::product(&[Dim::B, Dim::S, Dim::lit(64), Dim::lit(2)]);
+        assert_eq!(s.to_string(), "128*b*s");
+        let g = s.clone().ceil_div(256);
+        assert_eq!(g.to_string(), "ceil(128*b*s/256)");
+        let bind = Bindings {
+            batch: 3,
+            seq: 5,
+            cache: 7,
+        };
+        assert_eq!(g.eval(&bind), (128 * 15usize).div_ceil(256) as i64);
+        assert_eq!(Size::lit(1000).ceil_div(256), Size::lit(4));
+        let kv = Size::product(&[Dim::B, Dim::C + Dim::S]);
+        assert_eq!(kv.to_string(), "b*(c+s)");
+        assert_eq!(kv.eval(&bind), 36);
+    }
+}
