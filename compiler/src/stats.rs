@@ -154,21 +154,12 @@ pub fn stats(model: &Model, context: u64) -> Stats {
         Attention::Mla(a) => {
             let qk = (a.qk_nope_head_dim + a.qk_rope_head_dim) as u128;
             let heads = a.heads as u128;
-            (
-                (a.kv_lora_rank + a.qk_rope_head_dim) as u128,
-                heads * qk + heads * a.v_head_dim as u128,
-                heads,
-                qk,
-                a.v_head_dim as u128,
-            )
+            ((a.kv_lora_rank + a.qk_rope_head_dim) as u128, heads * qk + heads * a.v_head_dim as u128, heads, qk, a.v_head_dim as u128)
         }
     };
     let kv_elems = layers * kv;
     let naive_elems = layers * naive;
-    let bytes_per_token = DType::ALL
-        .iter()
-        .map(|d| (d.name().to_string(), (kv_elems * d.bytes() as u128)))
-        .collect();
+    let bytes_per_token = DType::ALL.iter().map(|d| (d.name().to_string(), (kv_elems * d.bytes() as u128))).collect();
 
     let ctx = context as u128;
     let attention = layers * (2 * heads * qk_dim * ctx + 2 * heads * v_dim * ctx);
@@ -192,7 +183,6 @@ pub fn stats(model: &Model, context: u64) -> Stats {
         flops: Flops { per_token: matmul + attention, context: ctx, matmul, attention },
     }
 }
-
 
 /// One attention block: all its parameters (including the MLA latent norms) and the part
 /// that is weight matrices.

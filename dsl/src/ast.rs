@@ -58,7 +58,11 @@ pub enum Value {
     Ident(String),
     Str(String),
     /// `start..end step step`; `end` is `None` for an open range (`3..`).
-    Range { start: i128, end: Option<i128>, step: Option<i128> },
+    Range {
+        start: i128,
+        end: Option<i128>,
+        step: Option<i128>,
+    },
     List(Vec<Spanned<Value>>),
 }
 

@@ -141,10 +141,9 @@ impl<'a> Cfg<'a> {
     fn u64(&self, k: &str) -> Result<Option<u64>, String> {
         match self.get(k) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(Some)
-                .ok_or_else(|| format!("`{}` must be a non-negative integer, found {}", self.key(k), describe(v))),
+            Some(v) => {
+                v.as_u64().map(Some).ok_or_else(|| format!("`{}` must be a non-negative integer, found {}", self.key(k), describe(v)))
+            }
         }
     }
     /// A size that must be given and positive.
@@ -370,11 +369,9 @@ fn rope(cfg: &Cfg, family: Family) -> Result<Rope, String> {
     };
     let yarn = match kind {
         "default" => None,
-        "yarn" if family == Family::DeepseekMoe => {
-            return Err(format!(
-                "`{kind_key}` = \"yarn\" is not supported by model_type `deepseek` (DeepSeekMoE's code knows only linear and dynamic scaling)"
-            ))
-        }
+        "yarn" if family == Family::DeepseekMoe => return Err(format!(
+            "`{kind_key}` = \"yarn\" is not supported by model_type `deepseek` (DeepSeekMoE's code knows only linear and dynamic scaling)"
+        )),
         "yarn" => Some(yarn(cfg, &s, family)?),
         other => return Err(format!("`{kind_key}` = \"{other}\" is not supported: dsc models plain RoPE and YaRN")),
     };
@@ -395,12 +392,7 @@ fn yarn(cfg: &Cfg, s: &Cfg, family: Family) -> Result<Yarn, String> {
     let max_pos = cfg.u64("max_position_embeddings")?;
     let original_context = match (s.u64("original_max_position_embeddings")?, max_pos) {
         (Some(o), _) | (None, Some(o)) => o,
-        (None, None) => {
-            return Err(format!(
-                "YaRN needs `{}` or `max_position_embeddings`",
-                s.key("original_max_position_embeddings")
-            ))
-        }
+        (None, None) => return Err(format!("YaRN needs `{}` or `max_position_embeddings`", s.key("original_max_position_embeddings"))),
     };
     // transformers 5: an absent factor is the context extension itself.
     let factor = match (s.f64("factor")?, max_pos) {
@@ -522,7 +514,10 @@ fn ffn(cfg: &Cfg, family: Family, layers: u64) -> Result<(Vec<FfnBlock>, impl Fn
     }
     if let Some(routed) = routed.filter(|_| first < layers) {
         let moe = moe(cfg, family, routed)?;
-        blocks.push(FfnBlock { layers: LayerSet { ranges: vec![LayerRange { start: first, end: layers, step: freq }] }, kind: Ffn::Moe(moe) });
+        blocks.push(FfnBlock {
+            layers: LayerSet { ranges: vec![LayerRange { start: first, end: layers, step: freq }] },
+            kind: Ffn::Moe(moe),
+        });
     }
     Ok((blocks, is_moe))
 }
@@ -638,10 +633,9 @@ fn moe(cfg: &Cfg, family: Family, routed_experts: u64) -> Result<Moe, String> {
 fn softmax_only(scoring_func: Option<&str>, family: Family) -> Result<(), String> {
     match scoring_func {
         None | Some("softmax") => Ok(()),
-        Some(other) => Err(format!(
-            "`scoring_func` = \"{other}\" is not supported for model_type `{}`, whose gate is softmax only",
-            family.name()
-        )),
+        Some(other) => {
+            Err(format!("`scoring_func` = \"{other}\" is not supported for model_type `{}`, whose gate is softmax only", family.name()))
+        }
     }
 }
 

@@ -165,16 +165,11 @@ pub struct LayerRange {
 impl LayerSet {
     /// Whether layer `l` belongs to the set.
     pub fn contains(&self, l: u64) -> bool {
-        self.ranges
-            .iter()
-            .any(|r| l >= r.start && l < r.end && (l - r.start) % r.step == 0)
+        self.ranges.iter().any(|r| l >= r.start && l < r.end && (l - r.start) % r.step == 0)
     }
     /// Number of layers in the set (ranges of a resolved model never overlap).
     pub fn count(&self) -> u64 {
-        self.ranges
-            .iter()
-            .map(|r| if r.end > r.start { (r.end - r.start).div_ceil(r.step) } else { 0 })
-            .sum()
+        self.ranges.iter().map(|r| if r.end > r.start { (r.end - r.start).div_ceil(r.step) } else { 0 }).sum()
     }
 }
 
@@ -188,7 +183,9 @@ pub struct FfnBlock {
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Ffn {
     /// SwiGLU: down(silu(gate(x)) * up(x)).
-    Dense { intermediate: u64 },
+    Dense {
+        intermediate: u64,
+    },
     Moe(Moe),
 }
 

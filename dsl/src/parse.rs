@@ -134,9 +134,7 @@ impl Cx {
                 }
                 Value::Range { start: start.expect("a range starts with an int"), end, step }
             }
-            Rule::list => Value::List(
-                self.nested(span, || pair.into_inner().map(|p| self.parse_value(p)).collect::<Result<_, _>>())?,
-            ),
+            Rule::list => Value::List(self.nested(span, || pair.into_inner().map(|p| self.parse_value(p)).collect::<Result<_, _>>())?),
             r => unreachable!("value has no {r:?}"),
         };
         Ok(Spanned::new(v, span))
@@ -144,9 +142,7 @@ impl Cx {
 
     fn parse_int(&self, pair: &Pair<Rule>) -> Result<i128, Diagnostic> {
         let digits: String = pair.as_str().chars().filter(|c| *c != '_').collect();
-        digits.parse::<i128>().map_err(|_| {
-            Diagnostic::new(self.span(pair), "integer out of range", "this integer is too large")
-        })
+        digits.parse::<i128>().map_err(|_| Diagnostic::new(self.span(pair), "integer out of range", "this integer is too large"))
     }
 }
 

@@ -86,17 +86,10 @@ pub fn load(path: &Path, model: Option<&str>) -> Result<Spec, Failure> {
 pub fn load_str(path: &Path, text: &str, model: Option<&str>) -> Result<Spec, Failure> {
     let mut sources = SourceMap::new();
     let name = path.display().to_string();
-    resolve_text(&mut sources, path, name, text.to_string(), model)
-        .map_err(|diagnostics| Failure { sources, diagnostics })
+    resolve_text(&mut sources, path, name, text.to_string(), model).map_err(|diagnostics| Failure { sources, diagnostics })
 }
 
-fn resolve_text(
-    sources: &mut SourceMap,
-    path: &Path,
-    name: String,
-    text: String,
-    model: Option<&str>,
-) -> Result<Spec, Diagnostics> {
+fn resolve_text(sources: &mut SourceMap, path: &Path, name: String, text: String, model: Option<&str>) -> Result<Spec, Diagnostics> {
     let root = sources.add(path, name, text);
     let mut diags = Diagnostics::default();
     let mut files: Vec<(FileId, File)> = Vec::new();
@@ -141,10 +134,8 @@ fn resolve_text(
             Some((_, m)) => m,
             None => {
                 let names: Vec<&str> = table.keys().map(String::as_str).collect();
-                let mut d = Diagnostic::without_span(format!(
-                    "no model named `{want}` in `{}` or the files it includes",
-                    sources.get(root).name
-                ));
+                let mut d =
+                    Diagnostic::without_span(format!("no model named `{want}` in `{}` or the files it includes", sources.get(root).name));
                 d = with_suggestion(d, want, &names, "model");
                 return Err(d.into());
             }
@@ -185,13 +176,7 @@ fn resolve_text(
 }
 
 /// Step 1: parse `id` and everything it includes, depth first; `stack` detects cycles.
-fn load_recursive(
-    sources: &mut SourceMap,
-    id: FileId,
-    stack: &mut Vec<FileId>,
-    out: &mut Vec<(FileId, File)>,
-    diags: &mut Diagnostics,
-) {
+fn load_recursive(sources: &mut SourceMap, id: FileId, stack: &mut Vec<FileId>, out: &mut Vec<(FileId, File)>, diags: &mut Diagnostics) {
     let file = match parse_file(id, &sources.get(id).text) {
         Ok(f) => f,
         Err(d) => {
@@ -241,8 +226,7 @@ const MULTI_KEYS: &[&str] = &["ffn"];
 
 fn same_entry(a: &Entry, b: &Entry) -> bool {
     a.key.node == b.key.node
-        && (!MULTI_KEYS.contains(&a.key.node.as_str())
-            || a.label.as_ref().map(|l| &l.node) == b.label.as_ref().map(|l| &l.node))
+        && (!MULTI_KEYS.contains(&a.key.node.as_str()) || a.label.as_ref().map(|l| &l.node) == b.label.as_ref().map(|l| &l.node))
 }
 
 /// A field written twice in one block is an error (in a child, overriding is the point).
@@ -278,13 +262,9 @@ fn merge_chain(m: &ModelDecl, table: &HashMap<String, (FileId, &ModelDecl)>) -> 
                 if !seen.insert(p.name.node.as_str()) {
                     let mut names: Vec<&str> = chain.iter().map(|c| c.name.node.as_str()).collect();
                     names.push(&p.name.node);
-                    return Err(Diagnostic::new(
-                        parent.span,
-                        format!("`extends` cycle: {}", names.join(" → ")),
-                        "closes the cycle",
-                    )
-                    .with_help("a model cannot be its own ancestor")
-                    .into());
+                    return Err(Diagnostic::new(parent.span, format!("`extends` cycle: {}", names.join(" → ")), "closes the cycle")
+                        .with_help("a model cannot be its own ancestor")
+                        .into());
                 }
                 chain.push(p);
                 cur = p;
@@ -340,11 +320,7 @@ impl HelpIfNone for Diagnostic {
 
 /// Adds "did you mean `x`?" when a known name is close to `got`.
 fn with_suggestion(d: Diagnostic, got: &str, known: &[&str], what: &str) -> Diagnostic {
-    let best = known
-        .iter()
-        .map(|k| (strsim::jaro_winkler(got, k), *k))
-        .filter(|(s, _)| *s > 0.8)
-        .max_by(|a, b| a.0.total_cmp(&b.0));
+    let best = known.iter().map(|k| (strsim::jaro_winkler(got, k), *k)).filter(|(s, _)| *s > 0.8).max_by(|a, b| a.0.total_cmp(&b.0));
     match best {
         Some((_, k)) => d.with_help(format!("did you mean `{k}`?")),
         None if !known.is_empty() && known.len() <= 12 => {
@@ -409,11 +385,7 @@ impl Elaborator {
     fn finish(&mut self, obj: &Obj) {
         for e in &obj.block.entries {
             if !obj.known.contains(&e.key.node.as_str()) {
-                let d = Diagnostic::new(
-                    e.key.span,
-                    format!("unknown field `{}` in {}", e.key.node, obj.what),
-                    "not a field here",
-                );
+                let d = Diagnostic::new(e.key.span, format!("unknown field `{}` in {}", e.key.node, obj.what), "not a field here");
                 let mut known = obj.known.clone();
                 known.sort();
                 known.dedup();
@@ -488,16 +460,16 @@ impl Elaborator {
         match want {
             Want::Int { min, max } => {
                 if !is_int {
-                    self.err(Diagnostic::new(v.span, format!("`{key}` must be an integer, found a fractional number"), "expected an integer"));
+                    self.err(Diagnostic::new(
+                        v.span,
+                        format!("`{key}` must be an integer, found a fractional number"),
+                        "expected an integer",
+                    ));
                     return None;
                 }
                 let Value::Int(i) = v.node else { unreachable!() };
                 if i < min as i128 || i > max as i128 {
-                    self.err(Diagnostic::new(
-                        v.span,
-                        format!("`{key}` = {i} is out of range"),
-                        format!("expected {min} ≤ {key} ≤ {max}"),
-                    ));
+                    self.err(Diagnostic::new(v.span, format!("`{key}` = {i} is out of range"), format!("expected {min} ≤ {key} ≤ {max}")));
                     return None;
                 }
                 Some(x)
@@ -565,11 +537,7 @@ impl Elaborator {
                 }
             },
             other => {
-                self.err(Diagnostic::new(
-                    v.span,
-                    format!("`{key}` must be one of {list}, found {}", other.describe()),
-                    "expected a name",
-                ));
+                self.err(Diagnostic::new(v.span, format!("`{key}` must be one of {list}, found {}", other.describe()), "expected a name"));
                 None
             }
         }
@@ -638,8 +606,12 @@ impl Elaborator {
         let Some(e) = self.section(top, "attention") else {
             if top.block.entries.iter().all(|e| e.key.node != "attention") {
                 self.err(
-                    Diagnostic::new(section_head(top.block), format!("missing required section `attention` in {}", top.what), "needs `attention`")
-                        .with_help("add `attention mla { ... }`, `attention gqa { ... }` or `attention mha { ... }`"),
+                    Diagnostic::new(
+                        section_head(top.block),
+                        format!("missing required section `attention` in {}", top.what),
+                        "needs `attention`",
+                    )
+                    .with_help("add `attention mla { ... }`, `attention gqa { ... }` or `attention mha { ... }`"),
                 );
             }
             return None;
@@ -663,8 +635,12 @@ impl Elaborator {
                 let (heads, kv_heads) = (heads?, kv_heads?);
                 if heads % kv_heads != 0 {
                     let span = self.spans.get("attention.kv_heads").unwrap_or(kind.span);
-                    let mut d = Diagnostic::new(span, format!("`heads` = {heads} is not divisible by `kv_heads` = {kv_heads}"), "must divide `heads`")
-                        .with_help("each key/value head serves an equal group of query heads");
+                    let mut d = Diagnostic::new(
+                        span,
+                        format!("`heads` = {heads} is not divisible by `kv_heads` = {kv_heads}"),
+                        "must divide `heads`",
+                    )
+                    .with_help("each key/value head serves an equal group of query heads");
                     if let Some(h) = self.spans.get("attention.heads") {
                         d = d.with_related(h, "heads declared here");
                     }
@@ -678,8 +654,12 @@ impl Elaborator {
                         if hidden % heads != 0 {
                             let span = self.spans.get("attention.heads").unwrap_or(kind.span);
                             self.err(
-                                Diagnostic::new(span, format!("`hidden` = {hidden} is not divisible by `heads` = {heads}"), "head_dim = hidden / heads is not whole")
-                                    .with_help("set `head_dim` explicitly"),
+                                Diagnostic::new(
+                                    span,
+                                    format!("`hidden` = {hidden} is not divisible by `heads` = {heads}"),
+                                    "head_dim = hidden / heads is not whole",
+                                )
+                                .with_help("set `head_dim` explicitly"),
                             );
                             return None;
                         }
@@ -688,7 +668,10 @@ impl Elaborator {
                 };
                 if head_dim % 2 != 0 {
                     let span = self.spans.get("attention.head_dim").or(self.spans.get("attention.heads")).unwrap_or(kind.span);
-                    self.err(Diagnostic::new(span, format!("head_dim = {head_dim} is odd"), "RoPE rotates pairs of dims").with_help("use an even head dimension"));
+                    self.err(
+                        Diagnostic::new(span, format!("head_dim = {head_dim} is odd"), "RoPE rotates pairs of dims")
+                            .with_help("use an even head dimension"),
+                    );
                     return None;
                 }
                 Some(Attention::Gqa(Gqa { heads, kv_heads, head_dim }))
@@ -706,7 +689,10 @@ impl Elaborator {
                 let rope = rope?;
                 if rope % 2 != 0 {
                     let span = self.spans.get("attention.qk_rope_head_dim").unwrap_or(kind.span);
-                    self.err(Diagnostic::new(span, format!("`qk_rope_head_dim` = {rope} is odd"), "RoPE rotates pairs of dims").with_help("use an even dimension"));
+                    self.err(
+                        Diagnostic::new(span, format!("`qk_rope_head_dim` = {rope} is odd"), "RoPE rotates pairs of dims")
+                            .with_help("use an even dimension"),
+                    );
                     return None;
                 }
                 Some(Attention::Mla(Mla {
@@ -756,8 +742,14 @@ impl Elaborator {
                 self.finish(&y);
                 if beta_fast < beta_slow {
                     let span = self.spans.get("rope.yarn.beta_fast").unwrap_or(yb.span);
-                    self.err(Diagnostic::new(span, format!("`beta_fast` = {beta_fast} is below `beta_slow` = {beta_slow}"), "expected beta_fast ≥ beta_slow")
-                        .with_help("beta_fast bounds the high-frequency end of the YaRN ramp (32 in DeepSeek), beta_slow the low end (1)"));
+                    self.err(
+                        Diagnostic::new(
+                            span,
+                            format!("`beta_fast` = {beta_fast} is below `beta_slow` = {beta_slow}"),
+                            "expected beta_fast ≥ beta_slow",
+                        )
+                        .with_help("beta_fast bounds the high-frequency end of the YaRN ramp (32 in DeepSeek), beta_slow the low end (1)"),
+                    );
                 }
                 Some(Some(Yarn {
                     factor: factor?,
@@ -784,8 +776,12 @@ impl Elaborator {
         let entries = top.entries("ffn");
         if entries.iter().all(|e| is_none(e)) {
             self.err(
-                Diagnostic::new(section_head(top.block), format!("missing feed-forward blocks in {}", top.what), "needs at least one `ffn`")
-                    .with_help("add `ffn dense { layers = 0.., intermediate = ... }` or `ffn moe { ... }`"),
+                Diagnostic::new(
+                    section_head(top.block),
+                    format!("missing feed-forward blocks in {}", top.what),
+                    "needs at least one `ffn`",
+                )
+                .with_help("add `ffn dense { layers = 0.., intermediate = ... }` or `ffn moe { ... }`"),
             );
             return None;
         }
@@ -846,7 +842,10 @@ impl Elaborator {
                         if !bad {
                             self.err(
                                 Diagnostic::new(*span, format!("layer {l} is given two feed-forward blocks"), "overlaps another block")
-                                    .with_related(owners.iter().find(|o| o.0 == prev).map(|o| o.1).unwrap_or(*span), "which also has this layer"),
+                                    .with_related(
+                                        owners.iter().find(|o| o.0 == prev).map(|o| o.1).unwrap_or(*span),
+                                        "which also has this layer",
+                                    ),
                             );
                         }
                         bad = true;
@@ -863,8 +862,12 @@ impl Elaborator {
             let what = if gaps.len() == 1 { "layer" } else { "layers" };
             let verb = if gaps.len() == 1 { "has" } else { "have" };
             self.err(
-                Diagnostic::new(span, format!("{what} {}{more} {verb} no feed-forward block", shown.join(", ")), format!("{layers} layers declared here"))
-                    .with_help("the `layers` ranges of the `ffn` blocks must cover 0..layers exactly once"),
+                Diagnostic::new(
+                    span,
+                    format!("{what} {}{more} {verb} no feed-forward block", shown.join(", ")),
+                    format!("{layers} layers declared here"),
+                )
+                .with_help("the `layers` ranges of the `ffn` blocks must cover 0..layers exactly once"),
             );
             bad = true;
         }
@@ -896,7 +899,11 @@ impl Elaborator {
                 Value::Int(i) => (*i, Some(*i + 1), None),
                 Value::Range { start, end, step } => (*start, *end, *step),
                 other => {
-                    self.err(Diagnostic::new(it.span, format!("`layers` must be a range such as `0..3` or `3..`, found {}", other.describe()), "expected a layer range"));
+                    self.err(Diagnostic::new(
+                        it.span,
+                        format!("`layers` must be a range such as `0..3` or `3..`, found {}", other.describe()),
+                        "expected a layer range",
+                    ));
                     return None;
                 }
             };
@@ -922,8 +929,10 @@ impl Elaborator {
         // Ranges of one set must not overlap either (`[0..3, 1..3]`): each layer is listed once.
         let set = LayerSet { ranges };
         if let Some(l) = (0..layers).find(|l| set.ranges.iter().filter(|r| LayerSet { ranges: vec![**r] }.contains(*l)).count() > 1) {
-            self.err(Diagnostic::new(v.span, format!("layer {l} is listed twice in this layer set"), "ranges overlap")
-                .with_help("list each layer once"));
+            self.err(
+                Diagnostic::new(v.span, format!("layer {l} is listed twice in this layer set"), "ranges overlap")
+                    .with_help("list each layer once"),
+            );
             return None;
         }
         Some((set, v.span))
@@ -940,8 +949,14 @@ impl Elaborator {
                 self.router(b, &format!("{path}.router"), routed)
             }
             None => {
-                self.err(Diagnostic::new(section_head(o.block), format!("missing required section `router` in {}", o.what), "needs `router { ... }`")
-                    .with_help("add `router { top_k = ..., scoring = softmax | sigmoid, normalize = always | never | top_k_gt_1 }`"));
+                self.err(
+                    Diagnostic::new(
+                        section_head(o.block),
+                        format!("missing required section `router` in {}", o.what),
+                        "needs `router { ... }`",
+                    )
+                    .with_help("add `router { top_k = ..., scoring = softmax | sigmoid, normalize = always | never | top_k_gt_1 }`"),
+                );
                 None
             }
         };
@@ -966,8 +981,10 @@ impl Elaborator {
         let (router, balance) = (router?, balance?);
         if balance.bias_update_speed > 0.0 && !router.selection_bias {
             let span = self.spans.get(&format!("{path}.balance.bias_update_speed")).unwrap_or(o.block.span);
-            self.err(Diagnostic::new(span, "`bias_update_speed` needs a selection bias to update", "no `selection_bias` in the router")
-                .with_help("set `router { selection_bias = true }`, or remove `bias_update_speed`"));
+            self.err(
+                Diagnostic::new(span, "`bias_update_speed` needs a selection bias to update", "no `selection_bias` in the router")
+                    .with_help("set `router { selection_bias = true }`, or remove `bias_update_speed`"),
+            );
             return None;
         }
         Some(Moe { routed_experts: routed?, shared_experts: shared?, expert_intermediate: inter?, router, balance })
@@ -993,27 +1010,48 @@ impl Elaborator {
         let at = |s: &Self, k: &str| s.spans.get(&format!("{path}.{k}")).unwrap_or(b.span);
         let mut ok = true;
         if top_k > routed {
-            let d = Diagnostic::new(at(self, "top_k"), format!("`top_k` = {top_k} exceeds the {routed} routed experts"), "more experts per token than exist")
-                .with_related(self.spans.get(&path.replace(".router", ".routed_experts")).unwrap_or(b.span), "routed experts declared here");
+            let d = Diagnostic::new(
+                at(self, "top_k"),
+                format!("`top_k` = {top_k} exceeds the {routed} routed experts"),
+                "more experts per token than exist",
+            )
+            .with_related(self.spans.get(&path.replace(".router", ".routed_experts")).unwrap_or(b.span), "routed experts declared here");
             self.err(d);
             ok = false;
         }
         if routed % groups != 0 {
-            self.err(Diagnostic::new(at(self, "groups"), format!("`groups` = {groups} does not divide the {routed} routed experts"), "must divide `routed_experts`")
-                .with_help("experts are split into equal groups"));
+            self.err(
+                Diagnostic::new(
+                    at(self, "groups"),
+                    format!("`groups` = {groups} does not divide the {routed} routed experts"),
+                    "must divide `routed_experts`",
+                )
+                .with_help("experts are split into equal groups"),
+            );
             ok = false;
         } else if groups_kept > groups {
-            self.err(Diagnostic::new(at(self, "groups_kept"), format!("`groups_kept` = {groups_kept} exceeds `groups` = {groups}"), "cannot keep more groups than exist"));
+            self.err(Diagnostic::new(
+                at(self, "groups_kept"),
+                format!("`groups_kept` = {groups_kept} exceeds `groups` = {groups}"),
+                "cannot keep more groups than exist",
+            ));
             ok = false;
         } else if groups > 1 && groups_kept * (routed / groups) < top_k {
-            self.err(Diagnostic::new(at(self, "groups_kept"), format!(
-                "the {groups_kept} kept groups hold {} experts, fewer than `top_k` = {top_k}", groups_kept * (routed / groups)), "too few experts left to choose from")
-                .with_help("raise `groups_kept` or lower `top_k`"));
+            self.err(
+                Diagnostic::new(
+                    at(self, "groups_kept"),
+                    format!("the {groups_kept} kept groups hold {} experts, fewer than `top_k` = {top_k}", groups_kept * (routed / groups)),
+                    "too few experts left to choose from",
+                )
+                .with_help("raise `groups_kept` or lower `top_k`"),
+            );
             ok = false;
         }
         if groups > 1 && group_score.is_none() {
-            self.err(Diagnostic::new(at(self, "groups"), format!("`groups` = {groups} needs a `group_score`"), "group-limited routing")
-                .with_help("add `group_score = max` (DeepSeek-V2) or `group_score = top2_sum` (DeepSeek-V3)"));
+            self.err(
+                Diagnostic::new(at(self, "groups"), format!("`groups` = {groups} needs a `group_score`"), "group-limited routing")
+                    .with_help("add `group_score = max` (DeepSeek-V2) or `group_score = top2_sum` (DeepSeek-V3)"),
+            );
             ok = false;
         }
         if groups > 1 && group_score == Some(GroupScore::Top2Sum) && routed % groups == 0 && routed / groups < 2 {
@@ -1021,8 +1059,10 @@ impl Elaborator {
             ok = false;
         }
         if groups == 1 && group_score.is_some() {
-            self.err(Diagnostic::new(at(self, "group_score"), "`group_score` has no effect without groups", "`groups` is 1")
-                .with_help("remove `group_score`, or set `groups` > 1"));
+            self.err(
+                Diagnostic::new(at(self, "group_score"), "`group_score` has no effect without groups", "`groups` is 1")
+                    .with_help("remove `group_score`, or set `groups` > 1"),
+            );
             ok = false;
         }
         if !ok {
@@ -1069,7 +1109,11 @@ impl Elaborator {
                 match parsed.as_deref() {
                     Some([a, b]) if a != b => Some([*a, *b]),
                     _ => {
-                        self.err(Diagnostic::new(v.span, "`concat` must list `embedding` and `hidden` once each", "expected `[embedding, hidden]` or `[hidden, embedding]`"));
+                        self.err(Diagnostic::new(
+                            v.span,
+                            "`concat` must list `embedding` and `hidden` once each",
+                            "expected `[embedding, hidden]` or `[hidden, embedding]`",
+                        ));
                         None
                     }
                 }
@@ -1093,7 +1137,11 @@ impl Elaborator {
                     _ => false,
                 });
                 if found.is_none() {
-                    self.err(Diagnostic::new(v.span, "`ffn` must name one of the model's feed-forward blocks", "expected `dense` or `moe`, as defined above"));
+                    self.err(Diagnostic::new(
+                        v.span,
+                        "`ffn` must name one of the model's feed-forward blocks",
+                        "expected `dense` or `moe`, as defined above",
+                    ));
                 }
                 found
             }

@@ -193,7 +193,10 @@ pub fn forward(backend: &dyn Backend, prompts: &[Vec<i64>], capture_routing: boo
     check_prompts(prompts, backend.vocab())?;
     let s = prompts[0].len();
     if let Some((i, p)) = prompts.iter().enumerate().find(|(_, p)| p.len() != s) {
-        return Err(GenerateError::Input(format!("sequences must have equal lengths: sequence 0 has {s} tokens, sequence {i} has {}", p.len())));
+        return Err(GenerateError::Input(format!(
+            "sequences must have equal lengths: sequence 0 has {s} tokens, sequence {i} has {}",
+            p.len()
+        )));
     }
     let padded = Padded::new(prompts, 0);
     let input = StepInput { batch: padded.batch, seq: s, ids: padded.ids, positions: padded.positions, mask: None, capture_routing };

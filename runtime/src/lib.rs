@@ -4,7 +4,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod generate;
 pub mod reference;
+pub mod rng;
 pub mod sampling;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
-pub mod rng;

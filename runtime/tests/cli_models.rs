@@ -51,7 +51,18 @@ fn logits_writes_the_reference_logits() {
 fn generate_prints_the_greedy_tokens() {
     for case in ["llama_gqa", "deepseek_v3"] {
         let dir = golden(case);
-        let r = dsc(&["generate", "--model", s(&dir), "--input", s(&dir.join("input_ids.json")), "--max-new-tokens", "8", "--temperature", "0", "--json"]);
+        let r = dsc(&[
+            "generate",
+            "--model",
+            s(&dir),
+            "--input",
+            s(&dir.join("input_ids.json")),
+            "--max-new-tokens",
+            "8",
+            "--temperature",
+            "0",
+            "--json",
+        ]);
         assert!(r.status.success(), "{case}: {}", String::from_utf8_lossy(&r.stderr));
         let got: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
         let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("generated.json")).unwrap()).unwrap();
@@ -64,7 +75,8 @@ fn generate_prints_the_greedy_tokens() {
     let ids = dir.join("input_ids.json");
     let sample = |seed: &str| {
         let args = ["generate", "--model", s(&dir), "--input", s(&ids), "--max-new-tokens", "5"];
-        let r = dsc(&[&args[..], &["--temperature", "1.0", "--top-k", "20", "--top-p", "0.9", "--seed", seed, "--json", "--stats"]].concat());
+        let r =
+            dsc(&[&args[..], &["--temperature", "1.0", "--top-k", "20", "--top-p", "0.9", "--seed", seed, "--json", "--stats"]].concat());
         assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
         assert!(String::from_utf8_lossy(&r.stderr).contains("tokens/s"));
         serde_json::from_slice::<serde_json::Value>(&r.stdout).unwrap()
@@ -123,7 +135,8 @@ fn prompt_goes_through_the_tokenizer() {
     let by_text = dsc(&["generate", "--model", s(&d), "--prompt", &prompt.join(" "), "--max-new-tokens", "4", "--json"]);
     assert!(by_text.status.success(), "{}", String::from_utf8_lossy(&by_text.stderr));
     let by_ids = dsc(&["generate", "--model", s(&d), "--input", s(&ids_file), "--max-new-tokens", "4", "--json"]);
-    let (t, i): (serde_json::Value, serde_json::Value) = (serde_json::from_slice(&by_text.stdout).unwrap(), serde_json::from_slice(&by_ids.stdout).unwrap());
+    let (t, i): (serde_json::Value, serde_json::Value) =
+        (serde_json::from_slice(&by_text.stdout).unwrap(), serde_json::from_slice(&by_ids.stdout).unwrap());
     assert_eq!(t["generated"], i["generated"]);
     let words: Vec<String> = t["generated"][0].as_array().unwrap().iter().map(|x| format!("t{x}")).collect();
     assert_eq!(t["text"][0], serde_json::json!(words.join(" ")));

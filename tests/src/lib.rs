@@ -47,7 +47,11 @@ pub fn random_weights(params: &BTreeMap<String, Ty>, rng: &mut SplitMix64) -> Ha
                         0 | 1 => 0.1 * z,
                         _ => z / fan_in.sqrt(),
                     };
-                    if x == 0.0 { 1e-3 } else { x as f32 }
+                    if x == 0.0 {
+                        1e-3
+                    } else {
+                        x as f32
+                    }
                 })
                 .collect();
             (name.clone(), Tensor::f32(&shape, data))

@@ -16,10 +16,10 @@
 //! Run with `--nocapture` to see the largest difference per pass and precision.
 
 use dsc_compiler::ir::{Bindings, Mode, Module, Op, Operand, Ty};
-use dsc_tests::{entry_params, random_weights, SplitMix64 as Rng};
 use dsc_compiler::lower::lower_mode;
 use dsc_compiler::passes::{find_pass, run_pipeline, Pass, PassCx, PassSelection};
 use dsc_runtime::reference::{run, Options, Precision, Tensor};
+use dsc_tests::{entry_params, random_weights, SplitMix64 as Rng};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -55,7 +55,9 @@ fn inputs(m: &Module, mode: Mode, vocab: u64, rng: &mut Rng) -> Vec<Tensor> {
             let count: usize = shape.iter().product();
             match name.as_str() {
                 "input_ids" => Tensor::i64(&shape, (0..count).map(|_| rng.below(vocab) as i64).collect()),
-                "labels" => Tensor::i64(&shape, (0..count).map(|_| if rng.below(5) == 0 { -100 } else { rng.below(vocab) as i64 }).collect()),
+                "labels" => {
+                    Tensor::i64(&shape, (0..count).map(|_| if rng.below(5) == 0 { -100 } else { rng.below(vocab) as i64 }).collect())
+                }
                 "positions" => Tensor::i64(&shape, (0..count).map(|i| (b.cache + (i as u64 % b.seq)) as i64).collect()),
                 _ => Tensor::f32(&shape, (0..count).map(|_| rng.normal() as f32).collect()),
             }
@@ -203,10 +205,13 @@ fn check_spec(label: &str, spec: &dsc_dsl::Spec) {
     }
     let mut out = format!("{label}: max |difference| per pass (f32 / f64)\n");
     for v in VARIANTS {
-        let cells: Vec<String> = Mode::ALL.iter().map(|&m| {
-            let (a, b) = table[&(v.name, m)];
-            format!("{m} {a:.1e} / {b:.1e}")
-        }).collect();
+        let cells: Vec<String> = Mode::ALL
+            .iter()
+            .map(|&m| {
+                let (a, b) = table[&(v.name, m)];
+                format!("{m} {a:.1e} / {b:.1e}")
+            })
+            .collect();
         out.push_str(&format!("  {:<28} {}\n", v.name, cells.join("   ")));
     }
     println!("{out}");

@@ -56,7 +56,10 @@ fn backend(case: &str, config: &str, mla: MlaMode) -> ReferenceBackend<Checkpoin
 /// Whether a compiled decode attends over the latent (`kv_heads = 1` with MLA's heads).
 fn absorbed(b: &ReferenceBackend<CheckpointWeights>) -> bool {
     let m = b.module(Mode::Decode, false).unwrap();
-    m.functions.iter().flat_map(|f| f.graph.nodes().into_iter().map(move |n| &f.graph.node(n).op)).any(|op| matches!(op, Op::Attention { kv_heads: 1, heads, .. } if *heads > 1))
+    m.functions
+        .iter()
+        .flat_map(|f| f.graph.nodes().into_iter().map(move |n| &f.graph.node(n).op))
+        .any(|op| matches!(op, Op::Attention { kv_heads: 1, heads, .. } if *heads > 1))
 }
 
 /// Largest `|got - want|`, after checking `|got - want| <= 1e-4 + 1e-4·|want|` everywhere.

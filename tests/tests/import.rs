@@ -17,11 +17,8 @@ fn root() -> PathBuf {
 /// The fixture directories; the five of the README must all be there.
 fn fixtures() -> Vec<PathBuf> {
     let dir = root().join("golden/hf");
-    let mut out: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.join("config.json").is_file())
-        .collect();
+    let mut out: Vec<PathBuf> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.join("config.json").is_file()).collect();
     out.sort();
     let names: Vec<String> = out.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
     for want in ["deepseek_v2", "deepseek_v2_lite", "deepseek_v3", "llama_dense", "llama_gqa"] {
@@ -69,9 +66,8 @@ fn imported_models_print_and_resolve_back() {
         let name = dir.file_name().unwrap().to_str().unwrap().to_string();
         let model = import_file(&dir.join("config_legacy.json"), &name);
         let text = dsc_dsl::print::print_model(&model);
-        let back = dsc_dsl::load_str(Path::new("imported.dsc"), &text, None)
-            .unwrap_or_else(|f| panic!("{name}:\n{}\n{text}", f.render()))
-            .model;
+        let back =
+            dsc_dsl::load_str(Path::new("imported.dsc"), &text, None).unwrap_or_else(|f| panic!("{name}:\n{}\n{text}", f.render())).model;
         assert_eq!(back, model, "{name}:\n{text}");
     }
 }
@@ -210,7 +206,13 @@ fn published_dense_and_moe_configs_match_the_specs() {
     assert_eq!(forward_only(llm7), forward_only(spec("specs/deepseek_llm_7b.dsc")));
     // 67B: wider, deeper, 8 KV heads.
     let mut v: serde_json::Value = serde_json::from_str(DEEPSEEK_LLM_7B).unwrap();
-    for (k, x) in [("hidden_size", 8192), ("intermediate_size", 22016), ("num_hidden_layers", 95), ("num_attention_heads", 64), ("num_key_value_heads", 8)] {
+    for (k, x) in [
+        ("hidden_size", 8192),
+        ("intermediate_size", 22016),
+        ("num_hidden_layers", 95),
+        ("num_attention_heads", 64),
+        ("num_key_value_heads", 8),
+    ] {
         v[k] = x.into();
     }
     let llm67 = import_hf_config(&v.to_string(), "deepseek_llm_67b").unwrap();
@@ -231,7 +233,10 @@ fn deepseek_moe_maps_to_softmax_top_k_with_half_split_rope() {
     let Ffn::Moe(moe) = &m.ffn[1].kind else { panic!("layer 1.. is MoE") };
     assert_eq!((moe.routed_experts, moe.shared_experts, moe.expert_intermediate), (64, 2, 1408));
     let r = &moe.router;
-    assert_eq!((r.top_k, r.scoring, r.selection_bias, r.groups, r.normalize, r.scale), (6, Scoring::Softmax, false, 1, Normalize::Never, 1.0));
+    assert_eq!(
+        (r.top_k, r.scoring, r.selection_bias, r.groups, r.normalize, r.scale),
+        (6, Scoring::Softmax, false, 1, Normalize::Never, 1.0)
+    );
 
     // norm_topk_prob in DeepSeekMoE's gate only acts when top_k > 1.
     let normed = DEEPSEEK_MOE_16B.replace(r#""norm_topk_prob": false"#, r#""norm_topk_prob": true"#);
@@ -376,15 +381,13 @@ fn errors_name_the_key_at_fault() {
         o.get_mut("rope_scaling").unwrap().as_object_mut().unwrap().insert("type".into(), "dynamic".into());
     }));
     assert!(e.contains("dynamic"), "{e}");
-    let e = err(&std::fs::read_to_string(root().join("golden/hf/deepseek_v2/config.json")).unwrap().replace(
-        r#""rope_type": "yarn""#,
-        r#""rope_type": "longrope""#,
-    ));
+    let e = err(&std::fs::read_to_string(root().join("golden/hf/deepseek_v2/config.json"))
+        .unwrap()
+        .replace(r#""rope_type": "yarn""#, r#""rope_type": "longrope""#));
     assert!(e.contains("rope_parameters.rope_type") && e.contains("contradicts"), "{e}");
-    let e = err(&std::fs::read_to_string(root().join("golden/hf/llama_gqa/config.json")).unwrap().replace(
-        r#""rope_type": "default""#,
-        r#""rope_type": "llama3", "factor": 8.0"#,
-    ));
+    let e = err(&std::fs::read_to_string(root().join("golden/hf/llama_gqa/config.json"))
+        .unwrap()
+        .replace(r#""rope_type": "default""#, r#""rope_type": "llama3", "factor": 8.0"#));
     assert!(e.contains("`rope_parameters.rope_type` = \"llama3\" is not supported"), "{e}");
     let e = err(&DEEPSEEK_MOE_16B.replace(
         r#""rope_scaling": null"#,

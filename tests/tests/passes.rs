@@ -11,7 +11,9 @@
 //! Spans are not printed: the inputs are inline or hand-built, and a span change is not a
 //! pass change.
 
-use dsc_compiler::ir::{print_function, print_module, BinaryOp, DType, Dim, Function, Graph, Mode, Module, NodeId, Op, Operand, Shape, Sym, Ty, UnaryOp};
+use dsc_compiler::ir::{
+    print_function, print_module, BinaryOp, DType, Dim, Function, Graph, Mode, Module, NodeId, Op, Operand, Shape, Sym, Ty, UnaryOp,
+};
 use dsc_compiler::lower::lower_mode;
 use dsc_compiler::passes::mla_absorb::MlaMode;
 use dsc_compiler::passes::{find_pass, pass_names, run_pipeline, Changed, PassCx, PassSelection, PipelineError};
@@ -424,7 +426,9 @@ fn decompose_leaves_only_the_kept_composites() {
     let left: Vec<&str> = m
         .functions
         .iter()
-        .flat_map(|f| f.graph.nodes().into_iter().map(|k| &f.graph.node(k).op).filter(|op| op.is_composite()).map(|op| op.name()).collect::<Vec<_>>())
+        .flat_map(|f| {
+            f.graph.nodes().into_iter().map(|k| &f.graph.node(k).op).filter(|op| op.is_composite()).map(|op| op.name()).collect::<Vec<_>>()
+        })
         .collect();
     assert!(left.iter().all(|op| ["expert_ffn", "cache_append"].contains(op)), "{left:?}");
     snapshot("decompose", "llama_layer_prefill", before_after(&before, &print_function(layer(&m), None), &[]));
@@ -472,7 +476,12 @@ fn fuse_elementwise_fuses_single_user_chains() {
     let kernels: Vec<_> = m
         .functions
         .iter()
-        .flat_map(|f| f.graph.nodes().into_iter().filter_map(|k| if let Op::Fused(kernel) = &f.graph.node(k).op { Some(kernel.clone()) } else { None }))
+        .flat_map(|f| {
+            f.graph
+                .nodes()
+                .into_iter()
+                .filter_map(|k| if let Op::Fused(kernel) = &f.graph.node(k).op { Some(kernel.clone()) } else { None })
+        })
         .collect();
     assert!(!kernels.is_empty(), "nothing fused");
     // Each elementwise node removed is one step of a kernel: none lost, none duplicated.

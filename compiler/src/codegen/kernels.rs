@@ -78,12 +78,7 @@ pub struct EwProgram {
 /// per input, `rank` strides (only read for [`Access::Strided`] inputs; the host
 /// writes them for every input so the layout does not depend on the program).
 #[cube(launch, create_dummy_kernel)]
-pub fn fused_ew<F: Float>(
-    inputs: &Sequence<Box<[F]>>,
-    layout: &[u32],
-    out: &mut [F],
-    #[comptime] prog: EwProgram,
-) {
+pub fn fused_ew<F: Float>(inputs: &Sequence<Box<[F]>>, layout: &[u32], out: &mut [F], #[comptime] prog: EwProgram) {
     let pos = ABSOLUTE_POS;
     if pos < out.len() {
         let mut regs = Sequence::<F>::new();
@@ -124,9 +119,7 @@ pub fn fused_ew<F: Float>(
                     let x = *regs.index(a as usize);
                     regs.push(x * x)
                 }
-                EwOp::Sigmoid(a) => {
-                    regs.push(F::new(1.0) / (F::new(1.0) + F::exp(-*regs.index(a as usize))))
-                }
+                EwOp::Sigmoid(a) => regs.push(F::new(1.0) / (F::new(1.0) + F::exp(-*regs.index(a as usize)))),
                 EwOp::Silu(a) => {
                     let x = *regs.index(a as usize);
                     regs.push(x / (F::new(1.0) + F::exp(-x)))
@@ -148,9 +141,7 @@ pub fn fused_ew<F: Float>(
                     let y = *regs.index(b as usize);
                     regs.push(select(x < y, x, y))
                 }
-                EwOp::Pow(a, b) => {
-                    regs.push(F::powf(*regs.index(a as usize), *regs.index(b as usize)))
-                }
+                EwOp::Pow(a, b) => regs.push(F::powf(*regs.index(a as usize), *regs.index(b as usize))),
                 EwOp::Lt(a, b) => {
                     let c = *regs.index(a as usize) < *regs.index(b as usize);
                     regs.push(select(c, F::new(1.0), F::new(0.0)))
@@ -161,11 +152,7 @@ pub fn fused_ew<F: Float>(
                 }
                 EwOp::Select(c, a, b) => {
                     let cond = *regs.index(c as usize) != F::new(0.0);
-                    regs.push(select(
-                        cond,
-                        *regs.index(a as usize),
-                        *regs.index(b as usize),
-                    ))
+                    regs.push(select(cond, *regs.index(a as usize), *regs.index(b as usize)))
                 }
                 EwOp::Copy(a) => regs.push(*regs.index(a as usize)),
             }
@@ -198,13 +185,7 @@ fn block_reduce<F: Float>(shared: &mut Shared<[F]>, tid: u32, #[comptime] max: b
 /// row, the sum of squares reduced in shared memory (no plane ops: the plane size differs
 /// between lavapipe (8) and NVIDIA (32), and lavapipe's WGSL path reports none).
 #[cube(launch, create_dummy_kernel)]
-pub fn rms_norm<F: Float>(
-    x: &[F],
-    gain: &[F],
-    out: &mut [F],
-    cols: u32,
-    #[comptime] eps_bits: u32,
-) {
+pub fn rms_norm<F: Float>(x: &[F], gain: &[F], out: &mut [F], cols: u32, #[comptime] eps_bits: u32) {
     let row = CUBE_POS_X;
     let tid = UNIT_POS_X;
     let base = row * cols;

@@ -145,10 +145,7 @@ pub enum NodeWork {
     /// No data moves: output 0 is input `.0`'s buffer under another shape.
     Alias(u16),
     /// Launches in order; output buffers are allocated by the caller.
-    Launches {
-        scratch: Vec<Scratch>,
-        launches: Vec<Launch>,
-    },
+    Launches { scratch: Vec<Scratch>, launches: Vec<Launch> },
 }
 
 impl NodeWork {
@@ -169,10 +166,7 @@ pub fn grid_x(x: Size) -> [Size; 3] {
 
 /// One launch with no scratch.
 pub fn single(kernel: KernelSpec, args: Vec<Arg>, grid: [Size; 3]) -> NodeWork {
-    NodeWork::Launches {
-        scratch: vec![],
-        launches: vec![Launch { kernel, args, grid }],
-    }
+    NodeWork::Launches { scratch: vec![], launches: vec![Launch { kernel, args, grid }] }
 }
 
 /// How node `n` of `g` runs, or why it cannot yet.
@@ -187,12 +181,7 @@ pub fn node_work(g: &Graph, n: NodeId) -> Result<NodeWork, Unsupported> {
     let ins: Vec<Shape> = g.inputs(n).iter().map(|&v| g.ty(v).shape.clone()).collect();
     let out = node.outputs[0].shape.clone();
     let dims = |s: &Shape| s.0.clone();
-    let io = |k: usize| {
-        (0..k as u16)
-            .map(|i| Arg::Buf(Buf::Input(i)))
-            .chain([Arg::Buf(Buf::Output(0))])
-            .collect::<Vec<_>>()
-    };
+    let io = |k: usize| (0..k as u16).map(|i| Arg::Buf(Buf::Input(i))).chain([Arg::Buf(Buf::Output(0))]).collect::<Vec<_>>();
     Ok(match &spec {
         KernelSpec::Elementwise { program, .. } => {
             // layout: the output shape, then per input its strides against the output's
@@ -211,11 +200,7 @@ pub fn node_work(g: &Graph, n: NodeId) -> Result<NodeWork, Unsupported> {
             }
             let grid = grid_x(Size::numel(&out).ceil_div(super::kernels::EW_BLOCK as i64));
             debug_assert_eq!(program.inputs.len(), ins.len());
-            single(
-                spec,
-                vec![Arg::Inputs, Arg::Table(layout), Arg::Buf(Buf::Output(0))],
-                grid,
-            )
+            single(spec, vec![Arg::Inputs, Arg::Table(layout), Arg::Buf(Buf::Output(0))], grid)
         }
         KernelSpec::RmsNorm { .. } => {
             let d = dims(&out);
@@ -238,16 +223,8 @@ pub fn node_work(g: &Graph, n: NodeId) -> Result<NodeWork, Unsupported> {
             let k = ins[1].0[1];
             let t = super::kernels::TILE as i64;
             let mut args = io(2);
-            args.extend([
-                Arg::U32(m.clone()),
-                Arg::U32(Size::Dim(nn)),
-                Arg::U32(Size::Dim(k)),
-            ]);
-            single(
-                spec,
-                args,
-                [Size::Dim(nn).ceil_div(t), m.ceil_div(t), Size::lit(1)],
-            )
+            args.extend([Arg::U32(m.clone()), Arg::U32(Size::Dim(nn)), Arg::U32(Size::Dim(k))]);
+            single(spec, args, [Size::Dim(nn).ceil_div(t), m.ceil_div(t), Size::lit(1)])
         }
     })
 }
@@ -270,11 +247,7 @@ mod tests {
         assert_eq!(s.to_string(), "128*b*s");
         let g = s.clone().ceil_div(256);
         assert_eq!(g.to_string(), "ceil(128*b*s/256)");
-        let bind = Bindings {
-            batch: 3,
-            seq: 5,
-            cache: 7,
-        };
+        let bind = Bindings { batch: 3, seq: 5, cache: 7 };
         assert_eq!(g.eval(&bind), (128 * 15usize).div_ceil(256) as i64);
         assert_eq!(Size::lit(1000).ceil_div(256), Size::lit(4));
         let kv = Size::product(&[Dim::B, Dim::C + Dim::S]);

@@ -92,9 +92,7 @@ impl Target {
 /// FNV-1a, 64-bit: a hash that is the same in every build and run (std's `DefaultHasher`
 /// promises neither), for kernel names that can be golden-tested.
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 impl KernelSpec {
@@ -102,19 +100,8 @@ impl KernelSpec {
     pub fn from_node(g: &Graph, n: NodeId) -> Result<KernelSpec, Unsupported> {
         let node = g.node(n);
         let op = node.op.name();
-        let no = |reason: &str| Unsupported {
-            op,
-            reason: reason.to_string(),
-        };
-        if !matches!(
-            node.op,
-            Op::Unary(_)
-                | Op::Binary(_)
-                | Op::Fused(_)
-                | Op::RmsNorm { .. }
-                | Op::Softmax { .. }
-                | Op::MatMul
-        ) {
+        let no = |reason: &str| Unsupported { op, reason: reason.to_string() };
+        if !matches!(node.op, Op::Unary(_) | Op::Binary(_) | Op::Fused(_) | Op::RmsNorm { .. } | Op::Softmax { .. } | Op::MatMul) {
             return Err(no("no kernel yet"));
         }
         let inputs: Vec<Ty> = g.inputs(n).iter().map(|&v| g.ty(v).clone()).collect();
@@ -124,18 +111,9 @@ impl KernelSpec {
         if node.outputs.len() != 1 {
             return Err(no("more than one output"));
         }
-        let elem = Elem::from_dtype(out.dtype).ok_or_else(|| {
-            no(&format!(
-                "result dtype {} (only f32, f16 so far)",
-                out.dtype.name()
-            ))
-        })?;
+        let elem = Elem::from_dtype(out.dtype).ok_or_else(|| no(&format!("result dtype {} (only f32, f16 so far)", out.dtype.name())))?;
         if let Some(t) = inputs.iter().find(|t| t.dtype != out.dtype) {
-            return Err(no(&format!(
-                "input dtype {} differs from the result's {}",
-                t.dtype.name(),
-                out.dtype.name()
-            )));
+            return Err(no(&format!("input dtype {} differs from the result's {}", t.dtype.name(), out.dtype.name())));
         }
         match &node.op {
             Op::Unary(u) => {
@@ -159,10 +137,7 @@ impl KernelSpec {
                 if inputs[1].rank() != 1 {
                     return Err(no("gain of rank other than 1"));
                 }
-                Ok(KernelSpec::RmsNorm {
-                    elem,
-                    eps_bits: (eps.get() as f32).to_bits(),
-                })
+                Ok(KernelSpec::RmsNorm { elem, eps_bits: (eps.get() as f32).to_bits() })
             }
             Op::Softmax { axis } => {
                 if *axis as usize + 1 != out.rank() {
@@ -247,20 +222,8 @@ fn fused_ops(k: &FusedKernel, dtype: DType) -> Result<Vec<EwOp>, String> {
             (StepOp::Binary(b), [x, y]) => ew_binary(b, *x, *y),
             (StepOp::Select, [c, x, y]) => EwOp::Select(*c, *x, *y),
             (StepOp::Cast(to), [x]) if to == dtype => EwOp::Copy(*x),
-            (StepOp::Cast(to), _) => {
-                return Err(format!(
-                    "a cast to {} inside an {} program",
-                    to.name(),
-                    dtype.name()
-                ))
-            }
-            _ => {
-                return Err(format!(
-                    "step {} with {} operands",
-                    s.op.op().name(),
-                    a.len()
-                ))
-            }
+            (StepOp::Cast(to), _) => return Err(format!("a cast to {} inside an {} program", to.name(), dtype.name())),
+            _ => return Err(format!("step {} with {} operands", s.op.op().name(), a.len())),
         });
     }
     if ops.is_empty() {
@@ -287,19 +250,13 @@ fn ew_program(out: &Ty, inputs: &[Ty], ops: &[EwOp]) -> Result<EwProgram, String
             Access::Strided
         });
     }
-    Ok(EwProgram {
-        rank: rank as u32,
-        inputs: access,
-        ops: ops.to_vec(),
-    })
+    Ok(EwProgram { rank: rank as u32, inputs: access, ops: ops.to_vec() })
 }
 
 /// Device properties for source generation: no device is opened, so the compilers see
 /// a generic 1024-unit, 64 KiB shared-memory target (the kernels use far less).
 fn offline_properties() -> Arc<DeviceProperties> {
-    use cubecl::ir::{
-        features::Features, DeviceIdentity, HardwareProperties, MemoryDeviceProperties,
-    };
+    use cubecl::ir::{features::Features, DeviceIdentity, HardwareProperties, MemoryDeviceProperties};
     Arc::new(DeviceProperties::new(
         Features::default(),
         MemoryDeviceProperties::new(u64::MAX, 256),
@@ -322,11 +279,7 @@ fn offline_properties() -> Arc<DeviceProperties> {
             cube_mma_reserved_shared_memory: 0,
         },
         cubecl::profile::TimingMethod::Device,
-        DeviceIdentity {
-            name: "offline".into(),
-            fingerprint: "offline".into(),
-            physical: None,
-        },
+        DeviceIdentity { name: "offline".into(), fingerprint: "offline".into(), physical: None },
     ))
 }
 
@@ -334,9 +287,7 @@ fn offline_properties() -> Arc<DeviceProperties> {
 pub fn cube_dim(spec: &KernelSpec) -> CubeDim {
     match spec {
         KernelSpec::Elementwise { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
-        KernelSpec::RmsNorm { .. } | KernelSpec::Softmax { .. } => {
-            CubeDim::new_1d(kernels::ROW_BLOCK)
-        }
+        KernelSpec::RmsNorm { .. } | KernelSpec::Softmax { .. } => CubeDim::new_1d(kernels::ROW_BLOCK),
         KernelSpec::MatMul { .. } => CubeDim::new_2d(kernels::TILE, kernels::TILE),
     }
 }
@@ -350,9 +301,9 @@ fn compile<K: CubeKernel>(k: K, name: String, target: Target) -> String {
         Target::Cuda => cubecl_cpp::shared::CppCompiler::<cubecl_cpp::target::Cuda>::default()
             .compile(def, &cubecl_cpp::shared::CompilationOptions::default())
             .map(|r| r.to_string()),
-        Target::Wgsl => cubecl::wgpu::WgslCompiler::default()
-            .compile(def, &cubecl::WgpuCompilationOptions::default())
-            .map(|r| r.to_string()),
+        Target::Wgsl => {
+            cubecl::wgpu::WgslCompiler::default().compile(def, &cubecl::WgpuCompilationOptions::default()).map(|r| r.to_string())
+        }
     }
     // The kernels are fixed and their configurations validated by `from_node`: a
     // compilation error is a bug in this module, not in the user's spec.
@@ -367,38 +318,14 @@ fn source_for<F: Float + CubeElement>(spec: &KernelSpec, target: Target) -> Stri
     let name = spec.name();
     match spec {
         KernelSpec::Elementwise { program, .. } => {
-            let inputs = SequenceCompilationArg::<Box<[F]>> {
-                values: program.inputs.iter().map(|_| b()).collect(),
-            };
-            compile(
-                kernels::fused_ew::FusedEw::<F>::new(
-                    settings,
-                    p,
-                    tp,
-                    inputs,
-                    b(),
-                    b(),
-                    program.clone(),
-                ),
-                name,
-                target,
-            )
+            let inputs = SequenceCompilationArg::<Box<[F]>> { values: program.inputs.iter().map(|_| b()).collect() };
+            compile(kernels::fused_ew::FusedEw::<F>::new(settings, p, tp, inputs, b(), b(), program.clone()), name, target)
         }
-        KernelSpec::RmsNorm { eps_bits, .. } => compile(
-            kernels::rms_norm::RmsNorm::<F>::new(settings, p, tp, b(), b(), b(), (), *eps_bits),
-            name,
-            target,
-        ),
-        KernelSpec::Softmax { .. } => compile(
-            kernels::softmax::Softmax::<F>::new(settings, p, tp, b(), b(), ()),
-            name,
-            target,
-        ),
-        KernelSpec::MatMul { .. } => compile(
-            kernels::matmul::Matmul::<F>::new(settings, p, tp, b(), b(), b(), (), (), ()),
-            name,
-            target,
-        ),
+        KernelSpec::RmsNorm { eps_bits, .. } => {
+            compile(kernels::rms_norm::RmsNorm::<F>::new(settings, p, tp, b(), b(), b(), (), *eps_bits), name, target)
+        }
+        KernelSpec::Softmax { .. } => compile(kernels::softmax::Softmax::<F>::new(settings, p, tp, b(), b(), ()), name, target),
+        KernelSpec::MatMul { .. } => compile(kernels::matmul::Matmul::<F>::new(settings, p, tp, b(), b(), b(), (), (), ()), name, target),
     }
 }
 
@@ -409,7 +336,11 @@ pub fn kernel_source(spec: &KernelSpec, target: Target) -> String {
         Elem::F32 => source_for::<f32>(spec, target),
         Elem::F16 => source_for::<half::f16>(spec, target),
     };
-    let comment = format!("// dsc kernel {}: {:?}\n// Generated by CubeCL 0.11.3; the launch ABI is CubeCL's (buffers, then info_st).\n", spec.name(), spec);
+    let comment = format!(
+        "// dsc kernel {}: {:?}\n// Generated by CubeCL 0.11.3; the launch ABI is CubeCL's (buffers, then info_st).\n",
+        spec.name(),
+        spec
+    );
     format!("{comment}{text}")
 }
 
@@ -423,15 +354,7 @@ mod tests {
         let args: Vec<crate::ir::Value> = shapes
             .iter()
             .enumerate()
-            .map(|(i, s)| {
-                g.input(
-                    i as u32,
-                    "x",
-                    Ty::new(dtype, s.iter().map(|&d| Dim::lit(d)).collect::<Vec<_>>()),
-                    None,
-                )
-                .into()
-            })
+            .map(|(i, s)| g.input(i as u32, "x", Ty::new(dtype, s.iter().map(|&d| Dim::lit(d)).collect::<Vec<_>>()), None).into())
             .collect();
         let n = g.add_inferred(op, &args, None).unwrap();
         KernelSpec::from_node(&g, n)
@@ -440,74 +363,33 @@ mod tests {
     #[test]
     fn specs_from_nodes() {
         let add = node(Op::Binary(BinaryOp::Add), &[&[2, 3], &[3]], DType::F32).unwrap();
-        let KernelSpec::Elementwise { program, .. } = &add else {
-            panic!("{add:?}")
-        };
+        let KernelSpec::Elementwise { program, .. } = &add else { panic!("{add:?}") };
         assert_eq!(program.inputs, vec![Access::Direct, Access::Strided]);
         assert_eq!(program.ops, vec![EwOp::Add(0, 1)]);
         // The name depends on the configuration only, through a hash fixed across builds.
-        assert_eq!(
-            add.name(),
-            format!("ew_f32_{:016x}", fnv1a(format!("{add:?}").as_bytes()))
-        );
-        assert_eq!(
-            fnv1a(b"a"),
-            0xaf63_dc4c_8601_ec8c,
-            "the published FNV-1a test vector"
-        );
-        assert_eq!(
-            node(Op::MatMul, &[&[5, 7], &[3, 7]], DType::F16)
-                .unwrap()
-                .name(),
-            "matmul_f16"
-        );
+        assert_eq!(add.name(), format!("ew_f32_{:016x}", fnv1a(format!("{add:?}").as_bytes())));
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c, "the published FNV-1a test vector");
+        assert_eq!(node(Op::MatMul, &[&[5, 7], &[3, 7]], DType::F16).unwrap().name(), "matmul_f16");
         let e = node(Op::MatMul, &[&[5, 7], &[3, 7]], DType::Bf16).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "matmul: result dtype bf16 (only f32, f16 so far)"
-        );
+        assert_eq!(e.to_string(), "matmul: result dtype bf16 (only f32, f16 so far)");
         let e = node(Op::Softmax { axis: 0 }, &[&[5, 7]], DType::F32).unwrap_err();
         assert!(e.reason.contains("other than the last"), "{e}");
-        let r = node(
-            Op::RmsNorm {
-                eps: Float::new(1e-6),
-            },
-            &[&[5, 7], &[7]],
-            DType::F32,
-        )
-        .unwrap();
-        assert_eq!(
-            r,
-            KernelSpec::RmsNorm {
-                elem: Elem::F32,
-                eps_bits: 1e-6f32.to_bits()
-            }
-        );
+        let r = node(Op::RmsNorm { eps: Float::new(1e-6) }, &[&[5, 7], &[7]], DType::F32).unwrap();
+        assert_eq!(r, KernelSpec::RmsNorm { elem: Elem::F32, eps_bits: 1e-6f32.to_bits() });
     }
 
     #[test]
     fn sources_are_deterministic() {
         let specs = [
             node(Op::Binary(BinaryOp::Mul), &[&[4, 9], &[]], DType::F32).unwrap(),
-            node(
-                Op::RmsNorm {
-                    eps: Float::new(1e-6),
-                },
-                &[&[5, 7], &[7]],
-                DType::F16,
-            )
-            .unwrap(),
+            node(Op::RmsNorm { eps: Float::new(1e-6) }, &[&[5, 7], &[7]], DType::F16).unwrap(),
             KernelSpec::Softmax { elem: Elem::F32 },
             KernelSpec::MatMul { elem: Elem::F32 },
         ];
         for s in &specs {
             for t in [Target::Cuda, Target::Wgsl] {
                 let a = kernel_source(s, t);
-                assert!(
-                    a == kernel_source(s, t),
-                    "{} {t:?}: two generations differ",
-                    s.name()
-                );
+                assert!(a == kernel_source(s, t), "{} {t:?}: two generations differ", s.name());
                 assert!(a.contains(&s.name()), "{}", a);
             }
         }

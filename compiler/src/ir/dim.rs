@@ -181,7 +181,13 @@ impl fmt::Display for Dim {
             if k == 0 {
                 continue;
             }
-            let sign = if k < 0 { "-" } else if first { "" } else { "+" };
+            let sign = if k < 0 {
+                "-"
+            } else if first {
+                ""
+            } else {
+                "+"
+            };
             let mag = k.unsigned_abs();
             if mag == 1 {
                 write!(f, "{sign}{}", s.letter())?;

@@ -224,22 +224,16 @@ impl Graph {
 
     /// `(slot, value)` for every incoming edge, sorted by slot.
     pub fn input_edges(&self, n: NodeId) -> Vec<(u16, Value)> {
-        let mut v: Vec<(u16, Value)> = self
-            .g
-            .edges_directed(n.0, Incoming)
-            .map(|e| (e.weight().slot, NodeId(e.source()).out(e.weight().output)))
-            .collect();
+        let mut v: Vec<(u16, Value)> =
+            self.g.edges_directed(n.0, Incoming).map(|e| (e.weight().slot, NodeId(e.source()).out(e.weight().output))).collect();
         v.sort_unstable();
         v
     }
 
     /// `(user, slot, output)` for every use of any output of `n`, sorted.
     pub fn users(&self, n: NodeId) -> Vec<(NodeId, u16, u16)> {
-        let mut v: Vec<(NodeId, u16, u16)> = self
-            .g
-            .edges_directed(n.0, Outgoing)
-            .map(|e| (NodeId(e.target()), e.weight().slot, e.weight().output))
-            .collect();
+        let mut v: Vec<(NodeId, u16, u16)> =
+            self.g.edges_directed(n.0, Outgoing).map(|e| (NodeId(e.target()), e.weight().slot, e.weight().output)).collect();
         v.sort_unstable();
         v
     }
@@ -274,11 +268,7 @@ impl Graph {
     pub fn signature(&self) -> Signature {
         let inputs = self.arguments().into_iter().filter_map(|n| self.node(n).outputs.first().cloned()).collect();
         let outputs = match self.return_node() {
-            Some(r) => self
-                .inputs(r)
-                .into_iter()
-                .filter_map(|v| self.node(v.node).outputs.get(v.output as usize).cloned())
-                .collect(),
+            Some(r) => self.inputs(r).into_iter().filter_map(|v| self.node(v.node).outputs.get(v.output as usize).cloned()).collect(),
             None => Vec::new(),
         };
         Signature { inputs, outputs }
@@ -313,8 +303,7 @@ impl Graph {
 
     /// Point input `slot` of `n` at `v`, adding the slot if `n` had none there.
     pub fn set_input(&mut self, n: NodeId, slot: u16, v: Value) {
-        let old: Vec<EdgeIndex> =
-            self.g.edges_directed(n.0, Incoming).filter(|e| e.weight().slot == slot).map(|e| e.id()).collect();
+        let old: Vec<EdgeIndex> = self.g.edges_directed(n.0, Incoming).filter(|e| e.weight().slot == slot).map(|e| e.id()).collect();
         for e in old {
             self.g.remove_edge(e);
         }

@@ -7,8 +7,8 @@
 
 use super::dim::{Dim, Shape};
 use super::dtype::{DType, Ty};
-use super::graph::Signature;
 use super::fused::{FusedKernel, Operand};
+use super::graph::Signature;
 use super::op::{Op, ReduceOp};
 use dsc_dsl::span::Span;
 use std::fmt;
@@ -40,11 +40,7 @@ type R<T> = Result<T, String>;
 /// [`Op::Call`] names; other ops ignore it.
 pub fn infer(op: &Op, inputs: &[&Ty], callee: Option<&Signature>) -> Result<Option<Vec<Ty>>, InferError> {
     if op.is_leaf() {
-        return if inputs.is_empty() {
-            Ok(None)
-        } else {
-            Err(err(op, format!("takes no inputs, got {}", inputs.len())))
-        };
+        return if inputs.is_empty() { Ok(None) } else { Err(err(op, format!("takes no inputs, got {}", inputs.len()))) };
     }
     if !op.arity().accepts(inputs.len()) {
         return Err(err(op, format!("takes {} inputs, got {}", op.arity(), inputs.len())));
@@ -191,10 +187,7 @@ fn rule(op: &Op, x: &[&Ty], callee: Option<&Signature>) -> R<Vec<Ty>> {
         Op::Reshape { shape } => {
             let t = x[0];
             if !t.shape.same_numel(shape) {
-                return Err(format!(
-                    "{} and {shape} differ in element count (symbolic axes must pass through unchanged)",
-                    t.shape
-                ));
+                return Err(format!("{} and {shape} differ in element count (symbolic axes must pass through unchanged)", t.shape));
             }
             one(Ty::new(t.dtype, shape.clone()))
         }

@@ -357,9 +357,12 @@ mod tests {
         let text = print_module(&m, Some(&sources));
         assert!(text.starts_with("entry decode = decode\n\nfn attn_layer {\n"), "{text}");
         assert!(text.contains("= rms_norm(%0, %4) eps=1e-6 @2:3\n"), "{text}");
-        assert!(text.contains(
-            "  %6:(bf16[b,s,64], bf16[b,c+s,2,16], bf16[b,c+s,2,16]) = call attn_layer(%0, %1, %2, %3) layer=0 @inc.dsc:2:1\n"
-        ), "{text}");
+        assert!(
+            text.contains(
+                "  %6:(bf16[b,s,64], bf16[b,c+s,2,16], bf16[b,c+s,2,16]) = call attn_layer(%0, %1, %2, %3) layer=0 @inc.dsc:2:1\n"
+            ),
+            "{text}"
+        );
         assert!(text.contains("= call attn_layer(%6.0, %1, %4, %5) layer=1 @inc.dsc:2:1\n"), "{text}");
         assert!(text.contains("  return %7.0, %6.1, %6.2, %7.1, %7.2\n}\n"), "{text}");
         // Without sources, spans are byte ranges.
@@ -439,9 +442,9 @@ mod tests {
         );
         assert_eq!(lines[3], "%3:f32[b,s,2] = exp(%2.1)");
         assert_eq!(lines[4], r#"%4:i32[b,s] = input 1 "positions""#);
-        assert!(lines[5].ends_with(
-            "rotary_dim=16 yarn=(factor=40 original_context=4096 beta_fast=32 beta_slow=1 mscale=1 mscale_all_dim=1)"
-        ));
+        assert!(
+            lines[5].ends_with("rotary_dim=16 yarn=(factor=40 original_context=4096 beta_fast=32 beta_slow=1 mscale=1 mscale_all_dim=1)")
+        );
         assert_eq!(lines[6], "%6:f32[b,1,16] = slice(%5) axis=1 start=s-1 len=1");
         assert_eq!(lines[7], "%7:f32[] = const 1e-6");
         assert_eq!(lines[8], "return %3, %6, %7");

@@ -87,8 +87,7 @@ pub fn verify(module: &Module) -> Result<(), Vec<VerifyError>> {
         }
     }
 
-    let sigs: HashMap<&str, Signature> =
-        module.functions.iter().map(|f| (f.name.as_str(), f.graph.signature())).collect();
+    let sigs: HashMap<&str, Signature> = module.functions.iter().map(|f| (f.name.as_str(), f.graph.signature())).collect();
     for f in &module.functions {
         errors.extend(verify_graph(&f.graph, &f.name, &|n| sigs.get(n).cloned()));
     }

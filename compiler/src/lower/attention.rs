@@ -31,10 +31,9 @@ pub(super) enum Kv {
 pub(super) fn cache_slots(cx: &Cx, len: Dim) -> [(&'static str, Ty); 2] {
     let (b, dt) = (Dim::B, cx.dt);
     match &cx.m.attention {
-        Attention::Mla(a) => [
-            ("kv_latent", Ty::new(dt, [b, len, a.kv_lora_rank.into()])),
-            ("k_pe", Ty::new(dt, [b, len, a.qk_rope_head_dim.into()])),
-        ],
+        Attention::Mla(a) => {
+            [("kv_latent", Ty::new(dt, [b, len, a.kv_lora_rank.into()])), ("k_pe", Ty::new(dt, [b, len, a.qk_rope_head_dim.into()]))]
+        }
         Attention::Gqa(a) => {
             let t = Ty::new(dt, [b, len, a.kv_heads.into(), a.head_dim.into()]);
             [("k", t.clone()), ("v", t)]
@@ -166,4 +165,3 @@ fn gqa(b: &mut Builder, cx: &Cx, a: &Gqa, x: Value, pos: Value, seq: Dim, kv: &K
     let o = b.linear(o, "self_attn.o_proj.weight", cx.m.hidden)?;
     Ok((o, cache_out))
 }
-

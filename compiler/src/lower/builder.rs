@@ -72,10 +72,7 @@ impl<'s> Builder<'s> {
 
     pub fn call(&mut self, function: &str, layer: Option<u32>, sig: &Signature, args: &[Value]) -> Result<NodeId, LowerError> {
         let name = &self.f.name;
-        self.f
-            .graph
-            .call(function, layer, sig, args, self.span)
-            .map_err(|error| LowerError::Shape { function: name.clone(), error })
+        self.f.graph.call(function, layer, sig, args, self.span).map_err(|error| LowerError::Shape { function: name.clone(), error })
     }
 
     /// `x · wᵀ` for a torch-style `[out, in]` weight.

@@ -61,11 +61,7 @@ pub(super) fn entry_function(cx: &Cx, mode: Mode, sigs: &HashMap<String, Signatu
     b.at(&["norm_eps"]);
     let normed = b.rms_norm(x, "model.norm.weight", m.norm_eps)?;
     b.at(&["vocab"]);
-    let head = if m.tie_embeddings {
-        embed
-    } else {
-        b.param("lm_head.weight", Ty::new(cx.dt, [Dim::from(m.vocab), Dim::from(m.hidden)]))
-    };
+    let head = if m.tie_embeddings { embed } else { b.param("lm_head.weight", Ty::new(cx.dt, [Dim::from(m.vocab), Dim::from(m.hidden)])) };
 
     let Some(labels) = labels else {
         let logits = b.matmul(normed, head)?;

@@ -57,7 +57,16 @@ pub(super) fn layer_function(cx: &Cx, mode: Mode, kind: &str, key: &str, ffn: &F
 /// One transformer block on `x: [b, seq, hidden]`; returns its output and the cache
 /// values [`attention`] hands back.
 #[allow(clippy::too_many_arguments)]
-fn block(b: &mut Builder, cx: &Cx, x: Value, pos: Value, seq: Dim, kv: &Kv, kind: &Ffn, key: &str) -> Result<(Value, Vec<Value>), LowerError> {
+fn block(
+    b: &mut Builder,
+    cx: &Cx,
+    x: Value,
+    pos: Value,
+    seq: Dim,
+    kv: &Kv,
+    kind: &Ffn,
+    key: &str,
+) -> Result<(Value, Vec<Value>), LowerError> {
     let eps = cx.m.norm_eps;
     b.at(&["norm_eps"]);
     let n = b.rms_norm(x, "input_layernorm.weight", eps)?;

@@ -314,4 +314,3 @@ impl<'s> Cx<'s> {
         Ty::new(self.dt, [Dim::B, seq, Dim::from(self.m.hidden)])
     }
 }
-

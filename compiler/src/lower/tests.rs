@@ -138,7 +138,8 @@ fn deepseek_v3_stays_small() {
     }
     // The stacked expert weights: 256 experts are one param each.
     let moe = m.function("decode.layer.moe").unwrap();
-    let p: Vec<_> = params(&m, Mode::Decode).into_iter().filter(|(name, _)| name == "model.layers.3.mlp.experts.down_proj.weight").collect();
+    let p: Vec<_> =
+        params(&m, Mode::Decode).into_iter().filter(|(name, _)| name == "model.layers.3.mlp.experts.down_proj.weight").collect();
     assert_eq!(p.len(), 1);
     assert_eq!(p[0].1, Ty::new(DType::Bf16, [n(256), n(7168), n(2048)]));
     assert_eq!(count(moe, "param"), 17, "{}", crate::ir::print_function(moe, None));
@@ -371,7 +372,6 @@ fn lowering_time() {
     let nodes: usize = m.functions.iter().map(|f| f.graph.len()).sum();
     println!("lowering DeepSeek-V3 (3 modes, {nodes} nodes): {per:?}, of which verify {verify_per:?}");
 }
-
 
 /// The shared rope key reaches the heads through one `broadcast`, so the head count is no
 /// longer bounded by a concat's `u16` input slots (it was, when the key was concatenated

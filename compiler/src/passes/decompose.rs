@@ -37,7 +37,9 @@
 //! share them; the output is otherwise left for the fusion passes, which run next.
 
 use super::{Changed, Pass, PassCx, PassError};
-use crate::ir::{BinaryOp, DType, Dim, GroupScore, Graph, Module, NodeId, Op, ReduceOp, RopeLayout, Routing, Scoring, Ty, UnaryOp, Value, Yarn};
+use crate::ir::{
+    BinaryOp, DType, Dim, Graph, GroupScore, Module, NodeId, Op, ReduceOp, RopeLayout, Routing, Scoring, Ty, UnaryOp, Value, Yarn,
+};
 use dsc_dsl::span::Span;
 use std::collections::{BTreeMap, HashMap};
 
@@ -251,7 +253,13 @@ fn rope(e: &mut Emit, tables: &mut Tables, x: Value, pos: Value, layout: RopeLay
         let (a, b) = (e.bin(BinaryOp::Mul, x2, cos)?, e.bin(BinaryOp::Mul, x1, sin)?);
         Ok((o1, e.bin(BinaryOp::Add, a, b)?))
     };
-    let pass = |e: &mut Emit| -> R<Option<Value>> { if d == rd { Ok(None) } else { e.slice(x, ax, rd, d - rd).map(Some) } };
+    let pass = |e: &mut Emit| -> R<Option<Value>> {
+        if d == rd {
+            Ok(None)
+        } else {
+            e.slice(x, ax, rd, d - rd).map(Some)
+        }
+    };
     match layout {
         RopeLayout::HalfSplit => {
             let x1 = e.slice(x, ax, Dim::lit(0), half)?;
@@ -278,7 +286,15 @@ fn rope(e: &mut Emit, tables: &mut Tables, x: Value, pos: Value, layout: RopeLay
 }
 
 /// `cos(p·f)·m` and `sin(p·f)·m` in `dtype`, shaped `shape`, for `positions: [b, s]`.
-fn rope_tables(e: &mut Emit, tables: &mut Tables, pos: Value, freqs: Op, yarn: Option<&Yarn>, dtype: DType, shape: Vec<Dim>) -> R<(Value, Value)> {
+fn rope_tables(
+    e: &mut Emit,
+    tables: &mut Tables,
+    pos: Value,
+    freqs: Op,
+    yarn: Option<&Yarn>,
+    dtype: DType,
+    shape: Vec<Dim>,
+) -> R<(Value, Value)> {
     let key = (pos, freqs.clone(), dtype, shape.clone());
     if let Some(&t) = tables.get(&key) {
         return Ok(t);

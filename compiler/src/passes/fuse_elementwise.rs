@@ -245,14 +245,13 @@ pub fn fuse_graph(g: &mut Graph, sizes: &Bindings) -> Result<FuseStats, (NodeId,
                 f.fuse(g, next);
             }
         }
-        let best = fs
-            .iter()
-            .map(|f| (f, f.properties(g, sizes)))
-            .filter(|(_, p)| p.ready)
-            .fold(None::<(&Group, FuserProperties)>, |best, (f, p)| match best {
+        let best = fs.iter().map(|f| (f, f.properties(g, sizes))).filter(|(_, p)| p.ready).fold(
+            None::<(&Group, FuserProperties)>,
+            |best, (f, p)| match best {
                 Some((_, bp)) if bp.score >= p.score => best,
                 _ => Some((f, p)),
-            });
+            },
+        );
         let Some((f, _)) = best else { continue };
         let (kernel, inputs) = f.finish(g, &rank);
         let want = g.node(sink).outputs.clone();

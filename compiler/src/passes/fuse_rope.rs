@@ -137,7 +137,10 @@ fn interleaved(g: &Graph, n: NodeId) -> Option<Rewrite> {
 fn passed_through(g: &Graph, n: NodeId, ax: usize) -> bool {
     let Some(u) = sole_user(g, n) else { return false };
     let ins = g.inputs(u);
-    g.node(u).op == (Op::Concat { axis: ax as u8 }) && ins.len() == 2 && ins[0] == n.out(0) && matches!(g.node(ins[1].node).op, Op::Slice { .. })
+    g.node(u).op == (Op::Concat { axis: ax as u8 })
+        && ins.len() == 2
+        && ins[0] == n.out(0)
+        && matches!(g.node(ins[1].node).op, Op::Slice { .. })
 }
 
 /// The rope op for the match, if the tables' settings agree with what was rotated.

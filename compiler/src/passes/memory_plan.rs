@@ -524,7 +524,7 @@ mod tests {
         // step 4 (call 1): l0.0 + l1.0 (64) + 64 = 128. Caches alias the arguments.
         assert_eq!(p.peak_live_bytes(), 128);
         assert_eq!(p.entry.values, 4); // l0.0, l1.0, two scratch regions
-        // Scratch of call 0 is free again at call 1, so both calls share one region.
+                                       // Scratch of call 0 is free again at call 1, so both calls share one region.
         assert_eq!(p.entry.scratch[&l0], p.entry.scratch[&l1]);
         assert_eq!(p.buffers_after(), 3);
         assert_eq!(p.allocated_bytes(), 32 + 32 + 64);

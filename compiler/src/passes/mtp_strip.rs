@@ -66,7 +66,9 @@ pub fn is_mtp_function(name: &str) -> bool {
 
 /// Whether a param (named relative to its function) is one only an MTP module has.
 pub fn is_mtp_param(name: &str) -> bool {
-    ["eh_proj.weight", "enorm.weight", "hnorm.weight", "shared_head.norm.weight"].iter().any(|p| name == *p || name.ends_with(&format!(".{p}")))
+    ["eh_proj.weight", "enorm.weight", "hnorm.weight", "shared_head.norm.weight"]
+        .iter()
+        .any(|p| name == *p || name.ends_with(&format!(".{p}")))
 }
 
 /// Every way the prefill and decode entries reach MTP: calls of an MTP function and MTP

@@ -29,9 +29,9 @@ static INFERENCE: &[&dyn Pass] = &[
     // fold W_UK into the query and W_UV into the attention output where the cost model
     // (or --mla) says so; after simplify, so it matches reshapes/permutes already canonical
     &MlaAbsorb,
-    &MtpStrip, // check: no multi-token-prediction module is reachable from inference
-    &Cse,      // after the rewrites above, which expose duplicates
-    &Dce, // removes what absorption, stripping and CSE left unused
+    &MtpStrip,  // check: no multi-token-prediction module is reachable from inference
+    &Cse,       // after the rewrites above, which expose duplicates
+    &Dce,       // removes what absorption, stripping and CSE left unused
     &Decompose, // opt-in (--passes +decompose): composites to primitives, before fusion
     // fusion, phase → fused: the composite recognisers first, so the elementwise fuser
     // does not swallow the products and sums they match; epilogues and chains last

@@ -76,11 +76,8 @@ pub fn rewrite(g: &mut Graph, rules: &[Rule]) -> Result<RewriteStats, RewriteErr
     let limit = 16 + ROUNDS_PER_NODE * g.len();
     loop {
         stats.rounds += 1;
-        let order = g.topo_order().map_err(|c| RewriteError {
-            rule: "",
-            node: c.0.first().copied(),
-            message: "the graph has a cycle".into(),
-        })?;
+        let order =
+            g.topo_order().map_err(|c| RewriteError { rule: "", node: c.0.first().copied(), message: "the graph has a cycle".into() })?;
         let mut fired = false;
         for n in order {
             // Earlier rewrites in this round may have removed it (or reused its slot for

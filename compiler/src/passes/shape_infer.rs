@@ -178,10 +178,7 @@ mod tests {
         g.ret(&[s.into()], None);
         let mut m = module_of("f", g, Mode::Prefill);
         assert_eq!(run(&mut m), Ok(Changed::Yes));
-        assert_eq!(
-            text(&m.functions[0].graph),
-            "%0:f32[b,4] = input 0 \"x\"\n%1:f32[b,4] = exp(%0)\n%2:f32[b,4] = add(%1, %0)\nreturn %2"
-        );
+        assert_eq!(text(&m.functions[0].graph), "%0:f32[b,4] = input 0 \"x\"\n%1:f32[b,4] = exp(%0)\n%2:f32[b,4] = add(%1, %0)\nreturn %2");
         assert_eq!(run(&mut m), Ok(Changed::No));
     }
 

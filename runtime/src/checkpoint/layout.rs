@@ -255,7 +255,8 @@ pub fn plan(shards: &[Shard], expected: &HashMap<String, Expect>, facts: &Facts,
         let stacked = name.contains(".mlp.experts.") && want.shape.len() == 3;
         match (a.direct.len(), a.experts.is_empty()) {
             (0, true) => {
-                let already = reported.contains(name) || (stacked && (0..want.shape[0]).any(|e| reported.contains(&expert_name(name, &e.to_string()))));
+                let already = reported.contains(name)
+                    || (stacked && (0..want.shape[0]).any(|e| reported.contains(&expert_name(name, &e.to_string()))));
                 if want.required && !already {
                     if stacked {
                         let e = format!("{{0..{}}}", want.shape[0].saturating_sub(1));
@@ -316,7 +317,14 @@ pub fn plan(shards: &[Shard], expected: &HashMap<String, Expect>, facts: &Facts,
 }
 
 /// Sends a piece to its param's accumulator, or reports it as unexpected.
-fn route(acc: &mut BTreeMap<String, Acc>, expected: &HashMap<String, Expect>, report: &mut TensorReport, target: String, expert: Option<usize>, p: Piece) {
+fn route(
+    acc: &mut BTreeMap<String, Acc>,
+    expected: &HashMap<String, Expect>,
+    report: &mut TensorReport,
+    target: String,
+    expert: Option<usize>,
+    p: Piece,
+) {
     if !expected.contains_key(&target) {
         report.unexpected.push((p.data.name.clone(), p.data.info.shape.clone()));
         return;

@@ -160,13 +160,19 @@ pub fn expected_params(spec: &Spec) -> Result<HashMap<String, Expect>, String> {
 }
 
 /// Calls `f(full name, shape)` for every param `func` and its callees read.
-fn visit_params(module: &Module, func: &Function, layer: Option<u32>, f: &mut dyn FnMut(String, Vec<usize>) -> Result<(), String>) -> Result<(), String> {
+fn visit_params(
+    module: &Module,
+    func: &Function,
+    layer: Option<u32>,
+    f: &mut dyn FnMut(String, Vec<usize>) -> Result<(), String>,
+) -> Result<(), String> {
     let g = &func.graph;
     for n in g.nodes() {
         match &g.node(n).op {
             Op::Param { name } => {
                 let full = param_path(layer, name);
-                let shape: Option<Vec<usize>> = g.node(n).ty().shape.0.iter().map(|d| d.as_const().and_then(|v| usize::try_from(v).ok())).collect();
+                let shape: Option<Vec<usize>> =
+                    g.node(n).ty().shape.0.iter().map(|d| d.as_const().and_then(|v| usize::try_from(v).ok())).collect();
                 let shape = shape.ok_or_else(|| format!("param `{full}` has a symbolic shape"))?;
                 f(full, shape)?;
             }

@@ -134,7 +134,11 @@ fn sharded_checkpoint_is_the_same_model() {
     gone.insert("model.norm.weight".into(), Value::String("model-00009-of-00009.safetensors".into()));
     std::fs::write(d.join(files::INDEX), serde_json::json!({ "weight_map": gone }).to_string()).unwrap();
     let e = open(&d).err().unwrap();
-    assert!(matches!(e, CheckpointError::Index { .. }) && e.to_string().contains("model-00009-of-00009.safetensors` (named for 1 tensors) is not there"), "{e}");
+    assert!(
+        matches!(e, CheckpointError::Index { .. })
+            && e.to_string().contains("model-00009-of-00009.safetensors` (named for 1 tensors) is not there"),
+        "{e}"
+    );
     let mut escape = map.clone();
     escape.insert("model.norm.weight".into(), Value::String("../elsewhere.safetensors".into()));
     std::fs::write(d.join(files::INDEX), serde_json::json!({ "weight_map": escape }).to_string()).unwrap();
@@ -152,7 +156,8 @@ fn fused_expert_layout_is_the_same_model() {
     let (e, i, h) = (12usize, 16usize, 48usize);
     let mut out: Vec<Raw> = raw.iter().filter(|r| !r.name.contains(".mlp.experts.")).cloned().collect();
     for l in [2, 3] {
-        let get = |e: usize, p: &str| raw.iter().find(|r| r.name == format!("model.layers.{l}.mlp.experts.{e}.{p}.weight")).unwrap().values();
+        let get =
+            |e: usize, p: &str| raw.iter().find(|r| r.name == format!("model.layers.{l}.mlp.experts.{e}.{p}.weight")).unwrap().values();
         // transformers 5: gate_up_proj [E, 2i, h], gate rows first; down_proj [E, h, i].
         let gate_up: Vec<f32> = (0..e).flat_map(|x| [get(x, "gate_proj"), get(x, "up_proj")].concat()).collect();
         let down: Vec<f32> = (0..e).flat_map(|x| get(x, "down_proj")).collect();
@@ -179,7 +184,8 @@ fn bf16_and_f16_weights_are_widened() {
     let d = model_dir("bf16", "llama_dense", |_| {}, &bf);
     let md = open(&d).unwrap();
     let name = "model.layers.1.self_attn.k_proj.weight";
-    let want: Vec<f32> = raw.iter().find(|r| r.name == name).unwrap().values().iter().map(|x| f32::from_bits(x.to_bits() & 0xffff_0000)).collect();
+    let want: Vec<f32> =
+        raw.iter().find(|r| r.name == name).unwrap().values().iter().map(|x| f32::from_bits(x.to_bits() & 0xffff_0000)).collect();
     assert_eq!(md.weights.get(name).unwrap().to_f32_vec(), want);
     // f16 1.0 and -2.0 where the norm gains are.
     let f16: Vec<Raw> = raw
@@ -224,12 +230,18 @@ fn fp8_block_scaled_weights_dequantise_to_known_values() {
         let bits = fp8_bits(rows * cols, k);
         let ss = layout::scale_shape(&r.shape, block);
         let sc = block_scales(ss[0], ss[1]);
-        let w: Vec<f32> = (0..rows * cols).map(|x| f8e4m3_to_f32(bits[x]) * sc[(x / cols / block[0]) * ss[1] + (x % cols) / block[1]]).collect();
+        let w: Vec<f32> =
+            (0..rows * cols).map(|x| f8e4m3_to_f32(bits[x]) * sc[(x / cols / block[0]) * ss[1] + (x % cols) / block[1]]).collect();
         want.insert(r.name.clone(), w);
         out.push(Raw { dtype: Dtype::F8_E4M3, bytes: bits, ..r.clone() });
         out.push(Raw::f32(&format!("{}_scale_inv", r.name), &ss, &sc));
     }
-    let d = model_dir("fp8", "llama_dense", |c| c["quantization_config"] = serde_json::json!({"quant_method": "fp8", "weight_block_size": block}), &out);
+    let d = model_dir(
+        "fp8",
+        "llama_dense",
+        |c| c["quantization_config"] = serde_json::json!({"quant_method": "fp8", "weight_block_size": block}),
+        &out,
+    );
     let md = open(&d).unwrap();
     assert!(want.len() >= 15);
     for (name, w) in &want {
@@ -237,8 +249,13 @@ fn fp8_block_scaled_weights_dequantise_to_known_values() {
     }
 
     // The same model stored as the dequantised f32 values runs to the same logits.
-    let deq: Vec<Raw> =
-        raw.iter().map(|r| match want.get(&r.name) { Some(w) => Raw::f32(&r.name, &r.shape, w), None => r.clone() }).collect();
+    let deq: Vec<Raw> = raw
+        .iter()
+        .map(|r| match want.get(&r.name) {
+            Some(w) => Raw::f32(&r.name, &r.shape, w),
+            None => r.clone(),
+        })
+        .collect();
     let d2 = model_dir("fp8-deq", "llama_dense", |_| {}, &deq);
     let logits = |md: ModelDir| {
         let b = crate::generate::ReferenceBackend::new(md.spec, md.weights, Default::default(), Default::default());
@@ -440,7 +457,12 @@ fn missing_files_and_bad_configs_are_errors() {
     assert!(matches!(e, CheckpointError::Config { .. }) && e.to_string().contains("gpt2"), "{e}");
     std::fs::write(d.join("config.json"), "{").unwrap();
     assert!(matches!(open(&d).err().unwrap(), CheckpointError::Config { .. }));
-    let bad_block = model_dir("bad-block", "llama_gqa", |c| c["quantization_config"] = serde_json::json!({"quant_method": "fp8", "weight_block_size": [0, 128]}), &[]);
+    let bad_block = model_dir(
+        "bad-block",
+        "llama_gqa",
+        |c| c["quantization_config"] = serde_json::json!({"quant_method": "fp8", "weight_block_size": [0, 128]}),
+        &[],
+    );
     let e = open(&bad_block).err().unwrap().to_string();
     assert!(e.contains("weight_block_size"), "{e}");
     for d in [d, bad_block] {
@@ -501,7 +523,12 @@ fn mtp_layer_is_checked_and_optional() {
     with.push(Raw::f32("model.layers.4.shared_head.head.weight", &[256, 48], &[0.0; 256 * 48]));
     let d2 = model_dir("mtp-full", "deepseek_v3", mtp, &with);
     let md = open(&d2).unwrap();
-    for n in ["model.layers.4.eh_proj.weight", "model.layers.4.enorm.weight", "model.layers.4.hnorm.weight", "model.layers.4.shared_head.norm.weight"] {
+    for n in [
+        "model.layers.4.eh_proj.weight",
+        "model.layers.4.enorm.weight",
+        "model.layers.4.hnorm.weight",
+        "model.layers.4.shared_head.norm.weight",
+    ] {
         assert!(md.weights.get(n).is_some(), "{n}");
     }
     assert_eq!(md.weights.get("model.layers.4.mlp.experts.gate_proj.weight").unwrap().shape(), &[12, 16, 48]);

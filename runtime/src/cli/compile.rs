@@ -14,11 +14,11 @@ use super::import::write_atomically;
 use super::load_spec;
 use dsc_compiler::codegen::{kernel_source, KernelSpec, Target};
 use dsc_compiler::ir::{print_module, Mode, Module, Op};
-use std::collections::BTreeMap;
 use dsc_compiler::lower::{lower_mode, LowerError};
 use dsc_compiler::passes::mla_absorb::{MlaAbsorb, MlaMode};
 use dsc_compiler::passes::{self, PassCx, PassSelection, PipelineError};
 use dsc_dsl::{Diagnostic, Spec};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
@@ -54,7 +54,14 @@ pub fn parse_mla(s: &str) -> Result<MlaMode, String> {
 }
 
 /// [`compile_cmd_with`] with the MLA form left to the cost model.
-pub fn compile_cmd(spec: &Path, model: Option<&str>, mode: Mode, passes: Option<&str>, emit: &str, out: Option<&Path>) -> Result<(), String> {
+pub fn compile_cmd(
+    spec: &Path,
+    model: Option<&str>,
+    mode: Mode,
+    passes: Option<&str>,
+    emit: &str,
+    out: Option<&Path>,
+) -> Result<(), String> {
     compile_cmd_with(spec, model, mode, passes, MlaMode::Auto, emit, out)
 }
 

@@ -5,9 +5,9 @@
 //! [`dsc_compiler::stats`], whose documentation defines them.
 
 use dsc_compiler::stats::{stats, Stats};
-use dsc_dsl::Model;
 use dsc_dsl::ast::{Block, EntryBody, Item};
 use dsc_dsl::span::FileId;
+use dsc_dsl::Model;
 use serde::Serialize;
 use std::path::Path;
 

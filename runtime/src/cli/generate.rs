@@ -59,7 +59,10 @@ pub fn generate_cmd(args: &GenerateArgs) -> Result<(), String> {
     let prompts = match (&args.input, &args.prompt) {
         (Some(path), _) => read_ids(path)?,
         (None, Some(text)) => {
-            let tok = info.tokenizer.as_deref().ok_or_else(|| format!("--prompt needs `{}`", args.model.model.join("tokenizer.json").display()))?;
+            let tok = info
+                .tokenizer
+                .as_deref()
+                .ok_or_else(|| format!("--prompt needs `{}`", args.model.model.join("tokenizer.json").display()))?;
             vec![tokenizer::encode(tok, text)?]
         }
         (None, None) => return Err("give --input IDS.json or --prompt TEXT".into()),
@@ -79,7 +82,9 @@ pub fn generate_cmd(args: &GenerateArgs) -> Result<(), String> {
 
     // Text when there is a tokenizer, except in JSON for id input (ids in, ids out).
     let texts: Option<Vec<String>> = match &info.tokenizer {
-        Some(tok) if args.prompt.is_some() || !args.json => Some(g.tokens.iter().map(|t| tokenizer::decode(tok, t)).collect::<Result<_, _>>()?),
+        Some(tok) if args.prompt.is_some() || !args.json => {
+            Some(g.tokens.iter().map(|t| tokenizer::decode(tok, t)).collect::<Result<_, _>>()?)
+        }
         _ => None,
     };
     let mut out = String::new();

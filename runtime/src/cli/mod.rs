@@ -103,9 +103,7 @@ pub fn main() -> ExitCode {
             cost::diff_cmd(&spec_a, model_a.as_deref(), &spec_b, model_b.as_deref(), context)
         }
         Command::Compile { spec, model, mode, passes, mla, emit, out, target } => match (target, out) {
-            (Some(t), Some(dir)) => {
-                compile::compile_target_cmd(&spec, model.as_deref(), mode, passes.as_deref(), mla, t, &dir).map(|_| ())
-            }
+            (Some(t), Some(dir)) => compile::compile_target_cmd(&spec, model.as_deref(), mode, passes.as_deref(), mla, t, &dir).map(|_| ()),
             (Some(_), None) => Err("`--target` writes a directory of kernels: give it with `-o DIR`".to_string()),
             (None, out) => compile::compile_cmd_with(&spec, model.as_deref(), mode, passes.as_deref(), mla, &emit, out.as_deref()),
         },

@@ -193,10 +193,7 @@ pub fn binary<T: Real>(op: BinaryOp, a: &Tensor, b: &Tensor) -> Result<Tensor, K
     let (ash, bsh) = (a.shape(), b.shape());
     let (shape, data) = match (a.data(), b.data()) {
         (Data::F32(_), Data::F32(_)) | (Data::F64(_), Data::F64(_)) => {
-            let (x, y) = (
-                T::view(a.data()).ok_or_else(|| precision_err::<T>(a))?,
-                T::view(b.data()).ok_or_else(|| precision_err::<T>(b))?,
-            );
+            let (x, y) = (T::view(a.data()).ok_or_else(|| precision_err::<T>(a))?, T::view(b.data()).ok_or_else(|| precision_err::<T>(b))?);
             float_binary(op, x, ash, y, bsh)?
         }
         (Data::I32(x), Data::I32(y)) => int_binary(op, x, ash, y, bsh)?,
@@ -271,7 +268,13 @@ macro_rules! int {
                     // Exponents beyond u32 only matter for 0, 1 and -1.
                     (o > 0).then(|| match self {
                         0 | 1 => self,
-                        -1 => if o % 2 == 0 { 1 } else { -1 },
+                        -1 => {
+                            if o % 2 == 0 {
+                                1
+                            } else {
+                                -1
+                            }
+                        }
                         _ => 0,
                     })
                 })

@@ -24,9 +24,8 @@ type Val<'a> = Cow<'a, Tensor>;
 
 /// Run `function` of `module` on `inputs` in precision `T`.
 pub(super) fn run<T: Real>(module: &Module, function: &str, inputs: &[Tensor], weights: &dyn Weights) -> Result<Vec<Tensor>, ExecError> {
-    let f = module
-        .function(function)
-        .ok_or_else(|| ExecError::new(ErrorKind::Entry, format!("the module has no function `{function}`")))?;
+    let f =
+        module.function(function).ok_or_else(|| ExecError::new(ErrorKind::Entry, format!("the module has no function `{function}`")))?;
     let sizes = bind_symbols(f, inputs)?;
     let it = Interp::<T> { module, weights, sizes, _t: PhantomData };
     let args = inputs.iter().map(Cow::Borrowed).collect();
@@ -62,7 +61,8 @@ fn bind_symbols(f: &Function, inputs: &[Tensor]) -> Result<[Option<i64>; 3], Exe
             let num = actual - rest - d.constant_term();
             let k = d.coeff(s);
             if num % k != 0 || num / k < 0 {
-                let msg = format!("argument `{name}` has size {actual} where `{}` declares {d}: no non-negative {} fits", f.name, s.letter());
+                let msg =
+                    format!("argument `{name}` has size {actual} where `{}` declares {d}: no non-negative {} fits", f.name, s.letter());
                 return Err(at_fn(ExecError::new(ErrorKind::Binding, msg), &f.name));
             }
             known[s as usize] = Some(num / k);
@@ -193,7 +193,13 @@ impl<'m, T: Real> Interp<'m, T> {
         r
     }
 
-    fn eval_graph<'a>(&self, f: &'m Function, layer: Option<u32>, args: Vec<Val<'a>>, stack: &mut Vec<&'m str>) -> Result<Vec<Tensor>, ExecError>
+    fn eval_graph<'a>(
+        &self,
+        f: &'m Function,
+        layer: Option<u32>,
+        args: Vec<Val<'a>>,
+        stack: &mut Vec<&'m str>,
+    ) -> Result<Vec<Tensor>, ExecError>
     where
         'm: 'a,
     {
@@ -251,17 +257,19 @@ impl<'m, T: Real> Interp<'m, T> {
             }
             let outs: Vec<Val<'a>> = match &node.op {
                 Op::Input { index, name } => {
-                    let a = args.get_mut(*index as usize).and_then(Option::take).ok_or_else(|| {
-                        here(graph_err(format!("argument {index} is missing or used by two inputs")))
-                    })?;
+                    let a = args
+                        .get_mut(*index as usize)
+                        .and_then(Option::take)
+                        .ok_or_else(|| here(graph_err(format!("argument {index} is missing or used by two inputs"))))?;
                     let ty = node.outputs.first().ok_or_else(|| here(graph_err("an input without a type")))?;
                     vec![self.coerce(a, ty.dtype, &format!("argument `{name}`")).map_err(here)?]
                 }
                 Op::Param { name } => {
                     let full = param_path(layer, name);
-                    let w = self.weights.get(&full).ok_or_else(|| {
-                        here(KernelError { kind: ErrorKind::MissingWeight, message: format!("missing weight `{full}`") })
-                    })?;
+                    let w = self
+                        .weights
+                        .get(&full)
+                        .ok_or_else(|| here(KernelError { kind: ErrorKind::MissingWeight, message: format!("missing weight `{full}`") }))?;
                     let ty = node.outputs.first().ok_or_else(|| here(graph_err("a param without a type")))?;
                     vec![self.coerce(Cow::Borrowed(w), ty.dtype, &format!("weight `{full}`")).map_err(here)?]
                 }
@@ -270,9 +278,10 @@ impl<'m, T: Real> Interp<'m, T> {
                     vec![Cow::Owned(self.constant(value.get(), ty.dtype).map_err(here)?)]
                 }
                 Op::Call { function, layer: call_layer } => {
-                    let callee = self.module.function(function).ok_or_else(|| {
-                        here(KernelError { kind: ErrorKind::Entry, message: format!("no function `{function}`") })
-                    })?;
+                    let callee = self
+                        .module
+                        .function(function)
+                        .ok_or_else(|| here(KernelError { kind: ErrorKind::Entry, message: format!("no function `{function}`") }))?;
                     let scope = match (call_layer, layer) {
                         (Some(l), None) => Some(*l),
                         (None, outer) => outer,
@@ -294,9 +303,8 @@ impl<'m, T: Real> Interp<'m, T> {
                         return Err(here(graph_err(format!("takes {} inputs, got {}", op.arity(), ins.len()))));
                     }
                     // A reshape or cast that is the last reader of an owned value takes it.
-                    let movable = matches!(op, Op::Reshape { .. } | Op::Cast { .. })
-                        && last_use.get(&ins[0].node) == Some(&p)
-                        && ins.len() == 1;
+                    let movable =
+                        matches!(op, Op::Reshape { .. } | Op::Cast { .. }) && last_use.get(&ins[0].node) == Some(&p) && ins.len() == 1;
                     let taken = if movable { Self::take(&mut env, ins[0]) } else { None };
                     let result = match taken {
                         Some(t) => self.exec_owned(op, t),

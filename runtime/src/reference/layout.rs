@@ -294,9 +294,7 @@ pub fn reduce<T: Real>(x: &Tensor, op: ReduceOp, axis: usize, keepdim: bool) -> 
     } else {
         shape.remove(axis);
     }
-    let lanes = |f: &dyn Fn(usize, usize) -> f64| -> Vec<f64> {
-        (0..outer * inner).map(|l| f(l / inner, l % inner)).collect()
-    };
+    let lanes = |f: &dyn Fn(usize, usize) -> f64| -> Vec<f64> { (0..outer * inner).map(|l| f(l / inner, l % inner)).collect() };
     let data = match x.data() {
         d if T::view(d).is_some() => {
             let v = T::view(d).expect("checked");

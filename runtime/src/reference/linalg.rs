@@ -53,11 +53,7 @@ pub fn gemm<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], lhs: Mat<T>, r
         dst.fill(T::ZERO);
         return;
     }
-    let par = if parallel && m.saturating_mul(n).saturating_mul(k) >= PAR_FLOPS {
-        Parallelism::Rayon(0)
-    } else {
-        Parallelism::None
-    };
+    let par = if parallel && m.saturating_mul(n).saturating_mul(k) >= PAR_FLOPS { Parallelism::Rayon(0) } else { Parallelism::None };
     // SAFETY: `dst` is an exclusive borrow of exactly m·n elements written at row stride
     // n and column stride 1; `fits` checked above that every element of the m×k and k×n
     // operand views is inside its slice (offsets and strides are non-negative, so the

@@ -197,14 +197,21 @@ pub fn run(module: &Module, mode: Mode, inputs: &[Tensor], weights: &dyn Weights
 }
 
 /// Run the entry point for `mode` with arguments given by their `Input` names.
-pub fn run_named(module: &Module, mode: Mode, inputs: &[(&str, &Tensor)], weights: &dyn Weights, options: &Options) -> Result<Vec<Tensor>, ExecError> {
+pub fn run_named(
+    module: &Module,
+    mode: Mode,
+    inputs: &[(&str, &Tensor)],
+    weights: &dyn Weights,
+    options: &Options,
+) -> Result<Vec<Tensor>, ExecError> {
     let f = module.entry(mode).ok_or_else(|| ExecError::new(ErrorKind::Entry, format!("the module has no {mode} entry point")))?;
     let mut ordered = Vec::new();
     for n in f.graph.arguments() {
         let dsc_compiler::ir::Op::Input { name, .. } = &f.graph.node(n).op else { unreachable!("arguments are inputs") };
-        let t = inputs.iter().find(|(k, _)| k == name).ok_or_else(|| {
-            ExecError::new(ErrorKind::Arguments, format!("no input named `{name}` for `{}`", f.name))
-        })?;
+        let t = inputs
+            .iter()
+            .find(|(k, _)| k == name)
+            .ok_or_else(|| ExecError::new(ErrorKind::Arguments, format!("no input named `{name}` for `{}`", f.name)))?;
         ordered.push(t.1.clone());
     }
     if let Some((extra, _)) = inputs.iter().find(|(k, _)| {
@@ -217,7 +224,13 @@ pub fn run_named(module: &Module, mode: Mode, inputs: &[(&str, &Tensor)], weight
 
 /// Run any function of the module (an entry point or a layer body, unscoped) on
 /// `inputs` (by argument index).
-pub fn run_function(module: &Module, function: &str, inputs: &[Tensor], weights: &dyn Weights, options: &Options) -> Result<Vec<Tensor>, ExecError> {
+pub fn run_function(
+    module: &Module,
+    function: &str,
+    inputs: &[Tensor],
+    weights: &dyn Weights,
+    options: &Options,
+) -> Result<Vec<Tensor>, ExecError> {
     if options.verify {
         if let Err(errs) = dsc_compiler::ir::verify(module) {
             let shown: Vec<String> = errs.iter().take(5).map(|e| e.to_string()).collect();

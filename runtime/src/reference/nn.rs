@@ -16,7 +16,8 @@ use dsc_compiler::ir::{GroupScore, RopeLayout, Routing, Scoring, Yarn};
 use rayon::prelude::*;
 
 fn floats<'a, T: Real>(t: &'a Tensor, what: &str) -> Result<&'a [T], KErr> {
-    T::view(t.data()).ok_or_else(|| KErr::dtype(format!("{what} must be a float tensor of the run's precision ({}), got {}", T::NAME, t.data().kind())))
+    T::view(t.data())
+        .ok_or_else(|| KErr::dtype(format!("{what} must be a float tensor of the run's precision ({}), got {}", T::NAME, t.data().kind())))
 }
 
 /// Softmax of one lane of `n` elements `x[j*stride]` into `out[j*stride]`. A lane that
@@ -223,12 +224,7 @@ pub fn attention<T: Real>(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tens
     }
     let (b, sq, dk) = (qs[0], qs[1], qs[3]);
     let (sk, dv) = (ks[1], vs[3]);
-    if kv_heads == 0
-        || heads % kv_heads != 0
-        || qs[2] != heads
-        || ks != [b, sk, kv_heads, dk]
-        || vs[..3] != [b, sk, kv_heads]
-    {
+    if kv_heads == 0 || heads % kv_heads != 0 || qs[2] != heads || ks != [b, sk, kv_heads, dk] || vs[..3] != [b, sk, kv_heads] {
         return Err(KErr::shape(format!("attention with {heads} heads / {kv_heads} kv heads of q {qs:?}, k {ks:?}, v {vs:?}")));
     }
     let (qd, kd, vd) = (floats::<T>(q, "q")?, floats::<T>(k, "k")?, floats::<T>(v, "v")?);
@@ -273,7 +269,8 @@ pub fn attention<T: Real>(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tens
         gemm(sq, dv, sk, &mut o, Mat::rows(&p, 0, sk), vm, false);
         o
     };
-    let per_head: Vec<Vec<T>> = if b * heads > 1 { (0..b * heads).into_par_iter().map(one).collect() } else { (0..b * heads).map(one).collect() };
+    let per_head: Vec<Vec<T>> =
+        if b * heads > 1 { (0..b * heads).into_par_iter().map(one).collect() } else { (0..b * heads).map(one).collect() };
     let mut out = vec![T::ZERO; b * sq * heads * dv];
     for (task, o) in per_head.iter().enumerate() {
         let (bi, h) = (task / heads, task % heads);
@@ -366,7 +363,8 @@ pub fn moe_route<T: Real>(logits: &Tensor, bias: Option<&Tensor>, r: &Routing) -
         w.iter_mut().for_each(|x| *x = *x * scale);
         (idx, w)
     };
-    let routed: Vec<(Vec<i32>, Vec<T>)> = if tokens * e >= PAR_MIN { (0..tokens).into_par_iter().map(route).collect() } else { (0..tokens).map(route).collect() };
+    let routed: Vec<(Vec<i32>, Vec<T>)> =
+        if tokens * e >= PAR_MIN { (0..tokens).into_par_iter().map(route).collect() } else { (0..tokens).map(route).collect() };
     let mut shape = logits.shape().to_vec();
     *shape.last_mut().expect("rank checked") = k;
     let (mut iv, mut wv) = (Vec::with_capacity(tokens * k), Vec::with_capacity(tokens * k));

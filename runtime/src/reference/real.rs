@@ -60,14 +60,7 @@ elem!(bool, Bool, |a, b| a || b, false);
 
 /// The float type a run computes in.
 pub trait Real:
-    Elem
-    + Default
-    + Add<Output = Self>
-    + Sub<Output = Self>
-    + Mul<Output = Self>
-    + Div<Output = Self>
-    + Neg<Output = Self>
-    + AddAssign
+    Elem + Default + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self> + Div<Output = Self> + Neg<Output = Self> + AddAssign
 {
     const ZERO: Self;
     const ONE: Self;

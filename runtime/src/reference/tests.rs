@@ -5,7 +5,9 @@
 mod golden;
 
 use super::*;
-use dsc_compiler::ir::{param_path, BinaryOp, DType, Dim, Float, Function, Graph, Mode, Module, NodeId, Op, ReduceOp, Shape, Ty, UnaryOp, Value};
+use dsc_compiler::ir::{
+    param_path, BinaryOp, DType, Dim, Float, Function, Graph, Mode, Module, NodeId, Op, ReduceOp, Shape, Ty, UnaryOp, Value,
+};
 use std::collections::HashMap;
 
 const B: Dim = Dim::B;
@@ -61,10 +63,7 @@ fn small_graph() -> Module {
 }
 
 fn small_weights() -> HashMap<String, Tensor> {
-    weights(&[
-        ("w", Tensor::from_fn(&[3, 5], |i| ((i * 7 % 11) as f32 - 5.0) / 4.0)),
-        ("gain", Tensor::f32(&[3], vec![1.0, 0.5, 2.0])),
-    ])
+    weights(&[("w", Tensor::from_fn(&[3, 5], |i| ((i * 7 % 11) as f32 - 5.0) / 4.0)), ("gain", Tensor::f32(&[3], vec![1.0, 0.5, 2.0]))])
 }
 
 #[test]

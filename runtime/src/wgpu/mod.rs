@@ -65,9 +65,7 @@ impl WgpuBackend {
     /// CubeCL when there is no adapter at all, which is what tests want: a machine
     /// without one must fail them, not skip them.
     pub fn new() -> WgpuBackend {
-        WgpuBackend {
-            client: cubecl::Device::Wgpu(WgpuDevice::default()).client(),
-        }
+        WgpuBackend { client: cubecl::Device::Wgpu(WgpuDevice::default()).client() }
     }
 
     /// Copies `t` to the device in `repr` (integers must fit in `i32`).
@@ -75,21 +73,15 @@ impl WgpuBackend {
         let len = t.numel();
         let bytes: Vec<u8> = match (repr, t.data()) {
             (Repr::I32, Data::I64(v)) => {
-                let v: Vec<i32> = v
-                    .iter()
-                    .map(|&x| i32::try_from(x).map_err(|_| format!("index {x} exceeds i32")))
-                    .collect::<Result<_, _>>()?;
+                let v: Vec<i32> =
+                    v.iter().map(|&x| i32::try_from(x).map_err(|_| format!("index {x} exceeds i32"))).collect::<Result<_, _>>()?;
                 i32::as_bytes(&v).to_vec()
             }
             (Repr::I32, Data::I32(v)) => i32::as_bytes(v).to_vec(),
             (Repr::I32, d) => return Err(format!("{} data for an integer buffer", d.kind())),
             (Repr::F32, _) => f32::as_bytes(&t.to_f32_vec()).to_vec(),
             (Repr::F16, _) => {
-                let v: Vec<half::f16> = t
-                    .to_f32_vec()
-                    .into_iter()
-                    .map(half::f16::from_f32)
-                    .collect();
+                let v: Vec<half::f16> = t.to_f32_vec().into_iter().map(half::f16::from_f32).collect();
                 half::f16::as_bytes(&v).to_vec()
             }
         };
@@ -98,11 +90,7 @@ impl WgpuBackend {
 
     fn buffer_from_bytes(&self, bytes: &[u8], len: usize, repr: Repr) -> DeviceBuf {
         // wgpu refuses empty buffers; a zero-length tensor still gets one element.
-        let handle = if bytes.is_empty() {
-            self.client.create_from_slice(&[0u8; 4])
-        } else {
-            self.client.create_from_slice(bytes)
-        };
+        let handle = if bytes.is_empty() { self.client.create_from_slice(&[0u8; 4]) } else { self.client.create_from_slice(bytes) };
         DeviceBuf { handle, len, repr }
     }
 
@@ -120,55 +108,29 @@ impl WgpuBackend {
     /// Reads `b` back as a tensor of `shape` (`f32` for floats, `i32` for integers).
     pub fn download(&self, b: &DeviceBuf, shape: &[usize]) -> Tensor {
         if b.len == 0 {
-            return if b.repr == Repr::I32 {
-                Tensor::i32(shape, vec![])
-            } else {
-                Tensor::zeros(shape)
-            };
+            return if b.repr == Repr::I32 { Tensor::i32(shape, vec![]) } else { Tensor::zeros(shape) };
         }
         let bytes = self.client.read_one_unchecked(b.handle.clone());
         let bytes = &bytes[..b.len * b.repr.bytes()];
         match b.repr {
             Repr::F32 => Tensor::f32(shape, f32::from_bytes(bytes).to_vec()),
-            Repr::F16 => Tensor::f32(
-                shape,
-                half::f16::from_bytes(bytes)
-                    .iter()
-                    .map(|v| v.to_f32())
-                    .collect(),
-            ),
+            Repr::F16 => Tensor::f32(shape, half::f16::from_bytes(bytes).iter().map(|v| v.to_f32()).collect()),
             Repr::I32 => Tensor::i32(shape, i32::from_bytes(bytes).to_vec()),
         }
     }
 
     /// Runs node `n` of `g` on host tensors (its inputs in slot order) with the run-time
     /// sizes `bind`, and returns its outputs. Outputs are poisoned first.
-    pub fn run_node(
-        &self,
-        g: &Graph,
-        n: NodeId,
-        inputs: &[&Tensor],
-        bind: &Bindings,
-    ) -> Result<Vec<Tensor>, String> {
+    pub fn run_node(&self, g: &Graph, n: NodeId, inputs: &[&Tensor], bind: &Bindings) -> Result<Vec<Tensor>, String> {
         let work = node_work(g, n).map_err(|u| u.to_string())?;
         let in_tys: Vec<_> = g.inputs(n).iter().map(|&v| g.ty(v).clone()).collect();
         if in_tys.len() != inputs.len() {
-            return Err(format!(
-                "{} inputs for a node taking {}",
-                inputs.len(),
-                in_tys.len()
-            ));
+            return Err(format!("{} inputs for a node taking {}", inputs.len(), in_tys.len()));
         }
-        let ins: Vec<DeviceBuf> = inputs
-            .iter()
-            .zip(&in_tys)
-            .map(|(t, ty)| self.upload(t, Repr::of(ty.dtype)?))
-            .collect::<Result<_, _>>()?;
+        let ins: Vec<DeviceBuf> =
+            inputs.iter().zip(&in_tys).map(|(t, ty)| self.upload(t, Repr::of(ty.dtype)?)).collect::<Result<_, _>>()?;
         let outs_ty = &g.node(n).outputs;
-        let shapes: Vec<Vec<usize>> = outs_ty
-            .iter()
-            .map(|t| t.shape.eval(bind).into_iter().map(|d| d as usize).collect())
-            .collect();
+        let shapes: Vec<Vec<usize>> = outs_ty.iter().map(|t| t.shape.eval(bind).into_iter().map(|d| d as usize).collect()).collect();
         let outs: Vec<DeviceBuf> = match &work {
             NodeWork::Alias(i) => vec![ins[*i as usize].clone()],
             NodeWork::Launches { .. } => outs_ty
@@ -178,35 +140,19 @@ impl WgpuBackend {
                 .collect::<Result<_, String>>()?,
         };
         self.execute(&work, &ins, &outs, bind)?;
-        Ok(outs
-            .iter()
-            .zip(&shapes)
-            .map(|(b, s)| self.download(b, s))
-            .collect())
+        Ok(outs.iter().zip(&shapes).map(|(b, s)| self.download(b, s)).collect())
     }
 
     /// Runs a node's launches on device buffers: `ins` and `outs` in slot order, outputs
     /// already allocated (an alias needs nothing).
-    pub fn execute(
-        &self,
-        work: &NodeWork,
-        ins: &[DeviceBuf],
-        outs: &[DeviceBuf],
-        bind: &Bindings,
-    ) -> Result<(), String> {
+    pub fn execute(&self, work: &NodeWork, ins: &[DeviceBuf], outs: &[DeviceBuf], bind: &Bindings) -> Result<(), String> {
         let NodeWork::Launches { scratch, launches } = work else {
             return Ok(());
         };
-        let scratch: Vec<DeviceBuf> = scratch
-            .iter()
-            .map(|s| Ok(self.poisoned(eval_len(&s.len, bind)?, Repr::of(s.dtype)?)))
-            .collect::<Result<_, String>>()?;
+        let scratch: Vec<DeviceBuf> =
+            scratch.iter().map(|s| Ok(self.poisoned(eval_len(&s.len, bind)?, Repr::of(s.dtype)?))).collect::<Result<_, String>>()?;
         for l in launches {
-            let bufs = Bound {
-                ins,
-                outs,
-                scratch: &scratch,
-            };
+            let bufs = Bound { ins, outs, scratch: &scratch };
             match l.kernel.elem() {
                 dsc_compiler::codegen::Elem::F32 => self.launch::<f32>(l, &bufs, bind)?,
                 dsc_compiler::codegen::Elem::F16 => self.launch::<half::f16>(l, &bufs, bind)?,
@@ -217,18 +163,8 @@ impl WgpuBackend {
 
     /// One launch, its arguments resolved: buffers by slot, sizes evaluated, tables
     /// uploaded. Each arm passes the arguments in the kernel's parameter order.
-    fn launch<F: Float + CubeElement>(
-        &self,
-        l: &Launch,
-        bufs: &Bound,
-        bind: &Bindings,
-    ) -> Result<(), String> {
-        let a = Args {
-            l,
-            bufs,
-            bind,
-            backend: self,
-        };
+    fn launch<F: Float + CubeElement>(&self, l: &Launch, bufs: &Bound, bind: &Bindings) -> Result<(), String> {
+        let a = Args { l, bufs, bind, backend: self };
         let [gx, gy, gz] = [0, 1, 2].map(|i| eval_len(&l.grid[i], bind).and_then(u32_of));
         let (gx, gy, gz) = (gx?, gy?, gz?);
         if gx == 0 || gy == 0 || gz == 0 {
@@ -243,40 +179,15 @@ impl WgpuBackend {
                 for b in bufs.ins {
                     seq.push(arg(b));
                 }
-                kernels::fused_ew::launch::<F>(
-                    c,
-                    count,
-                    dim,
-                    seq,
-                    a.table(1)?,
-                    a.buf(2)?,
-                    program.clone(),
-                )
+                kernels::fused_ew::launch::<F>(c, count, dim, seq, a.table(1)?, a.buf(2)?, program.clone())
             }
-            KernelSpec::RmsNorm { eps_bits, .. } => kernels::rms_norm::launch::<F>(
-                c,
-                count,
-                dim,
-                a.buf(0)?,
-                a.buf(1)?,
-                a.buf(2)?,
-                a.u32(3)?,
-                *eps_bits,
-            ),
-            KernelSpec::Softmax { .. } => {
-                kernels::softmax::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.u32(2)?)
+            KernelSpec::RmsNorm { eps_bits, .. } => {
+                kernels::rms_norm::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.u32(3)?, *eps_bits)
             }
-            KernelSpec::MatMul { .. } => kernels::matmul::launch::<F>(
-                c,
-                count,
-                dim,
-                a.buf(0)?,
-                a.buf(1)?,
-                a.buf(2)?,
-                a.u32(3)?,
-                a.u32(4)?,
-                a.u32(5)?,
-            ),
+            KernelSpec::Softmax { .. } => kernels::softmax::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.u32(2)?),
+            KernelSpec::MatMul { .. } => {
+                kernels::matmul::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.u32(3)?, a.u32(4)?, a.u32(5)?)
+            }
         }
         Ok(())
     }
@@ -299,55 +210,33 @@ struct Args<'a> {
 
 impl Args<'_> {
     fn get(&self, i: usize) -> Result<&Arg, String> {
-        self.l
-            .args
-            .get(i)
-            .ok_or_else(|| format!("{}: no argument {i}", self.l.kernel.name()))
+        self.l.args.get(i).ok_or_else(|| format!("{}: no argument {i}", self.l.kernel.name()))
     }
     /// Argument `i`, a buffer. The kernel's parameter type decides the element type; the
     /// runtime only checks the length.
     fn buf(&self, i: usize) -> Result<BufferArg, String> {
         let Arg::Buf(b) = self.get(i)? else {
-            return Err(format!(
-                "{}: argument {i} is not a buffer",
-                self.l.kernel.name()
-            ));
+            return Err(format!("{}: argument {i} is not a buffer", self.l.kernel.name()));
         };
         let d = match *b {
             Buf::Input(k) => self.bufs.ins.get(k as usize),
             Buf::Output(k) => self.bufs.outs.get(k as usize),
             Buf::Scratch(k) => self.bufs.scratch.get(k as usize),
         };
-        d.map(arg).ok_or_else(|| {
-            format!(
-                "{}: argument {i} names a missing buffer {b:?}",
-                self.l.kernel.name()
-            )
-        })
+        d.map(arg).ok_or_else(|| format!("{}: argument {i} names a missing buffer {b:?}", self.l.kernel.name()))
     }
     fn u32(&self, i: usize) -> Result<u32, String> {
         let Arg::U32(s) = self.get(i)? else {
-            return Err(format!(
-                "{}: argument {i} is not a scalar",
-                self.l.kernel.name()
-            ));
+            return Err(format!("{}: argument {i} is not a scalar", self.l.kernel.name()));
         };
         u32_of(eval_len(s, self.bind)?)
     }
     fn table(&self, i: usize) -> Result<BufferArg, String> {
         let Arg::Table(t) = self.get(i)? else {
-            return Err(format!(
-                "{}: argument {i} is not a table",
-                self.l.kernel.name()
-            ));
+            return Err(format!("{}: argument {i} is not a table", self.l.kernel.name()));
         };
-        let v: Vec<u32> = t
-            .iter()
-            .map(|s| eval_len(s, self.bind).and_then(u32_of))
-            .collect::<Result<_, _>>()?;
-        let b = self
-            .backend
-            .buffer_from_bytes(u32::as_bytes(&v), v.len(), Repr::I32);
+        let v: Vec<u32> = t.iter().map(|s| eval_len(s, self.bind).and_then(u32_of)).collect::<Result<_, _>>()?;
+        let b = self.backend.buffer_from_bytes(u32::as_bytes(&v), v.len(), Repr::I32);
         Ok(arg(&b))
     }
 }

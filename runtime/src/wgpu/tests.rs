@@ -7,9 +7,7 @@ use super::WgpuBackend;
 use crate::reference::{run, Options, Tensor};
 use dsc_compiler::codegen::KernelSpec;
 use dsc_compiler::ir::fused::{FusedKernel, Operand, Step, StepOp};
-use dsc_compiler::ir::{
-    BinaryOp, Bindings, DType, Dim, Float, Function, Graph, Mode, Module, Op, Ty, UnaryOp, Value,
-};
+use dsc_compiler::ir::{BinaryOp, Bindings, DType, Dim, Float, Function, Graph, Mode, Module, Op, Ty, UnaryOp, Value};
 use std::sync::OnceLock;
 
 /// One client for the whole test binary: adapter start-up is the slow part.
@@ -21,19 +19,11 @@ fn backend() -> &'static WgpuBackend {
 /// Deterministic values in ±[0.25, 1.25): never 0, so a kernel that drops a term or
 /// reads the wrong element shows.
 fn random(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     Tensor::from_fn(shape, |_| {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         let u = (s >> 40) as f32 / (1u64 << 24) as f32;
-        let v = if u < 0.5 {
-            -(0.25 + 2.0 * u)
-        } else {
-            0.25 + 2.0 * (u - 0.5)
-        };
+        let v = if u < 0.5 { -(0.25 + 2.0 * u) } else { 0.25 + 2.0 * (u - 0.5) };
         // An f16 kernel sees f16 inputs: give the reference the same values.
         if dtype == DType::F16 {
             half::f16::from_f32(v).to_f32()
@@ -52,77 +42,41 @@ fn check(op: Op, shapes: &[&[usize]], dtype: DType) {
         .enumerate()
         .map(|(i, s)| {
             let dims: Vec<Dim> = s.iter().map(|&d| Dim::lit(d as i64)).collect();
-            g.input(i as u32, &format!("x{i}"), Ty::new(dtype, dims), None)
-                .into()
+            g.input(i as u32, &format!("x{i}"), Ty::new(dtype, dims), None).into()
         })
         .collect();
-    let n = g
-        .add_inferred(op.clone(), &args, None)
-        .unwrap_or_else(|e| panic!("{op:?}: {e}"));
+    let n = g.add_inferred(op.clone(), &args, None).unwrap_or_else(|e| panic!("{op:?}: {e}"));
     g.ret(&[n.into()], None);
     let spec = KernelSpec::from_node(&g, n).unwrap_or_else(|u| panic!("{op:?}: {u}"));
     let node = n;
     let mut m = Module::new();
-    m.add_function(Function {
-        name: "main".into(),
-        graph: g.clone(),
-    });
+    m.add_function(Function { name: "main".into(), graph: g.clone() });
     m.set_entry(Mode::Prefill, "main");
 
-    let inputs: Vec<Tensor> = shapes
-        .iter()
-        .enumerate()
-        .map(|(i, s)| random(s, 17 + i as u64, dtype))
-        .collect();
-    let want = run(
-        &m,
-        Mode::Prefill,
-        &inputs,
-        &std::collections::HashMap::<String, Tensor>::new(),
-        &Options::default(),
-    )
-    .unwrap_or_else(|e| panic!("reference {op:?}: {e}"))
-    .remove(0);
-    let refs: Vec<&Tensor> = inputs.iter().collect();
-    let got = backend()
-        .run_node(&g, node, &refs, &Bindings::default())
-        .unwrap_or_else(|e| panic!("{}: {e}", spec.name()))
+    let inputs: Vec<Tensor> = shapes.iter().enumerate().map(|(i, s)| random(s, 17 + i as u64, dtype)).collect();
+    let want = run(&m, Mode::Prefill, &inputs, &std::collections::HashMap::<String, Tensor>::new(), &Options::default())
+        .unwrap_or_else(|e| panic!("reference {op:?}: {e}"))
         .remove(0);
+    let refs: Vec<&Tensor> = inputs.iter().collect();
+    let got = backend().run_node(&g, node, &refs, &Bindings::default()).unwrap_or_else(|e| panic!("{}: {e}", spec.name())).remove(0);
     // f16 keeps 11 significant bits; its results also round every intermediate.
     let tol = if dtype == DType::F16 { 2e-2 } else { 1e-4 };
     let (w, gv) = (want.to_f32_vec(), got.to_f32_vec());
     assert_eq!(w.len(), gv.len());
     for (i, (a, b)) in w.iter().zip(&gv).enumerate() {
-        assert!(
-            (a - b).abs() <= tol * (1.0 + a.abs()),
-            "{} ({op:?}, {dtype}) element {i}: reference {a}, device {b}",
-            spec.name()
-        );
+        assert!((a - b).abs() <= tol * (1.0 + a.abs()), "{} ({op:?}, {dtype}) element {i}: reference {a}, device {b}", spec.name());
     }
 }
 
 #[test]
 fn unary_and_binary_nodes() {
-    for u in [
-        UnaryOp::Neg,
-        UnaryOp::Exp,
-        UnaryOp::Silu,
-        UnaryOp::Tanh,
-        UnaryOp::Rsqrt,
-        UnaryOp::Abs,
-    ] {
+    for u in [UnaryOp::Neg, UnaryOp::Exp, UnaryOp::Silu, UnaryOp::Tanh, UnaryOp::Rsqrt, UnaryOp::Abs] {
         let x = if u == UnaryOp::Rsqrt {
             Op::Fused(FusedKernel {
                 head: None,
                 steps: vec![
-                    Step {
-                        op: StepOp::Unary(UnaryOp::Abs),
-                        args: vec![Operand::Input(0)],
-                    },
-                    Step {
-                        op: StepOp::Unary(UnaryOp::Rsqrt),
-                        args: vec![Operand::Step(0)],
-                    },
+                    Step { op: StepOp::Unary(UnaryOp::Abs), args: vec![Operand::Input(0)] },
+                    Step { op: StepOp::Unary(UnaryOp::Rsqrt), args: vec![Operand::Step(0)] },
                 ],
             })
         } else {
@@ -130,14 +84,7 @@ fn unary_and_binary_nodes() {
         };
         check(x, &[&[3, 37, 11]], DType::F32);
     }
-    for b in [
-        BinaryOp::Add,
-        BinaryOp::Sub,
-        BinaryOp::Mul,
-        BinaryOp::Div,
-        BinaryOp::Max,
-        BinaryOp::Min,
-    ] {
+    for b in [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Max, BinaryOp::Min] {
         // Same shape, a broadcast row, a broadcast column and a rank-0 operand.
         check(Op::Binary(b), &[&[5, 301], &[5, 301]], DType::F32);
         check(Op::Binary(b), &[&[5, 301], &[301]], DType::F32);
@@ -153,77 +100,31 @@ fn fused_program_with_select_and_broadcast() {
     let k = FusedKernel {
         head: None,
         steps: vec![
-            Step {
-                op: StepOp::Unary(UnaryOp::Silu),
-                args: vec![Operand::Input(0)],
-            },
-            Step {
-                op: StepOp::Binary(BinaryOp::Mul),
-                args: vec![Operand::Step(0), Operand::Input(1)],
-            },
-            Step {
-                op: StepOp::Binary(BinaryOp::Lt),
-                args: vec![Operand::Input(2), Operand::Input(0)],
-            },
-            Step {
-                op: StepOp::Binary(BinaryOp::Mul),
-                args: vec![Operand::Input(0), Operand::Input(0)],
-            },
-            Step {
-                op: StepOp::Select,
-                args: vec![Operand::Step(2), Operand::Input(2), Operand::Step(3)],
-            },
-            Step {
-                op: StepOp::Binary(BinaryOp::Add),
-                args: vec![Operand::Step(1), Operand::Step(4)],
-            },
+            Step { op: StepOp::Unary(UnaryOp::Silu), args: vec![Operand::Input(0)] },
+            Step { op: StepOp::Binary(BinaryOp::Mul), args: vec![Operand::Step(0), Operand::Input(1)] },
+            Step { op: StepOp::Binary(BinaryOp::Lt), args: vec![Operand::Input(2), Operand::Input(0)] },
+            Step { op: StepOp::Binary(BinaryOp::Mul), args: vec![Operand::Input(0), Operand::Input(0)] },
+            Step { op: StepOp::Select, args: vec![Operand::Step(2), Operand::Input(2), Operand::Step(3)] },
+            Step { op: StepOp::Binary(BinaryOp::Add), args: vec![Operand::Step(1), Operand::Step(4)] },
         ],
     };
-    check(
-        Op::Fused(k.clone()),
-        &[&[9, 131], &[131], &[9, 131]],
-        DType::F32,
-    );
+    check(Op::Fused(k.clone()), &[&[9, 131], &[131], &[9, 131]], DType::F32);
     check(Op::Fused(k), &[&[9, 131], &[131], &[9, 131]], DType::F16);
 }
 
 #[test]
 fn rms_norm_rows() {
     for (rows, cols) in [(1, 7), (5, 129), (3, 1000)] {
-        check(
-            Op::RmsNorm {
-                eps: Float::new(1e-6),
-            },
-            &[&[rows, cols], &[cols]],
-            DType::F32,
-        );
+        check(Op::RmsNorm { eps: Float::new(1e-6) }, &[&[rows, cols], &[cols]], DType::F32);
     }
-    check(
-        Op::RmsNorm {
-            eps: Float::new(1e-5),
-        },
-        &[&[2, 3, 77], &[77]],
-        DType::F32,
-    );
-    check(
-        Op::RmsNorm {
-            eps: Float::new(1e-6),
-        },
-        &[&[4, 200], &[200]],
-        DType::F16,
-    );
+    check(Op::RmsNorm { eps: Float::new(1e-5) }, &[&[2, 3, 77], &[77]], DType::F32);
+    check(Op::RmsNorm { eps: Float::new(1e-6) }, &[&[4, 200], &[200]], DType::F16);
 }
 
 #[test]
 fn softmax_last_axis() {
     for shape in [&[1usize, 5][..], &[6, 129], &[2, 3, 1001]] {
-        check(
-            Op::Softmax {
-                axis: (shape.len() - 1) as u8,
-            },
-            &[shape],
-            DType::F32,
-        );
+        check(Op::Softmax { axis: (shape.len() - 1) as u8 }, &[shape], DType::F32);
     }
     check(Op::Softmax { axis: 1 }, &[&[3, 300]], DType::F16);
 }

@@ -297,17 +297,17 @@ fn attention_query_without_keys_is_zero() {
 }
 
 #[allow(clippy::too_many_arguments)] // one argument per Routing field reads best in the tests
-fn routing(top_k: u32, scoring: Scoring, bias: bool, groups: u32, kept: u32, gs: Option<GroupScore>, normalize: bool, scale: f64) -> Routing {
-    Routing {
-        top_k,
-        scoring,
-        selection_bias: bias,
-        groups,
-        groups_kept: kept,
-        group_score: gs,
-        normalize,
-        scale: Float::new(scale),
-    }
+fn routing(
+    top_k: u32,
+    scoring: Scoring,
+    bias: bool,
+    groups: u32,
+    kept: u32,
+    gs: Option<GroupScore>,
+    normalize: bool,
+    scale: f64,
+) -> Routing {
+    Routing { top_k, scoring, selection_bias: bias, groups, groups_kept: kept, group_score: gs, normalize, scale: Float::new(scale) }
 }
 
 #[test]

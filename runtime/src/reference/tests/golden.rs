@@ -192,7 +192,8 @@ impl Model {
             Arch::Deepseek { q_lora, kv_lora, nope, rope, v: vd, yarn, .. } => {
                 let (nope, rd, vd) = (*nope, *rope, *vd);
                 let q = if *q_lora {
-                    let (qa, qn, qb) = (p(g, "self_attn.q_a_proj.weight"), p(g, "self_attn.q_a_layernorm.weight"), p(g, "self_attn.q_b_proj.weight"));
+                    let (qa, qn, qb) =
+                        (p(g, "self_attn.q_a_proj.weight"), p(g, "self_attn.q_a_layernorm.weight"), p(g, "self_attn.q_b_proj.weight"));
                     let a = op(g, Op::MatMul, &[x1, qa]);
                     let a = self.rms(g, a, qn);
                     op(g, Op::MatMul, &[a, qb])
@@ -250,10 +251,15 @@ impl Model {
             } else {
                 op(g, Op::MoeRoute(*routing), &[logits])
             };
-            let (eg, eu, ed) = (p(g, "mlp.experts.gate_proj.weight"), p(g, "mlp.experts.up_proj.weight"), p(g, "mlp.experts.down_proj.weight"));
+            let (eg, eu, ed) =
+                (p(g, "mlp.experts.gate_proj.weight"), p(g, "mlp.experts.up_proj.weight"), p(g, "mlp.experts.down_proj.weight"));
             let ins: Vec<Value> = vec![x3.into(), route.out(0), route.out(1), eg.into(), eu.into(), ed.into()];
             let routed = g.add_inferred(Op::ExpertFfn, &ins, None).unwrap();
-            let (sg, su, sd) = (p(g, "mlp.shared_experts.gate_proj.weight"), p(g, "mlp.shared_experts.up_proj.weight"), p(g, "mlp.shared_experts.down_proj.weight"));
+            let (sg, su, sd) = (
+                p(g, "mlp.shared_experts.gate_proj.weight"),
+                p(g, "mlp.shared_experts.up_proj.weight"),
+                p(g, "mlp.shared_experts.down_proj.weight"),
+            );
             let shared = op(g, Op::SwiGlu, &[x3, sg, su, sd]);
             op(g, Op::Binary(BinaryOp::Add), &[routed, shared])
         } else {
@@ -369,7 +375,8 @@ fn check_model(case: &str) {
     // Greedy decoding of prompt 0: step 0 from the prompt, then one token at a time.
     let steps = &reference["generate_step_logits"];
     let vocab = steps.shape()[1];
-    let want_tokens: Vec<i32> = json(case, "generated.json")["generated"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap() as i32).collect();
+    let want_tokens: Vec<i32> =
+        json(case, "generated.json")["generated"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap() as i32).collect();
     let mut args = vec![Tensor::i32(&[1, s], prompts[0].clone()), Tensor::i32(&[1, s], (0..s as i32).collect())];
     args.extend(model.empty_caches(1));
     let mut out = run(&m, Mode::Prefill, &args, &w, &Options::default()).unwrap();
