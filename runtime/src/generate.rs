@@ -23,7 +23,7 @@ pub mod reference;
 pub mod rewrite;
 
 pub use backend::{Backend, BackendError, KvCache, LayerRouting, StepInput, StepOutput, BACKENDS};
-pub use reference::{CompileOptions, ReferenceBackend};
+pub use reference::{CompileOptions, Engine, Interpreter, ModelBackend, ReferenceBackend};
 
 use crate::sampling::{Sampler, Sampling, SamplingError};
 use std::fmt;

@@ -12,12 +12,16 @@
 //! Also: a batch of prompts of different lengths (left-padded and masked) gives every
 //! prompt the tokens it gets alone, and absorbed and decompressed MLA decoding agree.
 //!
+//! The same acceptance holds on the `wgpu` backend (the compiled plan of GPU kernels,
+//! on lavapipe in CI): `*_on_wgpu` below.
+//!
 //! Run with `--nocapture` to see the largest differences per case.
 
 use dsc_compiler::ir::{Mode, Op};
 use dsc_compiler::passes::mla_absorb::MlaMode;
 use dsc_runtime::checkpoint::{CheckpointWeights, ModelDir, OpenOptions};
-use dsc_runtime::generate::{forward, generate, CompileOptions, GenerateOptions, ReferenceBackend};
+use dsc_runtime::generate::{forward, generate, Backend, CompileOptions, GenerateOptions, ModelBackend, ReferenceBackend};
+use dsc_runtime::wgpu::exec::WgpuEngine;
 use dsc_runtime::reference::{load_safetensors, Options, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -45,12 +49,35 @@ fn prompts(case: &str) -> Vec<Vec<i64>> {
     json(case, "input_ids.json")["input_ids"].as_array().unwrap().iter().map(ids).collect()
 }
 
+fn open(case: &str, config: &str) -> ModelDir {
+    let opts = OpenOptions { config: Some(dir(case).join(config)), ..OpenOptions::default() };
+    ModelDir::open(&dir(case), &opts).unwrap_or_else(|e| panic!("{case} ({config}): {e}"))
+}
+
 /// The fixture directory opened with one of its configs, on the reference backend,
 /// compiled with MLA in the form `mla` asks for.
 fn backend(case: &str, config: &str, mla: MlaMode) -> ReferenceBackend<CheckpointWeights> {
-    let opts = OpenOptions { config: Some(dir(case).join(config)), ..OpenOptions::default() };
-    let md = ModelDir::open(&dir(case), &opts).unwrap_or_else(|e| panic!("{case} ({config}): {e}"));
+    let md = open(case, config);
     ReferenceBackend::new(md.spec, md.weights, CompileOptions { mla, ..CompileOptions::default() }, Options::default())
+}
+
+/// The same on the wgpu backend (the default adapter: lavapipe on a machine without a
+/// GPU; no adapter at all fails the test).
+fn wgpu_backend(case: &str, config: &str, mla: MlaMode) -> Box<dyn Backend> {
+    let md = open(case, config);
+    Box::new(ModelBackend::with_engine(md.spec, md.weights, CompileOptions { mla, ..CompileOptions::default() }, WgpuEngine::new()))
+}
+
+/// The same on CUDA device 0 (feature `cuda`; no device fails the test).
+#[cfg(feature = "cuda")]
+fn cuda_backend(case: &str, config: &str, mla: MlaMode) -> Box<dyn Backend> {
+    let md = open(case, config);
+    let engine = dsc_runtime::cuda::CudaEngine::new(0).unwrap_or_else(|e| panic!("{e}"));
+    Box::new(ModelBackend::with_engine(md.spec, md.weights, CompileOptions { mla, ..CompileOptions::default() }, engine))
+}
+
+fn reference_backend(case: &str, config: &str, mla: MlaMode) -> Box<dyn Backend> {
+    Box::new(backend(case, config, mla))
 }
 
 /// Whether a compiled decode attends over the latent (`kv_heads = 1` with MLA's heads).
@@ -84,17 +111,23 @@ struct Errors {
 }
 
 fn check_case(case: &str) {
+    check_case_on(case, &LAYOUTS, reference_backend);
+}
+
+/// [`check_case`] on the backends `make` builds, for the given config layouts.
+fn check_case_on(case: &str, layouts: &[&str], make: impl Fn(&str, &str, MlaMode) -> Box<dyn Backend>) {
     let reference = load(case, "logits.safetensors");
     let inter = load(case, "intermediates.safetensors");
     let want_tokens = ids(&json(case, "generated.json")["generated"]);
     let prompts = prompts(case);
-    for (config, mla) in LAYOUTS.iter().flat_map(|c| [(*c, MlaMode::Absorb), (*c, MlaMode::Decompress)]) {
-        let b = backend(case, config, mla);
-        let config = &format!("{config}, MLA {mla}");
+    for (config, mla) in layouts.iter().flat_map(|c| [(*c, MlaMode::Absorb), (*c, MlaMode::Decompress)]) {
+        let b = make(case, config, mla);
+        let b = b.as_ref();
+        let config = &format!("{config}, MLA {mla}, {}", b.name());
         let mut err = Errors::default();
 
         // Full forward of both prompts, with the routers' decisions.
-        let out = forward(&b, &prompts, true).unwrap_or_else(|e| panic!("{case}: {e}"));
+        let out = forward(b, &prompts, true).unwrap_or_else(|e| panic!("{case}: {e}"));
         assert_eq!(out.logits.shape(), reference["logits"].shape(), "{case}: logits shape");
         err.logits = close(out.logits.as_f32().unwrap(), &reference["logits"].to_f32_vec(), &format!("{case} ({config}) logits"));
 
@@ -125,7 +158,7 @@ fn check_case(case: &str) {
 
         // Greedy decoding of prompt 0 through the cache.
         let opts = GenerateOptions { max_new_tokens: want_tokens.len(), keep_logits: true, ..GenerateOptions::default() };
-        let g = generate(&b, &prompts[..1], &opts).unwrap_or_else(|e| panic!("{case}: {e}"));
+        let g = generate(b, &prompts[..1], &opts).unwrap_or_else(|e| panic!("{case}: {e}"));
         assert_eq!(g.tokens[0], want_tokens, "{case} ({config}): greedy tokens");
         let steps = &reference["generate_step_logits"];
         let vocab = steps.shape()[1];
@@ -164,6 +197,33 @@ fn deepseek_v2_lite_matches_transformers() {
 #[test]
 fn deepseek_v3_matches_transformers() {
     check_case("deepseek_v3");
+}
+
+// The wgpu backend runs the plan `dsc compile --target wgpu` writes: one config layout
+// suffices there (the layouts differ in import, not in what runs).
+#[test]
+fn llama_dense_on_wgpu() {
+    check_case_on("llama_dense", &LAYOUTS[..1], wgpu_backend);
+}
+
+#[test]
+fn llama_gqa_on_wgpu() {
+    check_case_on("llama_gqa", &LAYOUTS[..1], wgpu_backend);
+}
+
+#[test]
+fn deepseek_v2_on_wgpu() {
+    check_case_on("deepseek_v2", &LAYOUTS[..1], wgpu_backend);
+}
+
+#[test]
+fn deepseek_v2_lite_on_wgpu() {
+    check_case_on("deepseek_v2_lite", &LAYOUTS[..1], wgpu_backend);
+}
+
+#[test]
+fn deepseek_v3_on_wgpu() {
+    check_case_on("deepseek_v3", &LAYOUTS[..1], wgpu_backend);
 }
 
 /// Prompts of different lengths in one batch (left-padded, pad keys masked) get the
@@ -240,5 +300,36 @@ fn kv_cache_layout() {
         let g = generate(&b, &p, &opts).unwrap();
         assert_eq!(g.stats.cache_len, 12 + 3, "{case}: one position per decode step");
         assert_eq!(g.stats.decode_steps, 3);
+    }
+}
+
+// The CUDA backend runs the plan `dsc compile --target cuda` writes (feature `cuda`).
+#[cfg(feature = "cuda")]
+mod on_cuda {
+    use super::{check_case_on, cuda_backend, LAYOUTS};
+
+    #[test]
+    fn llama_dense_on_cuda() {
+        check_case_on("llama_dense", &LAYOUTS[..1], cuda_backend);
+    }
+
+    #[test]
+    fn llama_gqa_on_cuda() {
+        check_case_on("llama_gqa", &LAYOUTS[..1], cuda_backend);
+    }
+
+    #[test]
+    fn deepseek_v2_on_cuda() {
+        check_case_on("deepseek_v2", &LAYOUTS[..1], cuda_backend);
+    }
+
+    #[test]
+    fn deepseek_v2_lite_on_cuda() {
+        check_case_on("deepseek_v2_lite", &LAYOUTS[..1], cuda_backend);
+    }
+
+    #[test]
+    fn deepseek_v3_on_cuda() {
+        check_case_on("deepseek_v3", &LAYOUTS[..1], cuda_backend);
     }
 }

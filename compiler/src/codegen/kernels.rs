@@ -9,6 +9,12 @@
 
 use cubecl::prelude::*;
 
+pub mod attention;
+pub mod heads;
+pub mod moe;
+pub mod movement;
+pub mod rope;
+
 /// Units per cube of the elementwise kernel.
 pub const EW_BLOCK: u32 = 256;
 /// Units per cube of the row kernels; a power of two so the tree reduction halves evenly.
@@ -104,60 +110,71 @@ pub fn fused_ew<F: Float>(inputs: &Sequence<Box<[F]>>, layout: &[u32], out: &mut
                 }
             }
         }
-        #[unroll]
-        for i in 0..prog.ops.len() {
-            let op = comptime![prog.ops[i]];
-            match op {
-                EwOp::Neg(a) => regs.push(-*regs.index(a as usize)),
-                EwOp::Abs(a) => regs.push(F::abs(*regs.index(a as usize))),
-                EwOp::Exp(a) => regs.push(F::exp(*regs.index(a as usize))),
-                EwOp::Log(a) => regs.push(F::ln(*regs.index(a as usize))),
-                EwOp::Sqrt(a) => regs.push(F::sqrt(*regs.index(a as usize))),
-                EwOp::Rsqrt(a) => regs.push(F::new(1.0) / F::sqrt(*regs.index(a as usize))),
-                EwOp::Recip(a) => regs.push(F::new(1.0) / *regs.index(a as usize)),
-                EwOp::Square(a) => {
-                    let x = *regs.index(a as usize);
-                    regs.push(x * x)
-                }
-                EwOp::Sigmoid(a) => regs.push(F::new(1.0) / (F::new(1.0) + F::exp(-*regs.index(a as usize)))),
-                EwOp::Silu(a) => {
-                    let x = *regs.index(a as usize);
-                    regs.push(x / (F::new(1.0) + F::exp(-x)))
-                }
-                EwOp::Tanh(a) => regs.push(F::tanh(*regs.index(a as usize))),
-                EwOp::Sin(a) => regs.push(F::sin(*regs.index(a as usize))),
-                EwOp::Cos(a) => regs.push(F::cos(*regs.index(a as usize))),
-                EwOp::Add(a, b) => regs.push(*regs.index(a as usize) + *regs.index(b as usize)),
-                EwOp::Sub(a, b) => regs.push(*regs.index(a as usize) - *regs.index(b as usize)),
-                EwOp::Mul(a, b) => regs.push(*regs.index(a as usize) * *regs.index(b as usize)),
-                EwOp::Div(a, b) => regs.push(*regs.index(a as usize) / *regs.index(b as usize)),
-                EwOp::Max(a, b) => {
-                    let x = *regs.index(a as usize);
-                    let y = *regs.index(b as usize);
-                    regs.push(select(x > y, x, y))
-                }
-                EwOp::Min(a, b) => {
-                    let x = *regs.index(a as usize);
-                    let y = *regs.index(b as usize);
-                    regs.push(select(x < y, x, y))
-                }
-                EwOp::Pow(a, b) => regs.push(F::powf(*regs.index(a as usize), *regs.index(b as usize))),
-                EwOp::Lt(a, b) => {
-                    let c = *regs.index(a as usize) < *regs.index(b as usize);
-                    regs.push(select(c, F::new(1.0), F::new(0.0)))
-                }
-                EwOp::Eq(a, b) => {
-                    let c = *regs.index(a as usize) == *regs.index(b as usize);
-                    regs.push(select(c, F::new(1.0), F::new(0.0)))
-                }
-                EwOp::Select(c, a, b) => {
-                    let cond = *regs.index(c as usize) != F::new(0.0);
-                    regs.push(select(cond, *regs.index(a as usize), *regs.index(b as usize)))
-                }
-                EwOp::Copy(a) => regs.push(*regs.index(a as usize)),
-            }
-        }
+        ew_eval::<F>(&mut regs, prog.ops.clone());
         out[pos] = *regs.index(comptime![prog.inputs.len() + prog.ops.len() - 1]);
+    }
+}
+
+/// Runs the elementwise `ops` over `regs`, pushing one register per op: the interpreter
+/// of [`fused_ew`]'s program, shared with the kernels whose epilogue is such a program
+/// (a matmul or rms_norm head, `kernels::heads`). It runs at expansion time over comptime
+/// data, so the generated code is straight-line.
+/// (The unrolled loop indexes `ops` because `#[unroll]` needs a range.)
+#[allow(clippy::needless_range_loop)]
+#[cube]
+pub fn ew_eval<F: Float>(regs: &mut Sequence<F>, #[comptime] ops: Vec<EwOp>) {
+    #[unroll]
+    for i in 0..ops.len() {
+        let op = comptime![ops[i]];
+        match op {
+            EwOp::Neg(a) => regs.push(-*regs.index(a as usize)),
+            EwOp::Abs(a) => regs.push(F::abs(*regs.index(a as usize))),
+            EwOp::Exp(a) => regs.push(F::exp(*regs.index(a as usize))),
+            EwOp::Log(a) => regs.push(F::ln(*regs.index(a as usize))),
+            EwOp::Sqrt(a) => regs.push(F::sqrt(*regs.index(a as usize))),
+            EwOp::Rsqrt(a) => regs.push(F::new(1.0) / F::sqrt(*regs.index(a as usize))),
+            EwOp::Recip(a) => regs.push(F::new(1.0) / *regs.index(a as usize)),
+            EwOp::Square(a) => {
+                let x = *regs.index(a as usize);
+                regs.push(x * x)
+            }
+            EwOp::Sigmoid(a) => regs.push(F::new(1.0) / (F::new(1.0) + F::exp(-*regs.index(a as usize)))),
+            EwOp::Silu(a) => {
+                let x = *regs.index(a as usize);
+                regs.push(x / (F::new(1.0) + F::exp(-x)))
+            }
+            EwOp::Tanh(a) => regs.push(F::tanh(*regs.index(a as usize))),
+            EwOp::Sin(a) => regs.push(F::sin(*regs.index(a as usize))),
+            EwOp::Cos(a) => regs.push(F::cos(*regs.index(a as usize))),
+            EwOp::Add(a, b) => regs.push(*regs.index(a as usize) + *regs.index(b as usize)),
+            EwOp::Sub(a, b) => regs.push(*regs.index(a as usize) - *regs.index(b as usize)),
+            EwOp::Mul(a, b) => regs.push(*regs.index(a as usize) * *regs.index(b as usize)),
+            EwOp::Div(a, b) => regs.push(*regs.index(a as usize) / *regs.index(b as usize)),
+            EwOp::Max(a, b) => {
+                let x = *regs.index(a as usize);
+                let y = *regs.index(b as usize);
+                regs.push(select(x > y, x, y))
+            }
+            EwOp::Min(a, b) => {
+                let x = *regs.index(a as usize);
+                let y = *regs.index(b as usize);
+                regs.push(select(x < y, x, y))
+            }
+            EwOp::Pow(a, b) => regs.push(F::powf(*regs.index(a as usize), *regs.index(b as usize))),
+            EwOp::Lt(a, b) => {
+                let c = *regs.index(a as usize) < *regs.index(b as usize);
+                regs.push(select(c, F::new(1.0), F::new(0.0)))
+            }
+            EwOp::Eq(a, b) => {
+                let c = *regs.index(a as usize) == *regs.index(b as usize);
+                regs.push(select(c, F::new(1.0), F::new(0.0)))
+            }
+            EwOp::Select(c, a, b) => {
+                let cond = *regs.index(c as usize) != F::new(0.0);
+                regs.push(select(cond, *regs.index(a as usize), *regs.index(b as usize)))
+            }
+            EwOp::Copy(a) => regs.push(*regs.index(a as usize)),
+        }
     }
 }
 

@@ -121,6 +121,9 @@ pub enum Arg {
     U32(Size),
     /// A small `u32` array (shapes, strides) that the runtime uploads for the launch.
     Table(Vec<Size>),
+    /// A small array of `f32` constants (RoPE's frequencies) that the runtime uploads
+    /// for the launch, held as bit patterns so that `Arg` stays `Eq + Hash`.
+    F32Table(Vec<u32>),
 }
 
 /// One kernel launch: the kernel, its arguments, and the number of cubes along x, y, z
@@ -177,6 +180,9 @@ pub fn node_work(g: &Graph, n: NodeId) -> Result<NodeWork, Unsupported> {
         // runtime holds is contiguous), so it is free.
         return Ok(NodeWork::Alias(0));
     }
+    if let Op::ExpertFfn = node.op {
+        return super::kernels::moe::work_expert_ffn(g, n);
+    }
     let spec = KernelSpec::from_node(g, n)?;
     let ins: Vec<Shape> = g.inputs(n).iter().map(|&v| g.ty(v).shape.clone()).collect();
     let out = node.outputs[0].shape.clone();
@@ -216,6 +222,9 @@ pub fn node_work(g: &Graph, n: NodeId) -> Result<NodeWork, Unsupported> {
             args.push(Arg::U32(Size::Dim(*d.last().unwrap())));
             single(spec, args, grid_x(rows))
         }
+        KernelSpec::Copy { .. } | KernelSpec::Gather { .. } | KernelSpec::Cast { .. } => super::kernels::movement::work(g, n, spec),
+        KernelSpec::Rope { .. } => super::kernels::rope::work(g, n, spec),
+        KernelSpec::MatMulEw { .. } | KernelSpec::RmsNormEw { .. } | KernelSpec::GateUp { .. } => super::kernels::heads::work(g, n, spec),
         KernelSpec::MatMul { .. } => {
             let d = dims(&out);
             let m = Size::product(&d[..d.len() - 1]);
@@ -225,6 +234,13 @@ pub fn node_work(g: &Graph, n: NodeId) -> Result<NodeWork, Unsupported> {
             let mut args = io(2);
             args.extend([Arg::U32(m.clone()), Arg::U32(Size::Dim(nn)), Arg::U32(Size::Dim(k))]);
             single(spec, args, [Size::Dim(nn).ceil_div(t), m.ceil_div(t), Size::lit(1)])
+        }
+        KernelSpec::Attention { .. } => super::kernels::attention::work_attention(spec, &ins),
+        KernelSpec::BatchMatMul { .. } => super::kernels::attention::work_batch_matmul(spec, &ins),
+        KernelSpec::MoeRoute { .. } => super::kernels::moe::work_route(g, n, spec),
+        KernelSpec::TopK { .. } => super::kernels::moe::work_top_k(g, n, spec),
+        KernelSpec::MoeDispatch | KernelSpec::MoeGateUp { .. } | KernelSpec::MoeDown { .. } | KernelSpec::MoeCombine { .. } => {
+            unreachable!("expert_ffn's kernels come from work_expert_ffn, not from_node")
         }
     })
 }

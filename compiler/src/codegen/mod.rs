@@ -15,6 +15,7 @@
 
 pub mod kernels;
 pub mod launch;
+pub mod plan;
 
 use crate::ir::{BinaryOp, DType, FusedKernel, Graph, NodeId, Op, Operand, StepOp, Ty, UnaryOp};
 use cubecl::prelude::*;
@@ -57,6 +58,40 @@ pub enum KernelSpec {
     Softmax { elem: Elem },
     /// [`kernels::matmul`]: `x[.., k] · w[n, k]ᵀ`.
     MatMul { elem: Elem },
+    /// [`kernels::movement::strided_copy`] over a box of `rank` axes: permute, slice,
+    /// broadcast, and concat / cache_append (one launch per input).
+    Copy { elem: Elem, rank: u32 },
+    /// [`kernels::movement::gather`]: rows of a table by `i32` index.
+    Gather { elem: Elem },
+    /// [`kernels::rope::rope`], adjacent pairs when `interleaved`, else `rotate_half`.
+    Rope { elem: Elem, interleaved: bool },
+    /// [`kernels::heads::matmul_ew`]: a fused matmul head and its elementwise epilogue.
+    MatMulEw { elem: Elem, epilogue: kernels::heads::Epilogue },
+    /// [`kernels::heads::rms_norm_ew`]: a fused rms_norm head and its epilogue.
+    RmsNormEw { elem: Elem, eps_bits: u32, epilogue: kernels::heads::Epilogue },
+    /// [`kernels::heads::matmul_gate_up`]: `silu(x·gateᵀ)·(x·upᵀ)`, SwiGLU's first launch.
+    GateUp { elem: Elem },
+    /// [`kernels::movement::convert`] from one float element type to another.
+    Cast { from: Elem, to: Elem },
+    /// [`kernels::attention::attention`]: flash attention, one cube per (query block,
+    /// kv head, batch).
+    Attention { elem: Elem, cfg: kernels::attention::AttentionConfig },
+    /// [`kernels::attention::batch_matmul`]: `a[B, m, k] · b[B, k, n]`.
+    BatchMatMul { elem: Elem },
+    /// [`kernels::moe::moe_route`]: the MoE router, one cube per token.
+    MoeRoute { elem: Elem, cfg: kernels::moe::RouteConfig },
+    /// [`kernels::moe::top_k`] over the last axis (values and i32 indices).
+    TopK { elem: Elem },
+    /// [`kernels::moe::moe_dispatch`]: sorts (token, slot) pairs by expert. Integers
+    /// only; its [`KernelSpec::elem`] is nominally `f32`.
+    MoeDispatch,
+    /// [`kernels::moe::moe_gate_up`]: grouped `silu(x·gateᵀ)·(x·upᵀ)` over sorted rows.
+    MoeGateUp { elem: Elem },
+    /// [`kernels::moe::moe_down`]: grouped `act·downᵀ` over sorted rows.
+    MoeDown { elem: Elem },
+    /// [`kernels::moe::moe_combine`]: each token's rows times its gate weights (of
+    /// `weights`' float type), summed.
+    MoeCombine { elem: Elem, weights: Elem },
 }
 
 /// Why a node has no kernel yet.
@@ -101,7 +136,15 @@ impl KernelSpec {
         let node = g.node(n);
         let op = node.op.name();
         let no = |reason: &str| Unsupported { op, reason: reason.to_string() };
-        if !matches!(node.op, Op::Unary(_) | Op::Binary(_) | Op::Fused(_) | Op::RmsNorm { .. } | Op::Softmax { .. } | Op::MatMul) {
+        // Movement, rope, fused heads and swiglu decide their own specs (their files say how).
+        if let Some(spec) = kernels::movement::spec(g, n).or_else(|| kernels::rope::spec(g, n)).or_else(|| kernels::heads::spec(g, n)) {
+            return spec;
+        }
+        // MoE and selection nodes have several outputs and inputs of other dtypes.
+        if let Some(spec) = kernels::moe::spec_from_node(g, n) {
+            return spec;
+        }
+        if !matches!(node.op, Op::Unary(_) | Op::Binary(_) | Op::Fused(_) | Op::RmsNorm { .. } | Op::Softmax { .. } | Op::MatMul | Op::Attention { .. } | Op::BatchMatMul) {
             return Err(no("no kernel yet"));
         }
         let inputs: Vec<Ty> = g.inputs(n).iter().map(|&v| g.ty(v).clone()).collect();
@@ -146,6 +189,11 @@ impl KernelSpec {
                 Ok(KernelSpec::Softmax { elem })
             }
             Op::MatMul => Ok(KernelSpec::MatMul { elem }),
+            Op::Attention { .. } => {
+                let cfg = kernels::attention::config(&node.op, &inputs).map_err(|r| no(&r))?;
+                Ok(KernelSpec::Attention { elem, cfg })
+            }
+            Op::BatchMatMul => Ok(KernelSpec::BatchMatMul { elem }),
             _ => Err(no("no kernel yet")),
         }
     }
@@ -156,9 +204,24 @@ impl KernelSpec {
         let h = || format!("{:016x}", fnv1a(format!("{self:?}").as_bytes()));
         match self {
             KernelSpec::Elementwise { elem, .. } => format!("ew_{}_{}", elem.name(), h()),
+            KernelSpec::Copy { elem, rank } => format!("copy_{}_r{rank}", elem.name()),
+            KernelSpec::Gather { elem } => format!("gather_{}", elem.name()),
+            KernelSpec::Rope { elem, interleaved } => format!("rope_{}_{}", elem.name(), if *interleaved { "interleaved" } else { "half_split" }),
+            KernelSpec::MatMulEw { elem, .. } => format!("matmul_ew_{}_{}", elem.name(), h()),
+            KernelSpec::RmsNormEw { elem, .. } => format!("rms_norm_ew_{}_{}", elem.name(), h()),
+            KernelSpec::GateUp { elem } => format!("matmul_gate_up_{}", elem.name()),
+            KernelSpec::Cast { from, to } => format!("cast_{}_{}", from.name(), to.name()),
             KernelSpec::RmsNorm { elem, .. } => format!("rms_norm_{}_{}", elem.name(), h()),
             KernelSpec::Softmax { elem } => format!("softmax_{}", elem.name()),
             KernelSpec::MatMul { elem } => format!("matmul_{}", elem.name()),
+            KernelSpec::Attention { elem, .. } => format!("attention_{}_{}", elem.name(), h()),
+            KernelSpec::BatchMatMul { elem } => format!("batch_matmul_{}", elem.name()),
+            KernelSpec::MoeRoute { elem, .. } => format!("moe_route_{}_{}", elem.name(), h()),
+            KernelSpec::TopK { elem } => format!("top_k_{}", elem.name()),
+            KernelSpec::MoeDispatch => "moe_dispatch".to_string(),
+            KernelSpec::MoeGateUp { elem } => format!("moe_gate_up_{}", elem.name()),
+            KernelSpec::MoeDown { elem } => format!("moe_down_{}", elem.name()),
+            KernelSpec::MoeCombine { elem, weights } => format!("moe_combine_{}_{}", elem.name(), weights.name()),
         }
     }
 
@@ -166,8 +229,23 @@ impl KernelSpec {
         match self {
             KernelSpec::Elementwise { elem, .. }
             | KernelSpec::RmsNorm { elem, .. }
+            | KernelSpec::Copy { elem, .. }
+            | KernelSpec::Gather { elem }
+            | KernelSpec::Rope { elem, .. }
+            | KernelSpec::MatMulEw { elem, .. }
+            | KernelSpec::RmsNormEw { elem, .. }
+            | KernelSpec::GateUp { elem }
+            | KernelSpec::Cast { to: elem, .. }
             | KernelSpec::Softmax { elem }
-            | KernelSpec::MatMul { elem } => *elem,
+            | KernelSpec::MatMul { elem }
+            | KernelSpec::Attention { elem, .. }
+            | KernelSpec::BatchMatMul { elem }
+            | KernelSpec::MoeRoute { elem, .. }
+            | KernelSpec::TopK { elem }
+            | KernelSpec::MoeGateUp { elem }
+            | KernelSpec::MoeDown { elem }
+            | KernelSpec::MoeCombine { elem, .. } => *elem,
+            KernelSpec::MoeDispatch => Elem::F32,
         }
     }
 }
@@ -287,31 +365,42 @@ fn offline_properties() -> Arc<DeviceProperties> {
 pub fn cube_dim(spec: &KernelSpec) -> CubeDim {
     match spec {
         KernelSpec::Elementwise { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
+        KernelSpec::Copy { .. } | KernelSpec::Gather { .. } | KernelSpec::Rope { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
+        KernelSpec::Cast { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
+        KernelSpec::RmsNormEw { .. } => CubeDim::new_1d(kernels::ROW_BLOCK),
+        KernelSpec::MatMulEw { .. } | KernelSpec::GateUp { .. } => CubeDim::new_2d(kernels::TILE, kernels::TILE),
         KernelSpec::RmsNorm { .. } | KernelSpec::Softmax { .. } => CubeDim::new_1d(kernels::ROW_BLOCK),
-        KernelSpec::MatMul { .. } => CubeDim::new_2d(kernels::TILE, kernels::TILE),
+        KernelSpec::MatMul { .. } | KernelSpec::BatchMatMul { .. } => CubeDim::new_2d(kernels::TILE, kernels::TILE),
+        KernelSpec::Attention { .. } => CubeDim::new_1d(kernels::attention::ATTN_BLOCK),
+        KernelSpec::MoeRoute { .. } | KernelSpec::TopK { .. } | KernelSpec::MoeDispatch | KernelSpec::MoeCombine { .. } => {
+            CubeDim::new_1d(kernels::moe::SELECT_BLOCK)
+        }
+        KernelSpec::MoeGateUp { .. } | KernelSpec::MoeDown { .. } => CubeDim::new_2d(kernels::TILE, kernels::TILE),
     }
 }
 
-fn compile<K: CubeKernel>(k: K, name: String, target: Target) -> String {
+/// The source text and the bytes of dynamic shared memory (`extern __shared__`) a CUDA
+/// launch must reserve (0 for WGSL, whose workgroup arrays are sized in the text).
+fn compile<K: CubeKernel>(k: K, name: String, target: Target) -> (String, usize) {
     // CubeCL names the entry `<fn>_<hash of the kernel id>`, and that hash changes from one
     // build to the next; the file takes the spec's name instead so the text is stable.
     let def = k.define();
     let cubecl_name = def.settings.kernel_name.clone();
-    let text = match target {
+    let (text, shared) = match target {
         Target::Cuda => cubecl_cpp::shared::CppCompiler::<cubecl_cpp::target::Cuda>::default()
             .compile(def, &cubecl_cpp::shared::CompilationOptions::default())
-            .map(|r| r.to_string()),
+            .map(|r| (r.to_string(), r.shared_memory_size)),
         Target::Wgsl => {
-            cubecl::wgpu::WgslCompiler::default().compile(def, &cubecl::WgpuCompilationOptions::default()).map(|r| r.to_string())
+            cubecl::wgpu::WgslCompiler::default().compile(def, &cubecl::WgpuCompilationOptions::default()).map(|r| (r.to_string(), 0))
         }
     }
     // The kernels are fixed and their configurations validated by `from_node`: a
     // compilation error is a bug in this module, not in the user's spec.
     .unwrap_or_else(|e| panic!("CubeCL failed to compile a dsc kernel: {e:?}"));
-    text.replace(&cubecl_name, &name)
+    (text.replace(&cubecl_name, &name), shared)
 }
 
-fn source_for<F: Float + CubeElement>(spec: &KernelSpec, target: Target) -> String {
+fn source_for<F: Float + CubeElement>(spec: &KernelSpec, target: Target) -> (String, usize) {
     let settings = KernelSettings::new(*cube_dim(spec), ExecutionMode::Checked, AddressType::U32);
     let (p, tp) = (offline_properties(), Arc::new(TargetProperties::default()));
     let b = || BufferCompilationArg { inplace: None };
@@ -321,18 +410,81 @@ fn source_for<F: Float + CubeElement>(spec: &KernelSpec, target: Target) -> Stri
             let inputs = SequenceCompilationArg::<Box<[F]>> { values: program.inputs.iter().map(|_| b()).collect() };
             compile(kernels::fused_ew::FusedEw::<F>::new(settings, p, tp, inputs, b(), b(), program.clone()), name, target)
         }
+        KernelSpec::Copy { rank, .. } => {
+            compile(kernels::movement::strided_copy::StridedCopy::<F>::new(settings, p, tp, b(), b(), b(), *rank), name, target)
+        }
+        KernelSpec::Gather { .. } => {
+            compile(kernels::movement::gather::Gather::<F>::new(settings, p, tp, b(), b(), b(), (), (), ()), name, target)
+        }
+        KernelSpec::Rope { interleaved, .. } => {
+            compile(kernels::rope::rope::Rope::<F>::new(settings, p, tp, b(), b(), b(), b(), (), (), (), *interleaved), name, target)
+        }
+        KernelSpec::MatMulEw { epilogue, .. } => {
+            let inputs = SequenceCompilationArg::<Box<[F]>> { values: epilogue.loads.iter().map(|_| b()).collect() };
+            let k = kernels::heads::matmul_ew::MatmulEw::<F>::new(settings, p, tp, b(), b(), b(), b(), (), (), (), inputs, epilogue.clone());
+            compile(k, name, target)
+        }
+        KernelSpec::RmsNormEw { eps_bits, epilogue, .. } => {
+            let inputs = SequenceCompilationArg::<Box<[F]>> { values: epilogue.loads.iter().map(|_| b()).collect() };
+            let k = kernels::heads::rms_norm_ew::RmsNormEw::<F>::new(settings, p, tp, b(), b(), b(), b(), (), inputs, *eps_bits, epilogue.clone());
+            compile(k, name, target)
+        }
+        KernelSpec::GateUp { .. } => {
+            compile(kernels::heads::matmul_gate_up::MatmulGateUp::<F>::new(settings, p, tp, b(), b(), b(), b(), (), (), ()), name, target)
+        }
+        // The two element types are the spec's, not `F` (which is `to`).
+        KernelSpec::Cast { from, to } => match (from, to) {
+            (Elem::F32, Elem::F16) => compile(kernels::movement::convert::Convert::<f32, half::f16>::new(settings, p, tp, b(), b()), name, target),
+            (Elem::F16, Elem::F32) => compile(kernels::movement::convert::Convert::<half::f16, f32>::new(settings, p, tp, b(), b()), name, target),
+            _ => compile(kernels::movement::convert::Convert::<F, F>::new(settings, p, tp, b(), b()), name, target),
+        },
         KernelSpec::RmsNorm { eps_bits, .. } => {
             compile(kernels::rms_norm::RmsNorm::<F>::new(settings, p, tp, b(), b(), b(), (), *eps_bits), name, target)
         }
         KernelSpec::Softmax { .. } => compile(kernels::softmax::Softmax::<F>::new(settings, p, tp, b(), b(), ()), name, target),
         KernelSpec::MatMul { .. } => compile(kernels::matmul::Matmul::<F>::new(settings, p, tp, b(), b(), b(), (), (), ()), name, target),
+        KernelSpec::Attention { cfg, .. } => {
+            compile(kernels::attention::attention::Attention::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), (), (), (), *cfg), name, target)
+        }
+        KernelSpec::BatchMatMul { .. } => {
+            compile(kernels::attention::batch_matmul::BatchMatmul::<F>::new(settings, p, tp, b(), b(), b(), (), (), ()), name, target)
+        }
+        KernelSpec::MoeRoute { cfg, .. } => {
+            let inputs = SequenceCompilationArg::<Box<[F]>> { values: (0..1 + cfg.bias as usize).map(|_| b()).collect() };
+            compile(kernels::moe::moe_route::MoeRoute::<F>::new(settings, p, tp, inputs, b(), b(), *cfg), name, target)
+        }
+        KernelSpec::TopK { .. } => compile(kernels::moe::top_k::TopK::<F>::new(settings, p, tp, b(), b(), b(), (), ()), name, target),
+        KernelSpec::MoeDispatch => {
+            compile(kernels::moe::moe_dispatch::MoeDispatch::new(settings, p, tp, b(), b(), b(), b(), b(), ()), name, target)
+        }
+        KernelSpec::MoeGateUp { .. } => {
+            let k = kernels::moe::moe_gate_up::MoeGateUp::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), b(), b(), (), (), (), ());
+            compile(k, name, target)
+        }
+        KernelSpec::MoeDown { .. } => {
+            compile(kernels::moe::moe_down::MoeDown::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), (), (), ()), name, target)
+        }
+        KernelSpec::MoeCombine { weights, .. } => match weights {
+            Elem::F32 => compile(kernels::moe::moe_combine::MoeCombine::<F, f32>::new(settings, p, tp, b(), b(), b(), b(), (), ()), name, target),
+            Elem::F16 => {
+                compile(kernels::moe::moe_combine::MoeCombine::<F, half::f16>::new(settings, p, tp, b(), b(), b(), b(), (), ()), name, target)
+            }
+        },
     }
 }
 
 /// The kernel's source text for `target`, with a header naming the spec. Deterministic:
 /// no device, no clock, and the entry point is renamed to [`KernelSpec::name`].
 pub fn kernel_source(spec: &KernelSpec, target: Target) -> String {
-    let text = match spec.elem() {
+    kernel_source_and_shared_bytes(spec, target).0
+}
+
+/// [`kernel_source`] and the bytes of dynamic shared memory the kernel declares
+/// (`extern __shared__`): a CUDA launch must reserve them, and the text does not say how
+/// many (CubeCL's own CUDA runtime reads the same number off the compiled kernel). 0 for
+/// WGSL.
+pub fn kernel_source_and_shared_bytes(spec: &KernelSpec, target: Target) -> (String, usize) {
+    let (text, shared) = match spec.elem() {
         Elem::F32 => source_for::<f32>(spec, target),
         Elem::F16 => source_for::<half::f16>(spec, target),
     };
@@ -341,7 +493,7 @@ pub fn kernel_source(spec: &KernelSpec, target: Target) -> String {
         spec.name(),
         spec
     );
-    format!("{comment}{text}")
+    (format!("{comment}{text}"), shared)
 }
 
 #[cfg(test)]

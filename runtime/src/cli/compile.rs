@@ -5,13 +5,19 @@
 //! attention in prefill and decode (`mla_absorb`'s cost model by default). `DSC_DUMP=<pass,...|all>` (and `DSC_DUMP_DIR`) dump the IR around
 //! passes; see `dsc_compiler::passes::runner`.
 //!
-//! `dsc compile SPEC --target cuda|wgpu [--mode ..] -o DIR` ([`compile_target_cmd`])
-//! writes GPU kernel sources instead: `DIR/kernels/NAME.cu` or `NAME.wgsl`, one per
-//! distinct kernel among the nodes `dsc_compiler::codegen` supports, `DIR/ir.txt` (the
-//! optimised IR) and `DIR/unsupported.txt` (the ops without a kernel yet, with counts).
+//! `dsc compile SPEC --target cuda|wgpu [--mode ..] [--emit ir,kernels,plan] -o DIR`
+//! ([`compile_target_cmd`]) writes what a GPU runtime needs instead: `DIR/kernels/NAME.cu`
+//! or `NAME.wgsl`, one per distinct kernel among the nodes `dsc_compiler::codegen`
+//! supports; `DIR/plan.json`, the launches in order with buffers, weights, scalars and
+//! grids (`dsc_compiler::codegen::plan`), which the `wgpu` backend executes; `DIR/ir.txt`
+//! (the optimised IR) and `DIR/unsupported.txt` (ops without a kernel yet, with counts).
+//! A plan needs every node to have a kernel: when one lacks it, the command writes the
+//! rest and fails naming the nodes.
 
 use super::import::write_atomically;
 use super::load_spec;
+use dsc_compiler::codegen::launch::node_work;
+use dsc_compiler::codegen::plan::Plan;
 use dsc_compiler::codegen::{kernel_source, KernelSpec, Target};
 use dsc_compiler::ir::{print_module, Mode, Module, Op};
 use dsc_compiler::lower::{lower_mode, LowerError};
@@ -124,9 +130,38 @@ pub fn parse_target(s: &str) -> Result<Target, String> {
     }
 }
 
+/// What `--emit` writes with `--target`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TargetEmit {
+    pub ir: bool,
+    pub kernels: bool,
+    pub plan: bool,
+}
+
+impl TargetEmit {
+    pub const ALL: TargetEmit = TargetEmit { ir: true, kernels: true, plan: true };
+
+    /// A comma-separated list of `ir`, `kernels`, `plan`.
+    pub fn parse(s: &str) -> Result<TargetEmit, String> {
+        let mut e = TargetEmit { ir: false, kernels: false, plan: false };
+        for part in s.split(',').map(str::trim) {
+            match part {
+                "ir" => e.ir = true,
+                "kernels" => e.kernels = true,
+                "plan" => e.plan = true,
+                _ => return Err(format!("unknown --emit `{part}` with --target; expected a list of: ir, kernels, plan")),
+            }
+        }
+        Ok(e)
+    }
+}
+
 /// Compiles `spec` for `mode` (as [`compile_cmd_with`] does for `--emit ir`) and writes
-/// the GPU kernels for `target` under `out_dir`: `kernels/NAME.EXT` per distinct kernel,
-/// `ir.txt` and `unsupported.txt`. Returns how many kernel files were written.
+/// what `emit` names for `target` under `out_dir`: `kernels/NAME.EXT` per distinct kernel
+/// (and `unsupported.txt`), `plan.json`, `ir.txt`. Returns how many kernel files were
+/// written. Fails, after writing the rest, when a plan is asked for and some node has no
+/// kernel.
+#[allow(clippy::too_many_arguments)]
 pub fn compile_target_cmd(
     spec: &Path,
     model: Option<&str>,
@@ -134,6 +169,7 @@ pub fn compile_target_cmd(
     passes: Option<&str>,
     mla: MlaMode,
     target: Target,
+    emit: TargetEmit,
     out_dir: &Path,
 ) -> Result<usize, String> {
     let selection = PassSelection::parse(passes.unwrap_or("")).map_err(|e| format!("--passes: {e}"))?;
@@ -144,19 +180,30 @@ pub fn compile_target_cmd(
     let mut cx = cx.with_sources(&spec.sources);
     passes::compile(&mut module, &selection, &mut cx).map_err(|e| pipeline_error(&spec, &e))?;
 
+    std::fs::create_dir_all(out_dir).map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
     let (kernels, unsupported) = collect_kernels(&module);
-    let dir = out_dir.join("kernels");
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    for (name, k) in &kernels {
-        write_atomically(&dir.join(format!("{name}.{}", target.extension())), kernel_source(k, target).as_bytes())?;
+    if emit.kernels {
+        let dir = out_dir.join("kernels");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        for (name, k) in &kernels {
+            write_atomically(&dir.join(format!("{name}.{}", target.extension())), kernel_source(k, target).as_bytes())?;
+        }
+        let mut text = String::from("# ops of the optimised IR without a GPU kernel yet: op, nodes, why\n");
+        for ((op, why), count) in &unsupported {
+            text.push_str(&format!("{op} {count} {why}\n"));
+        }
+        write_atomically(&out_dir.join("unsupported.txt"), text.as_bytes())?;
     }
-    write_atomically(&out_dir.join("ir.txt"), print_module(&module, Some(&spec.sources)).as_bytes())?;
-    let mut text = String::from("# ops of the optimised IR without a GPU kernel yet: op, nodes, why\n");
-    for ((op, why), count) in &unsupported {
-        text.push_str(&format!("{op} {count} {why}\n"));
+    if emit.ir {
+        write_atomically(&out_dir.join("ir.txt"), print_module(&module, Some(&spec.sources)).as_bytes())?;
     }
-    write_atomically(&out_dir.join("unsupported.txt"), text.as_bytes())?;
-    Ok(kernels.len())
+    if emit.plan {
+        let plan = Plan::build(&module, mode).map_err(|e| format!("no plan.json for {mode}: {e}"))?;
+        let mut text = serde_json::to_string_pretty(&plan.to_json(target)).map_err(|e| e.to_string())?;
+        text.push('\n');
+        write_atomically(&out_dir.join("plan.json"), text.as_bytes())?;
+    }
+    Ok(if emit.kernels { kernels.len() } else { 0 })
 }
 
 /// The distinct kernels of every function of `module`, by name (sorted, so the output
@@ -171,9 +218,13 @@ pub fn collect_kernels(module: &Module) -> (BTreeMap<String, KernelSpec>, BTreeM
             if matches!(node.op, Op::Input { .. } | Op::Param { .. } | Op::Const { .. } | Op::Call { .. } | Op::Return) {
                 continue;
             }
-            match KernelSpec::from_node(&f.graph, n) {
-                Ok(k) => {
-                    kernels.insert(k.name(), k);
+            // A node may take several kernels (a SwiGLU, the dispatch / grouped GEMMs /
+            // combine of an expert FFN); a reshape takes none.
+            match node_work(&f.graph, n) {
+                Ok(work) => {
+                    for k in work.kernels() {
+                        kernels.insert(k.name(), k.clone());
+                    }
                 }
                 Err(u) => *unsupported.entry((u.op, u.reason)).or_insert(0) += 1,
             }
@@ -257,15 +308,15 @@ mod tests {
     fn writes_kernels_for_a_target() {
         for (target, ext) in [(Target::Cuda, "cu"), (Target::Wgsl, "wgsl")] {
             let dir = out_file(&format!("target-{ext}")).parent().unwrap().to_path_buf();
-            let n = compile_target_cmd(&spec("tiny_v3.dsc"), None, Mode::Decode, None, MlaMode::Auto, target, &dir).unwrap();
+            let emit = TargetEmit { plan: false, ..TargetEmit::ALL };
+            let n = compile_target_cmd(&spec("tiny_v3.dsc"), None, Mode::Decode, None, MlaMode::Auto, target, emit, &dir).unwrap();
             let files: Vec<_> = std::fs::read_dir(dir.join("kernels")).unwrap().map(|e| e.unwrap().path()).collect();
             assert_eq!(files.len(), n);
             assert!(n > 0 && files.iter().all(|p| p.extension().unwrap() == ext), "{files:?}");
             assert!(files.iter().any(|p| p.file_name().unwrap().to_string_lossy().starts_with("matmul_")), "{files:?}");
             assert!(std::fs::read_to_string(dir.join("ir.txt")).unwrap().starts_with("entry decode = decode\n"));
-            // Attention has no kernel yet and must be listed as such.
             let unsupported = std::fs::read_to_string(dir.join("unsupported.txt")).unwrap();
-            assert!(unsupported.lines().any(|l| l.starts_with("attention ")), "{unsupported}");
+            assert!(unsupported.starts_with("# ops of the optimised IR without a GPU kernel yet"), "{unsupported}");
             std::fs::remove_dir_all(&dir).unwrap();
         }
         assert_eq!(parse_target("wgpu"), Ok(Target::Wgsl));

@@ -27,9 +27,16 @@ pub struct ModelArgs {
     /// Which model of the spec file (default: its only one).
     #[arg(long, requires = "spec")]
     pub spec_model: Option<String>,
-    /// The backend to run on.
+    /// The backend to run on: `reference` (the CPU interpreter), `wgpu` (the compiled
+    /// kernels on a wgpu adapter) or `cuda` (the same on an NVIDIA GPU; feature `cuda`).
     #[arg(long, default_value = "reference")]
     pub backend: String,
+    /// The wgpu adapter: `default`, `cpu`, `discrete[:N]`, `integrated[:N]`, `virtual[:N]`.
+    #[arg(long, default_value = "default")]
+    pub adapter: String,
+    /// The CUDA device index for `--backend cuda` (default 0).
+    #[arg(long)]
+    pub device: Option<usize>,
     /// Turn compiler passes off (`-cse`) or on, comma-separated, as `dsc compile`.
     #[arg(long, allow_hyphen_values = true)]
     pub passes: Option<String>,
@@ -83,9 +90,25 @@ pub fn load(args: &ModelArgs) -> Result<Loaded, String> {
     if let Some(n) = args.threads {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().map_err(|e| format!("--threads {n}: {e}"))?;
     }
-    let options = Options::default();
-    let backend = ReferenceBackend::new(dir.spec, weights, CompileOptions { passes, mla: args.mla }, options);
-    Ok(Loaded { backend: Box::new(backend), info: rest })
+    let compile = CompileOptions { passes, mla: args.mla };
+    let backend: Box<dyn Backend> = match args.backend.as_str() {
+        #[cfg(feature = "wgpu")]
+        "wgpu" => {
+            let device = crate::wgpu::WgpuBackend::with_adapter(&args.adapter)?;
+            eprintln!("wgpu adapter: {}", device.adapter_name());
+            let engine = crate::wgpu::exec::WgpuEngine::on(device);
+            Box::new(crate::generate::ModelBackend::with_engine(dir.spec, weights, compile, engine))
+        }
+        #[cfg(feature = "cuda")]
+        "cuda" => {
+            let index = args.device.unwrap_or(0);
+            let engine = crate::cuda::CudaEngine::new(index)?;
+            eprintln!("cuda device {index}: {}", engine.backend().device_name());
+            Box::new(crate::generate::ModelBackend::with_engine(dir.spec, weights, compile, engine))
+        }
+        _ => Box::new(ReferenceBackend::new(dir.spec, weights, compile, Options::default())),
+    };
+    Ok(Loaded { backend, info: rest })
 }
 
 /// Reads `{"input_ids": [[...], ...]}` (a single flat list is one sequence).

@@ -68,9 +68,10 @@ enum Command {
         /// MLA attention in prefill/decode: `auto` (cost model), `absorb` or `decompress`.
         #[arg(long, default_value = "auto", value_parser = compile::parse_mla)]
         mla: dsc_compiler::passes::mla_absorb::MlaMode,
-        /// What to print: `ir` or `memory-plan`.
-        #[arg(long, default_value = "ir")]
-        emit: String,
+        /// What to print: `ir` (default) or `memory-plan`; with `--target`, what to write,
+        /// comma-separated: `ir`, `kernels`, `plan` (default all three).
+        #[arg(long)]
+        emit: Option<String>,
         /// Write GPU kernel sources for this target (`cuda` or `wgpu`) into the directory `-o` names.
         #[arg(long, value_parser = compile::parse_target)]
         target: Option<dsc_compiler::codegen::Target>,
@@ -103,9 +104,15 @@ pub fn main() -> ExitCode {
             cost::diff_cmd(&spec_a, model_a.as_deref(), &spec_b, model_b.as_deref(), context)
         }
         Command::Compile { spec, model, mode, passes, mla, emit, out, target } => match (target, out) {
-            (Some(t), Some(dir)) => compile::compile_target_cmd(&spec, model.as_deref(), mode, passes.as_deref(), mla, t, &dir).map(|_| ()),
+            (Some(t), Some(dir)) => {
+                compile::TargetEmit::parse(emit.as_deref().unwrap_or("ir,kernels,plan"))
+                    .and_then(|emit| compile::compile_target_cmd(&spec, model.as_deref(), mode, passes.as_deref(), mla, t, emit, &dir))
+                    .map(|_| ())
+            }
             (Some(_), None) => Err("`--target` writes a directory of kernels: give it with `-o DIR`".to_string()),
-            (None, out) => compile::compile_cmd_with(&spec, model.as_deref(), mode, passes.as_deref(), mla, &emit, out.as_deref()),
+            (None, out) => {
+                compile::compile_cmd_with(&spec, model.as_deref(), mode, passes.as_deref(), mla, emit.as_deref().unwrap_or("ir"), out.as_deref())
+            }
         },
         Command::Import { config, out, name } => import::import_cmd(&config, out.as_deref(), name.as_deref()),
         Command::Logits(args) => logits::logits_cmd(&args),

@@ -119,4 +119,10 @@ pub trait Backend {
 }
 
 /// The backends `--backend` accepts.
-pub const BACKENDS: &[&str] = &["reference"];
+pub const BACKENDS: &[&str] = &[
+    "reference",
+    #[cfg(feature = "wgpu")]
+    "wgpu",
+    #[cfg(feature = "cuda")]
+    "cuda",
+];

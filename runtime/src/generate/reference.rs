@@ -1,5 +1,7 @@
-//! The reference interpreter as a [`Backend`]: the spec lowered per mode, run through
-//! that mode's pass pipeline (as `dsc compile` does), and interpreted on the CPU.
+//! Compiled models as [`Backend`]s: the spec lowered per mode, run through that mode's
+//! pass pipeline (as `dsc compile` does), and executed by an [`Engine`]: the reference
+//! interpreter on the CPU ([`Interpreter`], [`ReferenceBackend`]) or, with the `wgpu`
+//! feature, the plan of GPU kernels on a wgpu device (`WgpuEngine`).
 //!
 //! A step picks one of a few compiled variants of its mode, built on first use and kept:
 //! with or without the attention-mask argument (only padded batches need it) and with or
@@ -9,6 +11,7 @@
 use super::backend::{Backend, BackendError, KvCache, LayerRouting, StepInput, StepOutput};
 use super::rewrite::{add_attention_mask, expose_routing, RouteSite};
 use crate::reference::{run, Options, Tensor, Weights};
+use dsc_compiler::ir::Module;
 use dsc_compiler::ir::Mode;
 use dsc_compiler::lower::lower_mode;
 use dsc_compiler::passes::mla_absorb::MlaMode;
@@ -25,9 +28,41 @@ struct Variant {
     capture: bool,
 }
 
+/// What executes a compiled entry point.
+pub trait Engine: Send + Sync {
+    /// What the engine derives once per compiled module (the reference interpreter needs
+    /// nothing; a device runtime builds its launch plan).
+    type Prepared: Send + Sync;
+    /// `--backend`'s name for it.
+    fn name(&self) -> &str;
+    fn prepare(&self, module: &Module, mode: Mode) -> Result<Self::Prepared, String>;
+    /// Runs `mode`'s entry on host arguments and returns its results.
+    fn run(&self, module: &Module, prepared: &Self::Prepared, mode: Mode, args: &[Tensor], weights: &dyn Weights) -> Result<Vec<Tensor>, String>;
+}
+
+/// The reference interpreter as an [`Engine`].
+#[derive(Debug, Clone, Default)]
+pub struct Interpreter {
+    pub options: Options,
+}
+
+impl Engine for Interpreter {
+    type Prepared = ();
+    fn name(&self) -> &str {
+        "reference"
+    }
+    fn prepare(&self, _: &Module, _: Mode) -> Result<(), String> {
+        Ok(())
+    }
+    fn run(&self, module: &Module, _: &(), mode: Mode, args: &[Tensor], weights: &dyn Weights) -> Result<Vec<Tensor>, String> {
+        run(module, mode, args, weights, &self.options).map_err(|e| e.to_string())
+    }
+}
+
 /// A compiled entry point and how to read its results.
-struct Compiled {
-    module: dsc_compiler::ir::Module,
+struct Compiled<P> {
+    module: Module,
+    prepared: P,
     /// Results before any exposed routing: logits and two cache tensors per layer.
     results: usize,
     routes: Vec<RouteSite>,
@@ -42,20 +77,34 @@ pub struct CompileOptions {
     pub mla: MlaMode,
 }
 
-/// Runs a spec's prefill and decode on the reference interpreter with weights `W`.
-pub struct ReferenceBackend<W: Weights> {
+/// Runs a spec's prefill and decode on engine `E` with weights `W`.
+pub struct ModelBackend<W: Weights, E: Engine> {
     spec: Spec,
     weights: W,
     compile: CompileOptions,
-    options: Options,
-    compiled: Mutex<HashMap<Variant, Arc<Compiled>>>,
+    engine: E,
+    compiled: Mutex<HashMap<Variant, Arc<Compiled<E::Prepared>>>>,
 }
 
-impl<W: Weights> ReferenceBackend<W> {
+/// The reference interpreter's backend.
+pub type ReferenceBackend<W> = ModelBackend<W, Interpreter>;
+
+impl<W: Weights> ModelBackend<W, Interpreter> {
     /// A backend for `spec` compiled as `compile` says; `options` sets threads and
     /// precision of the interpreter.
     pub fn new(spec: Spec, weights: W, compile: CompileOptions, options: Options) -> ReferenceBackend<W> {
-        ReferenceBackend { spec, weights, compile, options, compiled: Mutex::new(HashMap::new()) }
+        ModelBackend::with_engine(spec, weights, compile, Interpreter { options })
+    }
+}
+
+impl<W: Weights, E: Engine> ModelBackend<W, E> {
+    /// A backend for `spec` compiled as `compile` says, run by `engine`.
+    pub fn with_engine(spec: Spec, weights: W, compile: CompileOptions, engine: E) -> ModelBackend<W, E> {
+        ModelBackend { spec, weights, compile, engine, compiled: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn engine(&self) -> &E {
+        &self.engine
     }
 
     pub fn weights(&self) -> &W {
@@ -72,7 +121,7 @@ impl<W: Weights> ReferenceBackend<W> {
         Ok(self.compiled(Variant { mode, masked, capture: false })?.module.clone())
     }
 
-    fn compiled(&self, v: Variant) -> Result<Arc<Compiled>, BackendError> {
+    fn compiled(&self, v: Variant) -> Result<Arc<Compiled<E::Prepared>>, BackendError> {
         let mut cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = cache.get(&v) {
             return Ok(c.clone());
@@ -82,7 +131,7 @@ impl<W: Weights> ReferenceBackend<W> {
         Ok(c)
     }
 
-    fn compile(&self, v: Variant) -> Result<Compiled, BackendError> {
+    fn compile(&self, v: Variant) -> Result<Compiled<E::Prepared>, BackendError> {
         let err = |e: String| BackendError::new(format!("compiling {}: {e}", v.mode));
         let mut module = lower_mode(&self.spec, v.mode).map_err(|e| err(e.to_string()))?;
         let mut cx = PassCx::new(v.mode);
@@ -93,7 +142,8 @@ impl<W: Weights> ReferenceBackend<W> {
             add_attention_mask(&mut module, v.mode).map_err(err)?;
         }
         let routes = if v.capture { expose_routing(&mut module, v.mode).map_err(err)? } else { Vec::new() };
-        Ok(Compiled { module, results, routes })
+        let prepared = self.engine.prepare(&module, v.mode).map_err(err)?;
+        Ok(Compiled { module, prepared, results, routes })
     }
 
     fn step(&self, mode: Mode, input: &StepInput, cache: Vec<Tensor>) -> Result<StepOutput, BackendError> {
@@ -101,7 +151,7 @@ impl<W: Weights> ReferenceBackend<W> {
         if input.ids.len() != b * s || input.positions.len() != b * s {
             return Err(BackendError::new(format!("{} ids and {} positions for a {b}×{s} step", input.ids.len(), input.positions.len())));
         }
-        let c = Compiled::cache_len(&cache);
+        let c = cache_len(&cache);
         let v = Variant { mode, masked: input.mask.is_some(), capture: input.capture_routing };
         let compiled = self.compiled(v)?;
         let mut args = vec![Tensor::i64(&[b, s], input.ids.clone()), Tensor::i64(&[b, s], input.positions.clone())];
@@ -113,7 +163,7 @@ impl<W: Weights> ReferenceBackend<W> {
             }
             args.push(Tensor::f32(&[b, s, sk], mask.clone()));
         }
-        let mut out = run(&compiled.module, mode, &args, &self.weights, &self.options).map_err(|e| BackendError::new(e.to_string()))?;
+        let mut out = self.engine.run(&compiled.module, &compiled.prepared, mode, &args, &self.weights).map_err(BackendError::new)?;
         if out.len() != compiled.results + 2 * compiled.routes.len() || compiled.results == 0 {
             return Err(BackendError::new(format!("{mode} returned {} results", out.len())));
         }
@@ -131,15 +181,13 @@ impl<W: Weights> ReferenceBackend<W> {
     }
 }
 
-impl Compiled {
-    fn cache_len(cache: &[Tensor]) -> usize {
-        cache.first().and_then(|t| t.shape().get(1).copied()).unwrap_or(0)
-    }
+fn cache_len(cache: &[Tensor]) -> usize {
+    cache.first().and_then(|t| t.shape().get(1).copied()).unwrap_or(0)
 }
 
-impl<W: Weights> Backend for ReferenceBackend<W> {
+impl<W: Weights, E: Engine> Backend for ModelBackend<W, E> {
     fn name(&self) -> &str {
-        "reference"
+        self.engine.name()
     }
 
     fn vocab(&self) -> usize {

@@ -68,6 +68,36 @@ impl WgpuBackend {
         WgpuBackend { client: cubecl::Device::Wgpu(WgpuDevice::default()).client() }
     }
 
+    /// The adapter `which` names: `default`, `cpu` (a software adapter such as lavapipe),
+    /// or `discrete`, `integrated`, `virtual`, each with an optional `:N` index.
+    pub fn with_adapter(which: &str) -> Result<WgpuBackend, String> {
+        use cubecl::wgpu::WgpuDeviceKind as K;
+        let (kind, index) = match which.split_once(':') {
+            Some((k, i)) => (k, Some(i.parse::<usize>().map_err(|_| format!("adapter `{which}`: `{i}` is not an index"))?)),
+            None => (which, None),
+        };
+        let i = index.unwrap_or(0);
+        let kind = match kind {
+            "default" if index.is_none() => K::DefaultDevice,
+            "cpu" if index.is_none() => K::Cpu,
+            "discrete" => K::DiscreteGpu(i),
+            "integrated" => K::IntegratedGpu(i),
+            "virtual" => K::VirtualGpu(i),
+            _ => return Err(format!("unknown adapter `{which}`; expected default, cpu, discrete[:N], integrated[:N] or virtual[:N]")),
+        };
+        Ok(WgpuBackend { client: cubecl::Device::Wgpu(WgpuDevice::new(kind)).client() })
+    }
+
+    /// Waits until every launch submitted so far has finished (for timing).
+    pub fn sync(&self) {
+        let _ = cubecl::future::block_on(self.client.sync());
+    }
+
+    /// The adapter's name as the driver reports it (`llvmpipe (LLVM 15.0.6, 256 bits)`).
+    pub fn adapter_name(&self) -> String {
+        self.client.properties().identity.name.clone()
+    }
+
     /// Copies `t` to the device in `repr` (integers must fit in `i32`).
     pub fn upload(&self, t: &Tensor, repr: Repr) -> Result<DeviceBuf, String> {
         let len = t.numel();
@@ -185,8 +215,78 @@ impl WgpuBackend {
                 kernels::rms_norm::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.u32(3)?, *eps_bits)
             }
             KernelSpec::Softmax { .. } => kernels::softmax::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.u32(2)?),
+            KernelSpec::Copy { rank, .. } => {
+                kernels::movement::strided_copy::launch::<F>(c, count, dim, a.buf(0)?, a.table(1)?, a.buf(2)?, *rank)
+            }
+            // The element types are the spec's (`F` is the output's).
+            KernelSpec::Cast { from, to } => {
+                use dsc_compiler::codegen::Elem::{F16, F32};
+                match (from, to) {
+                    (F32, F16) => kernels::movement::convert::launch::<f32, half::f16>(c, count, dim, a.buf(0)?, a.buf(1)?),
+                    (F16, F32) => kernels::movement::convert::launch::<half::f16, f32>(c, count, dim, a.buf(0)?, a.buf(1)?),
+                    _ => kernels::movement::convert::launch::<F, F>(c, count, dim, a.buf(0)?, a.buf(1)?),
+                }
+            }
+            KernelSpec::Gather { .. } => {
+                kernels::movement::gather::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.u32(3)?, a.u32(4)?, a.u32(5)?)
+            }
+            KernelSpec::Rope { interleaved, .. } => {
+                let (x, pos, freqs, out) = (a.buf(0)?, a.buf(1)?, a.f32_table(2)?, a.buf(3)?);
+                kernels::rope::rope::launch::<F>(c, count, dim, x, pos, freqs, out, a.u32(4)?, a.u32(5)?, a.u32(6)?, *interleaved)
+            }
+            KernelSpec::MatMulEw { epilogue, .. } => {
+                let (x, w, layout, out) = (a.buf(0)?, a.buf(1)?, a.table(2)?, a.buf(3)?);
+                let (m, n, k) = (a.u32(4)?, a.u32(5)?, a.u32(6)?);
+                kernels::heads::matmul_ew::launch::<F>(c, count, dim, x, w, layout, out, m, n, k, a.seq(7)?, epilogue.clone())
+            }
+            KernelSpec::RmsNormEw { eps_bits, epilogue, .. } => {
+                let (x, gain, layout, out) = (a.buf(0)?, a.buf(1)?, a.table(2)?, a.buf(3)?);
+                kernels::heads::rms_norm_ew::launch::<F>(c, count, dim, x, gain, layout, out, a.u32(4)?, a.seq(5)?, *eps_bits, epilogue.clone())
+            }
+            KernelSpec::GateUp { .. } => {
+                let (x, gate, up, out) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?);
+                kernels::heads::matmul_gate_up::launch::<F>(c, count, dim, x, gate, up, out, a.u32(4)?, a.u32(5)?, a.u32(6)?)
+            }
             KernelSpec::MatMul { .. } => {
                 kernels::matmul::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.u32(3)?, a.u32(4)?, a.u32(5)?)
+            }
+            KernelSpec::Attention { cfg, .. } => {
+                let (q, k, v, mask, out) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?);
+                kernels::attention::attention::launch::<F>(c, count, dim, q, k, v, mask, out, a.u32(5)?, a.u32(6)?, a.u32(7)?, *cfg)
+            }
+            KernelSpec::BatchMatMul { .. } => {
+                let (x, y, out) = (a.buf(0)?, a.buf(1)?, a.buf(2)?);
+                kernels::attention::batch_matmul::launch::<F>(c, count, dim, x, y, out, a.u32(3)?, a.u32(4)?, a.u32(5)?)
+            }
+            KernelSpec::MoeRoute { cfg, .. } => {
+                let mut seq = SequenceArg::<Box<[F]>>::new();
+                for b in bufs.ins {
+                    seq.push(arg(b));
+                }
+                kernels::moe::moe_route::launch::<F>(c, count, dim, seq, a.buf(1)?, a.buf(2)?, *cfg)
+            }
+            KernelSpec::TopK { .. } => {
+                kernels::moe::top_k::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.u32(3)?, a.u32(4)?)
+            }
+            KernelSpec::MoeDispatch => {
+                let (ids, rows, row_expert, pos, offsets) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?);
+                kernels::moe::moe_dispatch::launch(c, count, dim, ids, rows, row_expert, pos, offsets, a.u32(5)?)
+            }
+            KernelSpec::MoeGateUp { .. } => {
+                let (x, rows, row_expert, offsets, gate, up, act) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?, a.buf(5)?, a.buf(6)?);
+                let (pairs, k, h, i) = (a.u32(7)?, a.u32(8)?, a.u32(9)?, a.u32(10)?);
+                kernels::moe::moe_gate_up::launch::<F>(c, count, dim, x, rows, row_expert, offsets, gate, up, act, pairs, k, h, i)
+            }
+            KernelSpec::MoeDown { .. } => {
+                let (act, row_expert, offsets, down, y) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?);
+                kernels::moe::moe_down::launch::<F>(c, count, dim, act, row_expert, offsets, down, y, a.u32(5)?, a.u32(6)?, a.u32(7)?)
+            }
+            KernelSpec::MoeCombine { weights, .. } => {
+                let (y, pos, w, out, h, k) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.u32(4)?, a.u32(5)?);
+                match weights {
+                    dsc_compiler::codegen::Elem::F32 => kernels::moe::moe_combine::launch::<F, f32>(c, count, dim, y, pos, w, out, h, k),
+                    dsc_compiler::codegen::Elem::F16 => kernels::moe::moe_combine::launch::<F, half::f16>(c, count, dim, y, pos, w, out, h, k),
+                }
             }
         }
         Ok(())
@@ -239,6 +339,23 @@ impl Args<'_> {
         let b = self.backend.buffer_from_bytes(u32::as_bytes(&v), v.len(), Repr::I32);
         Ok(arg(&b))
     }
+    /// Argument `i`, an [`Arg::F32Table`] uploaded as an `f32` buffer.
+    fn f32_table(&self, i: usize) -> Result<BufferArg, String> {
+        let Arg::F32Table(t) = self.get(i)? else {
+            return Err(format!("{}: argument {i} is not an f32 table", self.l.kernel.name()));
+        };
+        let b = self.backend.buffer_from_bytes(u32::as_bytes(t), t.len(), Repr::F32);
+        Ok(arg(&b))
+    }
+    /// Arguments `from..`, buffers, as one `Sequence` argument (the extra inputs a fused
+    /// kernel's epilogue reads).
+    fn seq<F: Float>(&self, from: usize) -> Result<SequenceArg<Box<[F]>>, String> {
+        let mut seq = SequenceArg::<Box<[F]>>::new();
+        for i in from..self.l.args.len() {
+            seq.push(self.buf(i)?);
+        }
+        Ok(seq)
+    }
 }
 
 fn arg(b: &DeviceBuf) -> BufferArg {
@@ -256,5 +373,13 @@ fn u32_of(n: usize) -> Result<u32, String> {
     u32::try_from(n).map_err(|_| format!("size {n} exceeds u32"))
 }
 
+pub mod exec;
+
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_movement;
+#[cfg(test)]
+mod tests_attention;
+#[cfg(test)]
+mod tests_moe;

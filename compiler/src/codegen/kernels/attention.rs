@@ -1,0 +1,474 @@
+//! Attention and batched matmul kernels, and their launches.
+//!
+//! ## [`attention`]: flash attention with an online softmax
+//!
+//! One cube per (query block, kv head, batch) — grid `[⌈sq·group / rows⌉, kv_heads, b]`,
+//! [`ATTN_BLOCK`] units in one dimension. The cube's `rows` query rows are taken from the
+//! `sq × group` (query position, head of the group) pairs that read the same kv head,
+//! position-major, so under grouped-query and absorbed-MLA attention (kv_heads = 1, up to
+//! 128 query heads) every K/V tile the cube stages serves all the heads of the group, and
+//! in decode (sq = 1) one cube holds the whole group. Per tile of `keys` keys:
+//!
+//! 1. scores `S[rows, keys] = Q·Kᵀ`: q and k are staged in chunks of [`DK_CHUNK`]
+//!    columns (dk may be 576: the whole tile would not fit in shared memory), each unit
+//!    accumulating a fixed set of (row, key) dot products in registers;
+//! 2. `S·scale + mask`, then per row (one unit each) the running max `m`, the rescale
+//!    factor `exp(m_old - m_new)`, the probabilities `exp(S - m_new)` and the running sum
+//!    `l`; meanwhile the other units stage the V tile over the then-free q/k area;
+//! 3. `O = O·corr + P·V`, each unit owning a fixed set of (row, column) accumulators.
+//!
+//! At the end `O / l` is written; the `sq × sk` score matrix never leaves the cube. The
+//! q chunk is re-staged for every key tile rather than kept: all of q would take
+//! `rows · dk` floats (36 KiB at dk = 576), more than lavapipe's 32 KiB. Decode with one
+//! query per kv head (MHA) runs one cube per (batch, head) stepping over all keys; a
+//! split over the keys (flash-decoding) would add parallelism there.
+//!
+//! All arithmetic is in f32 whatever the buffers hold (f16 inputs included), as flash
+//! attention does: a 576-long f16 dot product or an f16 running sum would lose the
+//! digits the reference keeps.
+//!
+//! Semantics follow the reference (`dsc_runtime::reference::nn::attention`): causal masks
+//! are aligned bottom-right (query `i` sees keys `< sk - sq + i + 1`), keys a query may
+//! not see are skipped rather than given `-inf` (WGSL has no infinity literal), and a
+//! query whose visible scores are all `-inf` (or that sees no key) gets zeros, like
+//! torch's `_safe_softmax`. `scale` is a comptime `f32` (its bits, for `Hash`).
+//!
+//! ## [`batch_matmul`]
+//!
+//! `a[B, m, k] · b[B, k, n]` (b not transposed, unlike the IR's `matmul`): [`TILE`]² units
+//! per cube, one cube per output tile, the flattened batch on grid z.
+//!
+//! Both kernels use one shared buffer (CUBECL.md §2: two are laid out in a run-dependent
+//! order) and only comptime-unrolled loops or plain ranges over shared indices.
+
+use super::TILE;
+use crate::codegen::launch::{elem_dtype, Arg, Buf, Launch, NodeWork, Scratch, Size};
+use crate::codegen::KernelSpec;
+use crate::ir::{Dim, Op, Shape, Ty};
+use cubecl::prelude::*;
+
+/// Units per attention cube (one dimension).
+pub const ATTN_BLOCK: u32 = 128;
+/// Columns of q and k staged per step of the score product.
+pub const DK_CHUNK: u32 = 64;
+/// Most query rows per cube: 16 rows × 512 value columns is 64 f32 accumulators per unit.
+pub const ATTN_MAX_ROWS: u32 = 16;
+/// Most keys per tile.
+pub const ATTN_MAX_KEYS: u32 = 16;
+/// Shared-memory elements the V tile may take (16 KiB of f32): the tile shrinks to fit
+/// wide values (8 keys at dv = 512) so the whole buffer stays within the 32 KiB that
+/// lavapipe, and every GPU, offers.
+const V_TILE_BUDGET: u32 = 4096;
+/// Shared-memory elements (f32) a cube may use at most.
+const SHARED_LIMIT: u32 = 8192;
+
+/// The comptime configuration of [`attention`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AttentionConfig {
+    /// Key (and query) head size.
+    pub dk: u32,
+    /// Value head size.
+    pub dv: u32,
+    /// Query heads per kv head.
+    pub group: u32,
+    /// Query rows per cube.
+    pub rows: u32,
+    /// Keys per tile.
+    pub keys: u32,
+    /// The softmax scale, as `f32` bits.
+    pub scale_bits: u32,
+    pub causal: bool,
+    pub masked: bool,
+}
+
+impl AttentionConfig {
+    /// The configuration for head sizes `dk`, `dv`, `group` query heads per kv head and,
+    /// when the query length is a constant (decode), `sq`; or why there is none.
+    pub fn new(dk: u32, dv: u32, group: u32, sq: Option<u32>, scale: f32, causal: bool, masked: bool) -> Result<Self, String> {
+        if dk == 0 || dv == 0 || group == 0 {
+            return Err(format!("empty heads (dk {dk}, dv {dv}, group {group})"));
+        }
+        // A short constant query (decode: sq·group rows) takes a cube of just that many rows.
+        let rows = sq.map_or(ATTN_MAX_ROWS, |s| s.saturating_mul(group).clamp(1, ATTN_MAX_ROWS));
+        // The largest power of two ≤ ATTN_MAX_KEYS whose V tile fits the budget.
+        let mut keys = ATTN_MAX_KEYS;
+        while keys > 1 && keys * dv > V_TILE_BUDGET {
+            keys /= 2;
+        }
+        let c = AttentionConfig { dk, dv, group, rows, keys, scale_bits: scale.to_bits(), causal, masked };
+        if c.shared_len() > SHARED_LIMIT {
+            return Err(format!("value head size {dv} needs more than {} KiB of shared memory", SHARED_LIMIT * 4 / 1024));
+        }
+        Ok(c)
+    }
+    /// Score chunks per tile.
+    pub fn chunks(&self) -> u32 {
+        self.dk.div_ceil(DK_CHUNK)
+    }
+    /// (row, key) scores per unit.
+    pub fn scores_per_unit(&self) -> u32 {
+        (self.rows * self.keys).div_ceil(ATTN_BLOCK)
+    }
+    /// (row, column) output accumulators per unit.
+    pub fn outs_per_unit(&self) -> u32 {
+        (self.rows * self.dv).div_ceil(ATTN_BLOCK)
+    }
+    /// Shared layout: the q chunk `[rows][DK_CHUNK]` at 0 and the k chunk `[keys][DK_CHUNK]`
+    /// after it, or (aliasing both) the V tile `[keys][dv]`; then the scores.
+    pub fn scores_at(&self) -> u32 {
+        ((self.rows + self.keys) * DK_CHUNK).max(self.keys * self.dv)
+    }
+    /// Then four per-row statistics: the running max, sum, a seen-any-key flag and the
+    /// current tile's rescale factor, `rows` each.
+    pub fn stats_at(&self) -> u32 {
+        self.scores_at() + self.rows * self.keys
+    }
+    pub fn shared_len(&self) -> u32 {
+        self.stats_at() + 4 * self.rows
+    }
+}
+
+/// The configuration of an attention node (`op` with input types q, k, v[, mask]), or why
+/// it has none: the head sizes must be constants (they are model constants in every
+/// lowering), as the kernel unrolls over them.
+pub(crate) fn config(op: &Op, inputs: &[Ty]) -> Result<AttentionConfig, String> {
+    let Op::Attention { heads, kv_heads, scale, causal, masked } = *op else {
+        return Err(format!("{} is not attention", op.name()));
+    };
+    if inputs.len() < 3 || inputs[..3].iter().any(|t| t.rank() != 4) {
+        return Err("q, k, v of rank other than 4".into());
+    }
+    if kv_heads == 0 || heads % kv_heads != 0 {
+        return Err(format!("{heads} heads over {kv_heads} kv heads"));
+    }
+    let constant = |d: Dim, what: &str| {
+        d.as_const().and_then(|v| u32::try_from(v).ok()).ok_or_else(|| format!("{what} {d} is not a constant (the kernel unrolls over it)"))
+    };
+    let dk = constant(inputs[0].shape.0[3], "key head size")?;
+    let dv = constant(inputs[2].shape.0[3], "value head size")?;
+    let sq = inputs[0].shape.0[1].as_const().and_then(|v| u32::try_from(v).ok());
+    AttentionConfig::new(dk, dv, heads / kv_heads, sq, scale.get() as f32, causal, masked)
+}
+
+/// Flash attention; see the module header for the launch shape. `q [b, sq, heads, dk]`,
+/// `k [b, sk, kv_heads, dk]`, `v [b, sk, kv_heads, dv]`, `mask [b, sq, sk]` (only read
+/// when `cfg.masked`; otherwise any buffer), `out [b, sq, heads, dv]`.
+#[cube(launch, create_dummy_kernel)]
+#[allow(clippy::too_many_arguments)]
+pub fn attention<F: Float>(
+    q: &[F],
+    k: &[F],
+    v: &[F],
+    mask: &[F],
+    out: &mut [F],
+    sq: u32,
+    sk: u32,
+    kv_heads: u32,
+    #[comptime] cfg: AttentionConfig,
+) {
+    let tid = UNIT_POS_X;
+    let kvh = CUBE_POS_Y;
+    let bi = CUBE_POS_Z;
+    let group = comptime![cfg.group];
+    let rows = comptime![cfg.rows];
+    let keys = comptime![cfg.keys];
+    let dk = comptime![cfg.dk];
+    let dv = comptime![cfg.dv];
+    let heads = kv_heads * group;
+    let rows_total = sq * group;
+    let row0 = CUBE_POS_X * rows;
+    let k_at = comptime![cfg.rows * DK_CHUNK];
+    let s_at = comptime![cfg.scores_at()];
+    let m_at = comptime![cfg.stats_at()];
+    let l_at = comptime![cfg.stats_at() + cfg.rows];
+    let seen_at = comptime![cfg.stats_at() + 2 * cfg.rows];
+    let c_at = comptime![cfg.stats_at() + 3 * cfg.rows];
+    let scale = comptime![f32::from_bits(cfg.scale_bits)];
+    let mut smem = Shared::<[f32]>::new_slice(comptime![cfg.shared_len() as usize]);
+
+    if tid < rows {
+        smem[(m_at + tid) as usize] = 0.0;
+        smem[(l_at + tid) as usize] = 0.0;
+        smem[(seen_at + tid) as usize] = 0.0;
+        smem[(c_at + tid) as usize] = 1.0;
+    }
+    // Keys any row of the cube sees: with a causal mask, the last row's (the grid has no
+    // cube past the rows, so row0 < rows_total).
+    let last_row = select(row0 + rows < rows_total, row0 + rows, rows_total) - 1;
+    let mut key_end = sk;
+    if comptime![cfg.causal] {
+        let lim = sk + last_row / group + 1;
+        key_end = select(lim > sq, lim - sq, 0);
+        key_end = select(key_end < sk, key_end, sk);
+    }
+    let tiles = key_end.div_ceil(keys);
+
+    let mut acc = Array::<f32>::new(comptime![cfg.outs_per_unit() as usize]);
+    #[unroll]
+    for u in 0..comptime![cfg.outs_per_unit()] {
+        acc[u as usize] = 0.0;
+    }
+
+    for t in 0..tiles {
+        let j0 = t * keys;
+        // 1. Scores of this tile, dk in chunks.
+        let mut sc = Array::<f32>::new(comptime![cfg.scores_per_unit() as usize]);
+        #[unroll]
+        for s in 0..comptime![cfg.scores_per_unit()] {
+            sc[s as usize] = 0.0;
+        }
+        for ch in 0..comptime![cfg.chunks()] {
+            let d0 = ch * DK_CHUNK;
+            #[unroll]
+            for s in 0..comptime![(cfg.rows * DK_CHUNK).div_ceil(ATTN_BLOCK)] {
+                let e = tid + s * ATTN_BLOCK;
+                if e < rows * DK_CHUNK {
+                    let row = row0 + e / DK_CHUNK;
+                    let d = d0 + e % DK_CHUNK;
+                    let mut x = 0.0f32;
+                    if row < rows_total && d < dk {
+                        let h = kvh * group + row % group;
+                        x = f32::cast_from(q[(((bi * sq + row / group) * heads + h) * dk + d) as usize]);
+                    }
+                    smem[e as usize] = x;
+                }
+            }
+            #[unroll]
+            for s in 0..comptime![(cfg.keys * DK_CHUNK).div_ceil(ATTN_BLOCK)] {
+                let e = tid + s * ATTN_BLOCK;
+                if e < keys * DK_CHUNK {
+                    let key = j0 + e / DK_CHUNK;
+                    let d = d0 + e % DK_CHUNK;
+                    let mut x = 0.0f32;
+                    if key < sk && d < dk {
+                        x = f32::cast_from(k[(((bi * sk + key) * kv_heads + kvh) * dk + d) as usize]);
+                    }
+                    smem[(k_at + e) as usize] = x;
+                }
+            }
+            sync_cube();
+            #[unroll]
+            for s in 0..comptime![cfg.scores_per_unit()] {
+                let p = tid + s * ATTN_BLOCK;
+                if p < rows * keys {
+                    let qa = (p / keys) * DK_CHUNK;
+                    let ka = k_at + (p % keys) * DK_CHUNK;
+                    let mut dot = 0.0f32;
+                    for d in 0..DK_CHUNK {
+                        dot += smem[(qa + d) as usize] * smem[(ka + d) as usize];
+                    }
+                    sc[s as usize] += dot;
+                }
+            }
+            sync_cube();
+        }
+        #[unroll]
+        for s in 0..comptime![cfg.scores_per_unit()] {
+            let p = tid + s * ATTN_BLOCK;
+            if p < rows * keys {
+                let mut x = sc[s as usize] * scale;
+                if comptime![cfg.masked] {
+                    let row = row0 + p / keys;
+                    let key = j0 + p % keys;
+                    if row < rows_total && key < sk {
+                        x += f32::cast_from(mask[((bi * sq + row / group) * sk + key) as usize]);
+                    }
+                }
+                smem[(s_at + p) as usize] = x;
+            }
+        }
+        sync_cube();
+
+        // 2. The V tile over the q/k area (free now), and the online softmax per row.
+        #[unroll]
+        for s in 0..comptime![(cfg.keys * cfg.dv).div_ceil(ATTN_BLOCK)] {
+            let e = tid + s * ATTN_BLOCK;
+            if e < keys * dv {
+                let key = j0 + e / dv;
+                let mut x = 0.0f32;
+                // Keys past sk must be 0, not garbage: their probability is 0 and 0·NaN is NaN.
+                if key < sk {
+                    x = f32::cast_from(v[(((bi * sk + key) * kv_heads + kvh) * dv + e % dv) as usize]);
+                }
+                smem[e as usize] = x;
+            }
+        }
+        if tid < rows {
+            let row = row0 + tid;
+            // The keys this row sees form a prefix of the tile: [j0, j0 + visible).
+            let mut visible = 0u32;
+            if row < rows_total {
+                let mut lim = sk;
+                if comptime![cfg.causal] {
+                    let l2 = sk + row / group + 1;
+                    lim = select(l2 > sq, l2 - sq, 0);
+                    lim = select(lim < sk, lim, sk);
+                }
+                if lim > j0 {
+                    visible = select(lim - j0 < keys, lim - j0, keys);
+                }
+            }
+            let base = s_at + tid * keys;
+            let mut corr = 1.0f32;
+            if visible > 0 {
+                let mut tm = smem[base as usize];
+                for j in 1..visible {
+                    let x = smem[(base + j) as usize];
+                    tm = select(x > tm, x, tm);
+                }
+                let seen = smem[(seen_at + tid) as usize] > 0.0;
+                let m_old = smem[(m_at + tid) as usize];
+                let mut m_new = tm;
+                if seen {
+                    m_new = select(m_old > tm, m_old, tm);
+                }
+                let mut sum = 0.0f32;
+                if m_new.is_inf() {
+                    // Every score this row has seen is -inf: nothing to weigh yet (the
+                    // output and sum stay 0), and exp(-inf - -inf) would be NaN.
+                    for j in 0..keys {
+                        smem[(base + j) as usize] = 0.0;
+                    }
+                } else {
+                    // m_old may be -inf (seen, all masked): exp(-inf) = 0 drops nothing.
+                    corr = select(seen, f32::exp(m_old - m_new), 0.0);
+                    for j in 0..keys {
+                        let mut p = 0.0f32;
+                        if j < visible {
+                            p = f32::exp(smem[(base + j) as usize] - m_new);
+                        }
+                        smem[(base + j) as usize] = p;
+                        sum += p;
+                    }
+                }
+                smem[(m_at + tid) as usize] = m_new;
+                smem[(seen_at + tid) as usize] = 1.0;
+                smem[(l_at + tid) as usize] = smem[(l_at + tid) as usize] * corr + sum;
+            } else {
+                for j in 0..keys {
+                    smem[(base + j) as usize] = 0.0;
+                }
+            }
+            smem[(c_at + tid) as usize] = corr;
+        }
+        sync_cube();
+
+        // 3. O = O·corr + P·V.
+        #[unroll]
+        for u in 0..comptime![cfg.outs_per_unit()] {
+            let e = tid + u * ATTN_BLOCK;
+            if e < rows * dv {
+                let r = e / dv;
+                let c = e % dv;
+                let pa = s_at + r * keys;
+                let mut o = acc[u as usize] * smem[(c_at + r) as usize];
+                for j in 0..keys {
+                    o += smem[(pa + j) as usize] * smem[(j * dv + c) as usize];
+                }
+                acc[u as usize] = o;
+            }
+        }
+        // The next tile overwrites the q/k/V area and the scores.
+        sync_cube();
+    }
+
+    #[unroll]
+    for u in 0..comptime![cfg.outs_per_unit()] {
+        let e = tid + u * ATTN_BLOCK;
+        let row = row0 + e / dv;
+        if e < rows * dv && row < rows_total {
+            let l = smem[(l_at + e / dv) as usize];
+            let o = select(l > 0.0, acc[u as usize] / l, 0.0);
+            let h = kvh * group + row % group;
+            out[(((bi * sq + row / group) * heads + h) * dv + e % dv) as usize] = F::cast_from(o);
+        }
+    }
+}
+
+/// `out[z, m, n] = Σ_k a[z, m, k] · b[z, k, n]`, z the flattened batch (grid z). Tiles
+/// of a and b are staged in shared memory (as f32: f16 inputs accumulate in f32); loads
+/// outside the matrices read 0, so any m, n, k works.
+#[cube(launch, create_dummy_kernel)]
+pub fn batch_matmul<F: Float>(a: &[F], b: &[F], out: &mut [F], m: u32, n: u32, k: u32) {
+    let tx = UNIT_POS_X; // along n
+    let ty = UNIT_POS_Y; // along m
+    let z = CUBE_POS_Z;
+    let row = CUBE_POS_Y * TILE + ty;
+    let col = CUBE_POS_X * TILE + tx;
+    let (a0, b0) = (z * m * k, z * k * n);
+    // a's tile [ty][kk] at 0, b's tile [kk][tx] at TILE² (one buffer, CUBECL.md §2).
+    let mut tiles_mem = Shared::<[f32]>::new_slice((2 * TILE * TILE) as usize);
+    let bo = TILE * TILE;
+    let mut acc = 0.0f32;
+    for t in 0..k.div_ceil(TILE) {
+        let ka = t * TILE + tx;
+        let mut av = 0.0f32;
+        if row < m && ka < k {
+            av = f32::cast_from(a[(a0 + row * k + ka) as usize]);
+        }
+        tiles_mem[(ty * TILE + tx) as usize] = av;
+        // b is [k, n] row-major: neighbouring units read neighbouring columns.
+        let kb = t * TILE + ty;
+        let mut bv = 0.0f32;
+        if kb < k && col < n {
+            bv = f32::cast_from(b[(b0 + kb * n + col) as usize]);
+        }
+        tiles_mem[(bo + ty * TILE + tx) as usize] = bv;
+        sync_cube();
+        #[unroll]
+        for kk in 0..TILE {
+            acc += tiles_mem[(ty * TILE + kk) as usize] * tiles_mem[(bo + kk * TILE + tx) as usize];
+        }
+        sync_cube();
+    }
+    if row < m && col < n {
+        out[(z * m * n + row * n + col) as usize] = F::cast_from(acc);
+    }
+}
+
+/// The launch of an attention node: `ins` are q, k, v and the optional mask. An unmasked
+/// node binds a one-element scratch buffer in the mask's place (never read: `masked` is
+/// comptime), so the kernel has one signature.
+pub(crate) fn work_attention(spec: KernelSpec, ins: &[Shape]) -> NodeWork {
+    let KernelSpec::Attention { elem, cfg } = spec else { unreachable!("work_attention of {spec:?}") };
+    let (q, k) = (&ins[0].0, &ins[1].0);
+    let (b, sq, sk, kv_heads) = (q[0], q[1], k[1], k[2]);
+    let buf = |b| Arg::Buf(b);
+    let (mask, scratch) = if cfg.masked {
+        (buf(Buf::Input(3)), vec![])
+    } else {
+        (buf(Buf::Scratch(0)), vec![Scratch { dtype: elem_dtype(elem), len: Size::lit(1) }])
+    };
+    let args = vec![
+        buf(Buf::Input(0)),
+        buf(Buf::Input(1)),
+        buf(Buf::Input(2)),
+        mask,
+        buf(Buf::Output(0)),
+        Arg::U32(Size::Dim(sq)),
+        Arg::U32(Size::Dim(sk)),
+        Arg::U32(Size::Dim(kv_heads)),
+    ];
+    let rows = Size::Dim(sq).mul(Size::lit(cfg.group as i64)).ceil_div(cfg.rows as i64);
+    let grid = [rows, Size::Dim(kv_heads), Size::Dim(b)];
+    NodeWork::Launches { scratch, launches: vec![Launch { kernel: spec, args, grid }] }
+}
+
+/// The launch of a batch_matmul node `a [B.., m, k] · b [B.., k, n]`.
+pub(crate) fn work_batch_matmul(spec: KernelSpec, ins: &[Shape]) -> NodeWork {
+    let (a, bs) = (&ins[0].0, &ins[1].0);
+    let r = a.len();
+    let (m, k, n) = (a[r - 2], a[r - 1], bs[r - 1]);
+    let batch: &[Dim] = &a[..r - 2];
+    let t = TILE as i64;
+    let args = vec![
+        Arg::Buf(Buf::Input(0)),
+        Arg::Buf(Buf::Input(1)),
+        Arg::Buf(Buf::Output(0)),
+        Arg::U32(Size::Dim(m)),
+        Arg::U32(Size::Dim(n)),
+        Arg::U32(Size::Dim(k)),
+    ];
+    let grid = [Size::Dim(n).ceil_div(t), Size::Dim(m).ceil_div(t), Size::product(batch)];
+    NodeWork::Launches { scratch: vec![], launches: vec![Launch { kernel: spec, args, grid }] }
+}

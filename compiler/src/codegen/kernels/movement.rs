@@ -1,0 +1,233 @@
+//! Data movement: one strided-copy kernel for `permute`, `slice`, `broadcast`, `concat`
+//! and `cache_append`, the `gather` (embedding lookup) kernel, and `cast` between the
+//! float types that have a kernel element type (f32 ↔ f16).
+//!
+//! Launch shape: 1-D, one unit per copied element, [`EW_BLOCK`] units per cube, as the
+//! elementwise kernel. Every buffer the runtime holds is contiguous and row-major, so
+//! each of these ops is "walk a box of `shape` and copy `src[src_offset + c·src_strides]`
+//! to `out[dst_offset + c·dst_strides]`" for every coordinate `c` of the box:
+//!
+//! | op | box | source | destination |
+//! | --- | --- | --- | --- |
+//! | permute | output shape | input strides, permuted | contiguous |
+//! | slice | output shape | input strides, offset `start·stride[axis]` | contiguous |
+//! | broadcast | output shape | input strides, 0 along broadcast axes | contiguous |
+//! | concat, cache_append | input `i`'s shape, one launch per input | contiguous | output strides, offset `Σ_{j<i} len_j·stride[axis]` |
+//!
+//! The box, offsets and strides are [`Size`] expressions of `b`, `c`, `s` in a
+//! [`Arg::Table`], so a symbolic slice (`start = s-1`) or a concat into `c+s` rows is
+//! one kernel for every binding; only the rank is comptime (the coordinate walk is
+//! unrolled). Axes of literal length 1 are dropped from the box first: they contribute
+//! nothing to an offset, and fewer axes mean fewer divisions and fewer distinct kernels.
+//!
+//! `gather` reads `table[o, ids[j], i]` for the output `[outer, count, inner]`. The
+//! reference interpreter rejects an id outside `0..rows`; a kernel cannot report an
+//! error, and clamping would silently return a plausible but wrong row, so such an
+//! element is written as 0 (a zero embedding), which is visible and never reads out of
+//! bounds.
+
+use super::EW_BLOCK;
+use crate::codegen::launch::{grid_x, single, Arg, Buf, Launch, NodeWork, Size};
+use crate::codegen::{Elem, KernelSpec, Unsupported};
+use crate::ir::{DType, Dim, Graph, NodeId, Op};
+use cubecl::prelude::*;
+
+/// Copies the box described by `layout` from `src` to `out`. `layout` is
+/// `[count, src_offset, dst_offset, shape[rank], src_strides[rank], dst_strides[rank]]`
+/// with `count` the number of elements in the box.
+#[cube(launch, create_dummy_kernel)]
+pub fn strided_copy<F: Float>(src: &[F], layout: &[u32], out: &mut [F], #[comptime] rank: u32) {
+    let pos = ABSOLUTE_POS as u32;
+    if pos < layout[0] {
+        let mut rem = pos;
+        let mut s = layout[1];
+        let mut d = layout[2];
+        // Walk the axes from the last: coordinate = rem % dim.
+        #[unroll]
+        for r in 0..rank {
+            let a = comptime![rank - 1 - r];
+            let dim = layout[comptime![(3 + a) as usize]];
+            let c = rem % dim;
+            rem /= dim;
+            s += c * layout[comptime![(3 + rank + a) as usize]];
+            d += c * layout[comptime![(3 + 2 * rank + a) as usize]];
+        }
+        out[d as usize] = src[s as usize];
+    }
+}
+
+/// `out[o, j, i] = table[o, ids[j], i]` with `out` viewed as `[outer, count, inner]` and
+/// `table` as `[outer, rows, inner]`; an id outside `0..rows` gives 0 (module docs).
+#[cube(launch, create_dummy_kernel)]
+pub fn gather<F: Float>(table: &[F], ids: &[i32], out: &mut [F], rows: u32, count: u32, inner: u32) {
+    let pos = ABSOLUTE_POS;
+    if pos < out.len() {
+        let p = pos as u32;
+        let i = p % inner;
+        let t = p / inner;
+        let j = t % count;
+        let o = t / count;
+        let id = ids[j as usize];
+        let mut v = F::new(0.0);
+        if id >= 0 {
+            let r = u32::cast_from(id);
+            if r < rows {
+                v = table[((o * rows + r) * inner + i) as usize];
+            }
+        }
+        out[pos] = v;
+    }
+}
+
+/// `out[i] = x[i]` converted from `S` to `D` (round to nearest even when narrowing), one
+/// unit per element. (Not named `cast`: the kernel's generated struct would be `Cast`,
+/// which shadows CubeCL's `Cast` trait inside it.)
+#[cube(launch, create_dummy_kernel)]
+pub fn convert<S: Float, D: Float>(x: &[S], out: &mut [D]) {
+    let pos = ABSOLUTE_POS;
+    if pos < out.len() {
+        out[pos] = D::cast_from(x[pos]);
+    }
+}
+
+/// The kernel element type of node `n`: its (single) output's float dtype, which every
+/// input but those in `int_inputs` (index inputs, which must be integers) shares.
+pub(crate) fn float_elem(g: &Graph, n: NodeId, int_inputs: &[usize]) -> Result<Elem, Unsupported> {
+    let node = g.node(n);
+    let no = |reason: String| Unsupported { op: node.op.name(), reason };
+    let [out] = node.outputs.as_slice() else {
+        return Err(no("more than one output".into()));
+    };
+    let elem = Elem::from_dtype(out.dtype).ok_or_else(|| no(format!("result dtype {} (only f32, f16 so far)", out.dtype.name())))?;
+    for (i, v) in g.inputs(n).iter().enumerate() {
+        let d = g.ty(*v).dtype;
+        if int_inputs.contains(&i) {
+            if !matches!(d, DType::I32 | DType::I64) {
+                return Err(no(format!("input {i} must be an integer index, not {}", d.name())));
+            }
+        } else if d != out.dtype {
+            return Err(no(format!("input dtype {} differs from the result's {}", d.name(), out.dtype.name())));
+        }
+    }
+    Ok(elem)
+}
+
+/// The box's rank once unit axes are dropped (what [`strided_copy`] is specialised on).
+fn box_rank(shape: &[Dim]) -> u32 {
+    shape.iter().filter(|d| !d.is(1)).count() as u32
+}
+
+/// The spec of a movement node, `None` when `n` is not one.
+pub(crate) fn spec(g: &Graph, n: NodeId) -> Option<Result<KernelSpec, Unsupported>> {
+    let node = g.node(n);
+    let out = node.outputs.first()?;
+    Some(match &node.op {
+        Op::Permute { .. } | Op::Slice { .. } | Op::Broadcast { .. } => {
+            float_elem(g, n, &[]).map(|elem| KernelSpec::Copy { elem, rank: box_rank(&out.shape) })
+        }
+        Op::Concat { .. } | Op::CacheAppend { .. } => float_elem(g, n, &[]).map(|elem| {
+            // One launch per input, each of that input's box; the spec names the highest rank.
+            let rank = g.inputs(n).iter().map(|&v| box_rank(&g.ty(v).shape)).max().unwrap_or(0);
+            KernelSpec::Copy { elem, rank }
+        }),
+        Op::Gather { .. } => float_elem(g, n, &[1]).map(|elem| KernelSpec::Gather { elem }),
+        Op::Cast { to } => {
+            let from = g.ty(g.inputs(n)[0]).dtype;
+            match (Elem::from_dtype(from), Elem::from_dtype(*to)) {
+                (Some(from), Some(to)) => Ok(KernelSpec::Cast { from, to }),
+                _ => {
+                    Err(Unsupported { op: "cast", reason: format!("a cast from {} to {} (only f32, f16 so far)", from.name(), to.name()) })
+                }
+            }
+        }
+        _ => return None,
+    })
+}
+
+/// Row-major strides of `shape`.
+fn strides(shape: &[Dim]) -> Vec<Size> {
+    (0..shape.len()).map(|i| Size::product(&shape[i + 1..])).collect()
+}
+
+/// `d · stride`, folded to 0 for a literal 0 (most offsets).
+fn offset(d: Dim, stride: Size) -> Size {
+    if d.is(0) {
+        Size::lit(0)
+    } else {
+        Size::Dim(d).mul(stride)
+    }
+}
+
+/// One [`strided_copy`] launch of the box `shape` (unit axes dropped here).
+fn copy_launch(elem: Elem, input: u16, shape: &[Dim], src: (Size, Vec<Size>), dst: (Size, Vec<Size>)) -> Launch {
+    let keep: Vec<usize> = (0..shape.len()).filter(|&i| !shape[i].is(1)).collect();
+    let count = Size::product(shape);
+    let grid = grid_x(count.clone().ceil_div(EW_BLOCK as i64));
+    let mut table = vec![count, src.0, dst.0];
+    table.extend(keep.iter().map(|&i| Size::Dim(shape[i])));
+    table.extend(keep.iter().map(|&i| src.1[i].clone()));
+    table.extend(keep.iter().map(|&i| dst.1[i].clone()));
+    Launch {
+        kernel: KernelSpec::Copy { elem, rank: keep.len() as u32 },
+        args: vec![Arg::Buf(Buf::Input(input)), Arg::Table(table), Arg::Buf(Buf::Output(0))],
+        grid,
+    }
+}
+
+/// The launches of a movement node whose spec is `spec` ([`spec`] accepted it).
+pub(crate) fn work(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
+    let node = g.node(n);
+    let ins: Vec<Vec<Dim>> = g.inputs(n).iter().map(|&v| g.ty(v).shape.0.clone()).collect();
+    let out = node.outputs[0].shape.0.clone();
+    let elem = spec.elem();
+    let zero = || Size::lit(0);
+    let contiguous = || (zero(), strides(&out));
+    let launch = |l: Launch| NodeWork::Launches { scratch: vec![], launches: vec![l] };
+    match &node.op {
+        Op::Permute { perm } => {
+            let st = strides(&ins[0]);
+            let src = perm.iter().map(|&p| st[p as usize].clone()).collect();
+            launch(copy_launch(elem, 0, &out, (zero(), src), contiguous()))
+        }
+        Op::Slice { axis, start, .. } => {
+            let st = strides(&ins[0]);
+            let offset = offset(*start, st[*axis as usize].clone());
+            launch(copy_launch(elem, 0, &out, (offset, st), contiguous()))
+        }
+        Op::Broadcast { .. } => {
+            // Right-aligned: output axis `pad + i` reads input axis `i`, stride 0 where
+            // the input has 1 (and along the new leading axes).
+            let (st, pad) = (strides(&ins[0]), out.len() - ins[0].len());
+            let src = (0..out.len()).map(|a| if a < pad || ins[0][a - pad].is(1) { zero() } else { st[a - pad].clone() }).collect();
+            launch(copy_launch(elem, 0, &out, (zero(), src), contiguous()))
+        }
+        Op::Concat { axis } | Op::CacheAppend { axis } => {
+            let (ax, ost) = (*axis as usize, strides(&out));
+            let mut before = Dim::lit(0);
+            let mut launches = Vec::with_capacity(ins.len());
+            for (i, s) in ins.iter().enumerate() {
+                let offset = offset(before, ost[ax].clone());
+                launches.push(copy_launch(elem, i as u16, s, (zero(), strides(s)), (offset, ost.clone())));
+                before = before + s[ax];
+            }
+            NodeWork::Launches { scratch: vec![], launches }
+        }
+        Op::Cast { .. } => {
+            let args = vec![Arg::Buf(Buf::Input(0)), Arg::Buf(Buf::Output(0))];
+            single(spec, args, grid_x(Size::product(&out).ceil_div(EW_BLOCK as i64)))
+        }
+        Op::Gather { axis } => {
+            let (t, ax) = (&ins[0], *axis as usize);
+            let args = vec![
+                Arg::Buf(Buf::Input(0)),
+                Arg::Buf(Buf::Input(1)),
+                Arg::Buf(Buf::Output(0)),
+                Arg::U32(Size::Dim(t[ax])),
+                Arg::U32(Size::product(&ins[1])),
+                Arg::U32(Size::product(&t[ax + 1..])),
+            ];
+            single(spec, args, grid_x(Size::product(&out).ceil_div(EW_BLOCK as i64)))
+        }
+        op => unreachable!("movement::work on {}", op.name()),
+    }
+}
