@@ -2,7 +2,11 @@
 
 pub mod checkpoint;
 pub mod cli;
+// The CUDA runtime (feature `cuda`); its launch-ABI module and tests build everywhere.
+#[cfg(any(feature = "cuda", test))]
+pub mod cuda;
 pub mod generate;
+pub mod plan_exec;
 pub mod reference;
 pub mod rng;
 pub mod sampling;

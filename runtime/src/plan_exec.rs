@@ -1,0 +1,233 @@
+//! Executes a [`Plan`] on any device: the plan walking that does not depend on how a
+//! device allocates memory or launches a kernel.
+//!
+//! A device implements [`Device`] (upload, allocate, download, and run one node's
+//! [`NodeWork`]); [`run_plan`] does the rest, as `plan.json` describes it: arguments come
+//! from the host and results go back to it, everything between stays on the device.
+//! Run-time sizes `b`, `c`, `s` are read off the arguments ([`bindings`]). Weights are
+//! uploaded on first use and kept in a [`DeviceWeights`] under their checkpoint names
+//! (`param_path(layer, name)`), so a layer body planned once binds each layer's weights
+//! at its call. Buffers the plan marks as released after a step are dropped there, which
+//! hands their memory back to the device's allocator.
+//!
+//! Both device runtimes run plans through this module: `wgpu::exec` and `cuda`.
+
+use crate::reference::{Tensor, Weights};
+use dsc_compiler::codegen::launch::NodeWork;
+use dsc_compiler::codegen::plan::{FunctionPlan, Plan, Source, Step};
+use dsc_compiler::ir::{param_path, Bindings, DType, Dim, Sym};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// What a device offers the plan walker. Buffers hold `len` elements of a dtype in the
+/// device's representation of it (the GPU runtimes: floats in the kernel's element type,
+/// integers as `i32`).
+pub trait Device {
+    /// A device buffer; cloning shares it (a reshape's alias, a cached weight).
+    type Buf: Clone;
+    /// Copies `t` to the device as `dtype`.
+    fn upload(&self, t: &Tensor, dtype: DType) -> Result<Self::Buf, String>;
+    /// A buffer of `len` elements of `dtype` that a step is about to write in full.
+    fn alloc(&self, len: usize, dtype: DType) -> Result<Self::Buf, String>;
+    /// Reads `b` back as a tensor of `shape` (`f32` for floats, `i32` for integers).
+    fn download(&self, b: &Self::Buf, shape: &[usize]) -> Result<Tensor, String>;
+    /// Runs one node's launches on `ins` and `outs` (slot order; outputs allocated).
+    fn execute(&self, work: &NodeWork, ins: &[Self::Buf], outs: &[Self::Buf], bind: &Bindings) -> Result<(), String>;
+    /// Bytes `b` occupies on the device.
+    fn bytes(b: &Self::Buf) -> usize;
+}
+
+/// Device copies of weights and constants, kept between runs.
+pub struct DeviceWeights<B> {
+    bufs: Mutex<HashMap<(String, DType), B>>,
+}
+
+impl<B> Default for DeviceWeights<B> {
+    fn default() -> Self {
+        DeviceWeights { bufs: Mutex::new(HashMap::new()) }
+    }
+}
+
+impl<B: Clone> DeviceWeights<B> {
+    pub fn new() -> DeviceWeights<B> {
+        DeviceWeights::default()
+    }
+
+    /// Bytes held on the device, as `size` counts a buffer.
+    pub fn bytes(&self, size: impl Fn(&B) -> usize) -> usize {
+        self.bufs.lock().unwrap_or_else(|e| e.into_inner()).values().map(size).sum()
+    }
+
+    /// The cached buffer under `key`, or `make`'s, cached.
+    fn get_or_upload(&self, key: (String, DType), make: impl FnOnce() -> Result<B, String>) -> Result<B, String> {
+        if let Some(b) = self.bufs.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(b.clone());
+        }
+        let b = make()?;
+        self.bufs.lock().unwrap_or_else(|e| e.into_inner()).insert(key, b.clone());
+        Ok(b)
+    }
+}
+
+/// Runs the plan's entry on host `args` (in the entry's argument order) with `weights`
+/// and returns its results as host tensors (`f32` for floats, `i32` for integers).
+pub fn run_plan<D: Device>(
+    dev: &D,
+    plan: &Plan,
+    args: &[Tensor],
+    weights: &dyn Weights,
+    cache: &DeviceWeights<D::Buf>,
+) -> Result<Vec<Tensor>, String> {
+    let entry = plan.functions.get(&plan.entry).ok_or_else(|| format!("the plan has no function `{}`", plan.entry))?;
+    if args.len() != entry.inputs.len() {
+        return Err(format!("{} arguments for `{}`, which takes {}", args.len(), plan.entry, entry.inputs.len()));
+    }
+    let bind = bindings(entry, args)?;
+    let on_device: Vec<D::Buf> =
+        args.iter().zip(&entry.inputs).map(|(t, &b)| dev.upload(t, entry.buffers[b].dtype)).collect::<Result<_, String>>()?;
+    let run = Run { dev, plan, weights, cache, bind };
+    let results = run.function(entry, on_device, None)?;
+    results
+        .iter()
+        .zip(&entry.results)
+        .map(|(d, &b)| {
+            let shape: Vec<usize> = entry.buffers[b].shape.eval(&bind).into_iter().map(|v| v as usize).collect();
+            dev.download(d, &shape)
+        })
+        .collect()
+}
+
+/// The run-time sizes, read off the arguments: a dim that is exactly `b`, `c` or `s`
+/// binds it; every argument must then match its declared shape. A size no argument
+/// shows is 0 (the cache length of a prefill).
+pub fn bindings(f: &FunctionPlan, args: &[Tensor]) -> Result<Bindings, String> {
+    let mut sizes: [Option<u64>; 3] = [None; 3];
+    for (t, &b) in args.iter().zip(&f.inputs) {
+        let decl = &f.buffers[b].shape;
+        if decl.rank() != t.rank() {
+            return Err(format!("argument {} has shape {:?}, declared {}", name_of(f, b), t.shape(), shape_text(&decl.0)));
+        }
+        for (d, &n) in decl.0.iter().zip(t.shape()) {
+            for s in Sym::ALL {
+                if *d == sym_dim(s) {
+                    match sizes[s as usize] {
+                        Some(v) if v != n as u64 => {
+                            return Err(format!("argument {} sets {} = {n}, another set it to {v}", name_of(f, b), s.letter()))
+                        }
+                        _ => sizes[s as usize] = Some(n as u64),
+                    }
+                }
+            }
+        }
+    }
+    let bind = Bindings { batch: sizes[0].unwrap_or(0), cache: sizes[1].unwrap_or(0), seq: sizes[2].unwrap_or(0) };
+    for (t, &b) in args.iter().zip(&f.inputs) {
+        let want: Vec<usize> = f.buffers[b].shape.eval(&bind).into_iter().map(|v| v as usize).collect();
+        if want != t.shape() {
+            return Err(format!(
+                "argument {} has shape {:?}, expected {want:?} ({})",
+                name_of(f, b),
+                t.shape(),
+                shape_text(&f.buffers[b].shape.0)
+            ));
+        }
+    }
+    Ok(bind)
+}
+
+fn sym_dim(s: Sym) -> Dim {
+    match s {
+        Sym::Batch => Dim::B,
+        Sym::Cache => Dim::C,
+        Sym::Seq => Dim::S,
+    }
+}
+
+fn name_of(f: &FunctionPlan, b: usize) -> String {
+    match &f.buffers[b].source {
+        Source::Input { name, .. } => format!("`{name}`"),
+        _ => format!("#{b}"),
+    }
+}
+
+fn shape_text(d: &[Dim]) -> String {
+    format!("[{}]", d.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "))
+}
+
+struct Run<'a, D: Device> {
+    dev: &'a D,
+    plan: &'a Plan,
+    weights: &'a dyn Weights,
+    cache: &'a DeviceWeights<D::Buf>,
+    bind: Bindings,
+}
+
+impl<D: Device> Run<'_, D> {
+    fn function(&self, f: &FunctionPlan, args: Vec<D::Buf>, layer: Option<u32>) -> Result<Vec<D::Buf>, String> {
+        let mut env: Vec<Option<D::Buf>> = vec![None; f.buffers.len()];
+        for (a, &b) in args.into_iter().zip(&f.inputs) {
+            env[b] = Some(a);
+        }
+        for (i, buf) in f.buffers.iter().enumerate() {
+            match &buf.source {
+                Source::Param { name } => env[i] = Some(self.weight(&param_path(layer, name), buf.dtype)?),
+                Source::Const { value } => env[i] = Some(self.constant(*value, buf.dtype)?),
+                _ => {}
+            }
+        }
+        let get =
+            |env: &[Option<D::Buf>], b: usize| env[b].clone().ok_or_else(|| format!("{}: buffer #{b} read before it is written", f.name));
+        for (step, release) in f.steps.iter().zip(&f.release) {
+            match step {
+                Step::Node { label, inputs, outputs, work } => {
+                    let ins: Vec<D::Buf> = inputs.iter().map(|&b| get(&env, b)).collect::<Result<_, _>>()?;
+                    let outs: Vec<D::Buf> = match work {
+                        NodeWork::Alias(k) => vec![ins[*k as usize].clone()],
+                        NodeWork::Launches { .. } => outputs
+                            .iter()
+                            .map(|&b| {
+                                let len = f.buffers[b].len().eval(&self.bind);
+                                let len = usize::try_from(len).map_err(|_| format!("{}: buffer #{b} has {len} elements", f.name))?;
+                                self.dev.alloc(len, f.buffers[b].dtype)
+                            })
+                            .collect::<Result<_, String>>()?,
+                    };
+                    self.dev.execute(work, &ins, &outs, &self.bind).map_err(|e| format!("{}: {label}: {e}", f.name))?;
+                    for (o, &b) in outs.into_iter().zip(outputs) {
+                        env[b] = Some(o);
+                    }
+                }
+                Step::Call { function, layer, args, results } => {
+                    let callee =
+                        self.plan.functions.get(function).ok_or_else(|| format!("{}: calls `{function}`, not in the plan", f.name))?;
+                    let a: Vec<D::Buf> = args.iter().map(|&b| get(&env, b)).collect::<Result<_, _>>()?;
+                    let r = self.function(callee, a, *layer)?;
+                    for (o, &b) in r.into_iter().zip(results) {
+                        env[b] = Some(o);
+                    }
+                }
+            }
+            for &b in release {
+                env[b] = None;
+            }
+        }
+        f.results.iter().map(|&b| get(&env, b)).collect()
+    }
+
+    fn weight(&self, name: &str, dtype: DType) -> Result<D::Buf, String> {
+        self.cache.get_or_upload((name.to_string(), dtype), || {
+            let t = self.weights.get(name).ok_or_else(|| format!("no weight `{name}`"))?;
+            self.dev.upload(t, dtype)
+        })
+    }
+
+    fn constant(&self, value: f64, dtype: DType) -> Result<D::Buf, String> {
+        self.cache.get_or_upload((format!("const:{:016x}", value.to_bits()), dtype), || {
+            let t = match dtype {
+                DType::I32 | DType::I64 => Tensor::i32(&[], vec![value as i32]),
+                _ => Tensor::f32(&[], vec![value as f32]),
+            };
+            self.dev.upload(&t, dtype)
+        })
+    }
+}
