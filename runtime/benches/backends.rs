@@ -98,13 +98,34 @@ fn cases() -> Vec<Case> {
     };
     let idx: Vec<i64> = (0..t * top).map(|i| ((i * 37) % e) as i64).collect();
     vec![
-        Case { name: "matmul 64x1024 · 1024x1024ᵀ", op: Op::MatMul, inputs: vec![f(&[m, k], 1), f(&[n, k], 2)], flops: 2.0 * (m * k * n) as f64 },
-        Case { name: "rms_norm 64x4096", op: Op::RmsNorm { eps: Float::new(1e-6) }, inputs: vec![f(&[64, 4096], 3), f(&[4096], 4)], flops: 0.0 },
+        Case {
+            name: "matmul 64x1024 · 1024x1024ᵀ",
+            op: Op::MatMul,
+            inputs: vec![f(&[m, k], 1), f(&[n, k], 2)],
+            flops: 2.0 * (m * k * n) as f64,
+        },
+        Case {
+            name: "rms_norm 64x4096",
+            op: Op::RmsNorm { eps: Float::new(1e-6) },
+            inputs: vec![f(&[64, 4096], 3), f(&[4096], 4)],
+            flops: 0.0,
+        },
         Case { name: "softmax 1024x1024", op: Op::Softmax { axis: 1 }, inputs: vec![f(&[1024, 1024], 5)], flops: 0.0 },
-        Case { name: "mul 64x8192", op: Op::Binary(dsc_compiler::ir::BinaryOp::Mul), inputs: vec![f(&[64, 8192], 6), f(&[64, 8192], 7)], flops: 0.0 },
+        Case {
+            name: "mul 64x8192",
+            op: Op::Binary(dsc_compiler::ir::BinaryOp::Mul),
+            inputs: vec![f(&[64, 8192], 6), f(&[64, 8192], 7)],
+            flops: 0.0,
+        },
         Case {
             name: "attention decode b4 c1024 h16 d128",
-            op: Op::Attention { heads: h as u32, kv_heads: h as u32, scale: Float::new(1.0 / (d as f64).sqrt()), causal: true, masked: false },
+            op: Op::Attention {
+                heads: h as u32,
+                kv_heads: h as u32,
+                scale: Float::new(1.0 / (d as f64).sqrt()),
+                causal: true,
+                masked: false,
+            },
             inputs: vec![f(&[b, 1, h, d], 8), f(&[b, c, h, d], 9), f(&[b, c, h, d], 10)],
             flops: 4.0 * (b * c * h * d) as f64,
         },
@@ -114,12 +135,7 @@ fn cases() -> Vec<Case> {
             inputs: vec![f(&[4, 64, 16, 128], 11), ids(&[4, 64], 4096)],
             flops: 0.0,
         },
-        Case {
-            name: "moe_route 256 tokens, 64 experts, top 6",
-            op: Op::MoeRoute(route),
-            inputs: vec![f(&[256, e], 12)],
-            flops: 0.0,
-        },
+        Case { name: "moe_route 256 tokens, 64 experts, top 6", op: Op::MoeRoute(route), inputs: vec![f(&[256, e], 12)], flops: 0.0 },
         Case {
             name: "expert_ffn 64 tokens, 64 experts 512→256, top 6",
             op: Op::ExpertFfn,
@@ -195,7 +211,10 @@ fn main() {
     }
 
     println!("\n== whole models (golden/hf fixtures): prefill of both prompts, greedy decode of 16 tokens ==");
-    println!("{:<18} {:>14} {:>14} {:>9} {:>14} {:>14} {:>9}", "case", "ref prefill ms", "dev prefill ms", "ref/dev", "ref decode t/s", "dev decode t/s", "dev/ref");
+    println!(
+        "{:<18} {:>14} {:>14} {:>9} {:>14} {:>14} {:>9}",
+        "case", "ref prefill ms", "dev prefill ms", "ref/dev", "ref decode t/s", "dev decode t/s", "dev/ref"
+    );
     for case in ["llama_dense", "llama_gqa", "deepseek_v2", "deepseek_v2_lite", "deepseek_v3"] {
         if !want(case) {
             continue;
@@ -227,7 +246,15 @@ fn main() {
         };
         let r = measure(&reference).expect("reference generate");
         match measure(&device) {
-            Ok(d) => println!("{case:<18} {:>14.2} {:>14.2} {:>9.2} {:>14.0} {:>14.0} {:>9.2}", r.0 * 1e3, d.0 * 1e3, r.0 / d.0, r.1, d.1, d.1 / r.1),
+            Ok(d) => println!(
+                "{case:<18} {:>14.2} {:>14.2} {:>9.2} {:>14.0} {:>14.0} {:>9.2}",
+                r.0 * 1e3,
+                d.0 * 1e3,
+                r.0 / d.0,
+                r.1,
+                d.1,
+                d.1 / r.1
+            ),
             Err(e) => println!("{case:<18} {:>14.2} (wgpu: {e})", r.0 * 1e3),
         }
     }

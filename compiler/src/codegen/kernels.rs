@@ -5,7 +5,8 @@
 //! Launch shapes (the host side, `dsc_runtime::wgpu`, follows them):
 //! - [`fused_ew`]: 1-D, one unit per output element, [`EW_BLOCK`] units per cube.
 //! - [`rms_norm`], [`softmax`]: one cube per row, [`ROW_BLOCK`] units per cube.
-//! - [`matmul`]: [`TILE`]×[`TILE`] units per cube, one cube per output tile.
+//! - [`matmul`]: [`MM_UNITS`]×[`MM_UNITS`] units per cube, one cube per [`MM_TILE`]²
+//!   output tile, [`MM_REG`]² outputs per unit.
 
 use cubecl::prelude::*;
 
@@ -22,8 +23,25 @@ pub const ROW_BLOCK: u32 = 128;
 /// `log2(ROW_BLOCK)`: the reduction is a comptime-unrolled halving loop (a runtime
 /// `while` over a shared-memory index trips a CubeCL 0.11.3 verifier bug, CUBECL.md §2).
 pub const ROW_BLOCK_LOG2: u32 = 7;
-/// Side of the matmul's square shared-memory tiles.
+/// Side of the square shared-memory tiles of the batched matmul and the grouped expert
+/// GEMMs (one output per unit).
 pub const TILE: u32 = 16;
+/// Side of the output tile one cube of [`matmul`], [`heads::matmul_ew`] and
+/// [`heads::matmul_gate_up`] computes.
+pub const MM_TILE: u32 = 64;
+/// Units per side of those cubes ([`MM_UNITS`]² units per cube).
+pub const MM_UNITS: u32 = 8;
+/// Outputs per unit per side: each unit accumulates `MM_REG`² outputs in registers, at
+/// rows `ty + i·MM_UNITS` and columns `tx + j·MM_UNITS` of the tile (strided, so
+/// neighbouring units touch neighbouring addresses). On lavapipe 8×8 per unit ran ~2×
+/// faster than 4×4 with 256 units, and 16×16 spilled.
+pub const MM_REG: u32 = MM_TILE / MM_UNITS;
+/// The k extent of one staged step (two barriers per step).
+pub const MM_BK: u32 = 16;
+/// Row stride of a staged `[kk][r]` tile: one padding element against bank conflicts.
+pub const MM_STRIDE: u32 = MM_TILE + 1;
+/// Elements of one staged tile in the matmuls' shared buffer.
+pub const MM_STAGE: u32 = MM_BK * MM_STRIDE;
 
 /// How the elementwise kernel reads one input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -269,44 +287,98 @@ pub fn softmax<F: Float>(x: &[F], out: &mut [F], cols: u32) {
 }
 
 /// `out[m, n] = Σ_k x[m, k] · w[n, k]` (the IR's `matmul`: a torch `Linear` weight
-/// `[out, in]`). Tiles of x and w are staged in shared memory; loads outside the matrix
-/// read as 0 so any M, N, K works.
+/// `[out, in]`), register-blocked: one cube per [`MM_TILE`]² output tile, each of its
+/// [`MM_UNITS`]² units accumulating [`MM_REG`]² outputs in `f32` (see [`mm_stage`] and
+/// [`mm_step`]); loads outside the matrices read as 0 so any M, N, K works.
 #[cube(launch, create_dummy_kernel)]
 pub fn matmul<F: Float>(x: &[F], w: &[F], out: &mut [F], m: u32, n: u32, k: u32) {
-    let tx = UNIT_POS_X; // along n
-    let ty = UNIT_POS_Y; // along m
-    let row = CUBE_POS_Y * TILE + ty;
-    let col = CUBE_POS_X * TILE + tx;
-    // One shared buffer holding both tiles (x's at 0, w's at TILE²): with two, CubeCL
-    // 0.11.3 lays them out in a different order from run to run, and the generated
-    // source must be byte-identical.
-    let mut tiles_mem = Shared::<[F]>::new_slice((2 * TILE * TILE) as usize);
-    let wo = TILE * TILE;
-    let mut acc = F::new(0.0);
-    let tiles = k.div_ceil(TILE);
-    for t in 0..tiles {
-        let kx = t * TILE + tx;
-        // x tile [ty][tx] = x[row, kx]; w tile [tx][ty] = w[wn, kx] with wn the tile's
-        // column ty, so that the inner loop reads w tile [kk][tx] = w[col, t*TILE + kk].
-        let mut xv = F::new(0.0);
-        if row < m && kx < k {
-            xv = x[(row * k + kx) as usize];
-        }
-        tiles_mem[(ty * TILE + tx) as usize] = xv;
-        let wn = CUBE_POS_X * TILE + ty;
-        let mut wv = F::new(0.0);
-        if wn < n && kx < k {
-            wv = w[(wn * k + kx) as usize];
-        }
-        tiles_mem[(wo + tx * TILE + ty) as usize] = wv;
+    let tx = UNIT_POS_X;
+    let ty = UNIT_POS_Y;
+    let row0 = CUBE_POS_Y * MM_TILE;
+    let col0 = CUBE_POS_X * MM_TILE;
+    // One shared buffer holding both staged tiles (x's at 0, w's at MM_STAGE): with two,
+    // CubeCL 0.11.3 lays them out in a different order from run to run, and the
+    // generated source must be byte-identical.
+    let mut smem = Shared::<[F]>::new_slice(comptime![(2 * MM_STAGE) as usize]);
+    let mut acc = mm_zero();
+    for t in 0..k.div_ceil(MM_BK) {
+        let k0 = t * MM_BK;
+        mm_stage::<F>(x, &mut smem, 0u32, row0, m, k0, k);
+        mm_stage::<F>(w, &mut smem, MM_STAGE, col0, n, k0, k);
         sync_cube();
-        #[unroll]
-        for kk in 0..TILE {
-            acc += tiles_mem[(ty * TILE + kk) as usize] * tiles_mem[(wo + kk * TILE + tx) as usize];
-        }
+        mm_step::<F>(&smem, MM_STAGE, &mut acc, tx, ty);
         sync_cube();
     }
-    if row < m && col < n {
-        out[(row * n + col) as usize] = acc;
+    #[unroll]
+    for i in 0..MM_REG {
+        let row = row0 + ty + i * MM_UNITS;
+        #[unroll]
+        for j in 0..MM_REG {
+            let col = col0 + tx + j * MM_UNITS;
+            if row < m && col < n {
+                out[(row * n + col) as usize] = F::cast_from(acc[(i * MM_REG + j) as usize]);
+            }
+        }
+    }
+}
+
+/// The matmuls' accumulators, [`MM_REG`]² zeros (`acc[i·MM_REG + j]` is the output at
+/// row `ty + i·MM_UNITS`, column `tx + j·MM_UNITS` of the cube's tile).
+#[cube]
+pub fn mm_zero() -> Array<f32> {
+    let mut acc = Array::<f32>::new(comptime![(MM_REG * MM_REG) as usize]);
+    #[unroll]
+    for i in 0..comptime![MM_REG * MM_REG] {
+        acc[i as usize] = 0.0;
+    }
+    acc
+}
+
+/// Stages `src[r0 .. r0 + MM_TILE, k0 .. k0 + MM_BK]` (`src` is `[rows, k]`, row-major)
+/// into `smem[off ..]` transposed, `[kk][r]` with a row stride of [`MM_STRIDE`]
+/// (`MM_TILE + 1`, so a warp's transposed stores fall in distinct banks); elements
+/// outside `rows × k` are 0. Consecutive units read consecutive `k` (coalesced); each
+/// unit loads `MM_TILE · MM_BK / MM_UNITS²` elements.
+#[cube]
+pub fn mm_stage<F: Float>(src: &[F], smem: &mut Shared<[F]>, #[comptime] off: u32, r0: u32, rows: u32, k0: u32, k: u32) {
+    let tid = UNIT_POS_Y * MM_UNITS + UNIT_POS_X;
+    #[unroll]
+    for s in 0..comptime![MM_TILE * MM_BK / (MM_UNITS * MM_UNITS)] {
+        let e = tid + s * comptime![MM_UNITS * MM_UNITS];
+        let r = e / MM_BK;
+        let kk = e % MM_BK;
+        let gr = r0 + r;
+        let gk = k0 + kk;
+        let mut v = F::new(0.0);
+        if gr < rows && gk < k {
+            v = src[(gr * k + gk) as usize];
+        }
+        smem[(off + kk * MM_STRIDE + r) as usize] = v;
+    }
+}
+
+/// One k step of the register-blocked product: `acc[i, j] += Σ_kk xs[kk][ty + i·MM_UNITS]
+/// · ws[kk][tx + j·MM_UNITS]` over a staged x tile at `smem[0 ..]` and a staged weight
+/// tile at `smem[wo ..]`, both as [`mm_stage`] writes them; products in `f32`.
+#[cube]
+pub fn mm_step<F: Float>(smem: &Shared<[F]>, #[comptime] wo: u32, acc: &mut Array<f32>, tx: u32, ty: u32) {
+    // A run-time loop over the staged k: unrolling it too would repeat the 64
+    // multiply-adds 16 times, making each matmul's source ~200 KB and `dsc compile` of a
+    // full spec take seconds, for no gain on lavapipe (measured) and little on GPUs.
+    for kk in 0..MM_BK {
+        let mut a = Array::<f32>::new(comptime![MM_REG as usize]);
+        let mut b = Array::<f32>::new(comptime![MM_REG as usize]);
+        #[unroll]
+        for i in 0..MM_REG {
+            a[i as usize] = f32::cast_from(smem[(kk * MM_STRIDE + ty + i * MM_UNITS) as usize]);
+            b[i as usize] = f32::cast_from(smem[(wo + kk * MM_STRIDE + tx + i * MM_UNITS) as usize]);
+        }
+        #[unroll]
+        for i in 0..MM_REG {
+            #[unroll]
+            for j in 0..MM_REG {
+                acc[(i * MM_REG + j) as usize] += a[i as usize] * b[j as usize];
+            }
+        }
     }
 }

@@ -230,7 +230,7 @@ pub fn node_work(g: &Graph, n: NodeId) -> Result<NodeWork, Unsupported> {
             let m = Size::product(&d[..d.len() - 1]);
             let nn = *d.last().unwrap();
             let k = ins[1].0[1];
-            let t = super::kernels::TILE as i64;
+            let t = super::kernels::MM_TILE as i64;
             let mut args = io(2);
             args.extend([Arg::U32(m.clone()), Arg::U32(Size::Dim(nn)), Arg::U32(Size::Dim(k))]);
             single(spec, args, [Size::Dim(nn).ceil_div(t), m.ceil_div(t), Size::lit(1)])
@@ -250,6 +250,7 @@ pub fn elem_dtype(e: Elem) -> DType {
     match e {
         Elem::F32 => DType::F32,
         Elem::F16 => DType::F16,
+        Elem::Bf16 => DType::Bf16,
     }
 }
 

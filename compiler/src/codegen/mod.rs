@@ -24,11 +24,14 @@ use kernels::{Access, EwOp, EwProgram};
 use std::fmt;
 use std::sync::Arc;
 
-/// The float type a kernel computes in (and all its buffers hold).
+/// The float type a kernel's buffers hold (the kernels accumulate in `f32` where it
+/// matters: matmuls, norms, attention). `bf16`, the published DeepSeek checkpoints'
+/// dtype, exists in CUDA C++ but not in WGSL ([`Elem::on`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Elem {
     F32,
     F16,
+    Bf16,
 }
 
 impl Elem {
@@ -36,6 +39,7 @@ impl Elem {
         match d {
             DType::F32 => Some(Elem::F32),
             DType::F16 => Some(Elem::F16),
+            DType::Bf16 => Some(Elem::Bf16),
             _ => None,
         }
     }
@@ -43,6 +47,14 @@ impl Elem {
         match self {
             Elem::F32 => "f32",
             Elem::F16 => "f16",
+            Elem::Bf16 => "bf16",
+        }
+    }
+    /// Whether `target` has this type, or why not.
+    pub fn on(self, target: Target) -> Result<(), String> {
+        match (self, target) {
+            (Elem::Bf16, Target::Wgsl) => Err("WGSL has no bf16: compile for --target cuda, or give the spec dtype f16 or f32".into()),
+            _ => Ok(()),
         }
     }
 }
@@ -144,7 +156,17 @@ impl KernelSpec {
         if let Some(spec) = kernels::moe::spec_from_node(g, n) {
             return spec;
         }
-        if !matches!(node.op, Op::Unary(_) | Op::Binary(_) | Op::Fused(_) | Op::RmsNorm { .. } | Op::Softmax { .. } | Op::MatMul | Op::Attention { .. } | Op::BatchMatMul) {
+        if !matches!(
+            node.op,
+            Op::Unary(_)
+                | Op::Binary(_)
+                | Op::Fused(_)
+                | Op::RmsNorm { .. }
+                | Op::Softmax { .. }
+                | Op::MatMul
+                | Op::Attention { .. }
+                | Op::BatchMatMul
+        ) {
             return Err(no("no kernel yet"));
         }
         let inputs: Vec<Ty> = g.inputs(n).iter().map(|&v| g.ty(v).clone()).collect();
@@ -154,7 +176,8 @@ impl KernelSpec {
         if node.outputs.len() != 1 {
             return Err(no("more than one output"));
         }
-        let elem = Elem::from_dtype(out.dtype).ok_or_else(|| no(&format!("result dtype {} (only f32, f16 so far)", out.dtype.name())))?;
+        let elem =
+            Elem::from_dtype(out.dtype).ok_or_else(|| no(&format!("result dtype {} (kernels hold f32, f16 or bf16)", out.dtype.name())))?;
         if let Some(t) = inputs.iter().find(|t| t.dtype != out.dtype) {
             return Err(no(&format!("input dtype {} differs from the result's {}", t.dtype.name(), out.dtype.name())));
         }
@@ -206,7 +229,9 @@ impl KernelSpec {
             KernelSpec::Elementwise { elem, .. } => format!("ew_{}_{}", elem.name(), h()),
             KernelSpec::Copy { elem, rank } => format!("copy_{}_r{rank}", elem.name()),
             KernelSpec::Gather { elem } => format!("gather_{}", elem.name()),
-            KernelSpec::Rope { elem, interleaved } => format!("rope_{}_{}", elem.name(), if *interleaved { "interleaved" } else { "half_split" }),
+            KernelSpec::Rope { elem, interleaved } => {
+                format!("rope_{}_{}", elem.name(), if *interleaved { "interleaved" } else { "half_split" })
+            }
             KernelSpec::MatMulEw { elem, .. } => format!("matmul_ew_{}_{}", elem.name(), h()),
             KernelSpec::RmsNormEw { elem, .. } => format!("rms_norm_ew_{}_{}", elem.name(), h()),
             KernelSpec::GateUp { elem } => format!("matmul_gate_up_{}", elem.name()),
@@ -222,6 +247,16 @@ impl KernelSpec {
             KernelSpec::MoeGateUp { elem } => format!("moe_gate_up_{}", elem.name()),
             KernelSpec::MoeDown { elem } => format!("moe_down_{}", elem.name()),
             KernelSpec::MoeCombine { elem, weights } => format!("moe_combine_{}_{}", elem.name(), weights.name()),
+        }
+    }
+
+    /// Whether `target` has every element type this kernel uses, or why not.
+    pub fn check_target(&self, target: Target) -> Result<(), String> {
+        self.elem().on(target)?;
+        match self {
+            KernelSpec::Cast { from, .. } => from.on(target),
+            KernelSpec::MoeCombine { weights, .. } => weights.on(target),
+            _ => Ok(()),
         }
     }
 
@@ -368,9 +403,10 @@ pub fn cube_dim(spec: &KernelSpec) -> CubeDim {
         KernelSpec::Copy { .. } | KernelSpec::Gather { .. } | KernelSpec::Rope { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
         KernelSpec::Cast { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
         KernelSpec::RmsNormEw { .. } => CubeDim::new_1d(kernels::ROW_BLOCK),
-        KernelSpec::MatMulEw { .. } | KernelSpec::GateUp { .. } => CubeDim::new_2d(kernels::TILE, kernels::TILE),
+        KernelSpec::MatMulEw { .. } | KernelSpec::GateUp { .. } => CubeDim::new_2d(kernels::MM_UNITS, kernels::MM_UNITS),
         KernelSpec::RmsNorm { .. } | KernelSpec::Softmax { .. } => CubeDim::new_1d(kernels::ROW_BLOCK),
-        KernelSpec::MatMul { .. } | KernelSpec::BatchMatMul { .. } => CubeDim::new_2d(kernels::TILE, kernels::TILE),
+        KernelSpec::MatMul { .. } => CubeDim::new_2d(kernels::MM_UNITS, kernels::MM_UNITS),
+        KernelSpec::BatchMatMul { .. } => CubeDim::new_2d(kernels::TILE, kernels::TILE),
         KernelSpec::Attention { .. } => CubeDim::new_1d(kernels::attention::ATTN_BLOCK),
         KernelSpec::MoeRoute { .. } | KernelSpec::TopK { .. } | KernelSpec::MoeDispatch | KernelSpec::MoeCombine { .. } => {
             CubeDim::new_1d(kernels::moe::SELECT_BLOCK)
@@ -421,12 +457,25 @@ fn source_for<F: Float + CubeElement>(spec: &KernelSpec, target: Target) -> (Str
         }
         KernelSpec::MatMulEw { epilogue, .. } => {
             let inputs = SequenceCompilationArg::<Box<[F]>> { values: epilogue.loads.iter().map(|_| b()).collect() };
-            let k = kernels::heads::matmul_ew::MatmulEw::<F>::new(settings, p, tp, b(), b(), b(), b(), (), (), (), inputs, epilogue.clone());
+            let k =
+                kernels::heads::matmul_ew::MatmulEw::<F>::new(settings, p, tp, b(), b(), b(), b(), (), (), (), inputs, epilogue.clone());
             compile(k, name, target)
         }
         KernelSpec::RmsNormEw { eps_bits, epilogue, .. } => {
             let inputs = SequenceCompilationArg::<Box<[F]>> { values: epilogue.loads.iter().map(|_| b()).collect() };
-            let k = kernels::heads::rms_norm_ew::RmsNormEw::<F>::new(settings, p, tp, b(), b(), b(), b(), (), inputs, *eps_bits, epilogue.clone());
+            let k = kernels::heads::rms_norm_ew::RmsNormEw::<F>::new(
+                settings,
+                p,
+                tp,
+                b(),
+                b(),
+                b(),
+                b(),
+                (),
+                inputs,
+                *eps_bits,
+                epilogue.clone(),
+            );
             compile(k, name, target)
         }
         KernelSpec::GateUp { .. } => {
@@ -434,8 +483,25 @@ fn source_for<F: Float + CubeElement>(spec: &KernelSpec, target: Target) -> (Str
         }
         // The two element types are the spec's, not `F` (which is `to`).
         KernelSpec::Cast { from, to } => match (from, to) {
-            (Elem::F32, Elem::F16) => compile(kernels::movement::convert::Convert::<f32, half::f16>::new(settings, p, tp, b(), b()), name, target),
-            (Elem::F16, Elem::F32) => compile(kernels::movement::convert::Convert::<half::f16, f32>::new(settings, p, tp, b(), b()), name, target),
+            (Elem::F32, Elem::F16) => {
+                compile(kernels::movement::convert::Convert::<f32, half::f16>::new(settings, p, tp, b(), b()), name, target)
+            }
+            (Elem::F16, Elem::F32) => {
+                compile(kernels::movement::convert::Convert::<half::f16, f32>::new(settings, p, tp, b(), b()), name, target)
+            }
+            (Elem::F32, Elem::Bf16) => {
+                compile(kernels::movement::convert::Convert::<f32, half::bf16>::new(settings, p, tp, b(), b()), name, target)
+            }
+            (Elem::Bf16, Elem::F32) => {
+                compile(kernels::movement::convert::Convert::<half::bf16, f32>::new(settings, p, tp, b(), b()), name, target)
+            }
+            (Elem::F16, Elem::Bf16) => {
+                compile(kernels::movement::convert::Convert::<half::f16, half::bf16>::new(settings, p, tp, b(), b()), name, target)
+            }
+            (Elem::Bf16, Elem::F16) => {
+                compile(kernels::movement::convert::Convert::<half::bf16, half::f16>::new(settings, p, tp, b(), b()), name, target)
+            }
+            // Same type on both sides: a copy.
             _ => compile(kernels::movement::convert::Convert::<F, F>::new(settings, p, tp, b(), b()), name, target),
         },
         KernelSpec::RmsNorm { eps_bits, .. } => {
@@ -443,9 +509,11 @@ fn source_for<F: Float + CubeElement>(spec: &KernelSpec, target: Target) -> (Str
         }
         KernelSpec::Softmax { .. } => compile(kernels::softmax::Softmax::<F>::new(settings, p, tp, b(), b(), ()), name, target),
         KernelSpec::MatMul { .. } => compile(kernels::matmul::Matmul::<F>::new(settings, p, tp, b(), b(), b(), (), (), ()), name, target),
-        KernelSpec::Attention { cfg, .. } => {
-            compile(kernels::attention::attention::Attention::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), (), (), (), *cfg), name, target)
-        }
+        KernelSpec::Attention { cfg, .. } => compile(
+            kernels::attention::attention::Attention::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), (), (), (), *cfg),
+            name,
+            target,
+        ),
         KernelSpec::BatchMatMul { .. } => {
             compile(kernels::attention::batch_matmul::BatchMatmul::<F>::new(settings, p, tp, b(), b(), b(), (), (), ()), name, target)
         }
@@ -465,10 +533,19 @@ fn source_for<F: Float + CubeElement>(spec: &KernelSpec, target: Target) -> (Str
             compile(kernels::moe::moe_down::MoeDown::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), (), (), ()), name, target)
         }
         KernelSpec::MoeCombine { weights, .. } => match weights {
-            Elem::F32 => compile(kernels::moe::moe_combine::MoeCombine::<F, f32>::new(settings, p, tp, b(), b(), b(), b(), (), ()), name, target),
-            Elem::F16 => {
-                compile(kernels::moe::moe_combine::MoeCombine::<F, half::f16>::new(settings, p, tp, b(), b(), b(), b(), (), ()), name, target)
+            Elem::F32 => {
+                compile(kernels::moe::moe_combine::MoeCombine::<F, f32>::new(settings, p, tp, b(), b(), b(), b(), (), ()), name, target)
             }
+            Elem::F16 => compile(
+                kernels::moe::moe_combine::MoeCombine::<F, half::f16>::new(settings, p, tp, b(), b(), b(), b(), (), ()),
+                name,
+                target,
+            ),
+            Elem::Bf16 => compile(
+                kernels::moe::moe_combine::MoeCombine::<F, half::bf16>::new(settings, p, tp, b(), b(), b(), b(), (), ()),
+                name,
+                target,
+            ),
         },
     }
 }
@@ -487,6 +564,7 @@ pub fn kernel_source_and_shared_bytes(spec: &KernelSpec, target: Target) -> (Str
     let (text, shared) = match spec.elem() {
         Elem::F32 => source_for::<f32>(spec, target),
         Elem::F16 => source_for::<half::f16>(spec, target),
+        Elem::Bf16 => source_for::<half::bf16>(spec, target),
     };
     let comment = format!(
         "// dsc kernel {}: {:?}\n// Generated by CubeCL 0.11.3; the launch ABI is CubeCL's (buffers, then info_st).\n",
@@ -522,8 +600,12 @@ mod tests {
         assert_eq!(add.name(), format!("ew_f32_{:016x}", fnv1a(format!("{add:?}").as_bytes())));
         assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c, "the published FNV-1a test vector");
         assert_eq!(node(Op::MatMul, &[&[5, 7], &[3, 7]], DType::F16).unwrap().name(), "matmul_f16");
-        let e = node(Op::MatMul, &[&[5, 7], &[3, 7]], DType::Bf16).unwrap_err();
-        assert_eq!(e.to_string(), "matmul: result dtype bf16 (only f32, f16 so far)");
+        let bf = node(Op::MatMul, &[&[5, 7], &[3, 7]], DType::Bf16).unwrap();
+        assert_eq!(bf.name(), "matmul_bf16");
+        assert!(bf.check_target(Target::Cuda).is_ok());
+        assert!(bf.check_target(Target::Wgsl).unwrap_err().contains("WGSL has no bf16"));
+        let e = node(Op::MatMul, &[&[5, 7], &[3, 7]], DType::F8E4M3).unwrap_err();
+        assert_eq!(e.to_string(), "matmul: result dtype f8e4m3 (kernels hold f32, f16 or bf16)");
         let e = node(Op::Softmax { axis: 0 }, &[&[5, 7]], DType::F32).unwrap_err();
         assert!(e.reason.contains("other than the last"), "{e}");
         let r = node(Op::RmsNorm { eps: Float::new(1e-6) }, &[&[5, 7], &[7]], DType::F32).unwrap();

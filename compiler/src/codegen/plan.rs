@@ -290,7 +290,8 @@ fn plan_function(f: &Function, unsupported: &mut Vec<String>) -> FunctionPlan {
         let outs_ty = node.outputs.clone();
         match &node.op {
             Op::Input { index, name } => {
-                let b = new_buf(&mut buffers, outs_ty[0].dtype, outs_ty[0].shape.clone(), Source::Input { index: *index, name: name.clone() });
+                let b =
+                    new_buf(&mut buffers, outs_ty[0].dtype, outs_ty[0].shape.clone(), Source::Input { index: *index, name: name.clone() });
                 inputs.push((*index, b));
                 of_value.insert(n.out(0), b);
             }

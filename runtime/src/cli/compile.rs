@@ -181,7 +181,7 @@ pub fn compile_target_cmd(
     passes::compile(&mut module, &selection, &mut cx).map_err(|e| pipeline_error(&spec, &e))?;
 
     std::fs::create_dir_all(out_dir).map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
-    let (kernels, unsupported) = collect_kernels(&module);
+    let (kernels, unsupported) = collect_kernels(&module, target);
     if emit.kernels {
         let dir = out_dir.join("kernels");
         std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -199,6 +199,9 @@ pub fn compile_target_cmd(
     }
     if emit.plan {
         let plan = Plan::build(&module, mode).map_err(|e| format!("no plan.json for {mode}: {e}"))?;
+        if let Some((name, why)) = plan.kernels().iter().find_map(|(n, k)| k.check_target(target).err().map(|e| (n.clone(), e))) {
+            return Err(format!("no plan.json for {mode}: kernel {name}: {why}"));
+        }
         let mut text = serde_json::to_string_pretty(&plan.to_json(target)).map_err(|e| e.to_string())?;
         text.push('\n');
         write_atomically(&out_dir.join("plan.json"), text.as_bytes())?;
@@ -209,7 +212,7 @@ pub fn compile_target_cmd(
 /// The distinct kernels of every function of `module`, by name (sorted, so the output
 /// does not depend on node order), and the unsupported nodes counted by (op, reason).
 /// Graph plumbing (inputs, params, constants, calls, returns) is no kernel and not listed.
-pub fn collect_kernels(module: &Module) -> (BTreeMap<String, KernelSpec>, BTreeMap<(&'static str, String), usize>) {
+pub fn collect_kernels(module: &Module, target: Target) -> (BTreeMap<String, KernelSpec>, BTreeMap<(&'static str, String), usize>) {
     let mut kernels = BTreeMap::new();
     let mut unsupported = BTreeMap::new();
     for f in &module.functions {
@@ -221,11 +224,14 @@ pub fn collect_kernels(module: &Module) -> (BTreeMap<String, KernelSpec>, BTreeM
             // A node may take several kernels (a SwiGLU, the dispatch / grouped GEMMs /
             // combine of an expert FFN); a reshape takes none.
             match node_work(&f.graph, n) {
-                Ok(work) => {
-                    for k in work.kernels() {
-                        kernels.insert(k.name(), k.clone());
+                Ok(work) => match work.kernels().find_map(|k| k.check_target(target).err()) {
+                    Some(why) => *unsupported.entry((node.op.name(), why)).or_insert(0) += 1,
+                    None => {
+                        for k in work.kernels() {
+                            kernels.insert(k.name(), k.clone());
+                        }
                     }
-                }
+                },
                 Err(u) => *unsupported.entry((u.op, u.reason)).or_insert(0) += 1,
             }
         }
@@ -321,6 +327,30 @@ mod tests {
         }
         assert_eq!(parse_target("wgpu"), Ok(Target::Wgsl));
         assert!(parse_target("metal").unwrap_err().contains("expected cuda or wgpu"));
+    }
+
+    /// The published DeepSeek-V3 spec (bf16, 256 experts, MLA absorbed) has a kernel for
+    /// every node of its decode step in CUDA C++ and a complete plan; WGSL has no bf16,
+    /// which the command says instead of writing a plan.
+    #[test]
+    fn full_deepseek_v3_plans_for_cuda_only() {
+        let v3 = Path::new(env!("CARGO_MANIFEST_DIR")).join("../specs/deepseek_v3.dsc");
+        let dir = out_file("v3-cuda").parent().unwrap().to_path_buf();
+        let n = compile_target_cmd(&v3, None, Mode::Decode, None, MlaMode::Auto, Target::Cuda, TargetEmit::ALL, &dir).unwrap();
+        let plan: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("plan.json")).unwrap()).unwrap();
+        assert_eq!(plan["kernels"].as_object().unwrap().len(), n);
+        assert!(plan["functions"]["decode.layer.moe"]["buffers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["weight"] == "mlp.experts.gate_proj.weight"));
+        let unsupported = std::fs::read_to_string(dir.join("unsupported.txt")).unwrap();
+        assert_eq!(unsupported.lines().count(), 1, "{unsupported}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        let dir = out_file("v3-wgsl").parent().unwrap().to_path_buf();
+        let e = compile_target_cmd(&v3, None, Mode::Decode, None, MlaMode::Auto, Target::Wgsl, TargetEmit::ALL, &dir).unwrap_err();
+        assert!(e.contains("WGSL has no bf16"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -104,15 +104,19 @@ pub fn main() -> ExitCode {
             cost::diff_cmd(&spec_a, model_a.as_deref(), &spec_b, model_b.as_deref(), context)
         }
         Command::Compile { spec, model, mode, passes, mla, emit, out, target } => match (target, out) {
-            (Some(t), Some(dir)) => {
-                compile::TargetEmit::parse(emit.as_deref().unwrap_or("ir,kernels,plan"))
-                    .and_then(|emit| compile::compile_target_cmd(&spec, model.as_deref(), mode, passes.as_deref(), mla, t, emit, &dir))
-                    .map(|_| ())
-            }
+            (Some(t), Some(dir)) => compile::TargetEmit::parse(emit.as_deref().unwrap_or("ir,kernels,plan"))
+                .and_then(|emit| compile::compile_target_cmd(&spec, model.as_deref(), mode, passes.as_deref(), mla, t, emit, &dir))
+                .map(|_| ()),
             (Some(_), None) => Err("`--target` writes a directory of kernels: give it with `-o DIR`".to_string()),
-            (None, out) => {
-                compile::compile_cmd_with(&spec, model.as_deref(), mode, passes.as_deref(), mla, emit.as_deref().unwrap_or("ir"), out.as_deref())
-            }
+            (None, out) => compile::compile_cmd_with(
+                &spec,
+                model.as_deref(),
+                mode,
+                passes.as_deref(),
+                mla,
+                emit.as_deref().unwrap_or("ir"),
+                out.as_deref(),
+            ),
         },
         Command::Import { config, out, name } => import::import_cmd(&config, out.as_deref(), name.as_deref()),
         Command::Logits(args) => logits::logits_cmd(&args),

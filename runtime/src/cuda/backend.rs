@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 pub enum Repr {
     F32,
     F16,
+    Bf16,
     I32,
 }
 
@@ -25,6 +26,7 @@ impl Repr {
         match d {
             DType::F32 => Ok(Repr::F32),
             DType::F16 => Ok(Repr::F16),
+            DType::Bf16 => Ok(Repr::Bf16),
             DType::I32 | DType::I64 => Ok(Repr::I32),
             other => Err(format!("no device representation for {} yet", other.name())),
         }
@@ -32,7 +34,7 @@ impl Repr {
     pub fn bytes(self) -> usize {
         match self {
             Repr::F32 | Repr::I32 => 4,
-            Repr::F16 => 2,
+            Repr::F16 | Repr::Bf16 => 2,
         }
     }
 }
@@ -207,6 +209,7 @@ impl CudaBackend {
             (Repr::I32, d) => return Err(format!("{} data for an integer buffer", d.kind())),
             (Repr::F32, _) => t.to_f32_vec().iter().flat_map(|x| x.to_le_bytes()).collect(),
             (Repr::F16, _) => t.to_f32_vec().iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
+            (Repr::Bf16, _) => t.to_f32_vec().iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
         };
         self.bytes_to_device(&bytes, len, repr)
     }
@@ -217,6 +220,7 @@ impl CudaBackend {
         let one: Vec<u8> = match repr {
             Repr::F32 => f32::NAN.to_le_bytes().to_vec(),
             Repr::F16 => half::f16::NAN.to_le_bytes().to_vec(),
+            Repr::Bf16 => half::bf16::NAN.to_le_bytes().to_vec(),
             Repr::I32 => i32::MIN.to_le_bytes().to_vec(),
         };
         self.bytes_to_device(&one.repeat(len), len, repr)
@@ -242,6 +246,7 @@ impl CudaBackend {
         Ok(match b.repr {
             Repr::F32 => Tensor::f32(shape, bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
             Repr::F16 => Tensor::f32(shape, bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
+            Repr::Bf16 => Tensor::f32(shape, bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
             Repr::I32 => Tensor::i32(shape, bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
         })
     }

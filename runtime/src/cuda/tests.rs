@@ -28,7 +28,7 @@ fn every_kernel() -> BTreeMap<String, KernelSpec> {
         if file.extension().is_some_and(|x| x == "dsc") {
             for mode in [Mode::Prefill, Mode::Decode] {
                 for mla in [dsc_compiler::passes::mla_absorb::MlaMode::Absorb, dsc_compiler::passes::mla_absorb::MlaMode::Decompress] {
-                    out.extend(crate::cli::compile::collect_kernels(&compiled(&file, mode, mla)).0);
+                    out.extend(crate::cli::compile::collect_kernels(&compiled(&file, mode, mla), dsc_compiler::codegen::Target::Cuda).0);
                 }
             }
         }

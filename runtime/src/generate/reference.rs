@@ -11,8 +11,8 @@
 use super::backend::{Backend, BackendError, KvCache, LayerRouting, StepInput, StepOutput};
 use super::rewrite::{add_attention_mask, expose_routing, RouteSite};
 use crate::reference::{run, Options, Tensor, Weights};
-use dsc_compiler::ir::Module;
 use dsc_compiler::ir::Mode;
+use dsc_compiler::ir::Module;
 use dsc_compiler::lower::lower_mode;
 use dsc_compiler::passes::mla_absorb::MlaMode;
 use dsc_compiler::passes::{self, PassCx, PassSelection};
@@ -37,7 +37,14 @@ pub trait Engine: Send + Sync {
     fn name(&self) -> &str;
     fn prepare(&self, module: &Module, mode: Mode) -> Result<Self::Prepared, String>;
     /// Runs `mode`'s entry on host arguments and returns its results.
-    fn run(&self, module: &Module, prepared: &Self::Prepared, mode: Mode, args: &[Tensor], weights: &dyn Weights) -> Result<Vec<Tensor>, String>;
+    fn run(
+        &self,
+        module: &Module,
+        prepared: &Self::Prepared,
+        mode: Mode,
+        args: &[Tensor],
+        weights: &dyn Weights,
+    ) -> Result<Vec<Tensor>, String>;
 }
 
 /// The reference interpreter as an [`Engine`].

@@ -12,7 +12,13 @@ use dsc_compiler::ir::{Bindings, DType, Mode, Module};
 impl WgpuBackend {
     /// Runs the plan's entry on host `args` (in the entry's argument order) with `weights`
     /// and returns its results as host tensors (`f32` for floats, `i32` for integers).
-    pub fn run_plan(&self, plan: &Plan, args: &[Tensor], weights: &dyn Weights, cache: &DeviceWeights<DeviceBuf>) -> Result<Vec<Tensor>, String> {
+    pub fn run_plan(
+        &self,
+        plan: &Plan,
+        args: &[Tensor],
+        weights: &dyn Weights,
+        cache: &DeviceWeights<DeviceBuf>,
+    ) -> Result<Vec<Tensor>, String> {
         plan_exec::run_plan(self, plan, args, weights, cache)
     }
 

@@ -186,6 +186,7 @@ impl WgpuBackend {
             match l.kernel.elem() {
                 dsc_compiler::codegen::Elem::F32 => self.launch::<f32>(l, &bufs, bind)?,
                 dsc_compiler::codegen::Elem::F16 => self.launch::<half::f16>(l, &bufs, bind)?,
+                e @ dsc_compiler::codegen::Elem::Bf16 => return e.on(dsc_compiler::codegen::Target::Wgsl),
             }
         }
         Ok(())
@@ -241,7 +242,19 @@ impl WgpuBackend {
             }
             KernelSpec::RmsNormEw { eps_bits, epilogue, .. } => {
                 let (x, gain, layout, out) = (a.buf(0)?, a.buf(1)?, a.table(2)?, a.buf(3)?);
-                kernels::heads::rms_norm_ew::launch::<F>(c, count, dim, x, gain, layout, out, a.u32(4)?, a.seq(5)?, *eps_bits, epilogue.clone())
+                kernels::heads::rms_norm_ew::launch::<F>(
+                    c,
+                    count,
+                    dim,
+                    x,
+                    gain,
+                    layout,
+                    out,
+                    a.u32(4)?,
+                    a.seq(5)?,
+                    *eps_bits,
+                    epilogue.clone(),
+                )
             }
             KernelSpec::GateUp { .. } => {
                 let (x, gate, up, out) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?);
@@ -273,7 +286,8 @@ impl WgpuBackend {
                 kernels::moe::moe_dispatch::launch(c, count, dim, ids, rows, row_expert, pos, offsets, a.u32(5)?)
             }
             KernelSpec::MoeGateUp { .. } => {
-                let (x, rows, row_expert, offsets, gate, up, act) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?, a.buf(5)?, a.buf(6)?);
+                let (x, rows, row_expert, offsets, gate, up, act) =
+                    (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?, a.buf(5)?, a.buf(6)?);
                 let (pairs, k, h, i) = (a.u32(7)?, a.u32(8)?, a.u32(9)?, a.u32(10)?);
                 kernels::moe::moe_gate_up::launch::<F>(c, count, dim, x, rows, row_expert, offsets, gate, up, act, pairs, k, h, i)
             }
@@ -285,7 +299,10 @@ impl WgpuBackend {
                 let (y, pos, w, out, h, k) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.u32(4)?, a.u32(5)?);
                 match weights {
                     dsc_compiler::codegen::Elem::F32 => kernels::moe::moe_combine::launch::<F, f32>(c, count, dim, y, pos, w, out, h, k),
-                    dsc_compiler::codegen::Elem::F16 => kernels::moe::moe_combine::launch::<F, half::f16>(c, count, dim, y, pos, w, out, h, k),
+                    dsc_compiler::codegen::Elem::F16 => {
+                        kernels::moe::moe_combine::launch::<F, half::f16>(c, count, dim, y, pos, w, out, h, k)
+                    }
+                    e @ dsc_compiler::codegen::Elem::Bf16 => return e.on(dsc_compiler::codegen::Target::Wgsl),
                 }
             }
         }
@@ -378,8 +395,8 @@ pub mod exec;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
-mod tests_movement;
-#[cfg(test)]
 mod tests_attention;
 #[cfg(test)]
 mod tests_moe;
+#[cfg(test)]
+mod tests_movement;

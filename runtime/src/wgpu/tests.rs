@@ -136,4 +136,9 @@ fn tiled_matmul_odd_sizes() {
     }
     check(Op::MatMul, &[&[2, 9, 21], &[13, 21]], DType::F32);
     check(Op::MatMul, &[&[9, 37], &[11, 37]], DType::F16);
+    // Around the 64×64 output tile and the 16-wide k step: partial and several tiles.
+    for (m, k, n) in [(63, 65, 130), (65, 1, 63), (130, 63, 1), (1, 130, 65)] {
+        check(Op::MatMul, &[&[m, k], &[n, k]], DType::F32);
+    }
+    check(Op::MatMul, &[&[65, 130], &[63, 130]], DType::F16);
 }

@@ -245,6 +245,15 @@ fn swiglu_dense_ffn() {
     assert_eq!(w.kernels().count(), 2, "gate/up then down");
     check(Op::SwiGlu, &ins(DType::F32), at(1, 1, 0));
     check(Op::SwiGlu, &ins(DType::F16), at(3, 2, 0));
+    // Across the 64×64 output tiles: 65 rows, i = 130 and h = 70 (partial tiles both ways).
+    let (h, i) = (70usize, 130usize);
+    let wide = [
+        f(vec![Dim::B, Dim::S, Dim::lit(h as i64)], DType::F32),
+        f(lits(&[i, h]), DType::F32),
+        f(lits(&[i, h]), DType::F32),
+        f(lits(&[h, i]), DType::F32),
+    ];
+    check(Op::SwiGlu, &wide, at(5, 13, 0));
 }
 
 fn step(op: StepOp, args: &[Operand]) -> Step {
@@ -267,9 +276,16 @@ fn fused_matmul_and_rms_norm_heads() {
         head: Some(Head::MatMul),
         steps: vec![step(add, &[H, I(2)]), step(StepOp::Unary(UnaryOp::Silu), &[S(0)]), step(mul, &[S(1), I(3)])],
     };
+    let k2 = k.clone();
     check(
         Op::Fused(k),
         &[f(lits(&[17, 33]), DType::F32), f(lits(&[21, 33]), DType::F32), f(lits(&[21]), DType::F32), f(vec![], DType::F32)],
+        Bindings::default(),
+    );
+    // The same across the 64×64 output tiles (partial tiles along both axes).
+    check(
+        Op::Fused(k2.clone()),
+        &[f(lits(&[130, 65]), DType::F32), f(lits(&[65, 65]), DType::F32), f(lits(&[65]), DType::F32), f(vec![], DType::F32)],
         Bindings::default(),
     );
     check(

@@ -3,9 +3,9 @@
 //! [`matmul_ew`]).
 //!
 //! Launch shapes:
-//! - [`matmul_ew`], [`matmul_gate_up`]: as [`super::matmul`], [`TILE`]×[`TILE`] units per
-//!   cube, one cube per output tile. The epilogue runs on the accumulator register of
-//!   the unit that owns the output element, so the head's result is never written.
+//! - [`matmul_ew`], [`matmul_gate_up`]: as [`super::matmul`], [`MM_UNITS`]×[`MM_UNITS`]
+//!   units per cube, one cube per [`MM_TILE`]² output tile. The epilogue runs on the
+//!   accumulator registers of the unit that owns the output element, so the head's result is never written.
 //! - [`rms_norm_ew`]: as [`super::rms_norm`], one cube of [`ROW_BLOCK`] units per row;
 //!   the epilogue runs on each normalised element as it is scaled.
 //!
@@ -19,7 +19,7 @@
 //! in one pass (both products share the staged tile of `x`, and the gate/up results
 //! never reach memory), then `·downᵀ` with [`matmul_ew`] and an empty epilogue.
 
-use super::{ew_eval, Access, EwOp, ROW_BLOCK, TILE};
+use super::{ew_eval, mm_stage, mm_step, mm_zero, Access, EwOp, MM_BK, MM_REG, MM_STAGE, MM_TILE, MM_UNITS, ROW_BLOCK};
 use crate::codegen::kernels::movement::float_elem;
 use crate::codegen::launch::{grid_x, Arg, Buf, Launch, NodeWork, Scratch, Size};
 use crate::codegen::{ew_binary, ew_unary, KernelSpec, Unsupported};
@@ -68,10 +68,11 @@ fn epilogue<F: Float>(h: F, inputs: &Sequence<Box<[F]>>, layout: &[u32], pos: u3
     *regs.index(comptime![epi.loads.len() + epi.ops.len()])
 }
 
-/// `out[m, n] = epilogue(Σ_k x[m, k] · w[n, k])`: [`super::matmul`]'s tiling (one shared
-/// buffer for both tiles, loads outside the matrices read as 0) with the epilogue on the
-/// accumulator. The sum accumulates in `f32` whatever `F` is (an `f16` running sum
-/// loses a digit every few hundred terms), then rounds to `F` for the epilogue.
+/// `out[m, n] = epilogue(Σ_k x[m, k] · w[n, k])`: [`super::matmul`]'s register-blocked
+/// tiling (one shared buffer for both staged tiles, loads outside the matrices read as 0)
+/// with the epilogue on each accumulator. The sums accumulate in `f32` whatever `F` is
+/// (an `f16` running sum loses a digit every few hundred terms), then round to `F` for
+/// the epilogue.
 #[cube(launch, create_dummy_kernel)]
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_ew<F: Float>(
@@ -85,85 +86,72 @@ pub fn matmul_ew<F: Float>(
     inputs: &Sequence<Box<[F]>>,
     #[comptime] epi: Epilogue,
 ) {
-    let tx = UNIT_POS_X; // along n
-    let ty = UNIT_POS_Y; // along m
-    let row = CUBE_POS_Y * TILE + ty;
-    let col = CUBE_POS_X * TILE + tx;
-    let mut tiles_mem = Shared::<[F]>::new_slice((2 * TILE * TILE) as usize);
-    let wo = TILE * TILE;
-    let mut acc = 0.0f32;
-    let tiles = k.div_ceil(TILE);
-    for t in 0..tiles {
-        let kx = t * TILE + tx;
-        let mut xv = F::new(0.0);
-        if row < m && kx < k {
-            xv = x[(row * k + kx) as usize];
-        }
-        tiles_mem[(ty * TILE + tx) as usize] = xv;
-        let wn = CUBE_POS_X * TILE + ty;
-        let mut wv = F::new(0.0);
-        if wn < n && kx < k {
-            wv = w[(wn * k + kx) as usize];
-        }
-        tiles_mem[(wo + tx * TILE + ty) as usize] = wv;
+    let tx = UNIT_POS_X;
+    let ty = UNIT_POS_Y;
+    let row0 = CUBE_POS_Y * MM_TILE;
+    let col0 = CUBE_POS_X * MM_TILE;
+    let mut smem = Shared::<[F]>::new_slice(comptime![(2 * MM_STAGE) as usize]);
+    let mut acc = mm_zero();
+    for t in 0..k.div_ceil(MM_BK) {
+        let k0 = t * MM_BK;
+        mm_stage::<F>(x, &mut smem, 0u32, row0, m, k0, k);
+        mm_stage::<F>(w, &mut smem, MM_STAGE, col0, n, k0, k);
         sync_cube();
-        #[unroll]
-        for kk in 0..TILE {
-            acc += f32::cast_from(tiles_mem[(ty * TILE + kk) as usize]) * f32::cast_from(tiles_mem[(wo + kk * TILE + tx) as usize]);
-        }
+        mm_step::<F>(&smem, MM_STAGE, &mut acc, tx, ty);
         sync_cube();
     }
-    if row < m && col < n {
-        let pos = row * n + col;
-        out[pos as usize] = epilogue::<F>(F::cast_from(acc), inputs, layout, pos, epi);
+    #[unroll]
+    for i in 0..MM_REG {
+        let row = row0 + ty + i * MM_UNITS;
+        #[unroll]
+        for j in 0..MM_REG {
+            let col = col0 + tx + j * MM_UNITS;
+            if row < m && col < n {
+                let pos = row * n + col;
+                let h = F::cast_from(acc[(i * MM_REG + j) as usize]);
+                out[pos as usize] = epilogue::<F>(h, inputs, layout, pos, epi.clone());
+            }
+        }
     }
 }
 
 /// `out[m, j] = silu(Σ_k x[m, k]·gate[j, k]) · Σ_k x[m, k]·up[j, k]`, the first half of a
-/// SwiGLU: the tile of `x` is staged once for both products (one shared buffer of three
-/// tiles: x at 0, gate at TILE², up at 2·TILE²). Both sums and the silu run in `f32`
-/// (as in [`matmul_ew`]); silu is `g·(1/(1 + e^-g))` then `·u`, the reference's order,
-/// and only the product is rounded to `F`.
+/// SwiGLU, register-blocked as [`super::matmul`]: the tile of `x` is staged once for
+/// both products (one shared buffer of three staged tiles: x at 0, gate at
+/// `MM_STAGE`, up at `2·MM_STAGE`). Both sums and the silu run in `f32` (as in
+/// [`matmul_ew`]); silu is `g·(1/(1 + e^-g))` then `·u`, the reference's order, and
+/// only the product is rounded to `F`.
 #[cube(launch, create_dummy_kernel)]
 pub fn matmul_gate_up<F: Float>(x: &[F], gate: &[F], up: &[F], out: &mut [F], m: u32, n: u32, k: u32) {
     let tx = UNIT_POS_X;
     let ty = UNIT_POS_Y;
-    let row = CUBE_POS_Y * TILE + ty;
-    let col = CUBE_POS_X * TILE + tx;
-    let mut tiles_mem = Shared::<[F]>::new_slice((3 * TILE * TILE) as usize);
-    let go = TILE * TILE;
-    let uo = 2 * TILE * TILE;
-    let mut acc_g = 0.0f32;
-    let mut acc_u = 0.0f32;
-    let tiles = k.div_ceil(TILE);
-    for t in 0..tiles {
-        let kx = t * TILE + tx;
-        let mut xv = F::new(0.0);
-        if row < m && kx < k {
-            xv = x[(row * k + kx) as usize];
-        }
-        tiles_mem[(ty * TILE + tx) as usize] = xv;
-        let wn = CUBE_POS_X * TILE + ty;
-        let mut gv = F::new(0.0);
-        let mut uv = F::new(0.0);
-        if wn < n && kx < k {
-            gv = gate[(wn * k + kx) as usize];
-            uv = up[(wn * k + kx) as usize];
-        }
-        tiles_mem[(go + tx * TILE + ty) as usize] = gv;
-        tiles_mem[(uo + tx * TILE + ty) as usize] = uv;
+    let row0 = CUBE_POS_Y * MM_TILE;
+    let col0 = CUBE_POS_X * MM_TILE;
+    let mut smem = Shared::<[F]>::new_slice(comptime![(3 * MM_STAGE) as usize]);
+    let mut acc_g = mm_zero();
+    let mut acc_u = mm_zero();
+    for t in 0..k.div_ceil(MM_BK) {
+        let k0 = t * MM_BK;
+        mm_stage::<F>(x, &mut smem, 0u32, row0, m, k0, k);
+        mm_stage::<F>(gate, &mut smem, MM_STAGE, col0, n, k0, k);
+        mm_stage::<F>(up, &mut smem, comptime![2 * MM_STAGE], col0, n, k0, k);
         sync_cube();
-        #[unroll]
-        for kk in 0..TILE {
-            let xk = f32::cast_from(tiles_mem[(ty * TILE + kk) as usize]);
-            acc_g += xk * f32::cast_from(tiles_mem[(go + kk * TILE + tx) as usize]);
-            acc_u += xk * f32::cast_from(tiles_mem[(uo + kk * TILE + tx) as usize]);
-        }
+        mm_step::<F>(&smem, MM_STAGE, &mut acc_g, tx, ty);
+        mm_step::<F>(&smem, comptime![2 * MM_STAGE], &mut acc_u, tx, ty);
         sync_cube();
     }
-    if row < m && col < n {
-        let silu = acc_g * (1.0 / (1.0 + f32::exp(-acc_g)));
-        out[(row * n + col) as usize] = F::cast_from(silu * acc_u);
+    #[unroll]
+    for i in 0..MM_REG {
+        let row = row0 + ty + i * MM_UNITS;
+        #[unroll]
+        for j in 0..MM_REG {
+            let col = col0 + tx + j * MM_UNITS;
+            if row < m && col < n {
+                let g = acc_g[(i * MM_REG + j) as usize];
+                let silu = g * (1.0 / (1.0 + f32::exp(-g)));
+                out[(row * n + col) as usize] = F::cast_from(silu * acc_u[(i * MM_REG + j) as usize]);
+            }
+        }
     }
 }
 
@@ -309,7 +297,7 @@ fn layout(out: &[Dim], loads: &[&[Dim]]) -> Vec<Size> {
 pub(crate) fn work(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
     let ins: Vec<Vec<Dim>> = g.inputs(n).iter().map(|&v| g.ty(v).shape.0.clone()).collect();
     let out = g.node(n).outputs[0].shape.0.clone();
-    let t = TILE as i64;
+    let t = MM_TILE as i64;
     let rows = |s: &[Dim]| Size::product(&s[..s.len() - 1]);
     let tiled = |cols: Dim, m: Size| [Size::Dim(cols).ceil_div(t), m.ceil_div(t), Size::lit(1)];
     let (input, output) = (|i: u16| Arg::Buf(Buf::Input(i)), Arg::Buf(Buf::Output(0)));

@@ -582,7 +582,7 @@ pub(crate) fn spec_from_node(g: &Graph, n: NodeId) -> Option<Result<KernelSpec, 
 }
 
 fn float_elem(t: &Ty, what: &str) -> Result<Elem, String> {
-    Elem::from_dtype(t.dtype).ok_or_else(|| format!("{what} dtype {} (only f32, f16 so far)", t.dtype.name()))
+    Elem::from_dtype(t.dtype).ok_or_else(|| format!("{what} dtype {} (kernels hold f32, f16 or bf16)", t.dtype.name()))
 }
 
 fn const_dim(d: Dim, what: &str) -> Result<u32, String> {

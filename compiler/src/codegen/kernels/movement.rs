@@ -98,7 +98,8 @@ pub(crate) fn float_elem(g: &Graph, n: NodeId, int_inputs: &[usize]) -> Result<E
     let [out] = node.outputs.as_slice() else {
         return Err(no("more than one output".into()));
     };
-    let elem = Elem::from_dtype(out.dtype).ok_or_else(|| no(format!("result dtype {} (only f32, f16 so far)", out.dtype.name())))?;
+    let elem =
+        Elem::from_dtype(out.dtype).ok_or_else(|| no(format!("result dtype {} (kernels hold f32, f16 or bf16)", out.dtype.name())))?;
     for (i, v) in g.inputs(n).iter().enumerate() {
         let d = g.ty(*v).dtype;
         if int_inputs.contains(&i) {
@@ -135,9 +136,10 @@ pub(crate) fn spec(g: &Graph, n: NodeId) -> Option<Result<KernelSpec, Unsupporte
             let from = g.ty(g.inputs(n)[0]).dtype;
             match (Elem::from_dtype(from), Elem::from_dtype(*to)) {
                 (Some(from), Some(to)) => Ok(KernelSpec::Cast { from, to }),
-                _ => {
-                    Err(Unsupported { op: "cast", reason: format!("a cast from {} to {} (only f32, f16 so far)", from.name(), to.name()) })
-                }
+                _ => Err(Unsupported {
+                    op: "cast",
+                    reason: format!("a cast from {} to {} (kernels hold f32, f16 or bf16)", from.name(), to.name()),
+                }),
             }
         }
         _ => return None,
