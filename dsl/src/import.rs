@@ -369,9 +369,11 @@ fn rope(cfg: &Cfg, family: Family) -> Result<Rope, String> {
     };
     let yarn = match kind {
         "default" => None,
-        "yarn" if family == Family::DeepseekMoe => return Err(format!(
+        "yarn" if family == Family::DeepseekMoe => {
+            return Err(format!(
             "`{kind_key}` = \"yarn\" is not supported by model_type `deepseek` (DeepSeekMoE's code knows only linear and dynamic scaling)"
-        )),
+        ))
+        }
         "yarn" => Some(yarn(cfg, &s, family)?),
         other => return Err(format!("`{kind_key}` = \"{other}\" is not supported: dsc models plain RoPE and YaRN")),
     };

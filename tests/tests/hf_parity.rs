@@ -21,8 +21,8 @@ use dsc_compiler::ir::{Mode, Op};
 use dsc_compiler::passes::mla_absorb::MlaMode;
 use dsc_runtime::checkpoint::{CheckpointWeights, ModelDir, OpenOptions};
 use dsc_runtime::generate::{forward, generate, Backend, CompileOptions, GenerateOptions, ModelBackend, ReferenceBackend};
-use dsc_runtime::wgpu::exec::WgpuEngine;
 use dsc_runtime::reference::{load_safetensors, Options, Tensor};
+use dsc_runtime::wgpu::exec::WgpuEngine;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

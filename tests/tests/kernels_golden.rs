@@ -45,7 +45,10 @@ fn check(spec: &str) {
             let b = generate(spec, target, &format!("{spec}-{name}-b"));
             assert!(a == b, "{spec} {name}: two generations differ");
             // Every node of a tiny decode step has a kernel now.
-            assert!(a.ends_with("==== unsupported.txt\n# ops of the optimised IR without a GPU kernel yet: op, nodes, why\n\n"), "{spec}: unsupported ops");
+            assert!(
+                a.ends_with("==== unsupported.txt\n# ops of the optimised IR without a GPU kernel yet: op, nodes, why\n\n"),
+                "{spec}: unsupported ops"
+            );
             insta::assert_snapshot!(format!("{spec}_decode_{name}"), a);
         }
     });
