@@ -169,7 +169,7 @@ pub const ABI: &str = "Each launch lists its arguments in the kernel's parameter
 {\"buffer\": id} binds a buffer of the function (floats in the kernel's element type, integers as i32), \
 \"inputs\" binds all the node's input buffers as one sequence (the elementwise kernel), \
 {\"u32\": size} is a scalar, {\"table\": [sizes]} is a u32 array uploaded as a read-only buffer. \
-After the kernel's buffers CubeCL binds one read-only struct `info_st` (WGSL: the last binding; CUDA: the last parameter): `scalars_u32` holds the u32 scalars in parameter order, then `static_meta` holds each buffer's length in elements (bounds checks), each array padded to a multiple of 4 (CubeCL 0.11.3). Grids count cubes along x, y, z; the cube's own shape is the kernel's cube_dim. \
+After the kernel's buffers CubeCL binds one read-only struct `info_st` (WGSL: the last binding; CUDA: the last parameter): `scalars_u32` holds the u32 scalars in parameter order, then `static_meta` holds each buffer's length in elements (bounds checks), each array padded to a multiple of 8 bytes (CubeCL 0.11.3; runtime/src/cuda/abi.rs checks this against the generated sources). Grids count cubes along x, y, z; the cube's own shape is the kernel's cube_dim. \
 Sizes are expressions of b, c, s; `ceil(a/d)` rounds up.";
 
 fn size_json(s: &Size) -> Json {
