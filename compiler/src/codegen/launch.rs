@@ -23,6 +23,8 @@ pub enum Size {
     Mul(Box<Size>, Box<Size>),
     /// `⌈a / d⌉` for a positive constant `d`.
     CeilDiv(Box<Size>, i64),
+    /// `min(a, k)` for a constant `k`.
+    Min(Box<Size>, i64),
 }
 
 impl Size {
@@ -63,6 +65,13 @@ impl Size {
         }
     }
 
+    pub fn min(self, k: i64) -> Size {
+        match self.as_const() {
+            Some(a) => Size::lit(a.min(k)),
+            None => Size::Min(Box::new(self), k),
+        }
+    }
+
     pub fn as_const(&self) -> Option<i64> {
         match self {
             Size::Dim(d) => d.as_const(),
@@ -78,6 +87,7 @@ impl Size {
                 let a = x.eval(b);
                 a.div_euclid(*d) + i64::from(a.rem_euclid(*d) != 0)
             }
+            Size::Min(x, k) => x.eval(b).min(*k),
         }
     }
 }
@@ -96,6 +106,7 @@ impl fmt::Display for Size {
             }
             Size::Mul(a, b) => write!(f, "{a}*{b}"),
             Size::CeilDiv(a, d) => write!(f, "ceil({a}/{d})"),
+            Size::Min(a, k) => write!(f, "min({a}, {k})"),
         }
     }
 }
@@ -167,6 +178,20 @@ pub fn grid_x(x: Size) -> [Size; 3] {
     [x, Size::lit(1), Size::lit(1)]
 }
 
+/// The most cubes along one grid axis every target allows (wgpu's limit for y and z,
+/// and for x on most adapters).
+pub const MAX_GRID_AXIS: i64 = 65_535;
+
+/// At least `cubes` cubes for a kernel that indexes by `ABSOLUTE_POS` (linear over the
+/// whole grid) and guards against the element count: folded into `x · y` once `cubes`
+/// exceeds [`MAX_GRID_AXIS`], so an elementwise launch is not capped at 16.7M elements.
+pub fn grid_linear(cubes: Size) -> [Size; 3] {
+    if cubes.as_const().is_some_and(|c| c <= MAX_GRID_AXIS) {
+        return grid_x(cubes);
+    }
+    [cubes.clone().min(MAX_GRID_AXIS), cubes.ceil_div(MAX_GRID_AXIS), Size::lit(1)]
+}
+
 /// One launch with no scratch.
 pub fn single(kernel: KernelSpec, args: Vec<Arg>, grid: [Size; 3]) -> NodeWork {
     NodeWork::Launches { scratch: vec![], launches: vec![Launch { kernel, args, grid }] }
@@ -204,7 +229,7 @@ pub fn node_work(g: &Graph, n: NodeId) -> Result<NodeWork, Unsupported> {
                 }
                 layout.extend(strides);
             }
-            let grid = grid_x(Size::numel(&out).ceil_div(super::kernels::EW_BLOCK as i64));
+            let grid = grid_linear(Size::numel(&out).ceil_div(super::kernels::EW_BLOCK as i64));
             debug_assert_eq!(program.inputs.len(), ins.len());
             single(spec, vec![Arg::Inputs, Arg::Table(layout), Arg::Buf(Buf::Output(0))], grid)
         }
@@ -267,6 +292,16 @@ mod tests {
         let bind = Bindings { batch: 3, seq: 5, cache: 7 };
         assert_eq!(g.eval(&bind), (128 * 15usize).div_ceil(256) as i64);
         assert_eq!(Size::lit(1000).ceil_div(256), Size::lit(4));
+        // A linear grid folds into y past 65,535 cubes and covers every element.
+        let big = Size::product(&[Dim::B, Dim::S, Dim::lit(4096)]).ceil_div(256);
+        let [x, y, _] = grid_linear(big.clone());
+        assert_eq!(x.to_string(), "min(ceil(4096*b*s/256), 65535)");
+        for (batch, seq) in [(1, 1), (1, 4095), (1, 4096), (3, 2000), (8, 4096)] {
+            let bind = Bindings { batch, seq, cache: 0 };
+            let (x, y, need) = (x.eval(&bind), y.eval(&bind), big.eval(&bind));
+            assert!(x <= MAX_GRID_AXIS && y <= MAX_GRID_AXIS && x * y >= need && x * (y - 1) < need, "{batch}×{seq}: {x}×{y} for {need}");
+        }
+        assert_eq!(grid_linear(Size::lit(100))[1], Size::lit(1));
         let kv = Size::product(&[Dim::B, Dim::C + Dim::S]);
         assert_eq!(kv.to_string(), "b*(c+s)");
         assert_eq!(kv.eval(&bind), 36);

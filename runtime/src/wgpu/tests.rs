@@ -142,3 +142,10 @@ fn tiled_matmul_odd_sizes() {
     }
     check(Op::MatMul, &[&[65, 130], &[63, 130]], DType::F16);
 }
+
+/// More elements than 65,535 cubes of 256 units cover: the grid folds into y
+/// (`launch::grid_linear`) and every element is still written once.
+#[test]
+fn elementwise_beyond_one_grid_axis() {
+    check(Op::Unary(UnaryOp::Neg), &[&[65_536 * 256 + 37]], DType::F32);
+}

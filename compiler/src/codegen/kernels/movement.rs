@@ -27,7 +27,7 @@
 //! bounds.
 
 use super::EW_BLOCK;
-use crate::codegen::launch::{grid_x, single, Arg, Buf, Launch, NodeWork, Size};
+use crate::codegen::launch::{grid_linear, single, Arg, Buf, Launch, NodeWork, Size};
 use crate::codegen::{Elem, KernelSpec, Unsupported};
 use crate::ir::{DType, Dim, Graph, NodeId, Op};
 use cubecl::prelude::*;
@@ -164,7 +164,7 @@ fn offset(d: Dim, stride: Size) -> Size {
 fn copy_launch(elem: Elem, input: u16, shape: &[Dim], src: (Size, Vec<Size>), dst: (Size, Vec<Size>)) -> Launch {
     let keep: Vec<usize> = (0..shape.len()).filter(|&i| !shape[i].is(1)).collect();
     let count = Size::product(shape);
-    let grid = grid_x(count.clone().ceil_div(EW_BLOCK as i64));
+    let grid = grid_linear(count.clone().ceil_div(EW_BLOCK as i64));
     let mut table = vec![count, src.0, dst.0];
     table.extend(keep.iter().map(|&i| Size::Dim(shape[i])));
     table.extend(keep.iter().map(|&i| src.1[i].clone()));
@@ -216,7 +216,7 @@ pub(crate) fn work(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
         }
         Op::Cast { .. } => {
             let args = vec![Arg::Buf(Buf::Input(0)), Arg::Buf(Buf::Output(0))];
-            single(spec, args, grid_x(Size::product(&out).ceil_div(EW_BLOCK as i64)))
+            single(spec, args, grid_linear(Size::product(&out).ceil_div(EW_BLOCK as i64)))
         }
         Op::Gather { axis } => {
             let (t, ax) = (&ins[0], *axis as usize);
@@ -228,7 +228,7 @@ pub(crate) fn work(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
                 Arg::U32(Size::product(&ins[1])),
                 Arg::U32(Size::product(&t[ax + 1..])),
             ];
-            single(spec, args, grid_x(Size::product(&out).ceil_div(EW_BLOCK as i64)))
+            single(spec, args, grid_linear(Size::product(&out).ceil_div(EW_BLOCK as i64)))
         }
         op => unreachable!("movement::work on {}", op.name()),
     }

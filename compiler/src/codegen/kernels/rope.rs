@@ -23,7 +23,7 @@
 
 use super::EW_BLOCK;
 use crate::codegen::kernels::movement::float_elem;
-use crate::codegen::launch::{grid_x, single, Arg, Buf, NodeWork, Size};
+use crate::codegen::launch::{grid_linear, single, Arg, Buf, NodeWork, Size};
 use crate::codegen::{KernelSpec, Unsupported};
 use crate::ir::{Graph, NodeId, Op, RopeLayout, Yarn};
 use cubecl::prelude::*;
@@ -148,5 +148,5 @@ pub(crate) fn work(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
         Arg::U32(Size::Dim(d)),
         Arg::U32(Size::lit(i64::from(*rotary_dim / 2))),
     ];
-    single(spec, args, grid_x(Size::numel(x).ceil_div(EW_BLOCK as i64)))
+    single(spec, args, grid_linear(Size::numel(x).ceil_div(EW_BLOCK as i64)))
 }
