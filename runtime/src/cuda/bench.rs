@@ -122,6 +122,7 @@ fn kernel_throughput() {
                     let word = match r {
                         Repr::F32 => 0.01f32.to_bits(),
                         Repr::F16 => half::f16::from_f32(0.01).to_bits() as u32,
+                        Repr::Bf16 => half::bf16::from_f32(0.01).to_bits() as u32,
                         Repr::I32 => 0,
                     };
                     b.filled(len, r, word)
