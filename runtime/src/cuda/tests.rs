@@ -116,3 +116,6 @@ mod kernels_moe;
 #[path = "../wgpu/tests_movement.rs"]
 #[allow(clippy::duplicate_mod)] // the wgpu suite, run a second time on CUDA
 mod kernels_movement;
+#[path = "../wgpu/test_data.rs"]
+#[allow(clippy::duplicate_mod)] // the wgpu suites' shared inputs, on the CUDA shim
+mod test_data;

@@ -393,6 +393,8 @@ fn u32_of(n: usize) -> Result<u32, String> {
 pub mod exec;
 
 #[cfg(test)]
+mod test_data;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_attention;

@@ -3,35 +3,11 @@
 //! multiples of any block or tile, NaN-poisoned outputs, tolerance by dtype. There is
 //! no skip: without an adapter [`WgpuBackend::new`] panics and the tests fail.
 
-use super::WgpuBackend;
+use super::test_data::{backend, random};
 use crate::reference::{run, Options, Tensor};
 use dsc_compiler::codegen::KernelSpec;
 use dsc_compiler::ir::fused::{FusedKernel, Operand, Step, StepOp};
 use dsc_compiler::ir::{BinaryOp, Bindings, DType, Dim, Float, Function, Graph, Mode, Module, Op, Ty, UnaryOp, Value};
-use std::sync::OnceLock;
-
-/// One client for the whole test binary: adapter start-up is the slow part.
-fn backend() -> &'static WgpuBackend {
-    static B: OnceLock<WgpuBackend> = OnceLock::new();
-    B.get_or_init(WgpuBackend::new)
-}
-
-/// Deterministic values in ±[0.25, 1.25): never 0, so a kernel that drops a term or
-/// reads the wrong element shows.
-fn random(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    Tensor::from_fn(shape, |_| {
-        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        let u = (s >> 40) as f32 / (1u64 << 24) as f32;
-        let v = if u < 0.5 { -(0.25 + 2.0 * u) } else { 0.25 + 2.0 * (u - 0.5) };
-        // An f16 kernel sees f16 inputs: give the reference the same values.
-        if dtype == DType::F16 {
-            half::f16::from_f32(v).to_f32()
-        } else {
-            v
-        }
-    })
-}
 
 /// Builds `op` over inputs of `shapes`, runs it in the reference interpreter and on the
 /// device, and compares.

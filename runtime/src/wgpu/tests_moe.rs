@@ -3,34 +3,12 @@
 //! inputs, odd sizes, poisoned outputs and scratch (NaN / `i32::MIN`, see `run_node`),
 //! integer outputs exact, floats within 1e-4·(1 + |ref|) (f16: 2e-2).
 
-use super::WgpuBackend;
+use super::test_data::{backend, random};
 use crate::reference::{run, Data, Options, Tensor};
 use dsc_compiler::codegen::launch::{node_work, NodeWork};
 use dsc_compiler::codegen::{kernel_source, KernelSpec, Target};
 use dsc_compiler::ir::{Bindings, DType, Dim, Float, Function, Graph, GroupScore, Mode, Module, Op, Routing, Scoring, Ty, Value};
 use std::collections::HashMap;
-use std::sync::OnceLock;
-
-fn backend() -> &'static WgpuBackend {
-    static B: OnceLock<WgpuBackend> = OnceLock::new();
-    B.get_or_init(WgpuBackend::new)
-}
-
-/// Deterministic values in ±[0.25, 1.25), rounded to f16 for f16 inputs so the
-/// reference sees what the kernel sees.
-fn random(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    Tensor::from_fn(shape, |_| {
-        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        let u = (s >> 40) as f32 / (1u64 << 24) as f32;
-        let v = if u < 0.5 { -(0.25 + 2.0 * u) } else { 0.25 + 2.0 * (u - 0.5) };
-        if dtype == DType::F16 {
-            half::f16::from_f32(v).to_f32()
-        } else {
-            v
-        }
-    })
-}
 
 /// One node input: its declared type and its value.
 struct In {
