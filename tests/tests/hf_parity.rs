@@ -230,15 +230,27 @@ fn deepseek_v3_on_wgpu() {
 /// tokens, and the logits, each gets alone.
 #[test]
 fn padded_batch_matches_each_prompt_alone() {
-    for (case, mla) in CASES.iter().flat_map(|c| [(*c, MlaMode::Absorb), (*c, MlaMode::Decompress)]) {
-        let b = backend(case, "config.json", mla);
+    padded_batch_on(&CASES, reference_backend);
+}
+
+/// The same on the wgpu backend (the masked variant of each entry point is its own plan),
+/// for a dense GQA model and for MLA with MoE.
+#[test]
+fn padded_batch_on_wgpu() {
+    padded_batch_on(&["llama_gqa", "deepseek_v3"], wgpu_backend);
+}
+
+fn padded_batch_on(cases: &[&str], make: impl Fn(&str, &str, MlaMode) -> Box<dyn Backend>) {
+    for (case, mla) in cases.iter().flat_map(|c| [(*c, MlaMode::Absorb), (*c, MlaMode::Decompress)]) {
+        let b = make(case, "config.json", mla);
+        let b = b.as_ref();
         let p = prompts(case);
         let batch = vec![p[0].clone(), p[1][..5].to_vec(), p[1][3..11].to_vec()];
         let opts = GenerateOptions { max_new_tokens: 6, keep_logits: true, ..GenerateOptions::default() };
-        let together = generate(&b, &batch, &opts).unwrap();
+        let together = generate(b, &batch, &opts).unwrap();
         for (i, prompt) in batch.iter().enumerate() {
-            let alone = generate(&b, std::slice::from_ref(prompt), &opts).unwrap();
-            assert_eq!(together.tokens[i], alone.tokens[0], "{case} (MLA {mla}): prompt {i} of length {}", prompt.len());
+            let alone = generate(b, std::slice::from_ref(prompt), &opts).unwrap();
+            assert_eq!(together.tokens[i], alone.tokens[0], "{case} (MLA {mla}, {}): prompt {i} of length {}", b.name(), prompt.len());
             for (s, (got, want)) in together.step_logits[i].iter().zip(&alone.step_logits[0]).enumerate() {
                 close(got, want, &format!("{case} (MLA {mla}): prompt {i} step {s}"));
             }
