@@ -114,6 +114,6 @@ pub use dtype::{DType, Ty};
 pub use fused::{FusedKernel, Head, Operand, Step, StepOp};
 pub use graph::{Cycle, Edge, Function, Graph, Mode, Module, Node, NodeId, Signature, Value};
 pub use infer::{infer, InferError};
-pub use op::{param_path, Arity, BinaryOp, Float, GroupScore, Op, ReduceOp, RopeLayout, Routing, Scoring, UnaryOp, Yarn};
+pub use op::{param_path, rope_frequencies, Arity, BinaryOp, Float, GroupScore, Op, ReduceOp, RopeLayout, Routing, Scoring, UnaryOp, Yarn};
 pub use print::{print_function, print_module};
 pub use verify::{verify, VerifyError};

@@ -302,6 +302,40 @@ pub struct Routing {
     pub scale: Float,
 }
 
+/// The rotary frequencies `inv_freq[i]`, `i < rotary_dim/2`, and the factor cos and sin
+/// are multiplied by, in `f64`: what the reference interpreter's RoPE uses and what the
+/// RoPE kernel receives as a table, so the two cannot drift apart.
+///
+/// Plain RoPE: `theta^(-2i/d)` with `d = rotary_dim`, factor 1. YaRN follows HF's
+/// `_compute_yarn_parameters` (and DeepSeek's `yarn_find_correction_range` /
+/// `yarn_linear_ramp_mask`): the correction range `low = floor(corr(beta_fast))`,
+/// `high = ceil(corr(beta_slow))` with `corr(r) = d·ln(orig / (2πr)) / (2 ln theta)`,
+/// clamped to `[0, d-1]`; `ramp = clamp((i - low)/(high - low), 0, 1)`; dims below the
+/// range (ramp 0, high frequency) keep their frequency (extrapolation), dims above it
+/// (ramp 1) are divided by `factor` (interpolation). The factor is
+/// `mscale(factor, mscale) / mscale(factor, mscale_all_dim)`.
+pub fn rope_frequencies(theta: f64, rotary_dim: usize, yarn: Option<&Yarn>) -> (Vec<f64>, f64) {
+    let d = rotary_dim as f64;
+    let base: Vec<f64> = (0..rotary_dim / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / d)).collect();
+    let Some(y) = yarn else { return (base, 1.0) };
+    let (factor, orig) = (y.factor.get(), y.original_context as f64);
+    let corr = |rot: f64| d * (orig / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln());
+    let low = corr(y.beta_fast.get()).floor().max(0.0);
+    let mut high = corr(y.beta_slow.get()).ceil().min(d - 1.0);
+    if low == high {
+        high += 0.001; // as the reference, to avoid dividing by zero
+    }
+    let inv = base
+        .iter()
+        .enumerate()
+        .map(|(i, &f)| {
+            let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+            f / factor * ramp + f * (1.0 - ramp)
+        })
+        .collect();
+    (inv, dsc_dsl::model::yarn_mscale(factor, y.mscale.get()) / dsc_dsl::model::yarn_mscale(factor, y.mscale_all_dim.get()))
+}
+
 impl From<&dsc_dsl::model::Router> for Routing {
     fn from(r: &dsc_dsl::model::Router) -> Routing {
         use dsc_dsl::model::{GroupScore as G, Normalize as N, Scoring as S};
@@ -502,8 +536,7 @@ pub enum Op {
     Iota { start: Dim, len: Dim, dtype: DType },
     /// RoPE's frequency table `inv_freq[i]`, `i < rotary_dim/2`, in `f32`: `theta^(-2i/d)`
     /// with `d = rotary_dim`, YaRN-corrected when `yarn` is set (the ramp between
-    /// extrapolated and interpolated dims; see the reference interpreter's
-    /// `rope_frequencies`). It is a primitive because those constants are a function of
+    /// extrapolated and interpolated dims; see [`rope_frequencies`]). It is a primitive because those constants are a function of
     /// the settings alone: writing them as an `iota` and a dozen arithmetic nodes would
     /// hide the settings that [`Op::Rope`] carries, and the decomposed pattern could not
     /// be fused back. Its settings are [`Op::Rope`]'s, so a fuser reads them off this node.

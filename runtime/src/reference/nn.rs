@@ -98,47 +98,10 @@ pub fn rms_norm<T: Real>(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor, 
     Ok(Tensor::from_parts(x.shape().to_vec(), T::wrap(out)))
 }
 
-/// YaRN's attention factor `0.1·m·ln(s) + 1` for `s > 1`, else 1.
-pub fn yarn_mscale(scale: f64, m: f64) -> f64 {
-    if scale <= 1.0 {
-        1.0
-    } else {
-        0.1 * m * scale.ln() + 1.0
-    }
-}
-
-/// The rotary frequencies `inv_freq[i]`, `i < rotary_dim/2`, and the factor cos and sin
-/// are multiplied by, in `f64`.
-///
-/// Plain RoPE: `theta^(-2i/d)` with `d = rotary_dim`, factor 1. YaRN follows HF's
-/// `_compute_yarn_parameters` (and DeepSeek's `yarn_find_correction_range` /
-/// `yarn_linear_ramp_mask`): the correction range `low = floor(corr(beta_fast))`,
-/// `high = ceil(corr(beta_slow))` with `corr(r) = d·ln(orig / (2πr)) / (2 ln theta)`,
-/// clamped to `[0, d-1]`; `ramp = clamp((i - low)/(high - low), 0, 1)`; dims below the
-/// range (ramp 0, high frequency) keep their frequency (extrapolation), dims above it
-/// (ramp 1) are divided by `factor` (interpolation). The factor is
-/// `mscale(factor, mscale) / mscale(factor, mscale_all_dim)`.
-pub fn rope_frequencies(theta: f64, rotary_dim: usize, yarn: Option<&Yarn>) -> (Vec<f64>, f64) {
-    let d = rotary_dim as f64;
-    let base: Vec<f64> = (0..rotary_dim / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / d)).collect();
-    let Some(y) = yarn else { return (base, 1.0) };
-    let (factor, orig) = (y.factor.get(), y.original_context as f64);
-    let corr = |rot: f64| d * (orig / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln());
-    let low = corr(y.beta_fast.get()).floor().max(0.0);
-    let mut high = corr(y.beta_slow.get()).ceil().min(d - 1.0);
-    if low == high {
-        high += 0.001; // as the reference, to avoid dividing by zero
-    }
-    let inv = base
-        .iter()
-        .enumerate()
-        .map(|(i, &f)| {
-            let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
-            f / factor * ramp + f * (1.0 - ramp)
-        })
-        .collect();
-    (inv, yarn_mscale(factor, y.mscale.get()) / yarn_mscale(factor, y.mscale_all_dim.get()))
-}
+// One definition each, shared with the GPU kernels (which take their frequency tables
+// from the same function): the IR's `rope_frequencies` and the spec's `yarn_mscale`.
+pub use dsc_compiler::ir::rope_frequencies;
+pub use dsc_dsl::model::yarn_mscale;
 
 /// Rotary embedding of `x: [b, s, d]` or `[b, s, h, d]` at `positions: [b, s]`.
 ///

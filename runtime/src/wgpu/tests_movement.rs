@@ -5,9 +5,7 @@
 //! 1e-4·(1 + |ref|), f16 2e-2·(1 + |ref|).
 
 use super::test_data::{backend, random};
-use crate::reference::nn::rope_frequencies;
 use crate::reference::{run, Options, Tensor};
-use dsc_compiler::codegen::kernels::rope::frequencies;
 use dsc_compiler::codegen::launch::{node_work, NodeWork};
 use dsc_compiler::codegen::{kernel_source, KernelSpec, Target};
 use dsc_compiler::ir::fused::{FusedKernel, Head, Operand, Step, StepOp};
@@ -181,13 +179,6 @@ fn yarn() -> Yarn {
         beta_slow: Float::new(1.0),
         mscale: Float::new(0.707),
         mscale_all_dim: Float::new(1.0),
-    }
-}
-
-#[test]
-fn rope_frequencies_match_the_reference() {
-    for (theta, dim, y) in [(10000.0, 8, None), (500000.0, 128, None), (10000.0, 64, Some(yarn())), (10000.0, 8, Some(yarn()))] {
-        assert_eq!(frequencies(theta, dim, y.as_ref()), rope_frequencies(theta, dim, y.as_ref()), "theta {theta} dim {dim} yarn {y:?}");
     }
 }
 

@@ -8,8 +8,8 @@
 //! Dims from `rotary_dim` on are copied.
 //!
 //! The frequencies and the YaRN factor are functions of the op's settings alone. They
-//! are computed on the host in `f64` exactly as the reference interpreter's
-//! `rope_frequencies` does ([`frequencies`]; a test checks the two agree), rounded to
+//! are computed on the host in `f64` by the function the reference interpreter uses
+//! ([`rope_frequencies`]), rounded to
 //! `f32` and passed as an [`Arg::F32Table`] `[inv_freq[0 .. rotary_dim/2], mscale]`, so
 //! the device does not re-derive YaRN's ramp in lower precision and plain RoPE and
 //! every YaRN setting share one kernel per layout.
@@ -25,7 +25,7 @@ use super::EW_BLOCK;
 use crate::codegen::kernels::movement::float_elem;
 use crate::codegen::launch::{grid_linear, single, Arg, Buf, NodeWork, Size};
 use crate::codegen::{KernelSpec, Unsupported};
-use crate::ir::{Graph, NodeId, Op, RopeLayout, Yarn};
+use crate::ir::{rope_frequencies, Graph, NodeId, Op, RopeLayout};
 use cubecl::prelude::*;
 
 /// `t` reduced to `[-π, π]`: `t - k·2π` with `k = round(t / 2π)` and 2π split in three
@@ -88,33 +88,6 @@ pub fn rope<F: Float>(
     }
 }
 
-/// The rotary frequencies `inv_freq[i]`, `i < rotary_dim/2`, and the factor cos and sin
-/// are multiplied by, in `f64`: the same computation as the reference interpreter's
-/// `dsc_runtime::reference::nn::rope_frequencies` (see there for YaRN's ramp), which the
-/// kernel tests compare this with.
-pub fn frequencies(theta: f64, rotary_dim: usize, yarn: Option<&Yarn>) -> (Vec<f64>, f64) {
-    let d = rotary_dim as f64;
-    let base: Vec<f64> = (0..rotary_dim / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / d)).collect();
-    let Some(y) = yarn else { return (base, 1.0) };
-    let (factor, orig) = (y.factor.get(), y.original_context as f64);
-    let corr = |rot: f64| d * (orig / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln());
-    let low = corr(y.beta_fast.get()).floor().max(0.0);
-    let mut high = corr(y.beta_slow.get()).ceil().min(d - 1.0);
-    if low == high {
-        high += 0.001; // as the reference, to avoid dividing by zero
-    }
-    let inv = base
-        .iter()
-        .enumerate()
-        .map(|(i, &f)| {
-            let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
-            f / factor * ramp + f * (1.0 - ramp)
-        })
-        .collect();
-    let m = dsc_dsl::model::yarn_mscale;
-    (inv, m(factor, y.mscale.get()) / m(factor, y.mscale_all_dim.get()))
-}
-
 /// The spec of a `rope` node, `None` when `n` is not one.
 pub(crate) fn spec(g: &Graph, n: NodeId) -> Option<Result<KernelSpec, Unsupported>> {
     let Op::Rope { layout, rotary_dim, .. } = &g.node(n).op else { return None };
@@ -136,7 +109,7 @@ pub(crate) fn spec(g: &Graph, n: NodeId) -> Option<Result<KernelSpec, Unsupporte
 pub(crate) fn work(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
     let Op::Rope { theta, rotary_dim, yarn, .. } = &g.node(n).op else { unreachable!("rope::work on a non-rope node") };
     let x = &g.ty(g.inputs(n)[0]).shape;
-    let (freqs, mscale) = frequencies(theta.get(), *rotary_dim as usize, yarn.as_ref());
+    let (freqs, mscale) = rope_frequencies(theta.get(), *rotary_dim as usize, yarn.as_ref());
     let table = freqs.iter().chain([&mscale]).map(|&f| (f as f32).to_bits()).collect();
     let d = x.last().expect("rank checked");
     let args = vec![
