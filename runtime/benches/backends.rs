@@ -125,6 +125,7 @@ fn cases() -> Vec<Case> {
                 scale: Float::new(1.0 / (d as f64).sqrt()),
                 causal: true,
                 masked: false,
+                lse: false,
             },
             inputs: vec![f(&[b, 1, h, d], 8), f(&[b, c, h, d], 9), f(&[b, c, h, d], 10)],
             flops: 4.0 * (b * c * h * d) as f64,

@@ -9,7 +9,7 @@ use super::dim::{Dim, Shape};
 use super::dtype::{DType, Ty};
 use super::fused::{FusedKernel, Operand};
 use super::graph::Signature;
-use super::op::{Op, ReduceOp};
+use super::op::{Op, ReduceOp, Routing};
 use dsc_dsl::span::Span;
 use std::fmt;
 
@@ -326,39 +326,80 @@ fn rule(op: &Op, x: &[&Ty], callee: Option<&Signature>) -> R<Vec<Ty>> {
             one(t.clone())
         }
 
-        Op::Attention { heads, kv_heads, masked, .. } => {
-            let (q, k, v) = (x[0], x[1], x[2]);
-            float(q, "q")?;
-            same_dtype(q, k, "q", "k")?;
-            same_dtype(q, v, "q", "v")?;
-            for (t, n) in [(q, "q"), (k, "k"), (v, "v")] {
-                if t.rank() != 4 {
-                    return Err(format!("{n} must be [b, seq, heads, dim], got {}", t.shape));
-                }
+        Op::Attention { heads, kv_heads, masked, lse, .. } => {
+            let out = attention_out(x, *heads, *kv_heads, *masked)?;
+            let mut outs = vec![out.clone()];
+            if *lse {
+                outs.push(Ty::new(DType::F32, [out.shape[0], out.shape[1], out.shape[2]]));
             }
-            if *kv_heads == 0 || heads % kv_heads != 0 {
-                return Err(format!("heads {heads} is not a multiple of kv_heads {kv_heads}"));
+            Ok(outs)
+        }
+
+        Op::AttentionGrad { heads, kv_heads, masked, .. } => {
+            let out = attention_out(x, *heads, *kv_heads, *masked)?;
+            let rest = &x[if *masked { 4 } else { 3 }..];
+            let (o, lse, dout) = (rest[0], rest[1], rest[2]);
+            if *o != out || *dout != out {
+                return Err(format!("out and dout must be {out}, got {o} and {dout}"));
             }
-            let (b, sq, dk) = (q.shape[0], q.shape[1], q.shape[3]);
-            let sk = k.shape[1];
-            if !q.shape[2].is(*heads as i64) {
-                return Err(format!("q {} must have {heads} heads", q.shape));
+            let want = Ty::new(DType::F32, [out.shape[0], out.shape[1], out.shape[2]]);
+            if *lse != want {
+                return Err(format!("lse must be {want}, got {lse}"));
             }
-            let kv_want = [b, sk, Dim::lit(*kv_heads as i64), dk];
-            if k.shape.0 != kv_want {
-                return Err(format!("k must be {} for q {}, got {}", Shape(kv_want.to_vec()), q.shape, k.shape));
+            Ok(vec![x[0].clone(), x[1].clone(), x[2].clone()])
+        }
+
+        Op::WeightGrad => {
+            let (dy, t) = (x[0], x[1]);
+            float(dy, "dy")?;
+            same_dtype(dy, t, "dy", "x")?;
+            let (n, k) = (last(dy, "dy")?, last(t, "x")?);
+            if dy.rank() != t.rank() || dy.shape[..dy.rank() - 1] != t.shape[..t.rank() - 1] {
+                return Err(format!("dy {} and x {} must share their leading (token) axes", dy.shape, t.shape));
             }
-            if v.shape[..3] != kv_want[..3] {
-                return Err(format!("v {} must match k {} on [b, seq, kv_heads]", v.shape, k.shape));
+            one(Ty::new(dy.dtype, [n, k]))
+        }
+
+        Op::RmsNormGrad { eps } => {
+            let fwd = rule(&Op::RmsNorm { eps: *eps }, &x[..2], callee)?;
+            if *x[2] != fwd[0] {
+                return Err(format!("dy must be {}, got {}", fwd[0], x[2]));
             }
-            if *masked {
-                let m = x[3];
-                same_dtype(q, m, "q", "mask")?;
-                if m.shape.0 != [b, sq, sk] {
-                    return Err(format!("mask must be {}, got {}", Shape(vec![b, sq, sk]), m.shape));
-                }
+            Ok(vec![x[0].clone(), x[1].clone()])
+        }
+
+        Op::SwiGluGrad => {
+            let fwd = rule(&Op::SwiGlu, &x[..4], callee)?;
+            if *x[4] != fwd[0] {
+                return Err(format!("dy must be {}, got {}", fwd[0], x[4]));
             }
-            one(Ty::new(q.dtype, [b, sq, q.shape[2], v.shape[3]]))
+            Ok(x[..4].iter().map(|t| (*t).clone()).collect())
+        }
+
+        Op::ExpertFfnGrad => {
+            let fwd = rule(&Op::ExpertFfn, &x[..6], callee)?;
+            if *x[6] != fwd[0] {
+                return Err(format!("dy must be {}, got {}", fwd[0], x[6]));
+            }
+            Ok([0, 2, 3, 4, 5].iter().map(|&i| x[i].clone()).collect())
+        }
+
+        Op::MoeRouteGrad(r) => {
+            let (logits, idx, dw) = (x[0], x[1], x[2]);
+            let fwd = rule(&Op::MoeRoute(Routing { selection_bias: false, ..*r }), &x[..1], callee)?;
+            int(idx, "indices")?;
+            if idx.shape != fwd[0].shape || *dw != fwd[1] {
+                return Err(format!("indices and dweights must be [T.., {}] of the router, got {} and {}", r.top_k, idx, dw));
+            }
+            one(logits.clone())
+        }
+
+        Op::CrossEntropyGrad { ignore_index } => {
+            rule(&Op::CrossEntropy { ignore_index: *ignore_index }, &x[..2], callee)?;
+            if *x[2] != Ty::scalar(DType::F32) {
+                return Err(format!("dloss must be f32[], got {}", x[2]));
+            }
+            one(x[0].clone())
         }
 
         Op::MoeRoute(r) => {
@@ -466,6 +507,43 @@ fn rule(op: &Op, x: &[&Ty], callee: Option<&Signature>) -> R<Vec<Ty>> {
 }
 
 // ---------------------------------------------------------------- helpers
+
+/// The output type of attention over `q, k, v[, mask]` (the rule of [`Op::Attention`],
+/// shared with its gradient).
+fn attention_out(x: &[&Ty], heads: u32, kv_heads: u32, masked: bool) -> R<Ty> {
+    let (q, k, v) = (x[0], x[1], x[2]);
+    float(q, "q")?;
+    same_dtype(q, k, "q", "k")?;
+    same_dtype(q, v, "q", "v")?;
+    for (t, n) in [(q, "q"), (k, "k"), (v, "v")] {
+        if t.rank() != 4 {
+            return Err(format!("{n} must be [b, seq, heads, dim], got {}", t.shape));
+        }
+    }
+    if kv_heads == 0 || heads % kv_heads != 0 {
+        return Err(format!("heads {heads} is not a multiple of kv_heads {kv_heads}"));
+    }
+    let (b, sq, dk) = (q.shape[0], q.shape[1], q.shape[3]);
+    let sk = k.shape[1];
+    if !q.shape[2].is(heads as i64) {
+        return Err(format!("q {} must have {heads} heads", q.shape));
+    }
+    let kv_want = [b, sk, Dim::lit(kv_heads as i64), dk];
+    if k.shape.0 != kv_want {
+        return Err(format!("k must be {} for q {}, got {}", Shape(kv_want.to_vec()), q.shape, k.shape));
+    }
+    if v.shape[..3] != kv_want[..3] {
+        return Err(format!("v {} must match k {} on [b, seq, kv_heads]", v.shape, k.shape));
+    }
+    if masked {
+        let m = x[3];
+        same_dtype(q, m, "q", "mask")?;
+        if m.shape.0 != [b, sq, sk] {
+            return Err(format!("mask must be {}, got {}", Shape(vec![b, sq, sk]), m.shape));
+        }
+    }
+    Ok(Ty::new(q.dtype, [b, sq, q.shape[2], v.shape[3]]))
+}
 
 /// The result type of a fused kernel's program over inputs `x`, checking that every
 /// operand exists, every input is read and every value but the result is read later.
@@ -714,7 +792,7 @@ mod tests {
         assert_eq!(ok(rope.clone(), &[&q_pe, &i32t([B, S])]), vec![q_pe.clone()]);
         assert!(bad(rope, &[&q_pe, &i32t([B, C])]).contains("leading axes"));
 
-        let att = Op::Attention { heads: 32, kv_heads: 8, scale: 0.088.into(), causal: true, masked: false };
+        let att = Op::Attention { heads: 32, kv_heads: 8, scale: 0.088.into(), causal: true, masked: false, lse: false };
         let q = bf([B, S, n(32), n(128)]);
         let k = bf([B, C + S, n(8), n(128)]);
         let v = bf([B, C + S, n(8), n(64)]);

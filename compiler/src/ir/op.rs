@@ -579,15 +579,25 @@ pub enum Op {
     /// cache (`sk = c + s`). MLA lowers to this too: naive form with `kv_heads = heads`
     /// and `dk ≠ dv`, absorbed form with `kv_heads = 1` over the latent.
     ///
+    /// With `lse` (set by autodiff on the forward attention of a train graph) a second
+    /// output holds each query row's log-sum-exp of the scaled, masked scores, so the
+    /// backward ([`Op::AttentionGrad`]) recomputes the probabilities one key tile at a time
+    /// instead of storing the `[b, heads, sq, sk]` matrix.
+    ///
     /// ## Shape rule
     /// `q: float[b, sq, heads, dk]`, `k: float[b, sk, kv_heads, dk]`,
     /// `v: float[b, sk, kv_heads, dv]`, and when `masked` an additive
-    /// `mask: float[b, sq, sk]` → `float[b, sq, heads, dv]`; `heads % kv_heads == 0`.
+    /// `mask: float[b, sq, sk]` → `float[b, sq, heads, dv]` (and with `lse`,
+    /// `f32[b, sq, heads]`); `heads % kv_heads == 0`.
+    ///
+    /// ## Derivative
+    /// [`Op::AttentionGrad`] (flash-style, from the output and the log-sum-exp); the mask
+    /// has none.
     ///
     /// ## Decomposition
     /// reshape to group heads, batch_matmul, mul scale, causal `select`, softmax,
     /// batch_matmul.
-    Attention { heads: u32, kv_heads: u32, scale: Float, causal: bool, masked: bool },
+    Attention { heads: u32, kv_heads: u32, scale: Float, causal: bool, masked: bool, lse: bool },
     /// MoE router: from router logits to the chosen experts and their gate weights
     /// (score function, optional selection bias, group-limited top-k, normalisation,
     /// scaling; see [`Routing`]).
@@ -630,7 +640,7 @@ pub enum Op {
     /// `logits: float[T.., V]`, `labels: int[T..]` → `f32[]`.
     ///
     /// ## Derivative
-    /// `dlogits = (softmax(logits) - onehot(labels)) · dy / count`.
+    /// [`Op::CrossEntropyGrad`]: `dlogits = (softmax(logits) - onehot(labels)) · dy / count`.
     CrossEntropy { ignore_index: Option<i64> },
     /// Append new keys/values to a cache along `axis`. The value is the concatenation,
     /// like [`Op::Concat`], but the runtime may write it into the cache's own buffer
@@ -639,6 +649,76 @@ pub enum Op {
     /// ## Shape rule
     /// `cache: [A.., c, B..]`, `new: [A.., s, B..]` of one dtype → `[A.., c+s, B..]`.
     CacheAppend { axis: u8 },
+
+    // ---------------------------------------------------------------- gradients
+    // The vector-Jacobian products of the composites (and of matmul's weight), which the
+    // autodiff pass (`passes/autodiff.rs`) emits. Each is one kernel for the same reason
+    // its forward is: a backend wants the whole computation (the flash-attention backward
+    // never stores the probabilities, the expert backward walks the same dispatch as the
+    // forward). dsc takes first derivatives only, so these have no derivative themselves.
+    /// The weight gradient of [`Op::MatMul`]: `dw[n, k] = Σ_tokens dy[t, n] · x[t, k]`,
+    /// summed over every leading (token) axis, without flattening them.
+    ///
+    /// ## Shape rule
+    /// `dy: float[T.., n]`, `x: float[T.., k]` of one dtype and equal leading axes →
+    /// `float[n, k]`.
+    WeightGrad,
+    /// The backward of [`Op::RmsNorm`] `y = x·r·g` with `r = (mean(x²) + eps)^-½`:
+    /// `dg = Σ_tokens dy·x·r`, `dx = r·(dy·g) − x·r³·mean(dy·g·x)`, statistics in f32.
+    ///
+    /// ## Shape rule
+    /// `x: float[..., d]`, `gain: float[d]`, `dy` of `x`'s type → `(dx: x's type,
+    /// dgain: gain's type)`.
+    RmsNormGrad { eps: Float },
+    /// The backward of [`Op::Attention`] with the same settings, flash-style: per query
+    /// row, `p = exp(q·kᵀ·scale + mask − lse)` is recomputed from the forward's
+    /// log-sum-exp; `dv = pᵀ·do`, `dp = do·vᵀ`, `ds = p·(dp − rowsum(do·o))`,
+    /// `dq = ds·k·scale`, `dk = dsᵀ·q·scale`; a kv head sums over the query heads of its
+    /// group.
+    ///
+    /// ## Shape rule
+    /// `q, k, v[, mask]` as [`Op::Attention`], then `out: float[b, sq, heads, dv]`,
+    /// `lse: f32[b, sq, heads]`, `dout` of `out`'s type → `(dq, dk, dv)` of the types of
+    /// `q`, `k`, `v`.
+    AttentionGrad { heads: u32, kv_heads: u32, scale: Float, causal: bool, masked: bool },
+    /// The backward of [`Op::SwiGlu`] `y = down(a)`, `a = silu(g)·u`, `g = x·gateᵀ`,
+    /// `u = x·upᵀ`: `da = dy·down`, `ddown = Σ dyᵀ·a`, `dg = da·u·silu'(g)`,
+    /// `du = da·silu(g)`, `dx = dg·gate + du·up`, `dgate = Σ dgᵀ·x`, `dup = Σ duᵀ·x`
+    /// (sums over tokens); `g` and `u` are recomputed, not stored.
+    ///
+    /// ## Shape rule
+    /// `x, gate, up, down` as [`Op::SwiGlu`], `dy` of `x`'s type → `(dx, dgate, dup,
+    /// ddown)` of the types of `x`, `gate`, `up`, `down`.
+    SwiGluGrad,
+    /// The backward of [`Op::ExpertFfn`] `y = Σ_j w_j · ffn_{e_j}(x)`: for each token and
+    /// slot `j` routed to expert `e_j`, `dw_j = dy · ffn_{e_j}(x)`, and the SwiGLU
+    /// backward of `w_j·dy` through expert `e_j` adds to `dx` and to that expert's
+    /// weight gradients. Experts no token was routed to get zero gradients; indices have
+    /// none.
+    ///
+    /// ## Shape rule
+    /// `x, indices, weights, gate, up, down` as [`Op::ExpertFfn`], `dy` of `x`'s type →
+    /// `(dx, dweights, dgate, dup, ddown)` of the types of `x`, `weights`, `gate`, `up`,
+    /// `down`.
+    ExpertFfnGrad,
+    /// The backward of [`Op::MoeRoute`] through its weights: with `s = score(logits)`
+    /// (softmax over the experts, or sigmoid), `w_j = scale · s_{e_j} / Z` where
+    /// `Z = Σ_j s_{e_j}` when normalising (else 1): `ds_{e_j} = scale·(dw_j − Σ_i dw_i·w_i/scale)/Z`
+    /// (normalised) or `scale·dw_j`; then through the score function (softmax:
+    /// `dl = s·(ds − Σ ds·s)`; sigmoid: `dl = ds·s·(1−s)`). The selection (and the
+    /// selection bias) takes no gradient.
+    ///
+    /// ## Shape rule
+    /// `logits: float[T.., E]`, `indices: int[T.., k]`, `dweights: float[T.., k]` →
+    /// `logits`' type.
+    MoeRouteGrad(Routing),
+    /// The backward of [`Op::CrossEntropy`]: `dlogits = (softmax(logits) − onehot(label))
+    /// · dloss / count` on rows whose label counts, 0 on ignored rows (`count` = rows that
+    /// count).
+    ///
+    /// ## Shape rule
+    /// `logits: float[T.., V]`, `labels: int[T..]`, `dloss: f32[]` → `logits`' type.
+    CrossEntropyGrad { ignore_index: Option<i64> },
 
     // ---------------------------------------------------------------- kernels
     /// A fused kernel: an optional head op (`matmul` or `rms_norm`) followed by a program
@@ -717,6 +797,13 @@ impl Op {
             Op::SwiGlu => "swiglu",
             Op::CrossEntropy { .. } => "cross_entropy",
             Op::CacheAppend { .. } => "cache_append",
+            Op::WeightGrad => "weight_grad",
+            Op::RmsNormGrad { .. } => "rms_norm_grad",
+            Op::AttentionGrad { .. } => "attention_grad",
+            Op::SwiGluGrad => "swiglu_grad",
+            Op::ExpertFfnGrad => "expert_ffn_grad",
+            Op::MoeRouteGrad(_) => "moe_route_grad",
+            Op::CrossEntropyGrad { .. } => "cross_entropy_grad",
             Op::Call { .. } => "call",
             Op::Return => "return",
         }
@@ -738,6 +825,7 @@ impl Op {
             | Op::Slice { .. }
             | Op::Cast { .. } => Exact(1),
             Op::MatMul
+            | Op::WeightGrad
             | Op::BatchMatMul
             | Op::Binary(_)
             | Op::Gather { .. }
@@ -745,8 +833,11 @@ impl Op {
             | Op::Rope { .. }
             | Op::CrossEntropy { .. }
             | Op::CacheAppend { .. } => Exact(2),
-            Op::Select | Op::ScatterAdd { .. } => Exact(3),
+            Op::Select | Op::ScatterAdd { .. } | Op::RmsNormGrad { .. } | Op::MoeRouteGrad(_) | Op::CrossEntropyGrad { .. } => Exact(3),
             Op::Attention { masked, .. } => Exact(if *masked { 4 } else { 3 }),
+            Op::AttentionGrad { masked, .. } => Exact(if *masked { 7 } else { 6 }),
+            Op::SwiGluGrad => Exact(5),
+            Op::ExpertFfnGrad => Exact(7),
             Op::MoeRoute(r) => Exact(if r.selection_bias { 2 } else { 1 }),
             Op::SwiGlu => Exact(4),
             Op::ExpertFfn => Exact(6),
@@ -758,7 +849,11 @@ impl Op {
     /// How many values the op produces; `None` for [`Op::Call`], whose callee decides.
     pub fn num_outputs(&self) -> Option<usize> {
         match self {
-            Op::TopK { .. } | Op::MoeRoute(_) => Some(2),
+            Op::TopK { .. } | Op::MoeRoute(_) | Op::RmsNormGrad { .. } => Some(2),
+            Op::Attention { lse, .. } => Some(if *lse { 2 } else { 1 }),
+            Op::AttentionGrad { .. } => Some(3),
+            Op::SwiGluGrad => Some(4),
+            Op::ExpertFfnGrad => Some(5),
             Op::Return => Some(0),
             Op::Call { .. } => None,
             _ => Some(1),
@@ -774,6 +869,21 @@ impl Op {
     /// Leaves have no inputs and a declared (not inferred) type.
     pub fn is_leaf(&self) -> bool {
         matches!(self, Op::Input { .. } | Op::Param { .. } | Op::Const { .. })
+    }
+
+    /// The backward kernels autodiff emits (`weight_grad`, `*_grad`): not composites
+    /// (nothing decomposes them) and never differentiated again.
+    pub fn is_gradient(&self) -> bool {
+        matches!(
+            self,
+            Op::WeightGrad
+                | Op::RmsNormGrad { .. }
+                | Op::AttentionGrad { .. }
+                | Op::SwiGluGrad
+                | Op::ExpertFfnGrad
+                | Op::MoeRouteGrad(_)
+                | Op::CrossEntropyGrad { .. }
+        )
     }
 
     /// Composites are kept whole by lowering and expanded by the decomposition pass.
@@ -821,7 +931,7 @@ mod tests {
     #[test]
     fn arity_outputs_and_classes() {
         assert_eq!(Op::MatMul.arity(), Arity::Exact(2));
-        let att = Op::Attention { heads: 8, kv_heads: 2, scale: 0.1.into(), causal: true, masked: true };
+        let att = Op::Attention { heads: 8, kv_heads: 2, scale: 0.1.into(), causal: true, masked: true, lse: false };
         assert_eq!(att.arity(), Arity::Exact(4));
         assert_eq!(Op::TopK { k: 2, axis: 1 }.num_outputs(), Some(2));
         assert_eq!(Op::Return.num_outputs(), Some(0));

@@ -166,6 +166,9 @@ fn attrs(op: &Op) -> String {
         | Op::Select
         | Op::ExpertFfn
         | Op::SwiGlu
+        | Op::WeightGrad
+        | Op::SwiGluGrad
+        | Op::ExpertFfnGrad
         | Op::Return => {}
         Op::Reduce { axis, keepdim, .. } => {
             a.push(format!("axis={axis}"));
@@ -199,7 +202,19 @@ fn attrs(op: &Op) -> String {
             a.extend(yarn.as_ref().map(yarn_attr));
         }
         Op::Fused(k) => a.push(k.to_string()),
-        Op::Attention { heads, kv_heads, scale, causal, masked } => {
+        Op::Attention { heads, kv_heads, scale, causal, masked, lse } => {
+            a.push(format!("heads={heads} kv_heads={kv_heads} scale={scale}"));
+            if *causal {
+                a.push("causal".into());
+            }
+            if *masked {
+                a.push("masked".into());
+            }
+            if *lse {
+                a.push("lse".into());
+            }
+        }
+        Op::AttentionGrad { heads, kv_heads, scale, causal, masked } => {
             a.push(format!("heads={heads} kv_heads={kv_heads} scale={scale}"));
             if *causal {
                 a.push("causal".into());
@@ -208,7 +223,13 @@ fn attrs(op: &Op) -> String {
                 a.push("masked".into());
             }
         }
-        Op::MoeRoute(r) => {
+        Op::RmsNormGrad { eps } => a.push(format!("eps={eps}")),
+        Op::CrossEntropyGrad { ignore_index } => {
+            if let Some(i) = ignore_index {
+                a.push(format!("ignore_index={i}"));
+            }
+        }
+        Op::MoeRoute(r) | Op::MoeRouteGrad(r) => {
             let scoring = match r.scoring {
                 Scoring::Softmax => "softmax",
                 Scoring::Sigmoid => "sigmoid",
@@ -293,7 +314,7 @@ mod tests {
         let k = g.add_inferred(rope, &[k.into(), pos.into()], None).unwrap();
         let k_all = g.add_inferred(Op::CacheAppend { axis: 1 }, &[kc.into(), k.into()], None).unwrap();
         let v_all = g.add_inferred(Op::CacheAppend { axis: 1 }, &[vc.into(), v.into()], None).unwrap();
-        let att = Op::Attention { heads: 4, kv_heads: 2, scale: 0.25.into(), causal: true, masked: false };
+        let att = Op::Attention { heads: 4, kv_heads: 2, scale: 0.25.into(), causal: true, masked: false, lse: false };
         let a = g.add_inferred(att, &[q.into(), k_all.into(), v_all.into()], None).unwrap();
         let a = g.add_inferred(Op::Reshape { shape: Shape::from([B, S, n(64)]) }, &[a.into()], None).unwrap();
         let wo = g.param("self_attn.o_proj.weight", bf([n(64), n(64)]), None);

@@ -136,7 +136,7 @@ fn mla(b: &mut Builder, cx: &Cx, a: &Mla, x: Value, pos: Value, seq: Dim, kv: &K
         scale *= m * m;
     }
     let heads = a.heads as u32;
-    let att = Op::Attention { heads, kv_heads: heads, scale: scale.into(), causal: true, masked: false };
+    let att = Op::Attention { heads, kv_heads: heads, scale: scale.into(), causal: true, masked: false, lse: false };
     let o = b.op(att, &[q, k, v])?;
     let o = b.reshape(o, [bt, seq, Dim::from(a.heads * vd)])?;
     let o = b.linear(o, "self_attn.o_proj.weight", cx.m.hidden)?;
@@ -159,7 +159,8 @@ fn gqa(b: &mut Builder, cx: &Cx, a: &Gqa, x: Value, pos: Value, seq: Dim, kv: &K
     // Plain 1/√head_dim: Hugging Face Llama applies YaRN's attention factor to cos/sin
     // only, never to the softmax scale.
     let scale = (a.head_dim as f64).powf(-0.5);
-    let att = Op::Attention { heads: a.heads as u32, kv_heads: a.kv_heads as u32, scale: scale.into(), causal: true, masked: false };
+    let att =
+        Op::Attention { heads: a.heads as u32, kv_heads: a.kv_heads as u32, scale: scale.into(), causal: true, masked: false, lse: false };
     let o = b.op(att, &[q, k, v])?;
     let o = b.reshape(o, [bt, seq, Dim::from(a.heads * a.head_dim)])?;
     let o = b.linear(o, "self_attn.o_proj.weight", cx.m.hidden)?;

@@ -256,7 +256,7 @@ fn mla_scale_and_rope() {
     let m = lowered(&spec("deepseek_v3.dsc"));
     let f = m.function("prefill.layer.moe").unwrap();
     let att = nodes_of(f, "attention").next().unwrap();
-    let Op::Attention { heads, kv_heads, scale, causal, masked } = f.graph.node(att).op else { unreachable!() };
+    let Op::Attention { heads, kv_heads, scale, causal, masked, .. } = f.graph.node(att).op else { unreachable!() };
     assert_eq!((heads, kv_heads, causal, masked), (128, 128, true, false));
     let mscale = 0.1 * 40f64.ln() + 1.0;
     assert_eq!(scale, Float::new(192f64.powf(-0.5) * mscale * mscale));

@@ -99,7 +99,8 @@ fn attention(g: &Graph, n: NodeId) -> Option<Rewrite> {
     if causal && !causal_bounds(g, p, g.ty(q).shape[1], g.ty(k).shape[1]) {
         return None;
     }
-    let att = Op::Attention { heads: heads as u32, kv_heads: kv_heads as u32, scale: scale.into(), causal, masked: mask.is_some() };
+    let att =
+        Op::Attention { heads: heads as u32, kv_heads: kv_heads as u32, scale: scale.into(), causal, masked: mask.is_some(), lse: false };
     let mut inputs = vec![q, k, v];
     inputs.extend(mask);
     replace_if_typed(g, n, att, inputs)
@@ -148,7 +149,7 @@ fn causal_bounds(g: &Graph, p: Value, sq: Dim, sk: Dim) -> bool {
 /// `attention(mul(q, c), k, v)` → `attention(q, k, v)` with the scale times `c` (and the
 /// same for a factor on `k`).
 fn fold_scale(g: &Graph, n: NodeId) -> Option<Rewrite> {
-    let Op::Attention { heads, kv_heads, scale, causal, masked } = g.node(n).op else { return None };
+    let Op::Attention { heads, kv_heads, scale, causal, masked, lse: false } = g.node(n).op else { return None };
     let ins = g.inputs(n);
     for slot in 0..2 {
         let Some((a, b)) = binary(g, ins[slot], BinaryOp::Mul) else { continue };
@@ -158,7 +159,7 @@ fn fold_scale(g: &Graph, n: NodeId) -> Option<Rewrite> {
         }
         let mut inputs = ins.clone();
         inputs[slot] = x;
-        let op = Op::Attention { heads, kv_heads, scale: (scale.get() * c).into(), causal, masked };
+        let op = Op::Attention { heads, kv_heads, scale: (scale.get() * c).into(), causal, masked, lse: false };
         if let Some(rw) = replace_if_typed(g, n, op, inputs) {
             return Some(rw);
         }
@@ -186,7 +187,7 @@ mod tests {
             if masked {
                 ins.push(g.input(3, "mask", f32t([Dim::B, Dim::S, Dim::C + Dim::S]), None).into());
             }
-            let att = Op::Attention { heads: heads as u32, kv_heads: kv as u32, scale: Float::new(0.25), causal, masked };
+            let att = Op::Attention { heads: heads as u32, kv_heads: kv as u32, scale: Float::new(0.25), causal, masked, lse: false };
             let y = g.add_inferred(att, &ins, None).unwrap();
             g.ret(&[y.into()], None);
             let before = text(&g);
@@ -204,7 +205,7 @@ mod tests {
         let k = g.input(1, "k", f32t([Dim::B, Dim::S, n(2), n(4)]), None);
         let c = g.constant(0.5, DType::F32, None);
         let qs = g.add_inferred(Op::Binary(BinaryOp::Mul), &[c.into(), q.into()], None).unwrap();
-        let att = Op::Attention { heads: 2, kv_heads: 2, scale: Float::new(0.25), causal: true, masked: false };
+        let att = Op::Attention { heads: 2, kv_heads: 2, scale: Float::new(0.25), causal: true, masked: false, lse: false };
         let y = g.add_inferred(att, &[qs.into(), k.into(), k.into()], None).unwrap();
         g.ret(&[y.into()], None);
         assert_eq!(rewrite(&mut g, RULES).unwrap().total(), 1);

@@ -322,7 +322,7 @@ fn konst(d: Dim) -> Option<u64> {
 impl Site {
     /// The lowering's decompressed MLA chain feeding attention node `n`, if it is one.
     fn find(g: &Graph, n: NodeId) -> Option<Site> {
-        let Op::Attention { heads, kv_heads, scale, causal, masked } = g.node(n).op else { return None };
+        let Op::Attention { heads, kv_heads, scale, causal, masked, lse: false } = g.node(n).op else { return None };
         if heads != kv_heads {
             return None;
         }
@@ -411,7 +411,14 @@ impl Site {
         // One key/value head: the latent itself (| the rope key for the scores).
         let c4 = op(g, reshape(&[b, sk, Dim::lit(1), r]), &[self.latent])?;
         let k_abs = op(g, Op::Concat { axis: 3 }, &[c4, self.k_pe4])?;
-        let att = Op::Attention { heads: self.heads, kv_heads: 1, scale: self.scale, causal: self.causal, masked: self.mask.is_some() };
+        let att = Op::Attention {
+            heads: self.heads,
+            kv_heads: 1,
+            scale: self.scale,
+            causal: self.causal,
+            masked: self.mask.is_some(),
+            lse: false,
+        };
         let mut att_in = vec![q_abs, k_abs, c4];
         att_in.extend(self.mask);
         let o_lat = op(g, att, &att_in)?;

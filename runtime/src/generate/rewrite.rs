@@ -58,11 +58,11 @@ fn mask_function(f: &mut Function) -> Result<Option<(u16, Ty)>, String> {
         if t != ty {
             return Err(format!("`{}`: attentions over different key lengths ({} and {}) cannot share one mask", f.name, ty, t));
         }
-        let Op::Attention { heads, kv_heads, scale, causal, masked } = g.node(n).op.clone() else { unreachable!("attention") };
+        let Op::Attention { heads, kv_heads, scale, causal, masked, lse } = g.node(n).op.clone() else { unreachable!("attention") };
         if masked {
             return Err(format!("`{}`: an attention is already masked", f.name));
         }
-        g.node_mut(n).op = Op::Attention { heads, kv_heads, scale, causal, masked: true };
+        g.node_mut(n).op = Op::Attention { heads, kv_heads, scale, causal, masked: true, lse };
         g.set_input(n, 3, mask.into());
     }
     Ok(Some((index as u16, ty)))

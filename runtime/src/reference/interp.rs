@@ -498,9 +498,19 @@ impl<'m, T: Real> Interp<'m, T> {
             Op::Rope { layout, theta, rotary_dim, yarn } => {
                 one(rope::<T>(x[0], x[1], *layout, theta.get(), *rotary_dim as usize, yarn.as_ref())?)
             }
-            Op::Attention { heads, kv_heads, scale, causal, masked } => {
+            Op::Attention { heads, kv_heads, scale, causal, masked, lse: false } => {
                 let spec = AttentionSpec { heads: *heads as usize, kv_heads: *kv_heads as usize, scale: scale.get(), causal: *causal };
                 one(attention::<T>(x[0], x[1], x[2], if *masked { Some(x[3]) } else { None }, spec)?)
+            }
+            Op::Attention { lse: true, .. }
+            | Op::WeightGrad
+            | Op::RmsNormGrad { .. }
+            | Op::AttentionGrad { .. }
+            | Op::SwiGluGrad
+            | Op::ExpertFfnGrad
+            | Op::MoeRouteGrad(_)
+            | Op::CrossEntropyGrad { .. } => {
+                Err(KernelError { kind: ErrorKind::Unsupported, message: format!("{} is not implemented yet", op.name()) })
             }
             Op::MoeRoute(r) => {
                 let (i, w) = moe_route::<T>(x[0], x.get(1).copied().filter(|_| r.selection_bias), r)?;

@@ -174,7 +174,7 @@ fn cached_module() -> Module {
         let k = op(g, Op::Reshape { shape: Shape::from([B, S, n(1), n(2)]) }, &[k]);
         let k2 = op(g, Op::CacheAppend { axis: 1 }, &[kc, k]);
         let v2 = op(g, Op::CacheAppend { axis: 1 }, &[vc, k]);
-        let att = Op::Attention { heads: 2, kv_heads: 1, scale: Float::new(0.5), causal: true, masked: false };
+        let att = Op::Attention { heads: 2, kv_heads: 1, scale: Float::new(0.5), causal: true, masked: false, lse: false };
         let a = op(g, att, &[q, k2, v2]);
         let a = op(g, Op::Reshape { shape: Shape::from([B, S, n(4)]) }, &[a]);
         let y = op(g, Op::Binary(BinaryOp::Add), &[x, a]);

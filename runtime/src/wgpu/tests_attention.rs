@@ -57,7 +57,7 @@ fn lits(s: &[usize]) -> Vec<Dim> {
 }
 
 fn attn(heads: u32, kv_heads: u32, dk: usize, causal: bool, masked: bool) -> Op {
-    Op::Attention { heads, kv_heads, scale: Float::new(1.0 / (dk as f64).sqrt()), causal, masked }
+    Op::Attention { heads, kv_heads, scale: Float::new(1.0 / (dk as f64).sqrt()), causal, masked, lse: false }
 }
 
 /// Attention over literal shapes `[b, sq, heads, dk]` and `[b, sk, kv_heads, dk|dv]`.

@@ -132,9 +132,12 @@ impl AttentionConfig {
 /// it has none: the head sizes must be constants (they are model constants in every
 /// lowering), as the kernel unrolls over them.
 pub(crate) fn config(op: &Op, inputs: &[Ty]) -> Result<AttentionConfig, String> {
-    let Op::Attention { heads, kv_heads, scale, causal, masked } = *op else {
+    let Op::Attention { heads, kv_heads, scale, causal, masked, lse } = *op else {
         return Err(format!("{} is not attention", op.name()));
     };
+    if lse {
+        return Err("the log-sum-exp output autodiff adds for training has no kernel yet".into());
+    }
     if inputs.len() < 3 || inputs[..3].iter().any(|t| t.rank() != 4) {
         return Err("q, k, v of rank other than 4".into());
     }

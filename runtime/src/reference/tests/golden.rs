@@ -233,7 +233,8 @@ impl Model {
         };
         let k = op(g, Op::CacheAppend { axis: 1 }, &[kc, k]);
         let v = op(g, Op::CacheAppend { axis: 1 }, &[vc, v]);
-        let att = Op::Attention { heads: heads as u32, kv_heads: kvh as u32, scale: Float::new(scale), causal: true, masked: false };
+        let att =
+            Op::Attention { heads: heads as u32, kv_heads: kvh as u32, scale: Float::new(scale), causal: true, masked: false, lse: false };
         let a = op(g, att, &[q, k, v]);
         let a = reshape(g, a, &[B, S, n(heads * dv)]);
         let wo = p(g, "self_attn.o_proj.weight");
