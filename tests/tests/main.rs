@@ -3,6 +3,7 @@
 //! and gigabytes of disk. Run one group with a filter, e.g.
 //! `cargo test -p dsc-tests --test integration robustness::`.
 
+mod autodiff;
 mod equivalence;
 mod equivalence_mla;
 mod hf_parity;
@@ -16,4 +17,5 @@ mod print;
 mod resolved;
 mod robustness;
 mod stats;
+mod train_parity;
 mod ui;

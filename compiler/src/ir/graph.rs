@@ -422,12 +422,28 @@ impl Function {
     }
 }
 
+/// What the autodiff pass (`passes::autodiff`) made of the train entry: which of its
+/// results take a cotangent argument and which param gradients it returns.
+///
+/// The differentiated entry takes its own arguments, then one cotangent per entry of
+/// `seeds` (the type of result `seeds[i]`); it returns its own `results` results, then
+/// the gradient of `Σ cotangent · result` for each param path of `params`, in order.
+/// Params missing from `params` get no gradient (the selection bias, unused params).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Gradients {
+    pub results: usize,
+    pub seeds: Vec<usize>,
+    pub params: Vec<String>,
+}
+
 /// A compiled model: its functions (in creation order, which is print order) and which of
 /// them is the entry point for each mode.
 #[derive(Debug, Clone, Default)]
 pub struct Module {
     pub functions: Vec<Function>,
     pub entries: BTreeMap<Mode, String>,
+    /// Set once the train entry is differentiated.
+    pub gradients: Option<Gradients>,
 }
 
 impl Module {

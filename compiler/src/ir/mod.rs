@@ -112,7 +112,7 @@ pub mod verify;
 pub use dim::{Bindings, Dim, Shape, Sym};
 pub use dtype::{DType, Ty};
 pub use fused::{FusedKernel, Head, Operand, Step, StepOp};
-pub use graph::{Cycle, Edge, Function, Graph, Mode, Module, Node, NodeId, Signature, Value};
+pub use graph::{Cycle, Edge, Function, Gradients, Graph, Mode, Module, Node, NodeId, Signature, Value};
 pub use infer::{infer, InferError};
 pub use op::{param_path, rope_frequencies, Arity, BinaryOp, Float, GroupScore, Op, ReduceOp, RopeLayout, Routing, Scoring, UnaryOp, Yarn};
 pub use print::{print_function, print_module};

@@ -477,6 +477,9 @@ pub enum Op {
     /// of constant dims and the same multiset of symbolic dims, so symbolic axes pass
     /// through unchanged and only constant axes split or merge (`[b,s,4096]` ↔
     /// `[b,s,32,128]`).
+    ///
+    /// ## Derivative
+    /// `dx = reshape(dy, S)`.
     Reshape { shape: Shape },
     /// Reorder axes: output axis `i` is input axis `perm[i]`.
     ///
@@ -524,6 +527,10 @@ pub enum Op {
     ///
     /// ## Shape rule
     /// `x: [S]` → `to[S]`.
+    ///
+    /// ## Derivative
+    /// Float to float: `dx = cast(dy)` back to `x`'s dtype. From an integer or `bool`
+    /// there is none (gradients stop at discrete values).
     Cast { to: DType },
     /// The integers `start, start+1, …, start+len-1` as a vector (numpy's `arange`). The
     /// bounds may be symbolic, so the decomposed causal mask can compare query positions
@@ -543,6 +550,7 @@ pub enum Op {
     ///
     /// ## Shape rule
     /// No inputs → `f32[rotary_dim/2]`; `rotary_dim` even and positive, `theta > 0`.
+    /// No derivative (a function of the settings alone).
     RopeFreqs { theta: Float, rotary_dim: u32, yarn: Option<Yarn> },
 
     // ---------------------------------------------------------------- composites
@@ -550,6 +558,10 @@ pub enum Op {
     ///
     /// ## Shape rule
     /// `x: float[..., d]`, `gain: float[d]` → `x`'s type.
+    ///
+    /// ## Derivative
+    /// [`Op::RmsNormGrad`]: `dgain = Σ_tokens dy·x·r`, `dx = r·(dy·g) − x·r³·mean(dy·g·x)`
+    /// with `r = (mean(x²) + eps)^-½`.
     ///
     /// ## Decomposition
     /// cast→f32, square, reduce_mean(keepdim), add eps, rsqrt, mul, cast back, mul gain.
@@ -622,6 +634,11 @@ pub enum Op {
     /// `x: float[T.., h]`, `indices: int[T.., k]`, `weights: float[T.., k]`,
     /// `gate: float[E, i, h]`, `up: float[E, i, h]`, `down: float[E, h, i]` → `x`'s type.
     /// `weights` may have its own float dtype (routers often run in f32).
+    ///
+    /// ## Derivative
+    /// [`Op::ExpertFfnGrad`]: per token and slot, `dweights_j = dy·ffn_{e_j}(x)` and the
+    /// SwiGLU backward of `weights_j·dy` through expert `e_j` (to `dx` and that expert's
+    /// weights); experts no token chose get zeros; `indices` have none.
     ExpertFfn,
     /// A dense SwiGLU feed-forward, `down(silu(gate(x)) · up(x))` (dense layers and the
     /// shared experts of an MoE layer).
@@ -629,6 +646,11 @@ pub enum Op {
     /// ## Shape rule
     /// `x: float[..., h]`, `gate: float[i, h]`, `up: float[i, h]`, `down: float[h, i]` →
     /// `x`'s type.
+    ///
+    /// ## Derivative
+    /// [`Op::SwiGluGrad`]: with `g = x·gateᵀ`, `u = x·upᵀ`, `a = silu(g)·u`:
+    /// `ddown = Σ dyᵀ·a`, `da = dy·down`, `dg = da·u·silu'(g)`, `du = da·silu(g)`,
+    /// `dx = dg·gate + du·up`, `dgate = Σ dgᵀ·x`, `dup = Σ duᵀ·x`.
     ///
     /// ## Decomposition
     /// matmul, silu, matmul, mul, matmul.
@@ -648,6 +670,9 @@ pub enum Op {
     ///
     /// ## Shape rule
     /// `cache: [A.., c, B..]`, `new: [A.., s, B..]` of one dtype → `[A.., c+s, B..]`.
+    ///
+    /// ## Derivative
+    /// As [`Op::Concat`]: each input's part of `dy` (never needed: training has no cache).
     CacheAppend { axis: u8 },
 
     // ---------------------------------------------------------------- gradients
@@ -742,6 +767,11 @@ pub enum Op {
     /// ## Shape rule
     /// Arguments match the callee's `Input`s by index, in count, dtype and shape; the
     /// outputs are the callee's return values, in order.
+    ///
+    /// ## Derivative
+    /// A call of the callee's generated backward (`{function}.bwd`, same `layer`), which
+    /// takes the results' cotangents and the residuals the forward returned and gives the
+    /// arguments' cotangents and the callee's param gradients (`passes::autodiff`).
     Call { function: String, layer: Option<u32> },
     /// The function's results. Exactly one per function.
     ///

@@ -43,6 +43,9 @@ pub(super) fn entry_function(cx: &Cx, mode: Mode, sigs: &HashMap<String, Signatu
 
     let mut x = x0;
     let mut cache_out = Vec::new();
+    // Training: each MoE layer's balance loss and expert loads, in layer order.
+    let mut aux_terms: Vec<Value> = Vec::new();
+    let mut loads: Vec<Value> = Vec::new();
     for l in 0..m.layers {
         let kind = &cx.kinds[cx.layer_kind[l as usize]];
         let callee = layer_name(mode, &kind.name);
@@ -55,6 +58,9 @@ pub(super) fn entry_function(cx: &Cx, mode: Mode, sigs: &HashMap<String, Signatu
         x = call.out(0);
         if mode != Mode::Train {
             cache_out.extend([call.out(1), call.out(2)]);
+        } else if sigs[&callee].outputs.len() == 3 {
+            aux_terms.push(call.out(1));
+            loads.push(call.out(2));
         }
     }
 
@@ -72,7 +78,8 @@ pub(super) fn entry_function(cx: &Cx, mode: Mode, sigs: &HashMap<String, Signatu
         return Ok(b.finish());
     };
 
-    let mut loss = shifted_loss(&mut b, normed, head, labels, 0)?;
+    let loss = shifted_loss(&mut b, normed, head, labels, 0)?;
+    let mut mtp_loss = None;
     if let Some(mtp) = &m.mtp {
         // Module k sees h_{k-1} and the embedding of the token k ahead, at the positions
         // that have one; h_0 is the main model's last hidden state before its final norm.
@@ -87,6 +94,10 @@ pub(super) fn entry_function(cx: &Cx, mode: Mode, sigs: &HashMap<String, Signatu
             let callee = mtp_name(k);
             let call = b.call(&callee, Some((m.layers + k - 1) as u32), &sigs[&callee], &[h, e, p])?;
             hidden = call.out(0);
+            if sigs[&callee].outputs.len() == 4 {
+                aux_terms.push(call.out(2));
+                loads.push(call.out(3));
+            }
             let l = shifted_loss(&mut b, call.out(1), head, labels, k)?;
             sum = Some(match sum {
                 None => l,
@@ -96,12 +107,28 @@ pub(super) fn entry_function(cx: &Cx, mode: Mode, sigs: &HashMap<String, Signatu
         if let Some(sum) = sum {
             b.at(&["mtp.loss_weight", "mtp"]);
             let w = b.constant(mtp.loss_weight / mtp.depth as f64, DType::F32);
-            let weighted = b.binary(BinaryOp::Mul, sum, w)?;
-            loss = b.binary(BinaryOp::Add, loss, weighted)?;
+            mtp_loss = Some(b.binary(BinaryOp::Mul, sum, w)?);
         }
     }
+    let mtp_loss = match mtp_loss {
+        Some(l) => l,
+        None => b.constant(0.0, DType::F32),
+    };
+    let mut aux = None;
+    for t in aux_terms {
+        aux = Some(match aux {
+            None => t,
+            Some(a) => b.binary(BinaryOp::Add, a, t)?,
+        });
+    }
+    let aux = match aux {
+        Some(a) => a,
+        None => b.constant(0.0, DType::F32),
+    };
     b.at(&["layers"]);
-    b.ret(&[loss]);
+    let mut results = vec![loss, mtp_loss, aux];
+    results.extend(loads);
+    b.ret(&results);
     Ok(b.finish())
 }
 

@@ -8,7 +8,7 @@
 
 use super::attention::{attention, cache_slots, Kv};
 use super::builder::Builder;
-use super::ffn::ffn;
+use super::ffn::{ffn, RouterStats};
 use super::{Cx, LowerError};
 use crate::ir::{BinaryOp, DType, Dim, Function, Mode, Ty, Value};
 use dsc_dsl::model::{Ffn, Mtp, MtpInput};
@@ -28,7 +28,8 @@ pub(super) fn mtp_name(k: u64) -> String {
 /// - prefill: `(x [b,s,h], positions [b,s]) → (y [b,s,h], cache₀ [b,s,..], cache₁ [b,s,..])`
 /// - decode: `(x [b,1,h], positions [b,1], cache₀ [b,c,..], cache₁ [b,c,..])
 ///   → (y [b,1,h], cache₀ [b,c+1,..], cache₁ [b,c+1,..])`
-/// - train: `(x [b,s,h], positions [b,s]) → (y [b,s,h])`
+/// - train: `(x [b,s,h], positions [b,s]) → (y [b,s,h])`, and for a MoE layer also its
+///   balance loss `f32[]` and expert loads `f32[E]` (`ffn`'s module doc)
 ///
 /// `key` is the spec path of the layer kind's ffn block (`ffn.moe`).
 pub(super) fn layer_function(cx: &Cx, mode: Mode, kind: &str, key: &str, ffn: &Ffn) -> Result<Function, LowerError> {
@@ -46,16 +47,19 @@ pub(super) fn layer_function(cx: &Cx, mode: Mode, kind: &str, key: &str, ffn: &F
             Kv::Append([b.input(&format!("cache.{n0}"), t0), b.input(&format!("cache.{n1}"), t1)])
         }
     };
-    let (y, caches) = block(&mut b, cx, x, pos, seq, &kv, ffn, key)?;
+    let (y, caches, router) = block(&mut b, cx, x, pos, seq, &kv, ffn, key, mode == Mode::Train)?;
     b.at(&[key]);
     let mut results = vec![y];
     results.extend(caches);
+    if let Some(r) = router {
+        results.extend([r.aux, r.load]);
+    }
     b.ret(&results);
     Ok(b.finish())
 }
 
-/// One transformer block on `x: [b, seq, hidden]`; returns its output and the cache
-/// values [`attention`] hands back.
+/// One transformer block on `x: [b, seq, hidden]`; returns its output, the cache
+/// values [`attention`] hands back, and in training a MoE block's router statistics.
 #[allow(clippy::too_many_arguments)]
 fn block(
     b: &mut Builder,
@@ -66,7 +70,8 @@ fn block(
     kv: &Kv,
     kind: &Ffn,
     key: &str,
-) -> Result<(Value, Vec<Value>), LowerError> {
+    train: bool,
+) -> Result<(Value, Vec<Value>, Option<RouterStats>), LowerError> {
     let eps = cx.m.norm_eps;
     b.at(&["norm_eps"]);
     let n = b.rms_norm(x, "input_layernorm.weight", eps)?;
@@ -75,15 +80,16 @@ fn block(
     let h = b.binary(BinaryOp::Add, x, a)?;
     b.at(&["norm_eps"]);
     let n = b.rms_norm(h, "post_attention_layernorm.weight", eps)?;
-    let f = ffn(b, cx, kind, key, n)?;
+    let f = ffn(b, cx, kind, key, n, train)?;
     b.at(&[key]);
-    let y = b.binary(BinaryOp::Add, h, f)?;
-    Ok((y, caches))
+    let y = b.binary(BinaryOp::Add, h, f.y)?;
+    Ok((y, caches, f.router))
 }
 
 /// MTP module `k` (DeepSeek-V3 §2.2), over the `s-k` positions that have a token `k`
 /// ahead: `(hidden [b,s-k,h], embedding [b,s-k,h], positions [b,s-k]) → (h_k [b,s-k,h],
-/// shared_head.norm(h_k) [b,s-k,h])`. `hidden` is `h_{k-1}` at positions `0..s-k`;
+/// shared_head.norm(h_k) [b,s-k,h])`, plus the balance loss and expert loads when the
+/// module's ffn is MoE. `hidden` is `h_{k-1}` at positions `0..s-k`;
 /// `embedding` is the main model's embedding of the tokens at `k..s`.
 ///
 /// `h'_k = eh_proj(concat(enorm(embedding), hnorm(hidden)))` in the order `mtp.concat`
@@ -112,9 +118,13 @@ pub(super) fn mtp_function(cx: &Cx, mtp: &Mtp, k: u64) -> Result<Function, Lower
 
     let kind = &cx.m.ffn[mtp.ffn].kind;
     let key = format!("ffn.{}", super::kind_name(kind));
-    let (y, _) = block(&mut b, cx, x, pos, seq, &Kv::None, kind, &key)?;
+    let (y, _, router) = block(&mut b, cx, x, pos, seq, &Kv::None, kind, &key, true)?;
     b.at(&["mtp"]);
     let out = b.rms_norm(y, "shared_head.norm.weight", eps)?;
-    b.ret(&[y, out]);
+    let mut results = vec![y, out];
+    if let Some(r) = router {
+        results.extend([r.aux, r.load]);
+    }
+    b.ret(&results);
     Ok(b.finish())
 }

@@ -40,8 +40,16 @@
 //!     → (logits [b,s,V], cache.0.a [b,s,..], cache.0.b [b,s,..], cache.1.a, ...)
 //! decode(input_ids [b,1], positions [b,1], cache.0.a [b,c,..], cache.0.b [b,c,..], ...)
 //!     → (logits [b,1,V], cache.0.a [b,c+1,..], cache.0.b [b,c+1,..], ...)
-//! train(input_ids [b,s], positions [b,s], labels [b,s]) → loss f32[]
+//! train(input_ids [b,s], positions [b,s], labels [b,s])
+//!     → (loss f32[], mtp_loss f32[], aux_loss f32[], load f32[E] per MoE layer, ...)
 //! ```
+//!
+//! The train entry returns the objective's terms separately, so a runtime (and the
+//! cotangents autodiff adds, [`crate::passes::autodiff`]) chooses which to train on:
+//! `loss` is the main next-token cross-entropy; `mtp_loss` is DeepSeek-V3's
+//! `λ/D · Σ_k L_k` (0 without `mtp`); `aux_loss` sums every MoE layer's balance losses
+//! (0 without them; see `ffn.rs`); then one expert-load vector (tokens sent to each
+//! expert) per MoE layer, main layers first, then MTP modules, in layer order.
 //!
 //! Prefill takes no cache: it attends within the prompt and returns the new entries for
 //! every position (`[b,s,..]`), which become decode's first cache (`c = s`). Decode adds
@@ -119,13 +127,13 @@
 //! - MoE: router logits `x · gate.weightᵀ` in f32 (both cast), then `moe_route` with the
 //!   spec's [`Routing`](crate::ir::Routing) (and the bias input when `selection_bias`),
 //!   `expert_ffn` over the stacked experts, plus the shared experts' SwiGLU when there are
-//!   any. Load-balancing losses are not part of the train entry (yet).
+//!   any. In training the layer also returns its balance loss and expert loads.
 //! - MTP (DeepSeek-V3 §2.2), train only: `h_0` is the main model's last hidden state
 //!   before the final norm. For `k = 1..=depth`, module `k` runs on positions `0..s-k`:
 //!   `h_k = block_k(eh_proj(concat(enorm(embed(tokens k..s)), hnorm(h_{k-1}[0..s-k]))))`
 //!   (concat order from `mtp.concat`), with the RoPE positions of the hidden stream
 //!   (`positions[0..s-k]`); `shared_head.norm(h_k)` goes through the shared head and is
-//!   scored against `labels[k+1..s]`. `loss = main + loss_weight / depth · Σ_k loss_k`.
+//!   scored against `labels[k+1..s]`; `mtp_loss = loss_weight / depth · Σ_k loss_k`.
 //!
 //! # Spans
 //!

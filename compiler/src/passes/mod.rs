@@ -22,6 +22,7 @@
 //! module moved, or a [`PassError`] whose problems carry the spec span of the node they
 //! concern, so the CLI can point into the spec file.
 
+pub mod autodiff;
 pub mod cse;
 pub mod dce;
 pub mod decompose;
@@ -115,13 +116,16 @@ impl BitOr for Changed {
 /// How far along the module is, rustc's `MirPhase` in small. Phases only move forward:
 /// a pass that needs typed IR may rely on an earlier pass having typed it, and the runner
 /// refuses a pipeline that would undo that. Later passes add their phases here in order
-/// (MLA absorption, autodiff, fusion).
+/// (MLA absorption, fusion).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Phase {
     /// As lowering built it: structurally valid, types as declared.
     Lowered,
     /// Every node's output types re-derived from its shape rule (after `shape_infer`).
     Typed,
+    /// The train entry returns gradients (after `autodiff`): later passes see backward
+    /// functions and gradient kernels.
+    Differentiated,
     /// Fused kernels formed (after the `fuse_*` passes): later passes see `fused` nodes.
     Fused,
 }
@@ -131,6 +135,7 @@ impl fmt::Display for Phase {
         f.write_str(match self {
             Phase::Lowered => "lowered",
             Phase::Typed => "typed",
+            Phase::Differentiated => "differentiated",
             Phase::Fused => "fused",
         })
     }
@@ -285,6 +290,8 @@ pub struct PassCx<'s> {
     pub memory_plan: Option<memory_plan::Plan>,
     /// Which form MLA attention takes in inference (`mla_absorb`; `dsc compile --mla`).
     pub mla: mla_absorb::MlaMode,
+    /// Recomputation and MTP options for `autodiff` (train only).
+    pub train: autodiff::TrainOptions,
 }
 
 impl<'s> PassCx<'s> {
@@ -301,6 +308,7 @@ impl<'s> PassCx<'s> {
             reports: Vec::new(),
             memory_plan: None,
             mla: mla_absorb::MlaMode::Auto,
+            train: autodiff::TrainOptions::default(),
         }
     }
 
@@ -362,6 +370,7 @@ pub static PASSES: &[&dyn Pass] = &[
     &simplify::Simplify,
     &mla_absorb::MlaAbsorb,
     &mtp_strip::MtpStrip,
+    &autodiff::Autodiff,
     &cse::Cse,
     &dce::Dce,
     &decompose::Decompose,

@@ -5,6 +5,7 @@
 //! Passes being written next slot in where the comments say; a name is listed only once
 //! its pass exists, so every entry here is a real pass in [`super::PASSES`].
 
+use super::autodiff::Autodiff;
 use super::cse::Cse;
 use super::dce::Dce;
 use super::decompose::Decompose;
@@ -49,7 +50,9 @@ static TRAINING: &[&dyn Pass] = &[
     &Verify,
     &ShapeInfer,
     &Simplify,
-    // autodiff:   append the reverse pass (rule table of local derivatives per op).
+    // the reverse pass: a backward function per layer function, gradients from the entry;
+    // before fusion and memory planning, so the backward is fused and planned like the rest
+    &Autodiff,
     &Cse, // after autodiff, which re-derives many forward values
     &Dce,
     &Decompose, // opt-in, as in inference
@@ -92,7 +95,7 @@ mod tests {
         let fusion = ["decompose", "fuse_swiglu", "fuse_rope", "fuse_attention", "fuse_elementwise", "memory_plan"];
         let inf = ["verify", "shape_infer", "simplify", "mla_absorb", "mtp_strip", "cse", "dce"];
         assert_eq!(names(inference()), [&inf[..], &fusion[..]].concat());
-        assert_eq!(names(training()), [&["verify", "shape_infer", "simplify", "cse", "dce"][..], &fusion[..]].concat());
+        assert_eq!(names(training()), [&["verify", "shape_infer", "simplify", "autodiff", "cse", "dce"][..], &fusion[..]].concat());
         // decompose is the one opt-in pass.
         let off: Vec<_> = inference().iter().filter(|p| !p.on_by_default()).map(|p| p.name()).collect();
         assert_eq!(off, ["decompose"]);

@@ -21,6 +21,7 @@ use dsc_compiler::codegen::plan::Plan;
 use dsc_compiler::codegen::{kernel_source, KernelSpec, Target};
 use dsc_compiler::ir::{print_module, Mode, Module, Op};
 use dsc_compiler::lower::{lower_mode, LowerError};
+use dsc_compiler::passes::autodiff::Recompute;
 use dsc_compiler::passes::mla_absorb::{MlaAbsorb, MlaMode};
 use dsc_compiler::passes::{self, PassCx, PassSelection, PipelineError};
 use dsc_dsl::{Diagnostic, Spec};
@@ -68,7 +69,7 @@ pub fn compile_cmd(
     emit: &str,
     out: Option<&Path>,
 ) -> Result<(), String> {
-    compile_cmd_with(spec, model, mode, passes, MlaMode::Auto, emit, out)
+    compile_cmd_with(spec, model, mode, passes, MlaMode::Auto, emit, out, Recompute::None)
 }
 
 /// Compiles `spec` for `mode` with the passes `passes` leaves on and MLA in the form
@@ -81,6 +82,7 @@ pub fn compile_cmd_with(
     mla: MlaMode,
     emit: &str,
     out: Option<&Path>,
+    recompute: Recompute,
 ) -> Result<(), String> {
     // Option errors first: they need no spec and should not wait for one to load.
     let emit = Emit::parse(emit)?;
@@ -99,6 +101,7 @@ pub fn compile_cmd_with(
         }
     }
     cx.mla = mla;
+    cx.train.recompute = recompute;
 
     let spec = load_spec(spec, model)?;
     let mut module = lower_mode(&spec, mode).map_err(|e| lower_error(&spec, &e))?;
@@ -288,7 +291,7 @@ mod tests {
     fn mla_selects_the_attention_form() {
         let run = |mla: MlaMode, mode: Mode| {
             let out = out_file(&format!("mla-{mla}-{mode}"));
-            compile_cmd_with(&spec("tiny_v3.dsc"), None, mode, None, mla, "ir", Some(&out)).unwrap();
+            compile_cmd_with(&spec("tiny_v3.dsc"), None, mode, None, mla, "ir", Some(&out), Recompute::None).unwrap();
             let text = std::fs::read_to_string(&out).unwrap();
             std::fs::remove_dir_all(out.parent().unwrap()).unwrap();
             text
@@ -365,9 +368,9 @@ mod tests {
         assert_eq!(e, "unknown --emit `kernels`; expected one of: ir, memory-plan");
         let e = compile_cmd(&s, None, Mode::Prefill, Some("-memory_plan"), "memory-plan", None).unwrap_err();
         assert!(e.contains("needs the memory_plan pass"), "{e}");
-        let e = compile_cmd_with(&s, None, Mode::Decode, Some("-mla_absorb"), MlaMode::Absorb, "ir", None).unwrap_err();
+        let e = compile_cmd_with(&s, None, Mode::Decode, Some("-mla_absorb"), MlaMode::Absorb, "ir", None, Recompute::None).unwrap_err();
         assert_eq!(e, "--mla absorb needs the mla_absorb pass, which --passes turns off");
-        let e = compile_cmd_with(&s, None, Mode::Train, None, MlaMode::Absorb, "ir", None).unwrap_err();
+        let e = compile_cmd_with(&s, None, Mode::Train, None, MlaMode::Absorb, "ir", None, Recompute::None).unwrap_err();
         assert!(e.starts_with("--mla absorb: training keeps MLA decompressed"), "{e}");
         assert_eq!(parse_mla("absorb"), Ok(MlaMode::Absorb));
         assert!(parse_mla("naive").unwrap_err().contains("expected one of: auto, absorb, decompress"));

@@ -5,6 +5,7 @@
 pub mod compile;
 pub mod cost;
 pub mod generate;
+pub mod grad;
 pub mod import;
 pub mod logits;
 
@@ -78,6 +79,10 @@ enum Command {
         /// Write the output here (atomically) instead of printing it.
         #[arg(short, long)]
         out: Option<PathBuf>,
+        /// Train: what the backward recomputes instead of keeping (`none`, `norms`, `mla`,
+        /// `layer`); `--emit memory-plan` shows what each saves.
+        #[arg(long, default_value = "none", value_parser = grad::parse_recompute)]
+        recompute: dsc_compiler::passes::autodiff::Recompute,
     },
     /// Turn a Hugging Face config.json into a spec.
     Import {
@@ -93,6 +98,8 @@ enum Command {
     Logits(logits::LogitsArgs),
     /// Generate tokens from a model directory through the KV cache.
     Generate(generate::GenerateArgs),
+    /// The next-token loss of a batch and its gradient for every checkpoint tensor.
+    Grad(grad::GradArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -103,7 +110,7 @@ pub fn main() -> ExitCode {
         Command::Diff { spec_a, spec_b, model_a, model_b, context } => {
             cost::diff_cmd(&spec_a, model_a.as_deref(), &spec_b, model_b.as_deref(), context)
         }
-        Command::Compile { spec, model, mode, passes, mla, emit, out, target } => match (target, out) {
+        Command::Compile { spec, model, mode, passes, mla, emit, out, target, recompute } => match (target, out) {
             (Some(t), Some(dir)) => compile::TargetEmit::parse(emit.as_deref().unwrap_or("ir,kernels,plan"))
                 .and_then(|emit| compile::compile_target_cmd(&spec, model.as_deref(), mode, passes.as_deref(), mla, t, emit, &dir))
                 .map(|_| ()),
@@ -116,11 +123,13 @@ pub fn main() -> ExitCode {
                 mla,
                 emit.as_deref().unwrap_or("ir"),
                 out.as_deref(),
+                recompute,
             ),
         },
         Command::Import { config, out, name } => import::import_cmd(&config, out.as_deref(), name.as_deref()),
         Command::Logits(args) => logits::logits_cmd(&args),
         Command::Generate(args) => generate::generate_cmd(&args),
+        Command::Grad(args) => grad::grad_cmd(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

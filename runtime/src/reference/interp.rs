@@ -10,7 +10,10 @@
 use super::elementwise::{binary, cast, select, unary};
 use super::layout::{broadcast, concat, gather, permute, reduce, scatter_add, slice, top_k};
 use super::linalg::{batch_matmul, linear};
-use super::nn::{attention, cross_entropy, expert_ffn, moe_route, rms_norm, rope, rope_frequencies, softmax, swiglu, AttentionSpec};
+use super::nn::grad::{attention_grad, cross_entropy_grad, expert_ffn_grad, moe_route_grad, rms_norm_grad, swiglu_grad, weight_grad};
+use super::nn::{
+    attention, attention_lse, cross_entropy, expert_ffn, moe_route, rms_norm, rope, rope_frequencies, softmax, swiglu, AttentionSpec,
+};
 use super::real::Real;
 use super::tensor::{numel, Data, Tensor};
 use super::weights::Weights;
@@ -502,16 +505,26 @@ impl<'m, T: Real> Interp<'m, T> {
                 let spec = AttentionSpec { heads: *heads as usize, kv_heads: *kv_heads as usize, scale: scale.get(), causal: *causal };
                 one(attention::<T>(x[0], x[1], x[2], if *masked { Some(x[3]) } else { None }, spec)?)
             }
-            Op::Attention { lse: true, .. }
-            | Op::WeightGrad
-            | Op::RmsNormGrad { .. }
-            | Op::AttentionGrad { .. }
-            | Op::SwiGluGrad
-            | Op::ExpertFfnGrad
-            | Op::MoeRouteGrad(_)
-            | Op::CrossEntropyGrad { .. } => {
-                Err(KernelError { kind: ErrorKind::Unsupported, message: format!("{} is not implemented yet", op.name()) })
+            Op::Attention { heads, kv_heads, scale, causal, masked, lse: true } => {
+                let spec = AttentionSpec { heads: *heads as usize, kv_heads: *kv_heads as usize, scale: scale.get(), causal: *causal };
+                let (o, l) = attention_lse::<T>(x[0], x[1], x[2], if *masked { Some(x[3]) } else { None }, spec)?;
+                Ok(vec![o, l])
             }
+            Op::WeightGrad => one(weight_grad::<T>(x[0], x[1])?),
+            Op::RmsNormGrad { eps } => {
+                let (dx, dg) = rms_norm_grad::<T>(x[0], x[1], x[2], eps.get())?;
+                Ok(vec![dx, dg])
+            }
+            Op::AttentionGrad { heads, kv_heads, scale, causal, masked } => {
+                let spec = AttentionSpec { heads: *heads as usize, kv_heads: *kv_heads as usize, scale: scale.get(), causal: *causal };
+                let (mask, rest) = if *masked { (Some(x[3]), &x[4..]) } else { (None, &x[3..]) };
+                let (dq, dk, dv) = attention_grad::<T>(x[0], x[1], x[2], mask, rest[0], rest[1], rest[2], spec)?;
+                Ok(vec![dq, dk, dv])
+            }
+            Op::SwiGluGrad => Ok(swiglu_grad::<T>(x[0], x[1], x[2], x[3], x[4])?.into()),
+            Op::ExpertFfnGrad => Ok(expert_ffn_grad::<T>(x[0], x[1], x[2], x[3], x[4], x[5], x[6])?.into()),
+            Op::MoeRouteGrad(r) => one(moe_route_grad::<T>(x[0], x[1], x[2], r)?),
+            Op::CrossEntropyGrad { ignore_index } => one(cross_entropy_grad::<T>(x[0], x[1], x[2], *ignore_index)?),
             Op::MoeRoute(r) => {
                 let (i, w) = moe_route::<T>(x[0], x.get(1).copied().filter(|_| r.selection_bias), r)?;
                 Ok(vec![i, w])

@@ -44,22 +44,43 @@ const PAR_FLOPS: usize = 1 << 18;
 /// `parallel` allows gemm to use rayon (callers that already run one product per thread
 /// pass `false`).
 pub fn gemm<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], lhs: Mat<T>, rhs: Mat<T>, parallel: bool) {
+    gemm_impl(m, n, k, dst, lhs, rhs, None, parallel)
+}
+
+/// `dst += beta · lhs · rhs`, shapes as [`gemm()`] (`dst` must be initialised). The
+/// backward kernels use it to sum products (over the query heads of a kv head, over two
+/// projections) without a temporary.
+pub fn gemm_acc<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], lhs: Mat<T>, rhs: Mat<T>, beta: T, parallel: bool) {
+    gemm_impl(m, n, k, dst, lhs, rhs, Some(beta), parallel)
+}
+
+/// `dst = lhs · rhs` (`acc` = None) or `dst += beta · lhs · rhs` (`acc` = Some(beta)).
+#[allow(clippy::too_many_arguments)]
+fn gemm_impl<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], lhs: Mat<T>, rhs: Mat<T>, acc: Option<T>, parallel: bool) {
     assert_eq!(dst.len(), m * n, "gemm: dst holds {} elements, not {m}x{n}", dst.len());
     assert!(lhs.fits(m, k) && rhs.fits(k, n), "gemm: an operand view runs past its slice");
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
-        dst.fill(T::ZERO);
+        if acc.is_none() {
+            dst.fill(T::ZERO);
+        }
         return;
     }
+    let (read_dst, beta) = match acc {
+        Some(b) => (true, b),
+        None => (false, T::ONE),
+    };
     let par = if parallel && m.saturating_mul(n).saturating_mul(k) >= PAR_FLOPS { Parallelism::Rayon(0) } else { Parallelism::None };
     // SAFETY: `dst` is an exclusive borrow of exactly m·n elements written at row stride
     // n and column stride 1; `fits` checked above that every element of the m×k and k×n
     // operand views is inside its slice (offsets and strides are non-negative, so the
     // largest reachable index is the one checked). `T` is f32 or f64 (the only `Real`
     // types), which gemm supports; `read_dst = false` means `dst` need not be
-    // initialised, and with alpha = 0, beta = 1 the result is exactly lhs·rhs.
+    // initialised, and with alpha = 0, beta = 1 the result is exactly lhs·rhs; with
+    // `read_dst` (accumulation) `dst` is initialised (it is a `&mut [T]` of floats) and
+    // the result is dst + beta·lhs·rhs (gemm's alpha = 1 when reading dst).
     unsafe {
         gemm::gemm(
             m,
@@ -68,15 +89,15 @@ pub fn gemm<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], lhs: Mat<T>, r
             dst.as_mut_ptr(),
             1,
             n as isize,
-            false,
+            read_dst,
             lhs.data.as_ptr().add(lhs.offset),
             lhs.cs as isize,
             lhs.rs as isize,
             rhs.data.as_ptr().add(rhs.offset),
             rhs.cs as isize,
             rhs.rs as isize,
-            T::ZERO,
-            T::ONE,
+            if read_dst { T::ONE } else { T::ZERO },
+            beta,
             false,
             false,
             false,

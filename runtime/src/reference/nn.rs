@@ -23,7 +23,9 @@ fn floats<'a, T: Real>(t: &'a Tensor, what: &str) -> Result<&'a [T], KErr> {
 /// Softmax of one lane of `n` elements `x[j*stride]` into `out[j*stride]`. A lane that
 /// is all -inf (nothing visible) or empty gives zeros, as torch's `_safe_softmax` in
 /// scaled-dot-product attention: a fully masked row contributes nothing instead of NaN.
-fn softmax_lane<T: Real>(x: &[T], out: &mut [T], n: usize, stride: usize) {
+/// Returns the lane's log-sum-exp `max + ln Σ exp(x - max)` in `f64` (-inf for such a
+/// lane), which attention keeps for its backward.
+fn softmax_lane<T: Real>(x: &[T], out: &mut [T], n: usize, stride: usize) -> f64 {
     let mut m = T::NEG_INF;
     for j in 0..n {
         m = m.max_nan(x[j * stride]);
@@ -32,7 +34,7 @@ fn softmax_lane<T: Real>(x: &[T], out: &mut [T], n: usize, stride: usize) {
         for j in 0..n {
             out[j * stride] = T::ZERO;
         }
-        return;
+        return f64::NEG_INFINITY;
     }
     let mut sum = 0.0f64;
     for j in 0..n {
@@ -44,6 +46,7 @@ fn softmax_lane<T: Real>(x: &[T], out: &mut [T], n: usize, stride: usize) {
     for j in 0..n {
         out[j * stride] = out[j * stride] / s;
     }
+    m.to_f64() + sum.ln()
 }
 
 /// Softmax along `axis`, max-subtracted.
@@ -58,7 +61,7 @@ pub fn softmax<T: Real>(x: &Tensor, axis: usize) -> Result<Tensor, KErr> {
     let work = |(o, chunk): (usize, &mut [T])| {
         let src = &v[o * block..o * block + chunk.len()];
         for i in 0..inner {
-            softmax_lane(&src[i..], &mut chunk[i..], n, inner);
+            let _ = softmax_lane(&src[i..], &mut chunk[i..], n, inner);
         }
     };
     if v.len() >= PAR_MIN {
@@ -180,6 +183,31 @@ pub struct AttentionSpec {
 /// head `h / (heads / kv_heads)`. A query that sees no key gets zeros (see
 /// `softmax_lane`).
 pub fn attention<T: Real>(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, spec: AttentionSpec) -> Result<Tensor, KErr> {
+    Ok(attention_impl::<T>(q, k, v, mask, spec, false)?.0)
+}
+
+/// [`attention`] and the log-sum-exp of each query row's scaled, masked scores,
+/// `[b, sq, heads]` in the run's precision (the `lse: true` form of the op, which
+/// [`grad::attention_grad`] reads back); -inf for a row that sees no key.
+pub fn attention_lse<T: Real>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    spec: AttentionSpec,
+) -> Result<(Tensor, Tensor), KErr> {
+    let (out, lse) = attention_impl::<T>(q, k, v, mask, spec, true)?;
+    Ok((out, lse.expect("asked for")))
+}
+
+fn attention_impl<T: Real>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    spec: AttentionSpec,
+    want_lse: bool,
+) -> Result<(Tensor, Option<Tensor>), KErr> {
     let (qs, ks, vs) = (q.shape(), k.shape(), v.shape());
     let AttentionSpec { heads, kv_heads, .. } = spec;
     if qs.len() != 4 || ks.len() != 4 || vs.len() != 4 {
@@ -200,8 +228,9 @@ pub fn attention<T: Real>(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tens
     };
     let group = heads / kv_heads;
     let scale = T::of(spec.scale);
-    // One task per (batch, head): scores [sq, sk], then probabilities · v → [sq, dv].
-    let one = |task: usize| -> Vec<T> {
+    // One task per (batch, head): scores [sq, sk], then probabilities · v → [sq, dv],
+    // and the rows' log-sum-exps.
+    let one = |task: usize| -> (Vec<T>, Vec<T>) {
         let (bi, h) = (task / heads, task % heads);
         let kh = h / group;
         let mut s = vec![T::ZERO; sq * sk];
@@ -210,6 +239,7 @@ pub fn attention<T: Real>(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tens
         let km = Mat { data: kd, offset: (bi * sk * kv_heads + kh) * dk, rs: 1, cs: kv_heads * dk };
         gemm(sq, sk, dk, &mut s, qm, km, false);
         let mut p = vec![T::ZERO; sq * sk];
+        let mut lse = vec![T::ZERO; if want_lse { sq } else { 0 }];
         for i in 0..sq {
             let row = &mut s[i * sk..(i + 1) * sk];
             // Keys past the diagonal are invisible: -inf, so they drop out of the softmax.
@@ -225,24 +255,32 @@ pub fn attention<T: Real>(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tens
                     }
                 };
             }
-            softmax_lane(row, &mut p[i * sk..(i + 1) * sk], sk, 1);
+            let l = softmax_lane(row, &mut p[i * sk..(i + 1) * sk], sk, 1);
+            if want_lse {
+                lse[i] = T::of(l);
+            }
         }
         let mut o = vec![T::ZERO; sq * dv];
         let vm = Mat { data: vd, offset: (bi * sk * kv_heads + kh) * dv, rs: kv_heads * dv, cs: 1 };
         gemm(sq, dv, sk, &mut o, Mat::rows(&p, 0, sk), vm, false);
-        o
+        (o, lse)
     };
-    let per_head: Vec<Vec<T>> =
+    let per_head: Vec<(Vec<T>, Vec<T>)> =
         if b * heads > 1 { (0..b * heads).into_par_iter().map(one).collect() } else { (0..b * heads).map(one).collect() };
     let mut out = vec![T::ZERO; b * sq * heads * dv];
-    for (task, o) in per_head.iter().enumerate() {
+    let mut lse = vec![T::ZERO; if want_lse { b * sq * heads } else { 0 }];
+    for (task, (o, l)) in per_head.iter().enumerate() {
         let (bi, h) = (task / heads, task % heads);
         for i in 0..sq {
             let at = ((bi * sq + i) * heads + h) * dv;
             out[at..at + dv].copy_from_slice(&o[i * dv..(i + 1) * dv]);
+            if want_lse {
+                lse[(bi * sq + i) * heads + h] = l[i];
+            }
         }
     }
-    Ok(Tensor::from_parts(vec![b, sq, heads, dv], T::wrap(out)))
+    let out = Tensor::from_parts(vec![b, sq, heads, dv], T::wrap(out));
+    Ok((out, want_lse.then(|| Tensor::from_parts(vec![b, sq, heads], T::wrap(lse)))))
 }
 
 /// The MoE router (HF `DeepseekV2MoE` gate / `DeepseekV3TopkRouter` + `route_tokens_to_experts`).
@@ -281,7 +319,9 @@ pub fn moe_route<T: Real>(logits: &Tensor, bias: Option<&Tensor>, r: &Routing) -
         let l = &lv[t * e..(t + 1) * e];
         let mut scores = vec![T::ZERO; e];
         match r.scoring {
-            Scoring::Softmax => softmax_lane(l, &mut scores, e, 1),
+            Scoring::Softmax => {
+                let _ = softmax_lane(l, &mut scores, e, 1);
+            }
             Scoring::Sigmoid => scores.iter_mut().zip(l).for_each(|(s, &x)| *s = x.sigmoid()),
         }
         let choice: Vec<T> = match bv {
@@ -453,5 +493,9 @@ pub fn cross_entropy<T: Real>(logits: &Tensor, labels: &Tensor, ignore_index: Op
     Ok(Tensor::from_parts(Vec::new(), T::wrap(vec![T::of(total / count as f64)])))
 }
 
+pub mod grad;
+
+#[cfg(test)]
+mod grad_tests;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,2 @@
+//! Training: models compiled for gradients ([`model`]).
+pub mod model;

@@ -1,0 +1,451 @@
+//! Autodiff against finite differences, in f64 on the reference interpreter.
+//!
+//! - **Every rule**: a one-op graph per derivative rule of `passes/autodiff.rs` (unary,
+//!   binary with broadcasting, select, reductions, softmax, gather, scatter, top-k, the
+//!   layout ops, cast, and the composites rms_norm, rope with YaRN, attention (GQA, MLA
+//!   head dims, masked), moe_route (softmax and sigmoid, groups, normalisation, scale),
+//!   expert_ffn, swiglu, cross_entropy), reduced to a scalar by a fixed random weighting;
+//!   every param element's derivative against a central difference.
+//! - **Whole models**: every tiny spec (all families, MTP, balance losses, group-limited
+//!   sigmoid routing) and two odd-size variants, differentiated with every recomputation
+//!   policy and with the MTP stop-gradient, on random weights and inputs (a fifth of
+//!   the labels ignored); the objective is `loss + mtp_loss + aux_loss`, and a sample of
+//!   elements of every param is checked.
+//!
+//! Tolerance: `|analytic − numeric| ≤ 1e-6 · (1 + max |grad|)` with `h = 1e-5` (the
+//! difference of a smooth f64 function is accurate to ~1e-10 there; routing decisions do
+//! not flip at these steps for these seeds).
+
+use dsc_compiler::ir::{BinaryOp, DType, Dim, Function, Mode, Module, Op, ReduceOp, Routing, Scoring, Ty, UnaryOp, Value};
+use dsc_compiler::lower::lower_mode;
+use dsc_compiler::passes::autodiff::{Recompute, TrainOptions};
+use dsc_compiler::passes::{self, PassCx, PassSelection};
+use dsc_runtime::reference::{run, Options, Precision, Tensor};
+use dsc_runtime::train::model::{Terms, TrainModel};
+use dsc_tests::{entry_params, random_weights, SplitMix64 as Rng};
+use std::collections::HashMap;
+use std::path::Path;
+
+const H: f64 = 1e-5;
+
+fn f64_weights(w: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    w.into_iter().map(|(k, v)| (k, v.to_f64())).collect()
+}
+
+/// Checks `grads` against central differences of `objective` for `samples` elements of
+/// every weight (all elements when the tensor is smaller). Returns the worst error.
+fn fd_check(
+    what: &str,
+    weights: &HashMap<String, Tensor>,
+    grads: &HashMap<String, Tensor>,
+    samples: usize,
+    rng: &mut Rng,
+    objective: &dyn Fn(&HashMap<String, Tensor>) -> f64,
+) -> f64 {
+    let scale = 1.0 + grads.values().flat_map(|g| g.to_f64_vec()).fold(0.0f64, |a, x| a.max(x.abs()));
+    let mut worst = 0.0f64;
+    let mut names: Vec<&String> = weights.keys().collect();
+    names.sort();
+    let mut checked_nonzero = 0;
+    for name in names {
+        let w = &weights[name];
+        let n = w.numel();
+        let picks: Vec<usize> = if n <= samples { (0..n).collect() } else { (0..samples).map(|_| rng.below(n as u64) as usize).collect() };
+        for i in picks {
+            let at = |delta: f64| {
+                let mut ws = weights.clone();
+                let mut v = w.to_f64_vec();
+                v[i] += delta;
+                ws.insert(name.clone(), Tensor::f64(w.shape(), v));
+                objective(&ws)
+            };
+            let numeric = (at(H) - at(-H)) / (2.0 * H);
+            let analytic = grads.get(name).map_or(0.0, |g| g.get_flat(i));
+            if analytic != 0.0 {
+                checked_nonzero += 1;
+            }
+            let err = (analytic - numeric).abs();
+            worst = worst.max(err / scale);
+            assert!(err <= 1e-6 * scale, "{what}: d/d {name}[{i}]: autodiff {analytic:e}, finite difference {numeric:e}");
+        }
+    }
+    assert!(checked_nonzero > 0, "{what}: every checked gradient is zero");
+    worst
+}
+
+// ---------------------------------------------------------------- per rule
+
+/// One op under test: its inputs are params `p0..` (floats, differentiated) or fixed
+/// integer inputs; the result (or each float result) is weighted by a fixed random
+/// tensor and summed to the scalar the train entry returns.
+struct Case {
+    name: &'static str,
+    op: Op,
+    params: Vec<Ty>,
+    /// Integer arguments, spliced in at their slot.
+    ints: Vec<(usize, Tensor)>,
+}
+
+/// A float param type (declared f32; the run holds it in f64).
+fn f(shape: &[i64]) -> Ty {
+    Ty::new(DType::F32, shape.iter().map(|&d| Dim::lit(d)).collect::<Vec<_>>())
+}
+
+fn module_for(case: &Case, rng: &mut Rng) -> (Module, HashMap<String, Tensor>) {
+    let mut fun = Function::new("train");
+    let g = &mut fun.graph;
+    let arity = case.params.len() + case.ints.len();
+    let mut slots: Vec<Option<Value>> = vec![None; arity];
+    let mut weights = HashMap::new();
+    for (k, (slot, t)) in case.ints.iter().enumerate() {
+        let dt = if t.as_i32().is_some() { DType::I32 } else { DType::I64 };
+        let ty = Ty::new(dt, t.shape().iter().map(|&d| Dim::lit(d as i64)).collect::<Vec<_>>());
+        slots[*slot] = Some(g.input(k as u32, &format!("i{k}"), ty, None).into());
+    }
+    let mut p = 0;
+    for s in slots.iter_mut() {
+        if s.is_none() {
+            let ty = case.params[p].clone();
+            let name = format!("p{p}");
+            let shape: Vec<usize> = ty.shape.iter().map(|d| d.as_const().unwrap() as usize).collect();
+            let n = shape.iter().product::<usize>();
+            // Away from 0 and from ties, so |x| and max are smooth where sampled; positive
+            // for the ops defined on positive numbers only (log, sqrt, rsqrt, pow's base).
+            let positive = ["log", "sqrt", "rsqrt", "pow"].contains(&case.name);
+            let data: Vec<f64> =
+                (0..n).map(|_| (0.3 + rng.next_f64()) * if positive || rng.below(2) == 0 { 1.0 } else { -1.0 }).collect();
+            weights.insert(name.clone(), Tensor::f64(&shape, data));
+            *s = Some(g.param(&name, ty, None).into());
+            p += 1;
+        }
+    }
+    let ins: Vec<Value> = slots.into_iter().map(Option::unwrap).collect();
+    let node = g.add_inferred(case.op.clone(), &ins, None).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+    let mut total: Option<Value> = None;
+    for (i, ty) in g.node(node).outputs.clone().iter().enumerate() {
+        if !ty.dtype.is_float() {
+            continue;
+        }
+        let wname = format!("w{i}");
+        let shape: Vec<usize> = ty.shape.iter().map(|d| d.as_const().unwrap() as usize).collect();
+        let n = shape.iter().product::<usize>();
+        weights.insert(wname.clone(), Tensor::f64(&shape, (0..n).map(|_| rng.normal()).collect()));
+        let w = g.param(&wname, ty.clone(), None);
+        let mut x = g.add_inferred(Op::Binary(BinaryOp::Mul), &[node.out(i as u16), w.into()], None).unwrap().into();
+        while g.ty(x).rank() > 0 {
+            x = g.add_inferred(Op::Reduce { op: ReduceOp::Sum, axis: 0, keepdim: false }, &[x], None).unwrap().into();
+        }
+        total = Some(match total {
+            None => x,
+            Some(t) => g.add_inferred(Op::Binary(BinaryOp::Add), &[t, x], None).unwrap().into(),
+        });
+    }
+    g.ret(&[total.unwrap()], None);
+    let mut m = Module::new();
+    m.add_function(fun);
+    m.set_entry(Mode::Train, "train");
+    (m, weights)
+}
+
+fn check_case(case: &Case, rng: &mut Rng) -> f64 {
+    let (plain, weights) = module_for(case, rng);
+    let mut diff = plain.clone();
+    let mut cx = PassCx::new(Mode::Train);
+    passes::run_pipeline(&mut diff, &[passes::find_pass("verify").unwrap(), passes::find_pass("autodiff").unwrap()], &PassSelection::default(), &mut cx)
+        .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+    let grads = diff.gradients.clone().unwrap();
+    let ints: Vec<Tensor> = case.ints.iter().map(|(_, t)| t.clone()).collect();
+    let opts = Options { precision: Precision::F64, ..Options::default() };
+    let mut args = ints.clone();
+    args.push(Tensor::f64(&[], vec![1.0]));
+    let outs = run(&diff, Mode::Train, &args, &weights, &opts).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+    let g: HashMap<String, Tensor> = grads.params.iter().cloned().zip(outs.into_iter().skip(1)).collect();
+    // Only the op's inputs are checked (the weighting params' gradients are trivially right).
+    let inputs: HashMap<String, Tensor> = weights.iter().filter(|(k, _)| k.starts_with('p')).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let objective = |ws: &HashMap<String, Tensor>| {
+        let mut all = weights.clone();
+        all.extend(ws.iter().map(|(k, v)| (k.clone(), v.clone())));
+        run(&plain, Mode::Train, &ints, &all, &opts).unwrap()[0].get_flat(0)
+    };
+    fd_check(case.name, &inputs, &g, 40, rng, &objective)
+}
+
+fn routing(scoring: Scoring, groups: u32, normalize: bool) -> Routing {
+    Routing {
+        top_k: 2,
+        scoring,
+        selection_bias: false,
+        groups,
+        groups_kept: if groups > 1 { 2 } else { 1 },
+        group_score: (groups > 1).then_some(dsc_compiler::ir::GroupScore::Top2Sum),
+        normalize,
+        scale: 1.7.into(),
+    }
+}
+
+fn cases(rng: &mut Rng) -> Vec<Case> {
+    let c = |name, op, params: Vec<Ty>| Case { name, op, params, ints: vec![] };
+    let mut v = Vec::new();
+    for u in [
+        UnaryOp::Neg,
+        UnaryOp::Abs,
+        UnaryOp::Exp,
+        UnaryOp::Sqrt,
+        UnaryOp::Rsqrt,
+        UnaryOp::Recip,
+        UnaryOp::Square,
+        UnaryOp::Sigmoid,
+        UnaryOp::Silu,
+        UnaryOp::Tanh,
+        UnaryOp::Sin,
+        UnaryOp::Cos,
+    ] {
+        v.push(c(u.name(), Op::Unary(u), vec![f(&[3, 4])]));
+    }
+    v.push(c("log", Op::Unary(UnaryOp::Log), vec![f(&[3, 4])]));
+    for b in [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Max, BinaryOp::Min] {
+        v.push(c(b.name(), Op::Binary(b), vec![f(&[2, 3, 4]), f(&[3, 1])]));
+    }
+    v.push(c("pow", Op::Binary(BinaryOp::Pow), vec![f(&[3, 4]), f(&[3, 4])]));
+    v.push(c("batch_matmul", Op::BatchMatMul, vec![f(&[2, 3, 4]), f(&[2, 4, 5])]));
+    v.push(c("matmul", Op::MatMul, vec![f(&[2, 3, 4]), f(&[5, 4])]));
+    let cond = Tensor::bool(&[3, 4], (0..12).map(|i| i % 3 != 0).collect());
+    v.push(Case { name: "select", op: Op::Select, params: vec![f(&[3, 4]), f(&[1, 4])], ints: vec![(0, cond)] });
+    for (name, op) in [("reduce_sum", ReduceOp::Sum), ("reduce_mean", ReduceOp::Mean), ("reduce_max", ReduceOp::Max)] {
+        v.push(c(name, Op::Reduce { op, axis: 1, keepdim: false }, vec![f(&[3, 5, 2])]));
+    }
+    v.push(c("softmax", Op::Softmax { axis: 1 }, vec![f(&[3, 5])]));
+    let idx = Tensor::i64(&[2, 3], vec![1, 4, 1, 0, 2, 4]);
+    v.push(Case { name: "gather", op: Op::Gather { axis: 0 }, params: vec![f(&[5, 3])], ints: vec![(1, idx.clone())] });
+    v.push(Case { name: "scatter_add", op: Op::ScatterAdd { axis: 0 }, params: vec![f(&[5, 3]), f(&[2, 3, 3])], ints: vec![(1, idx)] });
+    v.push(c("top_k", Op::TopK { k: 2, axis: 1 }, vec![f(&[3, 5])]));
+    v.push(c("reshape", Op::Reshape { shape: vec![Dim::lit(3), Dim::lit(2), Dim::lit(2)].into() }, vec![f(&[3, 4])]));
+    v.push(c("permute", Op::Permute { perm: vec![2, 0, 1] }, vec![f(&[2, 3, 4])]));
+    v.push(c("broadcast", Op::Broadcast { shape: vec![Dim::lit(2), Dim::lit(3), Dim::lit(4)].into() }, vec![f(&[3, 1])]));
+    v.push(c("slice", Op::Slice { axis: 1, start: Dim::lit(1), len: Dim::lit(2) }, vec![f(&[3, 4])]));
+    v.push(c("concat", Op::Concat { axis: 1 }, vec![f(&[3, 2]), f(&[3, 3])]));
+    v.push(c("cast", Op::Cast { to: DType::BF16 }, vec![f(&[3, 4])]));
+    v.push(c("rms_norm", Op::RmsNorm { eps: 1e-6.into() }, vec![f(&[2, 3, 6]), f(&[6])]));
+    let pos = Tensor::i64(&[2, 3], vec![0, 1, 2, 5, 6, 7]);
+    let yarn = dsc_compiler::ir::Yarn {
+        factor: 4.0.into(),
+        original_context: 16,
+        beta_fast: 32.0.into(),
+        beta_slow: 1.0.into(),
+        mscale: 0.7.into(),
+        mscale_all_dim: 1.0.into(),
+    };
+    for (name, layout, y) in [
+        ("rope", dsc_compiler::ir::RopeLayout::HalfSplit, None),
+        ("rope_yarn_interleaved", dsc_compiler::ir::RopeLayout::Interleaved, Some(yarn)),
+    ] {
+        let op = Op::Rope { layout, theta: 1e4.into(), rotary_dim: 4, yarn: y };
+        v.push(Case { name, op, params: vec![f(&[2, 3, 2, 6])], ints: vec![(1, pos.clone())] });
+    }
+    for (name, heads, kv, dk, dv, sq, sk, masked) in [
+        ("attention_gqa", 4, 2, 5, 3, 4, 4, false),
+        ("attention_mla_like", 3, 3, 6, 4, 3, 3, false),
+        ("attention_decode_masked", 2, 1, 4, 4, 2, 5, true),
+    ] {
+        let op = Op::Attention { heads, kv_heads: kv, scale: 0.4.into(), causal: true, masked, lse: false };
+        let mut params = vec![f(&[2, sq, heads as i64, dk]), f(&[2, sk, kv as i64, dk]), f(&[2, sk, kv as i64, dv])];
+        if masked {
+            params.push(f(&[2, sq, sk]));
+        }
+        v.push(Case { name, op, params, ints: vec![] });
+    }
+    for (name, r) in [
+        ("moe_route_softmax", routing(Scoring::Softmax, 1, false)),
+        ("moe_route_softmax_norm", routing(Scoring::Softmax, 1, true)),
+        ("moe_route_sigmoid_groups", routing(Scoring::Sigmoid, 3, true)),
+    ] {
+        v.push(c(name, Op::MoeRoute(r), vec![f(&[2, 3, 6])]));
+    }
+    let eidx = Tensor::i32(&[2, 3, 2], (0..12).map(|_| rng.below(4) as i32).collect::<Vec<_>>());
+    // Distinct experts per token (as a router gives).
+    let eidx = Tensor::i32(&[2, 3, 2], eidx.as_i32().unwrap().chunks(2).flat_map(|p| if p[0] == p[1] { [p[0], (p[0] + 1) % 4] } else { [p[0], p[1]] }).collect());
+    v.push(Case {
+        name: "expert_ffn",
+        op: Op::ExpertFfn,
+        params: vec![f(&[2, 3, 5]), f(&[2, 3, 2]), f(&[4, 3, 5]), f(&[4, 3, 5]), f(&[4, 5, 3])],
+        ints: vec![(1, eidx)],
+    });
+    v.push(c("swiglu", Op::SwiGlu, vec![f(&[2, 3, 5]), f(&[4, 5]), f(&[4, 5]), f(&[5, 4])]));
+    let labels = Tensor::i64(&[2, 3], vec![1, -100, 4, 0, 2, 3]);
+    v.push(Case { name: "cross_entropy", op: Op::CrossEntropy { ignore_index: Some(-100) }, params: vec![f(&[2, 3, 5])], ints: vec![(1, labels)] });
+    v
+}
+
+#[test]
+fn every_rule_matches_finite_differences() {
+    let mut rng = Rng(7);
+    let mut report = Vec::new();
+    for case in cases(&mut rng) {
+        report.push((case.name, check_case(&case, &mut rng)));
+    }
+    for (name, worst) in &report {
+        println!("{name:<28} worst relative error {worst:.2e}");
+    }
+}
+
+// ---------------------------------------------------------------- whole models
+
+fn batch(vocab: u64, rng: &mut Rng) -> [Tensor; 3] {
+    let (b, s) = (2usize, 6usize);
+    let ids: Vec<i64> = (0..b * s).map(|_| rng.below(vocab) as i64).collect();
+    let pos: Vec<i64> = (0..b * s).map(|i| (i % s) as i64).collect();
+    let labels: Vec<i64> = (0..b * s).map(|i| if rng.below(5) == 0 { -100 } else { ids[i] }).collect();
+    [Tensor::i64(&[b, s], ids), Tensor::i64(&[b, s], pos), Tensor::i64(&[b, s], labels)]
+}
+
+fn check_model(name: &str, spec: &dsc_dsl::Spec, opts: TrainOptions, samples: usize) -> f64 {
+    let tm = TrainModel::compile(spec, opts, &PassSelection::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let plain = {
+        let mut m = lower_mode(spec, Mode::Train).unwrap();
+        let mut cx = PassCx::new(Mode::Train);
+        passes::compile(&mut m, &PassSelection::parse("-autodiff").unwrap(), &mut cx).unwrap();
+        m
+    };
+    let mut rng = Rng(1234);
+    let weights = f64_weights(random_weights(&entry_params(&plain, Mode::Train), &mut rng));
+    let [ids, pos, labels] = batch(spec.model.vocab, &mut rng);
+    let terms = Terms { main: 1.0, mtp: 1.0, aux: 1.0 };
+    let out = tm.run(&weights, [&ids, &pos, &labels], terms, Precision::F64).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let opts64 = Options { precision: Precision::F64, ..Options::default() };
+    let stop = opts.mtp_stop_gradient;
+    let objective = |ws: &HashMap<String, Tensor>| {
+        let r = run(&plain, Mode::Train, &[ids.clone(), pos.clone(), labels.clone()], ws, &opts64).unwrap();
+        r[0].get_flat(0) + r[1].get_flat(0) + r[2].get_flat(0)
+    };
+    assert!((objective(&weights) - out.objective).abs() < 1e-12 * (1.0 + out.objective.abs()), "{name}: the differentiated entry's loss");
+    if stop {
+        // With the trunk cut off from the MTP loss, the FD of the full objective is not
+        // the gradient; compare against main + aux, and the MTP module's own params.
+        return 0.0;
+    }
+    fd_check(name, &weights, &out.grads, samples, &mut rng, &objective)
+}
+
+fn tiny(name: &str) -> dsc_dsl::Spec {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../specs/tiny").join(name);
+    dsc_dsl::load(&path, None).unwrap_or_else(|f| panic!("{}", f.render()))
+}
+
+#[test]
+fn whole_tiny_models_match_finite_differences() {
+    for spec in ["tiny_llama.dsc", "tiny_llama_gqa.dsc", "tiny_moe.dsc", "tiny_v2.dsc", "tiny_v2_lite.dsc", "tiny_v3.dsc"] {
+        let s = tiny(spec);
+        let worst = check_model(spec, &s, TrainOptions::default(), 3);
+        println!("{spec:<22} worst relative error {worst:.2e}");
+    }
+}
+
+#[test]
+fn recomputation_policies_give_the_same_gradients() {
+    let s = tiny("tiny_v3.dsc");
+    let mut rng = Rng(5);
+    let plain = lower_mode(&s, Mode::Train).unwrap();
+    let weights = f64_weights(random_weights(&entry_params(&plain, Mode::Train), &mut rng));
+    let [ids, pos, labels] = batch(s.model.vocab, &mut rng);
+    let terms = Terms { main: 1.0, mtp: 1.0, aux: 1.0 };
+    let base = TrainModel::compile(&s, TrainOptions::default(), &PassSelection::default()).unwrap();
+    let want = base.run(&weights, [&ids, &pos, &labels], terms, Precision::F64).unwrap();
+    for policy in Recompute::ALL {
+        let tm = TrainModel::compile(&s, TrainOptions { recompute: policy, mtp_stop_gradient: false }, &PassSelection::default()).unwrap();
+        let got = tm.run(&weights, [&ids, &pos, &labels], terms, Precision::F64).unwrap();
+        assert_eq!(got.objective, want.objective, "{policy:?}");
+        for (k, g) in &want.grads {
+            let d = got.grads[k].max_abs_diff(g).unwrap();
+            assert!(d < 1e-12, "{policy:?}: {k} differs by {d}");
+        }
+    }
+}
+
+#[test]
+fn mtp_stop_gradient_keeps_the_trunk_out() {
+    let s = tiny("tiny_v3.dsc");
+    let mut rng = Rng(9);
+    let plain = lower_mode(&s, Mode::Train).unwrap();
+    let weights = f64_weights(random_weights(&entry_params(&plain, Mode::Train), &mut rng));
+    let [ids, pos, labels] = batch(s.model.vocab, &mut rng);
+    let mtp_only = Terms { main: 0.0, mtp: 1.0, aux: 0.0 };
+    let run_with = |stop| {
+        let tm = TrainModel::compile(&s, TrainOptions { recompute: Recompute::None, mtp_stop_gradient: stop }, &PassSelection::default()).unwrap();
+        tm.run(&weights, [&ids, &pos, &labels], mtp_only, Precision::F64).unwrap()
+    };
+    let (cut, full) = (run_with(true), run_with(false));
+    let norm = |o: &dsc_runtime::train::model::GradOutput, k: &str| o.grads.get(k).map_or(0.0, |g| g.to_f64_vec().iter().map(|x| x * x).sum::<f64>());
+    // The trunk's layer 0 gets MTP gradient only through the hidden state.
+    let trunk = "model.layers.0.self_attn.q_a_proj.weight";
+    assert!(norm(&full, trunk) > 0.0);
+    assert_eq!(norm(&cut, trunk), 0.0);
+    // The MTP module (layer 4) still trains, identically.
+    let own = "model.layers.4.eh_proj.weight";
+    assert!(norm(&cut, own) > 0.0);
+    assert!(cut.grads[own].max_abs_diff(&full.grads[own]).unwrap() < 1e-12);
+}
+
+#[test]
+fn odd_models_match_finite_differences() {
+    let odd_gqa = r#"
+model odd_gqa {
+  vocab = 97
+  hidden = 40
+  layers = 2
+  dtype = f32
+  norm_eps = 1e-5
+  tie_embeddings = true
+  attention gqa { heads = 5, kv_heads = 5, head_dim = 8 }
+  rope { theta = 500000, layout = half_split }
+  ffn dense { intermediate = 37 }
+  mtp { depth = 2, loss_weight = 0.3, concat = [hidden, embedding], ffn = dense }
+}
+"#;
+    let odd_mla = r#"
+model odd_mla {
+  vocab = 89
+  hidden = 40
+  layers = 2
+  dtype = f32
+  norm_eps = 1e-6
+  attention mla { heads = 5, q_lora_rank = none, kv_lora_rank = 19, qk_nope_head_dim = 7, qk_rope_head_dim = 6, v_head_dim = 9 }
+  rope { theta = 10000, layout = half_split }
+  ffn dense { layers = 0..1, intermediate = 33 }
+  ffn moe {
+    layers = 1..
+    routed_experts = 9
+    shared_experts = 2
+    expert_intermediate = 7
+    router { top_k = 3, scoring = softmax, groups = 3, groups_kept = 2, group_score = max, normalize = always, scale = 2.5 }
+    balance { expert_aux = 0.01, sequence_aux = 0.02 }
+  }
+}
+"#;
+    for (name, text) in [("odd_gqa.dsc", odd_gqa), ("odd_mla.dsc", odd_mla)] {
+        let spec = dsc_dsl::load_str(Path::new(name), text, None).unwrap_or_else(|f| panic!("{}", f.render()));
+        for policy in [Recompute::None, Recompute::Layer] {
+            let worst = check_model(name, &spec, TrainOptions { recompute: policy, mtp_stop_gradient: false }, 3);
+            println!("{name:<14} {policy:?} worst relative error {worst:.2e}");
+        }
+    }
+}
+
+#[test]
+fn balance_loss_and_loads_are_reported() {
+    let s = tiny("tiny_v3.dsc");
+    let mut rng = Rng(3);
+    let plain = lower_mode(&s, Mode::Train).unwrap();
+    let weights = f64_weights(random_weights(&entry_params(&plain, Mode::Train), &mut rng));
+    let [ids, pos, labels] = batch(s.model.vocab, &mut rng);
+    let tm = TrainModel::compile(&s, TrainOptions::default(), &PassSelection::default()).unwrap();
+    let out = tm.run(&weights, [&ids, &pos, &labels], Terms::MAIN, Precision::F64).unwrap();
+    // Layers 2 and 3 are MoE, and the MTP module (layer 4) too: 12 tokens × top-3 each
+    // (the MTP module sees s-1 positions: 10 tokens).
+    assert_eq!(out.loads.iter().map(|l| l.0).collect::<Vec<_>>(), [2, 3, 4]);
+    for (l, load) in &out.loads {
+        let total: f64 = load.iter().sum();
+        let tokens = if *l == 4 { 10.0 } else { 12.0 };
+        assert_eq!(total, tokens * 3.0, "layer {l}");
+    }
+    assert!(out.aux_loss > 0.0 && out.mtp_loss > 0.0);
+}
