@@ -1,0 +1,3 @@
+//! Training: the pieces the trainer runs around the model's forward and backward passes.
+
+pub mod grpo;
