@@ -5,6 +5,7 @@
 pub mod compile;
 pub mod cost;
 pub mod generate;
+pub mod grpo_loss;
 pub mod import;
 pub mod logits;
 
@@ -93,6 +94,8 @@ enum Command {
     Logits(logits::LogitsArgs),
     /// Generate tokens from a model directory through the KV cache.
     Generate(generate::GenerateArgs),
+    /// GRPO's loss and its gradient with respect to logp_pi for one batch (JSON in, JSON out).
+    GrpoLoss(grpo_loss::GrpoLossArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -121,6 +124,7 @@ pub fn main() -> ExitCode {
         Command::Import { config, out, name } => import::import_cmd(&config, out.as_deref(), name.as_deref()),
         Command::Logits(args) => logits::logits_cmd(&args),
         Command::Generate(args) => generate::generate_cmd(&args),
+        Command::GrpoLoss(args) => grpo_loss::grpo_loss_cmd(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -544,10 +544,12 @@ mod tests {
         b
     }
 
-    /// Central differences (step 1e-6) of the loss against `grad_logp_pi`, every position.
-    fn check_gradient(cfg: &GrpoConfig, batch: &GrpoBatch) -> GrpoOutput {
+    /// Central differences (step 1e-6) of the loss against `grad_logp_pi`, every position;
+    /// returns the output and the largest |fd − analytic| / |analytic| over nonzero entries.
+    fn check_gradient(cfg: &GrpoConfig, batch: &GrpoBatch) -> (GrpoOutput, f64) {
         let out = grpo_loss(cfg, batch).unwrap();
         let h = 1e-6;
+        let mut worst: f64 = 0.0;
         for i in 0..batch.logp_pi.len() {
             for j in 0..batch.logp_pi[i].len() {
                 let at = |dx: f64| {
@@ -561,21 +563,25 @@ mod tests {
                 if !batch.mask[i][j] {
                     assert_eq!(an, 0.0);
                 }
+                if an != 0.0 {
+                    worst = worst.max((fd - an).abs() / an.abs());
+                }
             }
         }
-        out
+        (out, worst)
     }
 
     #[test]
     fn gradient_matches_finite_differences_for_every_option() {
         let batch = fd_batch();
-        let mut checked = 0;
+        let (mut checked, mut worst) = (0, 0.0f64);
         for loss_type in LossType::ALL {
             for level in [ImportanceSamplingLevel::Token, ImportanceSamplingLevel::Sequence] {
                 for delta in [None, Some(1.6)] {
                     for beta in [0.0, 0.04] {
                         let c = GrpoConfig { epsilon: 0.2, epsilon_high: 0.28, delta, beta, ..cfg(loss_type, level) };
-                        let out = check_gradient(&c, &batch);
+                        let (out, err) = check_gradient(&c, &batch);
+                        worst = worst.max(err);
                         // The batch reaches both clip bounds with the sign of A that makes
                         // the clipped branch the minimum.
                         assert!(out.metrics.clip_ratio_low > 0.0 && out.metrics.clip_ratio_high > 0.0, "{:?}", out.metrics);
@@ -590,6 +596,7 @@ mod tests {
             }
         }
         assert_eq!(checked, 32);
+        eprintln!("largest relative error of the analytic gradient vs central differences: {worst:e}");
         // dapo over a larger generation batch, and the truncation mask.
         let mut b = batch.clone();
         b.num_items_in_batch = Some(40);
@@ -597,7 +604,7 @@ mod tests {
         b.num_items_in_batch = None;
         b.truncated = Some(vec![false, true, false, false, false, false, false]);
         let c = GrpoConfig { mask_truncated_completions: true, ..cfg(LossType::Grpo, ImportanceSamplingLevel::Sequence) };
-        let out = check_gradient(&c, &b);
+        let (out, _) = check_gradient(&c, &b);
         assert!(out.grad_logp_pi[1].iter().all(|&g| g == 0.0));
     }
 
@@ -638,6 +645,8 @@ mod tests {
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert!((g - w).abs() <= 1e-12, "{case} advantage {i}: {g} vs {w}");
             }
+            let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0.0, f64::max);
+            eprintln!("{case}: largest advantage error {worst:e}");
             // Step 1 of the replay: logp_old = logp_ref = logp_pi, so ratio 1 and KL 0, and the
             // loss is −mean_i A_i, 0 up to rounding (the fixture's −2.8e-17).
             let t = *lens.iter().max().unwrap();
