@@ -445,23 +445,23 @@ pub fn grpo_loss(cfg: &GrpoConfig, batch: &GrpoBatch) -> Result<GrpoOutput, Grpo
         };
         // Clip metrics per completion at the sequence level (TRL's `x.mean()` over rows,
         // every completion counted), per unmasked token at the token level.
-        if let Some((rho, _)) = seq {
+        let mut count_clip = |rho: f64| {
+            // TRL tests the ratio after the delta cap.
             let u = cfg.delta.map_or(rho, |d| rho.min(d));
-            let (l, h) = ((u < lo && a < 0.0) as u8 as f64, (u > hi && a > 0.0) as u8 as f64);
-            clip_low += l;
-            clip_high += h;
-            clip_region += l.max(h);
+            let (l, h) = (u < lo && a < 0.0, u > hi && a > 0.0);
+            clip_low += l as u8 as f64;
+            clip_high += h as u8 as f64;
+            clip_region += (l || h) as u8 as f64;
+        };
+        if let Some((rho, _)) = seq {
+            count_clip(rho);
         }
         for j in (0..t).filter(|&j| mask[i][j]) {
             let (rho, (s, ds)) = match seq {
                 Some(v) => v,
                 None => {
                     let rho = (x[j] - old[i][j]).exp();
-                    let u = cfg.delta.map_or(rho, |d| rho.min(d));
-                    let (l, h) = ((u < lo && a < 0.0) as u8 as f64, (u > hi && a > 0.0) as u8 as f64);
-                    clip_low += l;
-                    clip_high += h;
-                    clip_region += l.max(h);
+                    count_clip(rho);
                     (rho, surrogate(rho, a, cfg))
                 }
             };
