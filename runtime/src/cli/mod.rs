@@ -6,6 +6,7 @@ pub mod compile;
 pub mod cost;
 pub mod generate;
 pub mod grad;
+pub mod grpo_loss;
 pub mod import;
 pub mod logits;
 
@@ -100,6 +101,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// The next-token loss of a batch and its gradient for every checkpoint tensor.
     Grad(grad::GradArgs),
+    /// GRPO's loss and its gradient with respect to logp_pi for one batch (JSON in, JSON out).
+    GrpoLoss(grpo_loss::GrpoLossArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -130,6 +133,7 @@ pub fn main() -> ExitCode {
         Command::Logits(args) => logits::logits_cmd(&args),
         Command::Generate(args) => generate::generate_cmd(&args),
         Command::Grad(args) => grad::grad_cmd(&args),
+        Command::GrpoLoss(args) => grpo_loss::grpo_loss_cmd(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
