@@ -10,5 +10,6 @@ pub mod plan_exec;
 pub mod reference;
 pub mod rng;
 pub mod sampling;
+pub mod train;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
