@@ -127,9 +127,11 @@ pub fn export_hf_config(m: &Model) -> Result<Export, String> {
                 s.insert("mscale_all_dim".into(), json!(d));
             }
             (m1, 0.0) if m1 == 1.0 => {}
-            (m1, d) => return Err(format!(
+            (m1, d) => {
+                return Err(format!(
                 "`yarn {{ mscale = {m1}, mscale_all_dim = {d} }}` has no {model_type} config (it needs both non-zero for MLA, or 1 and 0)"
-            )),
+            ))
+            }
         }
         if y.beta_fast == 0.0 || y.beta_slow == 0.0 {
             return Err("`yarn { beta_fast, beta_slow }` of 0 read as the defaults in transformers".into());

@@ -7,6 +7,7 @@ pub mod cost;
 pub mod generate;
 pub mod import;
 pub mod logits;
+pub mod train;
 
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -93,6 +94,8 @@ enum Command {
     Logits(logits::LogitsArgs),
     /// Generate tokens from a model directory through the KV cache.
     Generate(generate::GenerateArgs),
+    /// Train a model: `dsc train sft --config RECIPE.yaml [--resume RUN_DIR]`.
+    Train(train::TrainArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -121,6 +124,7 @@ pub fn main() -> ExitCode {
         Command::Import { config, out, name } => import::import_cmd(&config, out.as_deref(), name.as_deref()),
         Command::Logits(args) => logits::logits_cmd(&args),
         Command::Generate(args) => generate::generate_cmd(&args),
+        Command::Train(args) => train::train_cmd(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
