@@ -126,7 +126,7 @@ pub fn export_hf_config(m: &Model) -> Result<Export, String> {
                 s.insert("mscale".into(), json!(m1));
                 s.insert("mscale_all_dim".into(), json!(d));
             }
-            (m1, 0.0) if m1 == 1.0 => {}
+            (1.0, 0.0) => {}
             (m1, d) => {
                 return Err(format!(
                 "`yarn {{ mscale = {m1}, mscale_all_dim = {d} }}` has no {model_type} config (it needs both non-zero for MLA, or 1 and 0)"

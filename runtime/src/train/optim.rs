@@ -186,7 +186,7 @@ impl Schedule {
                 min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
             }
             Schedule::MultiStep { boundaries, factors, .. } => {
-                boundaries.iter().zip(factors).filter(|(b, _)| t > **b).map(|(_, f)| *f).last().unwrap_or(1.0)
+                boundaries.iter().zip(factors).rfind(|(b, _)| t > **b).map_or(1.0, |(_, f)| *f)
             }
         }
     }
