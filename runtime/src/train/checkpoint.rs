@@ -147,9 +147,8 @@ pub fn save(
     }
     let meta = BTreeMap::from([("steps".to_string(), serde_json::to_string(&steps).expect("a map serialises"))]);
     write_synced(&t.join(OPTIMIZER), &safetensors_bytes(opt, meta, &t.join(OPTIMIZER))?)?;
-    let json = |v: &dyn erased::Json| v.pretty() + "\n";
-    write_synced(&t.join(STATE), json(state).as_bytes())?;
-    write_synced(&t.join(CONFIG), json(&files.config).as_bytes())?;
+    write_synced(&t.join(STATE), pretty(state).as_bytes())?;
+    write_synced(&t.join(CONFIG), pretty(&files.config).as_bytes())?;
     write_synced(&t.join(SPEC), files.spec_text.as_bytes())?;
     for (n, bytes) in &files.extra {
         write_synced(&t.join(n), bytes)?;
@@ -159,16 +158,9 @@ pub fn save(
     Ok(final_dir)
 }
 
-/// `serde_json::to_string_pretty` for the two kinds of value written here.
-mod erased {
-    pub trait Json {
-        fn pretty(&self) -> String;
-    }
-    impl<T: serde::Serialize> Json for T {
-        fn pretty(&self) -> String {
-            serde_json::to_string_pretty(self).expect("plain data serialises")
-        }
-    }
+/// Pretty JSON with a final newline.
+fn pretty<T: Serialize>(v: &T) -> String {
+    serde_json::to_string_pretty(v).expect("plain data serialises") + "\n"
 }
 
 fn safetensors_bytes(

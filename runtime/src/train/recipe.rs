@@ -371,8 +371,9 @@ fn yaml_error(path: &Path, e: &serde_yaml::Error) -> TrainError {
             // The valid names are the other back-quoted words: "expected one of `a`, `b`".
             let known: Vec<String> =
                 rest.split('`').skip(1).collect::<Vec<_>>().chunks(2).filter_map(|c| c.get(1).map(|s| s.to_string())).collect();
+            // With a suggestion the list of every valid name is noise.
             if let Some(best) = nearest(&got, &known) {
-                msg = format!("{msg}; did you mean `{best}`?");
+                msg = format!("{}{what}{got}`; did you mean `{best}`?", &msg[..i]);
             }
         }
     }
