@@ -9,6 +9,7 @@ pub mod grad;
 pub mod grpo_loss;
 pub mod import;
 pub mod logits;
+pub mod train;
 
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -103,6 +104,8 @@ enum Command {
     Grad(grad::GradArgs),
     /// GRPO's loss and its gradient with respect to logp_pi for one batch (JSON in, JSON out).
     GrpoLoss(grpo_loss::GrpoLossArgs),
+    /// Train a model: `dsc train sft --config RECIPE.yaml [--resume RUN_DIR]`.
+    Train(train::TrainArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -134,6 +137,7 @@ pub fn main() -> ExitCode {
         Command::Generate(args) => generate::generate_cmd(&args),
         Command::Grad(args) => grad::grad_cmd(&args),
         Command::GrpoLoss(args) => grpo_loss::grpo_loss_cmd(&args),
+        Command::Train(args) => train::train_cmd(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

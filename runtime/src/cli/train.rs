@@ -1,0 +1,252 @@
+//! `dsc train sft --config RECIPE.yaml [--resume RUN_DIR]`: supervised fine-tuning.
+//!
+//! Opens what the recipe names (a hub model directory, or a spec and random weights),
+//! checks the data against the model, builds the objective, and runs
+//! [`crate::train::sft`]. With `--resume` the newest complete checkpoint of RUN_DIR is the
+//! starting point and the run continues there.
+
+use crate::checkpoint::{expected_params, ModelDir, OpenOptions};
+use crate::reference::Tensor;
+use crate::train::checkpoint::{self, ModelFiles};
+use crate::train::data::{Dataset, Limits};
+use crate::train::metrics::Display;
+use crate::train::objective::{reference_objective, ObjectiveOptions};
+use crate::train::recipe::{Recipe, Source};
+use crate::train::sft::{self, Run, Start};
+use crate::train::{init, Objective, TrainError};
+use clap::{Args, Subcommand};
+use dsc_dsl::Spec;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// `dsc train`.
+#[derive(Args, Debug, Clone)]
+pub struct TrainArgs {
+    #[command(subcommand)]
+    pub command: TrainCommand,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum TrainCommand {
+    /// Supervised fine-tuning on token ids (next-token cross-entropy on the masked tokens).
+    Sft(SftArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SftArgs {
+    /// The recipe (YAML): model or spec, data, out, steps, batch_size, optimizer, schedule, ...
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Continue the run in this directory from its newest complete checkpoint.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+}
+
+pub fn train_cmd(args: &TrainArgs) -> Result<(), String> {
+    match &args.command {
+        TrainCommand::Sft(a) => sft_cmd(a, &|spec, opts| reference_objective(spec, opts)).map_err(|e| e.to_string()),
+    }
+}
+
+/// Builds an objective for a spec (the reference backend's, or a test's).
+pub type MakeObjective<'a> = &'a dyn Fn(&Spec, &ObjectiveOptions) -> Result<Box<dyn Objective>, TrainError>;
+
+/// `dsc train sft` with the objective from `make`.
+pub fn sft_cmd(args: &SftArgs, make: MakeObjective) -> Result<(), TrainError> {
+    let recipe = Recipe::load(&args.config)?;
+    let f = &recipe.file;
+    let opened = open_source(&recipe)?;
+    let spec = &opened.spec;
+    let options = ObjectiveOptions::resolve(&recipe, spec)?;
+    // Before any weight is read: a model that cannot be trained fails at once.
+    let mut objective = make(spec, &options)?;
+    let data = Dataset::load(&recipe.data, Limits { vocab: Some(spec.model.vocab), max_seq_len: f.max_seq_len })?;
+
+    // The weights trained: what inference reads, and the MTP modules when their loss is on.
+    let expected = expected_params(spec).map_err(TrainError::Unsupported)?;
+    let wanted: HashMap<String, Vec<usize>> =
+        expected.into_iter().filter(|(_, e)| e.required || options.mtp).map(|(n, e)| (n, e.shape)).collect();
+
+    let (run_dir, start) = match &args.resume {
+        Some(dir) => {
+            let Some(latest) = checkpoint::latest(dir)? else {
+                return Err(TrainError::invalid(format!("{}: no complete checkpoint to resume from", dir.display())));
+            };
+            if dir != &recipe.out {
+                eprintln!("note: resuming in {} (the recipe's `out` is {})", dir.display(), recipe.out.display());
+            }
+            let loaded = checkpoint::load(&latest)?;
+            checkpoint::check_weights(&loaded.weights, &wanted, &latest)?;
+            eprintln!("resuming {} at step {}", latest.display(), loaded.state.step);
+            (dir.clone(), Start::Resume(Box::new(loaded)))
+        }
+        None => (recipe.out.clone(), Start::Fresh(starting_weights(&recipe, &opened, &wanted)?)),
+    };
+    let run = Run {
+        recipe: &recipe,
+        run_dir,
+        files: opened.files,
+        data,
+        bias_update_speed: if options.bias_update { sft::bias_update_speed(spec) } else { 0.0 },
+        display: Display::Auto,
+        stop_after: None,
+    };
+    let summary = sft::train(run, start, objective.as_mut())?;
+    match (&summary.final_dir, summary.last_loss) {
+        (Some(d), Some(loss)) => eprintln!("trained to step {}: loss {loss:.4}; model in {}", summary.step, d.display()),
+        _ => eprintln!("nothing to do: the run is at step {} of {}", summary.step, f.steps),
+    }
+    Ok(())
+}
+
+/// The model a recipe starts from.
+struct Opened {
+    spec: Spec,
+    /// The source directory (for `model:` recipes).
+    dir: Option<ModelDir>,
+    files: ModelFiles,
+}
+
+fn open_source(recipe: &Recipe) -> Result<Opened, TrainError> {
+    let spec_model = recipe.file.spec_model.clone();
+    match &recipe.source {
+        Source::Model { dir, spec } => {
+            let md = ModelDir::open(dir, &OpenOptions { spec: spec.clone(), spec_model, config: None })
+                .map_err(|e| TrainError::invalid(e.to_string()))?;
+            let config_path = dir.join("config.json");
+            let text = std::fs::read_to_string(&config_path).map_err(|e| TrainError::io(&config_path, e))?;
+            let config = serde_json::from_str(&text).map_err(|e| TrainError::invalid(format!("{}: {e}", config_path.display())))?;
+            let extra = checkpoint::COPIED.iter().filter_map(|n| std::fs::read(dir.join(n)).ok().map(|b| (n.to_string(), b))).collect();
+            let files = ModelFiles::new(&md.spec, config, extra);
+            Ok(Opened { spec: md.spec.clone(), dir: Some(md), files })
+        }
+        Source::Spec { path, .. } => {
+            let spec = dsc_dsl::load(path, spec_model.as_deref()).map_err(|f| TrainError::invalid(f.render()))?;
+            let export = dsc_dsl::export::export_hf_config(&spec.model)
+                .map_err(|e| TrainError::Unsupported(format!("{}: no Hugging Face config for this model: {e}", path.display())))?;
+            let files = ModelFiles::new(&spec, export.config, Vec::new());
+            Ok(Opened { spec, dir: None, files })
+        }
+    }
+}
+
+/// The weights of step 0: the source directory's, or random ones. MTP modules a hub
+/// checkpoint leaves out (transformers drops them) start random when their loss is on.
+fn starting_weights(recipe: &Recipe, opened: &Opened, wanted: &HashMap<String, Vec<usize>>) -> Result<HashMap<String, Tensor>, TrainError> {
+    let seed = match recipe.source {
+        Source::Spec { init_seed, .. } => init_seed,
+        Source::Model { .. } => recipe.file.seed,
+    };
+    let mut out = HashMap::new();
+    let mut fresh = Vec::new();
+    for (name, shape) in wanted {
+        let stored = opened.dir.as_ref().and_then(|d| d.weights.get(name));
+        match stored {
+            Some(t) => {
+                out.insert(name.clone(), t.to_f32());
+            }
+            None => {
+                if opened.dir.is_some() {
+                    fresh.push(name.as_str());
+                }
+                out.insert(name.clone(), init::init_param(name, shape, seed));
+            }
+        }
+    }
+    if !fresh.is_empty() {
+        fresh.sort();
+        eprintln!("note: {} params are not in the model directory and start random: {}", fresh.len(), fresh.join(", "));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::{Batch, StepOutput};
+    use std::path::Path;
+
+    /// Weight decay towards zero as the "loss": ½·0.01·|w|², gradient 0.01·w, for every
+    /// weight but the selection biases; expert loads skewed to expert 0.
+    struct Shrink;
+    impl Objective for Shrink {
+        fn step(&mut self, w: &HashMap<String, Tensor>, batch: &Batch) -> Result<StepOutput, TrainError> {
+            let mut out = StepOutput::default();
+            for (n, t) in w {
+                if n.ends_with("e_score_correction_bias") {
+                    let mut loads = vec![1.0; t.numel()];
+                    loads[0] = batch.tokens as f64;
+                    out.expert_loads.push((n.clone(), loads));
+                    continue;
+                }
+                let v = t.to_f32_vec();
+                out.loss += 0.005 * v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>();
+                out.grads.insert(n.clone(), Tensor::f32(t.shape(), v.iter().map(|x| 0.01 * x).collect()));
+            }
+            out.terms.push(("loss".into(), out.loss));
+            Ok(out)
+        }
+    }
+
+    fn tiny(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../specs/tiny").join(name)
+    }
+
+    fn write_recipe(dir: &Path, body: &str) -> PathBuf {
+        std::fs::write(dir.join("d.jsonl"), "{\"input_ids\": [1, 2, 3, 4]}\n{\"input_ids\": [5, 6, 7], \"loss_mask\": [0, 1, 1]}\n")
+            .unwrap();
+        let p = dir.join("r.yaml");
+        std::fs::write(&p, format!("data: d.jsonl\nout: run\nbatch_size: 2\n{body}")).unwrap();
+        p
+    }
+
+    #[test]
+    fn spec_run_trains_resumes_and_writes_an_openable_model() {
+        let dir = crate::train::checkpoint::tests::scratch("cli");
+        let r = write_recipe(&dir, &format!("spec: {}\ninit: {{seed: 1}}\nsteps: 3\ncheckpoint_every: 2\n", tiny("tiny_v3.dsc").display()));
+        let args = SftArgs { config: r.clone(), resume: None };
+        sft_cmd(&args, &|_, _| Ok(Box::new(Shrink))).unwrap();
+        let out = dir.join("run");
+        let md = ModelDir::open(&out.join("final"), &OpenOptions::default()).unwrap();
+        let start = init::random_weights(&dsc_dsl::load(&tiny("tiny_v3.dsc"), None).unwrap(), 1).unwrap();
+        let emb = "model.embed_tokens.weight";
+        let (a, b) = (start[emb].get_flat(0), md.weights.get(emb).unwrap().get_flat(0));
+        assert!(b.abs() < a.abs() && b * a > 0.0, "shrunk: {a} → {b}");
+        // γ = 0.001 per step against the overloaded expert 0, +γ for the others.
+        let bias = md.weights.get("model.layers.2.mlp.gate.e_score_correction_bias").unwrap().to_f32_vec();
+        assert!((bias[0] + 0.003).abs() < 1e-6 && (bias[1] - 0.003).abs() < 1e-6, "{bias:?}");
+        // The spec with its training-only settings travels with the weights.
+        let spec_text = std::fs::read_to_string(out.join("final/spec.dsc")).unwrap();
+        assert!(spec_text.contains("bias_update_speed = 0.001"), "{spec_text}");
+
+        // Resume from a run cut back to checkpoint-2: the same final weights.
+        std::fs::rename(out.join("final"), dir.join("final-a")).unwrap();
+        let resume = SftArgs { config: r, resume: Some(out.clone()) };
+        sft_cmd(&resume, &|_, _| Ok(Box::new(Shrink))).unwrap();
+        let (a, b) = (checkpoint::load(&dir.join("final-a")).unwrap(), checkpoint::load(&out.join("final")).unwrap());
+        assert_eq!(a.weights, b.weights);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let dir = crate::train::checkpoint::tests::scratch("cli-err");
+        // The reference objective does not exist yet: said before any work is done.
+        let r = write_recipe(&dir, &format!("spec: {}\nsteps: 3\n", tiny("tiny_llama.dsc").display()));
+        let e = train_cmd(&TrainArgs { command: TrainCommand::Sft(SftArgs { config: r, resume: None }) }).unwrap_err();
+        assert!(e.contains("gradients are not available yet"), "{e}");
+        // Data out of the vocabulary (256), a resume without checkpoints, an MTP loss without MTP.
+        std::fs::write(dir.join("d2.jsonl"), "{\"input_ids\": [1, 999]}\n").unwrap();
+        let r = write_recipe(&dir, &format!("spec: {}\nsteps: 3\n", tiny("tiny_llama.dsc").display()));
+        std::fs::write(&r, std::fs::read_to_string(&r).unwrap().replace("d.jsonl", "d2.jsonl")).unwrap();
+        let e = sft_cmd(&SftArgs { config: r.clone(), resume: None }, &|_, _| Ok(Box::new(Shrink))).unwrap_err().to_string();
+        assert!(e.contains("d2.jsonl:1:") && e.contains("vocabulary size 256"), "{e}");
+        let r = write_recipe(&dir, &format!("spec: {}\nsteps: 3\n", tiny("tiny_llama.dsc").display()));
+        let e = sft_cmd(&SftArgs { config: r.clone(), resume: Some(dir.clone()) }, &|_, _| Ok(Box::new(Shrink))).unwrap_err();
+        assert!(e.to_string().contains("no complete checkpoint"), "{e}");
+        let r = write_recipe(&dir, &format!("spec: {}\nsteps: 3\nmtp: true\n", tiny("tiny_llama.dsc").display()));
+        let e = sft_cmd(&SftArgs { config: r, resume: None }, &|_, _| Ok(Box::new(Shrink))).unwrap_err();
+        assert!(e.to_string().contains("has no `mtp` section"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
