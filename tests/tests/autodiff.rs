@@ -82,7 +82,8 @@ struct Case {
     name: &'static str,
     op: Op,
     params: Vec<Ty>,
-    /// Integer arguments, spliced in at their slot.
+    /// Arguments that are not differentiated (indices, conditions, an attention mask),
+    /// spliced in at their slot.
     ints: Vec<(usize, Tensor)>,
 }
 
@@ -98,7 +99,15 @@ fn module_for(case: &Case, rng: &mut Rng) -> (Module, HashMap<String, Tensor>) {
     let mut slots: Vec<Option<Value>> = vec![None; arity];
     let mut weights = HashMap::new();
     for (k, (slot, t)) in case.ints.iter().enumerate() {
-        let dt = if t.as_i32().is_some() { DType::I32 } else { DType::I64 };
+        let dt = if t.as_i32().is_some() {
+            DType::I32
+        } else if t.as_bool().is_some() {
+            DType::Bool
+        } else if t.data().is_float() {
+            DType::F32
+        } else {
+            DType::I64
+        };
         let ty = Ty::new(dt, t.shape().iter().map(|&d| Dim::lit(d as i64)).collect::<Vec<_>>());
         slots[*slot] = Some(g.input(k as u32, &format!("i{k}"), ty, None).into());
     }
@@ -112,8 +121,7 @@ fn module_for(case: &Case, rng: &mut Rng) -> (Module, HashMap<String, Tensor>) {
             // Away from 0 and from ties, so |x| and max are smooth where sampled; positive
             // for the ops defined on positive numbers only (log, sqrt, rsqrt, pow's base).
             let positive = ["log", "sqrt", "rsqrt", "pow"].contains(&case.name);
-            let data: Vec<f64> =
-                (0..n).map(|_| (0.3 + rng.next_f64()) * if positive || rng.below(2) == 0 { 1.0 } else { -1.0 }).collect();
+            let data: Vec<f64> = (0..n).map(|_| (0.3 + rng.next_f64()) * if positive || rng.below(2) == 0 { 1.0 } else { -1.0 }).collect();
             weights.insert(name.clone(), Tensor::f64(&shape, data));
             *s = Some(g.param(&name, ty, None).into());
             p += 1;
@@ -151,8 +159,13 @@ fn check_case(case: &Case, rng: &mut Rng) -> f64 {
     let (plain, weights) = module_for(case, rng);
     let mut diff = plain.clone();
     let mut cx = PassCx::new(Mode::Train);
-    passes::run_pipeline(&mut diff, &[passes::find_pass("verify").unwrap(), passes::find_pass("autodiff").unwrap()], &PassSelection::default(), &mut cx)
-        .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+    passes::run_pipeline(
+        &mut diff,
+        &[passes::find_pass("verify").unwrap(), passes::find_pass("autodiff").unwrap()],
+        &PassSelection::default(),
+        &mut cx,
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", case.name));
     let grads = diff.gradients.clone().unwrap();
     let ints: Vec<Tensor> = case.ints.iter().map(|(_, t)| t.clone()).collect();
     let opts = Options { precision: Precision::F64, ..Options::default() };
@@ -224,7 +237,7 @@ fn cases(rng: &mut Rng) -> Vec<Case> {
     v.push(c("broadcast", Op::Broadcast { shape: vec![Dim::lit(2), Dim::lit(3), Dim::lit(4)].into() }, vec![f(&[3, 1])]));
     v.push(c("slice", Op::Slice { axis: 1, start: Dim::lit(1), len: Dim::lit(2) }, vec![f(&[3, 4])]));
     v.push(c("concat", Op::Concat { axis: 1 }, vec![f(&[3, 2]), f(&[3, 3])]));
-    v.push(c("cast", Op::Cast { to: DType::BF16 }, vec![f(&[3, 4])]));
+    v.push(c("cast", Op::Cast { to: DType::Bf16 }, vec![f(&[3, 4])]));
     v.push(c("rms_norm", Op::RmsNorm { eps: 1e-6.into() }, vec![f(&[2, 3, 6]), f(&[6])]));
     let pos = Tensor::i64(&[2, 3], vec![0, 1, 2, 5, 6, 7]);
     let yarn = dsc_compiler::ir::Yarn {
@@ -248,11 +261,14 @@ fn cases(rng: &mut Rng) -> Vec<Case> {
         ("attention_decode_masked", 2, 1, 4, 4, 2, 5, true),
     ] {
         let op = Op::Attention { heads, kv_heads: kv, scale: 0.4.into(), causal: true, masked, lse: false };
-        let mut params = vec![f(&[2, sq, heads as i64, dk]), f(&[2, sk, kv as i64, dk]), f(&[2, sk, kv as i64, dv])];
-        if masked {
-            params.push(f(&[2, sq, sk]));
-        }
-        v.push(Case { name, op, params, ints: vec![] });
+        let params = vec![f(&[2, sq, heads as i64, dk]), f(&[2, sk, kv as i64, dk]), f(&[2, sk, kv as i64, dv])];
+        // The additive mask is an argument (padding), -inf where a key is hidden.
+        let mask = masked.then(|| {
+            let n = (2 * sq * sk) as usize;
+            let m: Vec<f64> = (0..n).map(|i| if i % 7 == 3 { f64::NEG_INFINITY } else { 0.1 * (i % 5) as f64 }).collect();
+            (3, Tensor::f64(&[2, sq as usize, sk as usize], m))
+        });
+        v.push(Case { name, op, params, ints: mask.into_iter().collect() });
     }
     for (name, r) in [
         ("moe_route_softmax", routing(Scoring::Softmax, 1, false)),
@@ -263,7 +279,10 @@ fn cases(rng: &mut Rng) -> Vec<Case> {
     }
     let eidx = Tensor::i32(&[2, 3, 2], (0..12).map(|_| rng.below(4) as i32).collect::<Vec<_>>());
     // Distinct experts per token (as a router gives).
-    let eidx = Tensor::i32(&[2, 3, 2], eidx.as_i32().unwrap().chunks(2).flat_map(|p| if p[0] == p[1] { [p[0], (p[0] + 1) % 4] } else { [p[0], p[1]] }).collect());
+    let eidx = Tensor::i32(
+        &[2, 3, 2],
+        eidx.as_i32().unwrap().chunks(2).flat_map(|p| if p[0] == p[1] { [p[0], (p[0] + 1) % 4] } else { [p[0], p[1]] }).collect(),
+    );
     v.push(Case {
         name: "expert_ffn",
         op: Op::ExpertFfn,
@@ -272,7 +291,12 @@ fn cases(rng: &mut Rng) -> Vec<Case> {
     });
     v.push(c("swiglu", Op::SwiGlu, vec![f(&[2, 3, 5]), f(&[4, 5]), f(&[4, 5]), f(&[5, 4])]));
     let labels = Tensor::i64(&[2, 3], vec![1, -100, 4, 0, 2, 3]);
-    v.push(Case { name: "cross_entropy", op: Op::CrossEntropy { ignore_index: Some(-100) }, params: vec![f(&[2, 3, 5])], ints: vec![(1, labels)] });
+    v.push(Case {
+        name: "cross_entropy",
+        op: Op::CrossEntropy { ignore_index: Some(-100) },
+        params: vec![f(&[2, 3, 5])],
+        ints: vec![(1, labels)],
+    });
     v
 }
 
@@ -370,11 +394,14 @@ fn mtp_stop_gradient_keeps_the_trunk_out() {
     let [ids, pos, labels] = batch(s.model.vocab, &mut rng);
     let mtp_only = Terms { main: 0.0, mtp: 1.0, aux: 0.0 };
     let run_with = |stop| {
-        let tm = TrainModel::compile(&s, TrainOptions { recompute: Recompute::None, mtp_stop_gradient: stop }, &PassSelection::default()).unwrap();
+        let tm = TrainModel::compile(&s, TrainOptions { recompute: Recompute::None, mtp_stop_gradient: stop }, &PassSelection::default())
+            .unwrap();
         tm.run(&weights, [&ids, &pos, &labels], mtp_only, Precision::F64).unwrap()
     };
     let (cut, full) = (run_with(true), run_with(false));
-    let norm = |o: &dsc_runtime::train::model::GradOutput, k: &str| o.grads.get(k).map_or(0.0, |g| g.to_f64_vec().iter().map(|x| x * x).sum::<f64>());
+    let norm = |o: &dsc_runtime::train::model::GradOutput, k: &str| {
+        o.grads.get(k).map_or(0.0, |g| g.to_f64_vec().iter().map(|x| x * x).sum::<f64>())
+    };
     // The trunk's layer 0 gets MTP gradient only through the hidden state.
     let trunk = "model.layers.0.self_attn.q_a_proj.weight";
     assert!(norm(&full, trunk) > 0.0);
@@ -397,7 +424,7 @@ model odd_gqa {
   tie_embeddings = true
   attention gqa { heads = 5, kv_heads = 5, head_dim = 8 }
   rope { theta = 500000, layout = half_split }
-  ffn dense { intermediate = 37 }
+  ffn dense { layers = 0.., intermediate = 37 }
   mtp { depth = 2, loss_weight = 0.3, concat = [hidden, embedding], ffn = dense }
 }
 "#;

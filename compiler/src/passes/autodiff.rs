@@ -54,8 +54,7 @@
 
 use super::{Changed, Pass, PassCx, PassError, Phase};
 use crate::ir::{
-    param_path, BinaryOp, DType, Dim, Function, Gradients, Graph, Mode, Module, NodeId, Op, ReduceOp, Signature, Ty, UnaryOp,
-    Value,
+    param_path, BinaryOp, DType, Dim, Function, Gradients, Graph, Mode, Module, NodeId, Op, ReduceOp, Signature, Ty, UnaryOp, Value,
 };
 use dsc_dsl::span::Span;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -149,7 +148,8 @@ struct Backward {
 }
 
 fn differentiate(m: &mut Module, entry: &str, opts: TrainOptions) -> Result<String, PassError> {
-    let fail = |f: &str, msg: String| PassError { problems: vec![super::Problem { function: f.into(), node: None, span: None, message: msg }] };
+    let fail =
+        |f: &str, msg: String| PassError { problems: vec![super::Problem { function: f.into(), node: None, span: None, message: msg }] };
     let ef = m.function(entry).ok_or_else(|| PassError::new(format!("no entry function `{entry}`")))?;
     // Callees in order of first call.
     let mut callees: Vec<String> = Vec::new();
@@ -481,7 +481,10 @@ impl<'a> Sweep<'a> {
     /// Whether the backward recomputes node `n` rather than keeping its results.
     fn recomputed(&self, policy: Recompute, n: NodeId) -> bool {
         let op = &self.src.node(n).op;
-        if matches!(op, Op::Reshape { .. } | Op::Permute { .. } | Op::Broadcast { .. } | Op::Slice { .. } | Op::Concat { .. } | Op::Cast { .. }) {
+        if matches!(
+            op,
+            Op::Reshape { .. } | Op::Permute { .. } | Op::Broadcast { .. } | Op::Slice { .. } | Op::Concat { .. } | Op::Cast { .. }
+        ) {
             return true;
         }
         let norm = matches!(op, Op::RmsNorm { .. });
@@ -1127,8 +1130,8 @@ mod tests {
             let saved = fwd.outputs.len() - 1;
             match policy {
                 // x is an argument; the normalised h is kept unless norms are recomputed
-                Recompute::None | Recompute::Mla => assert_eq!(saved, 1),
-                Recompute::Norms | Recompute::Layer => assert_eq!(saved, 0),
+                Recompute::None => assert_eq!(saved, 1),
+                Recompute::Norms | Recompute::Mla | Recompute::Layer => assert_eq!(saved, 0),
             }
             let entry = m.entry(Mode::Train).unwrap().graph.signature();
             assert_eq!(entry.inputs.len(), 3, "ids, labels, d.0");

@@ -91,7 +91,9 @@ pub fn grad_cmd(args: &GradArgs) -> Result<(), String> {
     let views = bytes
         .iter()
         .map(|(k, b, shape)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b).map(|v| (k.as_str(), v)).map_err(|e| e.to_string())
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                .map(|v| (k.as_str(), v))
+                .map_err(|e| e.to_string())
         })
         .collect::<Result<Vec<_>, _>>()?;
     let file = safetensors::tensor::serialize(views, None).map_err(|e| format!("cannot serialise the gradients: {e}"))?;
@@ -99,4 +101,3 @@ pub fn grad_cmd(args: &GradArgs) -> Result<(), String> {
     eprintln!("loss {:.6} ({} tensors) → {}", out.objective, bytes.len(), args.out.display());
     Ok(())
 }
-

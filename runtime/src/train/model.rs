@@ -74,20 +74,17 @@ impl TrainModel {
         }
         let expected = 3 + moe_layers.len();
         if gradients.results != expected {
-            return Err(format!("the train entry returns {} results, expected {expected} (3 losses and one load per MoE layer)", gradients.results));
+            return Err(format!(
+                "the train entry returns {} results, expected {expected} (3 losses and one load per MoE layer)",
+                gradients.results
+            ));
         }
         Ok(TrainModel { module, gradients, moe_layers })
     }
 
     /// Runs the differentiated entry on one batch: `input_ids`, `positions`, `labels`
     /// (`i64 [b, s]`, labels unshifted with −100 for positions without a target).
-    pub fn run(
-        &self,
-        weights: &dyn Weights,
-        batch: [&Tensor; 3],
-        terms: Terms,
-        precision: Precision,
-    ) -> Result<GradOutput, ExecError> {
+    pub fn run(&self, weights: &dyn Weights, batch: [&Tensor; 3], terms: Terms, precision: Precision) -> Result<GradOutput, ExecError> {
         let mut args: Vec<Tensor> = batch.iter().map(|t| (*t).clone()).collect();
         let weight_of = [terms.main, terms.mtp, terms.aux];
         for &i in &self.gradients.seeds {

@@ -1,11 +1,16 @@
-//! The bridge from a spec to an [`Objective`]: the reference backend's loss and gradients.
-//!
-//! Gradients come from the autodiff pass, which is being built; until it lands,
-//! [`reference_objective`] says so instead of training on something else.
+//! The bridge from a spec to an [`Objective`]: the reference backend's loss and
+//! gradients, from the spec's train entry differentiated by the autodiff pass
+//! ([`super::model::TrainModel`]).
 
+use super::model::{Terms, TrainModel};
 use super::recipe::Recipe;
-use super::{Objective, TrainError};
+use super::{Batch, Objective, StepOutput, TrainError};
+use crate::reference::{Precision, Tensor};
+use dsc_compiler::passes::autodiff::{Recompute, TrainOptions};
+use dsc_compiler::passes::PassSelection;
+use dsc_dsl::model::Ffn;
 use dsc_dsl::Spec;
+use std::collections::HashMap;
 
 /// What the recipe asks of the objective, defaults resolved against the spec.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,6 +54,44 @@ impl ObjectiveOptions {
 
 /// The loss and gradients of `spec`'s training entry on the reference interpreter.
 pub fn reference_objective(spec: &Spec, options: &ObjectiveOptions) -> Result<Box<dyn Objective>, TrainError> {
-    let _ = (spec, options);
-    Err(TrainError::Unsupported("gradients are not available yet (autodiff pass pending)".to_string()))
+    let recompute = match options.recompute {
+        super::recipe::Recompute::None => Recompute::None,
+        super::recipe::Recompute::Norms => Recompute::Norms,
+        super::recipe::Recompute::Mla => Recompute::Mla,
+        super::recipe::Recompute::Layer => Recompute::Layer,
+    };
+    let train = TrainOptions { recompute, mtp_stop_gradient: options.mtp_stop_gradient };
+    let model = TrainModel::compile(spec, train, &PassSelection::default()).map_err(TrainError::Unsupported)?;
+    let terms = Terms { main: 1.0, mtp: if options.mtp { 1.0 } else { 0.0 }, aux: if options.aux_loss { 1.0 } else { 0.0 } };
+    let biased = spec.model.ffn.iter().any(|b| matches!(&b.kind, Ffn::Moe(m) if m.router.selection_bias));
+    Ok(Box::new(Reference { model, terms, options: options.clone(), biased }))
+}
+
+/// [`reference_objective`]'s objective.
+struct Reference {
+    model: TrainModel,
+    terms: Terms,
+    options: ObjectiveOptions,
+    /// The MoE layers carry a selection bias the loop may update.
+    biased: bool,
+}
+
+impl Objective for Reference {
+    fn step(&mut self, weights: &HashMap<String, Tensor>, batch: &Batch) -> Result<StepOutput, TrainError> {
+        let args = [&batch.input_ids, &batch.positions, &batch.labels];
+        let out = self.model.run(weights, args, self.terms, Precision::F32).map_err(|e| TrainError::Invalid(e.to_string()))?;
+        let mut terms = vec![("loss".to_string(), out.loss)];
+        if self.options.mtp {
+            terms.push(("mtp_loss".into(), out.mtp_loss));
+        }
+        if self.options.aux_loss && out.aux_loss != 0.0 {
+            terms.push(("aux_loss".into(), out.aux_loss));
+        }
+        let expert_loads = if self.biased {
+            out.loads.into_iter().map(|(l, load)| (format!("model.layers.{l}.mlp.gate.e_score_correction_bias"), load)).collect()
+        } else {
+            Vec::new()
+        };
+        Ok(StepOutput { loss: out.objective, terms, grads: out.grads, expert_loads })
+    }
 }
