@@ -4,7 +4,8 @@
 //! mode, bind random non-zero weights and random inputs, run the module before and after
 //! each pass alone (`simplify`, `cse`, `dce`, `decompose`, each fusion pass, each fusion
 //! pass after `decompose`) and after the full default pipeline (with and without
-//! `+decompose`), and compare every output: in `f32` within `1e-4 + 1e-4·|ref|`, in `f64`
+//! `+decompose`), and compare every output (in train mode, of the module autodiff made:
+//! the losses and every gradient, for random cotangents): in `f32` within `1e-4 + 1e-4·|ref|`, in `f64`
 //! within `1e-9 + 1e-9·|ref|`.
 //!
 //! Alongside the numbers, each pass's facts are asserted directly (no snapshots to
@@ -174,7 +175,12 @@ fn check_spec(label: &str, spec: &dsc_dsl::Spec) {
     let mut table: BTreeMap<(&str, Mode), (f64, f64)> = BTreeMap::new();
     for mode in Mode::ALL {
         let what = format!("{label} {mode}");
-        let lowered = lower_mode(spec, mode).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let mut lowered = lower_mode(spec, mode).unwrap_or_else(|e| panic!("{what}: {e}"));
+        if mode == Mode::Train {
+            // The passes after autodiff see the differentiated module: compare on it, so
+            // every gradient (and the random cotangents' sum) is checked as well.
+            apply(&mut lowered, mode, &["autodiff"]);
+        }
         let mut rng = Rng(0x5eed ^ (mode as u64) << 8 ^ label.len() as u64);
         let w = weights(&lowered, mode, &mut rng);
         let args = inputs(&lowered, mode, vocab, &mut rng);

@@ -63,7 +63,7 @@ fn disabling_optional_passes_still_verifies() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../specs/tiny/tiny_v3.dsc");
     let spec = dsc_dsl::load(&path, None).unwrap_or_else(|f| panic!("{}", f.render()));
     let fusion = "-fuse_swiglu,-fuse_rope,-fuse_attention,-fuse_elementwise";
-    let sel = PassSelection::parse(&format!("-simplify,-mla_absorb,-mtp_strip,-cse,-dce,{fusion},-memory_plan")).unwrap();
+    let sel = PassSelection::parse(&format!("-simplify,-mla_absorb,-mtp_strip,-autodiff,-cse,-dce,{fusion},-memory_plan")).unwrap();
     for mode in Mode::ALL {
         let mut m = lower_mode(&spec, mode).unwrap();
         let mut cx = PassCx::new(mode);

@@ -29,6 +29,7 @@ const COVERED: &[&str] = &[
     "simplify",
     "mla_absorb",
     "mtp_strip",
+    "autodiff",
     "cse",
     "dce",
     "decompose",
@@ -385,6 +386,38 @@ fn cse_merges_a_duplicated_projection() {
     let ins = g.inputs(s);
     assert_eq!(ins[0], ins[1]);
     snapshot("cse", "duplicated_projection", before_after(&before, &print_module(&m, None), &[]));
+}
+
+/// The one-layer MLA model's train entry: the layer gets a backward function, the
+/// forward returns what that backward reads, and the entry takes a cotangent per loss
+/// term and returns every param's gradient. With `recompute = layer` the forward keeps
+/// nothing but its arguments.
+#[test]
+fn autodiff_adds_a_backward_per_layer() {
+    let mut cx = PassCx::new(Mode::Train);
+    let mut m = lowered(MLA, Mode::Train, &["verify", "shape_infer"], &mut cx);
+    let before = print_module(&m, None);
+    run(&mut m, &["autodiff"], &mut cx).unwrap();
+    let grads = m.gradients.clone().expect("differentiated");
+    // loss, mtp_loss (0: no MTP), aux_loss (0: no MoE) → one cotangent, for the loss.
+    assert_eq!((grads.results, grads.seeds.clone()), (3, vec![0]));
+    let layer_params = m.function("train.layer.dense").unwrap().graph.nodes().into_iter();
+    let n_params = layer_params.filter(|&k| matches!(m.function("train.layer.dense").unwrap().graph.node(k).op, Op::Param { .. })).count();
+    // Every layer param, the embedding, the final norm and the head.
+    assert_eq!(grads.params.len(), n_params + 3);
+    let bwd = m.function("train.layer.dense.bwd").expect("a backward function");
+    assert_eq!(count(&m, |op| matches!(op, Op::AttentionGrad { .. })), 1);
+    assert_eq!(count(&m, |op| matches!(op, Op::Attention { lse: true, .. })), 1);
+    let saved_all = m.signature("train.layer.dense").unwrap().outputs.len() - 1;
+    assert!(saved_all > 5, "the forward returns its residuals");
+    assert!(bwd.graph.len() > m.function("train.layer.dense").unwrap().graph.len() / 2);
+    snapshot("autodiff", "mla_layer", before_after(&before, &print_module(&m, None), &[]));
+
+    let mut cx = PassCx::new(Mode::Train);
+    cx.train.recompute = dsc_compiler::passes::autodiff::Recompute::Layer;
+    let mut m = lowered(MLA, Mode::Train, &["verify", "shape_infer", "autodiff"], &mut cx);
+    assert_eq!(m.signature("train.layer.dense").unwrap().outputs.len(), 1, "recompute = layer keeps nothing");
+    let _ = &mut m;
 }
 
 /// A dead node in the entry and a function nothing calls.

@@ -127,9 +127,10 @@ fn deepseek_v3_stays_small() {
     let total: usize = m.functions.iter().map(|f| f.graph.len()).sum();
     assert!(total < 1500, "{total} nodes");
     for f in &m.functions {
-        // A layer body is a few dozen nodes whatever the expert count.
+        // A layer body is a few dozen nodes whatever the expert count (in training a MoE
+        // body also computes its balance losses and expert loads: two dozen more).
         if f.name.contains(".layer.") || f.name.contains(".mtp.") {
-            assert!(f.graph.len() < 80, "{}: {} nodes", f.name, f.graph.len());
+            assert!(f.graph.len() < 100, "{}: {} nodes", f.name, f.graph.len());
         }
         let experts = count(f, "expert_ffn");
         let want = usize::from(f.name.ends_with(".moe") || f.name.starts_with("train.mtp."));
@@ -193,7 +194,10 @@ fn mla_cache_is_latent_and_rope_key() {
 
     let train = m.entry(Mode::Train).unwrap().graph.signature();
     assert_eq!(train.inputs.len(), 3);
-    assert_eq!(train.outputs, vec![Ty::scalar(DType::F32)]);
+    // loss, mtp_loss, aux_loss, then the expert loads of the 58 MoE layers and the MTP module.
+    let mut want = vec![Ty::scalar(DType::F32); 3];
+    want.extend(std::iter::repeat_n(Ty::new(DType::F32, [n(256)]), 58 + 1));
+    assert_eq!(train.outputs, want);
 
     // Decode appends one position to each cache tensor; prefill and train never append.
     assert_eq!(count(m.function("decode.layer.moe").unwrap(), "cache_append"), 2);

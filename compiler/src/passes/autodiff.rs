@@ -115,7 +115,8 @@ impl Pass for Autodiff {
     fn run(&self, m: &mut Module, cx: &mut PassCx) -> Result<Changed, PassError> {
         let Some(entry) = m.entries.get(&Mode::Train).cloned() else { return Ok(Changed::No) };
         if m.gradients.is_some() {
-            return Err(PassError::new("the train entry is already differentiated"));
+            // Already differentiated (a pipeline run twice): nothing to add.
+            return Ok(Changed::No);
         }
         let summary = differentiate(m, &entry, cx.train)?;
         cx.report(self.name(), summary);
@@ -1140,10 +1141,12 @@ mod tests {
     }
 
     #[test]
-    fn a_second_run_is_refused() {
+    fn a_second_run_changes_nothing() {
         let mut m = tiny_module();
         let mut cx = PassCx::new(Mode::Train);
-        Autodiff.run(&mut m, &mut cx).unwrap();
-        assert!(Autodiff.run(&mut m, &mut cx).is_err());
+        assert_eq!(Autodiff.run(&mut m, &mut cx).unwrap(), Changed::Yes);
+        let n = m.functions.len();
+        assert_eq!(Autodiff.run(&mut m, &mut cx).unwrap(), Changed::No);
+        assert_eq!(m.functions.len(), n);
     }
 }

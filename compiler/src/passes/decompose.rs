@@ -21,6 +21,9 @@
 //!   a backend would want; dispatch / grouped GEMM / combine is the kernel library's.
 //! - `cache_append`: its value is a `concat`, but the op exists to say "write into the
 //!   cache's buffer"; expanding it would lose exactly that.
+//! - attention with its log-sum-exp output (training): `attention_grad` reads that
+//!   statistic, which the point of the flash-style backward is never to rebuild from the
+//!   probabilities; the decomposed form would have to materialise them.
 //!
 //! [`KEPT`] lists them, and the equivalence tests check that nothing else survives.
 //!
@@ -48,11 +51,11 @@ pub struct Decompose;
 
 /// Composites the pass leaves whole (see the module doc for why).
 pub fn kept(op: &Op) -> bool {
-    matches!(op, Op::ExpertFfn | Op::CacheAppend { .. })
+    matches!(op, Op::ExpertFfn | Op::CacheAppend { .. } | Op::Attention { lse: true, .. })
 }
 
 /// The names of [`kept`]'s ops, for messages and docs.
-pub const KEPT: &[&str] = &["expert_ffn", "cache_append"];
+pub const KEPT: &[&str] = &["expert_ffn", "cache_append", "attention (with lse)"];
 
 impl Pass for Decompose {
     fn name(&self) -> &'static str {

@@ -314,7 +314,7 @@ mod tests {
         let e = PassSelection::parse("-fuse").unwrap_err();
         assert_eq!(
             e.to_string(),
-            "unknown pass `fuse`; the passes are: verify, shape_infer, simplify, mla_absorb, mtp_strip, cse, dce, decompose, \
+            "unknown pass `fuse`; the passes are: verify, shape_infer, simplify, mla_absorb, mtp_strip, autodiff, cse, dce, decompose, \
              fuse_swiglu, fuse_rope, fuse_attention, fuse_elementwise, memory_plan"
         );
         let e = DumpConfig::parse(Some("cse,nope"), None).unwrap_err();
