@@ -116,6 +116,8 @@ pub struct Plan {
     pub entry: FunctionPlan,
     /// Plans of the functions the entry calls, callees before callers.
     pub callees: Vec<FunctionPlan>,
+    /// The entry's results (a train entry's gradients) are the caller's buffers.
+    pub gradients_external: bool,
 }
 
 impl Plan {
@@ -155,6 +157,9 @@ impl Plan {
             e.unshared_bytes
         );
         let _ = writeln!(s, "  weights {} bytes, arguments {} bytes", self.weight_bytes(), e.argument_bytes);
+        if self.gradients_external {
+            let _ = writeln!(s, "  gradients: the entry's results, one per trained weight, in the caller's buffers (not counted above)");
+        }
         for f in &self.callees {
             let _ = writeln!(
                 s,
@@ -174,9 +179,13 @@ impl Plan {
 pub fn plan(m: &Module, mode: Mode, sizes: &Bindings) -> Result<Plan, PassError> {
     let entry = m.entry(mode).ok_or_else(|| PassError::new(format!("the module has no {mode} entry point")))?;
     let mut planner = Planner { m, sizes, done: HashMap::new(), order: Vec::new(), active: HashSet::new() };
-    let entry = planner.plan_function(&entry.name, false)?;
+    // A differentiated train entry returns a gradient per weight: buffers the optimizer
+    // owns (as big as the weights), planned as the caller's so that the activations and
+    // the residuals the backward keeps show on their own.
+    let gradients_external = mode == Mode::Train && m.gradients.is_some();
+    let entry = planner.plan_function(&entry.name, gradients_external)?;
     let callees = planner.order.iter().map(|n| planner.done[n].clone()).collect();
-    Ok(Plan { mode, sizes: *sizes, entry, callees })
+    Ok(Plan { mode, sizes: *sizes, entry, callees, gradients_external })
 }
 
 /// The bytes of a value of type `t` at `sizes` (a dim that evaluates negative counts 0).
