@@ -142,3 +142,39 @@ fn five_sft_steps_match_pytorch() {
         }
     }
 }
+
+/// `dsc grad` writes every checkpoint tensor's gradient under its hub name (per-expert
+/// layout, zeros for the selection bias) and `loss`: transformers' `grads.safetensors`.
+#[test]
+fn dsc_grad_writes_the_checkpoints_gradients() {
+    use dsc_compiler::passes::autodiff::Recompute;
+    use dsc_runtime::cli::grad::{grad_cmd, GradArgs};
+    let case = "deepseek_v3";
+    let out = std::env::temp_dir().join(format!("dsc-grad-{}.safetensors", std::process::id()));
+    let args = GradArgs {
+        model: dir(case),
+        spec: None,
+        input: dir(case).join("input_ids.json"),
+        out: out.clone(),
+        backend: "reference".into(),
+        mtp: false,
+        aux: false,
+        recompute: Recompute::Mla,
+    };
+    grad_cmd(&args).unwrap();
+    let got = load_safetensors(&std::fs::read(&out).unwrap()).unwrap();
+    let want = load_safetensors(&std::fs::read(dir(case).join("grads.safetensors")).unwrap()).unwrap();
+    let mut names: Vec<&String> = got.keys().collect();
+    names.sort();
+    let mut want_names: Vec<&String> = want.keys().collect();
+    want_names.sort();
+    assert_eq!(names, want_names, "the same tensors as transformers' gradients");
+    for (name, w) in &want {
+        let e = rel_frobenius(&got[name], w);
+        assert!(e <= 1e-3 || (name == "loss" && (got[name].get_flat(0) - w.get_flat(0)).abs() < 1e-5), "{name}: {e:.2e}");
+    }
+    // A wrong backend is a usage error, not a silent reference run.
+    let e = grad_cmd(&GradArgs { backend: "wgpu".into(), ..args }).unwrap_err();
+    assert!(e.contains("reference backend only"), "{e}");
+    let _ = std::fs::remove_file(&out);
+}

@@ -6,7 +6,7 @@ use super::model::{Terms, TrainModel};
 use super::recipe::Recipe;
 use super::{Batch, Objective, StepOutput, TrainError};
 use crate::reference::{Precision, Tensor};
-use dsc_compiler::passes::autodiff::{Recompute, TrainOptions};
+use dsc_compiler::passes::autodiff::TrainOptions;
 use dsc_compiler::passes::PassSelection;
 use dsc_dsl::model::Ffn;
 use dsc_dsl::Spec;
@@ -54,13 +54,7 @@ impl ObjectiveOptions {
 
 /// The loss and gradients of `spec`'s training entry on the reference interpreter.
 pub fn reference_objective(spec: &Spec, options: &ObjectiveOptions) -> Result<Box<dyn Objective>, TrainError> {
-    let recompute = match options.recompute {
-        super::recipe::Recompute::None => Recompute::None,
-        super::recipe::Recompute::Norms => Recompute::Norms,
-        super::recipe::Recompute::Mla => Recompute::Mla,
-        super::recipe::Recompute::Layer => Recompute::Layer,
-    };
-    let train = TrainOptions { recompute, mtp_stop_gradient: options.mtp_stop_gradient };
+    let train = TrainOptions { recompute: options.recompute, mtp_stop_gradient: options.mtp_stop_gradient };
     let model = TrainModel::compile(spec, train, &PassSelection::default()).map_err(TrainError::Unsupported)?;
     let terms = Terms { main: 1.0, mtp: if options.mtp { 1.0 } else { 0.0 }, aux: if options.aux_loss { 1.0 } else { 0.0 } };
     let biased = spec.model.ffn.iter().any(|b| matches!(&b.kind, Ffn::Moe(m) if m.router.selection_bias));

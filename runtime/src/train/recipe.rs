@@ -17,6 +17,7 @@
 
 use super::optim::{AdamW, Schedule};
 use super::TrainError;
+pub use dsc_compiler::passes::autodiff::Recompute;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -86,7 +87,7 @@ pub struct RecipeFile {
     pub bias_update: Option<bool>,
     /// What the backward pass recomputes instead of keeping: `none`, `norms`, `mla` or
     /// `layer`; default `none`.
-    #[serde(default)]
+    #[serde(default, with = "recompute_name")]
     pub recompute: Recompute,
     /// The longest sequence allowed; a longer one is an error naming its data line.
     #[serde(default)]
@@ -158,15 +159,21 @@ pub enum ScheduleKind {
     Multistep,
 }
 
-/// What the backward pass recomputes rather than stores.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Recompute {
-    #[default]
-    None,
-    Norms,
-    Mla,
-    Layer,
+/// `recompute:` in YAML: the compiler's [`Recompute`] by its name (`none`, `norms`, `mla`,
+/// `layer`).
+mod recompute_name {
+    use super::Recompute;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(r: &Recompute, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(r.name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Recompute, D::Error> {
+        let name = String::deserialize(d)?;
+        Recompute::parse(&name)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown recompute policy `{name}`; expected none, norms, mla or layer")))
+    }
 }
 
 fn yes() -> bool {
