@@ -159,20 +159,32 @@ pub enum ScheduleKind {
     Multistep,
 }
 
-/// `recompute:` in YAML: the compiler's [`Recompute`] by its name (`none`, `norms`, `mla`,
-/// `layer`).
+/// `recompute:` in YAML: the compiler's [`Recompute`] by its name. The names go through
+/// a derived enum so that serde_yaml places a bad one on its line.
 mod recompute_name {
     use super::Recompute;
-    use serde::{Deserialize, Deserializer, Serializer};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Deserialize, Serialize)]
+    #[serde(rename_all = "lowercase")]
+    enum Name {
+        None,
+        Norms,
+        Mla,
+        Layer,
+    }
 
     pub fn serialize<S: Serializer>(r: &Recompute, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(r.name())
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Recompute, D::Error> {
-        let name = String::deserialize(d)?;
-        Recompute::parse(&name)
-            .ok_or_else(|| serde::de::Error::custom(format!("unknown recompute policy `{name}`; expected none, norms, mla or layer")))
+        Ok(match Name::deserialize(d)? {
+            Name::None => Recompute::None,
+            Name::Norms => Recompute::Norms,
+            Name::Mla => Recompute::Mla,
+            Name::Layer => Recompute::Layer,
+        })
     }
 }
 
