@@ -177,7 +177,7 @@ pub fn train(run: Run, start: Start, objective: &mut dyn Objective) -> Result<Su
 }
 
 /// `b_i += γ·sign(mean − load_i)`: DeepSeek-V3 §2.1.2, once per step.
-fn update_bias(weights: &mut HashMap<String, Tensor>, name: &str, loads: &[f64], gamma: f64) -> Result<(), TrainError> {
+pub fn update_bias(weights: &mut HashMap<String, Tensor>, name: &str, loads: &[f64], gamma: f64) -> Result<(), TrainError> {
     let Some(b) = weights.get_mut(name) else {
         return Err(TrainError::invalid(format!("the objective reported expert loads for `{name}`, which is not a weight")));
     };
