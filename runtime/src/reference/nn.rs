@@ -200,6 +200,49 @@ pub fn attention_lse<T: Real>(
     Ok((out, lse.expect("asked for")))
 }
 
+/// Attention's operands, checked: the sizes and the float data of q, k, v and the mask.
+pub(crate) struct AttentionArgs<'a, T> {
+    pub b: usize,
+    pub sq: usize,
+    pub sk: usize,
+    pub dk: usize,
+    pub dv: usize,
+    pub q: &'a [T],
+    pub k: &'a [T],
+    pub v: &'a [T],
+    pub mask: Option<&'a [T]>,
+}
+
+/// Checks q `[b, sq, heads, dk]`, k `[b, sk, kv_heads, dk]`, v `[b, sk, kv_heads, dv]` and
+/// the mask `[b, sq, sk]` for attention and its backward (`what` names the op in errors).
+pub(crate) fn attention_args<'a, T: Real>(
+    what: &str,
+    q: &'a Tensor,
+    k: &'a Tensor,
+    v: &'a Tensor,
+    mask: Option<&'a Tensor>,
+    spec: AttentionSpec,
+) -> Result<AttentionArgs<'a, T>, KErr> {
+    let (qs, ks, vs) = (q.shape(), k.shape(), v.shape());
+    let AttentionSpec { heads, kv_heads, .. } = spec;
+    if qs.len() != 4 || ks.len() != 4 || vs.len() != 4 {
+        return Err(KErr::shape(format!("{what} needs rank-4 q, k, v, got {qs:?}, {ks:?}, {vs:?}")));
+    }
+    let (b, sq, dk) = (qs[0], qs[1], qs[3]);
+    let (sk, dv) = (ks[1], vs[3]);
+    if kv_heads == 0 || heads % kv_heads != 0 || qs[2] != heads || ks != [b, sk, kv_heads, dk] || vs[..3] != [b, sk, kv_heads] {
+        return Err(KErr::shape(format!("{what} with {heads} heads / {kv_heads} kv heads of q {qs:?}, k {ks:?}, v {vs:?}")));
+    }
+    let mask = match mask {
+        Some(m) if m.shape() != [b, sq, sk] => {
+            return Err(KErr::shape(format!("mask {:?} must be [{b}, {sq}, {sk}]", m.shape())));
+        }
+        Some(m) => Some(floats::<T>(m, "mask")?),
+        None => None,
+    };
+    Ok(AttentionArgs { b, sq, sk, dk, dv, q: floats::<T>(q, "q")?, k: floats::<T>(k, "k")?, v: floats::<T>(v, "v")?, mask })
+}
+
 fn attention_impl<T: Real>(
     q: &Tensor,
     k: &Tensor,
@@ -208,24 +251,8 @@ fn attention_impl<T: Real>(
     spec: AttentionSpec,
     want_lse: bool,
 ) -> Result<(Tensor, Option<Tensor>), KErr> {
-    let (qs, ks, vs) = (q.shape(), k.shape(), v.shape());
     let AttentionSpec { heads, kv_heads, .. } = spec;
-    if qs.len() != 4 || ks.len() != 4 || vs.len() != 4 {
-        return Err(KErr::shape(format!("attention needs rank-4 q, k, v, got {qs:?}, {ks:?}, {vs:?}")));
-    }
-    let (b, sq, dk) = (qs[0], qs[1], qs[3]);
-    let (sk, dv) = (ks[1], vs[3]);
-    if kv_heads == 0 || heads % kv_heads != 0 || qs[2] != heads || ks != [b, sk, kv_heads, dk] || vs[..3] != [b, sk, kv_heads] {
-        return Err(KErr::shape(format!("attention with {heads} heads / {kv_heads} kv heads of q {qs:?}, k {ks:?}, v {vs:?}")));
-    }
-    let (qd, kd, vd) = (floats::<T>(q, "q")?, floats::<T>(k, "k")?, floats::<T>(v, "v")?);
-    let md = match mask {
-        Some(m) if m.shape() != [b, sq, sk] => {
-            return Err(KErr::shape(format!("mask {:?} must be [{b}, {sq}, {sk}]", m.shape())));
-        }
-        Some(m) => Some(floats::<T>(m, "mask")?),
-        None => None,
-    };
+    let AttentionArgs { b, sq, sk, dk, dv, q: qd, k: kd, v: vd, mask: md } = attention_args::<T>("attention", q, k, v, mask, spec)?;
     let group = heads / kv_heads;
     let scale = T::of(spec.scale);
     // One task per (batch, head): scores [sq, sk], then probabilities · v → [sq, dv],

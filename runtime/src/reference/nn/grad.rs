@@ -8,7 +8,7 @@
 //! Statistics (row dot products, norms, softmax sums, sums over tokens that are not a
 //! product) accumulate in `f64`; the products go through [`gemm()`] as the forward's do.
 
-use super::{floats, softmax_lane, AttentionSpec, Ffn};
+use super::{attention_args, floats, softmax_lane, AttentionArgs, AttentionSpec, Ffn};
 use crate::reference::elementwise::PAR_MIN;
 use crate::reference::layout::indices;
 use crate::reference::linalg::{gemm, gemm_acc, linear, Mat};
@@ -110,16 +110,8 @@ pub fn attention_grad<T: Real>(
     dout: &Tensor,
     spec: AttentionSpec,
 ) -> Result<(Tensor, Tensor, Tensor), KErr> {
-    let (qs, ks, vs) = (q.shape(), k.shape(), v.shape());
     let AttentionSpec { heads, kv_heads, .. } = spec;
-    if qs.len() != 4 || ks.len() != 4 || vs.len() != 4 {
-        return Err(KErr::shape(format!("attention_grad needs rank-4 q, k, v, got {qs:?}, {ks:?}, {vs:?}")));
-    }
-    let (b, sq, dk) = (qs[0], qs[1], qs[3]);
-    let (sk, dv) = (ks[1], vs[3]);
-    if kv_heads == 0 || heads % kv_heads != 0 || qs[2] != heads || ks != [b, sk, kv_heads, dk] || vs[..3] != [b, sk, kv_heads] {
-        return Err(KErr::shape(format!("attention_grad with {heads} heads / {kv_heads} kv heads of q {qs:?}, k {ks:?}, v {vs:?}")));
-    }
+    let AttentionArgs { b, sq, sk, dk, dv, q: qd, k: kd, v: vd, mask: md } = attention_args::<T>("attention_grad", q, k, v, mask, spec)?;
     if out.shape() != [b, sq, heads, dv] || dout.shape() != [b, sq, heads, dv] || lse.shape() != [b, sq, heads] {
         return Err(KErr::shape(format!(
             "attention_grad: out {:?}, dout {:?} must be [{b}, {sq}, {heads}, {dv}] and lse {:?} [{b}, {sq}, {heads}]",
@@ -128,15 +120,7 @@ pub fn attention_grad<T: Real>(
             lse.shape()
         )));
     }
-    let (qd, kd, vd) = (floats::<T>(q, "q")?, floats::<T>(k, "k")?, floats::<T>(v, "v")?);
     let (od, ld, dod) = (floats::<T>(out, "out")?, floats::<T>(lse, "lse")?, floats::<T>(dout, "dout")?);
-    let md = match mask {
-        Some(m) if m.shape() != [b, sq, sk] => {
-            return Err(KErr::shape(format!("mask {:?} must be [{b}, {sq}, {sk}]", m.shape())));
-        }
-        Some(m) => Some(floats::<T>(m, "mask")?),
-        None => None,
-    };
     let group = heads / kv_heads;
     let scale = T::of(spec.scale);
     let tasks = b * kv_heads;
@@ -228,9 +212,9 @@ pub fn attention_grad<T: Real>(
         }
     }
     Ok((
-        Tensor::from_parts(qs.to_vec(), T::wrap(dq)),
-        Tensor::from_parts(ks.to_vec(), T::wrap(dkk)),
-        Tensor::from_parts(vs.to_vec(), T::wrap(dvv)),
+        Tensor::from_parts(q.shape().to_vec(), T::wrap(dq)),
+        Tensor::from_parts(k.shape().to_vec(), T::wrap(dkk)),
+        Tensor::from_parts(v.shape().to_vec(), T::wrap(dvv)),
     ))
 }
 

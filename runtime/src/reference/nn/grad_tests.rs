@@ -5,21 +5,10 @@
 //! Then the `f32` kernels must agree with the `f64` ones.
 
 use super::grad::*;
+use super::tests::fill;
 use super::*;
 use crate::reference::linalg::linear;
 use dsc_compiler::ir::Float;
-
-/// A deterministic, irregular fill in [-1, 1).
-fn fill(shape: &[usize], seed: u64) -> Tensor {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    let v = (0..numel(shape))
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-        })
-        .collect();
-    Tensor::f64(shape, v)
-}
 
 fn scaled(t: &Tensor, by: f64) -> Tensor {
     Tensor::f64(t.shape(), t.to_f64_vec().into_iter().map(|v| v * by).collect())

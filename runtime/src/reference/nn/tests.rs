@@ -4,8 +4,8 @@
 use super::*;
 use dsc_compiler::ir::Float;
 
-/// A deterministic, irregular fill in [-1, 1).
-fn fill(shape: &[usize], seed: u64) -> Tensor {
+/// A deterministic, irregular fill in [-1, 1) (the backward kernels' tests use it too).
+pub(super) fn fill(shape: &[usize], seed: u64) -> Tensor {
     let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     let v = (0..numel(shape))
         .map(|_| {
