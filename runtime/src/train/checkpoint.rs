@@ -97,16 +97,12 @@ pub struct Loaded {
 pub fn hub_tensors(weights: &HashMap<String, Tensor>, files: &ModelFiles) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let mut out = Vec::new();
     for (name, t) in weights {
+        // Stacked experts `[E, i, h]` become E tensors `[i, h]` (`hub_names`).
+        let parts = super::model::hub_names(name, t.shape());
         let v = t.to_f32_vec();
-        match name.split_once(".mlp.experts.") {
-            // `…mlp.experts.gate_proj.weight [E, i, h]` → `…mlp.experts.{e}.gate_proj.weight [i, h]`.
-            Some((head, rest)) if t.rank() == 3 => {
-                let each: usize = t.shape()[1..].iter().product();
-                for e in 0..t.shape()[0] {
-                    out.push((format!("{head}.mlp.experts.{e}.{rest}"), t.shape()[1..].to_vec(), v[e * each..(e + 1) * each].to_vec()));
-                }
-            }
-            _ => out.push((name.clone(), t.shape().to_vec(), v)),
+        let each = v.len() / parts.len();
+        for (i, (hub, shape)) in parts.into_iter().enumerate() {
+            out.push((hub, shape, v[i * each..(i + 1) * each].to_vec()));
         }
     }
     // DeepSeek-V3 stores each MTP layer's (shared) embedding and head with it.
