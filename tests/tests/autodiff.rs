@@ -4,13 +4,17 @@
 //!   binary with broadcasting, select, reductions, softmax, gather, scatter, top-k, the
 //!   layout ops, cast, and the composites rms_norm, rope with YaRN, attention (GQA, MLA
 //!   head dims, masked), moe_route (softmax and sigmoid, groups, normalisation, scale),
-//!   expert_ffn, swiglu, cross_entropy), reduced to a scalar by a fixed random weighting;
+//!   expert_ffn, swiglu, cross_entropy, token_logprob), reduced to a scalar by a fixed random weighting;
 //!   every param element's derivative against a central difference.
 //! - **Whole models**: every tiny spec (all families, MTP, balance losses, group-limited
 //!   sigmoid routing) and two odd-size variants, differentiated with every recomputation
 //!   policy and with the MTP stop-gradient, on random weights and inputs (a fifth of
 //!   the labels ignored); the objective is `loss + mtp_loss + aux_loss`, and a sample of
 //!   elements of every param is checked.
+//! - **Policy models** (GRPO's `TrainHead::LogProbs`): the gradient of `Σ w·logp` for a
+//!   random per-token cotangent `w` at a temperature ≠ 1, and the identity
+//!   `loss = −mean(logp)`: the log-prob model seeded with `−1/count` per labelled token
+//!   gives the SFT model's gradients.
 //!
 //! Tolerance: `|analytic − numeric| ≤ 1e-6 · (1 + max |grad|)` with `h = 1e-5` (the
 //! difference of a smooth f64 function is accurate to ~1e-10 there; routing decisions do
@@ -21,7 +25,7 @@ use dsc_compiler::lower::lower_mode;
 use dsc_compiler::passes::autodiff::{Recompute, TrainOptions};
 use dsc_compiler::passes::{self, PassCx, PassSelection};
 use dsc_runtime::reference::{run, Options, Precision, Tensor};
-use dsc_runtime::train::model::{Terms, TrainModel};
+use dsc_runtime::train::model::{Terms, TrainHead, TrainModel};
 use dsc_tests::{entry_params, random_weights, SplitMix64 as Rng};
 use std::collections::HashMap;
 use std::path::Path;
@@ -295,6 +299,12 @@ fn cases(rng: &mut Rng) -> Vec<Case> {
         name: "cross_entropy",
         op: Op::CrossEntropy { ignore_index: Some(-100) },
         params: vec![f(&[2, 3, 5])],
+        ints: vec![(1, labels.clone())],
+    });
+    v.push(Case {
+        name: "token_logprob",
+        op: Op::TokenLogProb { ignore_index: Some(-100) },
+        params: vec![f(&[2, 3, 5])],
         ints: vec![(1, labels)],
     });
     v
@@ -518,4 +528,63 @@ fn bias_update_moves_loads_toward_balance() {
     let first = first.unwrap();
     println!("max/mean expert load: {first:.2} → {last:.2}");
     assert!(last < 0.8 * first, "loads did not even out: {first:.2} → {last:.2}");
+}
+
+#[test]
+fn policy_log_probs_match_finite_differences_and_the_loss() {
+    let s = tiny("tiny_v3.dsc");
+    let head = TrainHead::LogProbs { temperature: 0.7 };
+    let tm = TrainModel::compile_head(&s, head, TrainOptions::default(), &PassSelection::default()).unwrap();
+    let plain = {
+        let mut m = dsc_compiler::lower::lower_train(&s, head).unwrap();
+        let mut cx = PassCx::new(Mode::Train);
+        passes::compile(&mut m, &PassSelection::parse("-autodiff").unwrap(), &mut cx).unwrap();
+        m
+    };
+    let mut rng = Rng(99);
+    let weights = f64_weights(random_weights(&entry_params(&plain, Mode::Train), &mut rng));
+    let [ids, pos, labels] = batch(s.model.vocab, &mut rng);
+    let (b, sq) = (ids.shape()[0], ids.shape()[1]);
+    let w: Vec<f64> = (0..b * (sq - 1)).map(|_| rng.normal()).collect();
+    let dlogp = Tensor::f64(&[b, sq - 1], w.clone());
+    let out = tm.run_policy(&weights, [&ids, &pos, &labels], &dlogp, 0.0, 0.0, Precision::F64).unwrap();
+    let opts64 = Options { precision: Precision::F64, ..Options::default() };
+    let objective = |ws: &HashMap<String, Tensor>| {
+        let r = run(&plain, Mode::Train, &[ids.clone(), pos.clone(), labels.clone()], ws, &opts64).unwrap();
+        r[0].to_f64_vec().iter().zip(&w).map(|(l, w)| l * w).sum::<f64>()
+    };
+    let logp = out.logp.to_f64_vec();
+    // Ignored labels (−100) give 0; the others are log-probabilities.
+    let lab = labels.to_f64_vec();
+    for i in 0..b {
+        for t in 0..sq - 1 {
+            let l = logp[i * (sq - 1) + t];
+            if lab[i * sq + t + 1] == -100.0 {
+                assert_eq!(l, 0.0);
+            } else {
+                assert!(l < 0.0 && l.is_finite(), "logp {l}");
+            }
+        }
+    }
+    let worst = fd_check("tiny_v3 logp", &weights, &out.grads, 3, &mut rng, &objective);
+    println!("tiny_v3 policy logp (T = 0.7) worst relative error {worst:.2e}");
+
+    // At temperature 1, −mean(logp) over the labelled tokens is the SFT loss, and so are
+    // its gradients.
+    let unit = TrainHead::LogProbs { temperature: 1.0 };
+    let tm1 = TrainModel::compile_head(&s, unit, TrainOptions::default(), &PassSelection::default()).unwrap();
+    let sft = TrainModel::compile(&s, TrainOptions::default(), &PassSelection::default()).unwrap();
+    let counted: Vec<bool> = (0..b).flat_map(|i| (1..sq).map(move |t| (i, t))).map(|(i, t)| lab[i * sq + t] != -100.0).collect();
+    let count = counted.iter().filter(|&&c| c).count() as f64;
+    let d = Tensor::f64(&[b, sq - 1], counted.iter().map(|&c| if c { -1.0 / count } else { 0.0 }).collect());
+    let p = tm1.run_policy(&weights, [&ids, &pos, &labels], &d, 0.0, 0.0, Precision::F64).unwrap();
+    let l = sft.run(&weights, [&ids, &pos, &labels], Terms::MAIN, Precision::F64).unwrap();
+    let mean = -p.logp.to_f64_vec().iter().sum::<f64>() / count;
+    assert!((mean - l.loss).abs() < 1e-12, "−mean logp {mean} vs loss {}", l.loss);
+    for (name, g) in &l.grads {
+        let (a, b) = (g.to_f64_vec(), p.grads[name].to_f64_vec());
+        let scale = a.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+        let err = a.iter().zip(&b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+        assert!(err <= 1e-12 * scale, "{name}: policy and SFT gradients differ by {err:e}");
+    }
 }

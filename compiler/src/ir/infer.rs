@@ -402,6 +402,14 @@ fn rule(op: &Op, x: &[&Ty], callee: Option<&Signature>) -> R<Vec<Ty>> {
             one(x[0].clone())
         }
 
+        Op::TokenLogProbGrad { ignore_index } => {
+            let t = rule(&Op::TokenLogProb { ignore_index: *ignore_index }, &x[..2], callee)?;
+            if *x[2] != t[0] {
+                return Err(format!("dy must be {}, got {}", t[0], x[2]));
+            }
+            one(x[0].clone())
+        }
+
         Op::MoeRoute(r) => {
             let logits = x[0];
             float(logits, "logits")?;
@@ -485,6 +493,17 @@ fn rule(op: &Op, x: &[&Ty], callee: Option<&Signature>) -> R<Vec<Ty>> {
                 return Err(format!("labels {} must be the leading axes of logits {}", labels.shape, logits.shape));
             }
             one(Ty::scalar(DType::F32))
+        }
+
+        Op::TokenLogProb { .. } => {
+            let (logits, labels) = (x[0], x[1]);
+            float(logits, "logits")?;
+            int(labels, "labels")?;
+            last(logits, "logits")?;
+            if labels.shape[..] != logits.shape[..logits.rank() - 1] {
+                return Err(format!("labels {} must be the leading axes of logits {}", labels.shape, logits.shape));
+            }
+            one(Ty { dtype: DType::F32, shape: labels.shape.clone() })
         }
 
         Op::Call { function, .. } => {
@@ -829,6 +848,13 @@ mod tests {
 
         let ce = ok(Op::CrossEntropy { ignore_index: Some(-100) }, &[&bf([B, S, n(129280)]), &i32t([B, S])]);
         assert_eq!(ce, vec![Ty::scalar(DType::F32)]);
+        let lp = Op::TokenLogProb { ignore_index: Some(-100) };
+        let logp = ok(lp.clone(), &[&bf([B, S, n(129280)]), &i32t([B, S])]);
+        assert_eq!(logp, vec![Ty::new(DType::F32, [B, S])]);
+        assert!(bad(lp, &[&bf([B, S, n(8)]), &i32t([B])]).contains("leading axes"));
+        let grad = Op::TokenLogProbGrad { ignore_index: None };
+        assert_eq!(ok(grad.clone(), &[&bf([B, n(8)]), &i32t([B]), &Ty::new(DType::F32, [B])]), vec![bf([B, n(8)])]);
+        assert!(bad(grad, &[&bf([B, n(8)]), &i32t([B]), &Ty::scalar(DType::F32)]).contains("dy must be"));
     }
 
     #[test]

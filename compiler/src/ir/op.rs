@@ -664,6 +664,18 @@ pub enum Op {
     /// ## Derivative
     /// [`Op::CrossEntropyGrad`]: `dlogits = (softmax(logits) - onehot(labels)) · dy / count`.
     CrossEntropy { ignore_index: Option<i64> },
+    /// The log-probability of each label under the logits, `log_softmax(logits)[label]`,
+    /// 0 on rows whose label is `ignore_index`: what a policy-gradient objective (GRPO) is
+    /// a function of. Unlike [`Op::CrossEntropy`] it is not reduced, so the entry returns
+    /// it and the objective, computed outside the graph, sends back its cotangent.
+    ///
+    /// ## Shape rule
+    /// `logits: float[T.., V]`, `labels: int[T..]` → `f32[T..]`.
+    ///
+    /// ## Derivative
+    /// [`Op::TokenLogProbGrad`]: `dlogits = (onehot(label) − softmax(logits)) · dy` per
+    /// row, 0 on ignored rows.
+    TokenLogProb { ignore_index: Option<i64> },
     /// Append new keys/values to a cache along `axis`. The value is the concatenation,
     /// like [`Op::Concat`], but the runtime may write it into the cache's own buffer
     /// (positions `c .. c+s`); this is why it is its own op.
@@ -744,6 +756,12 @@ pub enum Op {
     /// ## Shape rule
     /// `logits: float[T.., V]`, `labels: int[T..]`, `dloss: f32[]` → `logits`' type.
     CrossEntropyGrad { ignore_index: Option<i64> },
+    /// The backward of [`Op::TokenLogProb`]: `dlogits = (onehot(label) − softmax(logits))
+    /// · dy` per row, 0 on ignored rows.
+    ///
+    /// ## Shape rule
+    /// `logits: float[T.., V]`, `labels: int[T..]`, `dy: f32[T..]` → `logits`' type.
+    TokenLogProbGrad { ignore_index: Option<i64> },
 
     // ---------------------------------------------------------------- kernels
     /// A fused kernel: an optional head op (`matmul` or `rms_norm`) followed by a program
@@ -826,6 +844,7 @@ impl Op {
             Op::ExpertFfn => "expert_ffn",
             Op::SwiGlu => "swiglu",
             Op::CrossEntropy { .. } => "cross_entropy",
+            Op::TokenLogProb { .. } => "token_logprob",
             Op::CacheAppend { .. } => "cache_append",
             Op::WeightGrad => "weight_grad",
             Op::RmsNormGrad { .. } => "rms_norm_grad",
@@ -834,6 +853,7 @@ impl Op {
             Op::ExpertFfnGrad => "expert_ffn_grad",
             Op::MoeRouteGrad(_) => "moe_route_grad",
             Op::CrossEntropyGrad { .. } => "cross_entropy_grad",
+            Op::TokenLogProbGrad { .. } => "token_logprob_grad",
             Op::Call { .. } => "call",
             Op::Return => "return",
         }
@@ -862,8 +882,14 @@ impl Op {
             | Op::RmsNorm { .. }
             | Op::Rope { .. }
             | Op::CrossEntropy { .. }
+            | Op::TokenLogProb { .. }
             | Op::CacheAppend { .. } => Exact(2),
-            Op::Select | Op::ScatterAdd { .. } | Op::RmsNormGrad { .. } | Op::MoeRouteGrad(_) | Op::CrossEntropyGrad { .. } => Exact(3),
+            Op::Select
+            | Op::ScatterAdd { .. }
+            | Op::RmsNormGrad { .. }
+            | Op::MoeRouteGrad(_)
+            | Op::CrossEntropyGrad { .. }
+            | Op::TokenLogProbGrad { .. } => Exact(3),
             Op::Attention { masked, .. } => Exact(if *masked { 4 } else { 3 }),
             Op::AttentionGrad { masked, .. } => Exact(if *masked { 7 } else { 6 }),
             Op::SwiGluGrad => Exact(5),
@@ -913,6 +939,7 @@ impl Op {
                 | Op::ExpertFfnGrad
                 | Op::MoeRouteGrad(_)
                 | Op::CrossEntropyGrad { .. }
+                | Op::TokenLogProbGrad { .. }
         )
     }
 
@@ -927,6 +954,7 @@ impl Op {
                 | Op::ExpertFfn
                 | Op::SwiGlu
                 | Op::CrossEntropy { .. }
+                | Op::TokenLogProb { .. }
                 | Op::CacheAppend { .. }
         )
     }

@@ -224,7 +224,7 @@ fn attrs(op: &Op) -> String {
             }
         }
         Op::RmsNormGrad { eps } => a.push(format!("eps={eps}")),
-        Op::CrossEntropyGrad { ignore_index } => {
+        Op::CrossEntropyGrad { ignore_index } | Op::TokenLogProbGrad { ignore_index } => {
             if let Some(i) = ignore_index {
                 a.push(format!("ignore_index={i}"));
             }
@@ -255,7 +255,7 @@ fn attrs(op: &Op) -> String {
             }
             a.push(format!("scale={}", r.scale));
         }
-        Op::CrossEntropy { ignore_index } => {
+        Op::CrossEntropy { ignore_index } | Op::TokenLogProb { ignore_index } => {
             if let Some(i) = ignore_index {
                 a.push(format!("ignore_index={i}"));
             }

@@ -78,7 +78,22 @@ pub(super) fn entry_function(cx: &Cx, mode: Mode, sigs: &HashMap<String, Signatu
         return Ok(b.finish());
     };
 
-    let loss = shifted_loss(&mut b, normed, head, labels, 0)?;
+    let loss = match cx.head {
+        super::TrainHead::Loss => shifted_loss(&mut b, normed, head, labels, 0)?,
+        super::TrainHead::LogProbs { temperature } => {
+            let len = Dim::S - 1;
+            let h = b.slice(normed, 1, 0u64, len)?;
+            let mut logits = b.matmul(h, head)?;
+            if temperature != 1.0 {
+                // Sampling at temperature τ draws from softmax(logits / τ); the policy's
+                // log-probabilities are of that distribution.
+                let inv = b.constant(1.0 / temperature, cx.dt);
+                logits = b.binary(BinaryOp::Mul, logits, inv)?;
+            }
+            let targets = b.slice(labels, 1, 1u64, len)?;
+            b.op(Op::TokenLogProb { ignore_index: Some(IGNORE_INDEX) }, &[logits, targets])?
+        }
+    };
     let mut mtp_loss = None;
     if let Some(mtp) = &m.mtp {
         // Module k sees h_{k-1} and the embedding of the token k ahead, at the positions

@@ -206,19 +206,47 @@ impl fmt::Display for LowerError {
 
 impl std::error::Error for LowerError {}
 
+/// What the train entry's first result is.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum TrainHead {
+    /// `loss: f32[]`, the mean next-token cross-entropy over labelled positions (SFT,
+    /// pre-training).
+    #[default]
+    Loss,
+    /// `logp: f32[b, s-1]`, the log-probability of each next label at `temperature`
+    /// (`log_softmax(logits / temperature)[label]`, 0 where the label is ignored): what a
+    /// policy-gradient objective such as GRPO is a function of. The rest of the entry's
+    /// results are unchanged.
+    LogProbs { temperature: f64 },
+}
+
 /// Lowers `spec` to one module with the prefill, decode and train entry points.
 pub fn lower(spec: &Spec) -> Result<Module, LowerError> {
-    build(spec, &Mode::ALL)
+    build(spec, &Mode::ALL, TrainHead::Loss)
 }
 
 /// Lowers `spec` to a module with only `mode`'s entry point and the functions it calls
 /// (the same functions, node for node, as [`lower`] builds for that mode).
 pub fn lower_mode(spec: &Spec, mode: Mode) -> Result<Module, LowerError> {
-    build(spec, &[mode])
+    build(spec, &[mode], TrainHead::Loss)
 }
 
-fn build(spec: &Spec, modes: &[Mode]) -> Result<Module, LowerError> {
-    let cx = Cx::new(spec)?;
+/// Lowers `spec`'s train entry with `head` as its first result.
+pub fn lower_train(spec: &Spec, head: TrainHead) -> Result<Module, LowerError> {
+    if let TrainHead::LogProbs { temperature } = head {
+        if !(temperature.is_finite() && temperature > 0.0) {
+            return Err(LowerError::Unsupported {
+                span: None,
+                message: format!("log-probabilities need a temperature > 0, got {temperature}"),
+            });
+        }
+    }
+    build(spec, &[Mode::Train], head)
+}
+
+fn build(spec: &Spec, modes: &[Mode], head: TrainHead) -> Result<Module, LowerError> {
+    let mut cx = Cx::new(spec)?;
+    cx.head = head;
     let mut module = Module::new();
     for &mode in modes {
         add_mode(&cx, &mut module, mode)?;
@@ -268,6 +296,8 @@ struct Cx<'s> {
     kinds: Vec<Kind<'s>>,
     /// Index into `kinds` for every layer.
     layer_kind: Vec<usize>,
+    /// The train entry's first result.
+    head: TrainHead,
 }
 
 /// The spec's name for a feed-forward kind (the `ffn` label).
@@ -306,7 +336,7 @@ impl<'s> Cx<'s> {
             });
             layer_kind.push(k);
         }
-        Ok(Cx { spec, m, dt: m.dtype.into(), kinds, layer_kind })
+        Ok(Cx { spec, m, dt: m.dtype.into(), kinds, layer_kind, head: TrainHead::Loss })
     }
 
     /// New tokens per sequence: `s` for prefill and train, 1 for decode.

@@ -844,6 +844,11 @@ impl<'a> Sweep<'a> {
                 let (logits, labels) = (self.primal(ins[0])?, self.primal(ins[1])?);
                 out[0] = Some(self.op(Op::CrossEntropyGrad { ignore_index: *ignore_index }, &[logits, labels, dy()?])?);
             }
+            // dlogits = (onehot(labels) − softmax(logits))·dy per row
+            Op::TokenLogProb { ignore_index } => {
+                let (logits, labels) = (self.primal(ins[0])?, self.primal(ins[1])?);
+                out[0] = Some(self.op(Op::TokenLogProbGrad { ignore_index: *ignore_index }, &[logits, labels, dy()?])?);
+            }
             Op::Call { function, layer } => return self.call_rule(n, function, *layer, ins, d),
             Op::Fused(_) => return Err("fused kernels are not differentiated: autodiff runs before fusion".into()),
             op if op.is_gradient() => return Err(format!("{} is a backward kernel: dsc takes first derivatives only", op.name())),

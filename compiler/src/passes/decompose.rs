@@ -9,6 +9,7 @@
 //!   attention(q,k,v) ──▶  softmax(select(lt(iota(sk-sq, sq), iota(0, sk)), -inf,
 //!                                 batch_matmul(qᵀ, kᵀ)·scale [+ mask]))·v
 //!   cross_entropy    ──▶  mean over kept labels of logsumexp(l) − Σ select(onehot, l, 0)
+//!   token_logprob    ──▶  per label: Σ select(onehot, l, 0) − logsumexp(l), 0 where ignored
 //!   moe_route        ──▶  softmax|sigmoid, + bias, group scores (reduce_max | top_k 2 + sum),
 //!                         top_k groups → kept mask → select(−inf) → top_k experts → one-hot pick
 //! ```
@@ -105,6 +106,7 @@ pub fn decompose_graph(g: &mut Graph, count: &mut BTreeMap<&'static str, usize>)
             }
             Op::SwiGlu => vec![swiglu(&mut e, ins[0], ins[1], ins[2], ins[3])],
             Op::CrossEntropy { ignore_index } => vec![cross_entropy(&mut e, ins[0], ins[1], *ignore_index)],
+            Op::TokenLogProb { ignore_index } => vec![token_logprob(&mut e, ins[0], ins[1], *ignore_index)],
             Op::MoeRoute(r) => {
                 let (i, w) = moe_route(&mut e, ins[0], ins.get(1).copied(), r);
                 vec![i, w]
@@ -394,6 +396,23 @@ fn attention(e: &mut Emit, q: Value, k: Value, v: Value, mask: Option<Value>, a:
 
 /// Mean over the labels not equal to `ignore` of `logsumexp(l) − l[label]`, in `f32`.
 fn cross_entropy(e: &mut Emit, logits: Value, labels: Value, ignore: Option<i64>) -> R<Value> {
+    let (loss, counted) = label_nll(e, logits, labels, ignore)?;
+    let total = sum_all(e, loss)?;
+    let count = sum_all(e, counted)?;
+    e.bin(BinaryOp::Div, total, count)
+}
+
+/// `token_logprob`: the negated per-row loss of [`label_nll`], in the labels' shape.
+fn token_logprob(e: &mut Emit, logits: Value, labels: Value, ignore: Option<i64>) -> R<Value> {
+    let (loss, _) = label_nll(e, logits, labels, ignore)?;
+    let logp = e.un(UnaryOp::Neg, loss)?;
+    let shape = e.ty(labels).shape.0.clone();
+    e.reshape(logp, shape)
+}
+
+/// Per row `lse(logits) − logits[label]` (f32, 0 where ignored) and whether the row
+/// counts (1 or 0), both `[T.., 1]`.
+fn label_nll(e: &mut Emit, logits: Value, labels: Value, ignore: Option<i64>) -> R<(Value, Value)> {
     let lt = e.ty(logits);
     let (ax, v) = (lt.rank() - 1, lt.shape[lt.rank() - 1]);
     let ldt = e.ty(labels).dtype;
@@ -425,9 +444,7 @@ fn cross_entropy(e: &mut Emit, logits: Value, labels: Value, ignore: Option<i64>
             e.select(all, one, zero)?
         }
     };
-    let total = sum_all(e, loss)?;
-    let count = sum_all(e, counted)?;
-    e.bin(BinaryOp::Div, total, count)
+    Ok((loss, counted))
 }
 
 /// Sum over every axis, to a scalar.

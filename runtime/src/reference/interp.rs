@@ -10,9 +10,12 @@
 use super::elementwise::{binary, cast, select, unary};
 use super::layout::{broadcast, concat, gather, permute, reduce, scatter_add, slice, top_k};
 use super::linalg::{batch_matmul, linear};
-use super::nn::grad::{attention_grad, cross_entropy_grad, expert_ffn_grad, moe_route_grad, rms_norm_grad, swiglu_grad, weight_grad};
+use super::nn::grad::{
+    attention_grad, cross_entropy_grad, expert_ffn_grad, moe_route_grad, rms_norm_grad, swiglu_grad, token_logprob_grad, weight_grad,
+};
 use super::nn::{
-    attention, attention_lse, cross_entropy, expert_ffn, moe_route, rms_norm, rope, rope_frequencies, softmax, swiglu, AttentionSpec,
+    attention, attention_lse, cross_entropy, expert_ffn, moe_route, rms_norm, rope, rope_frequencies, softmax, swiglu, token_logprob,
+    AttentionSpec,
 };
 use super::real::Real;
 use super::tensor::{numel, Data, Tensor};
@@ -525,6 +528,7 @@ impl<'m, T: Real> Interp<'m, T> {
             Op::ExpertFfnGrad => Ok(expert_ffn_grad::<T>(x[0], x[1], x[2], x[3], x[4], x[5], x[6])?.into()),
             Op::MoeRouteGrad(r) => one(moe_route_grad::<T>(x[0], x[1], x[2], r)?),
             Op::CrossEntropyGrad { ignore_index } => one(cross_entropy_grad::<T>(x[0], x[1], x[2], *ignore_index)?),
+            Op::TokenLogProbGrad { ignore_index } => one(token_logprob_grad::<T>(x[0], x[1], x[2], *ignore_index)?),
             Op::MoeRoute(r) => {
                 let (i, w) = moe_route::<T>(x[0], x.get(1).copied().filter(|_| r.selection_bias), r)?;
                 Ok(vec![i, w])
@@ -532,6 +536,7 @@ impl<'m, T: Real> Interp<'m, T> {
             Op::ExpertFfn => one(expert_ffn::<T>(x[0], x[1], x[2], x[3], x[4], x[5])?),
             Op::SwiGlu => one(swiglu::<T>(x[0], x[1], x[2], x[3])?),
             Op::CrossEntropy { ignore_index } => one(cross_entropy::<T>(x[0], x[1], *ignore_index)?),
+            Op::TokenLogProb { ignore_index } => one(token_logprob::<T>(x[0], x[1], *ignore_index)?),
         }
     }
 }

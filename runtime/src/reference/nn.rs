@@ -496,28 +496,58 @@ pub fn expert_ffn<T: Real>(x: &Tensor, idx: &Tensor, w: &Tensor, gate: &Tensor, 
 /// (max-subtracted, accumulated in `f64`). No counted label gives NaN, as torch's mean
 /// over nothing; a counted label outside `0..V` is an error.
 pub fn cross_entropy<T: Real>(logits: &Tensor, labels: &Tensor, ignore_index: Option<i64>) -> Result<Tensor, KErr> {
-    let v = *logits.shape().last().ok_or_else(|| KErr::shape("cross_entropy of a scalar".into()))?;
+    let logp = label_logprobs::<T>(logits, labels, ignore_index, "cross_entropy")?;
+    let count = logp.iter().filter(|l| l.is_some()).count();
+    let total: f64 = -logp.iter().flatten().sum::<f64>();
+    Ok(Tensor::from_parts(Vec::new(), T::wrap(vec![T::of(total / count as f64)])))
+}
+
+/// `log_softmax(logits)[label]` per row, 0 where the label is `ignore_index`
+/// ([`dsc_compiler::ir::Op::TokenLogProb`]); the log-sum-exp in f64.
+pub fn token_logprob<T: Real>(logits: &Tensor, labels: &Tensor, ignore_index: Option<i64>) -> Result<Tensor, KErr> {
+    let logp = label_logprobs::<T>(logits, labels, ignore_index, "token_logprob")?;
+    Ok(Tensor::from_parts(labels.shape().to_vec(), T::wrap(logp.into_iter().map(|l| T::of(l.unwrap_or(0.0))).collect())))
+}
+
+/// `log p(label)` of every row in f64, `None` where the label is ignored.
+fn label_logprobs<T: Real>(logits: &Tensor, labels: &Tensor, ignore_index: Option<i64>, op: &str) -> Result<Vec<Option<f64>>, KErr> {
+    let rows = label_rows(logits, labels, ignore_index, op)?;
+    let v = *logits.shape().last().expect("label_rows checked the rank");
+    let lv = floats::<T>(logits, "logits")?;
+    Ok(rows
+        .iter()
+        .enumerate()
+        .map(|(t, lab)| {
+            lab.map(|l| {
+                let row = &lv[t * v..(t + 1) * v];
+                let m = row.iter().fold(f64::NEG_INFINITY, |a, x| a.max(x.to_f64()));
+                let lse = m + row.iter().map(|x| (x.to_f64() - m).exp()).sum::<f64>().ln();
+                row[l].to_f64() - lse
+            })
+        })
+        .collect())
+}
+
+/// Each row's label as a class index, `None` where it is `ignore_index`: labels must be
+/// the leading axes of `logits` and in `0..V`, checked before any work.
+pub(crate) fn label_rows(logits: &Tensor, labels: &Tensor, ignore_index: Option<i64>, op: &str) -> Result<Vec<Option<usize>>, KErr> {
+    let v = *logits.shape().last().ok_or_else(|| KErr::shape(format!("{op} of a scalar")))?;
     if labels.shape() != &logits.shape()[..logits.rank() - 1] {
         return Err(KErr::shape(format!("labels {:?} for logits {:?}", labels.shape(), logits.shape())));
     }
-    let lv = floats::<T>(logits, "logits")?;
-    let ls = indices(labels, "labels")?;
-    let (mut total, mut count) = (0.0f64, 0usize);
-    for (t, &lab) in ls.iter().enumerate() {
-        if Some(lab) == ignore_index {
-            continue;
-        }
-        let l = usize::try_from(lab)
-            .ok()
-            .filter(|&u| u < v)
-            .ok_or_else(|| KErr::index(format!("label {lab} is out of range for {v} classes")))?;
-        let row = &lv[t * v..(t + 1) * v];
-        let m = row.iter().fold(f64::NEG_INFINITY, |a, x| a.max(x.to_f64()));
-        let lse = m + row.iter().map(|x| (x.to_f64() - m).exp()).sum::<f64>().ln();
-        total += lse - row[l].to_f64();
-        count += 1;
-    }
-    Ok(Tensor::from_parts(Vec::new(), T::wrap(vec![T::of(total / count as f64)])))
+    indices(labels, "labels")?
+        .into_iter()
+        .map(|lab| {
+            if Some(lab) == ignore_index {
+                return Ok(None);
+            }
+            usize::try_from(lab)
+                .ok()
+                .filter(|&u| u < v)
+                .map(Some)
+                .ok_or_else(|| KErr::index(format!("label {lab} is out of range for {v} classes")))
+        })
+        .collect()
 }
 
 pub mod grad;

@@ -4,12 +4,15 @@
 //!
 //! The differentiated entry ([`dsc_compiler::passes::autodiff`]) takes one cotangent per
 //! loss term; [`Terms`] says how much of each the objective contains, so `dsc grad`
-//! (main loss only), SFT (all terms the recipe enables) and later objectives share one
-//! compiled module.
+//! (main loss only) and SFT (all terms the recipe enables) share one compiled module.
+//! A policy model ([`TrainHead::LogProbs`], GRPO) returns per-token log-probabilities
+//! instead of the loss and takes their cotangent, the objective's gradient with respect
+//! to them, as a tensor ([`TrainModel::run_policy`]).
 
 use crate::reference::{run, ExecError, Options, Precision, Tensor, Weights};
 use dsc_compiler::ir::{Gradients, Mode, Module};
-use dsc_compiler::lower::lower_mode;
+use dsc_compiler::lower::lower_train;
+pub use dsc_compiler::lower::TrainHead;
 use dsc_compiler::passes::autodiff::TrainOptions;
 use dsc_compiler::passes::{self, PassCx, PassSelection};
 use dsc_dsl::model::Ffn;
@@ -53,12 +56,31 @@ pub struct TrainModel {
     pub gradients: Gradients,
     /// The layer index of each expert-load result, in result order.
     pub moe_layers: Vec<u32>,
+    pub head: TrainHead,
+}
+
+/// One policy batch's per-token log-probabilities, gradients and expert loads.
+#[derive(Debug, Clone)]
+pub struct PolicyOutput {
+    /// `[b, s-1]`: `logp[i, t]` is the log-probability of `labels[i, t+1]` (0 where it is
+    /// ignored), at the model's temperature.
+    pub logp: Tensor,
+    pub mtp_loss: f64,
+    pub aux_loss: f64,
+    /// The gradient of `Σ dlogp·logp + mtp·mtp_loss + aux·aux_loss` per IR param name.
+    pub grads: HashMap<String, Tensor>,
+    pub loads: Vec<(u32, Vec<f64>)>,
 }
 
 impl TrainModel {
     /// Lowers `spec`'s train entry and runs the training pipeline with `opts`.
     pub fn compile(spec: &Spec, opts: TrainOptions, selection: &PassSelection) -> Result<TrainModel, String> {
-        let mut module = lower_mode(spec, Mode::Train).map_err(|e| e.to_string())?;
+        TrainModel::compile_head(spec, TrainHead::Loss, opts, selection)
+    }
+
+    /// As [`TrainModel::compile`], with `head` as the entry's first result.
+    pub fn compile_head(spec: &Spec, head: TrainHead, opts: TrainOptions, selection: &PassSelection) -> Result<TrainModel, String> {
+        let mut module = lower_train(spec, head).map_err(|e| e.to_string())?;
         let mut cx = PassCx::new(Mode::Train);
         cx.train = opts;
         passes::compile(&mut module, selection, &mut cx).map_err(|e| e.to_string())?;
@@ -79,30 +101,71 @@ impl TrainModel {
                 gradients.results
             ));
         }
-        Ok(TrainModel { module, gradients, moe_layers })
+        Ok(TrainModel { module, gradients, moe_layers, head })
     }
 
     /// Runs the differentiated entry on one batch: `input_ids`, `positions`, `labels`
     /// (`i64 [b, s]`, labels unshifted with −100 for positions without a target).
     pub fn run(&self, weights: &dyn Weights, batch: [&Tensor; 3], terms: Terms, precision: Precision) -> Result<GradOutput, ExecError> {
+        let scalar = |w: f64| match precision {
+            Precision::F32 => Tensor::scalar(w as f32),
+            Precision::F64 => Tensor::f64(&[], vec![w]),
+        };
+        let raw = self.run_raw(weights, batch, [scalar(terms.main), scalar(terms.mtp), scalar(terms.aux)], precision)?;
+        let loss = raw.first.get_flat(0);
+        let objective = terms.main * loss + terms.mtp * raw.mtp_loss + terms.aux * raw.aux_loss;
+        Ok(GradOutput { loss, mtp_loss: raw.mtp_loss, aux_loss: raw.aux_loss, objective, grads: raw.grads, loads: raw.loads })
+    }
+
+    /// Runs a [`TrainHead::LogProbs`] model on one batch with `dlogp` (`[b, s-1]`, the
+    /// objective's gradient with respect to `logp`) as the cotangent of the
+    /// log-probabilities and `mtp`, `aux` as the weights of the other two terms.
+    pub fn run_policy(
+        &self,
+        weights: &dyn Weights,
+        batch: [&Tensor; 3],
+        dlogp: &Tensor,
+        mtp: f64,
+        aux: f64,
+        precision: Precision,
+    ) -> Result<PolicyOutput, ExecError> {
+        let scalar = |w: f64| match precision {
+            Precision::F32 => Tensor::scalar(w as f32),
+            Precision::F64 => Tensor::f64(&[], vec![w]),
+        };
+        let d = match precision {
+            Precision::F32 => dlogp.to_f32(),
+            Precision::F64 => Tensor::f64(dlogp.shape(), dlogp.to_f64_vec()),
+        };
+        let raw = self.run_raw(weights, batch, [d, scalar(mtp), scalar(aux)], precision)?;
+        Ok(PolicyOutput { logp: raw.first, mtp_loss: raw.mtp_loss, aux_loss: raw.aux_loss, grads: raw.grads, loads: raw.loads })
+    }
+
+    /// The entry on `batch` with one cotangent per seeded result.
+    fn run_raw(&self, weights: &dyn Weights, batch: [&Tensor; 3], cot: [Tensor; 3], precision: Precision) -> Result<Raw, ExecError> {
         let mut args: Vec<Tensor> = batch.iter().map(|t| (*t).clone()).collect();
-        let weight_of = [terms.main, terms.mtp, terms.aux];
+        let mut cot = cot.map(Some);
         for &i in &self.gradients.seeds {
-            let w = weight_of.get(i).copied().unwrap_or(0.0);
-            args.push(match precision {
-                Precision::F32 => Tensor::scalar(w as f32),
-                Precision::F64 => Tensor::f64(&[], vec![w]),
-            });
+            args.push(cot.get_mut(i).and_then(Option::take).unwrap_or_else(|| Tensor::scalar(0.0)));
         }
         let opts = Options { precision, ..Options::default() };
         let mut outs = run(&self.module, Mode::Train, &args, weights, &opts)?.into_iter();
+        let first = outs.next().unwrap_or_else(|| Tensor::scalar(f32::NAN));
         let scalar = |t: Option<Tensor>| t.map(|t| t.get_flat(0)).unwrap_or(f64::NAN);
-        let (loss, mtp_loss, aux_loss) = (scalar(outs.next()), scalar(outs.next()), scalar(outs.next()));
+        let (mtp_loss, aux_loss) = (scalar(outs.next()), scalar(outs.next()));
         let loads = self.moe_layers.iter().map(|&l| (l, outs.next().map(|t| t.to_f64_vec()).unwrap_or_default())).collect();
         let grads = self.gradients.params.iter().cloned().zip(outs).collect();
-        let objective = terms.main * loss + terms.mtp * mtp_loss + terms.aux * aux_loss;
-        Ok(GradOutput { loss, mtp_loss, aux_loss, objective, grads, loads })
+        Ok(Raw { first, mtp_loss, aux_loss, grads, loads })
     }
+}
+
+/// The entry's results, the first as it came.
+struct Raw {
+    first: Tensor,
+    mtp_loss: f64,
+    aux_loss: f64,
+    grads: HashMap<String, Tensor>,
+    loads: Vec<(u32, Vec<f64>)>,
 }
 
 /// The checkpoint names, with shapes, an IR weight is stored under: a stacked

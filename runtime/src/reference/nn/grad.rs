@@ -8,7 +8,7 @@
 //! Statistics (row dot products, norms, softmax sums, sums over tokens that are not a
 //! product) accumulate in `f64`; the products go through [`gemm()`] as the forward's do.
 
-use super::{attention_args, floats, softmax_lane, AttentionArgs, AttentionSpec, Ffn};
+use super::{attention_args, floats, label_rows, softmax_lane, AttentionArgs, AttentionSpec, Ffn};
 use crate::reference::elementwise::PAR_MIN;
 use crate::reference::layout::indices;
 use crate::reference::linalg::{gemm, gemm_acc, linear, Mat};
@@ -483,40 +483,43 @@ pub fn moe_route_grad<T: Real>(logits: &Tensor, idx: &Tensor, dw: &Tensor, r: &R
 /// `f64`); 0 on ignored rows (and everywhere when no label counts, where the forward's
 /// mean is NaN). A counted label outside `0..V` is an error, as in the forward.
 pub fn cross_entropy_grad<T: Real>(logits: &Tensor, labels: &Tensor, dloss: &Tensor, ignore_index: Option<i64>) -> Result<Tensor, KErr> {
-    let v = *logits.shape().last().ok_or_else(|| KErr::shape("cross_entropy_grad of a scalar".into()))?;
-    if labels.shape() != &logits.shape()[..logits.rank() - 1] {
-        return Err(KErr::shape(format!("labels {:?} for logits {:?}", labels.shape(), logits.shape())));
-    }
-    let lv = floats::<T>(logits, "logits")?;
+    let ls = label_rows(logits, labels, ignore_index, "cross_entropy_grad")?;
     let dl = match floats::<T>(dloss, "dloss")? {
         [d] => d.to_f64(),
         _ => return Err(KErr::shape(format!("dloss must be a scalar, got {:?}", dloss.shape()))),
     };
-    // Each row's label, None when ignored; checked before any work.
-    let ls: Vec<Option<usize>> = indices(labels, "labels")?
-        .into_iter()
-        .map(|lab| {
-            if Some(lab) == ignore_index {
-                return Ok(None);
-            }
-            usize::try_from(lab)
-                .ok()
-                .filter(|&u| u < v)
-                .map(Some)
-                .ok_or_else(|| KErr::index(format!("label {lab} is out of range for {v} classes")))
-        })
-        .collect::<Result<_, _>>()?;
     let count = ls.iter().filter(|l| l.is_some()).count();
     let coef = if count > 0 { dl / count as f64 } else { 0.0 };
+    // d(−log p_label)/dlogits = softmax − onehot, times dloss / count on every row.
+    softmax_rows::<T>(logits, &ls, |_| -coef)
+}
+
+/// The backward of [`super::token_logprob`]: `dlogits = (onehot(label) − softmax) · dy`
+/// per row, 0 on ignored rows.
+pub fn token_logprob_grad<T: Real>(logits: &Tensor, labels: &Tensor, dy: &Tensor, ignore_index: Option<i64>) -> Result<Tensor, KErr> {
+    let ls = label_rows(logits, labels, ignore_index, "token_logprob_grad")?;
+    let dy = floats::<T>(dy, "dy")?;
+    if dy.len() != ls.len() {
+        return Err(KErr::shape(format!("dy has {} values for {} rows", dy.len(), ls.len())));
+    }
+    softmax_rows::<T>(logits, &ls, |t| dy[t].to_f64())
+}
+
+/// `(onehot(label) − softmax(row)) · coef(row)` for every row with a label, 0 elsewhere:
+/// the gradient of `coef · log p_label`, which both label losses are.
+fn softmax_rows<T: Real>(logits: &Tensor, ls: &[Option<usize>], coef: impl Fn(usize) -> f64 + Sync) -> Result<Tensor, KErr> {
+    let v = *logits.shape().last().ok_or_else(|| KErr::shape("label gradient of a scalar".into()))?;
+    let lv = floats::<T>(logits, "logits")?;
     let mut out = vec![T::ZERO; lv.len()];
     let row = |(t, o): (usize, &mut [T])| {
         let Some(lab) = ls[t] else { return };
+        let c = coef(t);
         let x = &lv[t * v..(t + 1) * v];
         let m = x.iter().fold(f64::NEG_INFINITY, |a, x| a.max(x.to_f64()));
         let sum = x.iter().map(|x| (x.to_f64() - m).exp()).sum::<f64>();
         for (j, (o, &xj)) in o.iter_mut().zip(x).enumerate() {
             let p = (xj.to_f64() - m).exp() / sum;
-            *o = T::of((p - if j == lab { 1.0 } else { 0.0 }) * coef);
+            *o = T::of((if j == lab { 1.0 } else { 0.0 } - p) * c);
         }
     };
     if v > 0 {
