@@ -68,11 +68,24 @@ pub struct GenerateOptions {
     pub pad: i64,
     /// Keep the logits behind every chosen token ([`Generation::step_logits`]).
     pub keep_logits: bool,
+    /// Record each chosen token's log-probability and its distribution's entropy
+    /// ([`Generation::logprobs`], [`Generation::entropy`]).
+    pub logprobs: bool,
+    /// Record the experts every MoE router chose for every token ([`Generation::routing`]).
+    pub capture_routing: bool,
 }
 
 impl Default for GenerateOptions {
     fn default() -> GenerateOptions {
-        GenerateOptions { max_new_tokens: 16, sampling: Sampling::greedy(), stop: Vec::new(), pad: 0, keep_logits: false }
+        GenerateOptions {
+            max_new_tokens: 16,
+            sampling: Sampling::greedy(),
+            stop: Vec::new(),
+            pad: 0,
+            keep_logits: false,
+            logprobs: false,
+            capture_routing: false,
+        }
     }
 }
 
@@ -111,7 +124,40 @@ pub struct Generation {
     pub tokens: Vec<Vec<i64>>,
     /// With `keep_logits`: per sequence, the logits each of its tokens was chosen from.
     pub step_logits: Vec<Vec<Vec<f32>>>,
+    /// With `logprobs`: per sequence, `log_softmax(logits / T)[token]` of each new token,
+    /// T the sampling temperature (1 for greedy), the full distribution before top-k and
+    /// top-p: the policy's log-probability as a policy-gradient loss reads it. The scaled
+    /// logits are rounded to f32 as the train graph's `mul` rounds them, the log-sum-exp
+    /// taken in f64 as its `token_logprob` takes it.
+    pub logprobs: Vec<Vec<f64>>,
+    /// With `logprobs`: the entropy (nats) of each of those distributions.
+    pub entropy: Vec<Vec<f64>>,
+    /// With `capture_routing`: one trace per router, in the order the model calls them.
+    pub routing: Vec<RoutingTrace>,
     pub stats: Stats,
+}
+
+/// The experts one MoE router chose for every token a generation ran through the model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutingTrace {
+    pub layer: Option<u32>,
+    pub top_k: usize,
+    /// Per sequence, `[tokens, top_k]` row-major: the prompt's tokens, then each new token
+    /// that was fed back (every new token but the last; the last too when it was a stop
+    /// token and the batch stepped on).
+    pub experts: Vec<Vec<i32>>,
+}
+
+/// `(log_softmax(logits·(1/T))[token], entropy)`, the product rounded to f32 and the rest
+/// in f64 (see [`Generation::logprobs`]).
+pub fn token_logprob(logits: &[f32], token: usize, temperature: f32) -> (f64, f64) {
+    let inv = (1.0 / if temperature > 0.0 { temperature as f64 } else { 1.0 }) as f32;
+    let z: Vec<f64> = logits.iter().map(|&x| (x * inv) as f64).collect();
+    let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let sum: f64 = z.iter().map(|x| (x - m).exp()).sum();
+    let lse = m + sum.ln();
+    let entropy = -z.iter().map(|x| (x - lse).exp() * (x - lse)).filter(|v| v.is_finite()).sum::<f64>();
+    (z[token] - lse, entropy)
 }
 
 /// A left-padded batch of prompts.
@@ -220,8 +266,10 @@ pub fn generate(backend: &dyn Backend, prompts: &[Vec<i64>], opts: &GenerateOpti
     let mut stats = Stats { batch: b, prompt_tokens: prompts.iter().map(Vec::len).sum(), padded_len: padded.seq, ..Stats::default() };
     let mut tokens: Vec<Vec<i64>> = vec![Vec::new(); b];
     let mut step_logits: Vec<Vec<Vec<f32>>> = vec![Vec::new(); b];
+    let (mut logprobs, mut entropy) = (vec![Vec::new(); b], vec![Vec::new(); b]);
+    let mut routing: Vec<RoutingTrace> = Vec::new();
     if opts.max_new_tokens == 0 {
-        return Ok(Generation { tokens, step_logits, stats });
+        return Ok(Generation { tokens, step_logits, logprobs, entropy, routing, stats });
     }
 
     let start = Instant::now();
@@ -231,10 +279,21 @@ pub fn generate(backend: &dyn Backend, prompts: &[Vec<i64>], opts: &GenerateOpti
         ids: padded.ids.clone(),
         positions: padded.positions.clone(),
         mask: padded.prefill_mask(),
-        capture_routing: false,
+        capture_routing: opts.capture_routing,
     };
     let out = backend.prefill(&input)?;
     stats.prefill_secs = start.elapsed().as_secs_f64();
+    for r in &out.routing {
+        let k = r.indices.shape().last().copied().unwrap_or(0);
+        let idx = r.indices.to_f64_vec();
+        let experts = (0..b)
+            .map(|s| {
+                let row = &idx[(s * padded.seq + padded.pads[s]) * k..(s + 1) * padded.seq * k];
+                row.iter().map(|&e| e as i32).collect()
+            })
+            .collect();
+        routing.push(RoutingTrace { layer: r.layer, top_k: k, experts });
+    }
     let mut last = rows_at(&out.logits, padded.seq - 1);
     let mut cache = out.cache;
 
@@ -247,6 +306,11 @@ pub fn generate(backend: &dyn Backend, prompts: &[Vec<i64>], opts: &GenerateOpti
             }
             let t = sampler.sample(s, &last[s]);
             tokens[s].push(t);
+            if opts.logprobs {
+                let (lp, h) = token_logprob(&last[s], t as usize, opts.sampling.temperature);
+                logprobs[s].push(lp);
+                entropy[s].push(h);
+            }
             if opts.keep_logits {
                 step_logits[s].push(std::mem::take(&mut last[s]));
             }
@@ -263,10 +327,20 @@ pub fn generate(backend: &dyn Backend, prompts: &[Vec<i64>], opts: &GenerateOpti
             ids: tokens.iter().map(|t| *t.last().expect("one token per sequence so far")).collect(),
             positions: prompts.iter().map(|p| (p.len() + step) as i64).collect(),
             mask: padded.decode_mask(cached),
-            capture_routing: false,
+            capture_routing: opts.capture_routing,
         };
         let out = backend.decode(&input, cache)?;
         stats.decode_steps += 1;
+        for (trace, r) in routing.iter_mut().zip(&out.routing) {
+            let idx = r.indices.to_f64_vec();
+            for (s, row) in idx.chunks_exact(trace.top_k.max(1)).enumerate() {
+                // The token fed in this step is sequence s's newest; a sequence that
+                // finished earlier made no token this step, and its step is ignored.
+                if tokens[s].len() == step + 1 {
+                    trace.experts[s].extend(row.iter().map(|&e| e as i32));
+                }
+            }
+        }
         last = rows_at(&out.logits, 0);
         cache = out.cache;
     }
@@ -274,7 +348,7 @@ pub fn generate(backend: &dyn Backend, prompts: &[Vec<i64>], opts: &GenerateOpti
     stats.cache_len = cache.len();
     stats.cache_bytes = cache.bytes();
     stats.cache_elements_per_token = cache.elements_per_token();
-    Ok(Generation { tokens, step_logits, stats })
+    Ok(Generation { tokens, step_logits, logprobs, entropy, routing, stats })
 }
 
 #[cfg(test)]

@@ -547,7 +547,7 @@ fn policy_log_probs_match_finite_differences_and_the_loss() {
     let (b, sq) = (ids.shape()[0], ids.shape()[1]);
     let w: Vec<f64> = (0..b * (sq - 1)).map(|_| rng.normal()).collect();
     let dlogp = Tensor::f64(&[b, sq - 1], w.clone());
-    let out = tm.run_policy(&weights, [&ids, &pos, &labels], &dlogp, 0.0, 0.0, Precision::F64).unwrap();
+    let out = tm.run_policy(&weights, &[&ids, &pos, &labels], &dlogp, 0.0, 0.0, Precision::F64).unwrap();
     let opts64 = Options { precision: Precision::F64, ..Options::default() };
     let objective = |ws: &HashMap<String, Tensor>| {
         let r = run(&plain, Mode::Train, &[ids.clone(), pos.clone(), labels.clone()], ws, &opts64).unwrap();
@@ -577,7 +577,7 @@ fn policy_log_probs_match_finite_differences_and_the_loss() {
     let counted: Vec<bool> = (0..b).flat_map(|i| (1..sq).map(move |t| (i, t))).map(|(i, t)| lab[i * sq + t] != -100.0).collect();
     let count = counted.iter().filter(|&&c| c).count() as f64;
     let d = Tensor::f64(&[b, sq - 1], counted.iter().map(|&c| if c { -1.0 / count } else { 0.0 }).collect());
-    let p = tm1.run_policy(&weights, [&ids, &pos, &labels], &d, 0.0, 0.0, Precision::F64).unwrap();
+    let p = tm1.run_policy(&weights, &[&ids, &pos, &labels], &d, 0.0, 0.0, Precision::F64).unwrap();
     let l = sft.run(&weights, [&ids, &pos, &labels], Terms::MAIN, Precision::F64).unwrap();
     let mean = -p.logp.to_f64_vec().iter().sum::<f64>() / count;
     assert!((mean - l.loss).abs() < 1e-12, "−mean logp {mean} vs loss {}", l.loss);

@@ -76,7 +76,7 @@ pub fn generate_cmd(args: &GenerateArgs) -> Result<(), String> {
         sampling: Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed },
         stop,
         pad: info.generation.pad.unwrap_or(0),
-        keep_logits: false,
+        ..GenerateOptions::default()
     };
     let g = generate(loaded.backend.as_ref(), &prompts, &opts).map_err(|e| e.to_string())?;
 

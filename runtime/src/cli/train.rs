@@ -1,4 +1,5 @@
-//! `dsc train sft --config RECIPE.yaml [--resume RUN_DIR]`: supervised fine-tuning.
+//! `dsc train sft --config RECIPE.yaml [--resume RUN_DIR]`: supervised fine-tuning, and
+//! `dsc train grpo --config RECIPE.yaml [--resume RUN_DIR]`: GRPO ([`crate::train::grpo`]).
 //!
 //! Opens what the recipe names (a hub model directory, or a spec and random weights),
 //! checks the data against the model, builds the objective, and runs
@@ -9,6 +10,7 @@ use crate::checkpoint::{expected_params, ModelDir, OpenOptions};
 use crate::reference::Tensor;
 use crate::train::checkpoint::{self, ModelFiles};
 use crate::train::data::{Dataset, Limits};
+use crate::train::grpo::{self, recipe::GrpoRecipe, train::GrpoRun, train::GrpoSummary};
 use crate::train::metrics::Display;
 use crate::train::objective::{reference_objective, ObjectiveOptions};
 use crate::train::recipe::{Recipe, Source};
@@ -30,6 +32,8 @@ pub struct TrainArgs {
 pub enum TrainCommand {
     /// Supervised fine-tuning on token ids (next-token cross-entropy on the masked tokens).
     Sft(SftArgs),
+    /// GRPO with verifiable rewards: rollouts and training from one compiled model.
+    Grpo(SftArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -45,7 +49,63 @@ pub struct SftArgs {
 pub fn train_cmd(args: &TrainArgs) -> Result<(), String> {
     match &args.command {
         TrainCommand::Sft(a) => sft_cmd(a, &|spec, opts| reference_objective(spec, opts)).map_err(|e| e.to_string()),
+        TrainCommand::Grpo(a) => grpo_cmd(a, Display::Auto, None).map(|_| ()).map_err(|e| e.to_string()),
     }
+}
+
+/// `dsc train grpo`; `stop_after` ends the run after that optimizer step as a kill would
+/// (tests).
+pub fn grpo_cmd(args: &SftArgs, display: Display, stop_after: Option<u64>) -> Result<GrpoSummary, TrainError> {
+    let recipe = GrpoRecipe::load(&args.config)?;
+    let f = &recipe.file;
+    let opened = open_source(&recipe.base)?;
+    let spec = &opened.spec;
+    // Every weight the model has: the MTP modules too when the source has them (they are
+    // carried to `final/` unchanged unless `mtp: true` trains them).
+    let expected = expected_params(spec).map_err(TrainError::Unsupported)?;
+    let in_source = |n: &str| opened.dir.as_ref().is_some_and(|d| d.weights.get(n).is_some());
+    let wanted: HashMap<String, Vec<usize>> = expected
+        .into_iter()
+        .filter(|(n, e)| e.required || f.mtp || in_source(n) || matches!(recipe.base.source, Source::Spec { .. }))
+        .map(|(n, e)| (n, e.shape))
+        .collect();
+    let (run_dir, start) = resume_or_start(args, &recipe.base, &opened, &wanted)?;
+    let run = GrpoRun { recipe: &recipe, spec, run_dir, files: opened.files.clone(), display, stop_after };
+    let summary = grpo::train::train(run, start)?;
+    match &summary.final_dir {
+        Some(d) => eprintln!("trained to step {}; model in {}", summary.step, d.display()),
+        None if stop_after.is_some() => {}
+        None => eprintln!("nothing to do: the run is at step {} of {}", summary.step, f.steps),
+    }
+    for (step, acc) in &summary.eval {
+        eprintln!("held-out accuracy at step {step}: {:.1}%", 100.0 * acc);
+    }
+    Ok(summary)
+}
+
+/// The run directory and starting point: `--resume`'s newest checkpoint, or the recipe's
+/// `out` and the starting weights.
+fn resume_or_start(
+    args: &SftArgs,
+    recipe: &Recipe,
+    opened: &Opened,
+    wanted: &HashMap<String, Vec<usize>>,
+) -> Result<(PathBuf, Start), TrainError> {
+    Ok(match &args.resume {
+        Some(dir) => {
+            let Some(latest) = checkpoint::latest(dir)? else {
+                return Err(TrainError::invalid(format!("{}: no complete checkpoint to resume from", dir.display())));
+            };
+            if dir != &recipe.out {
+                eprintln!("note: resuming in {} (the recipe's `out` is {})", dir.display(), recipe.out.display());
+            }
+            let loaded = checkpoint::load(&latest)?;
+            checkpoint::check_weights(&loaded.weights, wanted, &latest)?;
+            eprintln!("resuming {} at step {}", latest.display(), loaded.state.step);
+            (dir.clone(), Start::Resume(Box::new(loaded)))
+        }
+        None => (recipe.out.clone(), Start::Fresh(starting_weights(recipe, opened, wanted)?)),
+    })
 }
 
 /// Builds an objective for a spec (the reference backend's, or a test's).
@@ -67,21 +127,7 @@ pub fn sft_cmd(args: &SftArgs, make: MakeObjective) -> Result<(), TrainError> {
     let wanted: HashMap<String, Vec<usize>> =
         expected.into_iter().filter(|(_, e)| e.required || options.mtp).map(|(n, e)| (n, e.shape)).collect();
 
-    let (run_dir, start) = match &args.resume {
-        Some(dir) => {
-            let Some(latest) = checkpoint::latest(dir)? else {
-                return Err(TrainError::invalid(format!("{}: no complete checkpoint to resume from", dir.display())));
-            };
-            if dir != &recipe.out {
-                eprintln!("note: resuming in {} (the recipe's `out` is {})", dir.display(), recipe.out.display());
-            }
-            let loaded = checkpoint::load(&latest)?;
-            checkpoint::check_weights(&loaded.weights, &wanted, &latest)?;
-            eprintln!("resuming {} at step {}", latest.display(), loaded.state.step);
-            (dir.clone(), Start::Resume(Box::new(loaded)))
-        }
-        None => (recipe.out.clone(), Start::Fresh(starting_weights(&recipe, &opened, &wanted)?)),
-    };
+    let (run_dir, start) = resume_or_start(args, &recipe, &opened, &wanted)?;
     let run = Run {
         recipe: &recipe,
         run_dir,

@@ -118,6 +118,13 @@ impl<W: Weights, E: Engine> ModelBackend<W, E> {
         &self.weights
     }
 
+    /// The weights, to update in place (a trainer's optimizer step): the next step runs
+    /// on them. An engine that keeps device copies must not be used this way until it
+    /// can refresh them.
+    pub fn weights_mut(&mut self) -> &mut W {
+        &mut self.weights
+    }
+
     pub fn spec(&self) -> &Spec {
         &self.spec
     }

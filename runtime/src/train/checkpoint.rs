@@ -36,6 +36,8 @@ pub const OPTIMIZER: &str = "optimizer.safetensors";
 pub const STATE: &str = "trainer_state.json";
 pub const CONFIG: &str = "config.json";
 pub const SPEC: &str = "spec.dsc";
+/// GRPO's reference policy (IR names, f32), when the run has one.
+pub const REFERENCE: &str = "ref_model.safetensors";
 /// Files of the source model directory copied into every checkpoint when present.
 pub const COPIED: [&str; 4] = ["generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"];
 
@@ -91,6 +93,8 @@ pub struct Loaded {
     pub weights: HashMap<String, Tensor>,
     pub optimizer: OptimizerState,
     pub state: TrainerState,
+    /// GRPO's reference policy, when the checkpoint holds one.
+    pub reference: Option<HashMap<String, Tensor>>,
 }
 
 /// The hub name and layout of every weight: stacked experts split, MTP copies added.
@@ -128,6 +132,20 @@ pub fn save(
     state: &TrainerState,
     files: &ModelFiles,
 ) -> Result<PathBuf, TrainError> {
+    save_with_reference(run_dir, name, weights, optimizer, state, files, None)
+}
+
+/// [`save`], with GRPO's reference policy in `ref_model.safetensors` when given (it moves
+/// with `ref_sync_steps`, so a resumed run needs it back).
+pub fn save_with_reference(
+    run_dir: &Path,
+    name: &str,
+    weights: &HashMap<String, Tensor>,
+    optimizer: &OptimizerState,
+    state: &TrainerState,
+    files: &ModelFiles,
+    reference: Option<&HashMap<String, Tensor>>,
+) -> Result<PathBuf, TrainError> {
     let final_dir = run_dir.join(name);
     let tmp = TempDir::create(run_dir, name)?;
     let t = &tmp.0;
@@ -143,6 +161,12 @@ pub fn save(
     }
     let meta = BTreeMap::from([("steps".to_string(), serde_json::to_string(&steps).expect("a map serialises"))]);
     write_synced(&t.join(OPTIMIZER), &safetensors_bytes(opt, meta, &t.join(OPTIMIZER))?)?;
+    if let Some(r) = reference {
+        let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
+            r.iter().map(|(n, t)| (n.clone(), t.shape().to_vec(), t.to_f32_vec())).collect();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        write_synced(&t.join(REFERENCE), &safetensors_bytes(tensors, BTreeMap::new(), &t.join(REFERENCE))?)?;
+    }
     write_synced(&t.join(STATE), pretty(state).as_bytes())?;
     write_synced(&t.join(CONFIG), pretty(&files.config).as_bytes())?;
     write_synced(&t.join(SPEC), files.spec_text.as_bytes())?;
@@ -317,7 +341,9 @@ pub fn load(dir: &Path) -> Result<Loaded, TrainError> {
     if let Some(stray) = tensors.keys().next() {
         return Err(bad(format!("`{stray}` has no step count")));
     }
-    Ok(Loaded { dir: dir.to_path_buf(), weights, optimizer, state })
+    let ref_path = dir.join(REFERENCE);
+    let reference = if ref_path.is_file() { Some(read_f32(&ref_path)?.1.into_iter().collect()) } else { None };
+    Ok(Loaded { dir: dir.to_path_buf(), weights, optimizer, state, reference })
 }
 
 /// The metadata and `f32` tensors of a safetensors file.

@@ -133,11 +133,7 @@ pub struct Cursor {
 pub struct Loader {
     data: Dataset,
     batch_size: usize,
-    shuffle: bool,
-    cursor: Cursor,
-    order: Vec<usize>,
-    /// The generator's state once this epoch's order is drawn: the next epoch's start.
-    next_rng: u64,
+    order: Order,
 }
 
 impl Loader {
@@ -148,12 +144,12 @@ impl Loader {
 
     /// Where `cursor` says, with the same order as when it was saved.
     pub fn resume(data: Dataset, batch_size: usize, shuffle: bool, cursor: Cursor) -> Loader {
-        let (order, next_rng) = epoch_order(data.examples.len(), shuffle, cursor.rng);
-        Loader { data, batch_size: batch_size.max(1), shuffle, cursor, order, next_rng }
+        let order = Order::new(data.examples.len(), shuffle, cursor);
+        Loader { data, batch_size: batch_size.max(1), order }
     }
 
     pub fn cursor(&self) -> Cursor {
-        self.cursor
+        self.order.cursor()
     }
 
     pub fn dataset(&self) -> &Dataset {
@@ -162,14 +158,43 @@ impl Loader {
 
     /// The next batch; moves to the next epoch when this one is used up.
     pub fn next_batch(&mut self) -> Batch {
+        let rows: Vec<&Example> = self.order.take(self.batch_size).into_iter().map(|i| &self.data.examples[i]).collect();
+        collate(&rows)
+    }
+}
+
+/// The order items of a dataset are visited in, epoch after epoch (reshuffled per epoch
+/// when `shuffle`), resumable from its [`Cursor`].
+pub struct Order {
+    n: usize,
+    shuffle: bool,
+    cursor: Cursor,
+    order: Vec<usize>,
+    /// The generator's state once this epoch's order is drawn: the next epoch's start.
+    next_rng: u64,
+}
+
+impl Order {
+    pub fn new(n: usize, shuffle: bool, cursor: Cursor) -> Order {
+        let (order, next_rng) = epoch_order(n, shuffle, cursor.rng);
+        Order { n, shuffle, cursor, order, next_rng }
+    }
+
+    pub fn cursor(&self) -> Cursor {
+        self.cursor
+    }
+
+    /// Up to `k` next indices, never across an epoch's end (the last take of an epoch may
+    /// be short); moves to the next epoch when this one is used up.
+    pub fn take(&mut self, k: usize) -> Vec<usize> {
         if self.cursor.index >= self.order.len() {
             self.cursor = Cursor { epoch: self.cursor.epoch + 1, index: 0, rng: self.next_rng };
-            (self.order, self.next_rng) = epoch_order(self.data.examples.len(), self.shuffle, self.cursor.rng);
+            (self.order, self.next_rng) = epoch_order(self.n, self.shuffle, self.cursor.rng);
         }
-        let end = (self.cursor.index + self.batch_size).min(self.order.len());
-        let rows: Vec<&Example> = self.order[self.cursor.index..end].iter().map(|&i| &self.data.examples[i]).collect();
+        let end = (self.cursor.index + k.max(1)).min(self.order.len());
+        let out = self.order[self.cursor.index..end].to_vec();
         self.cursor.index = end;
-        collate(&rows)
+        out
     }
 }
 

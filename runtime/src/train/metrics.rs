@@ -89,7 +89,12 @@ impl MetricsLog {
     /// Opens `run_dir/metrics.jsonl`: empty for a new run; for a run resumed after step
     /// `k`, without the lines of steps after `k` (rewritten atomically).
     pub fn open(run_dir: &Path, resumed_at: Option<u64>) -> Result<MetricsLog, TrainError> {
-        let path = run_dir.join(METRICS);
+        MetricsLog::open_named(run_dir, METRICS, resumed_at)
+    }
+
+    /// [`MetricsLog::open`] for another file of JSON lines with `step`.
+    pub fn open_named(run_dir: &Path, name: &str, resumed_at: Option<u64>) -> Result<MetricsLog, TrainError> {
+        let path = run_dir.join(name);
         let kept = match (resumed_at, path.is_file()) {
             (Some(k), true) => {
                 let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
@@ -115,7 +120,12 @@ impl MetricsLog {
     }
 
     pub fn append(&mut self, m: &StepMetrics) -> Result<(), TrainError> {
-        let line = format!("{}\n", m.to_json());
+        self.append_json(&m.to_json())
+    }
+
+    /// One line of any JSON object (it must have `step`, or a resume drops it).
+    pub fn append_json(&mut self, v: &Value) -> Result<(), TrainError> {
+        let line = format!("{v}\n");
         self.file.write_all(line.as_bytes()).and_then(|()| self.file.flush()).map_err(|e| TrainError::io(&self.path, e))
     }
 }
@@ -138,40 +148,66 @@ pub fn read_curve(path: &Path) -> Result<Vec<(u64, f64, f64)>, TrainError> {
 /// Writes `run_dir/loss.svg` (atomically): the loss over the steps, and the learning rate
 /// below it.
 pub fn plot(run_dir: &Path, curve: &[(u64, f64, f64)]) -> Result<(), TrainError> {
-    let svg = render_svg(curve).map_err(|e| TrainError::invalid(format!("cannot draw {PLOT}: {e}")))?;
-    crate::cli::import::write_atomically(&run_dir.join(PLOT), svg.as_bytes()).map_err(TrainError::invalid)
+    let loss: Vec<(u64, f64)> = curve.iter().map(|c| (c.0, c.1)).collect();
+    let lr: Vec<(u64, f64)> = curve.iter().map(|c| (c.0, c.2)).collect();
+    plot_panels(&run_dir.join(PLOT), &[("loss", loss), ("learning rate", lr)])
 }
 
-fn render_svg(curve: &[(u64, f64, f64)]) -> Result<String, Box<dyn std::error::Error>> {
+/// One series per panel, stacked, each over its steps: an SVG written atomically.
+pub fn plot_panels(path: &Path, panels: &[(&str, Vec<(u64, f64)>)]) -> Result<(), TrainError> {
+    let svg = render_svg(panels).map_err(|e| TrainError::invalid(format!("cannot draw {}: {e}", path.display())))?;
+    crate::cli::import::write_atomically(path, svg.as_bytes()).map_err(TrainError::invalid)
+}
+
+/// (step, value) of key `key` (a number, or `key.sub` inside an object) on every line of a
+/// metrics file that has it.
+pub fn read_series(path: &Path, key: &str) -> Result<Vec<(u64, f64)>, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let v: Value =
+            serde_json::from_str(line).map_err(|e| TrainError::invalid(format!("{}:{}: not valid JSON: {e}", path.display(), i + 1)))?;
+        let x = key.split('.').try_fold(&v, |v, k| v.get(k)).and_then(Value::as_f64);
+        if let (Some(s), Some(x)) = (v.get("step").and_then(Value::as_u64), x) {
+            out.push((s, x));
+        }
+    }
+    Ok(out)
+}
+
+fn render_svg(panels: &[(&str, Vec<(u64, f64)>)]) -> Result<String, Box<dyn std::error::Error>> {
     use plotters::prelude::*;
+    const COLORS: [RGBColor; 4] = [BLUE, RED, GREEN, MAGENTA];
     let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, (900, 640)).into_drawing_area();
+        let height = 40 + 300 * panels.len() as u32;
+        let root = SVGBackend::with_string(&mut svg, (900, height)).into_drawing_area();
         root.fill(&WHITE)?;
-        let (top, bottom) = root.split_vertically(400);
-        let last = curve.iter().map(|c| c.0).max().unwrap_or(1).max(2);
-        let first = curve.iter().map(|c| c.0).min().unwrap_or(1).min(last - 1);
-        let range = |ys: &mut dyn Iterator<Item = f64>| {
-            let (lo, hi) = ys.filter(|y| y.is_finite()).fold((f64::MAX, f64::MIN), |(a, b), y| (a.min(y), b.max(y)));
-            if lo > hi {
+        let areas = root.split_evenly((panels.len().max(1), 1));
+        let steps = panels.iter().flat_map(|p| p.1.iter().map(|c| c.0));
+        let last = steps.clone().max().unwrap_or(1).max(2);
+        let first = steps.min().unwrap_or(1).min(last - 1);
+        for (i, ((name, series), area)) in panels.iter().zip(&areas).enumerate() {
+            let (lo, hi) =
+                series.iter().map(|c| c.1).filter(|y| y.is_finite()).fold((f64::MAX, f64::MIN), |(a, b), y| (a.min(y), b.max(y)));
+            let (lo, hi) = if lo > hi {
                 (0.0, 1.0)
             } else {
                 let pad = ((hi - lo) * 0.05).max(hi.abs() * 1e-3).max(1e-12);
                 (lo - pad, hi + pad)
-            }
-        };
-        let panels: [(&DrawingArea<_, _>, &str, usize, RGBColor); 2] = [(&top, "loss", 1, BLUE), (&bottom, "learning rate", 2, RED)];
-        for (area, name, field, color) in panels {
-            let value = |c: &(u64, f64, f64)| if field == 1 { c.1 } else { c.2 };
-            let (lo, hi) = range(&mut curve.iter().map(value));
+            };
             let mut chart = ChartBuilder::on(area)
-                .caption(name, ("sans-serif", 20))
+                .caption(*name, ("sans-serif", 20))
                 .margin(12)
                 .x_label_area_size(32)
                 .y_label_area_size(70)
                 .build_cartesian_2d(first..last, lo..hi)?;
-            chart.configure_mesh().x_desc("step").y_desc(name).draw()?;
-            chart.draw_series(LineSeries::new(curve.iter().filter(|c| value(c).is_finite()).map(|c| (c.0, value(c))), &color))?;
+            chart.configure_mesh().x_desc("step").y_desc(*name).draw()?;
+            let color = COLORS[i % COLORS.len()];
+            chart.draw_series(LineSeries::new(series.iter().filter(|c| c.1.is_finite()).copied(), &color))?;
+            if series.len() < 30 {
+                chart.draw_series(series.iter().filter(|c| c.1.is_finite()).map(|&c| Circle::new(c, 3, color.filled())))?;
+            }
         }
         root.present()?;
     }
@@ -210,11 +246,16 @@ impl Progress {
 
     pub fn step(&self, m: &StepMetrics) {
         let msg = format!("loss {:.4}  grad_norm {:.3}  lr {:.3e}  {:.0} tok/s", m.loss, m.grad_norm, m.lr, m.tokens_per_s);
+        self.show(m.step, msg);
+    }
+
+    /// Step `step` done, with `msg` beside the bar (or on its plain line).
+    pub fn show(&self, step: u64, msg: String) {
         if let Some(b) = &self.bar {
             b.set_message(msg);
-            b.set_position(m.step);
+            b.set_position(step);
         } else if self.plain {
-            eprintln!("step {}/{}  {msg}", m.step, self.total);
+            eprintln!("step {step}/{}  {msg}", self.total);
         }
     }
 

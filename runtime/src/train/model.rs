@@ -9,7 +9,7 @@
 //! instead of the loss and takes their cotangent, the objective's gradient with respect
 //! to them, as a tensor ([`TrainModel::run_policy`]).
 
-use crate::reference::{run, ExecError, Options, Precision, Tensor, Weights};
+use crate::reference::{run, ErrorKind, ExecError, Options, Precision, Tensor, Weights};
 use dsc_compiler::ir::{Gradients, Mode, Module};
 use dsc_compiler::lower::lower_train;
 pub use dsc_compiler::lower::TrainHead;
@@ -57,6 +57,9 @@ pub struct TrainModel {
     /// The layer index of each expert-load result, in result order.
     pub moe_layers: Vec<u32>,
     pub head: TrainHead,
+    /// The same entry through the pipeline without autodiff, for [`TrainModel::log_probs`]
+    /// (built for [`TrainHead::LogProbs`] only).
+    pub forward: Option<Module>,
 }
 
 /// One policy batch's per-token log-probabilities, gradients and expert loads.
@@ -80,10 +83,21 @@ impl TrainModel {
 
     /// As [`TrainModel::compile`], with `head` as the entry's first result.
     pub fn compile_head(spec: &Spec, head: TrainHead, opts: TrainOptions, selection: &PassSelection) -> Result<TrainModel, String> {
-        let mut module = lower_train(spec, head).map_err(|e| e.to_string())?;
+        let lowered = lower_train(spec, head).map_err(|e| e.to_string())?;
+        let mut module = lowered.clone();
         let mut cx = PassCx::new(Mode::Train);
         cx.train = opts;
         passes::compile(&mut module, selection, &mut cx).map_err(|e| e.to_string())?;
+        let forward = match head {
+            TrainHead::Loss => None,
+            TrainHead::LogProbs { .. } => {
+                let mut f = lowered;
+                let mut sel = selection.clone();
+                sel.disable("autodiff").map_err(|e| e.to_string())?;
+                passes::compile(&mut f, &sel, &mut PassCx::new(Mode::Train)).map_err(|e| e.to_string())?;
+                Some(f)
+            }
+        };
         let gradients = module.gradients.clone().ok_or("the training pipeline ran without autodiff (`--passes -autodiff`?)")?;
         let m = &spec.model;
         let is_moe = |f: &Ffn| matches!(f, Ffn::Moe(_));
@@ -101,7 +115,7 @@ impl TrainModel {
                 gradients.results
             ));
         }
-        Ok(TrainModel { module, gradients, moe_layers, head })
+        Ok(TrainModel { module, gradients, moe_layers, head, forward })
     }
 
     /// Runs the differentiated entry on one batch: `input_ids`, `positions`, `labels`
@@ -111,19 +125,33 @@ impl TrainModel {
             Precision::F32 => Tensor::scalar(w as f32),
             Precision::F64 => Tensor::f64(&[], vec![w]),
         };
-        let raw = self.run_raw(weights, batch, [scalar(terms.main), scalar(terms.mtp), scalar(terms.aux)], precision)?;
+        let raw = self.run_raw(weights, &batch, [scalar(terms.main), scalar(terms.mtp), scalar(terms.aux)], precision)?;
         let loss = raw.first.get_flat(0);
         let objective = terms.main * loss + terms.mtp * raw.mtp_loss + terms.aux * raw.aux_loss;
         Ok(GradOutput { loss, mtp_loss: raw.mtp_loss, aux_loss: raw.aux_loss, objective, grads: raw.grads, loads: raw.loads })
     }
 
+    /// The per-token log-probabilities `[b, s-1]` of a [`TrainHead::LogProbs`] model on
+    /// `batch` (as [`TrainModel::run_policy`]'s), without gradients.
+    pub fn log_probs(&self, weights: &dyn Weights, batch: &[&Tensor], precision: Precision) -> Result<Tensor, ExecError> {
+        let Some(f) = &self.forward else {
+            return Err(ExecError::new(ErrorKind::Entry, "log_probs needs a model compiled with TrainHead::LogProbs"));
+        };
+        let args: Vec<Tensor> = batch.iter().map(|t| (*t).clone()).collect();
+        let opts = Options { precision, ..Options::default() };
+        let first = run(f, Mode::Train, &args, weights, &opts)?.into_iter().next();
+        first.ok_or_else(|| ExecError::new(ErrorKind::Entry, "the train entry returned nothing"))
+    }
+
     /// Runs a [`TrainHead::LogProbs`] model on one batch with `dlogp` (`[b, s-1]`, the
     /// objective's gradient with respect to `logp`) as the cotangent of the
-    /// log-probabilities and `mtp`, `aux` as the weights of the other two terms.
+    /// log-probabilities and `mtp`, `aux` as the weights of the other two terms. `batch`
+    /// is `input_ids`, `positions`, `labels`, then any inputs a rewrite added (replayed
+    /// routing).
     pub fn run_policy(
         &self,
         weights: &dyn Weights,
-        batch: [&Tensor; 3],
+        batch: &[&Tensor],
         dlogp: &Tensor,
         mtp: f64,
         aux: f64,
@@ -142,7 +170,7 @@ impl TrainModel {
     }
 
     /// The entry on `batch` with one cotangent per seeded result.
-    fn run_raw(&self, weights: &dyn Weights, batch: [&Tensor; 3], cot: [Tensor; 3], precision: Precision) -> Result<Raw, ExecError> {
+    fn run_raw(&self, weights: &dyn Weights, batch: &[&Tensor], cot: [Tensor; 3], precision: Precision) -> Result<Raw, ExecError> {
         let mut args: Vec<Tensor> = batch.iter().map(|t| (*t).clone()).collect();
         let mut cot = cot.map(Some);
         for &i in &self.gradients.seeds {

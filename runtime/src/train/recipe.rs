@@ -161,7 +161,7 @@ pub enum ScheduleKind {
 
 /// `recompute:` in YAML: the compiler's [`Recompute`] by its name. The names go through
 /// a derived enum so that serde_yaml places a bad one on its line.
-mod recompute_name {
+pub(crate) mod recompute_name {
     use super::Recompute;
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -234,12 +234,18 @@ impl Recipe {
     /// Checks a recipe's text; `path` names it in errors and anchors relative paths.
     pub fn parse(path: &Path, text: &str) -> Result<Recipe, TrainError> {
         let file: RecipeFile = serde_yaml::from_str(text).map_err(|e| yaml_error(path, &e))?;
-        let at = |key: &str, msg: String| -> TrainError {
-            match line_of(text, key) {
-                Some(l) => TrainError::invalid(format!("{}:{l}: {msg}", path.display())),
-                None => TrainError::invalid(format!("{}: {msg}", path.display())),
-            }
+        let hash = {
+            let mut f = file.clone();
+            f.out = PathBuf::new();
+            fnv1a(serde_json::to_string(&f).expect("a recipe serialises").as_bytes())
         };
+        Recipe::check(path, text, file, hash)
+    }
+
+    /// Checks the values of a parsed recipe (`text` locates the keys in errors); `hash`
+    /// identifies the run ([`Recipe::hash`]). GRPO's recipe shares these fields and checks.
+    pub fn check(path: &Path, text: &str, file: RecipeFile, hash: String) -> Result<Recipe, TrainError> {
+        let at = |key: &str, msg: String| at_line(path, text, key, msg);
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let rel = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
 
@@ -299,11 +305,6 @@ impl Recipe {
         }
         let schedule = schedule(&file.schedule, file.steps).map_err(|(key, msg)| at(key, msg))?;
         let adamw = AdamW { betas: o.betas, eps: o.eps, weight_decay: o.weight_decay };
-        let hash = {
-            let mut f = file.clone();
-            f.out = PathBuf::new();
-            fnv1a(serde_json::to_string(&f).expect("a recipe serialises").as_bytes())
-        };
         Ok(Recipe { path: path.to_path_buf(), data: rel(&file.data), out: rel(&file.out), source, adamw, schedule, hash, file })
     }
 
@@ -373,9 +374,18 @@ fn schedule(s: &ScheduleFile, steps: u64) -> Result<Schedule, (&'static str, Str
     }
 }
 
+/// `FILE:LINE: msg` with the line where `key:` is written, `FILE: msg` when it cannot be
+/// found.
+pub(crate) fn at_line(path: &Path, text: &str, key: &str, msg: String) -> TrainError {
+    match line_of(text, key) {
+        Some(l) => TrainError::invalid(format!("{}:{l}: {msg}", path.display())),
+        None => TrainError::invalid(format!("{}: {msg}", path.display())),
+    }
+}
+
 /// serde_yaml's error as `FILE:LINE:COL: message`, with "did you mean" for a misspelt
 /// field or value.
-fn yaml_error(path: &Path, e: &serde_yaml::Error) -> TrainError {
+pub(crate) fn yaml_error(path: &Path, e: &serde_yaml::Error) -> TrainError {
     let text = e.to_string();
     // serde_yaml appends the location; we put it in front, as every dsc error does.
     let msg = match text.rfind(" at line ") {

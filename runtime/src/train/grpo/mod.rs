@@ -1,9 +1,14 @@
-//! GRPO (Group Relative Policy Optimization, DeepSeekMath) without the model: the loss and
-//! its gradient with respect to the policy's per-token log-probabilities (`loss`), and the
-//! rule-based rewards that score decoded completions (`reward`).
+//! GRPO (Group Relative Policy Optimization, DeepSeekMath): the loss and its gradient with
+//! respect to the policy's per-token log-probabilities (`loss`), the rule-based rewards that
+//! score decoded completions (`reward`), the recipe (`recipe`), prompts, logged rollouts and
+//! the policy's batch layout (`data`), and the loop that generates and trains with one
+//! compiled model (`train`).
 
+pub mod data;
 pub mod loss;
+pub mod recipe;
 pub mod reward;
+pub mod train;
 
 pub use loss::{
     advantages, grpo_loss, GrpoBatch, GrpoConfig, GrpoError, GrpoMetrics, GrpoOutput, ImportanceSamplingLevel, LossType, ScaleRewards,

@@ -16,7 +16,7 @@
 //! ```
 
 use super::suggest;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -55,7 +55,7 @@ pub trait Reward: Send + Sync {
 }
 
 /// Where the final answer sits in a completion. No regexes: each rule is a plain substring search.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Extract {
     /// The text between the last `open` and the first `close` after it.
@@ -195,7 +195,7 @@ impl Reward for WeightedSum {
 }
 
 /// One reward of a training config: which, its weight in the sum, and its options.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(try_from = "RawSpec")]
 pub struct RewardSpec {
     pub weight: f64,
@@ -203,7 +203,7 @@ pub struct RewardSpec {
 }
 
 /// The built-in rewards and their options.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub enum RewardKind {
     ExactMatch { extract: Extract },
     Format,
