@@ -3,7 +3,8 @@
 //! - **Every rule**: a one-op graph per derivative rule of `passes/autodiff.rs` (unary,
 //!   binary with broadcasting, select, reductions, softmax, gather, scatter, top-k, the
 //!   layout ops, cast, and the composites rms_norm, rope with YaRN, attention (GQA, MLA
-//!   head dims, masked), moe_route (softmax and sigmoid, groups, normalisation, scale),
+//!   head dims, masked), moe_route (softmax and sigmoid, groups, normalisation, scale)
+//!   and its replay at given experts,
 //!   expert_ffn, swiglu, cross_entropy, token_logprob), reduced to a scalar by a fixed random weighting;
 //!   every param element's derivative against a central difference.
 //! - **Whole models**: every tiny spec (all families, MTP, balance losses, group-limited
@@ -15,6 +16,9 @@
 //!   random per-token cotangent `w` at a temperature ≠ 1, and the identity
 //!   `loss = −mean(logp)`: the log-prob model seeded with `−1/count` per labelled token
 //!   gives the SFT model's gradients.
+//! - **Routing replay**: a train graph whose main-layer routers replay given experts
+//!   (`replay_routing`) equals the free-routing one when given the routers' own choices,
+//!   and, given other experts, changes the loss and still matches finite differences.
 //!
 //! Tolerance: `|analytic − numeric| ≤ 1e-6 · (1 + max |grad|)` with `h = 1e-5` (the
 //! difference of a smooth f64 function is accurate to ~1e-10 there; routing decisions do
@@ -24,6 +28,7 @@ use dsc_compiler::ir::{BinaryOp, DType, Dim, Function, Mode, Module, Op, ReduceO
 use dsc_compiler::lower::lower_mode;
 use dsc_compiler::passes::autodiff::{Recompute, TrainOptions};
 use dsc_compiler::passes::{self, PassCx, PassSelection};
+use dsc_runtime::generate::rewrite::{expose_routing, replay_routing};
 use dsc_runtime::reference::{run, Options, Precision, Tensor};
 use dsc_runtime::train::model::{Terms, TrainHead, TrainModel};
 use dsc_tests::{entry_params, random_weights, SplitMix64 as Rng};
@@ -280,6 +285,16 @@ fn cases(rng: &mut Rng) -> Vec<Case> {
         ("moe_route_sigmoid_groups", routing(Scoring::Sigmoid, 3, true)),
     ] {
         v.push(c(name, Op::MoeRoute(r), vec![f(&[2, 3, 6])]));
+    }
+    // Replayed routing: the given experts (distinct per token, some outside what the
+    // logits would choose, or the kept groups), weights recomputed from the logits.
+    let ridx = Tensor::i32(&[2, 3, 2], vec![0, 5, 3, 1, 2, 4, 5, 0, 1, 3, 4, 2]);
+    for (name, r) in [
+        ("moe_route_replay_softmax", routing(Scoring::Softmax, 1, false)),
+        ("moe_route_replay_softmax_norm", routing(Scoring::Softmax, 1, true)),
+        ("moe_route_replay_sigmoid_groups", routing(Scoring::Sigmoid, 3, true)),
+    ] {
+        v.push(Case { name, op: Op::MoeRouteReplay(r), params: vec![f(&[2, 3, 6])], ints: vec![(1, ridx.clone())] });
     }
     let eidx = Tensor::i32(&[2, 3, 2], (0..12).map(|_| rng.below(4) as i32).collect::<Vec<_>>());
     // Distinct experts per token (as a router gives).
@@ -587,4 +602,207 @@ fn policy_log_probs_match_finite_differences_and_the_loss() {
         let err = a.iter().zip(&b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
         assert!(err <= 1e-12 * scale, "{name}: policy and SFT gradients differ by {err:e}");
     }
+}
+// ---------------------------------------------------------------- routing replay
+
+/// `spec`'s train entry, lowered, optionally with the main layers' routing replayed
+/// (`replay_routing`, before the passes as it must be), then compiled by the training
+/// pipeline (`differentiate`) or by it without autodiff.
+fn train_module(spec: &dsc_dsl::Spec, replay: bool, differentiate: bool) -> (Module, Vec<Option<u32>>) {
+    let mut m = lower_mode(spec, Mode::Train).unwrap();
+    let layers = spec.model.layers as u32;
+    let sites = if replay { replay_routing(&mut m, Mode::Train, |l| l.is_some_and(|l| l < layers)).unwrap() } else { Vec::new() };
+    let selection = if differentiate { PassSelection::default() } else { PassSelection::parse("-autodiff").unwrap() };
+    passes::compile(&mut m, &selection, &mut PassCx::new(Mode::Train)).unwrap();
+    (m, sites)
+}
+
+/// The experts every main-layer router chooses on this batch: the forward-only train
+/// graph with `expose_routing`, run in f64, its indices kept for `sites`' layers.
+fn own_choices(spec: &dsc_dsl::Spec, weights: &HashMap<String, Tensor>, batch: &[Tensor; 3]) -> Vec<(Option<u32>, Tensor)> {
+    let (mut m, _) = train_module(spec, false, false);
+    let before = m.signature(&m.entries[&Mode::Train]).unwrap().outputs.len();
+    let sites = expose_routing(&mut m, Mode::Train).unwrap();
+    let opts = Options { precision: Precision::F64, ..Options::default() };
+    let outs = run(&m, Mode::Train, batch, weights, &opts).unwrap();
+    let layers = spec.model.layers as u32;
+    sites.into_iter().zip(outs[before..].chunks(2)).filter(|(l, _)| l.is_some_and(|l| l < layers)).map(|(l, p)| (l, p[0].clone())).collect()
+}
+
+/// Runs a differentiated replaying module: the batch, the replayed indices, then one
+/// seed of 1 per loss term (objective `loss + mtp_loss + aux_loss`); returns the three
+/// losses and the param gradients by name.
+fn run_replayed(
+    m: &Module,
+    batch: &[Tensor; 3],
+    routes: &[Tensor],
+    weights: &HashMap<String, Tensor>,
+) -> ([f64; 3], HashMap<String, Tensor>) {
+    let g = m.gradients.clone().unwrap();
+    let entry = m.entry(Mode::Train).unwrap();
+    let names: Vec<String> = entry
+        .graph
+        .arguments()
+        .iter()
+        .map(|&n| match &entry.graph.node(n).op {
+            Op::Input { name, .. } => name.clone(),
+            _ => unreachable!(),
+        })
+        .collect();
+    // The replayed indices follow the batch and precede the seeds autodiff appends.
+    let want: Vec<String> = (0..routes.len()).map(|k| format!("routing.{k}")).collect();
+    assert_eq!(names[3..3 + routes.len()], want[..], "{names:?}");
+    let mut args: Vec<Tensor> = batch.iter().chain(routes).cloned().collect();
+    assert!(g.seeds.iter().all(|&i| i < 3), "seeds {:?}", g.seeds);
+    args.extend(g.seeds.iter().map(|_| Tensor::f64(&[], vec![1.0])));
+    assert_eq!(args.len(), names.len());
+    let opts = Options { precision: Precision::F64, ..Options::default() };
+    let outs = run(m, Mode::Train, &args, weights, &opts).unwrap();
+    let losses = [0, 1, 2].map(|i| outs[i].get_flat(0));
+    (losses, g.params.iter().cloned().zip(outs.into_iter().skip(g.results)).collect())
+}
+
+#[test]
+fn routing_replay_of_own_choices_is_free_routing() {
+    for name in ["tiny_v3.dsc", "tiny_moe.dsc"] {
+        let spec = tiny(name);
+        let (free, _) = train_module(&spec, false, false);
+        let mut rng = Rng(99);
+        let weights = f64_weights(random_weights(&entry_params(&free, Mode::Train), &mut rng));
+        let batch = batch(spec.model.vocab, &mut rng);
+        let own = own_choices(&spec, &weights, &batch);
+        let (replayed, sites) = train_module(&spec, true, true);
+        assert_eq!(sites, own.iter().map(|(l, _)| *l).collect::<Vec<_>>(), "{name}: one argument per main-layer router, in call order");
+        assert!(!sites.is_empty());
+        let routes: Vec<Tensor> = own.into_iter().map(|(_, t)| t).collect();
+        let (losses, grads) = run_replayed(&replayed, &batch, &routes, &weights);
+
+        let tm = TrainModel::compile(&spec, TrainOptions::default(), &PassSelection::default()).unwrap();
+        let terms = Terms { main: 1.0, mtp: 1.0, aux: 1.0 };
+        let out = tm.run(&weights, [&batch[0], &batch[1], &batch[2]], terms, Precision::F64).unwrap();
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * (1.0 + b.abs());
+        for (got, want) in losses.iter().zip([out.loss, out.mtp_loss, out.aux_loss]) {
+            assert!(close(*got, want), "{name}: loss {got} vs free routing {want}");
+        }
+        let mut exact = true;
+        for (param, want) in &out.grads {
+            let w = want.to_f64_vec();
+            // The selection bias is dropped by the replay (and takes no gradient anyway).
+            let Some(got) = grads.get(param) else {
+                assert!(w.iter().all(|&x| x == 0.0), "{name}: {param} has a gradient but is gone from the replayed graph");
+                continue;
+            };
+            let g = got.to_f64_vec();
+            exact &= g == w;
+            let scale = 1.0 + w.iter().fold(0.0f64, |a, x| a.max(x.abs()));
+            for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+                assert!((a - b).abs() <= 1e-12 * scale, "{name}: d/d {param}[{i}]: replayed {a:e}, free {b:e}");
+            }
+        }
+        println!("{name}: replayed own routing, {} routers, gradients bit-exact: {exact}", routes.len());
+    }
+}
+
+#[test]
+fn routing_replay_of_other_experts_matches_finite_differences() {
+    for name in ["tiny_v3.dsc", "tiny_moe.dsc"] {
+        let spec = tiny(name);
+        let (free, _) = train_module(&spec, false, false);
+        let mut rng = Rng(5);
+        let weights = f64_weights(random_weights(&entry_params(&free, Mode::Train), &mut rng));
+        let batch = batch(spec.model.vocab, &mut rng);
+        let own: Vec<Tensor> = own_choices(&spec, &weights, &batch).into_iter().map(|(_, t)| t).collect();
+        let (replayed, _) = train_module(&spec, true, true);
+        let (forward, _) = train_module(&spec, true, false);
+        let (own_losses, _) = run_replayed(&replayed, &batch, &own, &weights);
+        // Other experts: each token's slots shifted to the next experts not yet chosen
+        // (distinct within the token, as a router's are).
+        let experts = spec.model.ffn.iter().find_map(|b| match &b.kind {
+            dsc_dsl::model::Ffn::Moe(m) => Some(m.routed_experts as i32),
+            _ => None,
+        });
+        let e = experts.unwrap();
+        let other: Vec<Tensor> = own
+            .iter()
+            .map(|t| {
+                let k = *t.shape().last().unwrap();
+                let v: Vec<i32> = t
+                    .as_i32()
+                    .unwrap()
+                    .chunks(k)
+                    .flat_map(|row| {
+                        let mut out: Vec<i32> = Vec::new();
+                        let mut next = row[0];
+                        for _ in 0..k {
+                            next = (next + 1) % e;
+                            while row.contains(&next) || out.contains(&next) {
+                                next = (next + 1) % e;
+                            }
+                            out.push(next);
+                        }
+                        out
+                    })
+                    .collect();
+                Tensor::i32(t.shape(), v)
+            })
+            .collect();
+        assert_ne!(
+            other.iter().map(|t| t.as_i32().unwrap().to_vec()).collect::<Vec<_>>(),
+            own.iter().map(|t| t.as_i32().unwrap().to_vec()).collect::<Vec<_>>()
+        );
+        let (losses, grads) = run_replayed(&replayed, &batch, &other, &weights);
+        assert!((losses[0] - own_losses[0]).abs() > 1e-9, "{name}: other experts, same loss {}", losses[0]);
+        let opts = Options { precision: Precision::F64, ..Options::default() };
+        let args: Vec<Tensor> = batch.iter().chain(&other).cloned().collect();
+        let objective = |ws: &HashMap<String, Tensor>| {
+            let r = run(&forward, Mode::Train, &args, ws, &opts).unwrap();
+            r[0].get_flat(0) + r[1].get_flat(0) + r[2].get_flat(0)
+        };
+        assert!((objective(&weights) - losses.iter().sum::<f64>()).abs() < 1e-12 * (1.0 + losses[0].abs()));
+        let worst = fd_check(&format!("{name} replayed"), &weights, &grads, 3, &mut rng, &objective);
+        println!("{name}: replayed other experts, loss {} (own {}), worst relative error {worst:.2e}", losses[0], own_losses[0]);
+    }
+}
+
+#[test]
+fn routing_replay_decomposes_to_the_composites_values() {
+    // `decompose` expands the replayed router with the router's own weight tail; the
+    // expanded graph computes what the composite kernel computes, to rounding.
+    let mut rng = Rng(17);
+    for case in cases(&mut rng).iter().filter(|c| c.name.starts_with("moe_route_replay")) {
+        let (plain, weights) = module_for(case, &mut rng);
+        let mut expanded = plain.clone();
+        let mut count = std::collections::BTreeMap::new();
+        let f = expanded.function_mut("train").unwrap();
+        dsc_compiler::passes::decompose::decompose_graph(&mut f.graph, &mut count).unwrap();
+        assert_eq!(count.get("moe_route_replay"), Some(&1), "{}", case.name);
+        assert_eq!(dsc_compiler::ir::verify(&expanded), Ok(()), "{}", case.name);
+        let ints: Vec<Tensor> = case.ints.iter().map(|(_, t)| t.clone()).collect();
+        let opts = Options { precision: Precision::F64, ..Options::default() };
+        let a = run(&plain, Mode::Train, &ints, &weights, &opts).unwrap()[0].get_flat(0);
+        let b = run(&expanded, Mode::Train, &ints, &weights, &opts).unwrap()[0].get_flat(0);
+        assert!((a - b).abs() <= 1e-12 * (1.0 + a.abs()), "{}: composite {a}, decomposed {b}", case.name);
+    }
+}
+
+#[test]
+fn routing_replay_refuses_what_it_cannot_replay() {
+    let spec = tiny("tiny_moe.dsc");
+    // Layers 1 and 3 share one MoE body: it cannot replay at one and choose at the other.
+    let mut m = lower_mode(&spec, Mode::Train).unwrap();
+    let e = replay_routing(&mut m, Mode::Train, |l| l == Some(1)).unwrap_err();
+    assert!(e.contains("both replayed and free sites"), "{e}");
+    // Nothing to replay is an error too (a caller asking for replay expects arguments).
+    let mut m = lower_mode(&spec, Mode::Train).unwrap();
+    assert!(replay_routing(&mut m, Mode::Train, |_| false).unwrap_err().contains("no router to replay"));
+    // An expert outside 0..E is an error of the run, not a panic.
+    let (replayed, sites) = train_module(&spec, true, false);
+    let mut rng = Rng(3);
+    let weights = f64_weights(random_weights(&entry_params(&replayed, Mode::Train), &mut rng));
+    let batch = batch(spec.model.vocab, &mut rng);
+    let bad = Tensor::i32(&[2, 6, 2], vec![1_000; 24]);
+    let args: Vec<Tensor> = batch.iter().cloned().chain(sites.iter().map(|_| bad.clone())).collect();
+    let opts = Options { precision: Precision::F64, ..Options::default() };
+    let err = run(&replayed, Mode::Train, &args, &weights, &opts).unwrap_err().to_string();
+    assert!(err.contains("replayed expert index 1000 is out of range"), "{err}");
 }

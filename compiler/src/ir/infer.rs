@@ -394,6 +394,17 @@ fn rule(op: &Op, x: &[&Ty], callee: Option<&Signature>) -> R<Vec<Ty>> {
             one(logits.clone())
         }
 
+        Op::MoeRouteReplay(r) => {
+            // The router's own rule (without the bias it ignores) fixes the outputs; the
+            // given indices must be exactly the shape of the first.
+            let fwd = rule(&Op::MoeRoute(Routing { selection_bias: false, ..*r }), &x[..1], callee)?;
+            int(x[1], "indices")?;
+            if x[1].shape != fwd[0].shape {
+                return Err(format!("indices must be [T.., {}] of the logits, got {}", r.top_k, x[1]));
+            }
+            Ok(fwd)
+        }
+
         Op::CrossEntropyGrad { ignore_index } => {
             rule(&Op::CrossEntropy { ignore_index: *ignore_index }, &x[..2], callee)?;
             if *x[2] != Ty::scalar(DType::F32) {
@@ -834,6 +845,10 @@ mod tests {
         assert_eq!(out, vec![i32t([B, S, n(8)]), Ty::new(DType::F32, [B, S, n(8)])]);
         let lone = Routing { groups: 3, ..routing };
         assert!(bad(Op::MoeRoute(lone), &[&logits, &bias]).contains("groups dividing"));
+        // Replay: no bias input whatever `selection_bias` says; the router's outputs.
+        assert_eq!(ok(Op::MoeRouteReplay(routing), &[&logits, &out[0]]), out);
+        assert!(bad(Op::MoeRouteReplay(routing), &[&logits, &i32t([B, S, n(6)])]).contains("indices must be [T.., 8]"));
+        assert!(bad(Op::MoeRouteReplay(routing), &[&logits, &logits]).contains("indices"));
 
         let idx = &out[0];
         let w = &out[1];

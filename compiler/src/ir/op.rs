@@ -281,7 +281,7 @@ pub enum GroupScore {
     Top2Sum,
 }
 
-/// Settings of [`Op::MoeRoute`]: `dsc_dsl::model::Router` with the spec's conditional
+/// Settings of [`Op::MoeRoute`] (and [`Op::MoeRouteReplay`]): `dsc_dsl::model::Router` with the spec's conditional
 /// rules already applied, so a kernel reads plain values: `normalize` is decided for this
 /// `top_k`, and `scale` is the factor actually applied (1 when the spec scales only
 /// un-normalised weights and these are normalised).
@@ -624,6 +624,32 @@ pub enum Op {
     /// Only through the weights: the gathered scores of the chosen experts depend on
     /// `logits`; indices and the bias (selection only) have none.
     MoeRoute(Routing),
+    /// [`Op::MoeRoute`] with the selection given: routing replay (verl's "R3" for MoE RL).
+    /// A GRPO rollout records, per token and MoE layer, the experts its router chose; the
+    /// training forward reuses them, so the policy gradient is taken through the same
+    /// experts that produced the samples (recomputing the selection from training-time
+    /// logits picks different experts for some tokens, which destabilises MoE RL). The gate
+    /// weights are still recomputed from `logits` at the given indices, exactly as
+    /// `MoeRoute` computes them at its own choice (score, gather, normalise, scale), and
+    /// differentiated. The selection bias, the groups and `top_k`'s order only decide the
+    /// selection, so the op has no bias input whatever `selection_bias` says; `groups`
+    /// and `groups_kept` are not checked against the indices (a replayed expert may lie
+    /// outside the groups the training logits would keep).
+    ///
+    /// ## Shape rule
+    /// `logits: float[T.., E]`, `indices: int[T.., top_k]` →
+    /// `(indices: i32[T.., top_k], weights: float[T.., top_k])`, as [`Op::MoeRoute`]'s
+    /// outputs (the first is the given indices as `i32`); the [`Routing`] must be valid for
+    /// `E` as for `MoeRoute`. Every index must lie in `0..E` (checked when it runs).
+    ///
+    /// ## Derivative
+    /// As [`Op::MoeRoute`]: [`Op::MoeRouteGrad`] through the weights, at the given indices;
+    /// the indices take none.
+    ///
+    /// ## Decomposition
+    /// softmax|sigmoid, then `MoeRoute`'s weight tail: one-hot pick at the indices, sum,
+    /// normalise, scale.
+    MoeRouteReplay(Routing),
     /// The routed experts of one MoE layer as one grouped op: each token runs the SwiGLU
     /// experts named by its routing indices and sums their outputs weighted by the gate
     /// weights. The weights stay stacked, so 256 experts are one node, not 256. A
@@ -841,6 +867,7 @@ impl Op {
             Op::Rope { .. } => "rope",
             Op::Attention { .. } => "attention",
             Op::MoeRoute(_) => "moe_route",
+            Op::MoeRouteReplay(_) => "moe_route_replay",
             Op::ExpertFfn => "expert_ffn",
             Op::SwiGlu => "swiglu",
             Op::CrossEntropy { .. } => "cross_entropy",
@@ -883,7 +910,8 @@ impl Op {
             | Op::Rope { .. }
             | Op::CrossEntropy { .. }
             | Op::TokenLogProb { .. }
-            | Op::CacheAppend { .. } => Exact(2),
+            | Op::CacheAppend { .. }
+            | Op::MoeRouteReplay(_) => Exact(2),
             Op::Select
             | Op::ScatterAdd { .. }
             | Op::RmsNormGrad { .. }
@@ -905,7 +933,7 @@ impl Op {
     /// How many values the op produces; `None` for [`Op::Call`], whose callee decides.
     pub fn num_outputs(&self) -> Option<usize> {
         match self {
-            Op::TopK { .. } | Op::MoeRoute(_) | Op::RmsNormGrad { .. } => Some(2),
+            Op::TopK { .. } | Op::MoeRoute(_) | Op::MoeRouteReplay(_) | Op::RmsNormGrad { .. } => Some(2),
             Op::Attention { lse, .. } => Some(if *lse { 2 } else { 1 }),
             Op::AttentionGrad { .. } => Some(3),
             Op::SwiGluGrad => Some(4),
@@ -951,6 +979,7 @@ impl Op {
                 | Op::Rope { .. }
                 | Op::Attention { .. }
                 | Op::MoeRoute(_)
+                | Op::MoeRouteReplay(_)
                 | Op::ExpertFfn
                 | Op::SwiGlu
                 | Op::CrossEntropy { .. }

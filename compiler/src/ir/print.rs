@@ -229,7 +229,7 @@ fn attrs(op: &Op) -> String {
                 a.push(format!("ignore_index={i}"));
             }
         }
-        Op::MoeRoute(r) | Op::MoeRouteGrad(r) => {
+        Op::MoeRoute(r) | Op::MoeRouteReplay(r) | Op::MoeRouteGrad(r) => {
             let scoring = match r.scoring {
                 Scoring::Softmax => "softmax",
                 Scoring::Sigmoid => "sigmoid",

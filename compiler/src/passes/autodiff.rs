@@ -807,8 +807,10 @@ impl<'a> Sweep<'a> {
                 }
             }
             // dlogits = moe_route_grad(logits, indices, dweights): through the chosen gate
-            // weights only; neither the selection nor the bias takes a gradient
-            Op::MoeRoute(r) => {
+            // weights only; neither the selection nor the bias takes a gradient. A replayed
+            // router's weights are the same function of the logits at its given indices
+            // (its output 0), so the same rule serves it and its indices input gets none.
+            Op::MoeRoute(r) | Op::MoeRouteReplay(r) => {
                 if let Some(dw) = d[1] {
                     let logits = self.primal(ins[0])?;
                     let idx = self.primal(n.out(0))?;

@@ -12,6 +12,7 @@
 //!   token_logprob    ──▶  per label: Σ select(onehot, l, 0) − logsumexp(l), 0 where ignored
 //!   moe_route        ──▶  softmax|sigmoid, + bias, group scores (reduce_max | top_k 2 + sum),
 //!                         top_k groups → kept mask → select(−inf) → top_k experts → one-hot pick
+//!   moe_route_replay ──▶  softmax|sigmoid → one-hot pick at the given indices (moe_route's tail)
 //! ```
 //!
 //! What stays whole, and why:
@@ -109,6 +110,10 @@ pub fn decompose_graph(g: &mut Graph, count: &mut BTreeMap<&'static str, usize>)
             Op::TokenLogProb { ignore_index } => vec![token_logprob(&mut e, ins[0], ins[1], *ignore_index)],
             Op::MoeRoute(r) => {
                 let (i, w) = moe_route(&mut e, ins[0], ins.get(1).copied(), r);
+                vec![i, w]
+            }
+            Op::MoeRouteReplay(r) => {
+                let (i, w) = moe_route_replay(&mut e, ins[0], ins[1], r);
                 vec![i, w]
             }
             _ => continue,
@@ -504,6 +509,36 @@ fn moe_route_inner(e: &mut Emit, logits: Value, bias: Option<Value>, r: &Routing
     };
     let top = e.node(Op::TopK { k: r.top_k, axis: ax as u8 }, &[candidates])?;
     let idx = top.out(1);
+    let w = gate_weights(e, scores, idx, r)?;
+    Ok((idx, w))
+}
+
+/// The replayed router: the scores, then the gate weights at the given indices
+/// ([`gate_weights`], as the router's own); the indices pass through as `i32`.
+fn moe_route_replay(e: &mut Emit, logits: Value, idx: Value, r: &Routing) -> (R<Value>, R<Value>) {
+    let inner = |e: &mut Emit| -> R<(Value, Value)> {
+        let ax = e.ty(logits).rank() - 1;
+        let scores = match r.scoring {
+            Scoring::Softmax => e.op(Op::Softmax { axis: ax as u8 }, &[logits])?,
+            Scoring::Sigmoid => e.un(UnaryOp::Sigmoid, logits)?,
+        };
+        let idx = if e.ty(idx).dtype == DType::I32 { idx } else { e.op(Op::Cast { to: DType::I32 }, &[idx])? };
+        let w = gate_weights(e, scores, idx, r)?;
+        Ok((idx, w))
+    };
+    match inner(e) {
+        Ok((i, w)) => (Ok(i), Ok(w)),
+        Err(m) => (Err(m.clone()), Err(m)),
+    }
+}
+
+/// The router's gate weights from its scores `[T.., E]` and chosen indices
+/// `i32[T.., top_k]`: the scores there, normalised and scaled as `r` says. Shared by the
+/// router and its replay, so the two cannot compute weights differently.
+fn gate_weights(e: &mut Emit, scores: Value, idx: Value, r: &Routing) -> R<Value> {
+    let t = e.ty(scores);
+    let (ax, dt) = (t.rank() - 1, t.dtype);
+    let experts = t.shape[ax].as_const().ok_or("the expert axis must be constant")?;
     // The unbiased scores of the chosen experts, by a one-hot sum (exact: one term).
     let idx3 = e.reshape(idx, lead_then(&t, &[Dim::lit(r.top_k as i64), Dim::lit(1)]))?;
     let ids = e.iota(Dim::lit(0), Dim::lit(experts), DType::I32)?;
@@ -522,7 +557,7 @@ fn moe_route_inner(e: &mut Emit, logits: Value, bias: Option<Value>, r: &Routing
         let s = e.k(r.scale.get(), dt);
         w = e.bin(BinaryOp::Mul, w, s)?;
     }
-    Ok((idx, w))
+    Ok(w)
 }
 
 #[cfg(test)]

@@ -11,10 +11,17 @@
 //!   router's decisions through the same interface every backend implements, without a
 //!   hook inside any one interpreter.
 //!
-//! Both work on whatever the pipeline produced (absorbed MLA included): they read shapes
-//! off the nodes they touch, and the result is verified.
+//! - [`replay_routing`]: the other way round, for training (routing replay, verl's "R3"
+//!   fix for MoE RL instability): every router takes its experts from a new entry
+//!   argument `routing.{k}` instead of choosing them, so a GRPO training forward runs
+//!   each token through the experts the rollout chose. Unlike the two above it runs on
+//!   the *lowered* module, before the pass pipeline, because autodiff must see the
+//!   replayed router (`moe_route_replay`) to differentiate the recomputed gate weights.
+//!
+//! All work on whatever they are given (absorbed MLA included): they read shapes off the
+//! nodes they touch, and the result is verified.
 
-use dsc_compiler::ir::{verify, Function, Graph, Mode, Module, NodeId, Op, Ty, Value};
+use dsc_compiler::ir::{verify, Function, Graph, Mode, Module, NodeId, Op, Routing, Ty, Value};
 use std::collections::HashMap;
 
 /// The name of the argument [`add_attention_mask`] adds.
@@ -164,6 +171,119 @@ pub fn expose_routing(m: &mut Module, mode: Mode) -> Result<Vec<RouteSite>, Stri
             slot += 1;
         }
         sites.extend(std::iter::repeat_n(layer, count));
+    }
+    checked(m)?;
+    Ok(sites)
+}
+
+/// The prefix of the arguments [`replay_routing`] adds: `routing.0`, `routing.1`, ...
+pub const ROUTING_INPUT: &str = "routing";
+
+/// The routers of `f` in topological order (the order [`expose_routing`] returns them in).
+fn routers(f: &Function) -> Result<Vec<NodeId>, String> {
+    let g = &f.graph;
+    let order = g.topo_order().map_err(|_| format!("`{}` has a cycle", f.name))?;
+    Ok(order.into_iter().filter(|&n| matches!(g.node(n).op, Op::MoeRoute(_))).collect())
+}
+
+/// Turns every router of `f` into a `moe_route_replay` reading one new argument, appended
+/// after `f`'s arguments in router order; returns the new arguments' types. The bias
+/// input (selection only) is dropped, and its param too once nothing else reads it.
+fn replay_function(f: &mut Function, routes: &[NodeId], names: &mut dyn FnMut(usize) -> String) -> Vec<Ty> {
+    let g = &mut f.graph;
+    let first = g.arguments().len() as u32;
+    let mut types = Vec::new();
+    for (i, &n) in routes.iter().enumerate() {
+        let Op::MoeRoute(r) = g.node(n).op.clone() else { unreachable!("a router") };
+        let ty = g.node(n).outputs[0].clone();
+        let arg = g.input(first + i as u32, &names(i), ty.clone(), g.node(n).span);
+        let bias = g.inputs(n).get(1).copied().filter(|_| r.selection_bias);
+        // The replayed op ignores the selection settings; clearing the bias flag keeps its
+        // arity (always 2) and its printed form honest.
+        g.node_mut(n).op = Op::MoeRouteReplay(Routing { selection_bias: false, ..r });
+        g.set_input(n, 1, arg.into());
+        if let Some(b) = bias.filter(|b| !g.has_users(b.node) && matches!(g.node(b.node).op, Op::Param { .. })) {
+            g.remove(b.node);
+        }
+        types.push(ty);
+    }
+    types
+}
+
+/// Routing replay: makes the routers of `mode`'s entry point take their experts from new
+/// entry arguments instead of choosing them; returns the site (layer) of each, in the
+/// order of the arguments. Run it on the lowered module, before the pass pipeline.
+///
+/// `replay(site)` says which routers to replay, by the layer of the call that runs them
+/// (`None`: a router in the entry itself): e.g. `|l| l.is_some_and(|l| l < layers)`
+/// replays the main layers and leaves the MTP modules' routers (called with
+/// `layer ≥ layers`) choosing freely, since a rollout never runs MTP. A function called
+/// both at replayed and at free sites is an error (one body cannot both choose and be
+/// told).
+///
+/// The added entry arguments, after the existing ones, are `routing.{k}: i32[b, s, top_k]`
+/// (the router's own indices type, its token axes), `k` counting the replayed routers in
+/// the order [`expose_routing`] reports them (the entry's own routers first, then call
+/// order), so a rollout's exposed indices, filtered by the same `replay`, feed them
+/// one to one. Each replayed router becomes [`Op::MoeRouteReplay`]: its indices are the
+/// argument (an index outside `0..E` fails the run), its gate weights are recomputed from
+/// the logits there and differentiated; the selection bias is no longer read.
+pub fn replay_routing(m: &mut Module, mode: Mode, replay: impl Fn(RouteSite) -> bool) -> Result<Vec<RouteSite>, String> {
+    let entry = entry_name(m, mode)?;
+    let calls: Vec<(NodeId, String, Option<u32>)> = {
+        let g = &m.entry(mode).expect("entry exists").graph;
+        let order = g.topo_order().map_err(|_| format!("`{entry}` has a cycle"))?;
+        order
+            .into_iter()
+            .filter_map(|n| match &g.node(n).op {
+                Op::Call { function, layer } => Some((n, function.clone(), *layer)),
+                _ => None,
+            })
+            .collect()
+    };
+    // Which callees are replayed, checked to agree over all their call sites.
+    let mut replayed: HashMap<String, bool> = HashMap::new();
+    for (_, callee, layer) in &calls {
+        let f = m.function(callee).ok_or_else(|| format!("`{entry}` calls `{callee}`, which is not in the module"))?;
+        if routers(f)?.is_empty() {
+            continue;
+        }
+        let want = replay(*layer);
+        if *replayed.entry(callee.clone()).or_insert(want) != want {
+            return Err(format!("`{callee}` is called at both replayed and free sites (layer {layer:?}): cannot replay only some"));
+        }
+    }
+    // Callees first: each gets its arguments and reports their types.
+    let mut added: HashMap<String, (usize, Vec<Ty>)> = HashMap::new();
+    for (callee, _) in replayed.iter().filter(|(_, &on)| on) {
+        let f = m.function_mut(callee).expect("checked above");
+        let routes = routers(f)?;
+        let first = f.graph.arguments().len();
+        let types = replay_function(f, &routes, &mut |i| format!("{ROUTING_INPUT}.{i}"));
+        added.insert(callee.clone(), (first, types));
+    }
+    // Then the entry: its own routers, then one argument per callee router, in call order.
+    let f = m.function_mut(&entry).expect("entry exists");
+    let own: Vec<NodeId> = if replay(None) { routers(f)? } else { Vec::new() };
+    let own_types = replay_function(f, &own, &mut |i| format!("{ROUTING_INPUT}.{i}"));
+    let mut sites: Vec<RouteSite> = vec![None; own_types.len()];
+    let g = &mut f.graph;
+    let mut next = g.arguments().len() as u32;
+    for (call, callee, layer) in calls {
+        let Some((first, types)) = added.get(&callee) else { continue };
+        if g.inputs(call).len() != *first {
+            return Err(format!("a call of `{callee}` passes {} arguments, not {first}", g.inputs(call).len()));
+        }
+        for (i, ty) in types.iter().enumerate() {
+            let k = sites.len();
+            let arg = g.input(next, &format!("{ROUTING_INPUT}.{k}"), ty.clone(), g.node(call).span);
+            next += 1;
+            g.set_input(call, (first + i) as u16, arg.into());
+            sites.push(layer);
+        }
+    }
+    if sites.is_empty() {
+        return Err(format!("`{entry}` reaches no router to replay"));
     }
     checked(m)?;
     Ok(sites)

@@ -14,8 +14,8 @@ use super::nn::grad::{
     attention_grad, cross_entropy_grad, expert_ffn_grad, moe_route_grad, rms_norm_grad, swiglu_grad, token_logprob_grad, weight_grad,
 };
 use super::nn::{
-    attention, attention_lse, cross_entropy, expert_ffn, moe_route, rms_norm, rope, rope_frequencies, softmax, swiglu, token_logprob,
-    AttentionSpec,
+    attention, attention_lse, cross_entropy, expert_ffn, moe_route, moe_route_replay, rms_norm, rope, rope_frequencies, softmax, swiglu,
+    token_logprob, AttentionSpec,
 };
 use super::real::Real;
 use super::tensor::{numel, Data, Tensor};
@@ -531,6 +531,10 @@ impl<'m, T: Real> Interp<'m, T> {
             Op::TokenLogProbGrad { ignore_index } => one(token_logprob_grad::<T>(x[0], x[1], x[2], *ignore_index)?),
             Op::MoeRoute(r) => {
                 let (i, w) = moe_route::<T>(x[0], x.get(1).copied().filter(|_| r.selection_bias), r)?;
+                Ok(vec![i, w])
+            }
+            Op::MoeRouteReplay(r) => {
+                let (i, w) = moe_route_replay::<T>(x[0], x[1], r)?;
                 Ok(vec![i, w])
             }
             Op::ExpertFfn => one(expert_ffn::<T>(x[0], x[1], x[2], x[3], x[4], x[5])?),

@@ -341,16 +341,9 @@ pub fn moe_route<T: Real>(logits: &Tensor, bias: Option<&Tensor>, r: &Routing) -
     }
     let per_group = e / groups;
     let tokens = lv.len().checked_div(e).unwrap_or(0);
-    let (scale, eps) = (T::of(r.scale.get()), T::of(1e-20));
     let route = |t: usize| -> (Vec<i32>, Vec<T>) {
-        let l = &lv[t * e..(t + 1) * e];
         let mut scores = vec![T::ZERO; e];
-        match r.scoring {
-            Scoring::Softmax => {
-                let _ = softmax_lane(l, &mut scores, e, 1);
-            }
-            Scoring::Sigmoid => scores.iter_mut().zip(l).for_each(|(s, &x)| *s = x.sigmoid()),
-        }
+        route_scores(&lv[t * e..(t + 1) * e], &mut scores, r.scoring);
         let choice: Vec<T> = match bv {
             Some(b) => scores.iter().zip(b).map(|(&s, &b)| s + b).collect(),
             None => scores.clone(),
@@ -384,25 +377,84 @@ pub fn moe_route<T: Real>(logits: &Tensor, bias: Option<&Tensor>, r: &Routing) -
             cand.extend(choice.iter().copied().zip(0..e));
         }
         top_k_lane(&mut cand, k);
-        let idx: Vec<i32> = cand[..k].iter().map(|c| c.1 as i32).collect();
-        let mut w: Vec<T> = cand[..k].iter().map(|c| scores[c.1]).collect();
-        if r.normalize {
-            let sum = w.iter().fold(T::ZERO, |a, &b| a + b) + eps;
-            w.iter_mut().for_each(|x| *x = *x / sum);
-        }
-        w.iter_mut().for_each(|x| *x = *x * scale);
-        (idx, w)
+        let chosen: Vec<usize> = cand[..k].iter().map(|c| c.1).collect();
+        let w = gate_weights(&scores, &chosen, r);
+        (chosen.into_iter().map(|c| c as i32).collect(), w)
     };
     let routed: Vec<(Vec<i32>, Vec<T>)> =
         if tokens * e >= PAR_MIN { (0..tokens).into_par_iter().map(route).collect() } else { (0..tokens).map(route).collect() };
-    let mut shape = logits.shape().to_vec();
+    Ok(routed_tensors(logits.shape(), k, routed))
+}
+
+/// The router's scores of one token's logits: softmax over the experts, or sigmoid.
+pub(crate) fn route_scores<T: Real>(logits: &[T], scores: &mut [T], scoring: Scoring) {
+    match scoring {
+        Scoring::Softmax => {
+            let _ = softmax_lane(logits, scores, logits.len(), 1);
+        }
+        Scoring::Sigmoid => scores.iter_mut().zip(logits).for_each(|(s, &x)| *s = x.sigmoid()),
+    }
+}
+
+/// One token's gate weights: its (unbiased) `scores` at the `chosen` experts, divided by
+/// their `sum + 1e-20` when `normalize`, times `scale`. The router and its replay both
+/// weigh with this, so a replay of the router's own choice gives its weights bit for bit.
+fn gate_weights<T: Real>(scores: &[T], chosen: &[usize], r: &Routing) -> Vec<T> {
+    let (scale, eps) = (T::of(r.scale.get()), T::of(1e-20));
+    let mut w: Vec<T> = chosen.iter().map(|&c| scores[c]).collect();
+    if r.normalize {
+        let sum = w.iter().fold(T::ZERO, |a, &b| a + b) + eps;
+        w.iter_mut().for_each(|x| *x = *x / sum);
+    }
+    w.iter_mut().for_each(|x| *x = *x * scale);
+    w
+}
+
+/// Per-token `(indices, weights)` rows as the router's two outputs, `[T.., k]` each.
+fn routed_tensors<T: Real>(logits_shape: &[usize], k: usize, routed: Vec<(Vec<i32>, Vec<T>)>) -> (Tensor, Tensor) {
+    let mut shape = logits_shape.to_vec();
     *shape.last_mut().expect("rank checked") = k;
+    let tokens = routed.len();
     let (mut iv, mut wv) = (Vec::with_capacity(tokens * k), Vec::with_capacity(tokens * k));
     for (i, w) in routed {
         iv.extend(i);
         wv.extend(w);
     }
-    Ok((Tensor::from_parts(shape.clone(), Data::I32(iv)), Tensor::from_parts(shape, T::wrap(wv))))
+    (Tensor::from_parts(shape.clone(), Data::I32(iv)), Tensor::from_parts(shape, T::wrap(wv)))
+}
+
+/// The MoE router with its selection given (`Op::MoeRouteReplay`, routing replay): the
+/// `indices: int[T.., top_k]` pass through as `i32`, the weights are [`moe_route`]'s at
+/// those experts (same scores, same [`gate_weights`]). An index outside `0..E` is an
+/// index error; the selection settings (bias, groups) play no part.
+pub fn moe_route_replay<T: Real>(logits: &Tensor, idx: &Tensor, r: &Routing) -> Result<(Tensor, Tensor), KErr> {
+    let e = *logits.shape().last().ok_or_else(|| KErr::shape("moe_route_replay of a scalar".into()))?;
+    let k = r.top_k as usize;
+    let mut want = logits.shape().to_vec();
+    *want.last_mut().expect("rank >= 1") = k;
+    if idx.shape() != want {
+        return Err(KErr::shape(format!("replayed indices {:?} must be {want:?} for logits {:?}", idx.shape(), logits.shape())));
+    }
+    let lv = floats::<T>(logits, "logits")?;
+    let ids: Vec<usize> = indices(idx, "replayed expert indices")?
+        .into_iter()
+        .map(|x| {
+            usize::try_from(x)
+                .ok()
+                .filter(|&u| u < e)
+                .ok_or_else(|| KErr::index(format!("replayed expert index {x} is out of range for {e} experts")))
+        })
+        .collect::<Result<_, _>>()?;
+    let tokens = lv.len().checked_div(e).unwrap_or(0);
+    let route = |t: usize| -> (Vec<i32>, Vec<T>) {
+        let mut scores = vec![T::ZERO; e];
+        route_scores(&lv[t * e..(t + 1) * e], &mut scores, r.scoring);
+        let chosen = &ids[t * k..(t + 1) * k];
+        (chosen.iter().map(|&c| c as i32).collect(), gate_weights(&scores, chosen, r))
+    };
+    let routed: Vec<(Vec<i32>, Vec<T>)> =
+        if tokens * e >= PAR_MIN { (0..tokens).into_par_iter().map(route).collect() } else { (0..tokens).map(route).collect() };
+    Ok(routed_tensors(logits.shape(), k, routed))
 }
 
 /// One SwiGLU's torch-layout weights: `gate, up: [inter, h]`, `down: [h, inter]`.

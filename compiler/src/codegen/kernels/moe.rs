@@ -576,6 +576,8 @@ pub(crate) fn spec_from_node(g: &Graph, n: NodeId) -> Option<Result<KernelSpec, 
         Op::MoeRoute(r) => route_spec(r, &ins, &node.outputs),
         Op::TopK { k, axis } => top_k_spec(*k, *axis, &ins, &node.outputs),
         Op::ExpertFfn => Err("runs as several launches (dispatch, grouped GEMMs, combine): see launch::node_work".into()),
+        // Only train graphs replay routing, and those run on the reference interpreter.
+        Op::MoeRouteReplay(_) => Err("routing replay is a training op: no kernel, train graphs run on the reference interpreter".into()),
         _ => return None,
     };
     Some(spec.map_err(|reason| Unsupported { op, reason }))

@@ -431,13 +431,7 @@ pub fn moe_route_grad<T: Real>(logits: &Tensor, idx: &Tensor, dw: &Tensor, r: &R
     let (scale, eps) = (r.scale.get(), T::of(1e-20));
     let mut out = vec![T::ZERO; lv.len()];
     let row = |(s, ds): &mut (Vec<T>, Vec<f64>), (t, o): (usize, &mut [T])| {
-        let l = &lv[t * e..(t + 1) * e];
-        match r.scoring {
-            Scoring::Softmax => {
-                let _ = softmax_lane(l, s, e, 1);
-            }
-            Scoring::Sigmoid => s.iter_mut().zip(l).for_each(|(s, &x)| *s = x.sigmoid()),
-        }
+        super::route_scores(&lv[t * e..(t + 1) * e], s, r.scoring);
         ds.fill(0.0);
         let (sel, dwt) = (&ids[t * k..(t + 1) * k], &dwv[t * k..(t + 1) * k]);
         if r.normalize {

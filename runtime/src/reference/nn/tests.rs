@@ -2,6 +2,7 @@
 //! `f64` (so the comparisons are tight) and `f32` where precision handling matters.
 
 use super::*;
+use crate::reference::ErrorKind;
 use dsc_compiler::ir::Float;
 
 /// A deterministic, irregular fill in [-1, 1) (the backward kernels' tests use it too).
@@ -361,6 +362,44 @@ fn moe_route_sigmoid_bias_top2_sum() {
     // Shape errors are errors.
     assert!(moe_route::<f64>(&logits, Some(&Tensor::f64(&[5], vec![0.0; 5])), &r).is_err());
     assert!(moe_route::<f64>(&logits, None, &r).is_err());
+}
+
+#[test]
+fn moe_route_replay_reweighs_given_experts() {
+    // Replaying the router's own choice gives its weights bit for bit, in f64 and f32,
+    // for every scoring / grouping / normalisation (the selection settings play no part).
+    let logits = fill(&[2, 3, 8], 11);
+    let bias = fill(&[8], 12);
+    for r in [
+        routing(3, Scoring::Softmax, false, 4, 2, Some(GroupScore::Max), false, 2.5),
+        routing(2, Scoring::Sigmoid, true, 4, 2, Some(GroupScore::Top2Sum), true, 1.7),
+        routing(3, Scoring::Softmax, false, 1, 1, None, true, 1.0),
+    ] {
+        let b = r.selection_bias.then_some(&bias);
+        let (i, w) = moe_route::<f64>(&logits, b, &r).unwrap();
+        let (ri, rw) = moe_route_replay::<f64>(&logits, &i, &r).unwrap();
+        assert_eq!((ri.as_i32(), rw.to_f64_vec()), (i.as_i32(), w.to_f64_vec()));
+        let l32 = logits.to_f32();
+        let (i, w) = moe_route::<f32>(&l32, b.map(|b| b.to_f32()).as_ref(), &r).unwrap();
+        let (_, rw) = moe_route_replay::<f32>(&l32, &i, &r).unwrap();
+        assert_eq!(rw.to_f32_vec(), w.to_f32_vec());
+    }
+    // Other experts: their scores, normalised and scaled; i64 indices come back as i32.
+    let l = vec![2.0, 1.5, 1.9, 1.8];
+    let r = routing(2, Scoring::Softmax, true, 2, 1, Some(GroupScore::Max), true, 2.0);
+    let idx = Tensor::i64(&[1, 2], vec![3, 1]);
+    let (i, w) = moe_route_replay::<f64>(&Tensor::f64(&[1, 4], l.clone()), &idx, &r).unwrap();
+    assert_eq!(i.as_i32().unwrap(), &[3, 1]);
+    let (a, b) = (l[3].exp(), l[1].exp());
+    close(&w.to_f64_vec(), &[a / (a + b + 1e-20) * 2.0, b / (a + b + 1e-20) * 2.0], 1e-15);
+    // Out-of-range experts are index errors, a wrong shape a shape error; never a panic.
+    for bad in [vec![4, 0], vec![-1, 0]] {
+        let e = moe_route_replay::<f64>(&Tensor::f64(&[1, 4], l.clone()), &Tensor::i32(&[1, 2], bad), &r).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Index, "{}", e.message);
+        assert!(e.message.contains("out of range for 4 experts"), "{}", e.message);
+    }
+    let e = moe_route_replay::<f64>(&Tensor::f64(&[1, 4], l), &Tensor::i32(&[1, 3], vec![0, 1, 2]), &r).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Shape);
 }
 
 #[test]
