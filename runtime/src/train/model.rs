@@ -9,6 +9,7 @@
 //! instead of the loss and takes their cotangent, the objective's gradient with respect
 //! to them, as a tensor ([`TrainModel::run_policy`]).
 
+use crate::generate::rewrite::replay_routing;
 use crate::reference::{run, ErrorKind, ExecError, Options, Precision, Tensor, Weights};
 use dsc_compiler::ir::{Gradients, Mode, Module};
 use dsc_compiler::lower::lower_train;
@@ -60,6 +61,9 @@ pub struct TrainModel {
     /// The same entry through the pipeline without autodiff, for [`TrainModel::log_probs`]
     /// (built for [`TrainHead::LogProbs`] only).
     pub forward: Option<Module>,
+    /// The layer of each replayed router's argument, in argument order (empty without
+    /// routing replay).
+    pub replayed: Vec<u32>,
 }
 
 /// One policy batch's per-token log-probabilities, gradients and expert loads.
@@ -83,7 +87,30 @@ impl TrainModel {
 
     /// As [`TrainModel::compile`], with `head` as the entry's first result.
     pub fn compile_head(spec: &Spec, head: TrainHead, opts: TrainOptions, selection: &PassSelection) -> Result<TrainModel, String> {
-        let lowered = lower_train(spec, head).map_err(|e| e.to_string())?;
+        TrainModel::compile_with(spec, head, opts, selection, false)
+    }
+
+    /// As [`TrainModel::compile_head`]; with `replay`, the main layers' routers take the
+    /// experts to use as arguments (verl's routing replay, R3: [`replay_routing`]), one
+    /// `i32 [b, s, top_k]` per router after the batch, in layer order
+    /// ([`TrainModel::replayed`]); MTP routers still choose.
+    pub fn compile_with(
+        spec: &Spec,
+        head: TrainHead,
+        opts: TrainOptions,
+        selection: &PassSelection,
+        replay: bool,
+    ) -> Result<TrainModel, String> {
+        let mut lowered = lower_train(spec, head).map_err(|e| e.to_string())?;
+        let layers = spec.model.layers;
+        let replayed = if replay {
+            replay_routing(&mut lowered, Mode::Train, |l| l.is_some_and(|l| u64::from(l) < layers))?
+                .into_iter()
+                .map(|l| l.expect("main-layer routers have a layer"))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let mut module = lowered.clone();
         let mut cx = PassCx::new(Mode::Train);
         cx.train = opts;
@@ -115,7 +142,7 @@ impl TrainModel {
                 gradients.results
             ));
         }
-        Ok(TrainModel { module, gradients, moe_layers, head, forward })
+        Ok(TrainModel { module, gradients, moe_layers, head, forward, replayed })
     }
 
     /// Runs the differentiated entry on one batch: `input_ids`, `positions`, `labels`

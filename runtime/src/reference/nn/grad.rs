@@ -8,7 +8,7 @@
 //! Statistics (row dot products, norms, softmax sums, sums over tokens that are not a
 //! product) accumulate in `f64`; the products go through [`gemm()`] as the forward's do.
 
-use super::{attention_args, floats, label_rows, softmax_lane, AttentionArgs, AttentionSpec, Ffn};
+use super::{attention_args, floats, label_rows, AttentionArgs, AttentionSpec, Ffn};
 use crate::reference::elementwise::PAR_MIN;
 use crate::reference::layout::indices;
 use crate::reference::linalg::{gemm, gemm_acc, linear, Mat};

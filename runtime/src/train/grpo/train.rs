@@ -88,6 +88,8 @@ struct Completion {
     logp: Option<Vec<f64>>,
     entropy: Vec<f64>,
     truncated: bool,
+    /// With routing replay: per router of the rollout, `[tokens, top_k]` experts.
+    routing: Vec<(Option<u32>, usize, Vec<i32>)>,
     reward: f64,
     /// Each reward function's score, in recipe order.
     scores: Vec<f64>,
@@ -148,7 +150,15 @@ pub fn train(run: GrpoRun, start: Start) -> Result<GrpoSummary, TrainError> {
     }
     let head = TrainHead::LogProbs { temperature: f.sampling.temperature as f64 };
     let opts = TrainOptions { recompute: f.recompute, mtp_stop_gradient: f.mtp_stop_gradient };
-    let policy = TrainModel::compile_head(&train_spec, head, opts, &PassSelection::default()).map_err(TrainError::Unsupported)?;
+    let policy =
+        TrainModel::compile_with(&train_spec, head, opts, &PassSelection::default(), f.routing_replay).map_err(TrainError::Unsupported)?;
+    if f.routing_replay && policy.replayed.is_empty() {
+        return Err(TrainError::invalid(format!(
+            "{}: `routing_replay: true`, but model `{}` has no MoE router",
+            r.base.path.display(),
+            spec.model.name
+        )));
+    }
     let gamma = match f.bias_update {
         Some(false) => 0.0,
         _ => bias_update_speed(spec),
@@ -259,6 +269,7 @@ pub fn train(run: GrpoRun, start: Start) -> Result<GrpoSummary, TrainError> {
                             logp: None,
                             entropy: Vec::new(),
                             truncated: false,
+                            routing: Vec::new(),
                             reward: c.reward,
                             scores: Vec::new(),
                         });
@@ -275,7 +286,9 @@ pub fn train(run: GrpoRun, start: Start) -> Result<GrpoSummary, TrainError> {
         let width = f.max_completion_length as usize;
         let pairs: Vec<(&[i64], &[i64])> = completions.iter().map(|c| (c.prompt.as_slice(), c.tokens.as_slice())).collect();
         let rows = TrainRows::new(&pairs);
-        let args = [&rows.input_ids, &rows.positions, &rows.labels];
+        let replay = replay_tensors(&policy.replayed, &completions, rows.seq)?;
+        let mut args = vec![&rows.input_ids, &rows.positions, &rows.labels];
+        args.extend(replay.iter());
         let mask: Vec<Vec<bool>> = completions.iter().map(|c| (0..width).map(|j| j < c.tokens.len()).collect()).collect();
         let logp_ref = match &reference {
             Some(w) => Some(rows.gather(&policy.log_probs(w, &args, Precision::F32).map_err(exec)?, width)),
@@ -517,6 +530,7 @@ fn rollouts(
                     group: 0,
                     prompt: prompts[pi].ids.clone(),
                     truncated: !stopped && tokens.len() >= f.max_completion_length as usize,
+                    routing: gen.routing.iter().map(|t| (t.layer, t.top_k, t.experts[row].clone())).collect(),
                     tokens,
                     logp: Some(gen.logprobs[row].clone()),
                     entropy: gen.entropy[row].clone(),
@@ -553,6 +567,36 @@ fn rollouts(
         out.extend(group.into_iter().map(|c| Completion { group: i, ..c }));
     }
     Ok((out, skipped))
+}
+
+/// The experts each replayed router (`layers`, in the policy's argument order) chose for
+/// every token of every completion during its rollout, as `i32 [rows, seq, top_k]`.
+/// Positions the rollout never ran through the model (the last token, padding) get
+/// experts `0..top_k`: nothing the loss reads depends on them.
+fn replay_tensors(layers: &[u32], completions: &[Completion], seq: usize) -> Result<Vec<Tensor>, TrainError> {
+    let mut out = Vec::new();
+    for &layer in layers {
+        let mut k = 0;
+        for c in completions {
+            if let Some((_, top_k, _)) = c.routing.iter().find(|r| r.0 == Some(layer)) {
+                k = *top_k;
+            }
+        }
+        if k == 0 {
+            return Err(TrainError::invalid(format!("routing replay: the rollout recorded no experts for layer {layer}")));
+        }
+        let mut data = Vec::with_capacity(completions.len() * seq * k);
+        for c in completions {
+            let recorded = c.routing.iter().find(|r| r.0 == Some(layer)).map_or(&[][..], |r| r.2.as_slice());
+            let n = (recorded.len() / k).min(seq);
+            data.extend_from_slice(&recorded[..n * k]);
+            for _ in n..seq {
+                data.extend(0..k as i32);
+            }
+        }
+        out.push(Tensor::i32(&[completions.len(), seq, k], data));
+    }
+    Ok(out)
 }
 
 /// Greedy completions of `prompts` scored by the recipe's exact-match reward:
