@@ -157,8 +157,11 @@ fn open_source(recipe: &Recipe) -> Result<Opened, TrainError> {
     let spec_model = recipe.file.spec_model.clone();
     match &recipe.source {
         Source::Model { dir, spec } => {
-            let md = ModelDir::open(dir, &OpenOptions { spec: spec.clone(), spec_model, config: None })
-                .map_err(|e| TrainError::invalid(e.to_string()))?;
+            // A directory dsc trained carries its spec, with the training-only settings
+            // (balance losses, the bias update speed) that `config.json` cannot hold.
+            let spec = spec.clone().or_else(|| Some(dir.join(checkpoint::SPEC)).filter(|p| p.is_file()));
+            let md =
+                ModelDir::open(dir, &OpenOptions { spec, spec_model, config: None }).map_err(|e| TrainError::invalid(e.to_string()))?;
             let config_path = dir.join("config.json");
             let text = std::fs::read_to_string(&config_path).map_err(|e| TrainError::io(&config_path, e))?;
             let config = serde_json::from_str(&text).map_err(|e| TrainError::invalid(format!("{}: {e}", config_path.display())))?;
@@ -302,6 +305,112 @@ mod tests {
         sft_cmd(&SftArgs { config: r, resume: Some(out.clone()) }, real).unwrap();
         assert_eq!(losses(&out.join("metrics.jsonl")), first);
         assert_eq!(checkpoint::load(&out.join("final")).unwrap().weights, weights_a);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Metrics lines without the wall-clock figures, which differ between two runs.
+    fn metrics_lines(path: &Path) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(path).unwrap();
+        text.lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                let m = v.as_object_mut().unwrap();
+                m.remove("gen_tokens_per_s");
+                m.remove("train_tokens_per_s");
+                v
+            })
+            .collect()
+    }
+
+    /// GRPO on generated rollouts with most of the recipe on: text prompts, three rewards,
+    /// β > 0 with a moving reference, μ = 2, routing replay, held-out evaluation. Every
+    /// step logs its figures; the first pass on each batch recomputes the rollout's
+    /// log-probabilities; a run killed after step 2 and resumed is the uninterrupted run;
+    /// `final/` opens as a model and, read back by another recipe, keeps the spec's
+    /// training-only settings (the selection-bias update).
+    #[test]
+    fn grpo_generates_trains_and_resumes_exactly() {
+        let dir = crate::train::checkpoint::tests::scratch("cli-grpo");
+        let prompt = |a: u32, b: u32| format!("{{\"prompt\": \"{a}+{b}=\", \"answer\": \"{}\"}}\n", a + b);
+        std::fs::write(dir.join("p.jsonl"), [(1, 2), (3, 4), (2, 2), (5, 1)].map(|(a, b)| prompt(a, b)).concat()).unwrap();
+        std::fs::write(dir.join("e.jsonl"), [(1, 1), (4, 3), (6, 2)].map(|(a, b)| prompt(a, b)).concat()).unwrap();
+        let body = |out: &str| {
+            format!(
+                "spec: {}\ninit: {{seed: 2}}\nprompts: p.jsonl\neval_prompts: e.jsonl\neval_every: 2\nout: {out}\nsteps: 4\n\
+                 prompts_per_step: 2\nnum_generations: 4\nmax_completion_length: 6\nstop_tokens: [10]\n\
+                 rewards: [{{name: exact_match, extract: whole}}, {{name: format, weight: 0.5}}, {{name: overlong, max_length: 6, cache: 2}}]\n\
+                 beta: 0.04\nref_sync_steps: 2\nnum_iterations: 2\nrouting_replay: true\ncheckpoint_every: 2\n\
+                 optimizer: {{lr: 1.0e-3}}\nseed: 5\n",
+                tiny("tiny_v3.dsc").display()
+            )
+        };
+        let write = |name: &str, text: String| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let a = write("a.yaml", body("run-a"));
+        let summary = grpo_cmd(&SftArgs { config: a, resume: None }, Display::Quiet, None).unwrap();
+        assert_eq!(summary.step, 4);
+        assert_eq!(summary.eval.iter().map(|e| e.0).collect::<Vec<_>>(), [0, 2, 4]);
+        let run_a = dir.join("run-a");
+        let lines = metrics_lines(&run_a.join("metrics.jsonl"));
+        assert_eq!(lines.len(), 4);
+        for (i, l) in lines.iter().enumerate() {
+            for k in [
+                "loss",
+                "reward",
+                "reward_std",
+                "rewards",
+                "accuracy",
+                "kl",
+                "clip_ratio",
+                "entropy",
+                "completion_length",
+                "grad_norm",
+                "lr",
+            ] {
+                assert!(l.get(k).is_some(), "step {}: no `{k}` in {l}", i + 1);
+            }
+            // The first update on a batch (steps 1 and 3) recomputes what the rollout sampled.
+            match l.get("logp_diff_max").and_then(|v| v.as_f64()) {
+                Some(d) => assert!(i % 2 == 0 && d < 1e-4, "step {}: logp_diff_max {d}", i + 1),
+                None => assert!(i % 2 == 1, "step {}: no logp_diff_max", i + 1),
+            }
+        }
+        // Step 1 starts at the reference: KL 0; later steps have moved away from it.
+        assert!(lines[0]["kl"].as_f64().unwrap().abs() < 1e-6 && lines[3]["kl"].as_f64().unwrap() > 0.0, "{lines:?}");
+        assert!(run_a.join(grpo::train::PLOT).is_file() && run_a.join(grpo::train::EVAL).is_file());
+        let init = init::random_weights(&dsc_dsl::load(&tiny("tiny_v3.dsc"), None).unwrap(), 2).unwrap();
+        let fin = checkpoint::load(&run_a.join("final")).unwrap();
+        assert!(fin.reference.is_some(), "beta > 0 keeps the reference");
+        let q = "model.embed_tokens.weight";
+        assert_ne!(fin.weights[q].to_f32_vec(), init[q].to_f32_vec(), "trained");
+        ModelDir::open(&run_a.join("final"), &OpenOptions::default()).unwrap();
+
+        // Killed after step 2 (its checkpoint written), then resumed.
+        let b = write("b.yaml", body("run-b"));
+        grpo_cmd(&SftArgs { config: b.clone(), resume: None }, Display::Quiet, Some(2)).unwrap();
+        let run_b = dir.join("run-b");
+        assert!(!run_b.join("final").exists());
+        let resumed = grpo_cmd(&SftArgs { config: b, resume: Some(run_b.clone()) }, Display::Quiet, None).unwrap();
+        assert_eq!(resumed.eval, summary.eval[2..]);
+        assert_eq!(metrics_lines(&run_b.join("metrics.jsonl")), lines);
+        assert_eq!(checkpoint::load(&run_b.join("final")).unwrap().weights, fin.weights);
+
+        // Another recipe from `final/`: its spec.dsc (not config.json, which cannot hold
+        // it) gives the bias update speed, so `bias_update: true` is accepted and moves
+        // the selection bias.
+        let c = write(
+            "c.yaml",
+            "model: run-a/final\nprompts: p.jsonl\nout: run-c\nsteps: 1\nprompts_per_step: 2\nnum_generations: 4\n\
+             max_completion_length: 4\nrewards: [{name: exact_match, extract: whole}]\nbeta: 0\nbias_update: true\n"
+                .into(),
+        );
+        grpo_cmd(&SftArgs { config: c, resume: None }, Display::Quiet, None).unwrap();
+        let bias = "model.layers.2.mlp.gate.e_score_correction_bias";
+        let after = checkpoint::load(&dir.join("run-c/final")).unwrap().weights;
+        assert_ne!(after[bias].to_f32_vec(), fin.weights[bias].to_f32_vec(), "the selection bias moved");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

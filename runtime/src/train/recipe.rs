@@ -27,7 +27,9 @@ use std::path::{Path, PathBuf};
 pub struct RecipeFile {
     /// A model directory as the hub ships it (`config.json`, `model.safetensors`): the
     /// starting weights. Exactly one of `model` and `spec` is required, unless both are
-    /// given: then `spec` replaces the directory's `config.json` (as `--spec` does).
+    /// given: then `spec` replaces the directory's `config.json` (as `--spec` does). A
+    /// directory dsc wrote (a checkpoint, `final/`) is read with its own `spec.dsc`, which
+    /// keeps the training-only settings (balance losses, bias update speed).
     #[serde(default)]
     pub model: Option<PathBuf>,
     /// A spec file (`.dsc`); without `model` training starts from random weights (`init`).
