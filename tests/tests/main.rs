@@ -4,6 +4,7 @@
 //! `cargo test -p dsc-tests --test integration robustness::`.
 
 mod autodiff;
+mod demo;
 mod equivalence;
 mod equivalence_mla;
 mod hf_parity;
