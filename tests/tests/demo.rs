@@ -42,7 +42,7 @@ fn sft_then_grpo_on_additions_at_reduced_size() {
     let sft = with(
         &sft,
         &[
-            ("spec", recipes().join("../tiny/tiny_v3.dsc").display().to_string()),
+            ("spec", recipes().join("../tiny/addition_v3.dsc").display().to_string()),
             ("data", data.join("addition_train.jsonl").display().to_string()),
             ("out", scratch.join("sft").display().to_string()),
             ("steps", "40".into()),

@@ -630,7 +630,8 @@ pub fn plot(run_dir: &std::path::Path) -> Result<(), TrainError> {
     let mut panels = Vec::new();
     for (key, title) in [("reward", "reward (mean over rollouts)"), ("accuracy", "rollout accuracy (exact match)")] {
         let s = metrics::read_series(&path, key)?;
-        if !s.is_empty() {
+        // With exact match the only reward, the accuracy panel would repeat the reward's.
+        if !s.is_empty() && panels.iter().all(|(_, p)| *p != s) {
             panels.push((title, s));
         }
     }
