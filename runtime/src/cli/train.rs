@@ -441,7 +441,7 @@ mod tests {
             }
             let prompt: Vec<i64> = (start..start + 4).collect();
             let opts = GenerateOptions { max_new_tokens: 1, keep_logits: true, ..GenerateOptions::default() };
-            let logits = &generate(&backend, &[prompt.clone()], &opts).unwrap().step_logits[0][0];
+            let logits = &generate(&backend, std::slice::from_ref(&prompt), &opts).unwrap().step_logits[0][0];
             let mut order: Vec<usize> = (0..logits.len()).collect();
             order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
             if order[..2].iter().all(|&t| (33..127).contains(&t)) {
