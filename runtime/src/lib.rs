@@ -6,6 +6,7 @@ pub mod cli;
 #[cfg(any(feature = "cuda", test))]
 pub mod cuda;
 pub mod generate;
+pub mod output;
 pub mod plan_exec;
 pub mod reference;
 pub mod rng;

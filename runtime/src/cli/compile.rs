@@ -11,11 +11,11 @@
 //! supports; `DIR/plan.json`, the launches in order with buffers, weights, scalars and
 //! grids (`dsc_compiler::codegen::plan`), which the `wgpu` backend executes; `DIR/ir.txt`
 //! (the optimised IR) and `DIR/unsupported.txt` (ops without a kernel yet, with counts).
-//! A plan needs every node to have a kernel: when one lacks it, the command writes the
-//! rest and fails naming the nodes.
+//! A plan needs every node to have a kernel: when one lacks it, the command fails naming
+//! the nodes and writes nothing.
 
-use super::import::write_atomically;
 use super::load_spec;
+use crate::output::write_output;
 use dsc_compiler::codegen::launch::node_work;
 use dsc_compiler::codegen::plan::Plan;
 use dsc_compiler::codegen::{kernel_source, KernelSpec, Target};
@@ -27,7 +27,7 @@ use dsc_compiler::passes::{self, PassCx, PassSelection, PipelineError};
 use dsc_dsl::{Diagnostic, Spec};
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// What `--emit` can print.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +103,10 @@ pub fn compile_cmd_with(
     cx.mla = mla;
     cx.train.recompute = recompute;
 
+    if let Some(o) = out {
+        crate::output::check_output(o)?;
+        crate::output::refuse_input_as_output(o, &[spec.to_path_buf()])?;
+    }
     let spec = load_spec(spec, model)?;
     let mut module = lower_mode(&spec, mode).map_err(|e| lower_error(&spec, &e))?;
     let mut cx = cx.with_sources(&spec.sources);
@@ -120,7 +124,7 @@ pub fn compile_cmd_with(
             let mut stdout = std::io::stdout().lock();
             stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()).map_err(|e| format!("cannot write to stdout: {e}"))
         }
-        Some(path) => write_atomically(path, text.as_bytes()),
+        Some(path) => write_output(path, text.as_bytes()),
     }
 }
 
@@ -132,6 +136,9 @@ pub fn parse_target(s: &str) -> Result<Target, String> {
         _ => Err(format!("unknown target `{s}`; expected cuda or wgpu")),
     }
 }
+
+/// What a `--target` output directory may hold: an earlier output of this command.
+const OUTPUT_ENTRIES: &[&str] = &["kernels", "plan.json", "ir.txt", "unsupported.txt"];
 
 /// What `--emit` writes with `--target`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,8 +169,9 @@ impl TargetEmit {
 /// Compiles `spec` for `mode` (as [`compile_cmd_with`] does for `--emit ir`) and writes
 /// what `emit` names for `target` under `out_dir`: `kernels/NAME.EXT` per distinct kernel
 /// (and `unsupported.txt`), `plan.json`, `ir.txt`. Returns how many kernel files were
-/// written. Fails, after writing the rest, when a plan is asked for and some node has no
-/// kernel.
+/// written. Fails, writing nothing, when a plan is asked for and some node has no kernel.
+/// The directory is written whole ([`crate::output::write_dir`]): it may be new, empty, or
+/// an earlier output of this command, which it replaces.
 #[allow(clippy::too_many_arguments)]
 pub fn compile_target_cmd(
     spec: &Path,
@@ -178,27 +186,29 @@ pub fn compile_target_cmd(
     let selection = PassSelection::parse(passes.unwrap_or("")).map_err(|e| format!("--passes: {e}"))?;
     let mut cx = PassCx::from_env(mode).map_err(|e| format!("DSC_DUMP: {e}"))?;
     cx.mla = mla;
+    // Before the compile: a directory we may not replace fails now, not after it.
+    crate::output::check_dir(out_dir, OUTPUT_ENTRIES)?;
     let spec = load_spec(spec, model)?;
     let mut module = lower_mode(&spec, mode).map_err(|e| lower_error(&spec, &e))?;
     let mut cx = cx.with_sources(&spec.sources);
     passes::compile(&mut module, &selection, &mut cx).map_err(|e| pipeline_error(&spec, &e))?;
 
-    std::fs::create_dir_all(out_dir).map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
+    // Everything is made first and written as one directory: a failure leaves no part
+    // of this output, and no file of an earlier one.
+    let mut files: Vec<(PathBuf, Vec<u8>)> = Vec::new();
     let (kernels, unsupported) = collect_kernels(&module, target);
     if emit.kernels {
-        let dir = out_dir.join("kernels");
-        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         for (name, k) in &kernels {
-            write_atomically(&dir.join(format!("{name}.{}", target.extension())), kernel_source(k, target).as_bytes())?;
+            files.push((Path::new("kernels").join(format!("{name}.{}", target.extension())), kernel_source(k, target).into_bytes()));
         }
         let mut text = String::from("# ops of the optimised IR without a GPU kernel yet: op, nodes, why\n");
         for ((op, why), count) in &unsupported {
             text.push_str(&format!("{op} {count} {why}\n"));
         }
-        write_atomically(&out_dir.join("unsupported.txt"), text.as_bytes())?;
+        files.push(("unsupported.txt".into(), text.into_bytes()));
     }
     if emit.ir {
-        write_atomically(&out_dir.join("ir.txt"), print_module(&module, Some(&spec.sources)).as_bytes())?;
+        files.push(("ir.txt".into(), print_module(&module, Some(&spec.sources)).into_bytes()));
     }
     if emit.plan {
         let plan = Plan::build(&module, mode).map_err(|e| format!("no plan.json for {mode}: {e}"))?;
@@ -207,8 +217,9 @@ pub fn compile_target_cmd(
         }
         let mut text = serde_json::to_string_pretty(&plan.to_json(target)).map_err(|e| e.to_string())?;
         text.push('\n');
-        write_atomically(&out_dir.join("plan.json"), text.as_bytes())?;
+        files.push(("plan.json".into(), text.into_bytes()));
     }
+    crate::output::write_dir(out_dir, &files, OUTPUT_ENTRIES)?;
     Ok(if emit.kernels { kernels.len() } else { 0 })
 }
 
@@ -353,6 +364,8 @@ mod tests {
         let dir = out_file("v3-wgsl").parent().unwrap().to_path_buf();
         let e = compile_target_cmd(&v3, None, Mode::Decode, None, MlaMode::Auto, Target::Wgsl, TargetEmit::ALL, &dir).unwrap_err();
         assert!(e.contains("WGSL has no bf16"), "{e}");
+        // Nothing of a failed output is written.
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

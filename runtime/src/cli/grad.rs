@@ -6,9 +6,9 @@
 //! and the spec's balance losses to the objective; `loss` is then that objective.
 //! Tensors with no gradient (the selection bias) are written as zeros.
 
-use super::import::write_atomically;
 use super::logits::read_ids;
 use crate::checkpoint::{ModelDir, OpenOptions};
+use crate::output::write_output;
 use crate::reference::{Precision, Tensor, Weights};
 use crate::train::model::{hub_names, hub_tensors, Terms, TrainModel};
 use clap::Args;
@@ -52,6 +52,12 @@ pub fn parse_recompute(s: &str) -> Result<Recompute, String> {
 
 /// `dsc grad`.
 pub fn grad_cmd(args: &GradArgs) -> Result<(), String> {
+    // Before any work: where the output goes, and that it is none of the inputs.
+    crate::output::check_output(&args.out)?;
+    let mut inputs = crate::output::files_in(&args.model);
+    inputs.push(args.input.clone());
+    inputs.extend(args.spec.clone());
+    crate::output::refuse_input_as_output(&args.out, &inputs)?;
     if args.backend != "reference" {
         return Err(format!("`--backend {}`: gradients run on the reference backend only so far", args.backend));
     }
@@ -97,7 +103,7 @@ pub fn grad_cmd(args: &GradArgs) -> Result<(), String> {
         })
         .collect::<Result<Vec<_>, _>>()?;
     let file = safetensors::tensor::serialize(views, None).map_err(|e| format!("cannot serialise the gradients: {e}"))?;
-    write_atomically(&args.out, &file)?;
+    write_output(&args.out, &file)?;
     eprintln!("loss {:.6} ({} tensors) → {}", out.objective, bytes.len(), args.out.display());
     Ok(())
 }

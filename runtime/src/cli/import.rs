@@ -1,9 +1,9 @@
 //! `dsc import CONFIG [--out FILE] [--name NAME]`: a Hugging Face `config.json` as a
-//! canonical spec, on stdout or written atomically to a file.
+//! canonical spec, on stdout or written to a file ([`crate::output`]).
 
-use std::fs::{File, OpenOptions};
+use crate::output::write_output;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Imports `config` and prints the spec, or writes it to `out`. The model is named `name`,
 /// else after the config's directory (`DeepSeek-V3/config.json` → `deepseek_v3`), else
@@ -16,7 +16,10 @@ pub fn import_cmd(config: &Path, out: Option<&Path>, name: Option<&str>) -> Resu
             let mut stdout = std::io::stdout().lock();
             stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()).map_err(|e| format!("cannot write the spec to stdout: {e}"))
         }
-        Some(path) => write_atomically(path, text.as_bytes()),
+        Some(path) => {
+            crate::output::refuse_input_as_output(path, &[config.to_path_buf()])?;
+            write_output(path, text.as_bytes())
+        }
     }
 }
 
@@ -31,68 +34,10 @@ fn spec_text(config: &Path, model: &dsc_dsl::Model) -> String {
     )
 }
 
-/// Writes `bytes` to `path` so that `path` holds either its old content or all of the new
-/// one, never a part: the text goes to a temporary file in the same directory (so the
-/// final rename stays within one file system), is flushed to disk, then renamed over
-/// `path`. On any failure the temporary file is removed and `path` is untouched.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let shown = path.display();
-    if path.is_dir() {
-        return Err(format!("cannot write `{shown}`: it is a directory"));
-    }
-    let file_name = path.file_name().ok_or_else(|| format!("cannot write `{shown}`: no file name"))?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let (mut file, tmp) = create_temp(&dir, &file_name.to_string_lossy()).map_err(|e| format!("cannot write `{shown}`: {e}"))?;
-    let result = file.write_all(bytes).and_then(|()| file.sync_all());
-    drop(file);
-    let result = result.and_then(|()| std::fs::rename(&tmp.0, path));
-    match result {
-        Ok(()) => {
-            tmp.keep();
-            Ok(())
-        }
-        // `tmp` is removed when dropped.
-        Err(e) => Err(format!("cannot write `{shown}`: {e}")),
-    }
-}
-
-/// A temporary file that is deleted when dropped, unless [`TempPath::keep`] says it has
-/// been renamed into place.
-struct TempPath(PathBuf);
-
-impl TempPath {
-    fn keep(self) {
-        std::mem::forget(self);
-    }
-}
-
-impl Drop for TempPath {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// Creates `.NAME.tmp-PID-N` in `dir`; `create_new` never reuses an existing file, which
-/// could belong to a concurrent writer.
-fn create_temp(dir: &Path, name: &str) -> std::io::Result<(File, TempPath)> {
-    let pid = std::process::id();
-    let mut attempt = 0u32;
-    loop {
-        let tmp = dir.join(format!(".{name}.tmp-{pid}-{attempt}"));
-        match OpenOptions::new().write(true).create_new(true).open(&tmp) {
-            Ok(f) => return Ok((f, TempPath(tmp))),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 1000 => attempt += 1,
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     /// A fresh empty directory under the system temp dir, removed at the end of the test.
     struct TestDir(PathBuf);
@@ -152,10 +97,10 @@ mod tests {
         assert!(e.contains("model_type") && e.contains("config.json"), "{e}");
         assert_eq!(std::fs::read_to_string(&out).unwrap(), "old");
         // A directory in place of the output file.
-        let e = write_atomically(&dir.0, b"text").unwrap_err();
+        let e = write_output(&dir.0, b"text").unwrap_err();
         assert!(e.contains("directory"), "{e}");
         // A missing directory: nothing is created.
-        let e = write_atomically(&dir.0.join("missing/x.dsc"), b"text").unwrap_err();
+        let e = write_output(&dir.0.join("missing/x.dsc"), b"text").unwrap_err();
         assert!(e.contains("missing"), "{e}");
         assert_eq!(dir.entries(), ["config.json", "x.dsc"]);
     }

@@ -5,9 +5,9 @@
 //! `IDS.json` is `{"input_ids": [[...], ...]}` (other keys are ignored, so the fixtures'
 //! `input_ids.json` works as it is).
 
-use super::import::write_atomically;
 use crate::checkpoint::{CheckpointWeights, ModelDir, OpenOptions};
 use crate::generate::{forward, Backend, CompileOptions, ReferenceBackend, BACKENDS};
+use crate::output::write_output;
 use crate::reference::Options;
 use clap::Args;
 use dsc_compiler::passes::mla_absorb::MlaMode;
@@ -126,6 +126,12 @@ pub fn read_ids(path: &Path) -> Result<Vec<Vec<i64>>, String> {
 
 /// `dsc logits`.
 pub fn logits_cmd(args: &LogitsArgs) -> Result<(), String> {
+    // Before any work: where the output goes, and that it is none of the inputs.
+    crate::output::check_output(&args.out)?;
+    let mut inputs = crate::output::files_in(&args.model.model);
+    inputs.push(args.input.clone());
+    inputs.extend(args.model.spec.clone());
+    crate::output::refuse_input_as_output(&args.out, &inputs)?;
     let ids = read_ids(&args.input)?;
     let loaded = load(&args.model)?;
     let out = forward(loaded.backend.as_ref(), &ids, false).map_err(|e| e.to_string())?;
@@ -134,5 +140,5 @@ pub fn logits_cmd(args: &LogitsArgs) -> Result<(), String> {
     let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.shape().to_vec(), &bytes).map_err(|e| e.to_string())?;
     let file = safetensors::tensor::serialize([("logits", view)], None).map_err(|e| format!("cannot serialise the logits: {e}"))?;
-    write_atomically(&args.out, &file)
+    write_output(&args.out, &file)
 }

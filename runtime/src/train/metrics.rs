@@ -114,7 +114,7 @@ impl MetricsLog {
             }
             _ => String::new(),
         };
-        crate::cli::import::write_atomically(&path, kept.as_bytes()).map_err(TrainError::invalid)?;
+        crate::output::write_output(&path, kept.as_bytes()).map_err(TrainError::invalid)?;
         let file = OpenOptions::new().append(true).open(&path).map_err(|e| TrainError::io(&path, e))?;
         Ok(MetricsLog { path, file })
     }
@@ -156,7 +156,7 @@ pub fn plot(run_dir: &Path, curve: &[(u64, f64, f64)]) -> Result<(), TrainError>
 /// One series per panel, stacked, each over its steps: an SVG written atomically.
 pub fn plot_panels(path: &Path, panels: &[(&str, Vec<(u64, f64)>)]) -> Result<(), TrainError> {
     let svg = render_svg(panels).map_err(|e| TrainError::invalid(format!("cannot draw {}: {e}", path.display())))?;
-    crate::cli::import::write_atomically(path, svg.as_bytes()).map_err(TrainError::invalid)
+    crate::output::write_output(path, svg.as_bytes()).map_err(TrainError::invalid)
 }
 
 /// (step, value) of key `key` (a number, or `key.sub` inside an object) on every line of a
