@@ -1,6 +1,6 @@
-//! Commands refuse, before any work, an output that is one of their inputs or that lies
+//! What commands refuse before any work: an output that is one of their inputs or lies
 //! in a directory that does not exist (the file-level rules are tested in
-//! `dsc_runtime::output`).
+//! `dsc_runtime::output`), and a thread count the machine does not have.
 
 use dsc_compiler::ir::Mode;
 use dsc_runtime::cli::compile::compile_cmd;
@@ -58,5 +58,20 @@ fn inputs_are_never_outputs() {
     std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("../specs/tiny/tiny_llama.dsc"), &spec).unwrap();
     let e = compile_cmd(&spec, None, Mode::Prefill, None, "ir", Some(&spec)).unwrap_err();
     assert!(e.contains("one of this command's inputs"), "{e}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn thread_counts_are_bounded_by_the_machine() {
+    let d = scratch("threads");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../golden/hf/llama_dense");
+    let input = d.join("ids.json");
+    std::fs::write(&input, "{\"input_ids\": [[1, 2, 3]]}").unwrap();
+    for n in [0, 100_000] {
+        let mut args = logits_args(&model, &input, &d.join("l.safetensors"));
+        args.model.threads = Some(n);
+        let e = logits_cmd(&args).unwrap_err();
+        assert!(e.starts_with(&format!("--threads {n}: expected 1 to ")), "{e}");
+    }
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -44,7 +44,7 @@ pub struct ModelArgs {
     /// model decides per entry point.
     #[arg(long, default_value = "auto", value_parser = MlaMode::parse)]
     pub mla: MlaMode,
-    /// Threads for the run (default: all cores).
+    /// Threads for the run, 1 to the number of cores (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
 }
@@ -88,6 +88,12 @@ pub fn load(args: &ModelArgs) -> Result<Loaded, String> {
     let rest = ModelInfo { generation: dir.generation, tokenizer: dir.tokenizer, weights: weights.clone() };
     // One pool for the whole command: `Options::threads` would build a pool per step.
     if let Some(n) = args.threads {
+        // More threads than cores only adds switching; a typo like 100000 would spend
+        // half a minute spawning them. Bounded by the machine, with the numbers named.
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        if n == 0 || n > cores {
+            return Err(format!("--threads {n}: expected 1 to {cores} (the cores this machine offers)"));
+        }
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().map_err(|e| format!("--threads {n}: {e}"))?;
     }
     let compile = CompileOptions { passes, mla: args.mla };
