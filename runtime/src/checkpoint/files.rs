@@ -43,6 +43,9 @@ impl Shard {
         // file not being truncated by another process while it is mapped.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| CheckpointError::io(path, e))?;
         let (n, meta) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| CheckpointError::corrupt(path, describe(&e, &map)))?;
+        if let Some(name) = duplicate_name(&map) {
+            return Err(CheckpointError::corrupt(path, format!("its header names tensor `{name}` twice (the format forbids it)")));
+        }
         let tensors = meta.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
         Ok(Shard { path: path.to_path_buf(), map, data_start: 8 + n, tensors })
     }
@@ -62,6 +65,34 @@ impl Shard {
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }
+}
+
+/// A tensor name that the header of safetensors file `bytes` holds twice. JSON parsers,
+/// safetensors' among them, keep one of two equal keys silently; the format forbids them,
+/// and which tensor a name means must not depend on the parser. `None` when there is none
+/// or the header is not a JSON object (which the format's own checks report).
+pub(crate) fn duplicate_name(bytes: &[u8]) -> Option<String> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Keys;
+    impl<'de> Visitor<'de> for Keys {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Option<String>, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(k) = m.next_key::<String>()? {
+                m.next_value::<IgnoredAny>()?;
+                if !seen.insert(k.clone()) {
+                    return Ok(Some(k));
+                }
+            }
+            Ok(None)
+        }
+    }
+    let n = usize::try_from(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?)).ok()?;
+    let header = bytes.get(8..8usize.checked_add(n)?)?;
+    serde_json::Deserializer::from_slice(header).deserialize_map(Keys).ok().flatten()
 }
 
 /// safetensors' error in words that say what is wrong with the file.

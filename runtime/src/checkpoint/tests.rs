@@ -431,6 +431,16 @@ fn corrupt_and_truncated_files_are_errors() {
             },
             "invalid shape, data type, or offset",
         ),
+        (
+            // Two entries under one name: JSON parsers keep one silently.
+            "duplicate-name",
+            {
+                let t = r#"{"dtype":"F32","shape":[48],"data_offsets":[0,192]}"#;
+                let h = format!(r#"{{"model.norm.weight":{t},"model.norm.weight":{t}}}"#);
+                [&(h.len() as u64).to_le_bytes()[..], h.as_bytes(), &[0u8; 192]].concat()
+            },
+            "names tensor `model.norm.weight` twice",
+        ),
     ];
     for (name, content, want) in cases {
         let d = scratch(name);

@@ -64,6 +64,9 @@ pub fn f8e4m3_to_f32(bits: u8) -> f32 {
 pub fn load_safetensors(bytes: &[u8]) -> Result<HashMap<String, Tensor>, String> {
     use safetensors::{Dtype, SafeTensors};
     let st = SafeTensors::deserialize(bytes).map_err(|e| format!("not a safetensors file: {e}"))?;
+    if let Some(name) = crate::checkpoint::files::duplicate_name(bytes) {
+        return Err(format!("the safetensors header names tensor `{name}` twice (the format forbids it)"));
+    }
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
         let b = view.data();
