@@ -270,10 +270,22 @@ fn merge_chain(m: &ModelDecl, table: &HashMap<String, (FileId, &ModelDecl)>) -> 
                 cur = p;
             }
             None => {
-                let names: Vec<&str> = table.keys().map(String::as_str).collect();
-                let d = Diagnostic::new(parent.span, format!("unknown parent model `{}`", parent.node), "not defined");
-                let d = with_suggestion(d, &parent.node, &names, "model");
-                return Err(d.with_help_if_none("define it in this file or `include` the file that defines it").into());
+                // Never suggest the model itself or one of its descendants: extending them
+                // is a cycle, not a fix.
+                let own: Vec<&str> = chain.iter().map(|c| c.name.node.as_str()).collect();
+                let names: Vec<&str> = table.keys().map(String::as_str).filter(|n| !own.contains(n)).collect();
+                let p = &parent.node;
+                let bring = format!(
+                    "a parent must be defined in this file or in one it includes: add `include \"FILE.dsc\"` for the file that defines `{p}` (the published ones are in specs/, e.g. `include \"deepseek_v2.dsc\"`)"
+                );
+                let best =
+                    names.iter().map(|k| (strsim::jaro_winkler(p, k), *k)).filter(|(s, _)| *s > 0.8).max_by(|a, b| a.0.total_cmp(&b.0));
+                let help = match best {
+                    Some((_, k)) => format!("did you mean `{k}`? Otherwise, {bring}"),
+                    None => bring,
+                };
+                let d = Diagnostic::new(parent.span, format!("unknown parent model `{p}`"), "not defined");
+                return Err(d.with_help(help).into());
             }
         }
     }
@@ -303,19 +315,6 @@ fn merge_blocks(parent: &Block, child: &Block) -> Block {
         }
     }
     out
-}
-
-trait HelpIfNone {
-    fn with_help_if_none(self, help: &str) -> Self;
-}
-impl HelpIfNone for Diagnostic {
-    fn with_help_if_none(self, help: &str) -> Self {
-        if self.help.is_none() {
-            self.with_help(help)
-        } else {
-            self
-        }
-    }
 }
 
 /// Adds "did you mean `x`?" when a known name is close to `got`.

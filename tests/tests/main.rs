@@ -16,6 +16,7 @@ mod outputs;
 mod pass_pipelines;
 mod passes;
 mod print;
+mod readme;
 mod resolved;
 mod robustness;
 mod stats;
