@@ -137,9 +137,9 @@ impl Plan {
     pub fn buffers_after(&self) -> usize {
         self.entry.buffers.len()
     }
-    /// Bytes of every distinct weight the entry reads.
+    /// Bytes of every distinct weight the entry reads (checked to fit when planned).
     pub fn weight_bytes(&self) -> u64 {
-        self.entry.weights.values().sum()
+        self.entry.weights.values().fold(0u64, |a, &b| a.saturating_add(b))
     }
 
     /// A few lines for reports.
@@ -245,7 +245,7 @@ impl Planner<'_> {
         let mut scratch: Vec<(NodeId, usize, u64, u64)> = Vec::new(); // (call, step, peak, arena)
         let mut weights: BTreeMap<String, u64> = BTreeMap::new();
         let mut outputs = Vec::new();
-        let mut argument_bytes = 0;
+        let mut argument_bytes = 0u64;
 
         for (t, &n) in order.iter().enumerate() {
             let node = g.node(n);
@@ -272,7 +272,7 @@ impl Planner<'_> {
                 }
                 Op::Const { .. } => fresh(&mut classes, &mut class_of, n.out(0), Origin::Static),
                 Op::Input { index, .. } => {
-                    argument_bytes += bytes_of(node.ty(), sizes);
+                    argument_bytes = argument_bytes.saturating_add(bytes_of(node.ty(), sizes));
                     fresh(&mut classes, &mut class_of, n.out(0), Origin::Argument(*index));
                 }
                 Op::Return => {
@@ -359,12 +359,31 @@ impl Planner<'_> {
             }
         }
         self.active.remove(name);
+        // Sizes the spec allows can make byte counts that no u64 holds (a huge vocabulary
+        // at a huge batch): `bytes_of` saturates, and every figure is checked here, so a
+        // plan is exact or an error, never a wrapped number.
+        let too_big = || {
+            PassError::new(format!(
+                "memory plan of `{name}` at b={} s={} c={}: its byte counts exceed 2^64 - 1; give smaller sizes",
+                sizes.batch, sizes.seq, sizes.cache
+            ))
+        };
+        fn total(it: impl Iterator<Item = u64>) -> Option<u64> {
+            it.fold(Some(0u64), |a, b| if b == u64::MAX { None } else { a?.checked_add(b) })
+        }
+        let allocated_bytes = total(buffers.iter().copied()).ok_or_else(too_big)?;
+        let unshared_bytes = total(requests.iter().map(|r| r.bytes)).ok_or_else(too_big)?;
+        total(weights.values().copied()).ok_or_else(too_big)?;
+        if argument_bytes == u64::MAX {
+            return Err(too_big());
+        }
+        let peak = u64::try_from(peak).map_err(|_| too_big())?;
         Ok(FunctionPlan {
             name: name.to_string(),
-            peak_live_bytes: peak as u64,
-            allocated_bytes: buffers.iter().sum(),
+            peak_live_bytes: peak,
+            allocated_bytes,
             values: requests.len(),
-            unshared_bytes: requests.iter().map(|r| r.bytes).sum(),
+            unshared_bytes,
             buffers,
             assignment,
             scratch: scratch_of,
@@ -455,6 +474,26 @@ mod tests {
         assert_eq!((buf(a), buf(b), buf(c)), (0, 1, 0));
         assert!(!p.entry.assignment.contains_key(&x.out(0)));
         assert_eq!(p.entry.outputs, [Origin::Fresh]);
+    }
+
+    /// Sizes that make byte counts past u64 (each value alone fits, their sum does not; or
+    /// one value alone does not) are an error naming the sizes, never a wrapped figure.
+    #[test]
+    fn figures_that_overflow_are_errors() {
+        let mut g = Graph::new();
+        let x = g.input(0, "x", f32t([B, S, n(1 << 20)]), None);
+        let a = exp(&mut g, x);
+        let b = exp(&mut g, a);
+        g.ret(&[b.into()], None);
+        let m = module_of("prefill", g, Mode::Prefill);
+        // 4 · 2^21 · 2^20 · 2^20 = 2^63 bytes per value: the two together pass 2^64.
+        let e = plan(&m, Mode::Prefill, &Bindings { batch: 1 << 21, seq: 1 << 20, cache: 0 }).unwrap_err();
+        assert!(e.to_string().contains("exceed 2^64 - 1") && e.to_string().contains("b=2097152"), "{e}");
+        // One value of 2^66 bytes.
+        let e = plan(&m, Mode::Prefill, &Bindings { batch: 1 << 24, seq: 1 << 20, cache: 0 }).unwrap_err();
+        assert!(e.to_string().contains("exceed 2^64 - 1"), "{e}");
+        // Just below: a plan.
+        plan(&m, Mode::Prefill, &Bindings { batch: 1 << 10, seq: 1 << 10, cache: 0 }).unwrap();
     }
 
     fn req(bytes: u64, def: usize, last: usize) -> Request {
