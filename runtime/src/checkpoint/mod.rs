@@ -55,6 +55,9 @@ pub struct GenerationConfig {
     pub eos: Vec<i64>,
     pub bos: Option<i64>,
     pub pad: Option<i64>,
+    /// Values that were present but unusable (a string, a float, a negative id), each
+    /// with its file; the commands print them.
+    pub warnings: Vec<String>,
 }
 
 /// An opened model directory: its spec, its checked weights, and its extras.
@@ -89,7 +92,7 @@ impl ModelDir {
         let block = block_size(config.as_ref(), &config_path)?;
         let gen_path = dir.join("generation_config.json");
         let gen_json = read_json(&gen_path, false)?;
-        let generation = generation_config(gen_json.as_ref().or(config.as_ref()));
+        let generation = generation_config(&[(&gen_path, gen_json.as_ref()), (&config_path, config.as_ref())]);
 
         let expected = expected_params(&spec).map_err(|e| CheckpointError::config(&config_path, e))?;
         let shards = files::open_all(dir)?;
@@ -126,17 +129,37 @@ fn block_size(config: Option<&Value>, path: &Path) -> Result<[usize; 2], Checkpo
     }
 }
 
-/// Special tokens from a generation config (or a model config, which has the same keys).
-fn generation_config(json: Option<&Value>) -> GenerationConfig {
-    let Some(j) = json else { return GenerationConfig::default() };
-    let ids = |k: &str| -> Vec<i64> {
-        match j.get(k) {
-            Some(Value::Number(n)) => n.as_i64().into_iter().collect(),
-            Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_i64()).collect(),
-            _ => Vec::new(),
+/// Special tokens from `generation_config.json`, each key falling back to `config.json`
+/// (which has the same keys) where the first lacks it or holds something that is not a
+/// token id or a list of them; such a value is named in a warning, never used.
+fn generation_config(sources: &[(&Path, Option<&Value>)]) -> GenerationConfig {
+    let mut warnings = Vec::new();
+    let mut ids = |k: &str| -> Vec<i64> {
+        for (path, json) in sources {
+            let Some(v) = json.and_then(|j| j.get(k)) else { continue };
+            let id = |x: &Value| x.as_i64().filter(|&i| i >= 0);
+            let parsed = match v {
+                Value::Null => continue,
+                Value::Array(a) => a.iter().map(id).collect::<Option<Vec<i64>>>(),
+                x => id(x).map(|i| vec![i]),
+            };
+            match parsed {
+                Some(ids) => return ids,
+                None => {
+                    let mut shown = v.to_string();
+                    if shown.len() > 60 {
+                        shown = format!("{}…", &shown[..shown.floor_char_boundary(60)]);
+                    }
+                    warnings.push(format!("{}: `{k}` is {shown}, not a token id or a list of them; ignored", path.display()));
+                }
+            }
         }
+        Vec::new()
     };
-    GenerationConfig { eos: ids("eos_token_id"), bos: ids("bos_token_id").first().copied(), pad: ids("pad_token_id").first().copied() }
+    let eos = ids("eos_token_id");
+    let bos = ids("bos_token_id").first().copied();
+    let pad = ids("pad_token_id").first().copied();
+    GenerationConfig { eos, bos, pad, warnings }
 }
 
 /// Every param the spec's lowered module reads, by checkpoint name, with its shape;

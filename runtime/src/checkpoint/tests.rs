@@ -562,3 +562,32 @@ fn ignorable_tensors_are_skipped() {
     assert!(!md.weights.names().iter().any(|n| n.contains("inv_freq")));
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// `generation_config.json` with an unusable special-token value: `config.json`'s is used,
+/// and a warning names the file and the value; an absent key falls back silently.
+#[test]
+fn malformed_generation_config_falls_back_to_config_json() {
+    let tensors = read_raw(&golden("llama_gqa").join(files::SINGLE));
+    let cases: [(&str, serde_json::Value, Vec<i64>, Option<&str>); 5] = [
+        ("string", serde_json::json!({"eos_token_id": "5"}), vec![7], Some("`eos_token_id` is \"5\"")),
+        ("float", serde_json::json!({"eos_token_id": 2.5}), vec![7], Some("`eos_token_id` is 2.5")),
+        ("mixed-list", serde_json::json!({"eos_token_id": [3, "x"]}), vec![7], Some("[3,\"x\"]")),
+        ("absent", serde_json::json!({"bos_token_id": 0}), vec![7], None),
+        ("list", serde_json::json!({"eos_token_id": [3, 4]}), vec![3, 4], None),
+    ];
+    for (name, gen, eos, warning) in cases {
+        let d = model_dir(&format!("gen-{name}"), "llama_gqa", |c| c["eos_token_id"] = 7.into(), &tensors);
+        std::fs::write(d.join("generation_config.json"), gen.to_string()).unwrap();
+        let md = open(&d).unwrap();
+        assert_eq!(md.generation.eos, eos, "{name}");
+        match warning {
+            Some(w) => {
+                assert_eq!(md.generation.warnings.len(), 1, "{name}: {:?}", md.generation.warnings);
+                let got = &md.generation.warnings[0];
+                assert!(got.contains("generation_config.json") && got.contains(w), "{name}: {got}");
+            }
+            None => assert!(md.generation.warnings.is_empty(), "{name}: {:?}", md.generation.warnings),
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}

@@ -67,6 +67,9 @@ pub fn generate_cmd(args: &GenerateArgs) -> Result<(), String> {
         }
         (None, None) => return Err("give --input IDS.json or --prompt TEXT".into()),
     };
+    for w in &info.generation.warnings {
+        eprintln!("warning: {w}");
+    }
     let mut stop = args.stop.clone();
     if !args.ignore_eos {
         stop.extend(&info.generation.eos);
