@@ -477,10 +477,12 @@ impl Elaborator {
                 let low_ok = if min_exclusive { x > min } else { x >= min };
                 if !low_ok || x > max {
                     let op = if min_exclusive { "<" } else { "≤" };
+                    // `{:e}` past 1e±6: `{}` would spell 1e-300 with 300 digits.
+                    let show = |y: f64| if y != 0.0 && !(1e-6..1e6).contains(&y.abs()) { format!("{y:e}") } else { format!("{y}") };
                     self.err(Diagnostic::new(
                         v.span,
-                        format!("`{key}` = {x} is out of range"),
-                        format!("expected {min} {op} {key} ≤ {max}"),
+                        format!("`{key}` = {} is out of range", show(x)),
+                        format!("expected {} {op} {key} ≤ {}", show(min), show(max)),
                     ));
                     return None;
                 }
@@ -725,7 +727,9 @@ impl Elaborator {
         let EntryBody::Block(b) = &e.body else { return None };
         self.no_label(e);
         let mut o = Obj::new(b, "rope", "`rope`");
-        let theta = self.req_float(&mut o, "theta", 0.0, 1e12, true);
+        // Below 1 the inverse frequencies theta^(-2i/d) grow past f32 (1e-300 gave
+        // all-NaN logits); published models use 1e4 to 1e7.
+        let theta = self.req_float(&mut o, "theta", 1.0, 1e12, false);
         let layout = self.req_choice(&mut o, "layout", &[("half_split", RopeLayout::HalfSplit), ("interleaved", RopeLayout::Interleaved)]);
         let yarn = match self.section(&mut o, "yarn") {
             Some(ye) => {
