@@ -54,7 +54,7 @@ pub fn import_hf_config(json: &str, name: &str) -> Result<Model, String> {
 /// Reads the `config.json` at `path`. The model is named `name`, or after the directory
 /// that holds the file (see [`model_name_for`]).
 pub fn import_hf_config_file(path: &Path, name: Option<&str>) -> Result<Model, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+    let text = crate::files::read_text(path, crate::files::JSON_LIMIT).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
     let name = match name {
         Some(n) => n.to_string(),
         None => model_name_for(path),

@@ -10,6 +10,7 @@
 pub mod ast;
 pub mod diag;
 pub mod export;
+pub mod files;
 pub mod import;
 pub mod model;
 pub mod parse;

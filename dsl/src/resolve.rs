@@ -70,7 +70,7 @@ impl SpanMap {
 /// file itself defines).
 pub fn load(path: &Path, model: Option<&str>) -> Result<Spec, Failure> {
     let mut sources = SourceMap::new();
-    let text = match std::fs::read_to_string(path) {
+    let text = match crate::files::read_text(path, crate::files::TEXT_LIMIT) {
         Ok(t) => t,
         Err(e) => {
             let d = Diagnostic::without_span(format!("cannot read spec file `{}`: {e}", path.display()));
@@ -197,7 +197,7 @@ fn load_recursive(sources: &mut SourceMap, id: FileId, stack: &mut Vec<FileId>, 
             // Already loaded through another path: its models are in `out` once.
             continue;
         }
-        match std::fs::read_to_string(&target) {
+        match crate::files::read_text(&target, crate::files::TEXT_LIMIT) {
             Ok(text) => {
                 let name = display_relative(&sources.get(id).name, &inc.node);
                 let child = sources.add(&canon, name, text);

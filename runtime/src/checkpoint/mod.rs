@@ -114,7 +114,7 @@ fn read_json(path: &Path, required: bool) -> Result<Option<Value>, CheckpointErr
     if !path.is_file() {
         return if required { Err(CheckpointError::io(path, "no such file")) } else { Ok(None) };
     }
-    let text = std::fs::read_to_string(path).map_err(|e| CheckpointError::io(path, e))?;
+    let text = dsc_dsl::files::read_text(path, dsc_dsl::files::JSON_LIMIT).map_err(|e| CheckpointError::io(path, e))?;
     serde_json::from_str(&text).map(Some).map_err(|e| CheckpointError::config(path, format!("not valid JSON: {e}")))
 }
 

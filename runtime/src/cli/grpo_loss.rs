@@ -47,7 +47,7 @@ const FIELDS: &[&str] = &[
 /// `dsc grpo-loss`: reads the input, prints the result.
 pub fn grpo_loss_cmd(args: &GrpoLossArgs) -> Result<(), String> {
     let path = args.input.display();
-    let text = std::fs::read_to_string(&args.input).map_err(|e| format!("cannot read `{path}`: {e}"))?;
+    let text = dsc_dsl::files::read_text(&args.input, dsc_dsl::files::JSON_LIMIT).map_err(|e| format!("cannot read `{path}`: {e}"))?;
     let out = run(&text).map_err(|e| format!("`{path}`: {e}"))?;
     println!("{out}");
     Ok(())

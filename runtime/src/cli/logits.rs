@@ -119,7 +119,7 @@ pub fn load(args: &ModelArgs) -> Result<Loaded, String> {
 
 /// Reads `{"input_ids": [[...], ...]}` (a single flat list is one sequence).
 pub fn read_ids(path: &Path) -> Result<Vec<Vec<i64>>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+    let text = dsc_dsl::files::read_text(path, dsc_dsl::files::JSON_LIMIT).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
     let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("`{}`: not valid JSON: {e}", path.display()))?;
     let bad = || format!("`{}`: expected {{\"input_ids\": [[token ids...], ...]}}", path.display());
     let rows = json.get("input_ids").and_then(|v| v.as_array()).ok_or_else(bad)?;

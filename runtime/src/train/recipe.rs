@@ -229,7 +229,7 @@ pub struct Recipe {
 impl Recipe {
     /// Reads and checks the recipe at `path`.
     pub fn load(path: &Path) -> Result<Recipe, TrainError> {
-        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+        let text = dsc_dsl::files::read_text(path, dsc_dsl::files::TEXT_LIMIT).map_err(|e| TrainError::io(path, e))?;
         Recipe::parse(path, &text)
     }
 

@@ -222,7 +222,7 @@ pub enum Input {
 
 impl GrpoRecipe {
     pub fn load(path: &Path) -> Result<GrpoRecipe, TrainError> {
-        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+        let text = dsc_dsl::files::read_text(path, dsc_dsl::files::TEXT_LIMIT).map_err(|e| TrainError::io(path, e))?;
         GrpoRecipe::parse(path, &text)
     }
 
