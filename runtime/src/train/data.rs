@@ -51,7 +51,7 @@ pub struct Limits {
 
 impl Dataset {
     pub fn load(path: &Path, limits: Limits) -> Result<Dataset, TrainError> {
-        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+        let text = dsc_dsl::files::read_text(path, dsc_dsl::files::JSON_LIMIT).map_err(|e| TrainError::io(path, e))?;
         Dataset::parse(path, &text, limits)
     }
 

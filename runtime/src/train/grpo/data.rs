@@ -43,7 +43,7 @@ pub fn decode_bytes(ids: &[i64]) -> String {
 }
 
 fn lines(path: &Path) -> Result<Vec<(usize, Value)>, TrainError> {
-    let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+    let text = dsc_dsl::files::read_text(path, dsc_dsl::files::JSON_LIMIT).map_err(|e| TrainError::io(path, e))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
