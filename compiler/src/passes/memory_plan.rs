@@ -369,7 +369,7 @@ impl Planner<'_> {
             ))
         };
         fn total(it: impl Iterator<Item = u64>) -> Option<u64> {
-            it.fold(Some(0u64), |a, b| if b == u64::MAX { None } else { a?.checked_add(b) })
+            it.try_fold(0u64, |a, b| if b == u64::MAX { None } else { a.checked_add(b) })
         }
         let allocated_bytes = total(buffers.iter().copied()).ok_or_else(too_big)?;
         let unshared_bytes = total(requests.iter().map(|r| r.bytes)).ok_or_else(too_big)?;

@@ -148,7 +148,11 @@ fn generation_config(sources: &[(&Path, Option<&Value>)]) -> GenerationConfig {
                 None => {
                     let mut shown = v.to_string();
                     if shown.len() > 60 {
-                        shown = format!("{}…", &shown[..shown.floor_char_boundary(60)]);
+                        let mut cut = 60;
+                        while !shown.is_char_boundary(cut) {
+                            cut -= 1;
+                        }
+                        shown = format!("{}…", &shown[..cut]);
                     }
                     warnings.push(format!("{}: `{k}` is {shown}, not a token id or a list of them; ignored", path.display()));
                 }
