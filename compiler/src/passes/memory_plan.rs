@@ -368,7 +368,7 @@ impl Planner<'_> {
                 sizes.batch, sizes.seq, sizes.cache
             ))
         };
-        fn total(it: impl Iterator<Item = u64>) -> Option<u64> {
+        fn total(mut it: impl Iterator<Item = u64>) -> Option<u64> {
             it.try_fold(0u64, |a, b| if b == u64::MAX { None } else { a.checked_add(b) })
         }
         let allocated_bytes = total(buffers.iter().copied()).ok_or_else(too_big)?;
