@@ -12,6 +12,7 @@ mod import;
 mod ir_snapshots;
 mod kernels_golden;
 mod lowered_params;
+mod nonfinite;
 mod outputs;
 mod pass_pipelines;
 mod passes;

@@ -61,8 +61,24 @@ impl Engine for Interpreter {
     fn prepare(&self, _: &Module, _: Mode) -> Result<(), String> {
         Ok(())
     }
+    /// A first result (the logits) holding a NaN or an infinity is an error, never an
+    /// output: the run is repeated with every value checked, and the error names the first
+    /// node that made a non-finite value and its spec span.
     fn run(&self, module: &Module, _: &(), mode: Mode, args: &[Tensor], weights: &dyn Weights) -> Result<Vec<Tensor>, String> {
-        run(module, mode, args, weights, &self.options).map_err(|e| e.to_string())
+        let out = run(module, mode, args, weights, &self.options).map_err(|e| e.to_string())?;
+        let finite = |t: &Tensor| match t.data() {
+            crate::reference::Data::F32(v) => v.iter().all(|x| x.is_finite()),
+            crate::reference::Data::F64(v) => v.iter().all(|x| x.is_finite()),
+            _ => true,
+        };
+        if out.first().is_some_and(|t| !finite(t)) {
+            let checked = Options { check_finite: true, ..self.options.clone() };
+            return match run(module, mode, args, weights, &checked) {
+                Err(e) => Err(format!("non-finite logits: {e}")),
+                Ok(_) => Err("the logits hold a NaN or an infinity (no single node could be named)".into()),
+            };
+        }
+        Ok(out)
     }
 }
 

@@ -29,11 +29,17 @@ use std::marker::PhantomData;
 type Val<'a> = Cow<'a, Tensor>;
 
 /// Run `function` of `module` on `inputs` in precision `T`.
-pub(super) fn run<T: Real>(module: &Module, function: &str, inputs: &[Tensor], weights: &dyn Weights) -> Result<Vec<Tensor>, ExecError> {
+pub(super) fn run<T: Real>(
+    module: &Module,
+    function: &str,
+    inputs: &[Tensor],
+    weights: &dyn Weights,
+    check_finite: bool,
+) -> Result<Vec<Tensor>, ExecError> {
     let f =
         module.function(function).ok_or_else(|| ExecError::new(ErrorKind::Entry, format!("the module has no function `{function}`")))?;
     let sizes = bind_symbols(f, inputs)?;
-    let it = Interp::<T> { module, weights, sizes, _t: PhantomData };
+    let it = Interp::<T> { module, weights, sizes, check_finite, _t: PhantomData };
     let args = inputs.iter().map(Cow::Borrowed).collect();
     let mut stack = Vec::new();
     it.call(f, None, args, &mut stack)
@@ -91,6 +97,7 @@ struct Interp<'m, T> {
     module: &'m Module,
     weights: &'m dyn Weights,
     sizes: [Option<i64>; 3],
+    check_finite: bool,
     _t: PhantomData<T>,
 }
 
@@ -104,6 +111,24 @@ fn node_name(pos: usize, node: &Node) -> String {
             None => format!("%{pos} call {function}"),
         },
         op => format!("%{pos} {}", op.name()),
+    }
+}
+
+/// "NaN" or "inf" when a float tensor holds one.
+fn first_non_finite(t: &Tensor) -> Option<&'static str> {
+    let kind = |x: f64| if x.is_nan() { "NaN" } else { "inf" };
+    match t.data() {
+        Data::F32(v) => v.iter().find(|x| !x.is_finite()).map(|&x| kind(x as f64)),
+        Data::F64(v) => v.iter().find(|x| !x.is_finite()).map(|&x| kind(x)),
+        _ => None,
+    }
+}
+
+fn first_non_finite_index(t: &Tensor) -> usize {
+    match t.data() {
+        Data::F32(v) => v.iter().position(|x| !x.is_finite()).unwrap_or(0),
+        Data::F64(v) => v.iter().position(|x| !x.is_finite()).unwrap_or(0),
+        _ => 0,
     }
 }
 
@@ -329,6 +354,16 @@ impl<'m, T: Real> Interp<'m, T> {
             for (i, (t, ty)) in outs.iter().zip(&node.outputs).enumerate() {
                 let what = if outs.len() == 1 { "the result".to_string() } else { format!("result {i}") };
                 self.check(t, ty, &what).map_err(here)?;
+                // A call's results were checked inside it, where the first bad node is.
+                if self.check_finite && !matches!(node.op, Op::Call { .. }) {
+                    if let Some(k) = first_non_finite(t) {
+                        let message = format!(
+                            "{what} holds a non-finite value ({k}) at element {}: the first node of the run to make one",
+                            first_non_finite_index(t)
+                        );
+                        return Err(here(KernelError { kind: ErrorKind::Numeric, message }));
+                    }
+                }
             }
             env.insert(n, outs.into_iter().map(Some).collect());
             for v in ins {

@@ -90,11 +90,14 @@ pub struct Options {
     pub verify: bool,
     /// Threads for this run (a private rayon pool); `None` uses rayon's global pool.
     pub threads: Option<usize>,
+    /// Check every value as it is made and stop at the first node whose result holds a
+    /// NaN or an infinity, naming it (a pass over each value: for diagnosis, off by default).
+    pub check_finite: bool,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { precision: Precision::F32, verify: true, threads: None }
+        Options { precision: Precision::F32, verify: true, threads: None, check_finite: false }
     }
 }
 
@@ -115,7 +118,8 @@ pub enum ErrorKind {
     MissingWeight,
     /// An index (gather, scatter, expert id, label) is out of range.
     Index,
-    /// An integer division by zero, or a value that does not fit a cast.
+    /// An integer division by zero, a value that does not fit a cast, or (with
+    /// `check_finite`) a NaN or infinity.
     Numeric,
     /// The module is malformed (cycle, missing return, bad slots, verifier errors).
     Graph,
@@ -239,8 +243,8 @@ pub fn run_function(
         }
     }
     let go = || match options.precision {
-        Precision::F32 => interp::run::<f32>(module, function, inputs, weights),
-        Precision::F64 => interp::run::<f64>(module, function, inputs, weights),
+        Precision::F32 => interp::run::<f32>(module, function, inputs, weights, options.check_finite),
+        Precision::F64 => interp::run::<f64>(module, function, inputs, weights, options.check_finite),
     };
     match options.threads {
         Some(n) => {
