@@ -22,7 +22,7 @@ pub mod backend;
 pub mod reference;
 pub mod rewrite;
 
-pub use backend::{Backend, BackendError, KvCache, LayerRouting, StepInput, StepOutput, BACKENDS};
+pub use backend::{parse_backend, Backend, BackendError, KvCache, LayerRouting, StepInput, StepOutput, BACKENDS};
 pub use reference::{CompileOptions, Engine, Interpreter, ModelBackend, ReferenceBackend};
 
 use crate::sampling::{Sampler, Sampling, SamplingError};

@@ -98,7 +98,6 @@ fn bad_input_is_an_error_message() {
         (vec!["logits", "--model", s(&d), "--input", s(&ids), "--out", s(&out)], "config.json"),
         (vec!["logits", "--model", s(&dir), "--input", s(&ragged), "--out", s(&out)], "equal lengths"),
         (vec!["logits", "--model", s(&dir), "--input", s(&oov), "--out", s(&out)], "outside the vocabulary"),
-        (vec!["logits", "--model", s(&dir), "--input", s(&ids), "--out", s(&out), "--backend", "tpu"], "unknown backend `tpu`"),
         (vec!["generate", "--model", s(&dir), "--prompt", "hello"], "tokenizer.json"),
         (vec!["generate", "--model", s(&dir), "--input", s(&ids), "--temperature", "-1"], "temperature"),
         (vec!["generate", "--model", s(&dir), "--input", s(&ids), "--passes", "-nonsense"], "nonsense"),
@@ -141,4 +140,24 @@ fn prompt_goes_through_the_tokenizer() {
     let words: Vec<String> = t["generated"][0].as_array().unwrap().iter().map(|x| format!("t{x}")).collect();
     assert_eq!(t["text"][0], serde_json::json!(words.join(" ")));
     let _ = std::fs::remove_dir_all(&d);
+}
+
+/// Usage errors exit with 2 and say what is expected; a backend this build left out says
+/// how to build it in.
+#[test]
+fn usage_errors_exit_with_2() {
+    let case = golden("llama_dense");
+    let input = case.join("input_ids.json");
+    let r = dsc(&["logits", "--model", s(&case), "--input", s(&input), "--out", "/dev/null", "--backend", "metal"]);
+    assert_eq!(r.status.code(), Some(2), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("unknown backend `metal`; available: reference"));
+    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("../specs/tiny/tiny_llama.dsc");
+    let r = dsc(&["compile", s(&spec), "--target", "cuda"]);
+    assert_eq!(r.status.code(), Some(2), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("--out"), "{}", String::from_utf8_lossy(&r.stderr));
+    if cfg!(not(feature = "cuda")) {
+        let r = dsc(&["logits", "--model", s(&case), "--input", s(&input), "--out", "/dev/null", "--backend", "cuda"]);
+        assert_eq!(r.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&r.stderr).contains("--features cuda"), "{}", String::from_utf8_lossy(&r.stderr));
+    }
 }

@@ -29,7 +29,7 @@ pub struct ModelArgs {
     pub spec_model: Option<String>,
     /// The backend to run on: `reference` (the CPU interpreter), `wgpu` (the compiled
     /// kernels on a wgpu adapter) or `cuda` (the same on an NVIDIA GPU; feature `cuda`).
-    #[arg(long, default_value = "reference")]
+    #[arg(long, default_value = "reference", value_parser = crate::generate::parse_backend)]
     pub backend: String,
     /// The wgpu adapter: `default`, `cpu`, `discrete[:N]`, `integrated[:N]`, `virtual[:N]`.
     #[arg(long, default_value = "default")]

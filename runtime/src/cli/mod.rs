@@ -76,7 +76,7 @@ enum Command {
         #[arg(long)]
         emit: Option<String>,
         /// Write GPU kernel sources for this target (`cuda` or `wgpu`) into the directory `-o` names.
-        #[arg(long, value_parser = compile::parse_target)]
+        #[arg(long, value_parser = compile::parse_target, requires = "out")]
         target: Option<dsc_compiler::codegen::Target>,
         /// Write the output here (atomically) instead of printing it.
         #[arg(short, long)]

@@ -126,3 +126,16 @@ pub const BACKENDS: &[&str] = &[
     #[cfg(feature = "cuda")]
     "cuda",
 ];
+
+/// `--backend`'s value parser: one of [`BACKENDS`], or an error (a usage error, exit 2)
+/// that lists them, and for a backend this build left out, how to build it in.
+pub fn parse_backend(s: &str) -> Result<String, String> {
+    if BACKENDS.contains(&s) {
+        return Ok(s.to_string());
+    }
+    match s {
+        "cuda" => Err("this dsc was built without the `cuda` backend: rebuild with `cargo build --release --features cuda` (libcuda and NVRTC are loaded at run time; no CUDA toolkit is needed to build)".into()),
+        "wgpu" => Err("this dsc was built without the `wgpu` backend: rebuild with its default features".into()),
+        _ => Err(format!("unknown backend `{s}`; available: {}", BACKENDS.join(", "))),
+    }
+}
