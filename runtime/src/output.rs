@@ -24,23 +24,23 @@ use std::path::{Path, PathBuf};
 
 /// Writes `bytes` to `path` as the module header says.
 pub fn write_output(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let shown = path.display();
-    match resolve(path).map_err(|e| format!("cannot write `{shown}`: {e}"))? {
+    let written = resolve(path).and_then(|target| match target {
         Target::Special(p) => {
             // Devices and FIFOs are opened, not created or truncated: `/dev/null` stays a
             // device, a FIFO's reader gets the bytes.
-            let mut f = OpenOptions::new().write(true).open(&p).map_err(|e| format!("cannot write `{shown}`: {e}"))?;
-            f.write_all(bytes).and_then(|()| f.flush()).map_err(|e| format!("cannot write `{shown}`: {e}"))
+            let mut f = OpenOptions::new().write(true).open(&p)?;
+            f.write_all(bytes).and_then(|()| f.flush())
         }
-        Target::File { path: p, permissions } => {
-            replace(&p, bytes, permissions.as_ref()).map_err(|e| format!("cannot write `{shown}`: {e}"))
-        }
-    }
+        Target::File { path: p, permissions } => replace(&p, bytes, permissions.as_ref()),
+    });
+    written.map_err(|e| format!("cannot write `{}`: {e}", path.display()))
 }
 
-/// Checks, before a long run, that `path` can be written at its end: its directory
-/// exists and it is not a directory. The write itself still reports later failures.
-pub fn check_output(path: &Path) -> Result<(), String> {
+/// Checks, before a long run, that `path` can be written at its end: it is none of
+/// `inputs` ([`refuse_input_as_output`]), its directory exists and it is not a directory.
+/// The write itself still reports later failures.
+pub fn check_output(path: &Path, inputs: &[PathBuf]) -> Result<(), String> {
+    refuse_input_as_output(path, inputs)?;
     let shown = path.display();
     match resolve(path).map_err(|e| format!("cannot write `{shown}`: {e}"))? {
         Target::Special(_) => Ok(()),
@@ -105,38 +105,30 @@ pub fn write_dir(dir: &Path, files: &[(PathBuf, Vec<u8>)], owned: &[&str]) -> Re
 /// is new, empty, or holds only `owned` entries. Returns the directory a symlink names.
 pub fn check_dir(dir: &Path, owned: &[&str]) -> Result<PathBuf, String> {
     let shown = dir.display();
-    let mut p = dir.to_path_buf();
-    for _ in 0..40 {
-        match std::fs::symlink_metadata(&p) {
-            Ok(m) if m.file_type().is_symlink() => {
-                let link = std::fs::read_link(&p).map_err(|e| format!("cannot write `{shown}`: {e}"))?;
-                p = if link.is_absolute() { link } else { parent(&p).join(link) };
-            }
-            Ok(m) if m.is_dir() => {
-                let entries = std::fs::read_dir(&p).map_err(|e| format!("cannot write `{shown}`: {e}"))?;
-                for e in entries.flatten() {
-                    let n = e.file_name().to_string_lossy().into_owned();
-                    if !owned.contains(&n.as_str()) {
-                        return Err(format!(
-                            "refusing to replace `{shown}`: it holds `{n}`, which an earlier output did not write; give a new or empty directory"
-                        ));
-                    }
+    let (p, meta) = follow(dir).map_err(|e| format!("cannot write `{shown}`: {e}"))?;
+    match meta {
+        Some(m) if m.is_dir() => {
+            let entries = std::fs::read_dir(&p).map_err(|e| format!("cannot write `{shown}`: {e}"))?;
+            for e in entries.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if !owned.contains(&n.as_str()) {
+                    return Err(format!(
+                        "refusing to replace `{shown}`: it holds `{n}`, which an earlier output did not write; give a new or empty directory"
+                    ));
                 }
-                return Ok(p);
             }
-            Ok(_) => return Err(format!("cannot write `{shown}`: it exists and is not a directory")),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let up = parent(&p);
-                return if up.is_dir() {
-                    Ok(p)
-                } else {
-                    Err(format!("cannot write `{shown}`: the directory `{}` does not exist", up.display()))
-                };
+            Ok(p)
+        }
+        Some(_) => Err(format!("cannot write `{shown}`: it exists and is not a directory")),
+        None => {
+            let up = parent(&p);
+            if up.is_dir() {
+                Ok(p)
+            } else {
+                Err(format!("cannot write `{shown}`: the directory `{}` does not exist", up.display()))
             }
-            Err(e) => return Err(format!("cannot write `{shown}`: {e}")),
         }
     }
-    Err(format!("cannot write `{shown}`: too many levels of symbolic links"))
 }
 
 /// Puts the finished `tmp` at `target`: a plain rename when `target` does not exist, else
@@ -196,28 +188,33 @@ enum Target {
     Special(PathBuf),
 }
 
-/// Follows symlinks (at most 40, as the kernel does) to what `path` finally names.
-fn resolve(path: &Path) -> std::io::Result<Target> {
+/// Follows symlinks (at most 40, as the kernel does) to what `path` finally names: that
+/// path, and its metadata unless nothing is there (a new path, a dangling link's target).
+fn follow(path: &Path) -> std::io::Result<(PathBuf, Option<std::fs::Metadata>)> {
     let mut p = path.to_path_buf();
     for _ in 0..40 {
         let meta = match std::fs::symlink_metadata(&p) {
             Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Target::File { path: p, permissions: None }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((p, None)),
             Err(e) => return Err(e),
         };
-        let kind = meta.file_type();
-        if kind.is_symlink() {
-            let link = std::fs::read_link(&p)?;
-            p = if link.is_absolute() { link } else { parent(&p).join(link) };
-        } else if kind.is_dir() {
-            return Err(std::io::Error::other("it is a directory"));
-        } else if kind.is_file() {
-            return Ok(Target::File { path: p, permissions: Some(meta.permissions()) });
-        } else {
-            return Ok(Target::Special(p));
+        if !meta.file_type().is_symlink() {
+            return Ok((p, Some(meta)));
         }
+        let link = std::fs::read_link(&p)?;
+        p = if link.is_absolute() { link } else { parent(&p).join(link) };
     }
     Err(std::io::Error::other("too many levels of symbolic links"))
+}
+
+/// What a file output's `path` finally names, as a [`Target`].
+fn resolve(path: &Path) -> std::io::Result<Target> {
+    match follow(path)? {
+        (p, None) => Ok(Target::File { path: p, permissions: None }),
+        (_, Some(m)) if m.is_dir() => Err(std::io::Error::other("it is a directory")),
+        (p, Some(m)) if m.is_file() => Ok(Target::File { path: p, permissions: Some(m.permissions()) }),
+        (p, Some(_)) => Ok(Target::Special(p)),
+    }
 }
 
 fn parent(p: &Path) -> PathBuf {
@@ -267,11 +264,9 @@ struct TempPath {
 }
 
 impl TempPath {
+    /// The file has been renamed into place: nothing to remove (the drop only unregisters).
     fn keep(mut self) {
-        if let Some(s) = self.slot.take() {
-            signals::unregister(s);
-        }
-        std::mem::forget(self);
+        self.path = PathBuf::new();
     }
 }
 
@@ -280,7 +275,9 @@ impl Drop for TempPath {
         if let Some(s) = self.slot.take() {
             signals::unregister(s);
         }
-        let _ = std::fs::remove_file(&self.path);
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -461,9 +458,9 @@ mod tests {
         assert!(e.contains("is a directory"), "{e}");
         let e = write_output(&d.0.join("missing/out.txt"), b"x").unwrap_err();
         assert!(e.contains("missing/out.txt"), "{e}");
-        let e = check_output(&d.0.join("missing/out.txt")).unwrap_err();
+        let e = check_output(&d.0.join("missing/out.txt"), &[]).unwrap_err();
         assert!(e.contains("does not exist"), "{e}");
-        check_output(&f).unwrap();
+        check_output(&f, &[]).unwrap();
     }
 
     #[test]

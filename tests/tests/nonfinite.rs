@@ -1,7 +1,7 @@
 //! A NaN or infinity never comes out as logits or tokens: the reference backend stops and
 //! names the first node that made one.
 
-use dsc_runtime::cli::logits::{logits_cmd, LogitsArgs, ModelArgs};
+use dsc_runtime::cli::logits::logits_cmd;
 use std::path::Path;
 
 #[test]
@@ -24,21 +24,7 @@ fn a_nan_weight_is_named_instead_of_nan_logits() {
     std::fs::write(d.join("model/model.safetensors"), safetensors::tensor::serialize(views, None).unwrap()).unwrap();
     std::fs::write(d.join("ids.json"), "{\"input_ids\": [[1, 2, 3]]}").unwrap();
 
-    let args = LogitsArgs {
-        model: ModelArgs {
-            model: d.join("model"),
-            spec: None,
-            spec_model: None,
-            backend: "reference".into(),
-            adapter: "default".into(),
-            device: None,
-            passes: None,
-            mla: Default::default(),
-            threads: None,
-        },
-        input: d.join("ids.json"),
-        out: d.join("logits.safetensors"),
-    };
+    let args = crate::outputs::logits_args(&d.join("model"), &d.join("ids.json"), &d.join("logits.safetensors"));
     let e = logits_cmd(&args).unwrap_err();
     assert!(e.contains("non-finite logits") && e.contains("NaN") && e.contains("norm.weight"), "{e}");
     assert!(!d.join("logits.safetensors").exists(), "nothing written");

@@ -14,7 +14,8 @@ fn scratch(tag: &str) -> PathBuf {
     d
 }
 
-fn logits_args(model: &Path, input: &Path, out: &Path) -> LogitsArgs {
+/// `dsc logits --model MODEL --input INPUT --out OUT` on the reference backend.
+pub fn logits_args(model: &Path, input: &Path, out: &Path) -> LogitsArgs {
     LogitsArgs {
         model: ModelArgs {
             model: model.to_path_buf(),

@@ -104,8 +104,7 @@ pub fn compile_cmd_with(
     cx.train.recompute = recompute;
 
     if let Some(o) = out {
-        crate::output::check_output(o)?;
-        crate::output::refuse_input_as_output(o, &[spec.to_path_buf()])?;
+        crate::output::check_output(o, &[spec.to_path_buf()])?;
     }
     let spec = load_spec(spec, model)?;
     let mut module = lower_mode(&spec, mode).map_err(|e| lower_error(&spec, &e))?;

@@ -53,11 +53,7 @@ pub fn parse_recompute(s: &str) -> Result<Recompute, String> {
 /// `dsc grad`.
 pub fn grad_cmd(args: &GradArgs) -> Result<(), String> {
     // Before any work: where the output goes, and that it is none of the inputs.
-    crate::output::check_output(&args.out)?;
-    let mut inputs = crate::output::files_in(&args.model);
-    inputs.push(args.input.clone());
-    inputs.extend(args.spec.clone());
-    crate::output::refuse_input_as_output(&args.out, &inputs)?;
+    crate::output::check_output(&args.out, &super::logits::run_inputs(&args.model, args.spec.as_deref(), &args.input))?;
     if args.backend != "reference" {
         return Err(format!("`--backend {}`: gradients run on the reference backend only so far", args.backend));
     }

@@ -49,6 +49,15 @@ pub struct ModelArgs {
     pub threads: Option<usize>,
 }
 
+/// The files a run over a model directory reads: the directory's files, the spec that
+/// replaces its config, and the input; what its output may not be.
+pub(super) fn run_inputs(model: &Path, spec: Option<&Path>, input: &Path) -> Vec<PathBuf> {
+    let mut inputs = crate::output::files_in(model);
+    inputs.push(input.to_path_buf());
+    inputs.extend(spec.map(Path::to_path_buf));
+    inputs
+}
+
 /// `dsc logits`.
 #[derive(Args, Debug, Clone)]
 pub struct LogitsArgs {
@@ -133,11 +142,7 @@ pub fn read_ids(path: &Path) -> Result<Vec<Vec<i64>>, String> {
 /// `dsc logits`.
 pub fn logits_cmd(args: &LogitsArgs) -> Result<(), String> {
     // Before any work: where the output goes, and that it is none of the inputs.
-    crate::output::check_output(&args.out)?;
-    let mut inputs = crate::output::files_in(&args.model.model);
-    inputs.push(args.input.clone());
-    inputs.extend(args.model.spec.clone());
-    crate::output::refuse_input_as_output(&args.out, &inputs)?;
+    crate::output::check_output(&args.out, &run_inputs(&args.model.model, args.model.spec.as_deref(), &args.input))?;
     let ids = read_ids(&args.input)?;
     let loaded = load(&args.model)?;
     let out = forward(loaded.backend.as_ref(), &ids, false).map_err(|e| e.to_string())?;

@@ -66,12 +66,7 @@ impl Engine for Interpreter {
     /// node that made a non-finite value and its spec span.
     fn run(&self, module: &Module, _: &(), mode: Mode, args: &[Tensor], weights: &dyn Weights) -> Result<Vec<Tensor>, String> {
         let out = run(module, mode, args, weights, &self.options).map_err(|e| e.to_string())?;
-        let finite = |t: &Tensor| match t.data() {
-            crate::reference::Data::F32(v) => v.iter().all(|x| x.is_finite()),
-            crate::reference::Data::F64(v) => v.iter().all(|x| x.is_finite()),
-            _ => true,
-        };
-        if out.first().is_some_and(|t| !finite(t)) {
+        if out.first().is_some_and(|t| t.first_non_finite().is_some()) {
             let checked = Options { check_finite: true, ..self.options.clone() };
             return match run(module, mode, args, weights, &checked) {
                 Err(e) => Err(format!("non-finite logits: {e}")),

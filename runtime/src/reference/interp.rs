@@ -114,24 +114,6 @@ fn node_name(pos: usize, node: &Node) -> String {
     }
 }
 
-/// "NaN" or "inf" when a float tensor holds one.
-fn first_non_finite(t: &Tensor) -> Option<&'static str> {
-    let kind = |x: f64| if x.is_nan() { "NaN" } else { "inf" };
-    match t.data() {
-        Data::F32(v) => v.iter().find(|x| !x.is_finite()).map(|&x| kind(x as f64)),
-        Data::F64(v) => v.iter().find(|x| !x.is_finite()).map(|&x| kind(x)),
-        _ => None,
-    }
-}
-
-fn first_non_finite_index(t: &Tensor) -> usize {
-    match t.data() {
-        Data::F32(v) => v.iter().position(|x| !x.is_finite()).unwrap_or(0),
-        Data::F64(v) => v.iter().position(|x| !x.is_finite()).unwrap_or(0),
-        _ => 0,
-    }
-}
-
 /// The data of a float tensor of the run's precision.
 fn floats<'t, T: Real>(t: &'t Tensor, what: &str) -> Result<&'t [T], KernelError> {
     T::view(t.data()).ok_or_else(|| KernelError::dtype(format!("{what} must be {}, got {}", T::NAME, t.data().kind())))
@@ -356,11 +338,9 @@ impl<'m, T: Real> Interp<'m, T> {
                 self.check(t, ty, &what).map_err(here)?;
                 // A call's results were checked inside it, where the first bad node is.
                 if self.check_finite && !matches!(node.op, Op::Call { .. }) {
-                    if let Some(k) = first_non_finite(t) {
-                        let message = format!(
-                            "{what} holds a non-finite value ({k}) at element {}: the first node of the run to make one",
-                            first_non_finite_index(t)
-                        );
+                    if let Some((i, k)) = t.first_non_finite() {
+                        let message =
+                            format!("{what} holds a non-finite value ({k}) at element {i}: the first node of the run to make one");
                         return Err(here(KernelError { kind: ErrorKind::Numeric, message }));
                     }
                 }

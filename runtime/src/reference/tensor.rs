@@ -216,6 +216,16 @@ impl Tensor {
         }
     }
 
+    /// The first NaN or infinity of a float tensor: its flat index and "NaN" or "inf".
+    pub fn first_non_finite(&self) -> Option<(usize, &'static str)> {
+        let kind = |x: f64| if x.is_nan() { "NaN" } else { "inf" };
+        match &self.data {
+            Data::F32(v) => v.iter().position(|x| !x.is_finite()).map(|i| (i, kind(v[i] as f64))),
+            Data::F64(v) => v.iter().position(|x| !x.is_finite()).map(|i| (i, kind(v[i]))),
+            _ => None,
+        }
+    }
+
     pub fn as_f32(&self) -> Option<&[f32]> {
         match &self.data {
             Data::F32(v) => Some(v),
