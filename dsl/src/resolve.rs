@@ -199,7 +199,7 @@ fn load_recursive(sources: &mut SourceMap, id: FileId, stack: &mut Vec<FileId>, 
         }
         match crate::files::read_text(&target, crate::files::TEXT_LIMIT) {
             Ok(text) => {
-                let name = display_relative(&sources.get(id).name, &inc.node);
+                let name = tidy_name(display_relative(&sources.get(id).name, &inc.node), &canon);
                 let child = sources.add(&canon, name, text);
                 load_recursive(sources, child, stack, out, diags);
             }
@@ -219,6 +219,28 @@ fn display_relative(includer: &str, inc: &str) -> String {
         Some(p) if !p.as_os_str().is_empty() => p.join(inc).display().to_string(),
         _ => inc.to_string(),
     }
+}
+
+/// `name` without `.` and `dir/..` steps (`mine/../specs/v3.dsc` is `specs/v3.dsc`), when
+/// that still names the file `canon` (a symlinked `mine` would make `..` go elsewhere;
+/// the name is then kept as it was).
+fn tidy_name(name: String, canon: &Path) -> String {
+    use std::path::Component;
+    let mut parts: Vec<Component> = Vec::new();
+    for c in Path::new(&name).components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(parts.last(), Some(Component::Normal(_))) => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    let tidy: PathBuf = parts.iter().collect();
+    if tidy.as_os_str().is_empty() || tidy.as_os_str() == name.as_str() || tidy.canonicalize().ok().as_deref() != Some(canon) {
+        return name;
+    }
+    tidy.display().to_string()
 }
 
 /// Keys that may appear several times in one block, told apart by their label.
@@ -910,17 +932,27 @@ impl Elaborator {
                     return None;
                 }
             };
+            let open = end.is_none();
             let end = end.unwrap_or(layers as i128);
             let step = step.unwrap_or(1);
             if start < 0 || step < 1 || end < start || end > layers as i128 {
                 let why = if step < 1 {
                     "the step must be at least 1".to_string()
+                } else if open && start >= layers as i128 {
+                    // `3..` with 2 layers: not reversed, it starts past the end.
+                    format!("`{start}..` starts past the last layer ({})", layers.saturating_sub(1))
                 } else if end < start {
                     "the range is reversed".to_string()
                 } else {
                     format!("layers are numbered 0..{layers}")
                 };
-                self.err(Diagnostic::new(it.span, format!("layer range out of bounds: {why}"), format!("the model has {layers} layers")));
+                let mut d = Diagnostic::new(it.span, format!("layer range out of bounds: {why}"), format!("the model has {layers} layers"));
+                // The layer count may be set elsewhere (a child overriding its parent's
+                // `layers`): point at it too.
+                if let Some(at) = self.spans.get("layers").filter(|at| at.file != it.span.file) {
+                    d = d.with_related(at, format!("`layers = {layers}` is set here"));
+                }
+                self.err(d);
                 return None;
             }
             if end == start {

@@ -183,7 +183,7 @@ fn main() {
         };
         let bind = Bindings::default();
         let ins: Vec<_> = host.iter().zip(&tys).map(|(t, ty)| dev.upload(t, Repr::of(ty.dtype).unwrap()).unwrap()).collect();
-        let outs: Vec<_> = g.node(n).outputs.iter().map(|t| dev.empty(numel(t), Repr::of(t.dtype).unwrap())).collect();
+        let outs: Vec<_> = g.node(n).outputs.iter().map(|t| dev.empty(numel(t), Repr::of(t.dtype).unwrap()).unwrap()).collect();
         let d = time(|| {
             dev.execute(&work, &ins, &outs, &bind).expect("device run");
             dev.sync();

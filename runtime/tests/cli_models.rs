@@ -161,3 +161,74 @@ fn usage_errors_exit_with_2() {
         assert!(String::from_utf8_lossy(&r.stderr).contains("--features cuda"), "{}", String::from_utf8_lossy(&r.stderr));
     }
 }
+
+/// A negative number for a count is a usage error that says a count is expected, not
+/// clap's bare "unexpected argument '-1'".
+#[test]
+fn negative_counts_say_what_is_expected() {
+    let case = golden("llama_dense");
+    let input = case.join("input_ids.json");
+    for flag in ["--max-new-tokens", "--top-k", "--seed", "--threads", "--max-context"] {
+        let r = dsc(&["generate", "--model", s(&case), "--input", s(&input), flag, "-1"]);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(2), "{flag}: {err}");
+        assert!(err.contains("`-1` is negative; expected a whole number, 0 or more"), "{flag}: {err}");
+    }
+    let spec = Path::new(env!("CARGO_MANIFEST_DIR")).join("../specs/tiny/tiny_llama.dsc");
+    let r = dsc(&["stats", s(&spec), "--context", "-5"]);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("`-5` is negative"), "{}", String::from_utf8_lossy(&r.stderr));
+}
+
+/// A run longer than the model's context is refused with both numbers before any work,
+/// unless `--max-context` raises the limit.
+#[test]
+fn runs_past_the_models_context_are_refused() {
+    let d = scratch("context");
+    let case = golden("llama_dense");
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(case.join("config.json")).unwrap()).unwrap();
+    let max = config["max_position_embeddings"].as_u64().unwrap() as usize;
+    let input = d.join("long.json");
+    std::fs::write(&input, serde_json::json!({ "input_ids": [vec![1; max + 1]] }).to_string()).unwrap();
+    let out = d.join("logits.safetensors");
+    let r = dsc(&["logits", "--model", s(&case), "--input", s(&input), "--out", s(&out)]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("the input reaches {} positions, more than the {max} of the model's max_position_embeddings", max + 1)),
+        "{err}"
+    );
+    assert!(err.contains(&format!("--max-context {}", max + 1)), "{err}");
+    assert!(!out.exists());
+    let r = dsc(&["logits", "--model", s(&case), "--input", s(&input), "--out", s(&out), "--max-context", &(max + 1).to_string()]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    // generate counts the new tokens too: a prompt of max - 2 with 3 new tokens is over.
+    std::fs::write(&input, serde_json::json!({ "input_ids": [vec![1; max - 2]] }).to_string()).unwrap();
+    let r = dsc(&["generate", "--model", s(&case), "--input", s(&input), "--max-new-tokens", "3"]);
+    assert_eq!(r.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains(&format!("with 3 new tokens reaches {}", max + 1)),
+        "{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let r = dsc(&["generate", "--model", s(&case), "--input", s(&input), "--max-new-tokens", "2", "--json"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// An adapter kind the machine lacks is an error naming the adapters it has (CubeCL
+/// panicked on it, twice, with exit code 101).
+#[cfg(feature = "wgpu")]
+#[test]
+fn a_missing_wgpu_adapter_is_named() {
+    let case = golden("llama_dense");
+    let input = case.join("input_ids.json");
+    for adapter in ["virtual:7", "integrated:9"] {
+        let r =
+            dsc(&["logits", "--model", s(&case), "--input", s(&input), "--out", "/dev/null", "--backend", "wgpu", "--adapter", adapter]);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(1), "{adapter}: {err}");
+        assert!(err.contains(&format!("no wgpu adapter `{adapter}`")) && err.contains("this machine has"), "{adapter}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}

@@ -1,5 +1,5 @@
 //! A NaN or infinity never comes out as logits or tokens: the reference backend stops and
-//! names the first node that made one.
+//! names the first node that made one; a device backend stops too.
 
 use dsc_runtime::cli::logits::logits_cmd;
 use std::path::Path;
@@ -27,6 +27,12 @@ fn a_nan_weight_is_named_instead_of_nan_logits() {
     let args = crate::outputs::logits_args(&d.join("model"), &d.join("ids.json"), &d.join("logits.safetensors"));
     let e = logits_cmd(&args).unwrap_err();
     assert!(e.contains("non-finite logits") && e.contains("NaN") && e.contains("norm.weight"), "{e}");
+    assert!(!d.join("logits.safetensors").exists(), "nothing written");
+    // A device backend cannot name the node, but refuses the logits all the same.
+    let mut args = args;
+    args.model.backend = "wgpu".into();
+    let e = logits_cmd(&args).unwrap_err();
+    assert!(e.contains("the logits hold NaN") && e.contains("on the wgpu backend"), "{e}");
     assert!(!d.join("logits.safetensors").exists(), "nothing written");
     let _ = std::fs::remove_dir_all(&d);
 }

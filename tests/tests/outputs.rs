@@ -27,6 +27,7 @@ pub fn logits_args(model: &Path, input: &Path, out: &Path) -> LogitsArgs {
             passes: None,
             mla: Default::default(),
             threads: None,
+            max_context: None,
         },
         input: input.to_path_buf(),
         out: out.to_path_buf(),

@@ -28,8 +28,9 @@ fn broken_specs_render_pointed_diagnostics() {
             assert!(!failure.diagnostics.is_empty());
             let rendered = failure.render();
             for d in &failure.diagnostics.0 {
-                if d.span.is_some() {
-                    assert!(rendered.contains(&format!("[{}:", rel.display())), "location missing in:\n{rendered}");
+                // Most point into the case itself; a child's error may point into its parent.
+                if let Some(span) = d.span {
+                    assert!(rendered.contains(&format!("[{}]", failure.sources.location(span))), "location missing in:\n{rendered}");
                 }
             }
             insta::assert_snapshot!("ui", rendered);
@@ -48,4 +49,30 @@ fn misspellings_get_suggestions() {
         let f = dsc_dsl::load(Path::new(file), model_directive(Path::new(file)).as_deref()).expect_err(file);
         assert!(f.render().contains(hint), "{file}: no `{hint}` in\n{}", f.render());
     }
+}
+
+/// An included file is named without `dir/..` steps (`mine/../specs/x.dsc` is shown as
+/// `specs/x.dsc`), except where a symlink makes `..` lead elsewhere.
+#[cfg(unix)]
+#[test]
+fn included_files_are_named_without_dot_dot() {
+    let root = std::env::temp_dir().join(format!("dsc-ui-tidy-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    for d in ["mine", "specs", "far/deep"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    // A parent with an error, so that a diagnostic names its file.
+    std::fs::write(root.join("specs/base.dsc"), "model base {\n  vocab = -1\n}\n").unwrap();
+    std::fs::write(root.join("far/base.dsc"), "model base {\n  vocab = -1\n}\n").unwrap();
+    std::fs::write(root.join("mine/child.dsc"), "include \"../specs/base.dsc\"\nmodel child extends base {}\n").unwrap();
+    let f = dsc_dsl::load(&root.join("mine/child.dsc"), Some("child")).expect_err("vocab = -1");
+    let text = f.render();
+    assert!(text.contains(&format!("[{}:2:", root.join("specs/base.dsc").display())), "{text}");
+    assert!(!text.contains("/../"), "{text}");
+    // `link` is `far/deep`, so `link/../base.dsc` is `far/base.dsc`, not `base.dsc`.
+    std::os::unix::fs::symlink(root.join("far/deep"), root.join("link")).unwrap();
+    std::fs::write(root.join("far/deep/child.dsc"), "include \"../base.dsc\"\nmodel child extends base {}\n").unwrap();
+    let f = dsc_dsl::load(&root.join("link/child.dsc"), Some("child")).expect_err("vocab = -1");
+    assert!(f.render().contains(&format!("[{}:2:", root.join("link/../base.dsc").display())), "{}", f.render());
+    std::fs::remove_dir_all(&root).unwrap();
 }

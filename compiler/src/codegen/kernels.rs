@@ -216,12 +216,25 @@ fn block_reduce<F: Float>(shared: &mut Shared<[F]>, tid: u32, #[comptime] max: b
     }
 }
 
+/// The row a row kernel's cube works on, under [`launch::grid_rows`]: rows fold into
+/// `x · z`, so the last `z` slice may hold cubes past the last row (each kernel skips
+/// those, a whole cube at a time, so its barriers stay uniform).
+///
+/// [`launch::grid_rows`]: crate::codegen::launch::grid_rows
+#[cube]
+pub fn row_pos() -> u32 {
+    CUBE_POS_Z * CUBE_COUNT_X + CUBE_POS_X
+}
+
 /// `y = x · rsqrt(mean(x²) + eps) · gain` over each row of `cols` elements; one cube per
 /// row, the sum of squares reduced in shared memory (no plane ops: the plane size differs
 /// between lavapipe (8) and NVIDIA (32), and lavapipe's WGSL path reports none).
 #[cube(launch, create_dummy_kernel)]
 pub fn rms_norm<F: Float>(x: &[F], gain: &[F], out: &mut [F], cols: u32, #[comptime] eps_bits: u32) {
-    let row = CUBE_POS_X;
+    let row = row_pos();
+    if row as usize * cols as usize >= out.len() {
+        terminate!();
+    }
     let tid = UNIT_POS_X;
     let base = row * cols;
     let mut shared = Shared::<[F]>::new_slice(ROW_BLOCK as usize);
@@ -249,7 +262,10 @@ pub fn rms_norm<F: Float>(x: &[F], gain: &[F], out: &mut [F], cols: u32, #[compt
 /// Max-subtracted softmax over each row of `cols` elements; one cube per row.
 #[cube(launch, create_dummy_kernel)]
 pub fn softmax<F: Float>(x: &[F], out: &mut [F], cols: u32) {
-    let row = CUBE_POS_X;
+    let row = row_pos();
+    if row as usize * cols as usize >= out.len() {
+        terminate!();
+    }
     let tid = UNIT_POS_X;
     let base = row * cols;
     let mut shared = Shared::<[F]>::new_slice(ROW_BLOCK as usize);

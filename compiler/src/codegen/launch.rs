@@ -192,6 +192,17 @@ pub fn grid_linear(cubes: Size) -> [Size; 3] {
     [cubes.clone().min(MAX_GRID_AXIS), cubes.ceil_div(MAX_GRID_AXIS), Size::lit(1)]
 }
 
+/// One cube per row for `rows` rows, `y` cubes along the other axis: the rows fold into
+/// `x · z` once they exceed [`MAX_GRID_AXIS`] (a prefill's softmax has `b·heads·s` rows).
+/// The kernel reads its row with `kernels::row_pos` and skips the rows past the end that
+/// the last `z` slice holds.
+pub fn grid_rows(rows: Size, y: Size) -> [Size; 3] {
+    if rows.as_const().is_some_and(|c| c <= MAX_GRID_AXIS) {
+        return [rows, y, Size::lit(1)];
+    }
+    [rows.clone().min(MAX_GRID_AXIS), y, rows.ceil_div(MAX_GRID_AXIS)]
+}
+
 /// One launch with no scratch.
 pub fn single(kernel: KernelSpec, args: Vec<Arg>, grid: [Size; 3]) -> NodeWork {
     NodeWork::Launches { scratch: vec![], launches: vec![Launch { kernel, args, grid }] }
@@ -238,14 +249,14 @@ pub fn node_work(g: &Graph, n: NodeId) -> Result<NodeWork, Unsupported> {
             let rows = Size::product(&d[..d.len() - 1]);
             let mut args = io(2);
             args.push(Arg::U32(Size::Dim(*d.last().unwrap())));
-            single(spec, args, grid_x(rows))
+            single(spec, args, grid_rows(rows, Size::lit(1)))
         }
         KernelSpec::Softmax { .. } => {
             let d = dims(&out);
             let rows = Size::product(&d[..d.len() - 1]);
             let mut args = io(1);
             args.push(Arg::U32(Size::Dim(*d.last().unwrap())));
-            single(spec, args, grid_x(rows))
+            single(spec, args, grid_rows(rows, Size::lit(1)))
         }
         KernelSpec::Copy { .. } | KernelSpec::Gather { .. } | KernelSpec::Cast { .. } => super::kernels::movement::work(g, n, spec),
         KernelSpec::Rope { .. } => super::kernels::rope::work(g, n, spec),
@@ -302,6 +313,16 @@ mod tests {
             assert!(x <= MAX_GRID_AXIS && y <= MAX_GRID_AXIS && x * y >= need && x * (y - 1) < need, "{batch}×{seq}: {x}×{y} for {need}");
         }
         assert_eq!(grid_linear(Size::lit(100))[1], Size::lit(1));
+        // A row grid folds into z, leaving y to the kernel, and covers every row.
+        let rows = Size::product(&[Dim::B, Dim::S, Dim::lit(128)]);
+        let [x, y, z] = grid_rows(rows.clone(), Size::lit(3));
+        assert_eq!(y, Size::lit(3));
+        for (batch, seq) in [(1, 1), (1, 511), (1, 512), (4, 4096), (64, 4096)] {
+            let bind = Bindings { batch, seq, cache: 0 };
+            let (x, z, need) = (x.eval(&bind), z.eval(&bind), rows.eval(&bind));
+            assert!(x <= MAX_GRID_AXIS && z <= MAX_GRID_AXIS && x * z >= need && x * (z - 1) < need, "{batch}×{seq}: {x}×{z} for {need}");
+        }
+        assert_eq!(grid_rows(Size::lit(100), Size::lit(1)), grid_x(Size::lit(100)));
         let kv = Size::product(&[Dim::B, Dim::C + Dim::S]);
         assert_eq!(kv.to_string(), "b*(c+s)");
         assert_eq!(kv.eval(&bind), 36);

@@ -27,6 +27,16 @@ pub struct Shard {
     /// Where the data section starts (8-byte length + header).
     data_start: usize,
     pub tensors: HashMap<String, TensorInfo>,
+    /// This mapping's entry in the SIGBUS handler's table.
+    slot: Option<usize>,
+}
+
+impl Drop for Shard {
+    fn drop(&mut self) {
+        if let Some(s) = self.slot {
+            sigbus::unregister(s);
+        }
+    }
 }
 
 impl Shard {
@@ -40,14 +50,16 @@ impl Shard {
         }
         // SAFETY: the mapping is read-only and private to this process. Like every
         // memory-mapped reader (safetensors' own examples, candle) this relies on the
-        // file not being truncated by another process while it is mapped.
+        // file not being truncated by another process while it is mapped; if it is, the
+        // read dies with SIGBUS, and `sigbus` names the file on the way out.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| CheckpointError::io(path, e))?;
+        let slot = sigbus::register(&map, path);
         let (n, meta) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| CheckpointError::corrupt(path, describe(&e, &map)))?;
         if let Some(name) = duplicate_name(&map) {
             return Err(CheckpointError::corrupt(path, format!("its header names tensor `{name}` twice (the format forbids it)")));
         }
         let tensors = meta.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
-        Ok(Shard { path: path.to_path_buf(), map, data_start: 8 + n, tensors })
+        Ok(Shard { path: path.to_path_buf(), map, data_start: 8 + n, tensors, slot })
     }
 
     /// The stored bytes of one of this file's tensors. In range by construction: the
@@ -188,4 +200,102 @@ fn preview(names: &[&String]) -> String {
     let shown: Vec<String> = names.iter().take(8).map(|n| format!("`{n}`")).collect();
     let more = if names.len() > 8 { format!(" and {} more", names.len() - 8) } else { String::new() };
     format!("{}{more}", shown.join(", "))
+}
+
+/// A file that shrinks while it is mapped (another process truncates or rewrites a
+/// checkpoint during a run) makes the next read of a page past its new end raise SIGBUS,
+/// which kills the process with no word of why. This cannot be prevented short of
+/// copying the file, so the handler says which file it was: it looks the faulting address
+/// up in a fixed table of mappings (atomics, no locks or allocation, as a signal handler
+/// must), writes the message, and restores the default action, so the retried read ends
+/// the process with SIGBUS as before.
+#[cfg(unix)]
+mod sigbus {
+    use std::ffi::c_int;
+    use std::path::Path;
+    use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+    use std::sync::Once;
+
+    const SLOTS: usize = 256;
+    /// `[start, end)` of a mapping (0..0 when free) and its message (leaked: a message
+    /// the handler may be reading is never freed).
+    struct Slot {
+        start: AtomicUsize,
+        end: AtomicUsize,
+        msg: AtomicPtr<u8>,
+        len: AtomicUsize,
+    }
+    static TABLE: [Slot; SLOTS] = [const {
+        Slot { start: AtomicUsize::new(0), end: AtomicUsize::new(0), msg: AtomicPtr::new(std::ptr::null_mut()), len: AtomicUsize::new(0) }
+    }; SLOTS];
+    static INSTALL: Once = Once::new();
+    const UNKNOWN: &[u8] =
+        b"dsc: SIGBUS: a memory-mapped file shrank while it was read (a checkpoint truncated or rewritten during the run?)\n";
+
+    extern "C" fn on_sigbus(sig: c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
+        let addr = unsafe { (*info).si_addr() } as usize;
+        let (mut msg, mut len) = (UNKNOWN.as_ptr(), UNKNOWN.len());
+        for s in &TABLE {
+            if s.start.load(Ordering::SeqCst) <= addr && addr < s.end.load(Ordering::SeqCst) {
+                let p = s.msg.load(Ordering::SeqCst);
+                if !p.is_null() {
+                    (msg, len) = (p as *const u8, s.len.load(Ordering::SeqCst));
+                }
+                break;
+            }
+        }
+        // SAFETY: write, signal and raise are async-signal-safe; `msg` points to `len`
+        // bytes that are never freed.
+        unsafe {
+            libc::write(2, msg.cast(), len);
+            libc::signal(sig, libc::SIG_DFL);
+        }
+    }
+
+    /// Enters `map` (the mapping of `path`) in the table; `None` when it is full (a
+    /// SIGBUS there then gets the message without the file's name).
+    pub fn register(map: &[u8], path: &Path) -> Option<usize> {
+        INSTALL.call_once(|| {
+            // SAFETY: installs a handler that only calls async-signal-safe functions.
+            unsafe {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = on_sigbus as extern "C" fn(c_int, *mut libc::siginfo_t, *mut libc::c_void) as usize;
+                sa.sa_flags = libc::SA_SIGINFO;
+                libc::sigemptyset(&mut sa.sa_mask);
+                libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
+            }
+        });
+        let text = format!(
+            "dsc: `{}` changed while dsc had it mapped (truncated or rewritten by another process?): reading it raised SIGBUS\n",
+            path.display()
+        );
+        let text: &'static mut [u8] = Box::leak(text.into_bytes().into_boxed_slice());
+        let start = map.as_ptr() as usize;
+        for (i, s) in TABLE.iter().enumerate() {
+            if s.start.load(Ordering::SeqCst) == 0 && s.start.compare_exchange(0, usize::MAX, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+                // Claimed (start = MAX matches no address) until the range is complete.
+                s.msg.store(text.as_mut_ptr(), Ordering::SeqCst);
+                s.len.store(text.len(), Ordering::SeqCst);
+                s.end.store(start + map.len(), Ordering::SeqCst);
+                s.start.store(start, Ordering::SeqCst);
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    pub fn unregister(slot: usize) {
+        let s = &TABLE[slot];
+        s.end.store(0, Ordering::SeqCst);
+        s.start.store(0, Ordering::SeqCst);
+    }
+}
+
+#[cfg(not(unix))]
+mod sigbus {
+    pub fn register(_: &[u8], _: &std::path::Path) -> Option<usize> {
+        None
+    }
+    pub fn unregister(_: usize) {}
 }

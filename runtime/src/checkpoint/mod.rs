@@ -68,6 +68,9 @@ pub struct ModelDir {
     pub generation: GenerationConfig,
     /// `DIR/tokenizer.json`, when there is one.
     pub tokenizer: Option<PathBuf>,
+    /// `config.json`'s `max_position_embeddings`: the longest sequence the model was
+    /// made for (RoPE positions past it were never trained, and YaRN is scaled to it).
+    pub max_positions: Option<u64>,
 }
 
 impl ModelDir {
@@ -105,7 +108,9 @@ impl ModelDir {
             return Err(CheckpointError::Tensors(Box::new(report)));
         }
         let tokenizer = Some(dir.join("tokenizer.json")).filter(|p| p.is_file());
-        Ok(ModelDir { dir: dir.to_path_buf(), spec, weights: CheckpointWeights::new(shards, plan, block), generation, tokenizer })
+        let max_positions = config.as_ref().and_then(|c| c.get("max_position_embeddings")).and_then(Value::as_u64).filter(|&n| n > 0);
+        let weights = CheckpointWeights::new(shards, plan, block);
+        Ok(ModelDir { dir: dir.to_path_buf(), spec, weights, generation, tokenizer, max_positions })
     }
 }
 

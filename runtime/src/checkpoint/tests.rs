@@ -591,3 +591,33 @@ fn malformed_generation_config_falls_back_to_config_json() {
         let _ = std::fs::remove_dir_all(&d);
     }
 }
+
+/// A checkpoint truncated while it is mapped cannot be read (SIGBUS), but the process
+/// says which file before it dies. Run in a child process (this test binary re-run on
+/// this one test), since the parent must survive to check what the child printed.
+#[cfg(unix)]
+#[test]
+fn truncated_while_mapped_names_the_file() {
+    use std::os::unix::process::ExitStatusExt;
+    const CHILD: &str = "DSC_SIGBUS_CHILD";
+    if let Some(path) = std::env::var_os(CHILD) {
+        let shard = files::Shard::open(Path::new(&path)).unwrap();
+        let info = shard.tensors.values().max_by_key(|t| t.data_offsets.1).unwrap().clone();
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(0).unwrap();
+        let sum: u64 = shard.bytes(&info).iter().map(|&b| b as u64).sum();
+        panic!("read {sum} from a truncated mapping without SIGBUS");
+    }
+    let d = scratch("sigbus");
+    let file = d.join("model.safetensors");
+    // Several pages, so the tensor's bytes lie past the first page the kernel keeps.
+    std::fs::write(&file, serialize(&[Raw::f32("w", &[4096, 4], &vec![1.0; 4096 * 4])])).unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "checkpoint::tests::truncated_while_mapped_names_the_file", "--nocapture", "--test-threads", "1"])
+        .env(CHILD, &file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), Some(libc::SIGBUS), "{:?}: {stderr}", out.status);
+    assert!(stderr.contains(&format!("`{}` changed while dsc had it mapped", file.display())), "{stderr}");
+    std::fs::remove_dir_all(&d).unwrap();
+}

@@ -27,16 +27,21 @@ pub struct GenerateArgs {
     /// A text prompt, tokenized with DIR/tokenizer.json.
     #[arg(long)]
     pub prompt: Option<String>,
-    #[arg(long, default_value_t = 16)]
+    /// Tokens to generate per sequence (fewer where a stop token comes first).
+    #[arg(long, default_value_t = 16, allow_negative_numbers = true, value_parser = super::unsigned::<usize>)]
     pub max_new_tokens: usize,
-    /// 0 is greedy. (Negative values parse, so that they are refused with a reason.)
+    /// Sampling temperature; 0 is greedy (the most likely token every step).
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f32,
-    #[arg(long)]
+    /// Sample among the K most likely tokens only (with --temperature > 0).
+    #[arg(long, allow_negative_numbers = true, value_parser = super::unsigned::<usize>)]
     pub top_k: Option<usize>,
-    #[arg(long)]
+    /// Sample among the most likely tokens whose probabilities sum to P, 0 < P ≤ 1 (with
+    /// --temperature > 0).
+    #[arg(long, allow_negative_numbers = true)]
     pub top_p: Option<f32>,
-    #[arg(long, default_value_t = 0)]
+    /// Seed of the sampler (the same seed gives the same tokens).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = super::unsigned::<u64>)]
     pub seed: u64,
     /// Also stop at this token id (repeatable).
     #[arg(long)]
@@ -70,6 +75,11 @@ pub fn generate_cmd(args: &GenerateArgs) -> Result<(), String> {
     for w in &info.generation.warnings {
         eprintln!("warning: {w}");
     }
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    info.check_context(
+        longest.saturating_add(args.max_new_tokens),
+        &format!("the prompt ({longest} tokens) with {} new tokens", args.max_new_tokens),
+    )?;
     let mut stop = args.stop.clone();
     if !args.ignore_eos {
         stop.extend(&info.generation.eos);
@@ -138,9 +148,15 @@ pub fn generate_cmd(args: &GenerateArgs) -> Result<(), String> {
 mod tokenizer {
     use super::Path;
 
+    /// The largest `tokenizer.json` read (DeepSeek-V3's is 7.8 MB; parsing takes several
+    /// times the file in memory, so the bound is on that, not only on the read).
+    #[cfg(feature = "tokenizer")]
+    const TOKENIZER_LIMIT: u64 = 256 << 20;
+
     #[cfg(feature = "tokenizer")]
     fn open(path: &Path) -> Result<tokenizers::Tokenizer, String> {
-        tokenizers::Tokenizer::from_file(path).map_err(|e| format!("`{}`: {e}", path.display()))
+        let text = dsc_dsl::files::read_text(path, TOKENIZER_LIMIT).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+        text.parse::<tokenizers::Tokenizer>().map_err(|e| format!("`{}`: {e}", path.display()))
     }
 
     #[cfg(feature = "tokenizer")]

@@ -18,7 +18,8 @@ use std::sync::Arc;
 /// Where the model comes from and how it runs: shared by `logits` and `generate`.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// The model directory: config.json, model.safetensors (or sharded with an index).
+    /// The model directory: config.json (or spec.dsc), model.safetensors (or shards with
+    /// their index), and optionally generation_config.json and tokenizer.json.
     #[arg(long)]
     pub model: PathBuf,
     /// Use this spec instead of importing DIR/config.json.
@@ -35,7 +36,7 @@ pub struct ModelArgs {
     #[arg(long, default_value = "default")]
     pub adapter: String,
     /// The CUDA device index for `--backend cuda` (default 0).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = super::unsigned::<usize>)]
     pub device: Option<usize>,
     /// Turn compiler passes off (`-cse`) or on, comma-separated, as `dsc compile`.
     #[arg(long, allow_hyphen_values = true)]
@@ -45,8 +46,13 @@ pub struct ModelArgs {
     #[arg(long, default_value = "auto", value_parser = MlaMode::parse)]
     pub mla: MlaMode,
     /// Threads for the run, 1 to the number of cores (default: all cores).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = super::unsigned::<usize>)]
     pub threads: Option<usize>,
+    /// The longest sequence accepted, prompt and new tokens together (default: the
+    /// model's `max_position_embeddings` from DIR/config.json). Raise it to run past the
+    /// context the model was trained for.
+    #[arg(long, allow_negative_numbers = true, value_parser = super::unsigned::<u64>)]
+    pub max_context: Option<u64>,
 }
 
 /// The files a run over a model directory reads: the directory's files, the spec that
@@ -83,6 +89,23 @@ pub struct ModelInfo {
     pub tokenizer: Option<PathBuf>,
     /// The weights the backend reads, for memory reports.
     pub weights: Arc<CheckpointWeights>,
+    /// The longest sequence a run may reach (`--max-context`, else the model's), and
+    /// where that figure comes from.
+    pub max_context: Option<(u64, String)>,
+}
+
+impl ModelInfo {
+    /// Refuses a run whose sequences reach `len` positions past [`ModelInfo::max_context`]:
+    /// an error naming both numbers, not a silent extrapolation (and, on a long enough
+    /// input, not an allocation the machine cannot make).
+    pub fn check_context(&self, len: usize, what: &str) -> Result<(), String> {
+        match &self.max_context {
+            Some((max, from)) if len as u64 > *max => {
+                Err(format!("{what} reaches {len} positions, more than the {max} of {from}; pass --max-context {len} to run it anyway"))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Opens the model directory and puts it on the chosen backend.
@@ -94,7 +117,12 @@ pub fn load(args: &ModelArgs) -> Result<Loaded, String> {
     let opts = OpenOptions { spec: args.spec.clone(), spec_model: args.spec_model.clone(), config: None };
     let dir = ModelDir::open(&args.model, &opts).map_err(|e| e.to_string())?;
     let weights = Arc::new(dir.weights);
-    let rest = ModelInfo { generation: dir.generation, tokenizer: dir.tokenizer, weights: weights.clone() };
+    let max_context = match (args.max_context, dir.max_positions) {
+        (Some(n), _) => Some((n, "--max-context".to_string())),
+        (None, Some(n)) => Some((n, format!("the model's max_position_embeddings ({})", dir.dir.join("config.json").display()))),
+        (None, None) => None,
+    };
+    let rest = ModelInfo { generation: dir.generation, tokenizer: dir.tokenizer, weights: weights.clone(), max_context };
     // One pool for the whole command: `Options::threads` would build a pool per step.
     if let Some(n) = args.threads {
         // More threads than cores only adds switching; a typo like 100000 would spend
@@ -145,6 +173,7 @@ pub fn logits_cmd(args: &LogitsArgs) -> Result<(), String> {
     crate::output::check_output(&args.out, &run_inputs(&args.model.model, args.model.spec.as_deref(), &args.input))?;
     let ids = read_ids(&args.input)?;
     let loaded = load(&args.model)?;
+    loaded.info.check_context(ids.iter().map(Vec::len).max().unwrap_or(0), "the input")?;
     let out = forward(loaded.backend.as_ref(), &ids, false).map_err(|e| e.to_string())?;
     let t = &out.logits;
     let data = t.as_f32().ok_or("the backend returned non-f32 logits")?;

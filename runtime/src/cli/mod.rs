@@ -12,6 +12,19 @@ pub mod logits;
 pub mod train;
 
 use clap::{Parser, Subcommand};
+
+/// A clap value parser for counts and sizes: a whole number, 0 or more, and a message that
+/// says so (with `allow_negative_numbers` on the argument, `-1` reaches it instead of
+/// being taken for an unknown flag).
+pub fn unsigned<T: std::str::FromStr>(s: &str) -> Result<T, String> {
+    s.parse::<T>().map_err(|_| {
+        if s.starts_with('-') {
+            format!("`{s}` is negative; expected a whole number, 0 or more")
+        } else {
+            format!("expected a whole number, 0 or more, got `{s}`")
+        }
+    })
+}
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -26,6 +39,7 @@ struct Cli {
 enum Command {
     /// Parse and check a spec; print a one-line summary, or the diagnostics.
     Check {
+        /// The spec file (`.dsc`).
         spec: PathBuf,
         /// Which model of the file (default: the only one the file defines).
         #[arg(long)]
@@ -36,30 +50,39 @@ enum Command {
     },
     /// Report parameters (total, active, MTP), KV-cache size and FLOPs per token.
     Stats {
+        /// The spec file (`.dsc`).
         spec: PathBuf,
+        /// Which model of the file (default: the only one the file defines).
         #[arg(long)]
         model: Option<String>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
         /// Positions attended to by the token whose FLOPs are counted.
-        #[arg(long, default_value_t = 4096)]
+        #[arg(long, default_value_t = 4096, allow_negative_numbers = true, value_parser = unsigned::<u64>)]
         context: u64,
     },
     /// Show what a variant changes: differing resolved fields, and the cost deltas.
     Diff {
+        /// The spec the differences are measured from.
         spec_a: PathBuf,
+        /// The variant.
         spec_b: PathBuf,
+        /// Which model of SPEC_A (default: its only one).
         #[arg(long)]
         model_a: Option<String>,
+        /// Which model of SPEC_B (default: its only one).
         #[arg(long)]
         model_b: Option<String>,
-        #[arg(long, default_value_t = 4096)]
+        /// Positions attended to by the token whose FLOPs are compared.
+        #[arg(long, default_value_t = 4096, allow_negative_numbers = true, value_parser = unsigned::<u64>)]
         context: u64,
     },
     /// Lower a spec for one mode, run its pass pipeline, and print the IR.
     Compile {
+        /// The spec file (`.dsc`).
         spec: PathBuf,
+        /// Which model of the file (default: the only one the file defines).
         #[arg(long)]
         model: Option<String>,
         /// Which entry point to compile: prefill, decode or train.
@@ -88,6 +111,7 @@ enum Command {
     },
     /// Turn a Hugging Face config.json into a spec.
     Import {
+        /// A Hugging Face `config.json`.
         config: PathBuf,
         /// Write the spec here (atomically) instead of printing it.
         #[arg(short, long)]

@@ -195,6 +195,14 @@ impl<W: Weights, E: Engine> ModelBackend<W, E> {
         let routed = out.split_off(compiled.results);
         let mut it = out.into_iter();
         let logits = it.next().expect("checked").to_f32();
+        // The interpreter names the node that made a NaN (above); a device engine cannot
+        // cheaply, but its NaN logits are still an error, never printed or sampled from.
+        if let Some((i, what)) = logits.first_non_finite() {
+            return Err(BackendError::new(format!(
+                "the logits hold {what} (element {i}) on the {} backend; `--backend reference` names the node that made it",
+                self.engine.name()
+            )));
+        }
         let cache = KvCache { tensors: it.collect() };
         let routing = compiled
             .routes

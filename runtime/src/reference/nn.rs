@@ -168,6 +168,10 @@ pub fn rope<T: Real>(
     Ok(Tensor::from_parts(sh.to_vec(), T::wrap(out)))
 }
 
+/// Query rows [`attention`] scores at a time, per (batch, head): its scratch is
+/// `2 · ATTENTION_ROWS · keys` elements however long the query.
+const ATTENTION_ROWS: usize = 64;
+
 /// Settings of one attention op.
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionSpec {
@@ -255,41 +259,49 @@ fn attention_impl<T: Real>(
     let AttentionArgs { b, sq, sk, dk, dv, q: qd, k: kd, v: vd, mask: md } = attention_args::<T>("attention", q, k, v, mask, spec)?;
     let group = heads / kv_heads;
     let scale = T::of(spec.scale);
-    // One task per (batch, head): scores [sq, sk], then probabilities · v → [sq, dv],
-    // and the rows' log-sum-exps.
+    // One task per (batch, head), in blocks of query rows: scores [rows, sk], then
+    // probabilities · v → [rows, dv], and the rows' log-sum-exps. Blocking the queries
+    // keeps the scratch at ATTENTION_ROWS · sk per task, linear in the sequence (a whole
+    // [sq, sk] at 100k tokens is 40 GB); each row's arithmetic is what it was unblocked.
     let one = |task: usize| -> (Vec<T>, Vec<T>) {
         let (bi, h) = (task / heads, task % heads);
         let kh = h / group;
-        let mut s = vec![T::ZERO; sq * sk];
-        let qm = Mat { data: qd, offset: (bi * sq * heads + h) * dk, rs: heads * dk, cs: 1 };
+        let rows = ATTENTION_ROWS.min(sq);
+        let mut s = vec![T::ZERO; rows * sk];
+        let mut p = vec![T::ZERO; rows * sk];
         // kᵀ as a dk×sk view of [b, sk, kv_heads, dk].
         let km = Mat { data: kd, offset: (bi * sk * kv_heads + kh) * dk, rs: 1, cs: kv_heads * dk };
-        gemm(sq, sk, dk, &mut s, qm, km, false);
-        let mut p = vec![T::ZERO; sq * sk];
-        let mut lse = vec![T::ZERO; if want_lse { sq } else { 0 }];
-        for i in 0..sq {
-            let row = &mut s[i * sk..(i + 1) * sk];
-            // Keys past the diagonal are invisible: -inf, so they drop out of the softmax.
-            let visible = if spec.causal { (sk + i + 1).saturating_sub(sq).min(sk) } else { sk };
-            for (j, x) in row.iter_mut().enumerate() {
-                *x = if j >= visible {
-                    T::NEG_INF
-                } else {
-                    let sc = *x * scale;
-                    match md {
-                        Some(m) => sc + m[(bi * sq + i) * sk + j],
-                        None => sc,
-                    }
-                };
-            }
-            let l = softmax_lane(row, &mut p[i * sk..(i + 1) * sk], sk, 1);
-            if want_lse {
-                lse[i] = T::of(l);
-            }
-        }
-        let mut o = vec![T::ZERO; sq * dv];
         let vm = Mat { data: vd, offset: (bi * sk * kv_heads + kh) * dv, rs: kv_heads * dv, cs: 1 };
-        gemm(sq, dv, sk, &mut o, Mat::rows(&p, 0, sk), vm, false);
+        let mut lse = vec![T::ZERO; if want_lse { sq } else { 0 }];
+        let mut o = vec![T::ZERO; sq * dv];
+        for i0 in (0..sq).step_by(rows.max(1)) {
+            let n = rows.min(sq - i0);
+            let (s, p) = (&mut s[..n * sk], &mut p[..n * sk]);
+            let qm = Mat { data: qd, offset: ((bi * sq + i0) * heads + h) * dk, rs: heads * dk, cs: 1 };
+            gemm(n, sk, dk, s, qm, km, false);
+            for r in 0..n {
+                let i = i0 + r;
+                let row = &mut s[r * sk..(r + 1) * sk];
+                // Keys past the diagonal are invisible: -inf, so they drop out of the softmax.
+                let visible = if spec.causal { (sk + i + 1).saturating_sub(sq).min(sk) } else { sk };
+                for (j, x) in row.iter_mut().enumerate() {
+                    *x = if j >= visible {
+                        T::NEG_INF
+                    } else {
+                        let sc = *x * scale;
+                        match md {
+                            Some(m) => sc + m[(bi * sq + i) * sk + j],
+                            None => sc,
+                        }
+                    };
+                }
+                let l = softmax_lane(row, &mut p[r * sk..(r + 1) * sk], sk, 1);
+                if want_lse {
+                    lse[i] = T::of(l);
+                }
+            }
+            gemm(n, dv, sk, &mut o[i0 * dv..(i0 + n) * dv], Mat::rows(p, 0, sk), vm, false);
+        }
         (o, lse)
     };
     let per_head: Vec<(Vec<T>, Vec<T>)> =

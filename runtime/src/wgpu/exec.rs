@@ -24,8 +24,9 @@ impl WgpuBackend {
 
     /// An uninitialised buffer of `len` elements (plan execution writes every element of
     /// every buffer it allocates; the kernel tests poison theirs instead).
-    pub fn empty(&self, len: usize, repr: Repr) -> DeviceBuf {
-        DeviceBuf { handle: self.client.empty((len.max(1)) * repr.bytes()), len, repr }
+    pub fn empty(&self, len: usize, repr: Repr) -> Result<DeviceBuf, String> {
+        let bytes = self.buffer_bytes(len, repr)?;
+        Ok(DeviceBuf { handle: self.client.empty(bytes), len, repr })
     }
 }
 
@@ -35,7 +36,7 @@ impl Device for WgpuBackend {
         WgpuBackend::upload(self, t, Repr::of(dtype)?)
     }
     fn alloc(&self, len: usize, dtype: DType) -> Result<DeviceBuf, String> {
-        Ok(self.empty(len, Repr::of(dtype)?))
+        self.empty(len, Repr::of(dtype)?)
     }
     fn download(&self, b: &DeviceBuf, shape: &[usize]) -> Result<Tensor, String> {
         Ok(WgpuBackend::download(self, b, shape))

@@ -69,7 +69,9 @@ impl WgpuBackend {
     }
 
     /// The adapter `which` names: `default`, `cpu` (a software adapter such as lavapipe),
-    /// or `discrete`, `integrated`, `virtual`, each with an optional `:N` index.
+    /// or `discrete`, `integrated`, `virtual`, each with an optional `:N` index. An adapter
+    /// the machine lacks is an error that lists the adapters it has (CubeCL's lazy client
+    /// would panic on it), so the device is set up here, fallibly, before its client.
     pub fn with_adapter(which: &str) -> Result<WgpuBackend, String> {
         use cubecl::wgpu::WgpuDeviceKind as K;
         let (kind, index) = match which.split_once(':') {
@@ -85,7 +87,31 @@ impl WgpuBackend {
             "virtual" => K::VirtualGpu(i),
             _ => return Err(format!("unknown adapter `{which}`; expected default, cpu, discrete[:N], integrated[:N] or virtual[:N]")),
         };
-        Ok(WgpuBackend { client: cubecl::Device::Wgpu(WgpuDevice::new(kind)).client() })
+        let device = WgpuDevice::new(kind);
+        match cubecl::wgpu::try_init_setup::<cubecl::wgpu::AutoGraphicsApi>(&device, Default::default()) {
+            // Registration fails when an earlier call in this process set the device up.
+            Ok(_) | Err(cubecl::wgpu::WgpuInitError::Registration { .. }) => {}
+            Err(e) => return Err(format!("no wgpu adapter `{which}` ({e}); this machine has {}", adapter_list())),
+        }
+        Ok(WgpuBackend { client: cubecl::Device::Wgpu(device).client() })
+    }
+
+    /// The largest buffer the adapter allocates, in bytes.
+    fn max_buffer_bytes(&self) -> u64 {
+        self.client.properties().memory.max_page_size
+    }
+
+    /// `len` elements in `repr` as a byte count, or why the adapter cannot hold them.
+    fn buffer_bytes(&self, len: usize, repr: Repr) -> Result<usize, String> {
+        let bytes = len.max(1).checked_mul(repr.bytes()).ok_or_else(|| format!("a buffer of {len} elements overflows"))?;
+        let max = self.max_buffer_bytes();
+        if bytes as u64 > max {
+            return Err(format!(
+                "a buffer of {len} {repr:?} elements ({bytes} bytes) is larger than the {max} bytes adapter `{}` allocates at once",
+                self.adapter_name()
+            ));
+        }
+        Ok(bytes)
     }
 
     /// Waits until every launch submitted so far has finished (for timing).
@@ -115,18 +141,20 @@ impl WgpuBackend {
                 half::f16::as_bytes(&v).to_vec()
             }
         };
-        Ok(self.buffer_from_bytes(&bytes, len, repr))
+        self.buffer_from_bytes(&bytes, len, repr)
     }
 
-    fn buffer_from_bytes(&self, bytes: &[u8], len: usize, repr: Repr) -> DeviceBuf {
+    fn buffer_from_bytes(&self, bytes: &[u8], len: usize, repr: Repr) -> Result<DeviceBuf, String> {
+        self.buffer_bytes(len, repr)?;
         // wgpu refuses empty buffers; a zero-length tensor still gets one element.
         let handle = if bytes.is_empty() { self.client.create_from_slice(&[0u8; 4]) } else { self.client.create_from_slice(bytes) };
-        DeviceBuf { handle, len, repr }
+        Ok(DeviceBuf { handle, len, repr })
     }
 
     /// A buffer of `len` elements filled with NaN (floats) or `i32::MIN` (integers), so
     /// that an element no kernel writes cannot pass for a result.
-    pub fn poisoned(&self, len: usize, repr: Repr) -> DeviceBuf {
+    pub fn poisoned(&self, len: usize, repr: Repr) -> Result<DeviceBuf, String> {
+        self.buffer_bytes(len, repr)?;
         let bytes: Vec<u8> = match repr {
             Repr::F32 => f32::as_bytes(&vec![f32::NAN; len]).to_vec(),
             Repr::F16 => half::f16::as_bytes(&vec![half::f16::NAN; len]).to_vec(),
@@ -166,7 +194,7 @@ impl WgpuBackend {
             NodeWork::Launches { .. } => outs_ty
                 .iter()
                 .zip(&shapes)
-                .map(|(t, s)| Ok(self.poisoned(s.iter().product(), Repr::of(t.dtype)?)))
+                .map(|(t, s)| self.poisoned(s.iter().product(), Repr::of(t.dtype)?))
                 .collect::<Result<_, String>>()?,
         };
         self.execute(&work, &ins, &outs, bind)?;
@@ -180,7 +208,7 @@ impl WgpuBackend {
             return Ok(());
         };
         let scratch: Vec<DeviceBuf> =
-            scratch.iter().map(|s| Ok(self.poisoned(eval_len(&s.len, bind)?, Repr::of(s.dtype)?))).collect::<Result<_, String>>()?;
+            scratch.iter().map(|s| self.poisoned(eval_len(&s.len, bind)?, Repr::of(s.dtype)?)).collect::<Result<_, String>>()?;
         for l in launches {
             let bufs = Bound { ins, outs, scratch: &scratch };
             match l.kernel.elem() {
@@ -200,6 +228,14 @@ impl WgpuBackend {
         let (gx, gy, gz) = (gx?, gy?, gz?);
         if gx == 0 || gy == 0 || gz == 0 {
             return Ok(()); // nothing to compute (an empty tensor)
+        }
+        let (mx, my, mz) = self.client.properties().hardware.max_cube_count;
+        if gx > mx || gy > my || gz > mz {
+            return Err(format!(
+                "{}: a grid of {gx}×{gy}×{gz} cubes is more than adapter `{}` launches ({mx}×{my}×{mz})",
+                l.kernel.name(),
+                self.adapter_name()
+            ));
         }
         let count = CubeCount::Static(gx, gy, gz);
         let dim = cube_dim(&l.kernel);
@@ -353,7 +389,7 @@ impl Args<'_> {
             return Err(format!("{}: argument {i} is not a table", self.l.kernel.name()));
         };
         let v: Vec<u32> = t.iter().map(|s| eval_len(s, self.bind).and_then(u32_of)).collect::<Result<_, _>>()?;
-        let b = self.backend.buffer_from_bytes(u32::as_bytes(&v), v.len(), Repr::I32);
+        let b = self.backend.buffer_from_bytes(u32::as_bytes(&v), v.len(), Repr::I32)?;
         Ok(arg(&b))
     }
     /// Argument `i`, an [`Arg::F32Table`] uploaded as an `f32` buffer.
@@ -361,7 +397,7 @@ impl Args<'_> {
         let Arg::F32Table(t) = self.get(i)? else {
             return Err(format!("{}: argument {i} is not an f32 table", self.l.kernel.name()));
         };
-        let b = self.backend.buffer_from_bytes(u32::as_bytes(t), t.len(), Repr::F32);
+        let b = self.backend.buffer_from_bytes(u32::as_bytes(t), t.len(), Repr::F32)?;
         Ok(arg(&b))
     }
     /// Arguments `from..`, buffers, as one `Sequence` argument (the extra inputs a fused
@@ -379,6 +415,31 @@ fn arg(b: &DeviceBuf) -> BufferArg {
     // Safety: `len` is the element count the buffer was created with (at least one
     // element is always allocated), and kernels bound-check against it.
     unsafe { BufferArg::from_raw_parts(b.handle.clone(), b.len.max(1)) }
+}
+
+/// The adapters this machine has, as `name (kind, API)`, for an error message.
+fn adapter_list() -> String {
+    use cubecl::wgpu::wgpu;
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
+    let found: Vec<String> = cubecl::future::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+        .iter()
+        .map(|a| {
+            let i = a.get_info();
+            let kind = match i.device_type {
+                wgpu::DeviceType::DiscreteGpu => "discrete",
+                wgpu::DeviceType::IntegratedGpu => "integrated",
+                wgpu::DeviceType::VirtualGpu => "virtual",
+                wgpu::DeviceType::Cpu => "cpu",
+                wgpu::DeviceType::Other => "other",
+            };
+            format!("`{}` ({kind}, {:?})", i.name, i.backend)
+        })
+        .collect();
+    if found.is_empty() {
+        "no adapter at all (is a Vulkan driver installed? Mesa's lavapipe: `apt-get install mesa-vulkan-drivers`)".into()
+    } else {
+        format!("{}: {}", found.len(), found.join(", "))
+    }
 }
 
 fn eval_len(s: &dsc_compiler::codegen::launch::Size, bind: &Bindings) -> Result<usize, String> {

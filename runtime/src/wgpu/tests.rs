@@ -125,3 +125,37 @@ fn tiled_matmul_odd_sizes() {
 fn elementwise_beyond_one_grid_axis() {
     check(Op::Unary(UnaryOp::Neg), &[&[65_536 * 256 + 37]], DType::F32);
 }
+
+/// More rows than one grid axis holds (65,535): row kernels fold their rows into `x · z`
+/// (`launch::grid_rows`), each row is computed once, and the cubes past the last row of
+/// the last slice write nothing (the outputs are NaN-poisoned, so a skipped row shows).
+#[test]
+fn row_kernels_beyond_one_grid_axis() {
+    let rows = 65_535 + 1_000;
+    check(Op::RmsNorm { eps: Float::new(1e-6) }, &[&[rows, 3], &[3]], DType::F32);
+    check(Op::Softmax { axis: 1 }, &[&[rows, 2]], DType::F32);
+    let k = Op::TopK { k: 1, axis: 1 };
+    let mut g = Graph::new();
+    let x = g.input(0, "x", Ty::new(DType::F32, vec![Dim::lit(rows as i64), Dim::lit(3)]), None);
+    let n = g.add_inferred(k, &[x.into()], None).unwrap();
+    let input = random(&[rows, 3], 5, DType::F32);
+    let got = backend().run_node(&g, n, &[&input], &Bindings::default()).unwrap();
+    let (v, idx) = (got[0].to_f32_vec(), got[1].to_f32_vec());
+    let xs = input.to_f32_vec();
+    for r in 0..rows {
+        let row = &xs[r * 3..r * 3 + 3];
+        let best = (0..3).fold(0, |b, j| if row[j] > row[b] { j } else { b });
+        assert_eq!((v[r], idx[r] as usize), (row[best], best), "row {r}");
+    }
+}
+
+/// A buffer larger than the adapter allocates at once is an error that says so, before
+/// anything is allocated (CubeCL panicked with "can't allocate buffer").
+#[test]
+fn oversized_buffers_are_errors() {
+    let dev = backend();
+    let max = dev.max_buffer_bytes() as usize;
+    let err = dev.empty(max / 4 + 1, super::Repr::F32).err().expect("too large");
+    assert!(err.contains("is larger than the") && err.contains("allocates at once"), "{err}");
+    assert!(dev.empty(usize::MAX / 2, super::Repr::F32).is_err());
+}

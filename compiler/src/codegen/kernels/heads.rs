@@ -21,7 +21,7 @@
 
 use super::{ew_eval, mm_stage, mm_step, mm_zero, Access, EwOp, MM_BK, MM_REG, MM_STAGE, MM_TILE, MM_UNITS, ROW_BLOCK};
 use crate::codegen::kernels::movement::float_elem;
-use crate::codegen::launch::{grid_x, Arg, Buf, Launch, NodeWork, Scratch, Size};
+use crate::codegen::launch::{grid_rows, Arg, Buf, Launch, NodeWork, Scratch, Size};
 use crate::codegen::{ew_binary, ew_unary, KernelSpec, Unsupported};
 use crate::ir::fused::{Head, Operand, StepOp};
 use crate::ir::{Dim, Graph, NodeId, Op};
@@ -169,7 +169,10 @@ pub fn rms_norm_ew<F: Float>(
     #[comptime] eps_bits: u32,
     #[comptime] epi: Epilogue,
 ) {
-    let row = CUBE_POS_X;
+    let row = crate::codegen::kernels::row_pos();
+    if row as usize * cols as usize >= out.len() {
+        terminate!();
+    }
     let tid = UNIT_POS_X;
     let base = row * cols;
     let mut shared = Shared::<[F]>::new_slice(ROW_BLOCK as usize);
@@ -317,7 +320,7 @@ pub(crate) fn work(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
             let (table, extra) = loads(epilogue);
             let mut args = vec![input(0), input(1), table, output, Arg::U32(Size::Dim(*out.last().expect("rank >= 1")))];
             args.extend(extra);
-            vec![Launch { kernel: spec.clone(), args, grid: grid_x(rows(&out)) }]
+            vec![Launch { kernel: spec.clone(), args, grid: grid_rows(rows(&out), Size::lit(1)) }]
         }
         KernelSpec::GateUp { elem } => {
             // x: [.., h], gate/up: [i, h], down: [h, i]; scratch 0 is silu(x·gateᵀ)·(x·upᵀ).

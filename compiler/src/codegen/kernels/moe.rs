@@ -122,10 +122,13 @@ fn reduce_at<F: Float>(sh: &mut Shared<[F]>, at: u32, tid: u32, #[comptime] max:
 /// [`SELECT_BLOCK`] of reduction scratch.
 #[cube(launch, create_dummy_kernel)]
 pub fn moe_route<F: Float>(inputs: &Sequence<Box<[F]>>, indices: &mut [i32], weights: &mut [F], #[comptime] cfg: RouteConfig) {
-    let t = CUBE_POS_X;
+    let t = crate::codegen::kernels::row_pos();
     let tid = UNIT_POS_X;
     let e = comptime![cfg.experts];
     let k = comptime![cfg.top_k];
+    if t as usize * k as usize >= indices.len() {
+        terminate!();
+    }
     let groups = comptime![cfg.groups];
     let per_group = comptime![cfg.experts / cfg.groups];
     let (ch, gs, keep, sel, red) = comptime![(
@@ -299,7 +302,10 @@ pub fn moe_route<F: Float>(inputs: &Sequence<Box<[F]>>, indices: &mut [i32], wei
 /// serves any float type.
 #[cube(launch, create_dummy_kernel)]
 pub fn top_k<F: Float>(x: &[F], values: &mut [F], indices: &mut [i32], cols: u32, k: u32) {
-    let row = CUBE_POS_X;
+    let row = crate::codegen::kernels::row_pos();
+    if row as usize * cols as usize >= x.len() {
+        terminate!();
+    }
     let tid = UNIT_POS_X;
     let base = row * cols;
     let mut sh = Shared::<[u32]>::new_slice(SELECT_BLOCK as usize);
@@ -539,13 +545,13 @@ pub fn moe_down<F: Float>(act: &[F], row_expert: &[i32], offsets: &[i32], down: 
 }
 
 /// `out[t, c] = Σ_s y[pos[t·k + s], c] · weights[t·k + s]` for slots `s` in order: token
-/// `CUBE_POS_X`, columns `CUBE_POS_Y·SELECT_BLOCK + unit`. The gate weights may be of
+/// `row_pos()`, columns `CUBE_POS_Y·SELECT_BLOCK + unit`. The gate weights may be of
 /// another float type `W` (routers often run in f32).
 #[cube(launch, create_dummy_kernel)]
 pub fn moe_combine<F: Float, W: Float>(y: &[F], pos: &[i32], weights: &[W], out: &mut [F], h: u32, top_k: u32) {
-    let t = CUBE_POS_X;
+    let t = crate::codegen::kernels::row_pos();
     let c = CUBE_POS_Y * SELECT_BLOCK + UNIT_POS_X;
-    if c < h {
+    if c < h && (t as usize) * (h as usize) < out.len() {
         let mut acc = F::new(0.0);
         for s in 0..top_k {
             let p = t * top_k + s;
@@ -558,7 +564,7 @@ pub fn moe_combine<F: Float, W: Float>(y: &[F], pos: &[i32], weights: &[W], out:
 
 // ------------------------------------------------------------------ host side: specs and launches
 
-use crate::codegen::launch::{elem_dtype, grid_x, single, Arg, Buf, Launch, NodeWork, Scratch, Size};
+use crate::codegen::launch::{elem_dtype, grid_rows, grid_x, single, Arg, Buf, Launch, NodeWork, Scratch, Size};
 use crate::codegen::{Elem, KernelSpec, Unsupported};
 use crate::ir::{DType, Dim, Graph, GroupScore, NodeId, Op, Scoring, Ty};
 
@@ -652,7 +658,7 @@ fn rows(t: &Ty) -> Size {
 pub(crate) fn work_route(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
     let logits = g.ty(g.inputs(n)[0]).clone();
     let args = vec![Arg::Inputs, Arg::Buf(Buf::Output(0)), Arg::Buf(Buf::Output(1))];
-    single(spec, args, grid_x(rows(&logits)))
+    single(spec, args, grid_rows(rows(&logits), Size::lit(1)))
 }
 
 /// `top_k` over the last axis: one cube per row.
@@ -662,7 +668,7 @@ pub(crate) fn work_top_k(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
     let cols = Size::Dim(*x.shape.0.last().expect("top_k of rank 0 has no spec"));
     let args =
         vec![Arg::Buf(Buf::Input(0)), Arg::Buf(Buf::Output(0)), Arg::Buf(Buf::Output(1)), Arg::U32(cols), Arg::U32(Size::lit(k as i64))];
-    single(spec, args, grid_x(rows(&x)))
+    single(spec, args, grid_rows(rows(&x), Size::lit(1)))
 }
 
 /// `expert_ffn`: dispatch, gate/up GEMM, down GEMM, combine over `P = T·k` sorted rows.
@@ -724,7 +730,7 @@ pub(crate) fn work_expert_ffn(g: &Graph, n: NodeId) -> Result<NodeWork, Unsuppor
         Launch {
             kernel: KernelSpec::MoeCombine { elem, weights: welem },
             args: vec![s(5), s(2), i(2), o, u(h), u(k)],
-            grid: [tokens, Size::lit(h).ceil_div(SELECT_BLOCK as i64), one],
+            grid: grid_rows(tokens, Size::lit(h).ceil_div(SELECT_BLOCK as i64)),
         },
     ];
     Ok(NodeWork::Launches { scratch, launches })

@@ -284,6 +284,39 @@ fn attention_gqa_causal_and_masked() {
     }
 }
 
+/// Queries in several blocks of `ATTENTION_ROWS` (the last one partial), with and without
+/// cached keys before them, the causal diagonal crossing block edges, a mask, and the
+/// log-sum-exps: the same numbers as the unblocked formula.
+#[test]
+fn attention_over_several_query_blocks() {
+    for (sq, sk) in [(150, 150), (130, 200), (64, 64), (65, 70)] {
+        let (q, k, v) = (fill(&[1, sq, 2, 4], 30), fill(&[1, sk, 1, 4], 31), fill(&[1, sk, 1, 3], 32));
+        let mask = fill(&[1, sq, sk], 33);
+        for (causal, m) in [(true, None), (false, Some(&mask)), (true, Some(&mask))] {
+            let spec = AttentionSpec { heads: 2, kv_heads: 1, scale: 0.41, causal };
+            let (got, lse) = attention_lse::<f64>(&q, &k, &v, m, spec).unwrap();
+            close(&got.to_f64_vec(), &attention_naive(&q, &k, &v, m, spec), 1e-12);
+            // Each row's log-sum-exp, from the scores as the formula writes them.
+            let (qv, kv, mv) = (q.to_f64_vec(), k.to_f64_vec(), mask.to_f64_vec());
+            for i in [0, sq / 2, sq - 1] {
+                for h in 0..2 {
+                    let visible = if causal { (sk + i + 1).saturating_sub(sq).min(sk) } else { sk };
+                    let scores: Vec<f64> = (0..visible)
+                        .map(|j| {
+                            let dot: f64 = (0..4).map(|d| qv[(i * 2 + h) * 4 + d] * kv[j * 4 + d]).sum();
+                            dot * 0.41 + m.map_or(0.0, |_| mv[i * sk + j])
+                        })
+                        .collect();
+                    let top = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let want = top + scores.iter().map(|s| (s - top).exp()).sum::<f64>().ln();
+                    let got = lse.get(&[0, i, h]).unwrap();
+                    assert!((got - want).abs() < 1e-12, "{sq}×{sk} row {i} head {h}: lse {got}, want {want}");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn attention_query_without_keys_is_zero() {
     // sq = 3 > sk = 2: bottom-right alignment leaves query 0 nothing to see.
