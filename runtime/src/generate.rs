@@ -245,7 +245,15 @@ pub fn forward(backend: &dyn Backend, prompts: &[Vec<i64>], capture_routing: boo
         )));
     }
     let padded = Padded::new(prompts, 0);
-    let input = StepInput { batch: padded.batch, seq: s, ids: padded.ids, positions: padded.positions, mask: None, capture_routing };
+    let input = StepInput {
+        batch: padded.batch,
+        seq: s,
+        ids: padded.ids,
+        positions: padded.positions,
+        mask: None,
+        capture_routing,
+        last_logits: false,
+    };
     Ok(backend.prefill(&input)?)
 }
 
@@ -280,6 +288,8 @@ pub fn generate(backend: &dyn Backend, prompts: &[Vec<i64>], opts: &GenerateOpti
         positions: padded.positions.clone(),
         mask: padded.prefill_mask(),
         capture_routing: opts.capture_routing,
+        // Only the last position is sampled from (left padding puts every prompt's end there).
+        last_logits: true,
     };
     let out = backend.prefill(&input)?;
     stats.prefill_secs = start.elapsed().as_secs_f64();
@@ -294,7 +304,7 @@ pub fn generate(backend: &dyn Backend, prompts: &[Vec<i64>], opts: &GenerateOpti
             .collect();
         routing.push(RoutingTrace { layer: r.layer, top_k: k, experts });
     }
-    let mut last = rows_at(&out.logits, padded.seq - 1);
+    let mut last = rows_at(&out.logits, out.logits.shape()[1] - 1);
     let mut cache = out.cache;
 
     let mut done = vec![false; b];
@@ -328,6 +338,7 @@ pub fn generate(backend: &dyn Backend, prompts: &[Vec<i64>], opts: &GenerateOpti
             positions: prompts.iter().map(|p| (p.len() + step) as i64).collect(),
             mask: padded.decode_mask(cached),
             capture_routing: opts.capture_routing,
+            last_logits: false,
         };
         let out = backend.decode(&input, cache)?;
         stats.decode_steps += 1;

@@ -202,7 +202,16 @@ fn follow(path: &Path) -> std::io::Result<(PathBuf, Option<std::fs::Metadata>)> 
             return Ok((p, Some(meta)));
         }
         let link = std::fs::read_link(&p)?;
-        p = if link.is_absolute() { link } else { parent(&p).join(link) };
+        let next = if link.is_absolute() { link } else { parent(&p).join(link) };
+        if let (Err(e), Ok(m)) = (std::fs::symlink_metadata(&next), std::fs::metadata(&p)) {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                // A link whose text names no path but that the kernel opens all the same:
+                // `/proc/self/fd/1` reads `pipe:[1234]`. It stays `p`, and is written
+                // through ([`resolve`] makes it a special target).
+                return Ok((p, Some(m)));
+            }
+        }
+        p = next;
     }
     Err(std::io::Error::other("too many levels of symbolic links"))
 }
@@ -212,6 +221,8 @@ fn resolve(path: &Path) -> std::io::Result<Target> {
     match follow(path)? {
         (p, None) => Ok(Target::File { path: p, permissions: None }),
         (_, Some(m)) if m.is_dir() => Err(std::io::Error::other("it is a directory")),
+        // Still a link: one only the kernel resolves, written through whatever it is.
+        (p, Some(_)) if std::fs::symlink_metadata(&p).is_ok_and(|l| l.file_type().is_symlink()) => Ok(Target::Special(p)),
         (p, Some(m)) if m.is_file() => Ok(Target::File { path: p, permissions: Some(m.permissions()) }),
         (p, Some(_)) => Ok(Target::Special(p)),
     }
@@ -482,6 +493,27 @@ mod tests {
         write_output(&dangling, b"made").unwrap();
         assert_eq!(std::fs::read(d.0.join("target.txt")).unwrap(), b"made");
         assert!(std::fs::symlink_metadata(&dangling).unwrap().file_type().is_symlink());
+    }
+
+    /// A link to `/proc/self/fd/N` (its text, `pipe:[…]`, names no path) is written
+    /// through to the pipe, as a shell's `> /proc/self/fd/1` would, and stays a link.
+    #[test]
+    fn a_link_to_a_proc_fd_writes_through() {
+        use std::io::Read;
+        use std::os::fd::FromRawFd;
+        let d = TestDir::new("procfd");
+        let mut fds = [0; 2];
+        // SAFETY: pipe fills two descriptors this test then owns.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let (mut r, w) = unsafe { (std::fs::File::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1])) };
+        let link = d.0.join("out");
+        std::os::unix::fs::symlink(format!("/proc/self/fd/{}", fds[1]), &link).unwrap();
+        write_output(&link, b"to the pipe").unwrap();
+        drop(w);
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"to the pipe");
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
     }
 
     #[test]

@@ -345,3 +345,33 @@ mod on_cuda {
         check_case_on("deepseek_v3", &LAYOUTS[..1], cuda_backend);
     }
 }
+
+/// The prompt pass of a generation computes the last position's logits only
+/// (`StepInput::last_logits`, lowered with `PrefillLogits::Last`): they are the last row
+/// of the full forward's logits, for every fixture, with a padded batch too.
+#[test]
+fn last_position_prefill_is_the_last_row() {
+    use dsc_runtime::generate::StepInput;
+    for case in CASES {
+        let b = reference_backend(case, "config.json", MlaMode::Absorb);
+        let p = prompts(case);
+        let full = forward(b.as_ref(), &p, false).unwrap();
+        let (batch, seq, vocab) = (full.logits.shape()[0], full.logits.shape()[1], full.logits.shape()[2]);
+        let input = StepInput {
+            batch,
+            seq,
+            ids: p.concat(),
+            positions: (0..batch).flat_map(|_| 0..seq as i64).collect(),
+            mask: None,
+            capture_routing: false,
+            last_logits: true,
+        };
+        let last = b.prefill(&input).unwrap();
+        assert_eq!(last.logits.shape(), &[batch, 1, vocab], "{case}");
+        let all = full.logits.as_f32().unwrap();
+        for r in 0..batch {
+            let want = &all[(r * seq + seq - 1) * vocab..(r * seq + seq) * vocab];
+            close(&last.logits.as_f32().unwrap()[r * vocab..(r + 1) * vocab], want, &format!("{case} row {r}"));
+        }
+    }
+}

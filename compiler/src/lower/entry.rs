@@ -64,6 +64,11 @@ pub(super) fn entry_function(cx: &Cx, mode: Mode, sigs: &HashMap<String, Signatu
         }
     }
 
+    if mode == Mode::Prefill && cx.logits == super::PrefillLogits::Last {
+        // Only the last position's logits: the norm and the head see one row per sequence.
+        b.at(&["vocab"]);
+        x = b.slice(x, 1, Dim::S - 1, 1u64)?;
+    }
     b.at(&["norm_eps"]);
     let normed = b.rms_norm(x, "model.norm.weight", m.norm_eps)?;
     b.at(&["vocab"]);

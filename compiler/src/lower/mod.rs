@@ -220,6 +220,18 @@ pub enum TrainHead {
     LogProbs { temperature: f64 },
 }
 
+/// Which positions the prefill entry computes logits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum PrefillLogits {
+    /// `logits: [b, s, vocab]`, every position (`dsc logits`, scoring a sequence).
+    #[default]
+    All,
+    /// `logits: [b, 1, vocab]`, the last position only: what a generation's prompt pass
+    /// samples from. The final norm and the output head run on one row per sequence
+    /// instead of `s` (the head is the largest single matmul of a small model's prefill).
+    Last,
+}
+
 /// Lowers `spec` to one module with the prefill, decode and train entry points.
 pub fn lower(spec: &Spec) -> Result<Module, LowerError> {
     build(spec, &Mode::ALL, TrainHead::Loss)
@@ -244,9 +256,21 @@ pub fn lower_train(spec: &Spec, head: TrainHead) -> Result<Module, LowerError> {
     build(spec, &[Mode::Train], head)
 }
 
+/// Lowers `spec`'s prefill entry with logits for the positions `logits` says (the same
+/// module as [`lower_mode`]`(spec, Mode::Prefill)` for [`PrefillLogits::All`]).
+pub fn lower_prefill(spec: &Spec, logits: PrefillLogits) -> Result<Module, LowerError> {
+    let mut cx = Cx::new(spec)?;
+    cx.logits = logits;
+    build_with(cx, &[Mode::Prefill])
+}
+
 fn build(spec: &Spec, modes: &[Mode], head: TrainHead) -> Result<Module, LowerError> {
     let mut cx = Cx::new(spec)?;
     cx.head = head;
+    build_with(cx, modes)
+}
+
+fn build_with(cx: Cx, modes: &[Mode]) -> Result<Module, LowerError> {
     let mut module = Module::new();
     for &mode in modes {
         add_mode(&cx, &mut module, mode)?;
@@ -298,6 +322,8 @@ struct Cx<'s> {
     layer_kind: Vec<usize>,
     /// The train entry's first result.
     head: TrainHead,
+    /// The prefill entry's logits.
+    logits: PrefillLogits,
 }
 
 /// The spec's name for a feed-forward kind (the `ffn` label).
@@ -336,7 +362,7 @@ impl<'s> Cx<'s> {
             });
             layer_kind.push(k);
         }
-        Ok(Cx { spec, m, dt: m.dtype.into(), kinds, layer_kind, head: TrainHead::Loss })
+        Ok(Cx { spec, m, dt: m.dtype.into(), kinds, layer_kind, head: TrainHead::Loss, logits: PrefillLogits::All })
     }
 
     /// New tokens per sequence: `s` for prefill and train, 1 for decode.

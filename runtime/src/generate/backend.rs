@@ -43,6 +43,9 @@ pub struct StepInput {
     pub mask: Option<Vec<f32>>,
     /// Also return every router's decisions ([`StepOutput::routing`]).
     pub capture_routing: bool,
+    /// Prefill: the logits of the last position only (`[batch, 1, vocab]`), all that a
+    /// generation samples from; the final norm and head skip the other positions.
+    pub last_logits: bool,
 }
 
 /// The routers' decisions in one MoE layer: per token (`[batch, seq, top_k]`), the chosen

@@ -13,7 +13,7 @@ use super::rewrite::{add_attention_mask, expose_routing, RouteSite};
 use crate::reference::{run, Options, Tensor, Weights};
 use dsc_compiler::ir::Mode;
 use dsc_compiler::ir::Module;
-use dsc_compiler::lower::lower_mode;
+use dsc_compiler::lower::{lower_mode, lower_prefill, PrefillLogits};
 use dsc_compiler::passes::mla_absorb::MlaMode;
 use dsc_compiler::passes::{self, PassCx, PassSelection};
 use dsc_dsl::Spec;
@@ -26,6 +26,8 @@ struct Variant {
     mode: Mode,
     masked: bool,
     capture: bool,
+    /// Prefill with the last position's logits only.
+    last: bool,
 }
 
 /// What executes a compiled entry point.
@@ -143,7 +145,7 @@ impl<W: Weights, E: Engine> ModelBackend<W, E> {
     /// The module a step of `mode` runs (compiled now if it was not yet), for tools that
     /// want to see it.
     pub fn module(&self, mode: Mode, masked: bool) -> Result<dsc_compiler::ir::Module, BackendError> {
-        Ok(self.compiled(Variant { mode, masked, capture: false })?.module.clone())
+        Ok(self.compiled(Variant { mode, masked, capture: false, last: false })?.module.clone())
     }
 
     fn compiled(&self, v: Variant) -> Result<Arc<Compiled<E::Prepared>>, BackendError> {
@@ -158,7 +160,11 @@ impl<W: Weights, E: Engine> ModelBackend<W, E> {
 
     fn compile(&self, v: Variant) -> Result<Compiled<E::Prepared>, BackendError> {
         let err = |e: String| BackendError::new(format!("compiling {}: {e}", v.mode));
-        let mut module = lower_mode(&self.spec, v.mode).map_err(|e| err(e.to_string()))?;
+        let lowered = match (v.mode, v.last) {
+            (Mode::Prefill, true) => lower_prefill(&self.spec, PrefillLogits::Last),
+            _ => lower_mode(&self.spec, v.mode),
+        };
+        let mut module = lowered.map_err(|e| err(e.to_string()))?;
         let mut cx = PassCx::new(v.mode);
         cx.mla = self.compile.mla;
         passes::compile(&mut module, &self.compile.passes, &mut cx).map_err(|e| err(e.render(Some(&self.spec.sources))))?;
@@ -177,7 +183,8 @@ impl<W: Weights, E: Engine> ModelBackend<W, E> {
             return Err(BackendError::new(format!("{} ids and {} positions for a {b}×{s} step", input.ids.len(), input.positions.len())));
         }
         let c = cache_len(&cache);
-        let v = Variant { mode, masked: input.mask.is_some(), capture: input.capture_routing };
+        let last = mode == Mode::Prefill && input.last_logits;
+        let v = Variant { mode, masked: input.mask.is_some(), capture: input.capture_routing, last };
         let compiled = self.compiled(v)?;
         let mut args = vec![Tensor::i64(&[b, s], input.ids.clone()), Tensor::i64(&[b, s], input.positions.clone())];
         args.extend(cache);

@@ -91,7 +91,10 @@ impl WgpuBackend {
         match cubecl::wgpu::try_init_setup::<cubecl::wgpu::AutoGraphicsApi>(&device, Default::default()) {
             // Registration fails when an earlier call in this process set the device up.
             Ok(_) | Err(cubecl::wgpu::WgpuInitError::Registration { .. }) => {}
-            Err(e) => return Err(format!("no wgpu adapter `{which}` ({e}); this machine has {}", adapter_list())),
+            Err(cubecl::wgpu::WgpuInitError::AdapterUnavailable { .. }) => {
+                return Err(format!("no wgpu adapter `{which}`; this machine has {}", adapter_list()))
+            }
+            Err(e) => return Err(format!("wgpu adapter `{which}`: {e}")),
         }
         Ok(WgpuBackend { client: cubecl::Device::Wgpu(device).client() })
     }
@@ -420,8 +423,13 @@ fn arg(b: &DeviceBuf) -> BufferArg {
 /// The adapters this machine has, as `name (kind, API)`, for an error message.
 fn adapter_list() -> String {
     use cubecl::wgpu::wgpu;
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
-    let found: Vec<String> = cubecl::future::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+    // The primary APIs (Vulkan, Metal, DX12): probing OpenGL as well wakes EGL, which
+    // prints its own complaints about the display.
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends: wgpu::Backends::PRIMARY,
+        ..wgpu::InstanceDescriptor::new_without_display_handle()
+    });
+    let found: Vec<String> = cubecl::future::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY))
         .iter()
         .map(|a| {
             let i = a.get_info();

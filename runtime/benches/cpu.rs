@@ -1,0 +1,138 @@
+//! Inference on the CPU reference backend, timed as ratios within one run (this machine
+//! varies ±30% between runs): the prompt pass with every position's logits (`dsc logits`)
+//! against the last position's only (the prompt pass of `dsc generate`), and greedy decode
+//! through the KV cache at several batch sizes (the shape of GRPO rollouts).
+//!
+//! ```text
+//! cargo bench -p dsc-runtime --bench cpu                    # runtime/benches/v3_small.dsc, random weights
+//! cargo bench -p dsc-runtime --bench cpu -- --model DIR     # a hub model directory instead
+//!     [--prompt 512] [--new 128] [--batches 1,8,32] [--passes 3]
+//! ```
+//!
+//! Each pass runs every measurement once, in the same order, so drift in the machine's
+//! speed touches them all alike; the lines give the median over passes. Decode at batch
+//! `B` is `B × new` tokens over the decode steps' time (the prompt pass excluded), after a
+//! prompt of `--prompt` tokens per sequence. `peak_rss_mb` is the process's `VmHWM`.
+
+use dsc_runtime::checkpoint::{ModelDir, OpenOptions};
+use dsc_runtime::generate::{generate, Backend, CompileOptions, GenerateOptions, ReferenceBackend, StepInput};
+use dsc_runtime::reference::{Options, Tensor, Weights};
+use dsc_runtime::rng::SplitMix64;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+struct Args {
+    model: Option<PathBuf>,
+    prompt: usize,
+    new: usize,
+    batches: Vec<usize>,
+    passes: usize,
+}
+
+fn parse() -> Result<Args, String> {
+    let mut a = Args { model: None, prompt: 512, new: 128, batches: vec![1, 8, 32], passes: 3 };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
+        let num = |v: String, name: &str| v.parse::<usize>().map_err(|_| format!("{name}: expected a whole number, got `{v}`"));
+        match flag.as_str() {
+            "--model" => a.model = Some(PathBuf::from(value("--model")?)),
+            "--prompt" => a.prompt = num(value("--prompt")?, "--prompt")?,
+            "--new" => a.new = num(value("--new")?, "--new")?,
+            "--passes" => a.passes = num(value("--passes")?, "--passes")?.max(1),
+            "--batches" => a.batches = value("--batches")?.split(',').map(|b| num(b.to_string(), "--batches")).collect::<Result<_, _>>()?,
+            // `cargo bench` passes `--bench`; anything else unknown is an error.
+            "--bench" => {}
+            other => return Err(format!("unknown flag `{other}`")),
+        }
+    }
+    Ok(a)
+}
+
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok());
+    kb.unwrap_or(0.0) / 1024.0
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Random token ids in `1..vocab`, one row per sequence.
+fn prompts(batch: usize, len: usize, vocab: usize, seed: u64) -> Vec<Vec<i64>> {
+    let mut rng = SplitMix64(seed);
+    (0..batch).map(|_| (0..len).map(|_| 1 + (rng.next_u64() % (vocab as u64 - 1)) as i64).collect()).collect()
+}
+
+/// The prompt pass over `p` (equal lengths), all logits or the last position's.
+fn prefill(b: &dyn Backend, p: &[Vec<i64>], last_logits: bool) -> f64 {
+    let (batch, seq) = (p.len(), p[0].len());
+    let input = StepInput {
+        batch,
+        seq,
+        ids: p.concat(),
+        positions: (0..batch).flat_map(|_| 0..seq as i64).collect(),
+        mask: None,
+        capture_routing: false,
+        last_logits,
+    };
+    let t = Instant::now();
+    b.prefill(&input).expect("prefill");
+    t.elapsed().as_secs_f64()
+}
+
+fn run<W: Weights>(b: &ReferenceBackend<W>, name: &str, args: &Args) {
+    let vocab = b.vocab();
+    let p = prompts(1, args.prompt, vocab, 1);
+    // Compile every variant once before timing (the first call of each lowers and optimises).
+    prefill(b, &p[..1], true);
+    prefill(b, &p[..1], false);
+    let (mut all, mut last) = (Vec::new(), Vec::new());
+    let mut decode: Vec<Vec<f64>> = vec![Vec::new(); args.batches.len()];
+    for pass in 0..args.passes {
+        all.push(args.prompt as f64 / prefill(b, &p, false));
+        last.push(args.prompt as f64 / prefill(b, &p, true));
+        for (i, &batch) in args.batches.iter().enumerate() {
+            let ps = prompts(batch, args.prompt, vocab, 10 + pass as u64);
+            let opts = GenerateOptions { max_new_tokens: args.new, ..GenerateOptions::default() };
+            let g = generate(b, &ps, &opts).expect("generate");
+            decode[i].push(g.stats.decode_tokens_per_sec());
+        }
+        eprintln!("pass {} of {} done", pass + 1, args.passes);
+    }
+    println!("{name}: median of {} passes, reference backend, {} threads", args.passes, rayon::current_num_threads());
+    let (a, l) = (median(all), median(last));
+    println!("  prefill {} tokens, every position's logits   {a:>9.1} tokens/s", args.prompt);
+    println!("  prefill {} tokens, last position's logits    {l:>9.1} tokens/s   ({:.2}× the above)", args.prompt, l / a);
+    for (i, &batch) in args.batches.iter().enumerate() {
+        let d = median(std::mem::take(&mut decode[i]));
+        println!("  decode {} tokens after {} at batch {batch:<3}        {d:>9.1} tokens/s", args.new, args.prompt);
+    }
+    println!("  peak_rss_mb {:.0}", peak_rss_mb());
+}
+
+fn main() {
+    let args = parse().unwrap_or_else(|e| {
+        eprintln!("{e}");
+        std::process::exit(2)
+    });
+    let compile = CompileOptions::default();
+    match &args.model {
+        Some(dir) => {
+            let d = ModelDir::open(dir, &OpenOptions::default()).unwrap_or_else(|e| panic!("{e}"));
+            let b = ReferenceBackend::new(d.spec, d.weights, compile, Options::default());
+            b.weights().preload();
+            run(&b, &dir.display().to_string(), &args);
+        }
+        None => {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/v3_small.dsc");
+            let spec = dsc_dsl::load(&path, None).unwrap_or_else(|f| panic!("{}", f.render()));
+            let weights: HashMap<String, Tensor> = dsc_runtime::train::init::random_weights(&spec, 0).expect("random weights");
+            let b = ReferenceBackend::new(spec, weights, compile, Options::default());
+            run(&b, "runtime/benches/v3_small.dsc (random weights)", &args);
+        }
+    }
+}
