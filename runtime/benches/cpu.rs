@@ -6,8 +6,19 @@
 //! ```text
 //! cargo bench -p dsc-runtime --bench cpu                    # runtime/benches/v3_small.dsc, random weights
 //! cargo bench -p dsc-runtime --bench cpu -- --model DIR     # a hub model directory instead
-//!     [--prompt 512] [--new 128] [--batches 1,8,32] [--passes 3]
+//!     [--prompt 512] [--new 128] [--batches 1,8,32] [--passes 3] [--threads T]
+//!     [--ids IDS.json] [--json] [--bf16]
 //! ```
+//!
+//! A model directory's bf16 weights stay bf16, as `dsc generate` keeps them; `--bf16`
+//! rounds the random weights of the default spec to bf16 and keeps them so, to time the
+//! bf16 path against the f32 one on the same shapes.
+//!
+//! `--ids` gives the batch-1 prompt (`{"input_ids": [[...]]}`, its length replaces
+//! `--prompt`); `--json` prints one line (`prefill_tokens_per_s` with the last logits,
+//! `prefill_all_tokens_per_s`, `decode` by batch, the batch-1 `greedy` tokens,
+//! `peak_rss_mb`) for runtime/benches/cpu_vs_torch.py, which runs this beside
+//! transformers.
 //!
 //! Each pass runs every measurement once, in the same order, so drift in the machine's
 //! speed touches them all alike; the lines give the median over passes. Decode at batch
@@ -28,10 +39,15 @@ struct Args {
     new: usize,
     batches: Vec<usize>,
     passes: usize,
+    threads: Option<usize>,
+    ids: Option<Vec<i64>>,
+    json: bool,
+    bf16: bool,
 }
 
 fn parse() -> Result<Args, String> {
-    let mut a = Args { model: None, prompt: 512, new: 128, batches: vec![1, 8, 32], passes: 3 };
+    let mut a =
+        Args { model: None, prompt: 512, new: 128, batches: vec![1, 8, 32], passes: 3, threads: None, ids: None, json: false, bf16: false };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
@@ -41,6 +57,16 @@ fn parse() -> Result<Args, String> {
             "--prompt" => a.prompt = num(value("--prompt")?, "--prompt")?,
             "--new" => a.new = num(value("--new")?, "--new")?,
             "--passes" => a.passes = num(value("--passes")?, "--passes")?.max(1),
+            "--threads" => a.threads = Some(num(value("--threads")?, "--threads")?),
+            "--json" => a.json = true,
+            "--bf16" => a.bf16 = true,
+            "--ids" => {
+                let path = PathBuf::from(value("--ids")?);
+                let rows = dsc_runtime::cli::logits::read_ids(&path)?;
+                let row = rows.into_iter().next().ok_or_else(|| format!("{}: no prompt", path.display()))?;
+                a.prompt = row.len();
+                a.ids = Some(row);
+            }
             "--batches" => a.batches = value("--batches")?.split(',').map(|b| num(b.to_string(), "--batches")).collect::<Result<_, _>>()?,
             // `cargo bench` passes `--bench`; anything else unknown is an error.
             "--bench" => {}
@@ -86,29 +112,46 @@ fn prefill(b: &dyn Backend, p: &[Vec<i64>], last_logits: bool) -> f64 {
 
 fn run<W: Weights>(b: &ReferenceBackend<W>, name: &str, args: &Args) {
     let vocab = b.vocab();
-    let p = prompts(1, args.prompt, vocab, 1);
+    let p = match &args.ids {
+        Some(row) => vec![row.clone()],
+        None => prompts(1, args.prompt, vocab, 1),
+    };
     // Compile every variant once before timing (the first call of each lowers and optimises).
     prefill(b, &p[..1], true);
     prefill(b, &p[..1], false);
     let (mut all, mut last) = (Vec::new(), Vec::new());
     let mut decode: Vec<Vec<f64>> = vec![Vec::new(); args.batches.len()];
+    let mut greedy = Vec::new();
     for pass in 0..args.passes {
         all.push(args.prompt as f64 / prefill(b, &p, false));
         last.push(args.prompt as f64 / prefill(b, &p, true));
         for (i, &batch) in args.batches.iter().enumerate() {
-            let ps = prompts(batch, args.prompt, vocab, 10 + pass as u64);
+            let ps = if batch == 1 { p.clone() } else { prompts(batch, args.prompt, vocab, 10 + pass as u64) };
             let opts = GenerateOptions { max_new_tokens: args.new, ..GenerateOptions::default() };
             let g = generate(b, &ps, &opts).expect("generate");
             decode[i].push(g.stats.decode_tokens_per_sec());
+            if batch == 1 {
+                greedy = g.tokens[0].clone();
+            }
         }
         eprintln!("pass {} of {} done", pass + 1, args.passes);
     }
-    println!("{name}: median of {} passes, reference backend, {} threads", args.passes, rayon::current_num_threads());
     let (a, l) = (median(all), median(last));
+    let decode: Vec<f64> = decode.into_iter().map(median).collect();
+    if args.json {
+        let by_batch: serde_json::Map<String, serde_json::Value> =
+            args.batches.iter().zip(&decode).map(|(b, d)| (b.to_string(), serde_json::json!(d))).collect();
+        let line = serde_json::json!({
+            "tool": "dsc", "prefill_tokens_per_s": l, "prefill_all_tokens_per_s": a, "decode": by_batch,
+            "greedy": greedy, "peak_rss_mb": peak_rss_mb(), "threads": rayon::current_num_threads(),
+        });
+        println!("{line}");
+        return;
+    }
+    println!("{name}: median of {} passes, reference backend, {} threads", args.passes, rayon::current_num_threads());
     println!("  prefill {} tokens, every position's logits   {a:>9.1} tokens/s", args.prompt);
     println!("  prefill {} tokens, last position's logits    {l:>9.1} tokens/s   ({:.2}× the above)", args.prompt, l / a);
-    for (i, &batch) in args.batches.iter().enumerate() {
-        let d = median(std::mem::take(&mut decode[i]));
+    for (&batch, &d) in args.batches.iter().zip(&decode) {
         println!("  decode {} tokens after {} at batch {batch:<3}        {d:>9.1} tokens/s", args.new, args.prompt);
     }
     println!("  peak_rss_mb {:.0}", peak_rss_mb());
@@ -119,10 +162,14 @@ fn main() {
         eprintln!("{e}");
         std::process::exit(2)
     });
+    if let Some(n) = args.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().expect("the first pool");
+    }
     let compile = CompileOptions::default();
     match &args.model {
         Some(dir) => {
-            let d = ModelDir::open(dir, &OpenOptions::default()).unwrap_or_else(|e| panic!("{e}"));
+            let mut d = ModelDir::open(dir, &OpenOptions::default()).unwrap_or_else(|e| panic!("{e}"));
+            d.weights.keep_bf16(true);
             let b = ReferenceBackend::new(d.spec, d.weights, compile, Options::default());
             b.weights().preload();
             run(&b, &dir.display().to_string(), &args);
@@ -130,7 +177,13 @@ fn main() {
         None => {
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/v3_small.dsc");
             let spec = dsc_dsl::load(&path, None).unwrap_or_else(|f| panic!("{}", f.render()));
-            let weights: HashMap<String, Tensor> = dsc_runtime::train::init::random_weights(&spec, 0).expect("random weights");
+            let mut weights: HashMap<String, Tensor> = dsc_runtime::train::init::random_weights(&spec, 0).expect("random weights");
+            if args.bf16 {
+                for t in weights.values_mut() {
+                    let bits = t.to_f32_vec().into_iter().map(dsc_runtime::reference::weights::f32_to_bf16).collect();
+                    *t = Tensor::bf16_bits(t.shape(), bits);
+                }
+            }
             let b = ReferenceBackend::new(spec, weights, compile, Options::default());
             run(&b, "runtime/benches/v3_small.dsc (random weights)", &args);
         }

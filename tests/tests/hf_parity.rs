@@ -375,3 +375,54 @@ fn last_position_prefill_is_the_last_row() {
         }
     }
 }
+
+/// A checkpoint stored in bf16 is run in bf16 (`keep_bf16`, as `dsc logits` and
+/// `generate` open it: weights never widened whole, matmuls widening a block of rows at a
+/// time): the logits, routing and greedy tokens are those of the same weights widened to
+/// f32 up front, for a dense model and for MLA with MoE.
+#[test]
+fn bf16_weights_kept_in_bf16_match_widened() {
+    use dsc_runtime::reference::weights::f32_to_bf16;
+    for case in ["llama_gqa", "deepseek_v3"] {
+        let root = std::env::temp_dir().join(format!("dsc-bf16-{}-{case}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::copy(dir(case).join("config.json"), root.join("config.json")).unwrap();
+        let bytes = std::fs::read(dir(case).join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let converted: Vec<(String, Vec<usize>, Vec<u8>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, v)| {
+                assert_eq!(v.dtype(), safetensors::Dtype::F32, "{case}: {n}");
+                let bits = v.data().chunks_exact(4).flat_map(|c| f32_to_bf16(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes());
+                (n, v.shape().to_vec(), bits.collect())
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = converted
+            .iter()
+            .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), b).unwrap()))
+            .collect();
+        std::fs::write(root.join("model.safetensors"), safetensors::tensor::serialize(views, None).unwrap()).unwrap();
+        let p = prompts(case);
+        let run = |keep: bool| {
+            let mut d = ModelDir::open(&root, &OpenOptions::default()).unwrap();
+            d.weights.keep_bf16(keep);
+            let b =
+                ReferenceBackend::new(d.spec, d.weights, CompileOptions { mla: MlaMode::Absorb, ..Default::default() }, Options::default());
+            let out = forward(&b, &p, true).unwrap();
+            let opts = GenerateOptions { max_new_tokens: 6, keep_logits: true, ..GenerateOptions::default() };
+            let g = generate(&b, &p[..1], &opts).unwrap();
+            let kept = b.weights().get("model.embed_tokens.weight").unwrap().as_bf16_bits().is_some();
+            (out, g, kept)
+        };
+        let ((bf, gb, kept), (wide, gw, widened)) = (run(true), run(false));
+        assert!(kept && !widened, "{case}: weights held as asked");
+        close(bf.logits.as_f32().unwrap(), wide.logits.as_f32().unwrap(), &format!("{case} bf16 logits"));
+        for (a, b) in bf.routing.iter().zip(&wide.routing) {
+            assert_eq!(a.indices, b.indices, "{case}: experts");
+        }
+        assert_eq!(gb.tokens, gw.tokens, "{case}: greedy tokens");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}

@@ -6,6 +6,10 @@
 //! from then on. Nothing is decoded when a directory is opened, so checking a large
 //! checkpoint against its spec costs its headers only, and a run that never reaches a
 //! param (a train-only MTP module) never pays for it.
+//!
+//! With [`CheckpointWeights::keep_bf16`] (inference), a param stored in bf16 is kept in
+//! bf16 (its bits, stacked and cut as the others), half the memory of `f32`: the
+//! interpreter's matmuls widen it a block at a time.
 
 use super::files::Shard;
 use super::layout::{Piece, Source, Stored};
@@ -27,6 +31,7 @@ pub struct CheckpointWeights {
     shards: Vec<Shard>,
     slots: HashMap<String, Slot>,
     block: [usize; 2],
+    keep_bf16: bool,
 }
 
 /// Below this many elements a tensor is decoded on one thread (rayon's overhead would
@@ -36,7 +41,13 @@ const PAR_MIN: usize = 1 << 16;
 impl CheckpointWeights {
     pub(crate) fn new(shards: Vec<Shard>, plan: HashMap<String, Source>, block: [usize; 2]) -> CheckpointWeights {
         let slots = plan.into_iter().map(|(k, source)| (k, Slot { source, value: OnceLock::new() })).collect();
-        CheckpointWeights { shards, slots, block }
+        CheckpointWeights { shards, slots, block, keep_bf16: false }
+    }
+
+    /// Keep params stored in bf16 in bf16 instead of widening them to `f32` (set before
+    /// the first [`CheckpointWeights::get`]; training keeps `f32`, which it updates).
+    pub fn keep_bf16(&mut self, on: bool) {
+        self.keep_bf16 = on;
     }
 
     /// The param names, sorted.
@@ -51,9 +62,10 @@ impl CheckpointWeights {
         self.shards.iter().map(|s| s.len() as u64).sum()
     }
 
-    /// Bytes of the params decoded so far (`f32`).
+    /// Bytes of the params decoded so far (`f32`, or 2 per element kept in bf16).
     pub fn decoded_bytes(&self) -> u64 {
-        self.slots.values().filter_map(|s| s.value.get()).map(|t| (t.numel() * 4) as u64).sum()
+        let size = |t: &Tensor| if t.as_bf16_bits().is_some() { 2 } else { 4 };
+        self.slots.values().filter_map(|s| s.value.get()).map(|t| (t.numel() * size(t)) as u64).sum()
     }
 
     /// Bytes every param takes once decoded (`f32`), whether or not it has been.
@@ -84,6 +96,18 @@ impl CheckpointWeights {
     }
 
     fn assemble(&self, source: &Source) -> Tensor {
+        let pieces: &[Piece] = match source {
+            Source::One(p) => std::slice::from_ref(p),
+            Source::Stack(ps) => ps,
+        };
+        if self.keep_bf16 && !pieces.is_empty() && pieces.iter().all(|p| p.data.info.dtype == Dtype::BF16 && p.scale.is_none()) {
+            let bits: Vec<u16> = pieces.iter().flat_map(|p| self.piece_bits(p)).collect();
+            let mut shape = pieces[0].shape();
+            if let Source::Stack(ps) = source {
+                shape.insert(0, ps.len());
+            }
+            return Tensor::bf16_bits(&shape, bits);
+        }
         match source {
             Source::One(p) => Tensor::f32(&p.shape(), self.piece(p)),
             Source::Stack(ps) => {
@@ -106,6 +130,20 @@ impl CheckpointWeights {
             let s = self.decode(sc);
             dequantise(&mut v, &p.data.info.shape, &s, &sc.info.shape, self.block);
         }
+        match p.rows {
+            None => v,
+            Some((start, len)) => {
+                let shape = &p.data.info.shape;
+                let (rows, cols) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+                v.chunks_exact(rows * cols).flat_map(|m| m[start * cols..(start + len) * cols].iter().copied()).collect()
+            }
+        }
+    }
+
+    /// One bf16 piece as its bits, cut as [`Self::piece`] cuts.
+    fn piece_bits(&self, p: &Piece) -> Vec<u16> {
+        let b = self.shards[p.data.shard].bytes(&p.data.info);
+        let v: Vec<u16> = b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
         match p.rows {
             None => v,
             Some((start, len)) => {

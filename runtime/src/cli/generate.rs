@@ -132,7 +132,7 @@ pub fn generate_cmd(args: &GenerateArgs) -> Result<(), String> {
         eprintln!("decode: {} steps in {:.1} ms, {:.1} tokens/s", s.decode_steps, s.decode_secs * 1e3, s.decode_tokens_per_sec());
         let w = &info.weights;
         eprintln!(
-            "memory: KV cache {} bytes for {} positions × {} sequences ({} values per position per sequence); weights {} bytes decoded (f32) of {} bytes mapped",
+            "memory: KV cache {} bytes for {} positions × {} sequences ({} values per position per sequence); weights {} bytes decoded (bf16 kept as bf16, the rest as f32) of {} bytes mapped",
             s.cache_bytes,
             s.cache_len,
             s.batch,

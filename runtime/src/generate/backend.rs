@@ -95,6 +95,7 @@ fn elem_bytes(t: &Tensor) -> usize {
         Data::F32(_) | Data::I32(_) => 4,
         Data::F64(_) | Data::I64(_) => 8,
         Data::Bool(_) => 1,
+        Data::Bf16(_) => 2,
     }
 }
 

@@ -9,7 +9,7 @@
 
 use super::elementwise::{binary, cast, select, unary};
 use super::layout::{broadcast, concat, gather, permute, reduce, scatter_add, slice, top_k};
-use super::linalg::{batch_matmul, linear};
+use super::linalg::{batch_matmul, linear, linear_bf16};
 use super::nn::grad::{
     attention_grad, cross_entropy_grad, expert_ffn_grad, moe_route_grad, rms_norm_grad, swiglu_grad, token_logprob_grad, weight_grad,
 };
@@ -154,7 +154,8 @@ impl<'m, T: Real> Interp<'m, T> {
     /// A value against its declared type: element type class and concrete shape.
     fn check(&self, t: &Tensor, ty: &Ty, what: &str) -> Result<(), KernelError> {
         let ok = match ty.dtype {
-            d if d.is_float() => T::view(t.data()).is_some(),
+            // A weight kept in bf16 stands for any float type.
+            d if d.is_float() => T::view(t.data()).is_some() || matches!(t.data(), Data::Bf16(_)),
             DType::I32 => matches!(t.data(), Data::I32(_)),
             DType::I64 => matches!(t.data(), Data::I64(_)),
             DType::Bool => matches!(t.data(), Data::Bool(_)),
@@ -456,6 +457,27 @@ impl<'m, T: Real> Interp<'m, T> {
                 Err(KernelError::shape(format!("axis {a} out of range for rank {}", t.rank())))
             }
         };
+        // Weights kept in bf16: the ops that read weights take them as they are, the
+        // movement ops move their bits when every float operand is bf16, and any other op
+        // gets its bf16 operands widened to the run's precision first.
+        let bf16 = |t: &Tensor| matches!(t.data(), Data::Bf16(_));
+        if x.iter().any(|t| bf16(t)) {
+            let native = match op {
+                Op::MatMul => !bf16(x[0]),
+                Op::ExpertFfn => !bf16(x[0]) && !bf16(x[2]),
+                Op::Gather { .. }
+                | Op::Slice { .. }
+                | Op::Permute { .. }
+                | Op::Reshape { .. }
+                | Op::Broadcast { .. }
+                | Op::Concat { .. } => x.iter().all(|t| bf16(t) || !(t.data().is_float())),
+                _ => false,
+            };
+            if !native {
+                let wide: Vec<Tensor> = x.iter().map(|t| if bf16(t) { widen::<T>(t) } else { (*t).clone() }).collect();
+                return self.exec(op, &wide.iter().collect::<Vec<_>>());
+            }
+        }
         match op {
             Op::Input { .. } | Op::Param { .. } | Op::Const { .. } | Op::Call { .. } | Op::Return => {
                 Err(graph_err(format!("{} is not evaluated as an op", op.name())))
@@ -468,9 +490,12 @@ impl<'m, T: Real> Interp<'m, T> {
                 if *wk != k {
                     return Err(KernelError::shape(format!("matmul: x {:?} contracts {k}, weight {:?} takes {wk}", a.shape(), w.shape())));
                 }
-                let (av, wv) = (floats::<T>(a, "matmul x")?, floats::<T>(w, "matmul weight")?);
+                let av = floats::<T>(a, "matmul x")?;
                 let m = av.len().checked_div(k).unwrap_or_else(|| numel(&a.shape()[..a.rank() - 1]));
-                let y = linear(av, m, k, wv, *n, true)?;
+                let y = match w.as_bf16_bits() {
+                    Some(bits) => linear_bf16(av, m, k, bits, *n)?,
+                    None => linear(av, m, k, floats::<T>(w, "matmul weight")?, *n, true)?,
+                };
                 let mut shape = a.shape().to_vec();
                 *shape.last_mut().expect("rank >= 1") = *n;
                 one(Tensor::from_parts(shape, T::wrap(y)))
@@ -558,4 +583,10 @@ impl<'m, T: Real> Interp<'m, T> {
             Op::TokenLogProb { ignore_index } => one(token_logprob::<T>(x[0], x[1], *ignore_index)?),
         }
     }
+}
+
+/// A bf16 weight widened to the run's precision (exact: every bf16 is an f32).
+fn widen<T: Real>(t: &Tensor) -> Tensor {
+    let bits = t.as_bf16_bits().expect("called on bf16 data");
+    Tensor::from_parts(t.shape().to_vec(), T::wrap(bits.iter().map(|&b| T::of(super::weights::bf16_to_f32(b) as f64)).collect()))
 }

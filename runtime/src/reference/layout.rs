@@ -36,6 +36,10 @@ macro_rules! with_elem {
                 type $E = bool;
                 $body
             }
+            Data::Bf16(_) => {
+                type $E = u16;
+                $body
+            }
         }
     };
 }

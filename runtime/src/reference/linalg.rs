@@ -117,6 +117,41 @@ pub fn linear<T: Real>(x: &[T], m: usize, k: usize, w: &[T], n: usize, parallel:
     Ok(out)
 }
 
+/// [`linear`] with the weight in bf16 (its bits, `[n, k]`): the weight is never widened
+/// whole, only a block of its rows at a time (each block a task), and each block is
+/// multiplied as [`linear`] multiplies, accumulating in `T`. A bf16 weight is half the
+/// bytes of an f32 one, which is what a decode step (a few rows of `x`) is bound by.
+pub fn linear_bf16<T: Real>(x: &[T], m: usize, k: usize, w: &[u16], n: usize) -> Result<Vec<T>, KErr> {
+    use rayon::prelude::*;
+    if x.len() != m * k || w.len() != n * k {
+        return Err(KErr::shape(format!("linear: x has {} elements for [{m}, {k}], weight {} for [{n}, {k}]", x.len(), w.len())));
+    }
+    let mut out = vec![T::ZERO; m * n];
+    if m == 0 || n == 0 {
+        return Ok(out);
+    }
+    // Blocks small enough to stay in cache for a few rows of x, larger when many rows
+    // amortise the widening.
+    let rows = if m >= 64 { 256 } else { 32 };
+    let blocks: Vec<Vec<T>> = (0..n.div_ceil(rows))
+        .into_par_iter()
+        .map(|b| {
+            let (j0, nb) = (b * rows, rows.min(n - b * rows));
+            let wide: Vec<T> = w[j0 * k..(j0 + nb) * k].iter().map(|&v| T::of(super::weights::bf16_to_f32(v) as f64)).collect();
+            let mut y = vec![T::ZERO; m * nb];
+            gemm(m, nb, k, &mut y, Mat::rows(x, 0, k), Mat { data: &wide, offset: 0, rs: 1, cs: k }, false);
+            y
+        })
+        .collect();
+    for (b, y) in blocks.iter().enumerate() {
+        let (j0, nb) = (b * rows, rows.min(n - b * rows));
+        for i in 0..m {
+            out[i * n + j0..i * n + j0 + nb].copy_from_slice(&y[i * nb..(i + 1) * nb]);
+        }
+    }
+    Ok(out)
+}
+
 /// `a: [B.., m, k] · b: [B.., k, n]` → `[B.., m, n]`, equal batch axes. Many small
 /// products are spread over threads one per task; a few large ones let gemm split each.
 pub fn batch_matmul<T: Real>(a: &[T], ash: &[usize], b: &[T], bsh: &[usize]) -> Result<(Vec<usize>, Vec<T>), KErr> {
@@ -156,6 +191,27 @@ mod tests {
             }
         }
         c
+    }
+
+    /// A bf16 weight, widened a block of rows at a time, gives what `linear` gives on the
+    /// same values widened up front: one row of x (decode), many (prefill, the larger
+    /// blocks), widths that leave a partial last block, and the size checks.
+    #[test]
+    fn linear_bf16_is_linear_on_the_widened_weight() {
+        use super::super::weights::{bf16_to_f32, f32_to_bf16};
+        for (m, k, n) in [(1, 7, 33), (3, 40, 100), (70, 19, 300), (64, 1, 257)] {
+            let x: Vec<f64> = (0..m * k).map(|i| (i as f64 * 0.37).sin()).collect();
+            let bits: Vec<u16> = (0..n * k).map(|i| f32_to_bf16((i as f32 * 0.11).cos())).collect();
+            let wide: Vec<f64> = bits.iter().map(|&b| bf16_to_f32(b) as f64).collect();
+            let y = linear_bf16(&x, m, k, &bits, n).unwrap();
+            let want = linear(&x, m, k, &wide, n, false).unwrap();
+            assert!(y.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-12), "{m}×{k}×{n}");
+        }
+        assert!(linear_bf16(&[0.0f32; 6], 2, 3, &[0; 5], 2).is_err());
+        assert_eq!(f32_to_bf16(1.0), 0x3f80);
+        // Ties go to even: 1 + 2^-8 is halfway between 1 and 1 + 2^-7.
+        assert_eq!(f32_to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
+        assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
     }
 
     #[test]

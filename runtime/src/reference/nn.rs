@@ -518,7 +518,7 @@ pub fn expert_ffn<T: Real>(x: &Tensor, idx: &Tensor, w: &Tensor, gate: &Tensor, 
         return Err(KErr::shape(format!("indices {:?} and weights {:?} for x {:?}", idx.shape(), w.shape(), x.shape())));
     }
     let (xv, wv) = (floats::<T>(x, "x")?, floats::<T>(w, "weights")?);
-    let (gv, uv, dv) = (floats::<T>(gate, "gate")?, floats::<T>(up, "up")?, floats::<T>(down, "down")?);
+    let (gv, uv, dv) = (ExpertWeights::<T>::of(gate, "gate")?, ExpertWeights::<T>::of(up, "up")?, ExpertWeights::<T>::of(down, "down")?);
     let ids = indices(idx, "expert indices")?;
     // (token, slot) pairs per expert, in token then slot order.
     let mut buckets: Vec<Vec<usize>> = vec![Vec::new(); experts];
@@ -538,7 +538,8 @@ pub fn expert_ffn<T: Real>(x: &Tensor, idx: &Tensor, w: &Tensor, gate: &Tensor, 
             xs.extend_from_slice(&xv[t * h..(t + 1) * h]);
         }
         let (wi, wd) = (inter * h, h * inter);
-        let w = Ffn { gate: &gv[e * wi..(e + 1) * wi], up: &uv[e * wi..(e + 1) * wi], down: &dv[e * wd..(e + 1) * wd], inter };
+        let (g, u, d) = (gv.expert(e * wi..(e + 1) * wi), uv.expert(e * wi..(e + 1) * wi), dv.expert(e * wd..(e + 1) * wd));
+        let w = Ffn { gate: &g, up: &u, down: &d, inter };
         let mut y = swiglu_rows(&xs, h, w, hit.len() == 1)?;
         for (row, &p) in y.chunks_mut(h.max(1)).zip(pairs) {
             row.iter_mut().for_each(|v| *v = *v * wv[p]);
@@ -554,6 +555,29 @@ pub fn expert_ffn<T: Real>(x: &Tensor, idx: &Tensor, w: &Tensor, gate: &Tensor, 
         }
     }
     Ok(Tensor::from_parts(x.shape().to_vec(), T::wrap(out)))
+}
+
+/// Stacked expert weights as the run holds them, or in bf16 (a checkpoint's precision
+/// kept): an expert's slice is then widened when the expert is used, never the stack.
+enum ExpertWeights<'a, T> {
+    Real(&'a [T]),
+    Bf16(&'a [u16]),
+}
+
+impl<'a, T: Real> ExpertWeights<'a, T> {
+    fn of(t: &'a Tensor, what: &str) -> Result<ExpertWeights<'a, T>, KErr> {
+        match t.as_bf16_bits() {
+            Some(bits) => Ok(ExpertWeights::Bf16(bits)),
+            None => Ok(ExpertWeights::Real(floats::<T>(t, what)?)),
+        }
+    }
+
+    fn expert(&self, r: std::ops::Range<usize>) -> std::borrow::Cow<'a, [T]> {
+        match self {
+            ExpertWeights::Real(v) => std::borrow::Cow::Borrowed(&v[r]),
+            ExpertWeights::Bf16(b) => std::borrow::Cow::Owned(b[r].iter().map(|&x| T::of(super::weights::bf16_to_f32(x) as f64)).collect()),
+        }
+    }
 }
 
 /// Mean over the labels not equal to `ignore_index` of `logsumexp(logits) - logit[label]`

@@ -57,6 +57,10 @@ elem!(f64, F64, |a, b| a + b, 0.0);
 elem!(i32, I32, |a: i32, b| a.wrapping_add(b), 0);
 elem!(i64, I64, |a: i64, b| a.wrapping_add(b), 0);
 elem!(bool, Bool, |a, b| a || b, false);
+// bf16 weights as their bits: the movement ops (slice, permute, concat, gather) move them
+// as they are; arithmetic widens first (the interpreter sees to it), so the ordering of
+// the bits is never used as a value's, and the sum is rounded from f32.
+elem!(u16, Bf16, |a: u16, b| super::weights::f32_to_bf16(super::weights::bf16_to_f32(a) + super::weights::bf16_to_f32(b)), 0);
 
 /// The float type a run computes in.
 pub trait Real:

@@ -5,10 +5,13 @@
 //! are widened to `f32` when weights are loaded ([`super::weights`]); inside a run every
 //! float tensor holds the run's [`super::Precision`].
 
+use super::weights::bf16_to_f32;
 use std::fmt;
 
 /// The elements of a tensor, row-major. One variant per element type the interpreter
-/// computes with.
+/// computes with, and `Bf16` for weights kept in the checkpoint's precision (their bits;
+/// `matmul`, `expert_ffn` and `gather` read them, widening to f32 as they go, and the
+/// interpreter widens them whole for any other op).
 #[derive(Clone, PartialEq)]
 pub enum Data {
     F32(Vec<f32>),
@@ -16,6 +19,7 @@ pub enum Data {
     I32(Vec<i32>),
     I64(Vec<i64>),
     Bool(Vec<bool>),
+    Bf16(Vec<u16>),
 }
 
 impl Data {
@@ -26,6 +30,7 @@ impl Data {
             Data::I32(v) => v.len(),
             Data::I64(v) => v.len(),
             Data::Bool(v) => v.len(),
+            Data::Bf16(v) => v.len(),
         }
     }
 
@@ -41,6 +46,7 @@ impl Data {
             Data::I32(_) => "i32",
             Data::I64(_) => "i64",
             Data::Bool(_) => "bool",
+            Data::Bf16(_) => "bf16",
         }
     }
 
@@ -185,6 +191,7 @@ impl Tensor {
             Data::I32(v) => v[i] as f64,
             Data::I64(v) => v[i] as f64,
             Data::Bool(v) => v[i] as u8 as f64,
+            Data::Bf16(v) => bf16_to_f32(v[i]) as f64,
         }
     }
 
@@ -196,6 +203,7 @@ impl Tensor {
             Data::I32(v) => v.iter().map(|&x| x as f64).collect(),
             Data::I64(v) => v.iter().map(|&x| x as f64).collect(),
             Data::Bool(v) => v.iter().map(|&x| x as u8 as f64).collect(),
+            Data::Bf16(v) => v.iter().map(|&x| bf16_to_f32(x) as f64).collect(),
         }
     }
 
@@ -203,6 +211,7 @@ impl Tensor {
     pub fn to_f32_vec(&self) -> Vec<f32> {
         match &self.data {
             Data::F32(v) => v.clone(),
+            Data::Bf16(v) => v.iter().map(|&x| bf16_to_f32(x)).collect(),
             _ => self.to_f64_vec().into_iter().map(|x| x as f32).collect(),
         }
     }
@@ -222,6 +231,7 @@ impl Tensor {
         match &self.data {
             Data::F32(v) => v.iter().position(|x| !x.is_finite()).map(|i| (i, kind(v[i] as f64))),
             Data::F64(v) => v.iter().position(|x| !x.is_finite()).map(|i| (i, kind(v[i]))),
+            Data::Bf16(v) => v.iter().position(|&x| !bf16_to_f32(x).is_finite()).map(|i| (i, kind(bf16_to_f32(v[i]) as f64))),
             _ => None,
         }
     }
@@ -257,10 +267,23 @@ impl Tensor {
         }
     }
 
+    /// bf16 elements given by their bits (a weight kept in its checkpoint's precision).
+    pub fn bf16_bits(shape: &[usize], bits: Vec<u16>) -> Tensor {
+        Tensor::from_parts(shape.to_vec(), Data::Bf16(bits))
+    }
+
+    pub fn as_bf16_bits(&self) -> Option<&[u16]> {
+        match &self.data {
+            Data::Bf16(v) => Some(v),
+            _ => None,
+        }
+    }
+
     /// The same tensor with float elements as `f32` (others unchanged).
     pub fn to_f32(&self) -> Tensor {
         match &self.data {
             Data::F64(v) => Tensor::from_parts(self.shape.clone(), Data::F32(v.iter().map(|&x| x as f32).collect())),
+            Data::Bf16(v) => Tensor::from_parts(self.shape.clone(), Data::F32(v.iter().map(|&x| bf16_to_f32(x)).collect())),
             _ => self.clone(),
         }
     }
@@ -269,6 +292,7 @@ impl Tensor {
     pub fn to_f64(&self) -> Tensor {
         match &self.data {
             Data::F32(v) => Tensor::from_parts(self.shape.clone(), Data::F64(v.iter().map(|&x| x as f64).collect())),
+            Data::Bf16(v) => Tensor::from_parts(self.shape.clone(), Data::F64(v.iter().map(|&x| bf16_to_f32(x) as f64).collect())),
             _ => self.clone(),
         }
     }

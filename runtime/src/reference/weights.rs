@@ -27,6 +27,16 @@ impl<W: Weights + ?Sized> Weights for &W {
     }
 }
 
+/// `f32` to `bf16` bits, rounded to nearest (ties to even).
+pub fn f32_to_bf16(x: f32) -> u16 {
+    // Round to nearest, ties to even, on the upper 16 bits; NaN stays a (quiet) NaN.
+    if x.is_nan() {
+        return 0x7fc0;
+    }
+    let b = x.to_bits();
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
 /// `bf16` bits to `f32` (exact: bf16 is the top half of an f32).
 pub fn bf16_to_f32(bits: u16) -> f32 {
     f32::from_bits((bits as u32) << 16)

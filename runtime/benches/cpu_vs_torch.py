@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Inference on the CPU: dsc's reference backend vs transformers eager, one run, interleaved.
+
+On the same random-weight DeepSeek-V3-shaped checkpoint (train_vs_torch.py makes it), in
+float32, with T threads each:
+
+- prefill of a P-token prompt, last position's logits only (transformers:
+  ``logits_to_keep=1``; dsc: the prompt pass of ``generate``), tokens/s;
+- greedy decode of N new tokens after that prompt at batch 1, 8 and 32 (transformers:
+  ``model.generate(do_sample=False)`` on a batch of equal-length prompts, decode time =
+  total - one prefill of the batch; dsc: ``GenerationStats``' decode time), tokens/s;
+- peak RSS of each process (``ru_maxrss`` / ``VmHWM``);
+- that both pick the same greedy tokens for the batch-1 prompt (the length of the common
+  prefix is printed: random weights leave near-ties that f32 rounding may break).
+
+Each side runs in its own subprocess, interleaved (torch, dsc, torch, dsc, ...).
+
+Dependencies, in a venv OUTSIDE the repository (tests never need Python)::
+
+    python3 -m venv /tmp/venv-bench
+    /tmp/venv-bench/bin/pip install torch==2.15.0 transformers==5.24.0 safetensors
+    cargo bench -p dsc-runtime --bench cpu --no-run
+    /tmp/venv-bench/bin/python runtime/benches/cpu_vs_torch.py [--size full|small] \\
+        [--prompt 512] [--new 128] [--batches 1,8,32] [--threads 2] [--rounds 2]
+"""
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_vs_torch import REPO, SIZES, make_model, n_params  # noqa: E402
+
+
+def prompt_ids(vocab, batch, length, seed):
+    import random
+
+    r = random.Random(seed)
+    return [[r.randrange(2, vocab) for _ in range(length)] for _ in range(batch)]
+
+
+def torch_worker(a):
+    import resource
+    import time
+
+    import torch
+    from transformers import DeepseekV3ForCausalLM
+
+    torch.set_num_threads(a.threads)
+    model = DeepseekV3ForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    vocab = model.config.vocab_size
+    out = {"tool": "torch", "decode": {}}
+    with torch.inference_mode():
+        ids = torch.tensor(prompt_ids(vocab, 1, a.prompt, 1))
+        model(input_ids=ids, logits_to_keep=1)  # warm-up
+        t = time.perf_counter()
+        model(input_ids=ids, logits_to_keep=1)
+        out["prefill_tokens_per_s"] = a.prompt / (time.perf_counter() - t)
+        for b in a.batches:
+            ids = torch.tensor(prompt_ids(vocab, b, a.prompt, 10 + b))
+            t = time.perf_counter()
+            model(input_ids=ids, logits_to_keep=1)
+            prefill = time.perf_counter() - t
+            t = time.perf_counter()
+            g = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.new, min_new_tokens=a.new,
+                               do_sample=False, eos_token_id=None, pad_token_id=0)
+            total = time.perf_counter() - t
+            out["decode"][str(b)] = b * a.new / max(total - prefill, 1e-9)
+            if b == 1:
+                out["greedy"] = g[0, a.prompt:].tolist()
+            print(f"torch batch {b}: {out['decode'][str(b)]:.1f} tokens/s", file=sys.stderr)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(out))
+
+
+def dsc_command(a, ids_file):
+    flags = ["--model", a.model_dir, "--prompt", str(a.prompt), "--new", str(a.new), "--passes", "1",
+             "--batches", ",".join(map(str, a.batches)), "--threads", str(a.threads), "--ids", ids_file, "--json"]
+    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target"))
+    bins = [p for p in glob.glob(os.path.join(target, "release", "deps", "cpu-*")) if os.access(p, os.X_OK) and not p.endswith(".d")]
+    if bins:
+        return [max(bins, key=os.path.getmtime)] + flags
+    return ["cargo", "bench", "-q", "-p", "dsc-runtime", "--bench", "cpu", "--"] + flags
+
+
+def run_json(cmd):
+    p = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    if p.returncode != 0:
+        sys.exit(f"{' '.join(cmd)}: exit {p.returncode}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir")
+    ap.add_argument("--size", choices=sorted(SIZES), default="full")
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    a.batches = [int(b) for b in a.batches.split(",")]
+    a.model_dir = os.path.abspath(a.model_dir or f"/tmp/dsc-bench-dsv3-{a.size}")
+    if a.torch_worker:
+        return torch_worker(a)
+    make_model(a.model_dir, a.size, 0)
+    vocab = json.load(open(os.path.join(a.model_dir, "config.json")))["vocab_size"]
+    ids_file = os.path.join(a.model_dir, "bench_prompt.json")
+    with open(ids_file, "w") as f:
+        json.dump({"input_ids": prompt_ids(vocab, 1, a.prompt, 1)}, f)
+    torch_cmd = [sys.executable, os.path.abspath(__file__), "--torch-worker", "--model-dir", a.model_dir, "--prompt", str(a.prompt),
+                 "--new", str(a.new), "--batches", ",".join(map(str, a.batches)), "--threads", str(a.threads)]
+    runs = {"torch": [], "dsc": []}
+    for r in range(a.rounds):
+        runs["torch"].append(run_json(torch_cmd))
+        runs["dsc"].append(run_json(dsc_command(a, ids_file)))
+    print(f"{n_params(a.model_dir) / 1e6:.0f}M parameters, prompt {a.prompt}, {a.new} new tokens, {a.threads} threads, "
+          f"{a.rounds} rounds (per-round figures, then dsc / torch of the means)")
+
+    def row(name, key):
+        t = [key(x) for x in runs["torch"]]
+        d = [key(x) for x in runs["dsc"]]
+        mt, md = sum(t) / len(t), sum(d) / len(d)
+        print(f"  {name:<34} torch {' '.join(f'{v:8.1f}' for v in t)}   dsc {' '.join(f'{v:8.1f}' for v in d)}   {md / mt:5.2f}x")
+
+    row("prefill tokens/s (last logits)", lambda x: x["prefill_tokens_per_s"])
+    for b in a.batches:
+        row(f"decode tokens/s at batch {b}", lambda x, b=b: x["decode"][str(b)])
+    row("peak RSS MB", lambda x: x["peak_rss_mb"])
+    t, d = runs["torch"][0]["greedy"], runs["dsc"][0]["greedy"]
+    same = next((i for i, (x, y) in enumerate(zip(t, d)) if x != y), min(len(t), len(d)))
+    print(f"  greedy tokens at batch 1: the first {same} of {len(t)} agree")
+
+
+if __name__ == "__main__":
+    main()
