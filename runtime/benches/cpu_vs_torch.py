@@ -28,11 +28,10 @@ import argparse
 import glob
 import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_vs_torch import REPO, SIZES, make_model, n_params  # noqa: E402
+from train_vs_torch import REPO, SIZES, make_model, n_params, run_json  # noqa: E402
 
 
 def prompt_ids(vocab, batch, length, seed):
@@ -84,13 +83,6 @@ def dsc_command(a, ids_file):
     if bins:
         return [max(bins, key=os.path.getmtime)] + flags
     return ["cargo", "bench", "-q", "-p", "dsc-runtime", "--bench", "cpu", "--"] + flags
-
-
-def run_json(cmd):
-    p = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
-    if p.returncode != 0:
-        sys.exit(f"{' '.join(cmd)}: exit {p.returncode}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def main():

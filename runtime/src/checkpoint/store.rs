@@ -130,34 +130,33 @@ impl CheckpointWeights {
             let s = self.decode(sc);
             dequantise(&mut v, &p.data.info.shape, &s, &sc.info.shape, self.block);
         }
-        match p.rows {
-            None => v,
-            Some((start, len)) => {
-                let shape = &p.data.info.shape;
-                let (rows, cols) = (shape[shape.len() - 2], shape[shape.len() - 1]);
-                v.chunks_exact(rows * cols).flat_map(|m| m[start * cols..(start + len) * cols].iter().copied()).collect()
-            }
-        }
+        cut_rows(v, p)
     }
 
     /// One bf16 piece as its bits, cut as [`Self::piece`] cuts.
     fn piece_bits(&self, p: &Piece) -> Vec<u16> {
         let b = self.shards[p.data.shard].bytes(&p.data.info);
         let v: Vec<u16> = b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
-        match p.rows {
-            None => v,
-            Some((start, len)) => {
-                let shape = &p.data.info.shape;
-                let (rows, cols) = (shape[shape.len() - 2], shape[shape.len() - 1]);
-                v.chunks_exact(rows * cols).flat_map(|m| m[start * cols..(start + len) * cols].iter().copied()).collect()
-            }
-        }
+        cut_rows(v, p)
     }
 
     /// A stored tensor's elements as `f32`. The layout check admitted only float types.
     fn decode(&self, s: &Stored) -> Vec<f32> {
         let b = self.shards[s.shard].bytes(&s.info);
         decode_bytes(b, s.info.dtype)
+    }
+}
+
+/// A piece's elements (`v`, all of its stored tensor's) with only the rows it takes (a
+/// fused tensor's part), or all of them.
+fn cut_rows<E: Copy>(v: Vec<E>, p: &Piece) -> Vec<E> {
+    match p.rows {
+        None => v,
+        Some((start, len)) => {
+            let shape = &p.data.info.shape;
+            let (rows, cols) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+            v.chunks_exact(rows * cols).flat_map(|m| m[start * cols..(start + len) * cols].iter().copied()).collect()
+        }
     }
 }
 

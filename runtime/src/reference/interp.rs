@@ -463,7 +463,7 @@ impl<'m, T: Real> Interp<'m, T> {
         let bf16 = |t: &Tensor| matches!(t.data(), Data::Bf16(_));
         if x.iter().any(|t| bf16(t)) {
             let native = match op {
-                Op::MatMul => !bf16(x[0]),
+                Op::MatMul | Op::SwiGlu => !bf16(x[0]),
                 Op::ExpertFfn => !bf16(x[0]) && !bf16(x[2]),
                 Op::Gather { .. }
                 | Op::Slice { .. }

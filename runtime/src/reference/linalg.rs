@@ -117,6 +117,26 @@ pub fn linear<T: Real>(x: &[T], m: usize, k: usize, w: &[T], n: usize, parallel:
     Ok(out)
 }
 
+/// Rows of x up to which [`linear_bf16`] (in f32) dots each weight row with each row of x
+/// instead of widening blocks for a GEMM, and the weight rows per task there.
+const DOT_ROWS: usize = 8;
+const DOT_COLS: usize = 64;
+
+/// `Σ x[i]·w[i]` with `w` in bf16 bits, in 16 f32 lanes (which the compiler vectorises:
+/// widening bf16 is a shift).
+fn dot_bf16(x: &[f32], w: &[u16]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (xc, wc) = (x.chunks_exact(16), w.chunks_exact(16));
+    let (xr, wr) = (xc.remainder(), wc.remainder());
+    for (xs, ws) in xc.zip(wc) {
+        for l in 0..16 {
+            acc[l] += xs[l] * f32::from_bits((ws[l] as u32) << 16);
+        }
+    }
+    let tail: f32 = xr.iter().zip(wr).map(|(&a, &b)| a * f32::from_bits((b as u32) << 16)).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
 /// [`linear`] with the weight in bf16 (its bits, `[n, k]`): the weight is never widened
 /// whole, only a block of its rows at a time (each block a task), and each block is
 /// multiplied as [`linear`] multiplies, accumulating in `T`. A bf16 weight is half the
@@ -128,6 +148,34 @@ pub fn linear_bf16<T: Real>(x: &[T], m: usize, k: usize, w: &[u16], n: usize) ->
     }
     let mut out = vec![T::ZERO; m * n];
     if m == 0 || n == 0 {
+        return Ok(out);
+    }
+    if m <= DOT_ROWS && std::mem::size_of::<T>() == 4 {
+        // A few rows of x in f32 (decode): one pass over the weight, each row widened in
+        // registers and dotted with every row of x; no widened copy, no GEMM set-up.
+        let x32: Vec<f32> = x.iter().map(|v| v.to_f64() as f32).collect();
+        let cols: Vec<Vec<f32>> = (0..n.div_ceil(DOT_COLS))
+            .into_par_iter()
+            .map(|b| {
+                let (j0, nb) = (b * DOT_COLS, DOT_COLS.min(n - b * DOT_COLS));
+                let mut y = vec![0f32; m * nb];
+                for j in 0..nb {
+                    let row = &w[(j0 + j) * k..(j0 + j + 1) * k];
+                    for i in 0..m {
+                        y[i * nb + j] = dot_bf16(&x32[i * k..(i + 1) * k], row);
+                    }
+                }
+                y
+            })
+            .collect();
+        for (b, y) in cols.iter().enumerate() {
+            let (j0, nb) = (b * DOT_COLS, DOT_COLS.min(n - b * DOT_COLS));
+            for i in 0..m {
+                for (o, &v) in out[i * n + j0..i * n + j0 + nb].iter_mut().zip(&y[i * nb..(i + 1) * nb]) {
+                    *o = T::of(v as f64);
+                }
+            }
+        }
         return Ok(out);
     }
     // Blocks small enough to stay in cache for a few rows of x, larger when many rows
@@ -206,6 +254,15 @@ mod tests {
             let y = linear_bf16(&x, m, k, &bits, n).unwrap();
             let want = linear(&x, m, k, &wide, n, false).unwrap();
             assert!(y.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-12), "{m}×{k}×{n}");
+        }
+        // In f32, a few rows of x take the dot-product path (its own summation order).
+        for (m, k, n) in [(1, 100, 130), (8, 33, 65), (9, 16, 64)] {
+            let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+            let bits: Vec<u16> = (0..n * k).map(|i| f32_to_bf16((i as f32 * 0.11).cos())).collect();
+            let wide: Vec<f32> = bits.iter().map(|&b| bf16_to_f32(b)).collect();
+            let y = linear_bf16(&x, m, k, &bits, n).unwrap();
+            let want = linear(&x, m, k, &wide, n, false).unwrap();
+            assert!(y.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + b.abs())), "f32 {m}×{k}×{n}");
         }
         assert!(linear_bf16(&[0.0f32; 6], 2, 3, &[0; 5], 2).is_err());
         assert_eq!(f32_to_bf16(1.0), 0x3f80);

@@ -8,7 +8,7 @@
 
 use super::elementwise::PAR_MIN;
 use super::layout::{indices, split_at_axis, top_k_lane};
-use super::linalg::{gemm, linear, Mat};
+use super::linalg::{gemm, linear, linear_bf16, Mat};
 use super::real::Real;
 use super::tensor::{numel, Data, Tensor};
 use super::KernelError as KErr;
@@ -477,13 +477,21 @@ struct Ffn<'a, T> {
     inter: usize,
 }
 
+/// [`Ffn`]'s weights for the forward, which may be bf16 ([`WeightView`]).
+struct FfnView<'a, T> {
+    gate: WeightView<'a, T>,
+    up: WeightView<'a, T>,
+    down: WeightView<'a, T>,
+    inter: usize,
+}
+
 /// `down(silu(gate(x)) · up(x))` for the rows of `x: [m, h]`.
-fn swiglu_rows<T: Real>(x: &[T], h: usize, w: Ffn<T>, par: bool) -> Result<Vec<T>, KErr> {
+fn swiglu_rows<T: Real>(x: &[T], h: usize, w: FfnView<T>, par: bool) -> Result<Vec<T>, KErr> {
     let (m, i) = (x.len().checked_div(h).unwrap_or(0), w.inter);
-    let g = linear(x, m, h, w.gate, i, par)?;
-    let u = linear(x, m, h, w.up, i, par)?;
+    let g = w.gate.linear(x, m, h, i, par)?;
+    let u = w.up.linear(x, m, h, i, par)?;
     let a: Vec<T> = g.iter().zip(&u).map(|(&g, &u)| g.silu() * u).collect();
-    linear(&a, m, i, w.down, h, par)
+    w.down.linear(&a, m, i, h, par)
 }
 
 /// Dense SwiGLU: `x: [..., h]`, `gate, up: [i, h]`, `down: [h, i]`.
@@ -493,7 +501,7 @@ pub fn swiglu<T: Real>(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) ->
     if gate.shape() != [i, h] || up.shape() != [i, h] || down.shape() != [h, i] {
         return Err(KErr::shape(format!("swiglu weights {:?}, {:?}, {:?} for h = {h}", gate.shape(), up.shape(), down.shape())));
     }
-    let w = Ffn { gate: floats(gate, "gate")?, up: floats(up, "up")?, down: floats(down, "down")?, inter: i };
+    let w = FfnView { gate: WeightView::of(gate, "gate")?, up: WeightView::of(up, "up")?, down: WeightView::of(down, "down")?, inter: i };
     let out = swiglu_rows(floats::<T>(x, "x")?, h, w, true)?;
     Ok(Tensor::from_parts(x.shape().to_vec(), T::wrap(out)))
 }
@@ -518,7 +526,7 @@ pub fn expert_ffn<T: Real>(x: &Tensor, idx: &Tensor, w: &Tensor, gate: &Tensor, 
         return Err(KErr::shape(format!("indices {:?} and weights {:?} for x {:?}", idx.shape(), w.shape(), x.shape())));
     }
     let (xv, wv) = (floats::<T>(x, "x")?, floats::<T>(w, "weights")?);
-    let (gv, uv, dv) = (ExpertWeights::<T>::of(gate, "gate")?, ExpertWeights::<T>::of(up, "up")?, ExpertWeights::<T>::of(down, "down")?);
+    let (gv, uv, dv) = (WeightView::<T>::of(gate, "gate")?, WeightView::<T>::of(up, "up")?, WeightView::<T>::of(down, "down")?);
     let ids = indices(idx, "expert indices")?;
     // (token, slot) pairs per expert, in token then slot order.
     let mut buckets: Vec<Vec<usize>> = vec![Vec::new(); experts];
@@ -538,8 +546,12 @@ pub fn expert_ffn<T: Real>(x: &Tensor, idx: &Tensor, w: &Tensor, gate: &Tensor, 
             xs.extend_from_slice(&xv[t * h..(t + 1) * h]);
         }
         let (wi, wd) = (inter * h, h * inter);
-        let (g, u, d) = (gv.expert(e * wi..(e + 1) * wi), uv.expert(e * wi..(e + 1) * wi), dv.expert(e * wd..(e + 1) * wd));
-        let w = Ffn { gate: &g, up: &u, down: &d, inter };
+        let w = FfnView {
+            gate: gv.slice(e * wi..(e + 1) * wi),
+            up: uv.slice(e * wi..(e + 1) * wi),
+            down: dv.slice(e * wd..(e + 1) * wd),
+            inter,
+        };
         let mut y = swiglu_rows(&xs, h, w, hit.len() == 1)?;
         for (row, &p) in y.chunks_mut(h.max(1)).zip(pairs) {
             row.iter_mut().for_each(|v| *v = *v * wv[p]);
@@ -557,25 +569,35 @@ pub fn expert_ffn<T: Real>(x: &Tensor, idx: &Tensor, w: &Tensor, gate: &Tensor, 
     Ok(Tensor::from_parts(x.shape().to_vec(), T::wrap(out)))
 }
 
-/// Stacked expert weights as the run holds them, or in bf16 (a checkpoint's precision
-/// kept): an expert's slice is then widened when the expert is used, never the stack.
-enum ExpertWeights<'a, T> {
+/// A weight as the run holds it, or in bf16 (a checkpoint's precision kept), which
+/// [`linear_bf16`] multiplies without widening it whole.
+#[derive(Clone, Copy)]
+enum WeightView<'a, T> {
     Real(&'a [T]),
     Bf16(&'a [u16]),
 }
 
-impl<'a, T: Real> ExpertWeights<'a, T> {
-    fn of(t: &'a Tensor, what: &str) -> Result<ExpertWeights<'a, T>, KErr> {
+impl<'a, T: Real> WeightView<'a, T> {
+    fn of(t: &'a Tensor, what: &str) -> Result<WeightView<'a, T>, KErr> {
         match t.as_bf16_bits() {
-            Some(bits) => Ok(ExpertWeights::Bf16(bits)),
-            None => Ok(ExpertWeights::Real(floats::<T>(t, what)?)),
+            Some(bits) => Ok(WeightView::Bf16(bits)),
+            None => Ok(WeightView::Real(floats::<T>(t, what)?)),
         }
     }
 
-    fn expert(&self, r: std::ops::Range<usize>) -> std::borrow::Cow<'a, [T]> {
-        match self {
-            ExpertWeights::Real(v) => std::borrow::Cow::Borrowed(&v[r]),
-            ExpertWeights::Bf16(b) => std::borrow::Cow::Owned(b[r].iter().map(|&x| T::of(super::weights::bf16_to_f32(x) as f64)).collect()),
+    /// Elements `r` (one expert of a stack).
+    fn slice(&self, r: std::ops::Range<usize>) -> WeightView<'a, T> {
+        match *self {
+            WeightView::Real(v) => WeightView::Real(&v[r]),
+            WeightView::Bf16(b) => WeightView::Bf16(&b[r]),
+        }
+    }
+
+    /// `x [m, k] · selfᵀ` with self `[n, k]`, as [`linear`].
+    fn linear(&self, x: &[T], m: usize, k: usize, n: usize, par: bool) -> Result<Vec<T>, KErr> {
+        match *self {
+            WeightView::Real(w) => linear(x, m, k, w, n, par),
+            WeightView::Bf16(w) => linear_bf16(x, m, k, w, n),
         }
     }
 }
