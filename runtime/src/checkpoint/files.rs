@@ -69,6 +69,29 @@ impl Shard {
         &self.map[self.data_start + s..self.data_start + e]
     }
 
+    /// Drops the pages that hold only this tensor from the process's memory, once it has
+    /// been copied out (widened or kept as bf16): otherwise a decoded weight costs its
+    /// copy *and* its mapped pages in resident memory. The file's contents do not change,
+    /// so a later read faults the pages back in, from the page cache.
+    pub fn release(&self, info: &TensorInfo) {
+        #[cfg(unix)]
+        {
+            // SAFETY: sysconf has no preconditions.
+            let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
+            let (s, e) = info.data_offsets;
+            let (start, end) = ((self.data_start + s).div_ceil(page) * page, (self.data_start + e) / page * page);
+            if end > start {
+                // SAFETY: the mapping is read-only and never written; after DONTNEED a read
+                // of these pages faults in the file's contents again (the same bytes,
+                // under the same no-truncation assumption as the mapping itself). Advice
+                // only: a failure leaves the pages resident, nothing else.
+                let _ = unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = info;
+    }
+
     /// Bytes of the file (its mapping).
     pub fn len(&self) -> usize {
         self.map.len()

@@ -96,6 +96,19 @@ impl CheckpointWeights {
     }
 
     fn assemble(&self, source: &Source) -> Tensor {
+        let t = self.assemble_copy(source);
+        let pieces: &[Piece] = match source {
+            Source::One(p) => std::slice::from_ref(p),
+            Source::Stack(ps) => ps,
+        };
+        for s in pieces.iter().flat_map(|p| std::iter::once(&p.data).chain(&p.scale)) {
+            self.shards[s.shard].release(&s.info);
+        }
+        t
+    }
+
+    /// The param copied out of the mapping: as bf16 bits or widened to `f32`.
+    fn assemble_copy(&self, source: &Source) -> Tensor {
         let pieces: &[Piece] = match source {
             Source::One(p) => std::slice::from_ref(p),
             Source::Stack(ps) => ps,
