@@ -59,7 +59,8 @@ def torch_worker(a):
         model(input_ids=ids, logits_to_keep=1)
         out["prefill_tokens_per_s"] = a.prompt / (time.perf_counter() - t)
         for b in a.batches:
-            ids = torch.tensor(prompt_ids(vocab, b, a.prompt, 10 + b))
+            # Batch 1 is the prompt dsc gets too (--ids), so their greedy tokens compare.
+            ids = torch.tensor(prompt_ids(vocab, b, a.prompt, 1 if b == 1 else 10 + b))
             t = time.perf_counter()
             model(input_ids=ids, logits_to_keep=1)
             prefill = time.perf_counter() - t

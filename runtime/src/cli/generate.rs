@@ -95,9 +95,7 @@ pub fn generate_cmd(args: &GenerateArgs) -> Result<(), String> {
 
     // Text when there is a tokenizer, except in JSON for id input (ids in, ids out).
     let texts: Option<Vec<String>> = match &info.tokenizer {
-        Some(tok) if args.prompt.is_some() || !args.json => {
-            Some(g.tokens.iter().map(|t| tokenizer::decode(tok, t)).collect::<Result<_, _>>()?)
-        }
+        Some(tok) if args.prompt.is_some() || !args.json => Some(tokenizer::decode(tok, &g.tokens)?),
         _ => None,
     };
     let mut out = String::new();
@@ -165,10 +163,16 @@ mod tokenizer {
         Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
     }
 
+    /// Each sequence as text (the tokenizer read once).
     #[cfg(feature = "tokenizer")]
-    pub fn decode(path: &Path, ids: &[i64]) -> Result<String, String> {
-        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
-        open(path)?.decode(&ids, true).map_err(|e| format!("cannot detokenize: {e}"))
+    pub fn decode(path: &Path, seqs: &[Vec<i64>]) -> Result<Vec<String>, String> {
+        let tok = open(path)?;
+        seqs.iter()
+            .map(|ids| {
+                let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+                tok.decode(&ids, true).map_err(|e| format!("cannot detokenize: {e}"))
+            })
+            .collect()
     }
 
     #[cfg(not(feature = "tokenizer"))]
@@ -181,7 +185,7 @@ mod tokenizer {
 
     /// Without the feature the ids are printed as they are.
     #[cfg(not(feature = "tokenizer"))]
-    pub fn decode(_: &Path, ids: &[i64]) -> Result<String, String> {
-        Ok(ids.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(" "))
+    pub fn decode(_: &Path, seqs: &[Vec<i64>]) -> Result<Vec<String>, String> {
+        Ok(seqs.iter().map(|ids| ids.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(" ")).collect())
     }
 }
