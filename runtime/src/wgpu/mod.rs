@@ -471,3 +471,21 @@ mod tests_attention;
 mod tests_moe;
 #[cfg(test)]
 mod tests_movement;
+
+/// The adapter's limits, checked before CubeCL would panic on them. (Here, not in
+/// `tests.rs`, which the CUDA backend compiles too.)
+#[cfg(test)]
+mod limits {
+    use super::{Repr, WgpuBackend};
+
+    /// A buffer larger than the adapter allocates at once is an error that says so, before
+    /// anything is allocated (CubeCL panicked with "can't allocate buffer").
+    #[test]
+    fn oversized_buffers_are_errors() {
+        let dev = WgpuBackend::new();
+        let max = dev.max_buffer_bytes() as usize;
+        let err = dev.empty(max / 4 + 1, Repr::F32).err().expect("too large");
+        assert!(err.contains("is larger than the") && err.contains("allocates at once"), "{err}");
+        assert!(dev.empty(usize::MAX / 2, Repr::F32).is_err());
+    }
+}
