@@ -11,6 +11,8 @@ pub mod plan_exec;
 pub mod reference;
 pub mod rng;
 pub mod sampling;
+#[cfg(test)]
+mod test_dir;
 pub mod train;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;

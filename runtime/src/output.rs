@@ -431,27 +431,7 @@ mod signals {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    struct TestDir(PathBuf);
-    impl TestDir {
-        fn new(tag: &str) -> TestDir {
-            let d = std::env::temp_dir().join(format!("dsc-output-{tag}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&d);
-            std::fs::create_dir_all(&d).unwrap();
-            TestDir(d)
-        }
-        fn names(&self) -> Vec<String> {
-            let mut v: Vec<String> =
-                std::fs::read_dir(&self.0).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-            v.sort();
-            v
-        }
-    }
-    impl Drop for TestDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::test_dir::TestDir;
 
     #[test]
     fn new_and_regular_files_are_replaced_whole_keeping_permissions() {

@@ -37,29 +37,8 @@ fn spec_text(config: &Path, model: &dsc_dsl::Model) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_dir::TestDir;
     use std::path::PathBuf;
-
-    /// A fresh empty directory under the system temp dir, removed at the end of the test.
-    struct TestDir(PathBuf);
-    impl TestDir {
-        fn new(tag: &str) -> TestDir {
-            let d = std::env::temp_dir().join(format!("dsc-import-{tag}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&d);
-            std::fs::create_dir_all(&d).unwrap();
-            TestDir(d)
-        }
-        fn entries(&self) -> Vec<String> {
-            let mut v: Vec<String> =
-                std::fs::read_dir(&self.0).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-            v.sort();
-            v
-        }
-    }
-    impl Drop for TestDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 
     fn fixture(name: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../golden/hf").join(name).join("config_legacy.json")
@@ -77,12 +56,12 @@ mod tests {
         // Named after the fixture's directory.
         assert_eq!(spec.model.name, "deepseek_v2");
         assert_eq!(spec.model, dsc_dsl::import::import_hf_config_file(&fixture("deepseek_v2"), None).unwrap());
-        assert_eq!(dir.entries(), ["v2.dsc"], "no temporary file may remain");
+        assert_eq!(dir.names(), ["v2.dsc"], "no temporary file may remain");
 
         // Replacing an existing file, with an explicit name.
         import_cmd(&fixture("llama_gqa"), Some(&out), Some("my_llama")).unwrap();
         assert_eq!(dsc_dsl::load(&out, None).unwrap().model.name, "my_llama");
-        assert_eq!(dir.entries(), ["v2.dsc"]);
+        assert_eq!(dir.names(), ["v2.dsc"]);
     }
 
     #[test]
@@ -102,7 +81,7 @@ mod tests {
         // A missing directory: nothing is created.
         let e = write_output(&dir.0.join("missing/x.dsc"), b"text").unwrap_err();
         assert!(e.contains("missing"), "{e}");
-        assert_eq!(dir.entries(), ["config.json", "x.dsc"]);
+        assert_eq!(dir.names(), ["config.json", "x.dsc"]);
     }
 
     #[test]
