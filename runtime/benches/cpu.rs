@@ -25,8 +25,10 @@
 //! `B` is `B × new` tokens over the decode steps' time (the prompt pass excluded), after a
 //! prompt of `--prompt` tokens per sequence. `peak_rss_mb` is the process's `VmHWM`.
 
+mod common;
+use common::peak_rss_mb;
 use dsc_runtime::checkpoint::{ModelDir, OpenOptions};
-use dsc_runtime::generate::{generate, Backend, CompileOptions, GenerateOptions, ReferenceBackend, StepInput};
+use dsc_runtime::generate::{forward, forward_last_logits, generate, Backend, CompileOptions, GenerateOptions, ReferenceBackend};
 use dsc_runtime::reference::{Options, Tensor, Weights};
 use dsc_runtime::rng::SplitMix64;
 use std::collections::HashMap;
@@ -76,12 +78,6 @@ fn parse() -> Result<Args, String> {
     Ok(a)
 }
 
-fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kb = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok());
-    kb.unwrap_or(0.0) / 1024.0
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -95,18 +91,8 @@ fn prompts(batch: usize, len: usize, vocab: usize, seed: u64) -> Vec<Vec<i64>> {
 
 /// The prompt pass over `p` (equal lengths), all logits or the last position's.
 fn prefill(b: &dyn Backend, p: &[Vec<i64>], last_logits: bool) -> f64 {
-    let (batch, seq) = (p.len(), p[0].len());
-    let input = StepInput {
-        batch,
-        seq,
-        ids: p.concat(),
-        positions: (0..batch).flat_map(|_| 0..seq as i64).collect(),
-        mask: None,
-        capture_routing: false,
-        last_logits,
-    };
     let t = Instant::now();
-    b.prefill(&input).expect("prefill");
+    if last_logits { forward_last_logits(b, p) } else { forward(b, p, false) }.expect("prefill");
     t.elapsed().as_secs_f64()
 }
 

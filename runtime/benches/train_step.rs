@@ -24,6 +24,8 @@
 //! safetensors) that [`ModelDir::open`] accepts. The reference backend runs on rayon's
 //! global pool, built here with `--threads` threads.
 
+mod common;
+use common::peak_rss_mb;
 use dsc_compiler::passes::autodiff::TrainOptions;
 use dsc_compiler::passes::PassSelection;
 use dsc_runtime::checkpoint::{ModelDir, OpenOptions};
@@ -75,18 +77,6 @@ fn parse() -> Result<Args, String> {
         threads: num("threads", 2)?.max(1) as usize,
         seed: num("seed", 0)?,
     })
-}
-
-/// `VmHWM` (peak resident set) in MiB, or NaN where /proc is not there.
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?.to_string();
-            let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kb / 1024.0)
-        })
-        .unwrap_or(f64::NAN)
 }
 
 fn main() {

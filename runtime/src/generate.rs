@@ -236,6 +236,21 @@ fn check_prompts(prompts: &[Vec<i64>], vocab: usize) -> Result<(), GenerateError
 /// `[b, s, vocab]` for every position (and, with `capture_routing`, the routers'
 /// decisions).
 pub fn forward(backend: &dyn Backend, prompts: &[Vec<i64>], capture_routing: bool) -> Result<StepOutput, GenerateError> {
+    forward_impl(backend, prompts, capture_routing, false)
+}
+
+/// [`forward`] with the last position's logits only, `[b, 1, vocab]`: the prompt pass of
+/// a generation without padding.
+pub fn forward_last_logits(backend: &dyn Backend, prompts: &[Vec<i64>]) -> Result<StepOutput, GenerateError> {
+    forward_impl(backend, prompts, false, true)
+}
+
+fn forward_impl(
+    backend: &dyn Backend,
+    prompts: &[Vec<i64>],
+    capture_routing: bool,
+    last_logits: bool,
+) -> Result<StepOutput, GenerateError> {
     check_prompts(prompts, backend.vocab())?;
     let s = prompts[0].len();
     if let Some((i, p)) = prompts.iter().enumerate().find(|(_, p)| p.len() != s) {
@@ -245,15 +260,8 @@ pub fn forward(backend: &dyn Backend, prompts: &[Vec<i64>], capture_routing: boo
         )));
     }
     let padded = Padded::new(prompts, 0);
-    let input = StepInput {
-        batch: padded.batch,
-        seq: s,
-        ids: padded.ids,
-        positions: padded.positions,
-        mask: None,
-        capture_routing,
-        last_logits: false,
-    };
+    let input =
+        StepInput { batch: padded.batch, seq: s, ids: padded.ids, positions: padded.positions, mask: None, capture_routing, last_logits };
     Ok(backend.prefill(&input)?)
 }
 

@@ -20,7 +20,9 @@
 use dsc_compiler::ir::{Mode, Op};
 use dsc_compiler::passes::mla_absorb::MlaMode;
 use dsc_runtime::checkpoint::{CheckpointWeights, ModelDir, OpenOptions};
-use dsc_runtime::generate::{forward, generate, Backend, CompileOptions, GenerateOptions, ModelBackend, ReferenceBackend};
+use dsc_runtime::generate::{
+    forward, forward_last_logits, generate, Backend, CompileOptions, GenerateOptions, ModelBackend, ReferenceBackend,
+};
 use dsc_runtime::reference::{load_safetensors, Options, Tensor};
 use dsc_runtime::wgpu::exec::WgpuEngine;
 use std::collections::HashMap;
@@ -348,25 +350,16 @@ mod on_cuda {
 
 /// The prompt pass of a generation computes the last position's logits only
 /// (`StepInput::last_logits`, lowered with `PrefillLogits::Last`): they are the last row
-/// of the full forward's logits, for every fixture, with a padded batch too.
+/// of the full forward's logits, for every fixture. (Padded batches go through the same
+/// prompt pass in `generate`: `padded_batch_matches_each_prompt_alone`.)
 #[test]
 fn last_position_prefill_is_the_last_row() {
-    use dsc_runtime::generate::StepInput;
     for case in CASES {
         let b = reference_backend(case, "config.json", MlaMode::Absorb);
         let p = prompts(case);
         let full = forward(b.as_ref(), &p, false).unwrap();
         let (batch, seq, vocab) = (full.logits.shape()[0], full.logits.shape()[1], full.logits.shape()[2]);
-        let input = StepInput {
-            batch,
-            seq,
-            ids: p.concat(),
-            positions: (0..batch).flat_map(|_| 0..seq as i64).collect(),
-            mask: None,
-            capture_routing: false,
-            last_logits: true,
-        };
-        let last = b.prefill(&input).unwrap();
+        let last = forward_last_logits(b.as_ref(), &p).unwrap();
         assert_eq!(last.logits.shape(), &[batch, 1, vocab], "{case}");
         let all = full.logits.as_f32().unwrap();
         for r in 0..batch {
