@@ -97,11 +97,7 @@ impl CheckpointWeights {
 
     fn assemble(&self, source: &Source) -> Tensor {
         let t = self.assemble_copy(source);
-        let pieces: &[Piece] = match source {
-            Source::One(p) => std::slice::from_ref(p),
-            Source::Stack(ps) => ps,
-        };
-        for s in pieces.iter().flat_map(|p| std::iter::once(&p.data).chain(&p.scale)) {
+        for s in pieces(source).iter().flat_map(|p| std::iter::once(&p.data).chain(&p.scale)) {
             self.shards[s.shard].release(&s.info);
         }
         t
@@ -109,31 +105,19 @@ impl CheckpointWeights {
 
     /// The param copied out of the mapping: as bf16 bits or widened to `f32`.
     fn assemble_copy(&self, source: &Source) -> Tensor {
-        let pieces: &[Piece] = match source {
-            Source::One(p) => std::slice::from_ref(p),
-            Source::Stack(ps) => ps,
-        };
+        let pieces = pieces(source);
+        let mut shape = pieces.first().map(|p| p.shape()).unwrap_or_default();
+        if let Source::Stack(ps) = source {
+            shape.insert(0, ps.len());
+        }
         if self.keep_bf16 && !pieces.is_empty() && pieces.iter().all(|p| p.data.info.dtype == Dtype::BF16 && p.scale.is_none()) {
-            let bits: Vec<u16> = pieces.iter().flat_map(|p| self.piece_bits(p)).collect();
-            let mut shape = pieces[0].shape();
-            if let Source::Stack(ps) = source {
-                shape.insert(0, ps.len());
-            }
-            return Tensor::bf16_bits(&shape, bits);
+            return Tensor::bf16_bits(&shape, pieces.iter().flat_map(|p| self.piece_bits(p)).collect());
         }
-        match source {
-            Source::One(p) => Tensor::f32(&p.shape(), self.piece(p)),
-            Source::Stack(ps) => {
-                let each = ps.first().map(|p| p.shape()).unwrap_or_default();
-                let mut data = Vec::with_capacity(ps.len() * each.iter().product::<usize>());
-                for p in ps {
-                    data.extend(self.piece(p));
-                }
-                let mut shape = vec![ps.len()];
-                shape.extend(each);
-                Tensor::f32(&shape, data)
-            }
+        let mut data = Vec::with_capacity(shape.iter().product());
+        for p in pieces {
+            data.extend(self.piece(p));
         }
+        Tensor::f32(&shape, data)
     }
 
     /// One piece as `f32`: widened, dequantised, cut.
@@ -157,6 +141,14 @@ impl CheckpointWeights {
     fn decode(&self, s: &Stored) -> Vec<f32> {
         let b = self.shards[s.shard].bytes(&s.info);
         decode_bytes(b, s.info.dtype)
+    }
+}
+
+/// The pieces a param is made of (one, or the stacked experts).
+fn pieces(source: &Source) -> &[Piece] {
+    match source {
+        Source::One(p) => std::slice::from_ref(p),
+        Source::Stack(ps) => ps,
     }
 }
 

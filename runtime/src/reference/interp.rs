@@ -470,12 +470,16 @@ impl<'m, T: Real> Interp<'m, T> {
                 | Op::Permute { .. }
                 | Op::Reshape { .. }
                 | Op::Broadcast { .. }
-                | Op::Concat { .. } => x.iter().all(|t| bf16(t) || !(t.data().is_float())),
+                | Op::Concat { .. } => x.iter().all(|t| bf16(t) || !t.data().is_float()),
                 _ => false,
             };
             if !native {
-                let wide: Vec<Tensor> = x.iter().map(|t| if bf16(t) { widen::<T>(t) } else { (*t).clone() }).collect();
-                return self.exec(op, &wide.iter().collect::<Vec<_>>());
+                // Exact: every bf16 is an f32 (`cast` to any float type widens to `T`).
+                // The other operands are passed as they are, not copied.
+                let wide: Vec<Option<Tensor>> =
+                    x.iter().map(|t| bf16(t).then(|| cast::<T>((*t).clone(), DType::F32)).transpose()).collect::<Result<_, _>>()?;
+                let args: Vec<&Tensor> = x.iter().zip(&wide).map(|(&t, w)| w.as_ref().unwrap_or(t)).collect();
+                return self.exec(op, &args);
             }
         }
         match op {
@@ -583,10 +587,4 @@ impl<'m, T: Real> Interp<'m, T> {
             Op::TokenLogProb { ignore_index } => one(token_logprob::<T>(x[0], x[1], *ignore_index)?),
         }
     }
-}
-
-/// A bf16 weight widened to the run's precision (exact: every bf16 is an f32).
-fn widen<T: Real>(t: &Tensor) -> Tensor {
-    let bits = t.as_bf16_bits().expect("called on bf16 data");
-    Tensor::from_parts(t.shape().to_vec(), T::wrap(bits.iter().map(|&b| T::of(super::weights::bf16_to_f32(b) as f64)).collect()))
 }

@@ -142,7 +142,7 @@ impl DotElem for f32 {
 }
 impl DotElem for u16 {
     fn f32(self) -> f32 {
-        f32::from_bits((self as u32) << 16)
+        super::weights::bf16_to_f32(self)
     }
 }
 
