@@ -130,6 +130,8 @@ impl WgpuBackend {
     /// Copies `t` to the device in `repr` (integers must fit in `i32`).
     pub fn upload(&self, t: &Tensor, repr: Repr) -> Result<DeviceBuf, String> {
         let len = t.numel();
+        // Before the host copy: a tensor the adapter cannot hold is not converted first.
+        self.buffer_bytes(len, repr)?;
         let bytes: Vec<u8> = match (repr, t.data()) {
             (Repr::I32, Data::I64(v)) => {
                 let v: Vec<i32> =
@@ -144,14 +146,15 @@ impl WgpuBackend {
                 half::f16::as_bytes(&v).to_vec()
             }
         };
-        self.buffer_from_bytes(&bytes, len, repr)
+        Ok(self.buffer_from_bytes(&bytes, len, repr))
     }
 
-    fn buffer_from_bytes(&self, bytes: &[u8], len: usize, repr: Repr) -> Result<DeviceBuf, String> {
-        self.buffer_bytes(len, repr)?;
+    /// A buffer holding `bytes`; the caller has checked the size against the adapter's
+    /// limit ([`WgpuBackend::buffer_bytes`]) before making them.
+    fn buffer_from_bytes(&self, bytes: &[u8], len: usize, repr: Repr) -> DeviceBuf {
         // wgpu refuses empty buffers; a zero-length tensor still gets one element.
         let handle = if bytes.is_empty() { self.client.create_from_slice(&[0u8; 4]) } else { self.client.create_from_slice(bytes) };
-        Ok(DeviceBuf { handle, len, repr })
+        DeviceBuf { handle, len, repr }
     }
 
     /// A buffer of `len` elements filled with NaN (floats) or `i32::MIN` (integers), so
@@ -163,7 +166,7 @@ impl WgpuBackend {
             Repr::F16 => half::f16::as_bytes(&vec![half::f16::NAN; len]).to_vec(),
             Repr::I32 => i32::as_bytes(&vec![i32::MIN; len]).to_vec(),
         };
-        self.buffer_from_bytes(&bytes, len, repr)
+        Ok(self.buffer_from_bytes(&bytes, len, repr))
     }
 
     /// Reads `b` back as a tensor of `shape` (`f32` for floats, `i32` for integers).
@@ -392,7 +395,8 @@ impl Args<'_> {
             return Err(format!("{}: argument {i} is not a table", self.l.kernel.name()));
         };
         let v: Vec<u32> = t.iter().map(|s| eval_len(s, self.bind).and_then(u32_of)).collect::<Result<_, _>>()?;
-        let b = self.backend.buffer_from_bytes(u32::as_bytes(&v), v.len(), Repr::I32)?;
+        // A table holds a launch's sizes and strides: a few words, far below any limit.
+        let b = self.backend.buffer_from_bytes(u32::as_bytes(&v), v.len(), Repr::I32);
         Ok(arg(&b))
     }
     /// Argument `i`, an [`Arg::F32Table`] uploaded as an `f32` buffer.
@@ -400,7 +404,7 @@ impl Args<'_> {
         let Arg::F32Table(t) = self.get(i)? else {
             return Err(format!("{}: argument {i} is not an f32 table", self.l.kernel.name()));
         };
-        let b = self.backend.buffer_from_bytes(u32::as_bytes(t), t.len(), Repr::F32)?;
+        let b = self.backend.buffer_from_bytes(u32::as_bytes(t), t.len(), Repr::F32);
         Ok(arg(&b))
     }
     /// Arguments `from..`, buffers, as one `Sequence` argument (the extra inputs a fused
