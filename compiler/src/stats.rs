@@ -302,6 +302,100 @@ impl Stats {
     }
 }
 
+/// The least one step of a model must do, whatever the plan that runs it: what the
+/// traffic model (`codegen::traffic`) compares a compiled plan against. Bytes are in the
+/// model's dtype (token ids are 8 bytes).
+///
+/// - `weight_bytes`: every weight the step touches, read once: all of them but the routed
+///   experts, which count the experts `tokens = b·s` tokens reach under uniform routing
+///   (`E·(1 - (1 - k/E)^tokens)` per MoE layer, as `codegen::launch::expert_fraction`), and
+///   the embedding, which counts the rows looked up (the whole table when tied to the
+///   head). Training adds the MTP modules and writes one gradient per weight touched.
+/// - `kv_read_bytes` / `kv_write_bytes`: the KV cache read once (`b·c` positions) and the
+///   new entries written once (`b·s`); training keeps no cache.
+/// - `io_bytes`: the token ids in, the logits of every position out (training: ids and
+///   labels in, the loss out).
+/// - `flops`: the forward of the unfused spec as [`Flops`] defines it (a query at position
+///   `c + i` attends to `c + i` positions, so prefill's causal attention is counted once
+///   per visible pair), three times for training (the backward's two products per
+///   matmul), with the MTP modules' blocks and heads.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct StepIdeal {
+    pub weight_bytes: f64,
+    pub kv_read_bytes: f64,
+    pub kv_write_bytes: f64,
+    pub io_bytes: f64,
+    pub flops: f64,
+}
+
+impl StepIdeal {
+    pub fn bytes(&self) -> f64 {
+        self.weight_bytes + self.kv_read_bytes + self.kv_write_bytes + self.io_bytes
+    }
+}
+
+/// [`StepIdeal`] of a step over `batch` sequences of `seq` new tokens after `cache` cached
+/// positions; `train` for a training step (forward and backward, `cache` ignored).
+pub fn step_ideal(model: &Model, train: bool, batch: u64, cache: u64, seq: u64) -> StepIdeal {
+    let (h, vocab) = (model.hidden as f64, model.vocab as f64);
+    let cache = if train { 0 } else { cache };
+    let tokens = (batch * seq) as f64;
+    let elem = model.dtype.bytes() as f64;
+    let st = stats(model, 1);
+    let attn = attention_counts(model);
+    // Elements of one FFN block a batch of `tokens` touches, and its matrix FLOPs per token.
+    let ffn_touched = |ffn: &Ffn| -> f64 {
+        let c = ffn_counts(model.hidden as u128, ffn);
+        match ffn {
+            Ffn::Dense { .. } => c.total as f64,
+            Ffn::Moe(m) => {
+                let (e, k) = (m.routed_experts as i64, m.router.top_k as i64);
+                let expert = 3.0 * h * m.expert_intermediate as f64;
+                let reached = e as f64 * crate::codegen::launch::expert_fraction(e, k, (batch * seq) as i64);
+                c.total as f64 - e as f64 * expert + reached * expert
+            }
+        }
+    };
+    let embedding = st.params.embedding as f64;
+    let looked_up = if model.tie_embeddings { embedding } else { tokens.min(vocab) * h };
+    let mut weights = (st.params.total as f64 - embedding) + looked_up;
+    for l in 0..model.layers {
+        let ffn = model.ffn_for_layer(l);
+        weights += ffn_touched(ffn) - ffn_counts(model.hidden as u128, ffn).total as f64;
+    }
+    // Per position attended to, all layers: QKᵀ and AV.
+    let attn_per_position = st.flops.attention as f64;
+    let visible = (seq * cache) as f64 + (seq * (seq + 1) / 2) as f64;
+    let mut flops = tokens * st.flops.matmul as f64 + batch as f64 * attn_per_position * visible;
+    let kv = st.kv_cache.elements_per_token as f64 * elem;
+    if !train {
+        return StepIdeal {
+            weight_bytes: weights * elem,
+            kv_read_bytes: (batch * cache) as f64 * kv,
+            kv_write_bytes: tokens * kv,
+            io_bytes: tokens * 8.0 + tokens * vocab * elem,
+            flops,
+        };
+    }
+    if let Some(mtp) = &model.mtp {
+        let ffn = &model.ffn[mtp.ffn].kind;
+        let block = 2.0 * h + attn.params as f64 + ffn_touched(ffn);
+        weights += mtp.depth as f64 * (2.0 * h + 2.0 * h * h + block + h);
+        // Per token and module: eh_proj, the block's matrices, the shared head; attention
+        // as one more layer.
+        let matrix = 2.0 * (2.0 * h * h + attn.matrix as f64 + ffn_counts(model.hidden as u128, ffn).active_matrix as f64 + vocab * h);
+        let attn_one_layer = attn_per_position / model.layers as f64;
+        flops += mtp.depth as f64 * (tokens * matrix + batch as f64 * attn_one_layer * visible);
+    }
+    StepIdeal {
+        weight_bytes: 2.0 * weights * elem,
+        kv_read_bytes: 0.0,
+        kv_write_bytes: 0.0,
+        io_bytes: 2.0 * tokens * 8.0 + 4.0,
+        flops: 3.0 * flops,
+    }
+}
+
 /// `1234567` → `1,234,567`.
 fn grouped(v: u128) -> String {
     let digits = v.to_string();

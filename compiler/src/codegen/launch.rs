@@ -11,8 +11,9 @@
 //! three matmuls and an elementwise product) and scratch buffers between them; a node
 //! that moves no data (a row-major reshape) is an [`NodeWork::Alias`] of its input.
 
+use super::kernels::movement::{fold_view, View};
 use super::{Elem, KernelSpec, Unsupported};
-use crate::ir::{Bindings, DType, Dim, Graph, NodeId, Op, Shape};
+use crate::ir::{Bindings, DType, Dim, Graph, NodeId, Op, Shape, Value};
 use std::fmt;
 
 /// A size: a product / ceiling quotient of affine [`Dim`]s. Buffer lengths (`b·s·4096`)
@@ -25,6 +26,8 @@ pub enum Size {
     CeilDiv(Box<Size>, i64),
     /// `min(a, k)` for a constant `k`.
     Min(Box<Size>, i64),
+    /// `a + b` (costs sum the parts of a launch; no launch argument uses it).
+    Add(Box<Size>, Box<Size>),
 }
 
 impl Size {
@@ -53,6 +56,15 @@ impl Size {
             (_, Some(1)) => self,
             (Some(a), Some(b)) => Size::lit(a * b),
             _ => Size::Mul(Box::new(self), Box::new(other)),
+        }
+    }
+
+    pub fn plus(self, other: Size) -> Size {
+        match (self.as_const(), other.as_const()) {
+            (Some(0), _) => other,
+            (_, Some(0)) => self,
+            (Some(a), Some(b)) => Size::lit(a + b),
+            _ => Size::Add(Box::new(self), Box::new(other)),
         }
     }
 
@@ -88,6 +100,7 @@ impl Size {
                 a.div_euclid(*d) + i64::from(a.rem_euclid(*d) != 0)
             }
             Size::Min(x, k) => x.eval(b).min(*k),
+            Size::Add(x, y) => x.eval(b) + y.eval(b),
         }
     }
 }
@@ -107,13 +120,14 @@ impl fmt::Display for Size {
             Size::Mul(a, b) => write!(f, "{a}*{b}"),
             Size::CeilDiv(a, d) => write!(f, "ceil({a}/{d})"),
             Size::Min(a, k) => write!(f, "min({a}, {k})"),
+            Size::Add(a, b) => write!(f, "({a}+{b})"),
         }
     }
 }
 
 /// A buffer a launch binds: one of the node's inputs or outputs (by slot), or one of its
 /// scratch buffers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Buf {
     Input(u16),
     Output(u16),
@@ -138,12 +152,75 @@ pub enum Arg {
 }
 
 /// One kernel launch: the kernel, its arguments, and the number of cubes along x, y, z
-/// (the cube's own shape is [`super::cube_dim`] of the kernel).
+/// (the cube's own shape is [`super::cube_dim`] of the kernel), and what it costs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Launch {
     pub kernel: KernelSpec,
     pub args: Vec<Arg>,
     pub grid: [Size; 3],
+    pub cost: Cost,
+}
+
+impl Launch {
+    /// A launch that executes `flops` and touches every buffer it binds whole.
+    pub fn new(kernel: KernelSpec, args: Vec<Arg>, grid: [Size; 3], flops: Size) -> Launch {
+        Launch { kernel, args, grid, cost: Cost { flops, partial: vec![] } }
+    }
+
+    /// The same launch, touching only `touch` of `buf`.
+    pub fn touching(mut self, buf: Buf, touch: Touch) -> Launch {
+        self.cost.partial.push((buf, touch));
+        self
+    }
+}
+
+/// What a launch does, for the traffic model ([`super::traffic`]): the floating-point
+/// operations its cubes execute and how much of each buffer it binds it touches. It is
+/// decided where the launch is, by the code that knows the kernel, so a new kernel states
+/// its cost once.
+///
+/// FLOPs count what runs, tile padding included (a 64-row matmul tile over one row of x
+/// does 64 rows of multiply-adds; a multiply-add is 2), so padding shows as overhead
+/// against the model's own FLOPs. Comparisons (top-k, routing) are not FLOPs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Cost {
+    pub flops: Size,
+    /// Buffers the launch touches only in part. Every other bound buffer is touched
+    /// whole: each element of an input read once, of an output written once (re-reads a
+    /// cache can serve are not counted: this is the traffic the kernel cannot avoid).
+    pub partial: Vec<(Buf, Touch)>,
+}
+
+/// How much of a buffer a launch touches.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Touch {
+    /// This many elements (a slice's window, the gathered rows of a table).
+    Elems(Size),
+    /// The `[experts, ..]` rows of a weight that `tokens · top_k` routing choices reach.
+    /// Under uniform routing each token picks an expert with probability `k / E`, so
+    /// `E · (1 - (1 - k/E)^tokens)` experts are reached in expectation.
+    Experts { experts: i64, top_k: i64, tokens: Size },
+}
+
+impl Touch {
+    /// The fraction of a buffer of `len` elements touched, at bindings `b`.
+    pub fn fraction(&self, len: i64, b: &Bindings) -> f64 {
+        match self {
+            Touch::Elems(n) if len > 0 => (n.eval(b) as f64 / len as f64).min(1.0),
+            Touch::Elems(_) => 0.0,
+            Touch::Experts { experts, top_k, tokens } => expert_fraction(*experts, *top_k, tokens.eval(b)),
+        }
+    }
+}
+
+/// The expected fraction of `experts` experts that `tokens` tokens reach when each picks
+/// `top_k` of them uniformly at random: `1 - (1 - k/E)^tokens`.
+pub fn expert_fraction(experts: i64, top_k: i64, tokens: i64) -> f64 {
+    if experts <= 0 {
+        return 0.0;
+    }
+    let miss = 1.0 - (top_k.min(experts) as f64 / experts as f64);
+    1.0 - miss.powf(tokens.max(0) as f64)
 }
 
 /// A scratch buffer a node's launches share: its element type and length.
@@ -204,8 +281,39 @@ pub fn grid_rows(rows: Size, y: Size) -> [Size; 3] {
 }
 
 /// One launch with no scratch.
-pub fn single(kernel: KernelSpec, args: Vec<Arg>, grid: [Size; 3]) -> NodeWork {
-    NodeWork::Launches { scratch: vec![], launches: vec![Launch { kernel, args, grid }] }
+pub fn single(launch: Launch) -> NodeWork {
+    NodeWork::Launches { scratch: vec![], launches: vec![launch] }
+}
+
+/// The multiply-adds (2 FLOPs each) of a tiled product over `k`: every cube of `grid`
+/// computes a whole `tile × tile` output block, padding rows and columns included.
+pub fn tiled_flops(grid: &[Size; 3], tile: i64, k: Size) -> Size {
+    let [x, y, z] = grid.clone();
+    x.mul(y).mul(z).mul(Size::lit(2 * tile * tile)).mul(k)
+}
+
+/// How node `n` of `g` runs as part of its graph, and the value each input slot binds:
+/// [`node_work`], except that a batch_matmul reads an operand made by permute / slice /
+/// broadcast nodes through a strided view of the buffer before them
+/// ([`super::kernels::movement::fold_view`]), so those copies need not run (the plan
+/// drops the steps nothing reads any more).
+pub fn node_work_in_graph(g: &Graph, n: NodeId) -> Result<(NodeWork, Vec<Value>), Unsupported> {
+    let mut reads = g.inputs(n).to_vec();
+    if let Op::BatchMatMul = g.node(n).op {
+        let spec = KernelSpec::from_node(g, n)?;
+        let views: Vec<Option<View>> = reads.iter().map(|&v| fold_view(g, v)).collect();
+        if views.iter().any(Option::is_some) {
+            let ins: Vec<Shape> = reads.iter().map(|&v| g.ty(v).shape.clone()).collect();
+            for (r, v) in reads.iter_mut().zip(&views) {
+                if let Some(v) = v {
+                    *r = v.root;
+                }
+            }
+            let work = super::kernels::attention::work_batch_matmul(spec, &ins, [views[0].as_ref(), views[1].as_ref()]);
+            return Ok((work, reads));
+        }
+    }
+    Ok((node_work(g, n)?, reads))
 }
 
 /// How node `n` of `g` runs, or why it cannot yet.
@@ -242,21 +350,24 @@ pub fn node_work(g: &Graph, n: NodeId) -> Result<NodeWork, Unsupported> {
             }
             let grid = grid_linear(Size::numel(&out).ceil_div(super::kernels::EW_BLOCK as i64));
             debug_assert_eq!(program.inputs.len(), ins.len());
-            single(spec, vec![Arg::Inputs, Arg::Table(layout), Arg::Buf(Buf::Output(0))], grid)
+            let flops = Size::numel(&out).mul(Size::lit(program.ops.len() as i64));
+            single(Launch::new(spec, vec![Arg::Inputs, Arg::Table(layout), Arg::Buf(Buf::Output(0))], grid, flops))
         }
         KernelSpec::RmsNorm { .. } => {
             let d = dims(&out);
             let rows = Size::product(&d[..d.len() - 1]);
             let mut args = io(2);
             args.push(Arg::U32(Size::Dim(*d.last().unwrap())));
-            single(spec, args, grid_rows(rows, Size::lit(1)))
+            // Square, sum, scale, gain.
+            single(Launch::new(spec, args, grid_rows(rows, Size::lit(1)), Size::numel(&out).mul(Size::lit(4))))
         }
         KernelSpec::Softmax { .. } => {
             let d = dims(&out);
             let rows = Size::product(&d[..d.len() - 1]);
             let mut args = io(1);
             args.push(Arg::U32(Size::Dim(*d.last().unwrap())));
-            single(spec, args, grid_rows(rows, Size::lit(1)))
+            // Max, subtract-and-exp, sum, divide.
+            single(Launch::new(spec, args, grid_rows(rows, Size::lit(1)), Size::numel(&out).mul(Size::lit(4))))
         }
         KernelSpec::Copy { .. } | KernelSpec::Gather { .. } | KernelSpec::Cast { .. } => super::kernels::movement::work(g, n, spec),
         KernelSpec::Rope { .. } => super::kernels::rope::work(g, n, spec),
@@ -269,10 +380,12 @@ pub fn node_work(g: &Graph, n: NodeId) -> Result<NodeWork, Unsupported> {
             let t = super::kernels::MM_TILE as i64;
             let mut args = io(2);
             args.extend([Arg::U32(m.clone()), Arg::U32(Size::Dim(nn)), Arg::U32(Size::Dim(k))]);
-            single(spec, args, [Size::Dim(nn).ceil_div(t), m.ceil_div(t), Size::lit(1)])
+            let grid = [Size::Dim(nn).ceil_div(t), m.ceil_div(t), Size::lit(1)];
+            let flops = tiled_flops(&grid, t, Size::Dim(k));
+            single(Launch::new(spec, args, grid, flops))
         }
         KernelSpec::Attention { .. } => super::kernels::attention::work_attention(spec, &ins),
-        KernelSpec::BatchMatMul { .. } => super::kernels::attention::work_batch_matmul(spec, &ins),
+        KernelSpec::BatchMatMul { .. } => super::kernels::attention::work_batch_matmul(spec, &ins, [None, None]),
         KernelSpec::MoeRoute { .. } => super::kernels::moe::work_route(g, n, spec),
         KernelSpec::TopK { .. } => super::kernels::moe::work_top_k(g, n, spec),
         KernelSpec::MoeDispatch | KernelSpec::MoeGateUp { .. } | KernelSpec::MoeDown { .. } | KernelSpec::MoeCombine { .. } => {

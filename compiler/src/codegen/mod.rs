@@ -16,6 +16,7 @@
 pub mod kernels;
 pub mod launch;
 pub mod plan;
+pub mod traffic;
 
 use crate::ir::{BinaryOp, DType, FusedKernel, Graph, NodeId, Op, Operand, StepOp, Ty, UnaryOp};
 use cubecl::prelude::*;
@@ -88,8 +89,9 @@ pub enum KernelSpec {
     /// [`kernels::attention::attention`]: flash attention, one cube per (query block,
     /// kv head, batch).
     Attention { elem: Elem, cfg: kernels::attention::AttentionConfig },
-    /// [`kernels::attention::batch_matmul`]: `a[B, m, k] · b[B, k, n]`.
-    BatchMatMul { elem: Elem },
+    /// [`kernels::attention::batch_matmul`]: `a[B.., m, k] · b[B.., k, n]` over `rank`
+    /// batch axes, each operand read through a strided view.
+    BatchMatMul { elem: Elem, rank: u32 },
     /// [`kernels::moe::moe_route`]: the MoE router, one cube per token.
     MoeRoute { elem: Elem, cfg: kernels::moe::RouteConfig },
     /// [`kernels::moe::top_k`] over the last axis (values and i32 indices).
@@ -216,7 +218,7 @@ impl KernelSpec {
                 let cfg = kernels::attention::config(&node.op, &inputs).map_err(|r| no(&r))?;
                 Ok(KernelSpec::Attention { elem, cfg })
             }
-            Op::BatchMatMul => Ok(KernelSpec::BatchMatMul { elem }),
+            Op::BatchMatMul => Ok(KernelSpec::BatchMatMul { elem, rank: out.rank().saturating_sub(2) as u32 }),
             _ => Err(no("no kernel yet")),
         }
     }
@@ -240,7 +242,7 @@ impl KernelSpec {
             KernelSpec::Softmax { elem } => format!("softmax_{}", elem.name()),
             KernelSpec::MatMul { elem } => format!("matmul_{}", elem.name()),
             KernelSpec::Attention { elem, .. } => format!("attention_{}_{}", elem.name(), h()),
-            KernelSpec::BatchMatMul { elem } => format!("batch_matmul_{}", elem.name()),
+            KernelSpec::BatchMatMul { elem, rank } => format!("batch_matmul_{}_r{rank}", elem.name()),
             KernelSpec::MoeRoute { elem, .. } => format!("moe_route_{}_{}", elem.name(), h()),
             KernelSpec::TopK { elem } => format!("top_k_{}", elem.name()),
             KernelSpec::MoeDispatch => "moe_dispatch".to_string(),
@@ -274,7 +276,7 @@ impl KernelSpec {
             | KernelSpec::Softmax { elem }
             | KernelSpec::MatMul { elem }
             | KernelSpec::Attention { elem, .. }
-            | KernelSpec::BatchMatMul { elem }
+            | KernelSpec::BatchMatMul { elem, .. }
             | KernelSpec::MoeRoute { elem, .. }
             | KernelSpec::TopK { elem }
             | KernelSpec::MoeGateUp { elem }
@@ -514,9 +516,11 @@ fn source_for<F: Float + CubeElement>(spec: &KernelSpec, target: Target) -> (Str
             name,
             target,
         ),
-        KernelSpec::BatchMatMul { .. } => {
-            compile(kernels::attention::batch_matmul::BatchMatmul::<F>::new(settings, p, tp, b(), b(), b(), (), (), ()), name, target)
-        }
+        KernelSpec::BatchMatMul { rank, .. } => compile(
+            kernels::attention::batch_matmul::BatchMatmul::<F>::new(settings, p, tp, b(), b(), b(), b(), (), (), (), *rank),
+            name,
+            target,
+        ),
         KernelSpec::MoeRoute { cfg, .. } => {
             let inputs = SequenceCompilationArg::<Box<[F]>> { values: (0..1 + cfg.bias as usize).map(|_| b()).collect() };
             compile(kernels::moe::moe_route::MoeRoute::<F>::new(settings, p, tp, inputs, b(), b(), *cfg), name, target)

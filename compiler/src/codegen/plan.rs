@@ -10,7 +10,7 @@
 //! After each step it lists the buffers no later step reads, so a runtime can release
 //! them (the plan's own liveness, not the runtime's guess).
 
-use super::launch::{node_work, Arg, Buf, NodeWork, Size};
+use super::launch::{node_work_in_graph, Arg, Buf, NodeWork, Size};
 use super::{cube_dim, KernelSpec, Target};
 use crate::ir::{param_path, DType, Function, Graph, Mode, Module, NodeId, Op, Shape, Value};
 use serde_json::{json, Value as Json};
@@ -316,8 +316,9 @@ fn plan_function(f: &Function, unsupported: &mut Vec<String>) -> FunctionPlan {
                     .collect();
                 steps.push(Step::Call { function: function.clone(), layer: *layer, args: ins, results: res });
             }
-            _ => match node_work(g, n) {
-                Ok(work) => {
+            _ => match node_work_in_graph(g, n) {
+                Ok((work, reads)) => {
+                    let ins: Vec<usize> = reads.iter().map(|v| of_value[v]).collect();
                     let outs: Vec<usize> = outs_ty
                         .iter()
                         .enumerate()
@@ -346,8 +347,31 @@ fn plan_function(f: &Function, unsupported: &mut Vec<String>) -> FunctionPlan {
         }
     }
     inputs.sort();
+    drop_unread_steps(&buffers, &mut steps, &results);
     let release = liveness(&buffers, &steps, &results);
     FunctionPlan { name: f.name.clone(), buffers, inputs: inputs.into_iter().map(|(_, b)| b).collect(), steps, release, results }
+}
+
+/// Drops the node steps whose outputs no later step and no result reads: the copies a
+/// strided view made unnecessary (every kernel is free of side effects). Calls stay.
+fn drop_unread_steps(buffers: &[BufferPlan], steps: &mut Vec<Step>, results: &[usize]) {
+    let mut read: BTreeSet<usize> = results.iter().map(|&b| root(buffers, b)).collect();
+    let mut keep = vec![true; steps.len()];
+    for (i, s) in steps.iter().enumerate().rev() {
+        let (reads, writes) = match s {
+            Step::Node { inputs, outputs, .. } => (inputs, outputs),
+            Step::Call { args, results, .. } => (args, results),
+        };
+        let is_call = matches!(s, Step::Call { .. });
+        // An alias step's output is its input's memory: it is read when either is.
+        if is_call || writes.iter().any(|b| read.contains(b)) {
+            read.extend(reads.iter().flat_map(|&b| [b, root(buffers, b)]));
+        } else {
+            keep[i] = false;
+        }
+    }
+    let mut k = keep.into_iter();
+    steps.retain(|_| k.next().unwrap_or(true));
 }
 
 /// The buffer an alias chain ends at.

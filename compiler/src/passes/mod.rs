@@ -42,7 +42,7 @@ pub mod simplify;
 pub mod verify;
 
 #[cfg(test)]
-mod test_util;
+pub(crate) mod test_util;
 
 use crate::ir::{Bindings, Graph, Mode, Module, NodeId, VerifyError};
 use dsc_dsl::span::{SourceMap, Span};

@@ -95,12 +95,15 @@ enum Command {
         #[arg(long, default_value = "auto", value_parser = compile::parse_mla)]
         mla: dsc_compiler::passes::mla_absorb::MlaMode,
         /// What to print: `ir` (default) or `memory-plan`; with `--target`, what to write,
-        /// comma-separated: `ir`, `kernels`, `plan` (default all three).
+        /// comma-separated: `ir`, `kernels`, `plan` (default all three), or `cost`: the
+        /// plan's bytes and FLOPs per step against the step's ideal.
         #[arg(long)]
         emit: Option<String>,
         /// Write GPU kernel sources for this target (`cuda` or `wgpu`) into the directory `-o` names.
-        #[arg(long, value_parser = compile::parse_target, requires = "out")]
+        #[arg(long, value_parser = compile::parse_target)]
         target: Option<dsc_compiler::codegen::Target>,
+        #[command(flatten)]
+        cost: compile::CostArgs,
         /// Write the output here (atomically) instead of printing it.
         #[arg(short, long)]
         out: Option<PathBuf>,
@@ -140,11 +143,21 @@ pub fn main() -> ExitCode {
         Command::Diff { spec_a, spec_b, model_a, model_b, context } => {
             cost::diff_cmd(&spec_a, model_a.as_deref(), &spec_b, model_b.as_deref(), context)
         }
-        Command::Compile { spec, model, mode, passes, mla, emit, out, target, recompute } => match (target, out) {
+        Command::Compile { spec, model, mode, passes, mla, emit, out, target, recompute, cost } => match (target, out) {
+            (Some(t), out) if emit.as_deref() == Some("cost") => {
+                compile::cost_cmd(&spec, model.as_deref(), mode, passes.as_deref(), mla, t, &cost, out.as_deref())
+            }
+            _ if cost.given().is_some() => Err(format!("`{}` belongs to `--target T --emit cost`", cost.given().unwrap_or_default())),
             (Some(t), Some(dir)) => compile::TargetEmit::parse(emit.as_deref().unwrap_or("ir,kernels,plan"))
                 .and_then(|emit| compile::compile_target_cmd(&spec, model.as_deref(), mode, passes.as_deref(), mla, t, emit, &dir))
                 .map(|_| ()),
-            (Some(_), None) => Err("`--target` writes a directory of kernels: give it with `-o DIR`".to_string()),
+            // A usage error, as clap's own (exit 2): only `--emit cost` prints instead.
+            (Some(_), None) => <Cli as clap::CommandFactory>::command()
+                .error(
+                    clap::error::ErrorKind::MissingRequiredArgument,
+                    "`--target` writes a directory of kernels: give it with `--out DIR` (or print its cost with `--emit cost`)",
+                )
+                .exit(),
             (None, out) => compile::compile_cmd_with(
                 &spec,
                 model.as_deref(),

@@ -102,6 +102,16 @@ impl WgpuBackend {
     fn run_node(&self, g: &Graph, n: NodeId, inputs: &[&Tensor], bind: &Bindings) -> Result<Vec<Tensor>, String> {
         self.0.run_node(g, n, inputs, bind)
     }
+
+    fn run_plan(
+        &self,
+        plan: &dsc_compiler::codegen::plan::Plan,
+        args: &[Tensor],
+        weights: &dyn crate::reference::Weights,
+        cache: &crate::plan_exec::DeviceWeights<super::DeviceBuf>,
+    ) -> Result<Vec<Tensor>, String> {
+        self.0.run_plan(plan, args, weights, cache)
+    }
 }
 
 #[path = "../wgpu/tests.rs"]

@@ -309,9 +309,9 @@ impl WgpuBackend {
                 let (q, k, v, mask, out) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?);
                 kernels::attention::attention::launch::<F>(c, count, dim, q, k, v, mask, out, a.u32(5)?, a.u32(6)?, a.u32(7)?, *cfg)
             }
-            KernelSpec::BatchMatMul { .. } => {
+            KernelSpec::BatchMatMul { rank, .. } => {
                 let (x, y, out) = (a.buf(0)?, a.buf(1)?, a.buf(2)?);
-                kernels::attention::batch_matmul::launch::<F>(c, count, dim, x, y, out, a.u32(3)?, a.u32(4)?, a.u32(5)?)
+                kernels::attention::batch_matmul::launch::<F>(c, count, dim, x, y, out, a.table(3)?, a.u32(4)?, a.u32(5)?, a.u32(6)?, *rank)
             }
             KernelSpec::MoeRoute { cfg, .. } => {
                 let mut seq = SequenceArg::<Box<[F]>>::new();

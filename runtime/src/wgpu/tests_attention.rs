@@ -180,7 +180,7 @@ fn batch_matmul_odd_sizes() {
 
 #[test]
 fn sources_are_deterministic() {
-    let mut specs = vec![KernelSpec::BatchMatMul { elem: dsc_compiler::codegen::Elem::F32 }];
+    let mut specs = vec![KernelSpec::BatchMatMul { elem: dsc_compiler::codegen::Elem::F32, rank: 2 }];
     for (op, shapes) in [
         (attn(4, 2, 24, true, false), [lits(&[1, 1, 4, 24]), lits(&[1, 9, 2, 24]), lits(&[1, 9, 2, 24])]),
         (attn(16, 1, 576, true, false), [lits(&[1, 3, 16, 576]), lits(&[1, 9, 1, 576]), lits(&[1, 9, 1, 512])]),
@@ -215,4 +215,54 @@ fn unsupported_attention_says_why() {
     let n = g.add_inferred(attn(2, 2, 8, true, false), &args, None).unwrap();
     let e = KernelSpec::from_node(&g, n).unwrap_err();
     assert!(e.reason.contains("not a constant"), "{e}");
+}
+
+/// Absorbed MLA's shape of work: two batch matmuls whose weight operands are a reshaped,
+/// sliced (and permuted) weight broadcast over the batch, and whose activation operand
+/// is a permute. The plan reads all of them through strided views (no copy step is
+/// left) and gives the reference's result.
+#[test]
+fn batch_matmul_reads_views_in_place() {
+    use crate::plan_exec::DeviceWeights;
+    use dsc_compiler::codegen::plan::{Plan, Step};
+    use dsc_compiler::ir::Shape;
+    let (b, s) = (Dim::B, Dim::S);
+    let mut g = Graph::new();
+    let f32t = |d: Vec<Dim>| Ty::new(DType::F32, d);
+    let op = |g: &mut Graph, op: Op, args: &[Value]| -> Value { g.add_inferred(op, args, None).unwrap().into() };
+    let q = g.input(0, "q", f32t(vec![b, s, Dim::lit(3), Dim::lit(5)]), None).into();
+    let w = g.param("w", f32t(lits(&[24, 6])), None).into();
+    let qh = op(&mut g, Op::Permute { perm: vec![0, 2, 1, 3] }, &[q]);
+    let w3 = op(&mut g, Op::Reshape { shape: Shape::from(lits(&[3, 8, 6])) }, &[w]);
+    let uk = op(&mut g, Op::Slice { axis: 1, start: Dim::lit(2), len: Dim::lit(5) }, &[w3]);
+    let ukb = op(&mut g, Op::Broadcast { shape: Shape::from(vec![b, Dim::lit(3), Dim::lit(5), Dim::lit(6)]) }, &[uk]);
+    let lat = op(&mut g, Op::BatchMatMul, &[qh, ukb]);
+    let uv = op(&mut g, Op::Slice { axis: 1, start: Dim::lit(0), len: Dim::lit(2) }, &[w3]);
+    let uvt = op(&mut g, Op::Permute { perm: vec![0, 2, 1] }, &[uv]);
+    let uvb = op(&mut g, Op::Broadcast { shape: Shape::from(vec![b, Dim::lit(3), Dim::lit(6), Dim::lit(2)]) }, &[uvt]);
+    let o = op(&mut g, Op::BatchMatMul, &[lat, uvb]);
+    g.ret(&[o], None);
+    let mut m = Module::new();
+    m.add_function(Function { name: "main".into(), graph: g });
+    m.set_entry(Mode::Prefill, "main");
+
+    let plan = Plan::build(&m, Mode::Prefill).unwrap();
+    let steps: Vec<&str> = plan.functions["main"]
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Node { label, .. } => Some(label.as_str()),
+            Step::Call { .. } => None,
+        })
+        .collect();
+    assert!(steps.iter().all(|l| l.ends_with("batch_matmul")), "copies left in the plan: {steps:?}");
+
+    let weights: HashMap<String, Tensor> = [("w".to_string(), random(&[24, 6], 7, DType::F32))].into();
+    for (batch, seq) in [(1, 1), (2, 3)] {
+        let x = random(&[batch, seq, 3, 5], 11, DType::F32);
+        let want = run(&m, Mode::Prefill, std::slice::from_ref(&x), &weights, &Options::default()).unwrap().remove(0);
+        let got = backend().run_plan(&plan, &[x], &weights, &DeviceWeights::new()).unwrap().remove(0);
+        assert_eq!(got.shape(), want.shape());
+        assert!(got.allclose(&want, 1e-5, 1e-5), "b={batch} s={seq}: {:?} vs {:?}", got.to_f32_vec(), want.to_f32_vec());
+    }
 }

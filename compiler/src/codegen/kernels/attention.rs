@@ -42,7 +42,8 @@
 //! order) and only comptime-unrolled loops or plain ranges over shared indices.
 
 use super::TILE;
-use crate::codegen::launch::{elem_dtype, Arg, Buf, Launch, NodeWork, Scratch, Size};
+use crate::codegen::kernels::movement::View;
+use crate::codegen::launch::{elem_dtype, tiled_flops, Arg, Buf, Launch, NodeWork, Scratch, Size, Touch};
 use crate::codegen::KernelSpec;
 use crate::ir::{Dim, Op, Shape, Ty};
 use cubecl::prelude::*;
@@ -391,14 +392,34 @@ pub fn attention<F: Float>(
 /// `out[z, m, n] = Σ_k a[z, m, k] · b[z, k, n]`, z the flattened batch (grid z). Tiles
 /// of a and b are staged in shared memory (as f32: f16 inputs accumulate in f32); loads
 /// outside the matrices read 0, so any m, n, k works.
+///
+/// Both operands are read through strided views (`layout`): the `rank` batch axes of the
+/// output, then for a its offset, one stride per batch axis and its row and column
+/// strides, then the same for b. A weight broadcast over the batch is read with batch
+/// stride 0 and a sliced or permuted one in place (`movement::fold_view`), so none of
+/// them is copied first; a contiguous operand has the row-major strides.
 #[cube(launch, create_dummy_kernel)]
-pub fn batch_matmul<F: Float>(a: &[F], b: &[F], out: &mut [F], m: u32, n: u32, k: u32) {
+pub fn batch_matmul<F: Float>(a: &[F], b: &[F], out: &mut [F], layout: &[u32], m: u32, n: u32, k: u32, #[comptime] rank: u32) {
     let tx = UNIT_POS_X; // along n
     let ty = UNIT_POS_Y; // along m
     let z = CUBE_POS_Z;
     let row = CUBE_POS_Y * TILE + ty;
     let col = CUBE_POS_X * TILE + tx;
-    let (a0, b0) = (z * m * k, z * k * n);
+    let (ao, bo) = (comptime![rank as usize], comptime![(2 * rank + 3) as usize]);
+    let mut a0 = layout[ao];
+    let mut b0 = layout[bo];
+    let mut rem = z;
+    #[unroll]
+    for r in 0..rank {
+        let ax = comptime![rank - 1 - r];
+        let dim = layout[comptime![ax as usize]];
+        let c = rem % dim;
+        rem /= dim;
+        a0 += c * layout[comptime![(rank + 1 + ax) as usize]];
+        b0 += c * layout[comptime![(2 * rank + 4 + ax) as usize]];
+    }
+    let (a_row, a_col) = (layout[comptime![(2 * rank + 1) as usize]], layout[comptime![(2 * rank + 2) as usize]]);
+    let (b_row, b_col) = (layout[comptime![(3 * rank + 4) as usize]], layout[comptime![(3 * rank + 5) as usize]]);
     // a's tile [ty][kk] at 0, b's tile [kk][tx] at TILE² (one buffer, CUBECL.md §2).
     let mut tiles_mem = Shared::<[f32]>::new_slice((2 * TILE * TILE) as usize);
     let bo = TILE * TILE;
@@ -407,14 +428,14 @@ pub fn batch_matmul<F: Float>(a: &[F], b: &[F], out: &mut [F], m: u32, n: u32, k
         let ka = t * TILE + tx;
         let mut av = 0.0f32;
         if row < m && ka < k {
-            av = f32::cast_from(a[(a0 + row * k + ka) as usize]);
+            av = f32::cast_from(a[(a0 + row * a_row + ka * a_col) as usize]);
         }
         tiles_mem[(ty * TILE + tx) as usize] = av;
         // b is [k, n] row-major: neighbouring units read neighbouring columns.
         let kb = t * TILE + ty;
         let mut bv = 0.0f32;
         if kb < k && col < n {
-            bv = f32::cast_from(b[(b0 + kb * n + col) as usize]);
+            bv = f32::cast_from(b[(b0 + kb * b_row + col * b_col) as usize]);
         }
         tiles_mem[(bo + ty * TILE + tx) as usize] = bv;
         sync_cube();
@@ -454,24 +475,64 @@ pub(crate) fn work_attention(spec: KernelSpec, ins: &[Shape]) -> NodeWork {
     ];
     let rows = Size::Dim(sq).mul(Size::lit(cfg.group as i64)).ceil_div(cfg.rows as i64);
     let grid = [rows, Size::Dim(kv_heads), Size::Dim(b)];
-    NodeWork::Launches { scratch, launches: vec![Launch { kernel: spec, args, grid }] }
+    // Per (query, visible key): the score's dk multiply-adds, about five for the online
+    // softmax, dv multiply-adds into the output. A causal query `i` sees `sk - sq + i + 1`
+    // keys; the sum over `i` is `sq·(sk - sq) + sq·(sq + 1)/2`.
+    let pairs = if cfg.causal {
+        Size::Dim(sq).mul(Size::Dim(sk - sq)).plus(Size::Dim(sq).mul(Size::Dim(sq + 1)).ceil_div(2))
+    } else {
+        Size::Dim(sq).mul(Size::Dim(sk))
+    };
+    let per_pair = 2 * (cfg.dk + cfg.dv) as i64 + 5;
+    let flops = pairs.mul(Size::product(&[b, kv_heads])).mul(Size::lit(per_pair * cfg.group as i64));
+    let mut launch = Launch::new(spec, args, grid, flops);
+    if !cfg.masked {
+        launch = launch.touching(Buf::Scratch(0), Touch::Elems(Size::lit(0)));
+    }
+    NodeWork::Launches { scratch, launches: vec![launch] }
 }
 
-/// The launch of a batch_matmul node `a [B.., m, k] · b [B.., k, n]`.
-pub(crate) fn work_batch_matmul(spec: KernelSpec, ins: &[Shape]) -> NodeWork {
+/// The launch of a batch_matmul node `a [B.., m, k] · b [B.., k, n]`, each operand read
+/// contiguously or through `views[i]` of the buffer the plan binds in its place.
+pub(crate) fn work_batch_matmul(spec: KernelSpec, ins: &[Shape], views: [Option<&View>; 2]) -> NodeWork {
     let (a, bs) = (&ins[0].0, &ins[1].0);
     let r = a.len();
     let (m, k, n) = (a[r - 2], a[r - 1], bs[r - 1]);
     let batch: &[Dim] = &a[..r - 2];
     let t = TILE as i64;
+    let mut layout: Vec<Size> = batch.iter().map(|d| Size::Dim(*d)).collect();
+    for (shape, view) in [a, bs].into_iter().zip(views) {
+        match view {
+            Some(v) => {
+                layout.push(v.offset.clone());
+                layout.extend(v.strides.iter().cloned());
+            }
+            None => {
+                layout.push(Size::lit(0));
+                layout.extend((0..shape.len()).map(|i| Size::product(&shape[i + 1..])));
+            }
+        }
+    }
     let args = vec![
         Arg::Buf(Buf::Input(0)),
         Arg::Buf(Buf::Input(1)),
         Arg::Buf(Buf::Output(0)),
+        Arg::Table(layout),
         Arg::U32(Size::Dim(m)),
         Arg::U32(Size::Dim(n)),
         Arg::U32(Size::Dim(k)),
     ];
     let grid = [Size::Dim(n).ceil_div(t), Size::Dim(m).ceil_div(t), Size::product(batch)];
-    NodeWork::Launches { scratch: vec![], launches: vec![Launch { kernel: spec, args, grid }] }
+    let flops = tiled_flops(&grid, t, Size::Dim(k));
+    let mut launch = Launch::new(spec, args, grid, flops);
+    // A view reads the elements the operand holds, however large the buffer behind it
+    // (a broadcast weight is read once, not once per batch element).
+    for (i, (shape, view)) in [a, bs].into_iter().zip(views).enumerate() {
+        if let Some(v) = view {
+            let distinct =
+                Size::product(&shape.iter().zip(&v.strides).filter(|(_, s)| s.as_const() != Some(0)).map(|(d, _)| *d).collect::<Vec<_>>());
+            launch = launch.touching(Buf::Input(i as u16), Touch::Elems(distinct));
+        }
+    }
+    NodeWork::Launches { scratch: vec![], launches: vec![launch] }
 }

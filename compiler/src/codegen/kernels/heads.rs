@@ -21,7 +21,7 @@
 
 use super::{ew_eval, mm_stage, mm_step, mm_zero, Access, EwOp, MM_BK, MM_REG, MM_STAGE, MM_TILE, MM_UNITS, ROW_BLOCK};
 use crate::codegen::kernels::movement::float_elem;
-use crate::codegen::launch::{grid_rows, Arg, Buf, Launch, NodeWork, Scratch, Size};
+use crate::codegen::launch::{grid_rows, tiled_flops, Arg, Buf, Launch, NodeWork, Scratch, Size};
 use crate::codegen::{ew_binary, ew_unary, KernelSpec, Unsupported};
 use crate::ir::fused::{Head, Operand, StepOp};
 use crate::ir::{Dim, Graph, NodeId, Op};
@@ -296,6 +296,11 @@ fn layout(out: &[Dim], loads: &[&[Dim]]) -> Vec<Size> {
     t
 }
 
+/// An epilogue's FLOPs: one per op per output element.
+fn epilogue_flops(out: &[Dim], epi: &Epilogue) -> Size {
+    Size::product(out).mul(Size::lit(epi.ops.len() as i64))
+}
+
 /// The launches of a node whose spec [`spec`] gave.
 pub(crate) fn work(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
     let ins: Vec<Vec<Dim>> = g.inputs(n).iter().map(|&v| g.ty(v).shape.0.clone()).collect();
@@ -314,41 +319,36 @@ pub(crate) fn work(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
             let (table, extra) = loads(epilogue);
             let mut args = vec![input(0), input(1), table, output, Arg::U32(m.clone()), Arg::U32(Size::Dim(nn)), Arg::U32(Size::Dim(k))];
             args.extend(extra);
-            vec![Launch { kernel: spec.clone(), args, grid: tiled(nn, m) }]
+            let grid = tiled(nn, m);
+            let flops = tiled_flops(&grid, t, Size::Dim(k)).plus(epilogue_flops(&out, epilogue));
+            vec![Launch::new(spec.clone(), args, grid, flops)]
         }
         KernelSpec::RmsNormEw { epilogue, .. } => {
             let (table, extra) = loads(epilogue);
             let mut args = vec![input(0), input(1), table, output, Arg::U32(Size::Dim(*out.last().expect("rank >= 1")))];
             args.extend(extra);
-            vec![Launch { kernel: spec.clone(), args, grid: grid_rows(rows(&out), Size::lit(1)) }]
+            let flops = Size::product(&out).mul(Size::lit(4)).plus(epilogue_flops(&out, epilogue));
+            vec![Launch::new(spec.clone(), args, grid_rows(rows(&out), Size::lit(1)), flops)]
         }
         KernelSpec::GateUp { elem } => {
             // x: [.., h], gate/up: [i, h], down: [h, i]; scratch 0 is silu(x·gateᵀ)·(x·upᵀ).
             let (m, h, i) = (rows(&out), ins[1][1], ins[1][0]);
             let scratch = Arg::Buf(Buf::Scratch(0));
             let (hs, is) = (Size::Dim(h), Size::Dim(i));
-            let gate_up = Launch {
-                kernel: spec.clone(),
-                args: vec![input(0), input(1), input(2), scratch.clone(), Arg::U32(m.clone()), Arg::U32(is.clone()), Arg::U32(hs.clone())],
-                grid: tiled(i, m.clone()),
-            };
+            let grid = tiled(i, m.clone());
+            // Two products over h, then silu and the product (about five per element).
+            let flops = tiled_flops(&grid, t, Size::Dim(h).mul(Size::lit(2))).plus(m.clone().mul(is.clone()).mul(Size::lit(5)));
+            let args = vec![input(0), input(1), input(2), scratch.clone(), Arg::U32(m.clone()), Arg::U32(is.clone()), Arg::U32(hs.clone())];
+            let gate_up = Launch::new(spec.clone(), args, grid, flops);
             // The down projection is `matmul_ew` without an epilogue rather than the plain
             // matmul: its f32 accumulator keeps an f16 FFN within f16 rounding of the
             // reference (the plain kernel sums in F).
             let plain = Epilogue { rank: out.len() as u32, loads: vec![], ops: vec![] };
-            let down = Launch {
-                kernel: KernelSpec::MatMulEw { elem: *elem, epilogue: plain },
-                args: vec![
-                    scratch,
-                    input(3),
-                    Arg::Table(layout(&out, &[])),
-                    output,
-                    Arg::U32(m.clone()),
-                    Arg::U32(hs),
-                    Arg::U32(is.clone()),
-                ],
-                grid: tiled(h, m.clone()),
-            };
+            let grid = tiled(h, m.clone());
+            let flops = tiled_flops(&grid, t, is.clone());
+            let args =
+                vec![scratch, input(3), Arg::Table(layout(&out, &[])), output, Arg::U32(m.clone()), Arg::U32(hs), Arg::U32(is.clone())];
+            let down = Launch::new(KernelSpec::MatMulEw { elem: *elem, epilogue: plain }, args, grid, flops);
             let len = m.mul(is);
             return NodeWork::Launches {
                 scratch: vec![Scratch { dtype: crate::codegen::launch::elem_dtype(*elem), len }],

@@ -564,7 +564,7 @@ pub fn moe_combine<F: Float, W: Float>(y: &[F], pos: &[i32], weights: &[W], out:
 
 // ------------------------------------------------------------------ host side: specs and launches
 
-use crate::codegen::launch::{elem_dtype, grid_rows, grid_x, single, Arg, Buf, Launch, NodeWork, Scratch, Size};
+use crate::codegen::launch::{elem_dtype, grid_rows, grid_x, single, tiled_flops, Arg, Buf, Launch, NodeWork, Scratch, Size, Touch};
 use crate::codegen::{Elem, KernelSpec, Unsupported};
 use crate::ir::{DType, Dim, Graph, GroupScore, NodeId, Op, Scoring, Ty};
 
@@ -658,7 +658,9 @@ fn rows(t: &Ty) -> Size {
 pub(crate) fn work_route(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
     let logits = g.ty(g.inputs(n)[0]).clone();
     let args = vec![Arg::Inputs, Arg::Buf(Buf::Output(0)), Arg::Buf(Buf::Output(1))];
-    single(spec, args, grid_rows(rows(&logits), Size::lit(1)))
+    // The scores' sigmoid or softmax; the selection is comparisons.
+    let flops = Size::numel(&logits.shape).mul(Size::lit(4));
+    single(Launch::new(spec, args, grid_rows(rows(&logits), Size::lit(1)), flops))
 }
 
 /// `top_k` over the last axis: one cube per row.
@@ -668,7 +670,7 @@ pub(crate) fn work_top_k(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
     let cols = Size::Dim(*x.shape.0.last().expect("top_k of rank 0 has no spec"));
     let args =
         vec![Arg::Buf(Buf::Input(0)), Arg::Buf(Buf::Output(0)), Arg::Buf(Buf::Output(1)), Arg::U32(cols), Arg::U32(Size::lit(k as i64))];
-    single(spec, args, grid_rows(rows(&x), Size::lit(1)))
+    single(Launch::new(spec, args, grid_rows(rows(&x), Size::lit(1)), Size::lit(0)))
 }
 
 /// `expert_ffn`: dispatch, gate/up GEMM, down GEMM, combine over `P = T·k` sorted rows.
@@ -711,27 +713,39 @@ pub(crate) fn work_expert_ffn(g: &Graph, n: NodeId) -> Result<NodeWork, Unsuppor
     let (i, s, o) = (|j| Arg::Buf(Buf::Input(j)), |j| Arg::Buf(Buf::Scratch(j)), Arg::Buf(Buf::Output(0)));
     let u = |v: i64| Arg::U32(Size::lit(v));
     let one = Size::lit(1);
+    // The grouped GEMMs read the experts the batch reaches, each once (a row tile that
+    // straddles two experts reads a tile of each), and run one segment per row tile.
+    let reached = || Touch::Experts { experts, top_k: k, tokens: tokens.clone() };
+    let gate_up_grid = [Size::lit(inter).ceil_div(t), pairs.clone().ceil_div(t), one.clone()];
+    let down_grid = [Size::lit(h).ceil_div(t), pairs.clone().ceil_div(t), one.clone()];
     let launches = vec![
-        Launch {
-            kernel: KernelSpec::MoeDispatch,
-            args: vec![i(1), s(0), s(1), s(2), s(3), Arg::U32(pairs.clone())],
-            grid: grid_x(Size::lit(experts)),
-        },
-        Launch {
-            kernel: KernelSpec::MoeGateUp { elem },
-            args: vec![i(0), s(0), s(1), s(3), i(3), i(4), s(4), Arg::U32(pairs.clone()), u(k), u(h), u(inter)],
-            grid: [Size::lit(inter).ceil_div(t), pairs.clone().ceil_div(t), one.clone()],
-        },
-        Launch {
-            kernel: KernelSpec::MoeDown { elem },
-            args: vec![s(4), s(1), s(3), i(5), s(5), Arg::U32(pairs.clone()), u(h), u(inter)],
-            grid: [Size::lit(h).ceil_div(t), pairs.ceil_div(t), one.clone()],
-        },
-        Launch {
-            kernel: KernelSpec::MoeCombine { elem, weights: welem },
-            args: vec![s(5), s(2), i(2), o, u(h), u(k)],
-            grid: grid_rows(tokens, Size::lit(h).ceil_div(SELECT_BLOCK as i64)),
-        },
+        Launch::new(
+            KernelSpec::MoeDispatch,
+            vec![i(1), s(0), s(1), s(2), s(3), Arg::U32(pairs.clone())],
+            grid_x(Size::lit(experts)),
+            Size::lit(0),
+        ),
+        Launch::new(
+            KernelSpec::MoeGateUp { elem },
+            vec![i(0), s(0), s(1), s(3), i(3), i(4), s(4), Arg::U32(pairs.clone()), u(k), u(h), u(inter)],
+            gate_up_grid.clone(),
+            tiled_flops(&gate_up_grid, t, Size::lit(2 * h)),
+        )
+        .touching(Buf::Input(3), reached())
+        .touching(Buf::Input(4), reached()),
+        Launch::new(
+            KernelSpec::MoeDown { elem },
+            vec![s(4), s(1), s(3), i(5), s(5), Arg::U32(pairs.clone()), u(h), u(inter)],
+            down_grid.clone(),
+            tiled_flops(&down_grid, t, Size::lit(inter)),
+        )
+        .touching(Buf::Input(5), reached()),
+        Launch::new(
+            KernelSpec::MoeCombine { elem, weights: welem },
+            vec![s(5), s(2), i(2), o, u(h), u(k)],
+            grid_rows(tokens.clone(), Size::lit(h).ceil_div(SELECT_BLOCK as i64)),
+            pairs.mul(Size::lit(2 * h)),
+        ),
     ];
     Ok(NodeWork::Launches { scratch, launches })
 }

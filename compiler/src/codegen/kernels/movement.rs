@@ -27,9 +27,9 @@
 //! bounds.
 
 use super::EW_BLOCK;
-use crate::codegen::launch::{grid_linear, single, Arg, Buf, Launch, NodeWork, Size};
+use crate::codegen::launch::{grid_linear, single, Arg, Buf, Launch, NodeWork, Size, Touch};
 use crate::codegen::{Elem, KernelSpec, Unsupported};
-use crate::ir::{DType, Dim, Graph, NodeId, Op};
+use crate::ir::{DType, Dim, Graph, NodeId, Op, Value};
 use cubecl::prelude::*;
 
 /// Copies the box described by `layout` from `src` to `out`. `layout` is
@@ -160,20 +160,82 @@ fn offset(d: Dim, stride: Size) -> Size {
     }
 }
 
+/// A strided view of a contiguous buffer: element `c` of the view is
+/// `root[offset + Σ c_i · strides_i]`. What a chain of permute / slice / broadcast nodes
+/// computes by copying, a kernel that takes strides can read in place.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct View {
+    /// The value whose buffer is read.
+    pub root: Value,
+    pub offset: Size,
+    /// One per axis of the viewed value.
+    pub strides: Vec<Size>,
+}
+
+/// The view that the chain of movement nodes ending at `v` makes of the buffer before
+/// it, or `None` when `v` is not made by a permute, slice or broadcast. Reading from the
+/// root outward the chain is reshapes (free on a contiguous buffer), then any mix of
+/// permute, slice and broadcast: a reshape after a strided op would need a copy, so the
+/// walk stops there and that op's output is the root. Each op is applied as
+/// [`work`] applies it to a copy's source.
+pub fn fold_view(g: &Graph, v: Value) -> Option<View> {
+    let mut chain: Vec<NodeId> = Vec::new();
+    let mut cur = v;
+    let mut reshapes_only = false;
+    loop {
+        let n = cur.node;
+        match &g.node(n).op {
+            Op::Reshape { .. } => reshapes_only = true,
+            Op::Permute { .. } | Op::Slice { .. } | Op::Broadcast { .. } if !reshapes_only => {}
+            _ => break,
+        }
+        chain.push(n);
+        cur = g.inputs(n)[0];
+    }
+    // The reshapes next to the root only rename its contiguous buffer's shape: the
+    // strided ops start from the last one's output.
+    let root = cur;
+    let mut start = cur;
+    while let Some(&n) = chain.last().filter(|&&n| matches!(g.node(n).op, Op::Reshape { .. })) {
+        start = n.out(0);
+        chain.pop();
+    }
+    if chain.is_empty() {
+        return None;
+    }
+    let mut shape = g.ty(start).shape.0.clone();
+    let (mut offset, mut st) = (Size::lit(0), strides(&shape));
+    for &n in chain.iter().rev() {
+        let out = g.node(n).outputs[0].shape.0.clone();
+        match &g.node(n).op {
+            Op::Permute { perm } => st = perm.iter().map(|&p| st[p as usize].clone()).collect(),
+            Op::Slice { axis, start, .. } => offset = offset.plus(self::offset(*start, st[*axis as usize].clone())),
+            Op::Broadcast { .. } => {
+                let pad = out.len() - shape.len();
+                st = (0..out.len()).map(|a| if a < pad || shape[a - pad].is(1) { Size::lit(0) } else { st[a - pad].clone() }).collect();
+            }
+            op => unreachable!("fold_view through {}", op.name()),
+        }
+        shape = out;
+    }
+    Some(View { root, offset, strides: st })
+}
+
 /// One [`strided_copy`] launch of the box `shape` (unit axes dropped here).
 fn copy_launch(elem: Elem, input: u16, shape: &[Dim], src: (Size, Vec<Size>), dst: (Size, Vec<Size>)) -> Launch {
     let keep: Vec<usize> = (0..shape.len()).filter(|&i| !shape[i].is(1)).collect();
     let count = Size::product(shape);
     let grid = grid_linear(count.clone().ceil_div(EW_BLOCK as i64));
-    let mut table = vec![count, src.0, dst.0];
+    let mut table = vec![count.clone(), src.0, dst.0];
     table.extend(keep.iter().map(|&i| Size::Dim(shape[i])));
     table.extend(keep.iter().map(|&i| src.1[i].clone()));
     table.extend(keep.iter().map(|&i| dst.1[i].clone()));
-    Launch {
-        kernel: KernelSpec::Copy { elem, rank: keep.len() as u32 },
-        args: vec![Arg::Buf(Buf::Input(input)), Arg::Table(table), Arg::Buf(Buf::Output(0))],
-        grid,
-    }
+    // The copy reads `count` elements of its input: a slice's window, a broadcast's whole
+    // (smaller) source, one input of a concat (the touched fraction is capped at 1).
+    let args = vec![Arg::Buf(Buf::Input(input)), Arg::Table(table), Arg::Buf(Buf::Output(0))];
+    Launch::new(KernelSpec::Copy { elem, rank: keep.len() as u32 }, args, grid, Size::lit(0))
+        .touching(Buf::Input(input), Touch::Elems(count.clone()))
+        .touching(Buf::Output(0), Touch::Elems(count))
 }
 
 /// The launches of a movement node whose spec is `spec` ([`spec`] accepted it).
@@ -216,7 +278,7 @@ pub(crate) fn work(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
         }
         Op::Cast { .. } => {
             let args = vec![Arg::Buf(Buf::Input(0)), Arg::Buf(Buf::Output(0))];
-            single(spec, args, grid_linear(Size::product(&out).ceil_div(EW_BLOCK as i64)))
+            single(Launch::new(spec, args, grid_linear(Size::product(&out).ceil_div(EW_BLOCK as i64)), Size::lit(0)))
         }
         Op::Gather { axis } => {
             let (t, ax) = (&ins[0], *axis as usize);
@@ -228,7 +290,9 @@ pub(crate) fn work(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
                 Arg::U32(Size::product(&ins[1])),
                 Arg::U32(Size::product(&t[ax + 1..])),
             ];
-            single(spec, args, grid_linear(Size::product(&out).ceil_div(EW_BLOCK as i64)))
+            // Only the gathered rows of the table are read (one embedding row per token).
+            let launch = Launch::new(spec, args, grid_linear(Size::product(&out).ceil_div(EW_BLOCK as i64)), Size::lit(0));
+            single(launch.touching(Buf::Input(0), Touch::Elems(Size::product(&out))))
         }
         op => unreachable!("movement::work on {}", op.name()),
     }

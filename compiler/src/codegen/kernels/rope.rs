@@ -23,7 +23,7 @@
 
 use super::EW_BLOCK;
 use crate::codegen::kernels::movement::float_elem;
-use crate::codegen::launch::{grid_linear, single, Arg, Buf, NodeWork, Size};
+use crate::codegen::launch::{grid_linear, single, Arg, Buf, Launch, NodeWork, Size};
 use crate::codegen::{KernelSpec, Unsupported};
 use crate::ir::{rope_frequencies, Graph, NodeId, Op, RopeLayout};
 use cubecl::prelude::*;
@@ -121,5 +121,6 @@ pub(crate) fn work(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
         Arg::U32(Size::Dim(d)),
         Arg::U32(Size::lit(i64::from(*rotary_dim / 2))),
     ];
-    single(spec, args, grid_linear(Size::numel(x).ceil_div(EW_BLOCK as i64)))
+    // Per element: its angle's cosine and sine, two products and a sum.
+    single(Launch::new(spec, args, grid_linear(Size::numel(x).ceil_div(EW_BLOCK as i64)), Size::numel(x).mul(Size::lit(5))))
 }
