@@ -12,6 +12,7 @@ use cubecl::prelude::*;
 
 pub mod attention;
 pub mod heads;
+pub mod loss;
 pub mod moe;
 pub mod movement;
 pub mod rope;

@@ -327,6 +327,11 @@ pub fn node_work(g: &Graph, n: NodeId) -> Result<NodeWork, Unsupported> {
     if let Op::ExpertFfn = node.op {
         return super::kernels::moe::work_expert_ffn(g, n);
     }
+    if let Op::WeightGrad = node.op {
+        let spec = KernelSpec::from_node(g, n)?;
+        let ins: Vec<Shape> = g.inputs(n).iter().map(|&v| g.ty(v).shape.clone()).collect();
+        return Ok(super::kernels::attention::work_weight_grad(spec, &ins));
+    }
     let spec = KernelSpec::from_node(g, n)?;
     let ins: Vec<Shape> = g.inputs(n).iter().map(|&v| g.ty(v).shape.clone()).collect();
     let out = node.outputs[0].shape.clone();
@@ -387,6 +392,7 @@ pub fn node_work(g: &Graph, n: NodeId) -> Result<NodeWork, Unsupported> {
         KernelSpec::Attention { .. } => super::kernels::attention::work_attention(spec, &ins),
         KernelSpec::BatchMatMul { .. } => super::kernels::attention::work_batch_matmul(spec, &ins, [None, None]),
         KernelSpec::MoeRoute { .. } => super::kernels::moe::work_route(g, n, spec),
+        KernelSpec::Label { .. } => super::kernels::loss::work(g, n, spec),
         KernelSpec::TopK { .. } => super::kernels::moe::work_top_k(g, n, spec),
         KernelSpec::MoeDispatch | KernelSpec::MoeGateUp { .. } | KernelSpec::MoeDown { .. } | KernelSpec::MoeCombine { .. } => {
             unreachable!("expert_ffn's kernels come from work_expert_ffn, not from_node")

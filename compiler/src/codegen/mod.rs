@@ -106,6 +106,10 @@ pub enum KernelSpec {
     /// [`kernels::moe::moe_combine`]: each token's rows times its gate weights (of
     /// `weights`' float type), summed.
     MoeCombine { elem: Elem, weights: Elem },
+    /// One of [`kernels::loss`]'s label kernels over logits of `elem` (the reductions
+    /// `Mean` and `Coef` read only `f32`s and labels); `has_ignore`: rows whose label is
+    /// the ignore index count for nothing.
+    Label { elem: Elem, kind: kernels::loss::LabelKernel, has_ignore: bool },
 }
 
 /// Why a node has no kernel yet.
@@ -158,6 +162,9 @@ impl KernelSpec {
         if let Some(spec) = kernels::moe::spec_from_node(g, n) {
             return spec;
         }
+        if let Some(spec) = kernels::loss::spec(g, n) {
+            return spec;
+        }
         if !matches!(
             node.op,
             Op::Unary(_)
@@ -168,6 +175,7 @@ impl KernelSpec {
                 | Op::MatMul
                 | Op::Attention { .. }
                 | Op::BatchMatMul
+                | Op::WeightGrad
         ) {
             return Err(no("no kernel yet"));
         }
@@ -219,6 +227,8 @@ impl KernelSpec {
                 Ok(KernelSpec::Attention { elem, cfg })
             }
             Op::BatchMatMul => Ok(KernelSpec::BatchMatMul { elem, rank: out.rank().saturating_sub(2) as u32 }),
+            // `dyᵀ · x`, a batch matmul without batch axes (`attention::work_weight_grad`).
+            Op::WeightGrad => Ok(KernelSpec::BatchMatMul { elem, rank: 0 }),
             _ => Err(no("no kernel yet")),
         }
     }
@@ -249,6 +259,16 @@ impl KernelSpec {
             KernelSpec::MoeGateUp { elem } => format!("moe_gate_up_{}", elem.name()),
             KernelSpec::MoeDown { elem } => format!("moe_down_{}", elem.name()),
             KernelSpec::MoeCombine { elem, weights } => format!("moe_combine_{}_{}", elem.name(), weights.name()),
+            KernelSpec::Label { elem, kind, has_ignore } => {
+                let kind = match kind {
+                    kernels::loss::LabelKernel::LogProb => "logprob",
+                    kernels::loss::LabelKernel::Mean => "mean",
+                    kernels::loss::LabelKernel::Coef => "coef",
+                    kernels::loss::LabelKernel::Grad { per_row: true } => "grad_rows",
+                    kernels::loss::LabelKernel::Grad { per_row: false } => "grad",
+                };
+                format!("label_{kind}_{}{}", elem.name(), if *has_ignore { "_ignore" } else { "" })
+            }
         }
     }
 
@@ -281,7 +301,8 @@ impl KernelSpec {
             | KernelSpec::TopK { elem }
             | KernelSpec::MoeGateUp { elem }
             | KernelSpec::MoeDown { elem }
-            | KernelSpec::MoeCombine { elem, .. } => *elem,
+            | KernelSpec::MoeCombine { elem, .. }
+            | KernelSpec::Label { elem, .. } => *elem,
             KernelSpec::MoeDispatch => Elem::F32,
         }
     }
@@ -414,6 +435,7 @@ pub fn cube_dim(spec: &KernelSpec) -> CubeDim {
             CubeDim::new_1d(kernels::moe::SELECT_BLOCK)
         }
         KernelSpec::MoeGateUp { .. } | KernelSpec::MoeDown { .. } => CubeDim::new_2d(kernels::TILE, kernels::TILE),
+        KernelSpec::Label { .. } => CubeDim::new_1d(kernels::ROW_BLOCK),
     }
 }
 
@@ -535,6 +557,27 @@ fn source_for<F: Float + CubeElement>(spec: &KernelSpec, target: Target) -> (Str
         }
         KernelSpec::MoeDown { .. } => {
             compile(kernels::moe::moe_down::MoeDown::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), (), (), ()), name, target)
+        }
+        KernelSpec::Label { kind, has_ignore, .. } => {
+            use kernels::loss::{self, LabelKernel};
+            match kind {
+                LabelKernel::LogProb => compile(
+                    loss::label_logprob::LabelLogprob::<F>::new(settings, p, tp, b(), b(), b(), b(), (), (), *has_ignore),
+                    name,
+                    target,
+                ),
+                LabelKernel::Mean => {
+                    compile(loss::label_mean::LabelMean::new(settings, p, tp, b(), b(), b(), (), (), *has_ignore), name, target)
+                }
+                LabelKernel::Coef => {
+                    compile(loss::label_coef::LabelCoef::new(settings, p, tp, b(), b(), b(), (), (), *has_ignore), name, target)
+                }
+                LabelKernel::Grad { per_row } => compile(
+                    loss::label_grad::LabelGrad::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), (), (), *has_ignore, *per_row),
+                    name,
+                    target,
+                ),
+            }
         }
         KernelSpec::MoeCombine { weights, .. } => match weights {
             Elem::F32 => {

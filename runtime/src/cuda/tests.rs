@@ -17,7 +17,8 @@ use dsc_compiler::codegen::{kernel_source, KernelSpec, Target};
 use dsc_compiler::ir::{Bindings, Graph, Mode, NodeId};
 use std::collections::BTreeMap;
 
-/// Every kernel of the tiny specs' prefill and decode modules (both MLA forms): what
+/// Every kernel of the tiny specs' prefill and decode modules (both MLA forms) and of
+/// their train modules (the nodes that have kernels so far): what
 /// `dsc compile specs/tiny/*.dsc --target cuda` writes, and the launches of nodes whose
 /// kernels come from `node_work` only (expert FFNs).
 fn every_kernel() -> BTreeMap<String, KernelSpec> {
@@ -26,8 +27,11 @@ fn every_kernel() -> BTreeMap<String, KernelSpec> {
     for e in std::fs::read_dir(&dir).unwrap() {
         let file = e.unwrap().path();
         if file.extension().is_some_and(|x| x == "dsc") {
-            for mode in [Mode::Prefill, Mode::Decode] {
-                for mla in [dsc_compiler::passes::mla_absorb::MlaMode::Absorb, dsc_compiler::passes::mla_absorb::MlaMode::Decompress] {
+            use dsc_compiler::passes::mla_absorb::MlaMode;
+            for mode in [Mode::Prefill, Mode::Decode, Mode::Train] {
+                // Training keeps MLA decompressed.
+                let forms: &[MlaMode] = if mode == Mode::Train { &[MlaMode::Decompress] } else { &[MlaMode::Absorb, MlaMode::Decompress] };
+                for &mla in forms {
                     out.extend(crate::cli::compile::collect_kernels(&compiled(&file, mode, mla), dsc_compiler::codegen::Target::Cuda).0);
                 }
             }
@@ -126,6 +130,9 @@ mod kernels_moe;
 #[path = "../wgpu/tests_movement.rs"]
 #[allow(clippy::duplicate_mod)] // the wgpu suite, run a second time on CUDA
 mod kernels_movement;
+#[path = "../wgpu/tests_train.rs"]
+#[allow(clippy::duplicate_mod)] // the wgpu suite, run a second time on CUDA
+mod kernels_train;
 #[path = "../wgpu/test_data.rs"]
 #[allow(clippy::duplicate_mod)] // the wgpu suites' shared inputs, on the CUDA shim
 mod test_data;

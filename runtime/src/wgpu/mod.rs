@@ -337,6 +337,31 @@ impl WgpuBackend {
                 let (act, row_expert, offsets, down, y) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?);
                 kernels::moe::moe_down::launch::<F>(c, count, dim, act, row_expert, offsets, down, y, a.u32(5)?, a.u32(6)?, a.u32(7)?)
             }
+            KernelSpec::Label { kind, has_ignore, .. } => {
+                use kernels::loss::{self, LabelKernel};
+                let (h, x, y) = (*has_ignore, a.buf(0)?, a.buf(1)?);
+                match kind {
+                    LabelKernel::LogProb => {
+                        loss::label_logprob::launch::<F>(c, count, dim, x, y, a.f32_table(2)?, a.buf(3)?, a.u32(4)?, a.u32(5)?, h)
+                    }
+                    LabelKernel::Mean => loss::label_mean::launch(c, count, dim, x, y, a.buf(2)?, a.u32(3)?, a.u32(4)?, h),
+                    LabelKernel::Coef => loss::label_coef::launch(c, count, dim, x, y, a.buf(2)?, a.u32(3)?, a.u32(4)?, h),
+                    LabelKernel::Grad { per_row } => loss::label_grad::launch::<F>(
+                        c,
+                        count,
+                        dim,
+                        x,
+                        y,
+                        a.buf(2)?,
+                        a.f32_table(3)?,
+                        a.buf(4)?,
+                        a.u32(5)?,
+                        a.u32(6)?,
+                        h,
+                        *per_row,
+                    ),
+                }
+            }
             KernelSpec::MoeCombine { weights, .. } => {
                 let (y, pos, w, out, h, k) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.u32(4)?, a.u32(5)?);
                 match weights {
@@ -475,6 +500,8 @@ mod tests_attention;
 mod tests_moe;
 #[cfg(test)]
 mod tests_movement;
+#[cfg(test)]
+mod tests_train;
 
 /// The adapter's limits, checked before CubeCL would panic on them. (Here, not in
 /// `tests.rs`, which the CUDA backend compiles too.)

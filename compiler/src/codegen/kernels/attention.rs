@@ -492,6 +492,31 @@ pub(crate) fn work_attention(spec: KernelSpec, ins: &[Shape]) -> NodeWork {
     NodeWork::Launches { scratch, launches: vec![launch] }
 }
 
+/// The launch of a weight_grad node `dw[n, k] = Σ_t dy[t, n] · x[t, k]` (`ins`: dy
+/// `[T.., n]`, x `[T.., k]`): [`batch_matmul`] with no batch axes over `dyᵀ`, read in
+/// place (row stride 1, column stride n), and `x`; the tokens are the reduction axis,
+/// summed in f32 in token order.
+pub(crate) fn work_weight_grad(spec: KernelSpec, ins: &[Shape]) -> NodeWork {
+    let (dy, x) = (&ins[0].0, &ins[1].0);
+    let (n, k) = (*dy.last().expect("rank checked"), *x.last().expect("rank checked"));
+    let tokens = Size::product(&dy[..dy.len() - 1]);
+    let t = TILE as i64;
+    let (one, zero) = (Size::lit(1), Size::lit(0));
+    let layout = vec![zero.clone(), one.clone(), Size::Dim(n), zero, Size::Dim(k), one];
+    let args = vec![
+        Arg::Buf(Buf::Input(0)),
+        Arg::Buf(Buf::Input(1)),
+        Arg::Buf(Buf::Output(0)),
+        Arg::Table(layout),
+        Arg::U32(Size::Dim(n)),
+        Arg::U32(Size::Dim(k)),
+        Arg::U32(tokens.clone()),
+    ];
+    let grid = [Size::Dim(k).ceil_div(t), Size::Dim(n).ceil_div(t), Size::lit(1)];
+    let flops = tiled_flops(&grid, t, tokens);
+    NodeWork::Launches { scratch: vec![], launches: vec![Launch::new(spec, args, grid, flops)] }
+}
+
 /// The launch of a batch_matmul node `a [B.., m, k] · b [B.., k, n]`, each operand read
 /// contiguously or through `views[i]` of the buffer the plan binds in its place.
 pub(crate) fn work_batch_matmul(spec: KernelSpec, ins: &[Shape], views: [Option<&View>; 2]) -> NodeWork {

@@ -1,0 +1,133 @@
+//! The kernels of the train graphs (gradients, losses) on the wgpu adapter against the
+//! reference interpreter running the same node: random non-zero inputs, integer labels
+//! with ignored rows, sizes that are not multiples of any block or tile, every output
+//! compared (multi-output nodes included), f32 tolerance 1e-4·(1 + |ref|).
+
+use super::test_data::{backend, random};
+use crate::reference::{run, Options, Tensor};
+use dsc_compiler::codegen::KernelSpec;
+use dsc_compiler::ir::{Bindings, DType, Dim, Function, Graph, Mode, Module, Op, Ty, Value};
+use std::collections::HashMap;
+
+/// Runs `op` over `inputs` (their types and values) with sizes `bind` in the reference
+/// and on the device, and compares every output within `tol·(1 + |ref|)`.
+fn check_node(op: Op, inputs: &[(Ty, Tensor)], bind: Bindings, tol: f32) -> KernelSpec {
+    let mut g = Graph::new();
+    let args: Vec<Value> =
+        inputs.iter().enumerate().map(|(i, (t, _))| g.input(i as u32, &format!("x{i}"), t.clone(), None).into()).collect();
+    let n = g.add_inferred(op.clone(), &args, None).unwrap_or_else(|e| panic!("{op:?}: {e}"));
+    let outs: Vec<Value> = (0..g.node(n).outputs.len() as u16).map(|i| n.out(i)).collect();
+    g.ret(&outs, None);
+    let spec = KernelSpec::from_node(&g, n).unwrap_or_else(|u| panic!("{op:?}: {u}"));
+    let mut m = Module::new();
+    m.add_function(Function { name: "main".into(), graph: g.clone() });
+    m.set_entry(Mode::Prefill, "main");
+    let values: Vec<Tensor> = inputs.iter().map(|(_, t)| t.clone()).collect();
+    let want = run(&m, Mode::Prefill, &values, &HashMap::<String, Tensor>::new(), &Options::default())
+        .unwrap_or_else(|e| panic!("reference {op:?}: {e}"));
+    let refs: Vec<&Tensor> = values.iter().collect();
+    let got = backend().run_node(&g, n, &refs, &bind).unwrap_or_else(|e| panic!("{op:?}: {e}"));
+    assert_eq!(got.len(), want.len());
+    for (o, (w, d)) in want.iter().zip(&got).enumerate() {
+        assert_eq!(w.shape(), d.shape(), "{op:?} output {o}");
+        let (w, d) = (w.to_f32_vec(), d.to_f32_vec());
+        for (i, (a, b)) in w.iter().zip(&d).enumerate() {
+            assert!((a - b).abs() <= tol * (1.0 + a.abs()), "{op:?} output {o} element {i}: reference {a}, device {b}");
+        }
+    }
+    spec
+}
+
+fn f32_input(shape: &[Dim], bind: &Bindings, seed: u64) -> (Ty, Tensor) {
+    let dims: Vec<usize> = shape.iter().map(|d| d.eval(bind) as usize).collect();
+    (Ty::new(DType::F32, shape.to_vec()), random(&dims, seed, DType::F32))
+}
+
+fn lits(s: &[usize]) -> Vec<Dim> {
+    s.iter().map(|&d| Dim::lit(d as i64)).collect()
+}
+
+#[test]
+fn weight_grad_sums_over_every_token_axis() {
+    for (tokens, n, k) in [(&[1usize][..], 1, 1), (&[2, 9][..], 17, 33), (&[3, 5, 7], 40, 21)] {
+        let bind = Bindings::default();
+        let dy: Vec<usize> = tokens.iter().copied().chain([n]).collect();
+        let x: Vec<usize> = tokens.iter().copied().chain([k]).collect();
+        let spec = check_node(Op::WeightGrad, &[f32_input(&lits(&dy), &bind, 3), f32_input(&lits(&x), &bind, 4)], bind, 1e-4);
+        assert!(spec.name().starts_with("batch_matmul_f32_r0"), "{}", spec.name());
+    }
+    // Symbolic token axes, as the train graph has them.
+    let bind = Bindings { batch: 3, seq: 11, cache: 0 };
+    let dy = vec![Dim::B, Dim::S, Dim::lit(24)];
+    let x = vec![Dim::B, Dim::S, Dim::lit(10)];
+    check_node(Op::WeightGrad, &[f32_input(&dy, &bind, 5), f32_input(&x, &bind, 6)], bind, 1e-4);
+}
+
+/// Labels in `0..v` with every third row set to the ignore index `-100`.
+fn labels(shape: &[Dim], bind: &Bindings, v: usize, seed: usize) -> (Ty, Tensor) {
+    let dims: Vec<usize> = shape.iter().map(|d| d.eval(bind) as usize).collect();
+    let n: usize = dims.iter().product();
+    let vals: Vec<i64> = (0..n).map(|i| if i % 3 == 2 { -100 } else { ((i * 7 + seed) % v) as i64 }).collect();
+    (Ty::new(DType::I64, shape.to_vec()), Tensor::i64(&dims, vals))
+}
+
+fn scalar(v: f32) -> (Ty, Tensor) {
+    (Ty::new(DType::F32, Vec::<Dim>::new()), Tensor::f32(&[], vec![v]))
+}
+
+#[test]
+fn label_losses_and_their_gradients() {
+    let bind = Bindings { batch: 2, seq: 7, cache: 0 };
+    for (rows, v) in [(vec![Dim::B, Dim::S], 300usize), (vec![Dim::lit(1)], 1), (vec![Dim::lit(5)], 129)] {
+        let logits: Vec<Dim> = rows.iter().copied().chain([Dim::lit(v as i64)]).collect();
+        for ignore in [Some(-100), None] {
+            // Without an ignore index, -100 would be out of range: use in-range labels.
+            let lab = match ignore {
+                Some(_) => labels(&rows, &bind, v, 1),
+                None => (Ty::new(DType::I64, rows.clone()), in_range(&rows, &bind, v)),
+            };
+            let x = f32_input(&logits, &bind, 9);
+            check_node(Op::CrossEntropy { ignore_index: ignore }, &[x.clone(), lab.clone()], bind, 1e-4);
+            check_node(Op::TokenLogProb { ignore_index: ignore }, &[x.clone(), lab.clone()], bind, 1e-4);
+            check_node(Op::CrossEntropyGrad { ignore_index: ignore }, &[x.clone(), lab.clone(), scalar(0.7)], bind, 1e-5);
+            check_node(Op::TokenLogProbGrad { ignore_index: ignore }, &[x.clone(), lab.clone(), f32_input(&rows, &bind, 12)], bind, 1e-5);
+        }
+    }
+}
+
+/// Labels in `0..v`, none ignored.
+fn in_range(shape: &[Dim], bind: &Bindings, v: usize) -> Tensor {
+    let dims: Vec<usize> = shape.iter().map(|d| d.eval(bind) as usize).collect();
+    let n: usize = dims.iter().product();
+    Tensor::i64(&dims, (0..n).map(|i| ((i * 5 + 3) % v) as i64).collect())
+}
+
+/// What the reference refuses, the device marks: a counted label outside `0..V` makes
+/// the loss NaN, and a batch whose labels are all ignored has a NaN mean (torch's mean
+/// over nothing) and a zero gradient.
+#[test]
+fn label_losses_mark_what_the_reference_refuses() {
+    let bind = Bindings::default();
+    let x = f32_input(&lits(&[3, 10]), &bind, 2);
+    let lab_ty = Ty::new(DType::I64, lits(&[3]));
+    let run = |op: Op, labels: Vec<i64>, extra: Option<(Ty, Tensor)>| -> Vec<f32> {
+        let mut g = Graph::new();
+        let mut ins = vec![x.clone(), (lab_ty.clone(), Tensor::i64(&[3], labels))];
+        ins.extend(extra);
+        let args: Vec<Value> = ins.iter().enumerate().map(|(i, (t, _))| g.input(i as u32, "x", t.clone(), None).into()).collect();
+        let n = g.add_inferred(op, &args, None).unwrap();
+        let refs: Vec<&Tensor> = ins.iter().map(|(_, t)| t).collect();
+        backend().run_node(&g, n, &refs, &bind).unwrap().remove(0).to_f32_vec()
+    };
+    let ce = Op::CrossEntropy { ignore_index: Some(-100) };
+    assert!(run(ce.clone(), vec![1, 10, 2], None)[0].is_nan());
+    assert!(run(ce.clone(), vec![1, -7, 2], None)[0].is_nan());
+    assert!(run(ce, vec![-100, -100, -100], None)[0].is_nan());
+    let grad = run(Op::CrossEntropyGrad { ignore_index: Some(-100) }, vec![-100, -100, -100], Some(scalar(1.0)));
+    assert!(grad.iter().all(|&g| g == 0.0), "{grad:?}");
+    let grad = run(Op::CrossEntropyGrad { ignore_index: Some(-100) }, vec![4, 12, -100], Some(scalar(1.0)));
+    assert!(
+        grad[..10].iter().all(|g| g.is_finite()) && grad[10..20].iter().all(|g| g.is_nan()) && grad[20..].iter().all(|&g| g == 0.0),
+        "{grad:?}"
+    );
+}
