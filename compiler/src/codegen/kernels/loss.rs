@@ -117,8 +117,10 @@ fn reduce_pair(shared: &mut Shared<[f32]>, tid: u32) {
 }
 
 /// `(−Σ logp, count)` over the counted rows, reduced into `shared[0]` and
-/// `shared[ROW_BLOCK]` by one cube.
+/// `shared[ROW_BLOCK]` by one cube. The row test stays a separate `if`: a kernel's `&&`
+/// need not short-circuit, and the label read must not run past the last row.
 #[cube]
+#[allow(clippy::collapsible_if)]
 fn counted_sum(
     logp: &[f32],
     labels: &[i32],
