@@ -374,7 +374,9 @@ pub fn node_work(g: &Graph, n: NodeId) -> Result<NodeWork, Unsupported> {
             // Max, subtract-and-exp, sum, divide.
             single(Launch::new(spec, args, grid_rows(rows, Size::lit(1)), Size::numel(&out).mul(Size::lit(4))))
         }
-        KernelSpec::Copy { .. } | KernelSpec::Gather { .. } | KernelSpec::Cast { .. } => super::kernels::movement::work(g, n, spec),
+        KernelSpec::Copy { .. } | KernelSpec::CopyI32 { .. } | KernelSpec::NegI32 | KernelSpec::Gather { .. } | KernelSpec::Cast { .. } => {
+            super::kernels::movement::work(g, n, spec)
+        }
         KernelSpec::Rope { .. } => super::kernels::rope::work(g, n, spec),
         KernelSpec::MatMulEw { .. } | KernelSpec::RmsNormEw { .. } | KernelSpec::GateUp { .. } => super::kernels::heads::work(g, n, spec),
         KernelSpec::MatMul { .. } => {
@@ -393,6 +395,8 @@ pub fn node_work(g: &Graph, n: NodeId) -> Result<NodeWork, Unsupported> {
         KernelSpec::BatchMatMul { .. } => super::kernels::attention::work_batch_matmul(spec, &ins, [None, None]),
         KernelSpec::MoeRoute { .. } => super::kernels::moe::work_route(g, n, spec),
         KernelSpec::Label { .. } => super::kernels::loss::work(g, n, spec),
+        KernelSpec::RmsNormGrad { .. } | KernelSpec::ScatterRows { .. } => super::kernels::grad::work(g, n, spec),
+        KernelSpec::ScatterLinks => unreachable!("scatter_links comes from grad::work, not from_node"),
         KernelSpec::TopK { .. } => super::kernels::moe::work_top_k(g, n, spec),
         KernelSpec::MoeDispatch | KernelSpec::MoeGateUp { .. } | KernelSpec::MoeDown { .. } | KernelSpec::MoeCombine { .. } => {
             unreachable!("expert_ffn's kernels come from work_expert_ffn, not from_node")

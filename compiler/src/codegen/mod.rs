@@ -74,6 +74,10 @@ pub enum KernelSpec {
     /// [`kernels::movement::strided_copy`] over a box of `rank` axes: permute, slice,
     /// broadcast, and concat / cache_append (one launch per input).
     Copy { elem: Elem, rank: u32 },
+    /// [`kernels::movement::strided_copy`] over `i32` index tensors (labels, positions).
+    CopyI32 { rank: u32 },
+    /// [`kernels::movement::neg_i32`].
+    NegI32,
     /// [`kernels::movement::gather`]: rows of a table by `i32` index.
     Gather { elem: Elem },
     /// [`kernels::rope::rope`], adjacent pairs when `interleaved`, else `rotate_half`.
@@ -110,6 +114,13 @@ pub enum KernelSpec {
     /// `Mean` and `Coef` read only `f32`s and labels); `has_ignore`: rows whose label is
     /// the ignore index count for nothing.
     Label { elem: Elem, kind: kernels::loss::LabelKernel, has_ignore: bool },
+    /// [`kernels::grad::rms_norm_grad_rows`] (`dx` and each row's `r`), or with `gain`
+    /// [`kernels::grad::rms_norm_grad_gain`] (`dgain`); `eps` as `f32` bits.
+    RmsNormGrad { elem: Elem, eps_bits: u32, gain: bool },
+    /// [`kernels::grad::scatter_links`]: integers only (nominally `f32`).
+    ScatterLinks,
+    /// [`kernels::grad::scatter_rows`]: scatter-add's accumulation.
+    ScatterRows { elem: Elem },
 }
 
 /// Why a node has no kernel yet.
@@ -162,7 +173,7 @@ impl KernelSpec {
         if let Some(spec) = kernels::moe::spec_from_node(g, n) {
             return spec;
         }
-        if let Some(spec) = kernels::loss::spec(g, n) {
+        if let Some(spec) = kernels::loss::spec(g, n).or_else(|| kernels::grad::spec(g, n)) {
             return spec;
         }
         if !matches!(
@@ -240,6 +251,12 @@ impl KernelSpec {
         match self {
             KernelSpec::Elementwise { elem, .. } => format!("ew_{}_{}", elem.name(), h()),
             KernelSpec::Copy { elem, rank } => format!("copy_{}_r{rank}", elem.name()),
+            KernelSpec::CopyI32 { rank } => format!("copy_i32_r{rank}"),
+            KernelSpec::NegI32 => "neg_i32".to_string(),
+            KernelSpec::RmsNormGrad { elem, gain: false, .. } => format!("rms_norm_grad_rows_{}_{}", elem.name(), h()),
+            KernelSpec::RmsNormGrad { elem, gain: true, .. } => format!("rms_norm_grad_gain_{}", elem.name()),
+            KernelSpec::ScatterLinks => "scatter_links".to_string(),
+            KernelSpec::ScatterRows { elem } => format!("scatter_rows_{}", elem.name()),
             KernelSpec::Gather { elem } => format!("gather_{}", elem.name()),
             KernelSpec::Rope { elem, interleaved } => {
                 format!("rope_{}_{}", elem.name(), if *interleaved { "interleaved" } else { "half_split" })
@@ -302,8 +319,11 @@ impl KernelSpec {
             | KernelSpec::MoeGateUp { elem }
             | KernelSpec::MoeDown { elem }
             | KernelSpec::MoeCombine { elem, .. }
-            | KernelSpec::Label { elem, .. } => *elem,
-            KernelSpec::MoeDispatch => Elem::F32,
+            | KernelSpec::Label { elem, .. }
+            | KernelSpec::RmsNormGrad { elem, .. }
+            | KernelSpec::ScatterRows { elem } => *elem,
+            // Integer kernels: nominally f32 (the element type picks no code of theirs).
+            KernelSpec::MoeDispatch | KernelSpec::CopyI32 { .. } | KernelSpec::NegI32 | KernelSpec::ScatterLinks => Elem::F32,
         }
     }
 }
@@ -424,6 +444,11 @@ pub fn cube_dim(spec: &KernelSpec) -> CubeDim {
     match spec {
         KernelSpec::Elementwise { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
         KernelSpec::Copy { .. } | KernelSpec::Gather { .. } | KernelSpec::Rope { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
+        KernelSpec::CopyI32 { .. } | KernelSpec::NegI32 => CubeDim::new_1d(kernels::EW_BLOCK),
+        KernelSpec::RmsNormGrad { gain: false, .. } => CubeDim::new_1d(kernels::ROW_BLOCK),
+        KernelSpec::RmsNormGrad { gain: true, .. } | KernelSpec::ScatterLinks | KernelSpec::ScatterRows { .. } => {
+            CubeDim::new_1d(kernels::EW_BLOCK)
+        }
         KernelSpec::Cast { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
         KernelSpec::RmsNormEw { .. } => CubeDim::new_1d(kernels::ROW_BLOCK),
         KernelSpec::MatMulEw { .. } | KernelSpec::GateUp { .. } => CubeDim::new_2d(kernels::MM_UNITS, kernels::MM_UNITS),
@@ -472,6 +497,24 @@ fn source_for<F: Float + CubeElement>(spec: &KernelSpec, target: Target) -> (Str
         }
         KernelSpec::Copy { rank, .. } => {
             compile(kernels::movement::strided_copy::StridedCopy::<F>::new(settings, p, tp, b(), b(), b(), *rank), name, target)
+        }
+        KernelSpec::CopyI32 { rank } => {
+            compile(kernels::movement::strided_copy::StridedCopy::<i32>::new(settings, p, tp, b(), b(), b(), *rank), name, target)
+        }
+        KernelSpec::NegI32 => compile(kernels::movement::neg_i32::NegI32::new(settings, p, tp, b(), b()), name, target),
+        KernelSpec::RmsNormGrad { eps_bits, gain: false, .. } => compile(
+            kernels::grad::rms_norm_grad_rows::RmsNormGradRows::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), (), *eps_bits),
+            name,
+            target,
+        ),
+        KernelSpec::RmsNormGrad { gain: true, .. } => {
+            compile(kernels::grad::rms_norm_grad_gain::RmsNormGradGain::<F>::new(settings, p, tp, b(), b(), b(), b(), ()), name, target)
+        }
+        KernelSpec::ScatterLinks => {
+            compile(kernels::grad::scatter_links::ScatterLinks::new(settings, p, tp, b(), b(), b(), ()), name, target)
+        }
+        KernelSpec::ScatterRows { .. } => {
+            compile(kernels::grad::scatter_rows::ScatterRows::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), (), (), ()), name, target)
         }
         KernelSpec::Gather { .. } => {
             compile(kernels::movement::gather::Gather::<F>::new(settings, p, tp, b(), b(), b(), (), (), ()), name, target)

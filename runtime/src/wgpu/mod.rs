@@ -261,6 +261,23 @@ impl WgpuBackend {
             KernelSpec::Copy { rank, .. } => {
                 kernels::movement::strided_copy::launch::<F>(c, count, dim, a.buf(0)?, a.table(1)?, a.buf(2)?, *rank)
             }
+            KernelSpec::CopyI32 { rank } => {
+                kernels::movement::strided_copy::launch::<i32>(c, count, dim, a.buf(0)?, a.table(1)?, a.buf(2)?, *rank)
+            }
+            KernelSpec::NegI32 => kernels::movement::neg_i32::launch(c, count, dim, a.buf(0)?, a.buf(1)?),
+            KernelSpec::RmsNormGrad { eps_bits, gain: false, .. } => {
+                let (x, g, dy, dx, r) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?);
+                kernels::grad::rms_norm_grad_rows::launch::<F>(c, count, dim, x, g, dy, dx, r, a.u32(5)?, *eps_bits)
+            }
+            KernelSpec::RmsNormGrad { gain: true, .. } => {
+                let (x, dy, r, dg) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?);
+                kernels::grad::rms_norm_grad_gain::launch::<F>(c, count, dim, x, dy, r, dg, a.u32(4)?)
+            }
+            KernelSpec::ScatterLinks => kernels::grad::scatter_links::launch(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.u32(3)?),
+            KernelSpec::ScatterRows { .. } => {
+                let (src, idx, next, first, out) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?);
+                kernels::grad::scatter_rows::launch::<F>(c, count, dim, src, idx, next, first, out, a.u32(5)?, a.u32(6)?, a.u32(7)?)
+            }
             // The element types are the spec's (`F` is the output's).
             KernelSpec::Cast { from, to } => {
                 use dsc_compiler::codegen::Elem::{F16, F32};

@@ -131,3 +131,47 @@ fn label_losses_mark_what_the_reference_refuses() {
         "{grad:?}"
     );
 }
+
+#[test]
+fn rms_norm_grad_rows_and_gain() {
+    use dsc_compiler::ir::Float;
+    for (rows, d) in [(vec![Dim::lit(1)], 1usize), (vec![Dim::B, Dim::S], 48), (vec![Dim::lit(3), Dim::lit(5)], 300)] {
+        let bind = Bindings { batch: 2, seq: 9, cache: 0 };
+        let x: Vec<Dim> = rows.iter().copied().chain([Dim::lit(d as i64)]).collect();
+        let ins = [f32_input(&x, &bind, 21), f32_input(&lits(&[d]), &bind, 22), f32_input(&x, &bind, 23)];
+        check_node(Op::RmsNormGrad { eps: Float::new(1e-6) }, &ins, bind, 1e-4);
+    }
+}
+
+#[test]
+fn scatter_add_accumulates_repeated_indices_in_order() {
+    let bind = Bindings { batch: 2, seq: 5, cache: 0 };
+    // An embedding's gradient: dst [V, h] zeros, ids [b, s] with repeats, src [b, s, h].
+    let ids: Vec<i64> = vec![3, 0, 3, 7, 3, 1, 1, 9, 0, 3];
+    for (inner, axis) in [(5usize, 0u8), (1, 0)] {
+        let dst = f32_input(&lits(&[10, inner]), &bind, 31);
+        let idx = (Ty::new(DType::I64, vec![Dim::B, Dim::S]), Tensor::i64(&[2, 5], ids.clone()));
+        let src = f32_input(&[Dim::B, Dim::S, Dim::lit(inner as i64)], &bind, 32);
+        check_node(Op::ScatterAdd { axis }, &[dst, idx, src], bind, 1e-5);
+    }
+    // Along a middle axis: dst [2, 6, 3], idx [4], src [2, 4, 3].
+    let bind = Bindings::default();
+    let idx = (Ty::new(DType::I64, lits(&[4])), Tensor::i64(&[4], vec![5, 0, 5, 2]));
+    check_node(
+        Op::ScatterAdd { axis: 1 },
+        &[f32_input(&lits(&[2, 6, 3]), &bind, 33), idx, f32_input(&lits(&[2, 4, 3]), &bind, 34)],
+        bind,
+        1e-5,
+    );
+}
+
+#[test]
+fn integer_index_tensors_move_and_negate() {
+    use dsc_compiler::ir::UnaryOp;
+    let bind = Bindings { batch: 2, seq: 6, cache: 0 };
+    let pos = (Ty::new(DType::I64, vec![Dim::B, Dim::S]), Tensor::i64(&[2, 6], (0..12).map(|i| i * 3 - 7).collect()));
+    check_node(Op::Unary(UnaryOp::Neg), std::slice::from_ref(&pos), bind, 0.0);
+    // The labels' shift: a symbolic slice along the sequence.
+    check_node(Op::Slice { axis: 1, start: Dim::lit(1), len: Dim::S - 1 }, std::slice::from_ref(&pos), bind, 0.0);
+    check_node(Op::Permute { perm: vec![1, 0] }, std::slice::from_ref(&pos), bind, 0.0);
+}

@@ -29,14 +29,14 @@
 use super::EW_BLOCK;
 use crate::codegen::launch::{grid_linear, single, Arg, Buf, Launch, NodeWork, Size, Touch};
 use crate::codegen::{Elem, KernelSpec, Unsupported};
-use crate::ir::{DType, Dim, Graph, NodeId, Op, Value};
+use crate::ir::{DType, Dim, Graph, NodeId, Op, UnaryOp, Value};
 use cubecl::prelude::*;
 
 /// Copies the box described by `layout` from `src` to `out`. `layout` is
 /// `[count, src_offset, dst_offset, shape[rank], src_strides[rank], dst_strides[rank]]`
 /// with `count` the number of elements in the box.
 #[cube(launch, create_dummy_kernel)]
-pub fn strided_copy<F: Float>(src: &[F], layout: &[u32], out: &mut [F], #[comptime] rank: u32) {
+pub fn strided_copy<N: Numeric>(src: &[N], layout: &[u32], out: &mut [N], #[comptime] rank: u32) {
     let pos = ABSOLUTE_POS as u32;
     if pos < layout[0] {
         let mut rem = pos;
@@ -53,6 +53,15 @@ pub fn strided_copy<F: Float>(src: &[F], layout: &[u32], out: &mut [F], #[compti
             d += c * layout[comptime![(3 + 2 * rank + a) as usize]];
         }
         out[d as usize] = src[s as usize];
+    }
+}
+
+/// `out[i] = −x[i]` over `i32` indices (the rope backward turns by `−positions`).
+#[cube(launch, create_dummy_kernel)]
+pub fn neg_i32(x: &[i32], out: &mut [i32]) {
+    let pos = ABSOLUTE_POS;
+    if pos < out.len() {
+        out[pos] = -x[pos];
     }
 }
 
@@ -122,7 +131,14 @@ fn box_rank(shape: &[Dim]) -> u32 {
 pub(crate) fn spec(g: &Graph, n: NodeId) -> Option<Result<KernelSpec, Unsupported>> {
     let node = g.node(n);
     let out = node.outputs.first()?;
+    let int = matches!(out.dtype, DType::I32 | DType::I64);
     Some(match &node.op {
+        // Integer index tensors (labels, positions) move as `i32`, the device's integers.
+        Op::Permute { .. } | Op::Slice { .. } | Op::Broadcast { .. } if int => Ok(KernelSpec::CopyI32 { rank: box_rank(&out.shape) }),
+        Op::Concat { .. } | Op::CacheAppend { .. } if int => {
+            Ok(KernelSpec::CopyI32 { rank: g.inputs(n).iter().map(|&v| box_rank(&g.ty(v).shape)).max().unwrap_or(0) })
+        }
+        Op::Unary(UnaryOp::Neg) if int => Ok(KernelSpec::NegI32),
         Op::Permute { .. } | Op::Slice { .. } | Op::Broadcast { .. } => {
             float_elem(g, n, &[]).map(|elem| KernelSpec::Copy { elem, rank: box_rank(&out.shape) })
         }
@@ -222,7 +238,7 @@ pub fn fold_view(g: &Graph, v: Value) -> Option<View> {
 }
 
 /// One [`strided_copy`] launch of the box `shape` (unit axes dropped here).
-fn copy_launch(elem: Elem, input: u16, shape: &[Dim], src: (Size, Vec<Size>), dst: (Size, Vec<Size>)) -> Launch {
+pub(crate) fn copy_launch(spec: &KernelSpec, input: u16, shape: &[Dim], src: (Size, Vec<Size>), dst: (Size, Vec<Size>)) -> Launch {
     let keep: Vec<usize> = (0..shape.len()).filter(|&i| !shape[i].is(1)).collect();
     let count = Size::product(shape);
     let grid = grid_linear(count.clone().ceil_div(EW_BLOCK as i64));
@@ -233,7 +249,12 @@ fn copy_launch(elem: Elem, input: u16, shape: &[Dim], src: (Size, Vec<Size>), ds
     // The copy reads `count` elements of its input: a slice's window, a broadcast's whole
     // (smaller) source, one input of a concat (the touched fraction is capped at 1).
     let args = vec![Arg::Buf(Buf::Input(input)), Arg::Table(table), Arg::Buf(Buf::Output(0))];
-    Launch::new(KernelSpec::Copy { elem, rank: keep.len() as u32 }, args, grid, Size::lit(0))
+    let rank = keep.len() as u32;
+    let kernel = match spec {
+        KernelSpec::CopyI32 { .. } => KernelSpec::CopyI32 { rank },
+        _ => KernelSpec::Copy { elem: spec.elem(), rank },
+    };
+    Launch::new(kernel, args, grid, Size::lit(0))
         .touching(Buf::Input(input), Touch::Elems(count.clone()))
         .touching(Buf::Output(0), Touch::Elems(count))
 }
@@ -243,7 +264,6 @@ pub(crate) fn work(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
     let node = g.node(n);
     let ins: Vec<Vec<Dim>> = g.inputs(n).iter().map(|&v| g.ty(v).shape.0.clone()).collect();
     let out = node.outputs[0].shape.0.clone();
-    let elem = spec.elem();
     let zero = || Size::lit(0);
     let contiguous = || (zero(), strides(&out));
     let launch = |l: Launch| NodeWork::Launches { scratch: vec![], launches: vec![l] };
@@ -251,19 +271,19 @@ pub(crate) fn work(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
         Op::Permute { perm } => {
             let st = strides(&ins[0]);
             let src = perm.iter().map(|&p| st[p as usize].clone()).collect();
-            launch(copy_launch(elem, 0, &out, (zero(), src), contiguous()))
+            launch(copy_launch(&spec, 0, &out, (zero(), src), contiguous()))
         }
         Op::Slice { axis, start, .. } => {
             let st = strides(&ins[0]);
             let offset = offset(*start, st[*axis as usize].clone());
-            launch(copy_launch(elem, 0, &out, (offset, st), contiguous()))
+            launch(copy_launch(&spec, 0, &out, (offset, st), contiguous()))
         }
         Op::Broadcast { .. } => {
             // Right-aligned: output axis `pad + i` reads input axis `i`, stride 0 where
             // the input has 1 (and along the new leading axes).
             let (st, pad) = (strides(&ins[0]), out.len() - ins[0].len());
             let src = (0..out.len()).map(|a| if a < pad || ins[0][a - pad].is(1) { zero() } else { st[a - pad].clone() }).collect();
-            launch(copy_launch(elem, 0, &out, (zero(), src), contiguous()))
+            launch(copy_launch(&spec, 0, &out, (zero(), src), contiguous()))
         }
         Op::Concat { axis } | Op::CacheAppend { axis } => {
             let (ax, ost) = (*axis as usize, strides(&out));
@@ -271,12 +291,12 @@ pub(crate) fn work(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
             let mut launches = Vec::with_capacity(ins.len());
             for (i, s) in ins.iter().enumerate() {
                 let offset = offset(before, ost[ax].clone());
-                launches.push(copy_launch(elem, i as u16, s, (zero(), strides(s)), (offset, ost.clone())));
+                launches.push(copy_launch(&spec, i as u16, s, (zero(), strides(s)), (offset, ost.clone())));
                 before = before + s[ax];
             }
             NodeWork::Launches { scratch: vec![], launches }
         }
-        Op::Cast { .. } => {
+        Op::Cast { .. } | Op::Unary(UnaryOp::Neg) => {
             let args = vec![Arg::Buf(Buf::Input(0)), Arg::Buf(Buf::Output(0))];
             single(Launch::new(spec, args, grid_linear(Size::product(&out).ceil_div(EW_BLOCK as i64)), Size::lit(0)))
         }

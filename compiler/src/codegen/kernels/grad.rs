@@ -1,0 +1,246 @@
+//! Backward kernels of the train graphs that are not products: the RMSNorm backward and
+//! the scatter-add that is the embedding's gradient. Deterministic, without atomics: each
+//! output element is owned by one unit, which adds its terms in the reference's order.
+//!
+//! - `rms_norm_grad`: two launches. [`rms_norm_grad_rows`], one cube of [`ROW_BLOCK`]
+//!   units per row: `r = (mean(x²) + eps)^-½` and `mean(dy·g·x)` as two shared-memory
+//!   reductions in `f32`, then `dx = r·(dy·g) − x·r³·mean(dy·g·x)`, and `r` into a scratch
+//!   vector. [`rms_norm_grad_gain`], one unit per column: `dg[j] = Σ_rows dy·x·r`, summed
+//!   in row order.
+//! - `scatter_add(dst, idx, src)` (`dst [A.., n, B..]`, `idx [I..]`, `src [A.., I.., B..]`):
+//!   three launches. A strided copy of `dst` to the output; [`scatter_links`], one unit per
+//!   index position `j`: `next[j]`, the next position with the same index (or −1), and
+//!   whether `j` is the first of its index; [`scatter_rows`], one unit per (outer, first
+//!   position, inner element): it walks its index's positions in order, adding each `src`
+//!   row to the output row, as the reference does. An index outside `0..n` (an error in the
+//!   reference) adds nothing: the forward gather of such an id already read zeros.
+
+use super::{row_pos, ROW_BLOCK, ROW_BLOCK_LOG2};
+use crate::codegen::launch::{grid_linear, grid_rows, Arg, Buf, Launch, NodeWork, Scratch, Size, Touch};
+use crate::codegen::{Elem, KernelSpec, Unsupported};
+use crate::ir::{DType, Dim, Graph, NodeId, Op};
+use cubecl::prelude::*;
+
+/// `dx` of one row and its `r`; see the module header.
+#[cube(launch, create_dummy_kernel)]
+pub fn rms_norm_grad_rows<F: Float>(x: &[F], gain: &[F], dy: &[F], dx: &mut [F], r: &mut [f32], cols: u32, #[comptime] eps_bits: u32) {
+    let row = row_pos();
+    if row as usize >= r.len() {
+        terminate!();
+    }
+    let tid = UNIT_POS_X;
+    let base = row * cols;
+    // Σx² at 0, Σ dy·g·x at ROW_BLOCK (one shared buffer, CUBECL.md §2).
+    let mut shared = Shared::<[f32]>::new_slice((2 * ROW_BLOCK) as usize);
+    let mut sq = 0.0f32;
+    let mut dot = 0.0f32;
+    for it in 0..cols.div_ceil(ROW_BLOCK) {
+        let c = it * ROW_BLOCK + tid;
+        if c < cols {
+            let xv = f32::cast_from(x[(base + c) as usize]);
+            sq += xv * xv;
+            dot += f32::cast_from(dy[(base + c) as usize]) * f32::cast_from(gain[c as usize]) * xv;
+        }
+    }
+    shared[tid as usize] = sq;
+    shared[(ROW_BLOCK + tid) as usize] = dot;
+    reduce_pair(&mut shared, tid);
+    let n = f32::cast_from(cols);
+    let inv = 1.0f32 / f32::sqrt(shared[0] / n + comptime![f32::from_bits(eps_bits)]);
+    let k = inv * inv * inv * (shared[ROW_BLOCK as usize] / n);
+    for it in 0..cols.div_ceil(ROW_BLOCK) {
+        let c = it * ROW_BLOCK + tid;
+        if c < cols {
+            let xv = f32::cast_from(x[(base + c) as usize]);
+            let g = f32::cast_from(dy[(base + c) as usize]) * f32::cast_from(gain[c as usize]);
+            dx[(base + c) as usize] = F::cast_from(inv * g - xv * k);
+        }
+    }
+    if tid == 0 {
+        r[row as usize] = inv;
+    }
+}
+
+/// Sums two arrays of [`ROW_BLOCK`] partials (at 0 and at `ROW_BLOCK` of `shared`) into
+/// their first slots.
+#[cube]
+pub(crate) fn reduce_pair(shared: &mut Shared<[f32]>, tid: u32) {
+    sync_cube();
+    #[unroll]
+    for s in 0..ROW_BLOCK_LOG2 {
+        let stride = comptime![ROW_BLOCK >> (s + 1)];
+        if tid < stride {
+            shared[tid as usize] += shared[(tid + stride) as usize];
+            shared[(ROW_BLOCK + tid) as usize] += shared[(ROW_BLOCK + tid + stride) as usize];
+        }
+        sync_cube();
+    }
+}
+
+/// `dg[j] = Σ_rows dy[row, j] · x[row, j] · r[row]`, one unit per column.
+#[cube(launch, create_dummy_kernel)]
+pub fn rms_norm_grad_gain<F: Float>(x: &[F], dy: &[F], r: &[f32], dg: &mut [F], rows: u32) {
+    let j = ABSOLUTE_POS;
+    if j < dg.len() {
+        let cols = dg.len() as u32;
+        let mut acc = 0.0f32;
+        for row in 0..rows {
+            let at = (row * cols + j as u32) as usize;
+            acc += f32::cast_from(dy[at]) * (f32::cast_from(x[at]) * r[row as usize]);
+        }
+        dg[j] = F::cast_from(acc);
+    }
+}
+
+/// Per index position `j` of `count`: `next[j]`, the next position holding the same
+/// index (`count` for none), and `first[j]`, 1 when no earlier position holds it.
+#[cube(launch, create_dummy_kernel)]
+pub fn scatter_links(idx: &[i32], next: &mut [u32], first: &mut [u32], count: u32) {
+    let j = ABSOLUTE_POS as u32;
+    if j < count {
+        let v = idx[j as usize];
+        let mut nx = count;
+        let mut k = count;
+        while k > j + 1 {
+            k -= 1;
+            if idx[k as usize] == v {
+                nx = k;
+            }
+        }
+        let mut f = 1u32;
+        for e in 0..j {
+            if idx[e as usize] == v {
+                f = 0u32;
+            }
+        }
+        next[j as usize] = nx;
+        first[j as usize] = f;
+    }
+}
+
+/// `out[o, idx[j], i] += src[o, j', i]` for every position `j'` of `j`'s index, in order;
+/// one unit per `(o, j, i)`, working only where `j` is its index's first position.
+#[cube(launch, create_dummy_kernel)]
+#[allow(clippy::too_many_arguments)]
+pub fn scatter_rows<F: Float>(src: &[F], idx: &[i32], next: &[u32], first: &[u32], out: &mut [F], rows: u32, count: u32, inner: u32) {
+    let pos = ABSOLUTE_POS as u32;
+    let i = pos % inner;
+    let t = pos / inner;
+    let j = t % count;
+    let o = t / count;
+    if (pos as usize) < src.len() {
+        if first[j as usize] == 1 {
+            let id = idx[j as usize];
+            if id >= 0 && u32::cast_from(id) < rows {
+                let at = ((o * rows + u32::cast_from(id)) * inner + i) as usize;
+                let mut acc = out[at];
+                let mut k = j;
+                while k < count {
+                    acc += src[((o * count + k) * inner + i) as usize];
+                    k = next[k as usize];
+                }
+                out[at] = acc;
+            }
+        }
+    }
+}
+
+/// The spec of an `rms_norm_grad` or `scatter_add` node, `None` for other nodes.
+pub(crate) fn spec(g: &Graph, n: NodeId) -> Option<Result<KernelSpec, Unsupported>> {
+    let node = g.node(n);
+    let no = |reason: String| Unsupported { op: node.op.name(), reason };
+    let ins = g.inputs(n);
+    let float =
+        |i: usize| Elem::from_dtype(g.ty(ins[i]).dtype).ok_or_else(|| no(format!("input {i} of dtype {}", g.ty(ins[i]).dtype.name())));
+    Some(match &node.op {
+        Op::RmsNormGrad { eps } => float(0).and_then(|elem| {
+            if [1, 2].iter().any(|&i| g.ty(ins[i]).dtype != g.ty(ins[0]).dtype) {
+                return Err(no("x, gain and dy of different dtypes".into()));
+            }
+            Ok(KernelSpec::RmsNormGrad { elem, eps_bits: (eps.get() as f32).to_bits(), gain: true })
+        }),
+        Op::ScatterAdd { .. } => float(0).and_then(|elem| {
+            if !matches!(g.ty(ins[1]).dtype, DType::I32 | DType::I64) || g.ty(ins[2]).dtype != g.ty(ins[0]).dtype {
+                return Err(no("integer indices and src of dst's dtype expected".into()));
+            }
+            Ok(KernelSpec::ScatterRows { elem })
+        }),
+        _ => return None,
+    })
+}
+
+/// The launches of a node whose spec [`spec`] gave.
+pub(crate) fn work(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
+    let ins: Vec<Vec<Dim>> = g.inputs(n).iter().map(|&v| g.ty(v).shape.0.clone()).collect();
+    let (i, o, s) = (|k| Arg::Buf(Buf::Input(k)), |k| Arg::Buf(Buf::Output(k)), |k| Arg::Buf(Buf::Scratch(k)));
+    match (&g.node(n).op, spec) {
+        (Op::RmsNormGrad { .. }, KernelSpec::RmsNormGrad { elem, eps_bits, .. }) => {
+            let x = &ins[0];
+            let cols = *x.last().expect("rms_norm_grad of a scalar has no spec");
+            let rows = Size::product(&x[..x.len() - 1]);
+            let numel = Size::product(x);
+            let row_kernel = KernelSpec::RmsNormGrad { elem, eps_bits, gain: false };
+            let gain_kernel = KernelSpec::RmsNormGrad { elem, eps_bits, gain: true };
+            NodeWork::Launches {
+                scratch: vec![Scratch { dtype: DType::F32, len: rows.clone() }],
+                launches: vec![
+                    Launch::new(
+                        row_kernel,
+                        vec![i(0), i(1), i(2), o(0), s(0), Arg::U32(Size::Dim(cols))],
+                        grid_rows(rows.clone(), Size::lit(1)),
+                        numel.clone().mul(Size::lit(9)),
+                    ),
+                    Launch::new(
+                        gain_kernel,
+                        vec![i(0), i(2), s(0), o(1), Arg::U32(rows)],
+                        grid_linear(Size::Dim(cols).ceil_div(super::EW_BLOCK as i64)),
+                        numel.mul(Size::lit(3)),
+                    ),
+                ],
+            }
+        }
+        (Op::ScatterAdd { axis }, KernelSpec::ScatterRows { elem }) => {
+            let (dst, idx) = (&ins[0], &ins[1]);
+            let ax = *axis as usize;
+            let count = Size::product(idx);
+            let src_len = Size::product(&ins[2]);
+            // The copy of dst as `movement` copies a contiguous box.
+            let strides: Vec<Size> = (0..dst.len()).map(|k| Size::product(&dst[k + 1..])).collect();
+            let copy = super::movement::copy_launch(
+                &KernelSpec::Copy { elem, rank: 0 },
+                0,
+                dst,
+                (Size::lit(0), strides.clone()),
+                (Size::lit(0), strides),
+            );
+            let links = Launch::new(
+                KernelSpec::ScatterLinks,
+                vec![i(1), s(0), s(1), Arg::U32(count.clone())],
+                grid_linear(count.clone().ceil_div(super::EW_BLOCK as i64)),
+                Size::lit(0),
+            );
+            let rows = Launch::new(
+                KernelSpec::ScatterRows { elem },
+                vec![
+                    i(2),
+                    i(1),
+                    s(0),
+                    s(1),
+                    o(0),
+                    Arg::U32(Size::Dim(dst[ax])),
+                    Arg::U32(count.clone()),
+                    Arg::U32(Size::product(&dst[ax + 1..])),
+                ],
+                grid_linear(src_len.clone().ceil_div(super::EW_BLOCK as i64)),
+                src_len.clone(),
+            )
+            // Only the rows the indices name are read and written back.
+            .touching(Buf::Output(0), Touch::Elems(src_len.mul(Size::lit(2))));
+            NodeWork::Launches {
+                scratch: vec![Scratch { dtype: DType::I32, len: count.clone() }, Scratch { dtype: DType::I32, len: count }],
+                launches: vec![copy, links, rows],
+            }
+        }
+        (op, spec) => unreachable!("grad::work of {} as {spec:?}", op.name()),
+    }
+}
