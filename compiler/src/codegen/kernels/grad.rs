@@ -119,9 +119,10 @@ pub fn scatter_links(idx: &[i32], next: &mut [u32], first: &mut [u32], count: u3
 }
 
 /// `out[o, idx[j], i] += src[o, j', i]` for every position `j'` of `j`'s index, in order;
-/// one unit per `(o, j, i)`, working only where `j` is its index's first position.
+/// one unit per `(o, j, i)`, working only where `j` is its index's first position. The
+/// bound test is its own `if`: a kernel's `&&` need not short-circuit.
 #[cube(launch, create_dummy_kernel)]
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::collapsible_if)]
 pub fn scatter_rows<F: Float>(src: &[F], idx: &[i32], next: &[u32], first: &[u32], out: &mut [F], rows: u32, count: u32, inner: u32) {
     let pos = ABSOLUTE_POS as u32;
     let i = pos % inner;
