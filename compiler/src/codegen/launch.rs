@@ -395,7 +395,9 @@ pub fn node_work(g: &Graph, n: NodeId) -> Result<NodeWork, Unsupported> {
         KernelSpec::BatchMatMul { .. } => super::kernels::attention::work_batch_matmul(spec, &ins, [None, None]),
         KernelSpec::MoeRoute { .. } => super::kernels::moe::work_route(g, n, spec),
         KernelSpec::Label { .. } => super::kernels::loss::work(g, n, spec),
-        KernelSpec::RmsNormGrad { .. } | KernelSpec::ScatterRows { .. } => super::kernels::grad::work(g, n, spec),
+        KernelSpec::RmsNormGrad { .. } | KernelSpec::ScatterRows { .. } | KernelSpec::SwiGluGradEw { .. } => {
+            super::kernels::grad::work(g, n, spec)
+        }
         KernelSpec::ScatterLinks => unreachable!("scatter_links comes from grad::work, not from_node"),
         KernelSpec::TopK { .. } => super::kernels::moe::work_top_k(g, n, spec),
         KernelSpec::MoeDispatch | KernelSpec::MoeGateUp { .. } | KernelSpec::MoeDown { .. } | KernelSpec::MoeCombine { .. } => {

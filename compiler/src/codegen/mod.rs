@@ -95,7 +95,8 @@ pub enum KernelSpec {
     Attention { elem: Elem, cfg: kernels::attention::AttentionConfig },
     /// [`kernels::attention::batch_matmul`]: `a[B.., m, k] · b[B.., k, n]` over `rank`
     /// batch axes, each operand read through a strided view.
-    BatchMatMul { elem: Elem, rank: u32 },
+    /// With `accumulate` it adds the product to the output's contents.
+    BatchMatMul { elem: Elem, rank: u32, accumulate: bool },
     /// [`kernels::moe::moe_route`]: the MoE router, one cube per token.
     MoeRoute { elem: Elem, cfg: kernels::moe::RouteConfig },
     /// [`kernels::moe::top_k`] over the last axis (values and i32 indices).
@@ -121,6 +122,8 @@ pub enum KernelSpec {
     ScatterLinks,
     /// [`kernels::grad::scatter_rows`]: scatter-add's accumulation.
     ScatterRows { elem: Elem },
+    /// [`kernels::grad::swiglu_grad_ew`]: the elementwise middle of the SwiGLU backward.
+    SwiGluGradEw { elem: Elem },
 }
 
 /// Why a node has no kernel yet.
@@ -237,9 +240,9 @@ impl KernelSpec {
                 let cfg = kernels::attention::config(&node.op, &inputs).map_err(|r| no(&r))?;
                 Ok(KernelSpec::Attention { elem, cfg })
             }
-            Op::BatchMatMul => Ok(KernelSpec::BatchMatMul { elem, rank: out.rank().saturating_sub(2) as u32 }),
+            Op::BatchMatMul => Ok(KernelSpec::BatchMatMul { elem, rank: out.rank().saturating_sub(2) as u32, accumulate: false }),
             // `dyᵀ · x`, a batch matmul without batch axes (`attention::work_weight_grad`).
-            Op::WeightGrad => Ok(KernelSpec::BatchMatMul { elem, rank: 0 }),
+            Op::WeightGrad => Ok(KernelSpec::BatchMatMul { elem, rank: 0, accumulate: false }),
             _ => Err(no("no kernel yet")),
         }
     }
@@ -257,6 +260,7 @@ impl KernelSpec {
             KernelSpec::RmsNormGrad { elem, gain: true, .. } => format!("rms_norm_grad_gain_{}", elem.name()),
             KernelSpec::ScatterLinks => "scatter_links".to_string(),
             KernelSpec::ScatterRows { elem } => format!("scatter_rows_{}", elem.name()),
+            KernelSpec::SwiGluGradEw { elem } => format!("swiglu_grad_ew_{}", elem.name()),
             KernelSpec::Gather { elem } => format!("gather_{}", elem.name()),
             KernelSpec::Rope { elem, interleaved } => {
                 format!("rope_{}_{}", elem.name(), if *interleaved { "interleaved" } else { "half_split" })
@@ -269,7 +273,9 @@ impl KernelSpec {
             KernelSpec::Softmax { elem } => format!("softmax_{}", elem.name()),
             KernelSpec::MatMul { elem } => format!("matmul_{}", elem.name()),
             KernelSpec::Attention { elem, .. } => format!("attention_{}_{}", elem.name(), h()),
-            KernelSpec::BatchMatMul { elem, rank } => format!("batch_matmul_{}_r{rank}", elem.name()),
+            KernelSpec::BatchMatMul { elem, rank, accumulate } => {
+                format!("batch_matmul_{}_r{rank}{}", elem.name(), if *accumulate { "_acc" } else { "" })
+            }
             KernelSpec::MoeRoute { elem, .. } => format!("moe_route_{}_{}", elem.name(), h()),
             KernelSpec::TopK { elem } => format!("top_k_{}", elem.name()),
             KernelSpec::MoeDispatch => "moe_dispatch".to_string(),
@@ -321,7 +327,8 @@ impl KernelSpec {
             | KernelSpec::MoeCombine { elem, .. }
             | KernelSpec::Label { elem, .. }
             | KernelSpec::RmsNormGrad { elem, .. }
-            | KernelSpec::ScatterRows { elem } => *elem,
+            | KernelSpec::ScatterRows { elem }
+            | KernelSpec::SwiGluGradEw { elem } => *elem,
             // Integer kernels: nominally f32 (the element type picks no code of theirs).
             KernelSpec::MoeDispatch | KernelSpec::CopyI32 { .. } | KernelSpec::NegI32 | KernelSpec::ScatterLinks => Elem::F32,
         }
@@ -446,9 +453,10 @@ pub fn cube_dim(spec: &KernelSpec) -> CubeDim {
         KernelSpec::Copy { .. } | KernelSpec::Gather { .. } | KernelSpec::Rope { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
         KernelSpec::CopyI32 { .. } | KernelSpec::NegI32 => CubeDim::new_1d(kernels::EW_BLOCK),
         KernelSpec::RmsNormGrad { gain: false, .. } => CubeDim::new_1d(kernels::ROW_BLOCK),
-        KernelSpec::RmsNormGrad { gain: true, .. } | KernelSpec::ScatterLinks | KernelSpec::ScatterRows { .. } => {
-            CubeDim::new_1d(kernels::EW_BLOCK)
-        }
+        KernelSpec::RmsNormGrad { gain: true, .. }
+        | KernelSpec::ScatterLinks
+        | KernelSpec::ScatterRows { .. }
+        | KernelSpec::SwiGluGradEw { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
         KernelSpec::Cast { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
         KernelSpec::RmsNormEw { .. } => CubeDim::new_1d(kernels::ROW_BLOCK),
         KernelSpec::MatMulEw { .. } | KernelSpec::GateUp { .. } => CubeDim::new_2d(kernels::MM_UNITS, kernels::MM_UNITS),
@@ -516,6 +524,9 @@ fn source_for<F: Float + CubeElement>(spec: &KernelSpec, target: Target) -> (Str
         KernelSpec::ScatterRows { .. } => {
             compile(kernels::grad::scatter_rows::ScatterRows::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), (), (), ()), name, target)
         }
+        KernelSpec::SwiGluGradEw { .. } => {
+            compile(kernels::grad::swiglu_grad_ew::SwigluGradEw::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), b()), name, target)
+        }
         KernelSpec::Gather { .. } => {
             compile(kernels::movement::gather::Gather::<F>::new(settings, p, tp, b(), b(), b(), (), (), ()), name, target)
         }
@@ -581,8 +592,8 @@ fn source_for<F: Float + CubeElement>(spec: &KernelSpec, target: Target) -> (Str
             name,
             target,
         ),
-        KernelSpec::BatchMatMul { rank, .. } => compile(
-            kernels::attention::batch_matmul::BatchMatmul::<F>::new(settings, p, tp, b(), b(), b(), b(), (), (), (), *rank),
+        KernelSpec::BatchMatMul { rank, accumulate, .. } => compile(
+            kernels::attention::batch_matmul::BatchMatmul::<F>::new(settings, p, tp, b(), b(), b(), b(), (), (), (), *rank, *accumulate),
             name,
             target,
         ),

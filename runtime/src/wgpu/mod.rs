@@ -273,6 +273,10 @@ impl WgpuBackend {
                 let (x, dy, r, dg) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?);
                 kernels::grad::rms_norm_grad_gain::launch::<F>(c, count, dim, x, dy, r, dg, a.u32(4)?)
             }
+            KernelSpec::SwiGluGradEw { .. } => {
+                let (g, u, da, x, dg, du) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?, a.buf(5)?);
+                kernels::grad::swiglu_grad_ew::launch::<F>(c, count, dim, g, u, da, x, dg, du)
+            }
             KernelSpec::ScatterLinks => kernels::grad::scatter_links::launch(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.u32(3)?),
             KernelSpec::ScatterRows { .. } => {
                 let (src, idx, next, first, out) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?);
@@ -326,9 +330,22 @@ impl WgpuBackend {
                 let (q, k, v, mask, out) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?);
                 kernels::attention::attention::launch::<F>(c, count, dim, q, k, v, mask, out, a.u32(5)?, a.u32(6)?, a.u32(7)?, *cfg)
             }
-            KernelSpec::BatchMatMul { rank, .. } => {
-                let (x, y, out) = (a.buf(0)?, a.buf(1)?, a.buf(2)?);
-                kernels::attention::batch_matmul::launch::<F>(c, count, dim, x, y, out, a.table(3)?, a.u32(4)?, a.u32(5)?, a.u32(6)?, *rank)
+            KernelSpec::BatchMatMul { rank, accumulate, .. } => {
+                let (x, y, out, t) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.table(3)?);
+                kernels::attention::batch_matmul::launch::<F>(
+                    c,
+                    count,
+                    dim,
+                    x,
+                    y,
+                    out,
+                    t,
+                    a.u32(4)?,
+                    a.u32(5)?,
+                    a.u32(6)?,
+                    *rank,
+                    *accumulate,
+                )
             }
             KernelSpec::MoeRoute { cfg, .. } => {
                 let mut seq = SequenceArg::<Box<[F]>>::new();

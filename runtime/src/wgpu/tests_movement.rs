@@ -292,9 +292,11 @@ fn unsupported_cases_say_why() {
     let (g, n) = graph(&Op::Fused(k), &[f(lits(&[4, 8]), DType::F32), f(lits(&[8]), DType::F32)]);
     let e = KernelSpec::from_node(&g, n).unwrap_err();
     assert!(e.reason.contains("head's own inputs"), "{e}");
-    // Integer data movement has no kernel yet.
+    // Integer tensors move (as i32) but do not cast to floats yet.
     let (g, n) = graph(&Op::Permute { perm: vec![1, 0] }, &[In { shape: lits(&[2, 3]), dtype: DType::I64, data: None }]);
-    assert!(KernelSpec::from_node(&g, n).is_err());
+    assert_eq!(KernelSpec::from_node(&g, n).unwrap(), KernelSpec::CopyI32 { rank: 2 });
+    let (g, n) = graph(&Op::Cast { to: DType::F32 }, &[In { shape: lits(&[2, 3]), dtype: DType::I64, data: None }]);
+    assert!(KernelSpec::from_node(&g, n).unwrap_err().reason.contains("a cast from i64 to f32"));
 }
 
 #[test]

@@ -175,3 +175,19 @@ fn integer_index_tensors_move_and_negate() {
     check_node(Op::Slice { axis: 1, start: Dim::lit(1), len: Dim::S - 1 }, std::slice::from_ref(&pos), bind, 0.0);
     check_node(Op::Permute { perm: vec![1, 0] }, std::slice::from_ref(&pos), bind, 0.0);
 }
+
+#[test]
+fn swiglu_grad_of_every_input() {
+    for (rows, h, i) in [(vec![Dim::lit(1)], 1usize, 1usize), (vec![Dim::B, Dim::S], 48, 40), (vec![Dim::lit(3), Dim::lit(7)], 33, 70)] {
+        let bind = Bindings { batch: 2, seq: 5, cache: 0 };
+        let x: Vec<Dim> = rows.iter().copied().chain([Dim::lit(h as i64)]).collect();
+        let ins = [
+            f32_input(&x, &bind, 41),
+            f32_input(&lits(&[i, h]), &bind, 42),
+            f32_input(&lits(&[i, h]), &bind, 43),
+            f32_input(&lits(&[h, i]), &bind, 44),
+            f32_input(&x, &bind, 45),
+        ];
+        check_node(Op::SwiGluGrad, &ins, bind, 1e-4);
+    }
+}

@@ -44,7 +44,7 @@
 use super::TILE;
 use crate::codegen::kernels::movement::View;
 use crate::codegen::launch::{elem_dtype, tiled_flops, Arg, Buf, Launch, NodeWork, Scratch, Size, Touch};
-use crate::codegen::KernelSpec;
+use crate::codegen::{Elem, KernelSpec};
 use crate::ir::{Dim, Op, Shape, Ty};
 use cubecl::prelude::*;
 
@@ -398,8 +398,22 @@ pub fn attention<F: Float>(
 /// strides, then the same for b. A weight broadcast over the batch is read with batch
 /// stride 0 and a sliced or permuted one in place (`movement::fold_view`), so none of
 /// them is copied first; a contiguous operand has the row-major strides.
+///
+/// With `accumulate` the product is added to what `out` holds (`out += a·b`, one unit per
+/// element: a backward that sums two products, such as SwiGLU's `dx`).
 #[cube(launch, create_dummy_kernel)]
-pub fn batch_matmul<F: Float>(a: &[F], b: &[F], out: &mut [F], layout: &[u32], m: u32, n: u32, k: u32, #[comptime] rank: u32) {
+#[allow(clippy::too_many_arguments)]
+pub fn batch_matmul<F: Float>(
+    a: &[F],
+    b: &[F],
+    out: &mut [F],
+    layout: &[u32],
+    m: u32,
+    n: u32,
+    k: u32,
+    #[comptime] rank: u32,
+    #[comptime] accumulate: bool,
+) {
     let tx = UNIT_POS_X; // along n
     let ty = UNIT_POS_Y; // along m
     let z = CUBE_POS_Z;
@@ -446,7 +460,11 @@ pub fn batch_matmul<F: Float>(a: &[F], b: &[F], out: &mut [F], layout: &[u32], m
         sync_cube();
     }
     if row < m && col < n {
-        out[(z * m * n + row * n + col) as usize] = F::cast_from(acc);
+        let at = (z * m * n + row * n + col) as usize;
+        if comptime![accumulate] {
+            acc = f32::cast_from(out[at]) + acc;
+        }
+        out[at] = F::cast_from(acc);
     }
 }
 
@@ -498,23 +516,35 @@ pub(crate) fn work_attention(spec: KernelSpec, ins: &[Shape]) -> NodeWork {
 /// summed in f32 in token order.
 pub(crate) fn work_weight_grad(spec: KernelSpec, ins: &[Shape]) -> NodeWork {
     let (dy, x) = (&ins[0].0, &ins[1].0);
-    let (n, k) = (*dy.last().expect("rank checked"), *x.last().expect("rank checked"));
+    let (n, k) = (Size::Dim(*dy.last().expect("rank checked")), Size::Dim(*x.last().expect("rank checked")));
     let tokens = Size::product(&dy[..dy.len() - 1]);
+    let one = || Size::lit(1);
+    let (a, b) = (Operand(Buf::Input(0), one(), n.clone()), Operand(Buf::Input(1), k.clone(), one()));
+    NodeWork::Launches { scratch: vec![], launches: vec![matmul_2d(spec.elem(), a, b, Buf::Output(0), [n, k, tokens], false)] }
+}
+
+/// A matrix operand of [`matmul_2d`]: a buffer read with a row and a column stride.
+pub(crate) struct Operand(pub Buf, pub Size, pub Size);
+
+/// One [`batch_matmul`] launch without batch axes: `out[m, n] (+)= Σ_k a[m, k] · b[k, n]`
+/// (`mnk` = `[m, n, k]`) over strided operands, so a transposed operand is read in place.
+pub(crate) fn matmul_2d(elem: Elem, a: Operand, b: Operand, out: Buf, mnk: [Size; 3], accumulate: bool) -> Launch {
+    let [m, n, k] = mnk;
     let t = TILE as i64;
-    let (one, zero) = (Size::lit(1), Size::lit(0));
-    let layout = vec![zero.clone(), one.clone(), Size::Dim(n), zero, Size::Dim(k), one];
+    let zero = || Size::lit(0);
+    let layout = vec![zero(), a.1, a.2, zero(), b.1, b.2];
     let args = vec![
-        Arg::Buf(Buf::Input(0)),
-        Arg::Buf(Buf::Input(1)),
-        Arg::Buf(Buf::Output(0)),
+        Arg::Buf(a.0),
+        Arg::Buf(b.0),
+        Arg::Buf(out),
         Arg::Table(layout),
-        Arg::U32(Size::Dim(n)),
-        Arg::U32(Size::Dim(k)),
-        Arg::U32(tokens.clone()),
+        Arg::U32(m.clone()),
+        Arg::U32(n.clone()),
+        Arg::U32(k.clone()),
     ];
-    let grid = [Size::Dim(k).ceil_div(t), Size::Dim(n).ceil_div(t), Size::lit(1)];
-    let flops = tiled_flops(&grid, t, tokens);
-    NodeWork::Launches { scratch: vec![], launches: vec![Launch::new(spec, args, grid, flops)] }
+    let grid = [n.ceil_div(t), m.ceil_div(t), Size::lit(1)];
+    let flops = tiled_flops(&grid, t, k);
+    Launch::new(KernelSpec::BatchMatMul { elem, rank: 0, accumulate }, args, grid, flops)
 }
 
 /// The launch of a batch_matmul node `a [B.., m, k] · b [B.., k, n]`, each operand read

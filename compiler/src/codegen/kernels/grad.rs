@@ -1,6 +1,16 @@
-//! Backward kernels of the train graphs that are not products: the RMSNorm backward and
-//! the scatter-add that is the embedding's gradient. Deterministic, without atomics: each
-//! output element is owned by one unit, which adds its terms in the reference's order.
+//! Backward kernels of the train graphs: the RMSNorm backward, the scatter-add that is
+//! the embedding's gradient, and the dense SwiGLU backward. Deterministic, without
+//! atomics: each output element is owned by one unit, which adds its terms in the
+//! reference's order.
+//!
+//! - `swiglu_grad`: nine launches, the products as [`batch_matmul`] over strided views (a
+//!   transposed weight or activation is read in place, `attention::matmul_2d`): `g = x·gateᵀ`,
+//!   `u = x·upᵀ`, `da = dy·down`; [`swiglu_grad_ew`] makes `a = silu(g)·u`,
+//!   `dg = da·u·silu'(g)`, `du = da·silu(g)` in one pass; then `ddown = dyᵀ·a`,
+//!   `dx = dg·gate`, `dx += du·up`, `dgate = dgᵀ·x`, `dup = duᵀ·x`. `g`, `u` are recomputed
+//!   (the forward keeps neither), six `[tokens, i]` scratch buffers hold the rest.
+//!
+//! [`batch_matmul`]: super::attention::batch_matmul
 //!
 //! - `rms_norm_grad`: two launches. [`rms_norm_grad_rows`], one cube of [`ROW_BLOCK`]
 //!   units per row: `r = (mean(x²) + eps)^-½` and `mean(dy·g·x)` as two shared-memory
@@ -15,8 +25,9 @@
 //!   row to the output row, as the reference does. An index outside `0..n` (an error in the
 //!   reference) adds nothing: the forward gather of such an id already read zeros.
 
+use super::attention::{matmul_2d, Operand};
 use super::{row_pos, ROW_BLOCK, ROW_BLOCK_LOG2};
-use crate::codegen::launch::{grid_linear, grid_rows, Arg, Buf, Launch, NodeWork, Scratch, Size, Touch};
+use crate::codegen::launch::{elem_dtype, grid_linear, grid_rows, Arg, Buf, Launch, NodeWork, Scratch, Size, Touch};
 use crate::codegen::{Elem, KernelSpec, Unsupported};
 use crate::ir::{DType, Dim, Graph, NodeId, Op};
 use cubecl::prelude::*;
@@ -146,7 +157,25 @@ pub fn scatter_rows<F: Float>(src: &[F], idx: &[i32], next: &[u32], first: &[u32
     }
 }
 
-/// The spec of an `rms_norm_grad` or `scatter_add` node, `None` for other nodes.
+/// `a = silu(g)·u`, `dg = da·u·silu'(g)`, `du = da·silu(g)` with `s = σ(g)`,
+/// `silu'(g) = s·(1 + g·(1 − s))` (the reference's order), in `f32`.
+#[cube(launch, create_dummy_kernel)]
+pub fn swiglu_grad_ew<F: Float>(g: &[F], u: &[F], da: &[F], a: &mut [F], dg: &mut [F], du: &mut [F]) {
+    let pos = ABSOLUTE_POS;
+    if pos < a.len() {
+        let gv = f32::cast_from(g[pos]);
+        let uv = f32::cast_from(u[pos]);
+        let d = f32::cast_from(da[pos]);
+        let s = 1.0f32 / (1.0f32 + f32::exp(-gv));
+        let silu = gv * s;
+        a[pos] = F::cast_from(silu * uv);
+        dg[pos] = F::cast_from(d * uv * (s * (1.0f32 + gv * (1.0f32 - s))));
+        du[pos] = F::cast_from(d * silu);
+    }
+}
+
+/// The spec of an `rms_norm_grad`, `scatter_add` or `swiglu_grad` node, `None` for
+/// other nodes.
 pub(crate) fn spec(g: &Graph, n: NodeId) -> Option<Result<KernelSpec, Unsupported>> {
     let node = g.node(n);
     let no = |reason: String| Unsupported { op: node.op.name(), reason };
@@ -159,6 +188,12 @@ pub(crate) fn spec(g: &Graph, n: NodeId) -> Option<Result<KernelSpec, Unsupporte
                 return Err(no("x, gain and dy of different dtypes".into()));
             }
             Ok(KernelSpec::RmsNormGrad { elem, eps_bits: (eps.get() as f32).to_bits(), gain: true })
+        }),
+        Op::SwiGluGrad => float(0).and_then(|elem| {
+            if (1..5).any(|i| g.ty(ins[i]).dtype != g.ty(ins[0]).dtype) {
+                return Err(no("x, weights and dy of different dtypes".into()));
+            }
+            Ok(KernelSpec::SwiGluGradEw { elem })
         }),
         Op::ScatterAdd { .. } => float(0).and_then(|elem| {
             if !matches!(g.ty(ins[1]).dtype, DType::I32 | DType::I64) || g.ty(ins[2]).dtype != g.ty(ins[0]).dtype {
@@ -241,6 +276,43 @@ pub(crate) fn work(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
                 scratch: vec![Scratch { dtype: DType::I32, len: count.clone() }, Scratch { dtype: DType::I32, len: count }],
                 launches: vec![copy, links, rows],
             }
+        }
+        (Op::SwiGluGrad, KernelSpec::SwiGluGradEw { elem }) => {
+            let x = &ins[0];
+            let (h, inter) = (Size::Dim(*x.last().expect("rank checked")), Size::Dim(ins[1][0]));
+            let m = Size::product(&x[..x.len() - 1]);
+            let mi = m.clone().mul(inter.clone());
+            let one = || Size::lit(1);
+            let op = |b: Buf, row: &Size, col: Size| Operand(b, row.clone(), col);
+            let (sc, inp) = (Buf::Scratch, Buf::Input);
+            // Scratch: 0 g, 1 u, 2 da, 3 a, 4 dg, 5 du, each [m, i].
+            let scratch = (0..6).map(|_| Scratch { dtype: elem_dtype(elem), len: mi.clone() }).collect();
+            let mm = |a: Operand, b: Operand, out: Buf, mnk: [&Size; 3], acc: bool| {
+                matmul_2d(elem, a, b, out, [mnk[0].clone(), mnk[1].clone(), mnk[2].clone()], acc)
+            };
+            let ew = Launch::new(
+                KernelSpec::SwiGluGradEw { elem },
+                vec![Arg::Buf(sc(0)), Arg::Buf(sc(1)), Arg::Buf(sc(2)), Arg::Buf(sc(3)), Arg::Buf(sc(4)), Arg::Buf(sc(5))],
+                grid_linear(mi.clone().ceil_div(super::EW_BLOCK as i64)),
+                mi.clone().mul(Size::lit(12)),
+            );
+            let launches = vec![
+                // g = x·gateᵀ, u = x·upᵀ: the weight [i, h] read as [h, i].
+                mm(op(inp(0), &h, one()), op(inp(1), &one(), h.clone()), sc(0), [&m, &inter, &h], false),
+                mm(op(inp(0), &h, one()), op(inp(2), &one(), h.clone()), sc(1), [&m, &inter, &h], false),
+                // da = dy·down, down [h, i] as it is.
+                mm(op(inp(4), &h, one()), op(inp(3), &inter, one()), sc(2), [&m, &inter, &h], false),
+                ew,
+                // ddown = dyᵀ·a.
+                mm(op(inp(4), &one(), h.clone()), op(sc(3), &inter, one()), Buf::Output(3), [&h, &inter, &m], false),
+                // dx = dg·gate + du·up.
+                mm(op(sc(4), &inter, one()), op(inp(1), &h, one()), Buf::Output(0), [&m, &h, &inter], false),
+                mm(op(sc(5), &inter, one()), op(inp(2), &h, one()), Buf::Output(0), [&m, &h, &inter], true),
+                // dgate = dgᵀ·x, dup = duᵀ·x.
+                mm(op(sc(4), &one(), inter.clone()), op(inp(0), &h, one()), Buf::Output(1), [&inter, &h, &m], false),
+                mm(op(sc(5), &one(), inter.clone()), op(inp(0), &h, one()), Buf::Output(2), [&inter, &h, &m], false),
+            ];
+            NodeWork::Launches { scratch, launches }
         }
         (op, spec) => unreachable!("grad::work of {} as {spec:?}", op.name()),
     }
