@@ -462,7 +462,7 @@ pub fn batch_matmul<F: Float>(
     if row < m && col < n {
         let at = (z * m * n + row * n + col) as usize;
         if comptime![accumulate] {
-            acc = f32::cast_from(out[at]) + acc;
+            acc += f32::cast_from(out[at]);
         }
         out[at] = F::cast_from(acc);
     }
