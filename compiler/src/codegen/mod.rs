@@ -197,7 +197,9 @@ impl KernelSpec {
         let Some(out) = node.outputs.first() else {
             return Err(no("no output"));
         };
-        if node.outputs.len() != 1 {
+        // Attention's second output, the log-sum-exp (f32), is written by the same kernel.
+        let lse = matches!(node.op, Op::Attention { lse: true, .. }) && node.outputs.len() == 2 && node.outputs[1].dtype == DType::F32;
+        if node.outputs.len() != 1 && !lse {
             return Err(no("more than one output"));
         }
         let elem =
@@ -588,7 +590,7 @@ fn source_for<F: Float + CubeElement>(spec: &KernelSpec, target: Target) -> (Str
         KernelSpec::Softmax { .. } => compile(kernels::softmax::Softmax::<F>::new(settings, p, tp, b(), b(), ()), name, target),
         KernelSpec::MatMul { .. } => compile(kernels::matmul::Matmul::<F>::new(settings, p, tp, b(), b(), b(), (), (), ()), name, target),
         KernelSpec::Attention { cfg, .. } => compile(
-            kernels::attention::attention::Attention::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), (), (), (), *cfg),
+            kernels::attention::attention::Attention::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), b(), b(), (), (), (), *cfg),
             name,
             target,
         ),

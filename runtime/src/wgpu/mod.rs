@@ -327,8 +327,9 @@ impl WgpuBackend {
                 kernels::matmul::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.u32(3)?, a.u32(4)?, a.u32(5)?)
             }
             KernelSpec::Attention { cfg, .. } => {
-                let (q, k, v, mask, out) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?);
-                kernels::attention::attention::launch::<F>(c, count, dim, q, k, v, mask, out, a.u32(5)?, a.u32(6)?, a.u32(7)?, *cfg)
+                let (q, k, v, mask, out, lse) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?, a.buf(5)?);
+                let (sq, sk, kvh) = (a.u32(7)?, a.u32(8)?, a.u32(9)?);
+                kernels::attention::attention::launch::<F>(c, count, dim, q, k, v, mask, out, lse, a.f32_table(6)?, sq, sk, kvh, *cfg)
             }
             KernelSpec::BatchMatMul { rank, accumulate, .. } => {
                 let (x, y, out, t) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.table(3)?);

@@ -191,3 +191,25 @@ fn swiglu_grad_of_every_input() {
         check_node(Op::SwiGluGrad, &ins, bind, 1e-4);
     }
 }
+
+fn attn_op(heads: u32, kv_heads: u32, dk: usize, causal: bool, masked: bool, lse: bool) -> Op {
+    Op::Attention { heads, kv_heads, scale: dsc_compiler::ir::Float::new(1.0 / (dk as f64).sqrt()), causal, masked, lse }
+}
+
+/// The attention forward of a training step also returns each row's log-sum-exp.
+#[test]
+fn attention_returns_its_log_sum_exp() {
+    let bind = Bindings { batch: 2, seq: 13, cache: 0 };
+    for (heads, kv, dk, dv, causal, masked) in [(4, 4, 12, 12, true, false), (4, 2, 24, 16, true, true), (3, 1, 8, 8, false, false)] {
+        let (b, s) = (Dim::B, Dim::S);
+        let mut ins = vec![
+            f32_input(&[b, s, Dim::lit(heads), Dim::lit(dk)], &bind, 51),
+            f32_input(&[b, s, Dim::lit(kv), Dim::lit(dk)], &bind, 52),
+            f32_input(&[b, s, Dim::lit(kv), Dim::lit(dv)], &bind, 53),
+        ];
+        if masked {
+            ins.push(f32_input(&[b, s, s], &bind, 54));
+        }
+        check_node(attn_op(heads as u32, kv as u32, dk as usize, causal, masked, true), &ins, bind, 1e-4);
+    }
+}

@@ -45,7 +45,7 @@ use super::TILE;
 use crate::codegen::kernels::movement::View;
 use crate::codegen::launch::{elem_dtype, tiled_flops, Arg, Buf, Launch, NodeWork, Scratch, Size, Touch};
 use crate::codegen::{Elem, KernelSpec};
-use crate::ir::{Dim, Op, Shape, Ty};
+use crate::ir::{DType, Dim, Op, Shape, Ty};
 use cubecl::prelude::*;
 
 /// Units per attention cube (one dimension).
@@ -80,6 +80,9 @@ pub struct AttentionConfig {
     pub scale_bits: u32,
     pub causal: bool,
     pub masked: bool,
+    /// Also write each row's log-sum-exp (`[b, sq, heads]`, f32): the forward of a
+    /// training step, which the backward recomputes the probabilities from.
+    pub lse: bool,
 }
 
 impl AttentionConfig {
@@ -96,7 +99,7 @@ impl AttentionConfig {
         while keys > 1 && keys * dv > V_TILE_BUDGET {
             keys /= 2;
         }
-        let c = AttentionConfig { dk, dv, group, rows, keys, scale_bits: scale.to_bits(), causal, masked };
+        let c = AttentionConfig { dk, dv, group, rows, keys, scale_bits: scale.to_bits(), causal, masked, lse: false };
         if c.shared_len() > SHARED_LIMIT {
             return Err(format!("value head size {dv} needs more than {} KiB of shared memory", SHARED_LIMIT * 4 / 1024));
         }
@@ -136,9 +139,6 @@ pub(crate) fn config(op: &Op, inputs: &[Ty]) -> Result<AttentionConfig, String> 
     let Op::Attention { heads, kv_heads, scale, causal, masked, lse } = *op else {
         return Err(format!("{} is not attention", op.name()));
     };
-    if lse {
-        return Err("the log-sum-exp output autodiff adds for training has no kernel yet".into());
-    }
     if inputs.len() < 3 || inputs[..3].iter().any(|t| t.rank() != 4) {
         return Err("q, k, v of rank other than 4".into());
     }
@@ -151,12 +151,14 @@ pub(crate) fn config(op: &Op, inputs: &[Ty]) -> Result<AttentionConfig, String> 
     let dk = constant(inputs[0].shape.0[3], "key head size")?;
     let dv = constant(inputs[2].shape.0[3], "value head size")?;
     let sq = inputs[0].shape.0[1].as_const().and_then(|v| u32::try_from(v).ok());
-    AttentionConfig::new(dk, dv, heads / kv_heads, sq, scale.get() as f32, causal, masked)
+    AttentionConfig::new(dk, dv, heads / kv_heads, sq, scale.get() as f32, causal, masked).map(|c| AttentionConfig { lse, ..c })
 }
 
 /// Flash attention; see the module header for the launch shape. `q [b, sq, heads, dk]`,
 /// `k [b, sk, kv_heads, dk]`, `v [b, sk, kv_heads, dv]`, `mask [b, sq, sk]` (only read
-/// when `cfg.masked`; otherwise any buffer), `out [b, sq, heads, dv]`.
+/// when `cfg.masked`; otherwise any buffer), `out [b, sq, heads, dv]`; with `cfg.lse`,
+/// `lse [b, sq, heads]` gets each row's `max + ln Σ exp(s − max)`, or `consts[0]` (−∞:
+/// WGSL has no literal for it) for a row that saw no key.
 #[cube(launch, create_dummy_kernel)]
 #[allow(clippy::too_many_arguments)]
 pub fn attention<F: Float>(
@@ -165,6 +167,8 @@ pub fn attention<F: Float>(
     v: &[F],
     mask: &[F],
     out: &mut [F],
+    lse: &mut [f32],
+    consts: &[f32],
     sq: u32,
     sk: u32,
     kv_heads: u32,
@@ -387,6 +391,18 @@ pub fn attention<F: Float>(
             out[(((bi * sq + row / group) * heads + h) * dv + e % dv) as usize] = F::cast_from(o);
         }
     }
+    if comptime![cfg.lse] {
+        let row = row0 + tid;
+        if tid < rows && row < rows_total {
+            let l = smem[(l_at + tid) as usize];
+            let mut x = consts[0];
+            if l > 0.0 {
+                x = smem[(m_at + tid) as usize] + f32::ln(l);
+            }
+            let h = kvh * group + row % group;
+            lse[((bi * sq + row / group) * heads + h) as usize] = x;
+        }
+    }
 }
 
 /// `out[z, m, n] = Σ_k a[z, m, k] · b[z, k, n]`, z the flattened batch (grid z). Tiles
@@ -476,17 +492,23 @@ pub(crate) fn work_attention(spec: KernelSpec, ins: &[Shape]) -> NodeWork {
     let (q, k) = (&ins[0].0, &ins[1].0);
     let (b, sq, sk, kv_heads) = (q[0], q[1], k[1], k[2]);
     let buf = |b| Arg::Buf(b);
-    let (mask, scratch) = if cfg.masked {
-        (buf(Buf::Input(3)), vec![])
-    } else {
-        (buf(Buf::Scratch(0)), vec![Scratch { dtype: elem_dtype(elem), len: Size::lit(1) }])
+    // Unused buffers bind one-element scratch: the mask of an unmasked node (scratch 0),
+    // the lse of a node that does not return it (scratch 1).
+    let mut scratch = Vec::new();
+    let mut dummy = |dtype: DType| {
+        scratch.push(Scratch { dtype, len: Size::lit(1) });
+        buf(Buf::Scratch(scratch.len() as u16 - 1))
     };
+    let mask = if cfg.masked { buf(Buf::Input(3)) } else { dummy(elem_dtype(elem)) };
+    let lse = if cfg.lse { buf(Buf::Output(1)) } else { dummy(DType::F32) };
     let args = vec![
         buf(Buf::Input(0)),
         buf(Buf::Input(1)),
         buf(Buf::Input(2)),
         mask,
         buf(Buf::Output(0)),
+        lse,
+        Arg::F32Table(vec![f32::NEG_INFINITY.to_bits()]),
         Arg::U32(Size::Dim(sq)),
         Arg::U32(Size::Dim(sk)),
         Arg::U32(Size::Dim(kv_heads)),
@@ -504,8 +526,8 @@ pub(crate) fn work_attention(spec: KernelSpec, ins: &[Shape]) -> NodeWork {
     let per_pair = 2 * (cfg.dk + cfg.dv) as i64 + 5;
     let flops = pairs.mul(Size::product(&[b, kv_heads])).mul(Size::lit(per_pair * cfg.group as i64));
     let mut launch = Launch::new(spec, args, grid, flops);
-    if !cfg.masked {
-        launch = launch.touching(Buf::Scratch(0), Touch::Elems(Size::lit(0)));
+    for unused in scratch.iter().enumerate().map(|(i, _)| Buf::Scratch(i as u16)) {
+        launch = launch.touching(unused, Touch::Elems(Size::lit(0)));
     }
     NodeWork::Launches { scratch, launches: vec![launch] }
 }
