@@ -11,6 +11,7 @@
 use cubecl::prelude::*;
 
 pub mod attention;
+pub mod attention_grad;
 pub mod grad;
 pub mod heads;
 pub mod loss;

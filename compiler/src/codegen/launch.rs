@@ -398,6 +398,7 @@ pub fn node_work(g: &Graph, n: NodeId) -> Result<NodeWork, Unsupported> {
         KernelSpec::RmsNormGrad { .. } | KernelSpec::ScatterRows { .. } | KernelSpec::SwiGluGradEw { .. } => {
             super::kernels::grad::work(g, n, spec)
         }
+        KernelSpec::AttentionGrad { .. } => super::kernels::attention_grad::work(g, n, spec),
         KernelSpec::ScatterLinks => unreachable!("scatter_links comes from grad::work, not from_node"),
         KernelSpec::TopK { .. } => super::kernels::moe::work_top_k(g, n, spec),
         KernelSpec::MoeDispatch | KernelSpec::MoeGateUp { .. } | KernelSpec::MoeDown { .. } | KernelSpec::MoeCombine { .. } => {

@@ -124,6 +124,8 @@ pub enum KernelSpec {
     ScatterRows { elem: Elem },
     /// [`kernels::grad::swiglu_grad_ew`]: the elementwise middle of the SwiGLU backward.
     SwiGluGradEw { elem: Elem },
+    /// One launch of the attention backward ([`kernels::attention_grad`]).
+    AttentionGrad { elem: Elem, cfg: kernels::attention_grad::AttnGradConfig, part: kernels::attention_grad::AttnGradPart },
 }
 
 /// Why a node has no kernel yet.
@@ -176,7 +178,8 @@ impl KernelSpec {
         if let Some(spec) = kernels::moe::spec_from_node(g, n) {
             return spec;
         }
-        if let Some(spec) = kernels::loss::spec(g, n).or_else(|| kernels::grad::spec(g, n)) {
+        if let Some(spec) = kernels::loss::spec(g, n).or_else(|| kernels::grad::spec(g, n)).or_else(|| kernels::attention_grad::spec(g, n))
+        {
             return spec;
         }
         if !matches!(
@@ -263,6 +266,14 @@ impl KernelSpec {
             KernelSpec::ScatterLinks => "scatter_links".to_string(),
             KernelSpec::ScatterRows { elem } => format!("scatter_rows_{}", elem.name()),
             KernelSpec::SwiGluGradEw { elem } => format!("swiglu_grad_ew_{}", elem.name()),
+            KernelSpec::AttentionGrad { elem, part, .. } => {
+                let part = match part {
+                    kernels::attention_grad::AttnGradPart::Delta => "delta",
+                    kernels::attention_grad::AttnGradPart::Dq => "dq",
+                    kernels::attention_grad::AttnGradPart::Dkv => "dkv",
+                };
+                format!("attention_grad_{part}_{}_{}", elem.name(), h())
+            }
             KernelSpec::Gather { elem } => format!("gather_{}", elem.name()),
             KernelSpec::Rope { elem, interleaved } => {
                 format!("rope_{}_{}", elem.name(), if *interleaved { "interleaved" } else { "half_split" })
@@ -330,7 +341,8 @@ impl KernelSpec {
             | KernelSpec::Label { elem, .. }
             | KernelSpec::RmsNormGrad { elem, .. }
             | KernelSpec::ScatterRows { elem }
-            | KernelSpec::SwiGluGradEw { elem } => *elem,
+            | KernelSpec::SwiGluGradEw { elem }
+            | KernelSpec::AttentionGrad { elem, .. } => *elem,
             // Integer kernels: nominally f32 (the element type picks no code of theirs).
             KernelSpec::MoeDispatch | KernelSpec::CopyI32 { .. } | KernelSpec::NegI32 | KernelSpec::ScatterLinks => Elem::F32,
         }
@@ -465,7 +477,7 @@ pub fn cube_dim(spec: &KernelSpec) -> CubeDim {
         KernelSpec::RmsNorm { .. } | KernelSpec::Softmax { .. } => CubeDim::new_1d(kernels::ROW_BLOCK),
         KernelSpec::MatMul { .. } => CubeDim::new_2d(kernels::MM_UNITS, kernels::MM_UNITS),
         KernelSpec::BatchMatMul { .. } => CubeDim::new_2d(kernels::TILE, kernels::TILE),
-        KernelSpec::Attention { .. } => CubeDim::new_1d(kernels::attention::ATTN_BLOCK),
+        KernelSpec::Attention { .. } | KernelSpec::AttentionGrad { .. } => CubeDim::new_1d(kernels::attention::ATTN_BLOCK),
         KernelSpec::MoeRoute { .. } | KernelSpec::TopK { .. } | KernelSpec::MoeDispatch | KernelSpec::MoeCombine { .. } => {
             CubeDim::new_1d(kernels::moe::SELECT_BLOCK)
         }
@@ -525,6 +537,41 @@ fn source_for<F: Float + CubeElement>(spec: &KernelSpec, target: Target) -> (Str
         }
         KernelSpec::ScatterRows { .. } => {
             compile(kernels::grad::scatter_rows::ScatterRows::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), (), (), ()), name, target)
+        }
+        KernelSpec::AttentionGrad { cfg, part, .. } => {
+            use kernels::attention_grad::{self as ag, AttnGradPart};
+            match part {
+                AttnGradPart::Delta => {
+                    compile(ag::attn_grad_delta::AttnGradDelta::<F>::new(settings, p, tp, b(), b(), b(), ()), name, target)
+                }
+                AttnGradPart::Dq => compile(
+                    ag::attn_grad_dq::AttnGradDq::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), b(), b(), b(), (), (), (), *cfg),
+                    name,
+                    target,
+                ),
+                AttnGradPart::Dkv => compile(
+                    ag::attn_grad_dkv::AttnGradDkv::<F>::new(
+                        settings,
+                        p,
+                        tp,
+                        b(),
+                        b(),
+                        b(),
+                        b(),
+                        b(),
+                        b(),
+                        b(),
+                        b(),
+                        b(),
+                        (),
+                        (),
+                        (),
+                        *cfg,
+                    ),
+                    name,
+                    target,
+                ),
+            }
         }
         KernelSpec::SwiGluGradEw { .. } => {
             compile(kernels::grad::swiglu_grad_ew::SwigluGradEw::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), b()), name, target)

@@ -273,6 +273,40 @@ impl WgpuBackend {
                 let (x, dy, r, dg) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?);
                 kernels::grad::rms_norm_grad_gain::launch::<F>(c, count, dim, x, dy, r, dg, a.u32(4)?)
             }
+            KernelSpec::AttentionGrad { cfg, part, .. } => {
+                use kernels::attention_grad::{self as ag, AttnGradPart};
+                match part {
+                    AttnGradPart::Delta => ag::attn_grad_delta::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.u32(3)?),
+                    AttnGradPart::Dq => {
+                        let (q, k, v, mask, lse, delta, dout, dq) =
+                            (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?, a.buf(5)?, a.buf(6)?, a.buf(7)?);
+                        ag::attn_grad_dq::launch::<F>(
+                            c,
+                            count,
+                            dim,
+                            q,
+                            k,
+                            v,
+                            mask,
+                            lse,
+                            delta,
+                            dout,
+                            dq,
+                            a.u32(8)?,
+                            a.u32(9)?,
+                            a.u32(10)?,
+                            *cfg,
+                        )
+                    }
+                    AttnGradPart::Dkv => {
+                        let (q, k, v, mask, lse, delta, dout) =
+                            (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?, a.buf(5)?, a.buf(6)?);
+                        let (dk, dv) = (a.buf(7)?, a.buf(8)?);
+                        let (sq, sk, kvh) = (a.u32(9)?, a.u32(10)?, a.u32(11)?);
+                        ag::attn_grad_dkv::launch::<F>(c, count, dim, q, k, v, mask, lse, delta, dout, dk, dv, sq, sk, kvh, *cfg)
+                    }
+                }
+            }
             KernelSpec::SwiGluGradEw { .. } => {
                 let (g, u, da, x, dg, du) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?, a.buf(5)?);
                 kernels::grad::swiglu_grad_ew::launch::<F>(c, count, dim, g, u, da, x, dg, du)

@@ -213,3 +213,66 @@ fn attention_returns_its_log_sum_exp() {
         check_node(attn_op(heads as u32, kv as u32, dk as usize, causal, masked, true), &ins, bind, 1e-4);
     }
 }
+
+/// The reference's outputs of `op` over `inputs`.
+fn reference(op: Op, inputs: &[(Ty, Tensor)]) -> Vec<Tensor> {
+    let mut g = Graph::new();
+    let args: Vec<Value> =
+        inputs.iter().enumerate().map(|(i, (t, _))| g.input(i as u32, &format!("x{i}"), t.clone(), None).into()).collect();
+    let n = g.add_inferred(op, &args, None).unwrap();
+    let outs: Vec<Value> = (0..g.node(n).outputs.len() as u16).map(|i| n.out(i)).collect();
+    g.ret(&outs, None);
+    let mut m = Module::new();
+    m.add_function(Function { name: "main".into(), graph: g });
+    m.set_entry(Mode::Prefill, "main");
+    let values: Vec<Tensor> = inputs.iter().map(|(_, t)| t.clone()).collect();
+    run(&m, Mode::Prefill, &values, &HashMap::<String, Tensor>::new(), &Options::default()).unwrap()
+}
+
+/// The flash backward against the reference's, from the reference forward's output and
+/// log-sum-exp: GQA groups, causal rows with a cache offset (sk > sq), masks, head sizes
+/// past one block of units, and a query row that sees no key (its lse is −∞).
+#[test]
+fn attention_grad_of_q_k_and_v() {
+    use dsc_compiler::ir::Float;
+    let (b, s) = (Dim::B, Dim::S);
+    let cases = [
+        // heads, kv, dk, dv, causal, masked, sk
+        (4, 4, 12, 12, true, false, s),
+        (4, 2, 24, 16, true, true, s),
+        (6, 2, 130, 129, true, false, s + 3),
+        (3, 1, 8, 8, false, false, s),
+        (2, 1, 16, 8, false, true, s + 2),
+    ];
+    for (idx, (heads, kv, dk, dv, causal, masked, sk)) in cases.into_iter().enumerate() {
+        for (batch, seq) in [(1, 1), (2, 13), (1, 150)] {
+            let bind = Bindings { batch, seq, cache: 0 };
+            let seed = 60 + 10 * idx as u64;
+            let mut ins = vec![
+                f32_input(&[b, s, Dim::lit(heads), Dim::lit(dk)], &bind, seed),
+                f32_input(&[b, sk, Dim::lit(kv), Dim::lit(dk)], &bind, seed + 1),
+                f32_input(&[b, sk, Dim::lit(kv), Dim::lit(dv)], &bind, seed + 2),
+            ];
+            if masked {
+                // Row 0 of every batch sees nothing (all −∞ before the softmax).
+                let (ty, mut t) = f32_input(&[b, s, sk], &bind, seed + 3);
+                let skn = sk.eval(&bind) as usize;
+                let mut v = t.to_f32_vec();
+                for bi in 0..batch as usize {
+                    let at = bi * seq as usize * skn;
+                    v[at..at + skn].iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
+                }
+                t = Tensor::f32(t.shape(), v);
+                ins.push((ty, t));
+            }
+            let fwd = reference(attn_op(heads as u32, kv as u32, dk as usize, causal, masked, true), &ins);
+            let (out, lse) = (fwd[0].clone(), fwd[1].clone());
+            ins.push((Ty::new(DType::F32, vec![b, s, Dim::lit(heads), Dim::lit(dv)]), out));
+            ins.push((Ty::new(DType::F32, vec![b, s, Dim::lit(heads)]), lse));
+            ins.push(f32_input(&[b, s, Dim::lit(heads), Dim::lit(dv)], &bind, seed + 4));
+            let op =
+                Op::AttentionGrad { heads: heads as u32, kv_heads: kv as u32, scale: Float::new(1.0 / (dk as f64).sqrt()), causal, masked };
+            check_node(op, &ins, bind, 2e-4);
+        }
+    }
+}
