@@ -32,7 +32,8 @@ pub struct GradArgs {
     /// Where to write the gradients (safetensors, written atomically).
     #[arg(long)]
     pub out: PathBuf,
-    /// Only `reference` computes gradients today.
+    /// `reference` (the CPU interpreter), or `wgpu`: the train graph's kernels on the
+    /// default wgpu adapter (dense models; MoE layers have no backward kernels yet).
     #[arg(long, default_value = "reference")]
     pub backend: String,
     /// Add the multi-token-prediction loss (λ/D Σ L_k).
@@ -46,6 +47,13 @@ pub struct GradArgs {
     pub recompute: Recompute,
 }
 
+/// What `--backend` accepts for gradients.
+const GRAD_BACKENDS: &[&str] = &[
+    "reference",
+    #[cfg(feature = "wgpu")]
+    "wgpu",
+];
+
 pub fn parse_recompute(s: &str) -> Result<Recompute, String> {
     Recompute::parse(s).ok_or_else(|| format!("unknown recompute policy `{s}`; expected none, norms, mla or layer"))
 }
@@ -54,8 +62,8 @@ pub fn parse_recompute(s: &str) -> Result<Recompute, String> {
 pub fn grad_cmd(args: &GradArgs) -> Result<(), String> {
     // Before any work: where the output goes, and that it is none of the inputs.
     crate::output::check_output(&args.out, &super::logits::run_inputs(&args.model, args.spec.as_deref(), &args.input))?;
-    if args.backend != "reference" {
-        return Err(format!("`--backend {}`: gradients run on the reference backend only so far", args.backend));
+    if !GRAD_BACKENDS.contains(&args.backend.as_str()) {
+        return Err(format!("`--backend {}`: gradients run on {}", args.backend, GRAD_BACKENDS.join(" or ")));
     }
     let rows = read_ids(&args.input)?;
     let s = rows.first().map_or(0, Vec::len);
@@ -76,7 +84,19 @@ pub fn grad_cmd(args: &GradArgs) -> Result<(), String> {
     let (ids, pos, labels) = (Tensor::i64(&[b, s], ids.clone()), Tensor::i64(&[b, s], pos), Tensor::i64(&[b, s], ids));
     let terms = Terms { main: 1.0, mtp: if args.mtp { 1.0 } else { 0.0 }, aux: if args.aux { 1.0 } else { 0.0 } };
     let weights: &dyn Weights = &md.weights;
-    let out = tm.run(weights, [&ids, &pos, &labels], terms, Precision::F32).map_err(|e| e.to_string())?;
+    let batch = [&ids, &pos, &labels];
+    let out = match args.backend.as_str() {
+        #[cfg(feature = "wgpu")]
+        "wgpu" => {
+            use crate::generate::Engine;
+            use dsc_compiler::ir::Mode;
+            let engine = crate::wgpu::exec::WgpuEngine::new();
+            eprintln!("wgpu adapter: {}", engine.backend().adapter_name());
+            let plan = engine.prepare(&tm.module, Mode::Train).map_err(|e| format!("the train graph cannot run on wgpu yet: {e}"))?;
+            tm.run_on(&engine, &plan, weights, batch, terms)?
+        }
+        _ => tm.run(weights, batch, terms, Precision::F32).map_err(|e| e.to_string())?,
+    };
 
     let mut tensors: BTreeMap<String, Tensor> = hub_tensors(out.grads);
     // Every stored tensor gets an entry: the ones without a gradient are zeros.

@@ -10,6 +10,7 @@
 //! to them, as a tensor ([`TrainModel::run_policy`]).
 
 use crate::generate::rewrite::replay_routing;
+use crate::generate::Engine;
 use crate::reference::{run, ErrorKind, ExecError, Options, Precision, Tensor, Weights};
 use dsc_compiler::ir::{Gradients, Mode, Module};
 use dsc_compiler::lower::lower_train;
@@ -196,21 +197,52 @@ impl TrainModel {
         Ok(PolicyOutput { logp: raw.first, mtp_loss: raw.mtp_loss, aux_loss: raw.aux_loss, grads: raw.grads, loads: raw.loads })
     }
 
-    /// The entry on `batch` with one cotangent per seeded result.
-    fn run_raw(&self, weights: &dyn Weights, batch: &[&Tensor], cot: [Tensor; 3], precision: Precision) -> Result<Raw, ExecError> {
+    /// [`TrainModel::run`] on a device engine, in f32: `prepared` is
+    /// `engine.prepare(&self.module, Mode::Train)` (a launch plan), made once and reused
+    /// for every batch. The wgpu and CUDA engines run the same train graph as the
+    /// reference interpreter, kernel by kernel.
+    pub fn run_on<E: Engine>(
+        &self,
+        engine: &E,
+        prepared: &E::Prepared,
+        weights: &dyn Weights,
+        batch: [&Tensor; 3],
+        terms: Terms,
+    ) -> Result<GradOutput, String> {
+        let cot = [terms.main, terms.mtp, terms.aux].map(|w| Tensor::scalar(w as f32));
+        let outs = engine.run(&self.module, prepared, Mode::Train, &self.args(&batch, cot), weights)?;
+        let raw = self.raw(outs);
+        let loss = raw.first.get_flat(0);
+        let objective = terms.main * loss + terms.mtp * raw.mtp_loss + terms.aux * raw.aux_loss;
+        Ok(GradOutput { loss, mtp_loss: raw.mtp_loss, aux_loss: raw.aux_loss, objective, grads: raw.grads, loads: raw.loads })
+    }
+
+    /// The entry's arguments: `batch`, then one cotangent per seeded result.
+    fn args(&self, batch: &[&Tensor], cot: [Tensor; 3]) -> Vec<Tensor> {
         let mut args: Vec<Tensor> = batch.iter().map(|t| (*t).clone()).collect();
         let mut cot = cot.map(Some);
         for &i in &self.gradients.seeds {
             args.push(cot.get_mut(i).and_then(Option::take).unwrap_or_else(|| Tensor::scalar(0.0)));
         }
+        args
+    }
+
+    /// The entry on `batch` with one cotangent per seeded result.
+    fn run_raw(&self, weights: &dyn Weights, batch: &[&Tensor], cot: [Tensor; 3], precision: Precision) -> Result<Raw, ExecError> {
         let opts = Options { precision, ..Options::default() };
-        let mut outs = run(&self.module, Mode::Train, &args, weights, &opts)?.into_iter();
+        Ok(self.raw(run(&self.module, Mode::Train, &self.args(batch, cot), weights, &opts)?))
+    }
+
+    /// The entry's results, named: the first, the two other losses, the loads, the
+    /// gradients.
+    fn raw(&self, outs: Vec<Tensor>) -> Raw {
+        let mut outs = outs.into_iter();
         let first = outs.next().unwrap_or_else(|| Tensor::scalar(f32::NAN));
         let scalar = |t: Option<Tensor>| t.map(|t| t.get_flat(0)).unwrap_or(f64::NAN);
         let (mtp_loss, aux_loss) = (scalar(outs.next()), scalar(outs.next()));
         let loads = self.moe_layers.iter().map(|&l| (l, outs.next().map(|t| t.to_f64_vec()).unwrap_or_default())).collect();
         let grads = self.gradients.params.iter().cloned().zip(outs).collect();
-        Ok(Raw { first, mtp_loss, aux_loss, grads, loads })
+        Raw { first, mtp_loss, aux_loss, grads, loads }
     }
 }
 

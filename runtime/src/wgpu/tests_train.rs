@@ -200,7 +200,9 @@ fn attn_op(heads: u32, kv_heads: u32, dk: usize, causal: bool, masked: bool, lse
 #[test]
 fn attention_returns_its_log_sum_exp() {
     let bind = Bindings { batch: 2, seq: 13, cache: 0 };
-    for (heads, kv, dk, dv, causal, masked) in [(4, 4, 12, 12, true, false), (4, 2, 24, 16, true, true), (3, 1, 8, 8, false, false)] {
+    for (heads, kv, dk, dv, causal, masked) in
+        [(4, 4, 12, 12, true, false), (4, 2, 24, 16, true, true), (3, 1, 8, 8, false, false), (4, 1, 12, 12, true, false)]
+    {
         let (b, s) = (Dim::B, Dim::S);
         let mut ins = vec![
             f32_input(&[b, s, Dim::lit(heads), Dim::lit(dk)], &bind, 51),
