@@ -58,6 +58,12 @@ impl<B: Clone> DeviceWeights<B> {
         self.bufs.lock().unwrap_or_else(|e| e.into_inner()).values().map(size).sum()
     }
 
+    /// Forgets every buffer: the weights changed (an optimizer step), so the next run
+    /// uploads them again.
+    pub fn clear(&self) {
+        self.bufs.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     /// The cached buffer under `key`, or `make`'s, cached.
     fn get_or_upload(&self, key: (String, DType), make: impl FnOnce() -> Result<B, String>) -> Result<B, String> {
         if let Some(b) = self.bufs.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {

@@ -12,7 +12,7 @@ use crate::train::checkpoint::{self, ModelFiles};
 use crate::train::data::{Dataset, Limits};
 use crate::train::grpo::{self, recipe::GrpoRecipe, train::GrpoRun, train::GrpoSummary};
 use crate::train::metrics::Display;
-use crate::train::objective::{reference_objective, ObjectiveOptions};
+use crate::train::objective::{objective, ObjectiveOptions};
 use crate::train::recipe::{Recipe, Source};
 use crate::train::sft::{self, Run, Start};
 use crate::train::{init, Objective, TrainError};
@@ -48,7 +48,7 @@ pub struct SftArgs {
 
 pub fn train_cmd(args: &TrainArgs) -> Result<(), String> {
     match &args.command {
-        TrainCommand::Sft(a) => sft_cmd(a, &|spec, opts| reference_objective(spec, opts)).map_err(|e| e.to_string()),
+        TrainCommand::Sft(a) => sft_cmd(a, &|spec, opts| objective(spec, opts)).map_err(|e| e.to_string()),
         TrainCommand::Grpo(a) => grpo_cmd(a, Display::Auto, None).map(|_| ()).map_err(|e| e.to_string()),
     }
 }
@@ -212,6 +212,7 @@ fn starting_weights(recipe: &Recipe, opened: &Opened, wanted: &HashMap<String, V
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::objective::reference_objective;
     use crate::train::{Batch, StepOutput};
     use std::path::Path;
 

@@ -1,8 +1,9 @@
-//! The bridge from a spec to an [`Objective`]: the reference backend's loss and
-//! gradients, from the spec's train entry differentiated by the autodiff pass
-//! ([`super::model::TrainModel`]).
+//! The bridge from a spec to an [`Objective`]: the loss and gradients of the spec's train
+//! entry differentiated by the autodiff pass ([`super::model::TrainModel`]), on the
+//! reference interpreter or (recipe `backend: wgpu`) from its launch plan on a wgpu
+//! adapter.
 
-use super::model::{Terms, TrainModel};
+use super::model::{GradOutput, Terms, TrainModel};
 use super::recipe::Recipe;
 use super::{Batch, Objective, StepOutput, TrainError};
 use crate::reference::{Precision, Tensor};
@@ -24,6 +25,8 @@ pub struct ObjectiveOptions {
     /// Report expert loads for the aux-loss-free bias update.
     pub bias_update: bool,
     pub recompute: super::recipe::Recompute,
+    /// The recipe's `backend`: what runs the train graph.
+    pub backend: String,
 }
 
 impl ObjectiveOptions {
@@ -48,21 +51,47 @@ impl ObjectiveOptions {
                 spec.model.name
             )));
         }
-        Ok(ObjectiveOptions { mtp, mtp_stop_gradient: f.mtp_stop_gradient, aux_loss: f.aux_loss, bias_update, recompute: f.recompute })
+        Ok(ObjectiveOptions {
+            mtp,
+            mtp_stop_gradient: f.mtp_stop_gradient,
+            aux_loss: f.aux_loss,
+            bias_update,
+            recompute: f.recompute,
+            backend: f.backend.clone(),
+        })
+    }
+}
+
+/// The objective `options.backend` names.
+pub fn objective(spec: &Spec, options: &ObjectiveOptions) -> Result<Box<dyn Objective>, TrainError> {
+    match options.backend.as_str() {
+        #[cfg(feature = "wgpu")]
+        "wgpu" => wgpu_objective(spec, options),
+        _ => reference_objective(spec, options),
     }
 }
 
 /// The loss and gradients of `spec`'s training entry on the reference interpreter.
 pub fn reference_objective(spec: &Spec, options: &ObjectiveOptions) -> Result<Box<dyn Objective>, TrainError> {
-    let train = TrainOptions { recompute: options.recompute, mtp_stop_gradient: options.mtp_stop_gradient };
-    let model = TrainModel::compile(spec, train, &PassSelection::default()).map_err(TrainError::Unsupported)?;
-    let terms = Terms { main: 1.0, mtp: if options.mtp { 1.0 } else { 0.0 }, aux: if options.aux_loss { 1.0 } else { 0.0 } };
-    let biased = spec.model.ffn.iter().any(|b| matches!(&b.kind, Ffn::Moe(m) if m.router.selection_bias));
-    Ok(Box::new(Reference { model, terms, options: options.clone(), biased }))
+    Ok(Box::new(Reference(Compiled::new(spec, options)?)))
 }
 
-/// [`reference_objective`]'s objective.
-struct Reference {
+/// The same on the default wgpu adapter: the train entry's launch plan, built once.
+/// After each optimizer step the weights are uploaded again (the optimizer runs on the
+/// host; updating them in place on the device is the next step).
+#[cfg(feature = "wgpu")]
+pub fn wgpu_objective(spec: &Spec, options: &ObjectiveOptions) -> Result<Box<dyn Objective>, TrainError> {
+    use crate::generate::Engine;
+    let c = Compiled::new(spec, options)?;
+    let engine = crate::wgpu::exec::WgpuEngine::new();
+    let plan = engine
+        .prepare(&c.model.module, dsc_compiler::ir::Mode::Train)
+        .map_err(|e| TrainError::Unsupported(format!("the train graph cannot run on wgpu yet: {e}")))?;
+    Ok(Box::new(Wgpu { c, engine, plan }))
+}
+
+/// A compiled train entry and what the loop asked of it.
+struct Compiled {
     model: TrainModel,
     terms: Terms,
     options: ObjectiveOptions,
@@ -70,10 +99,17 @@ struct Reference {
     biased: bool,
 }
 
-impl Objective for Reference {
-    fn step(&mut self, weights: &HashMap<String, Tensor>, batch: &Batch) -> Result<StepOutput, TrainError> {
-        let args = [&batch.input_ids, &batch.positions, &batch.labels];
-        let out = self.model.run(weights, args, self.terms, Precision::F32).map_err(|e| TrainError::Invalid(e.to_string()))?;
+impl Compiled {
+    fn new(spec: &Spec, options: &ObjectiveOptions) -> Result<Compiled, TrainError> {
+        let train = TrainOptions { recompute: options.recompute, mtp_stop_gradient: options.mtp_stop_gradient };
+        let model = TrainModel::compile(spec, train, &PassSelection::default()).map_err(TrainError::Unsupported)?;
+        let terms = Terms { main: 1.0, mtp: if options.mtp { 1.0 } else { 0.0 }, aux: if options.aux_loss { 1.0 } else { 0.0 } };
+        let biased = spec.model.ffn.iter().any(|b| matches!(&b.kind, Ffn::Moe(m) if m.router.selection_bias));
+        Ok(Compiled { model, terms, options: options.clone(), biased })
+    }
+
+    /// The loop's view of one step's results.
+    fn output(&self, out: GradOutput) -> StepOutput {
         let mut terms = vec![("loss".to_string(), out.loss)];
         if self.options.mtp {
             terms.push(("mtp_loss".into(), out.mtp_loss));
@@ -86,6 +122,38 @@ impl Objective for Reference {
         } else {
             Vec::new()
         };
-        Ok(StepOutput { loss: out.objective, terms, grads: out.grads, expert_loads })
+        StepOutput { loss: out.objective, terms, grads: out.grads, expert_loads }
+    }
+}
+
+/// [`reference_objective`]'s objective.
+struct Reference(Compiled);
+
+impl Objective for Reference {
+    fn step(&mut self, weights: &HashMap<String, Tensor>, batch: &Batch) -> Result<StepOutput, TrainError> {
+        let args = [&batch.input_ids, &batch.positions, &batch.labels];
+        let c = &self.0;
+        let out = c.model.run(weights, args, c.terms, Precision::F32).map_err(|e| TrainError::Invalid(e.to_string()))?;
+        Ok(c.output(out))
+    }
+}
+
+/// [`wgpu_objective`]'s objective.
+#[cfg(feature = "wgpu")]
+struct Wgpu {
+    c: Compiled,
+    engine: crate::wgpu::exec::WgpuEngine,
+    plan: dsc_compiler::codegen::plan::Plan,
+}
+
+#[cfg(feature = "wgpu")]
+impl Objective for Wgpu {
+    fn step(&mut self, weights: &HashMap<String, Tensor>, batch: &Batch) -> Result<StepOutput, TrainError> {
+        let args = [&batch.input_ids, &batch.positions, &batch.labels];
+        // The weights may have changed since the last step.
+        self.engine.forget_weights();
+        let c = &self.c;
+        let out = c.model.run_on(&self.engine, &self.plan, weights, args, c.terms).map_err(TrainError::Invalid)?;
+        Ok(c.output(out))
     }
 }

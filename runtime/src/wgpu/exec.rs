@@ -71,6 +71,12 @@ impl WgpuEngine {
         &self.backend
     }
 
+    /// Forgets the uploaded weights: after an optimizer step they are stale, and the next
+    /// run uploads the new ones.
+    pub fn forget_weights(&self) {
+        self.weights.clear();
+    }
+
     /// Bytes of weights and constants uploaded so far.
     pub fn weight_bytes(&self) -> usize {
         self.weights.bytes(<WgpuBackend as Device>::bytes)
