@@ -17,6 +17,7 @@ pub mod heads;
 pub mod loss;
 pub mod moe;
 pub mod movement;
+pub mod reduce;
 pub mod rope;
 
 /// Units per cube of the elementwise kernel.
@@ -103,9 +104,11 @@ pub struct EwProgram {
 
 /// The fused elementwise kernel. `layout` holds the output shape (`rank` values) then,
 /// per input, `rank` strides (only read for [`Access::Strided`] inputs; the host
-/// writes them for every input so the layout does not depend on the program).
+/// writes them for every input so the layout does not depend on the program). The
+/// inputs are `I`: `F` itself, or `i32` index tensors a program compares (a one-hot
+/// `eq(indices, iota)`), converted to `F` as they are loaded (exact below 2²⁴).
 #[cube(launch, create_dummy_kernel)]
-pub fn fused_ew<F: Float>(inputs: &Sequence<Box<[F]>>, layout: &[u32], out: &mut [F], #[comptime] prog: EwProgram) {
+pub fn fused_ew<F: Float, I: Numeric>(inputs: &Sequence<Box<[I]>>, layout: &[u32], out: &mut [F], #[comptime] prog: EwProgram) {
     let pos = ABSOLUTE_POS;
     if pos < out.len() {
         let mut regs = Sequence::<F>::new();
@@ -113,8 +116,8 @@ pub fn fused_ew<F: Float>(inputs: &Sequence<Box<[F]>>, layout: &[u32], out: &mut
         for j in 0..prog.inputs.len() {
             let access = comptime![prog.inputs[j]];
             match access {
-                Access::Direct => regs.push(inputs.index(j)[pos]),
-                Access::Scalar => regs.push(inputs.index(j)[0]),
+                Access::Direct => regs.push(F::cast_from(inputs.index(j)[pos])),
+                Access::Scalar => regs.push(F::cast_from(inputs.index(j)[0])),
                 Access::Strided => {
                     // Walk the axes from the last: coordinate = rem % dim.
                     let mut rem = pos as u32;
@@ -127,7 +130,7 @@ pub fn fused_ew<F: Float>(inputs: &Sequence<Box<[F]>>, layout: &[u32], out: &mut
                         offset += (rem % dim) * stride;
                         rem /= dim;
                     }
-                    regs.push(inputs.index(j)[offset as usize]);
+                    regs.push(F::cast_from(inputs.index(j)[offset as usize]));
                 }
             }
         }

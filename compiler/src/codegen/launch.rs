@@ -338,7 +338,7 @@ pub fn node_work(g: &Graph, n: NodeId) -> Result<NodeWork, Unsupported> {
     let dims = |s: &Shape| s.0.clone();
     let io = |k: usize| (0..k as u16).map(|i| Arg::Buf(Buf::Input(i))).chain([Arg::Buf(Buf::Output(0))]).collect::<Vec<_>>();
     Ok(match &spec {
-        KernelSpec::Elementwise { program, .. } => {
+        KernelSpec::Elementwise { program, .. } | KernelSpec::ElementwiseI32 { program, .. } => {
             // layout: the output shape, then per input its strides against the output's
             // axes (right-aligned; 0 along axes the input lacks or has as 1).
             let rank = out.rank();
@@ -399,6 +399,7 @@ pub fn node_work(g: &Graph, n: NodeId) -> Result<NodeWork, Unsupported> {
             super::kernels::grad::work(g, n, spec)
         }
         KernelSpec::AttentionGrad { .. } => super::kernels::attention_grad::work(g, n, spec),
+        KernelSpec::Reduce { .. } | KernelSpec::IotaI32 => super::kernels::reduce::work(g, n, spec),
         KernelSpec::ScatterLinks => unreachable!("scatter_links comes from grad::work, not from_node"),
         KernelSpec::TopK { .. } => super::kernels::moe::work_top_k(g, n, spec),
         KernelSpec::MoeDispatch | KernelSpec::MoeGateUp { .. } | KernelSpec::MoeDown { .. } | KernelSpec::MoeCombine { .. } => {

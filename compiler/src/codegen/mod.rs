@@ -18,7 +18,7 @@ pub mod launch;
 pub mod plan;
 pub mod traffic;
 
-use crate::ir::{BinaryOp, DType, FusedKernel, Graph, NodeId, Op, Operand, StepOp, Ty, UnaryOp};
+use crate::ir::{BinaryOp, DType, FusedKernel, Graph, NodeId, Op, Operand, ReduceOp, StepOp, Ty, UnaryOp};
 use cubecl::prelude::*;
 use cubecl::Compiler;
 use kernels::{Access, EwOp, EwProgram};
@@ -65,6 +65,12 @@ impl Elem {
 pub enum KernelSpec {
     /// [`kernels::fused_ew`] running `program`.
     Elementwise { elem: Elem, program: EwProgram },
+    /// [`kernels::fused_ew`] over `i32` inputs (index tensors), the result in `elem`.
+    ElementwiseI32 { elem: Elem, program: EwProgram },
+    /// [`kernels::reduce::reduce_axis`]: a sum, or with `mean` a mean, along one axis.
+    Reduce { elem: Elem, mean: bool },
+    /// [`kernels::reduce::iota`] of `i32`s.
+    IotaI32,
     /// [`kernels::rms_norm`] over the last axis; `eps` as `f32` bits.
     RmsNorm { elem: Elem, eps_bits: u32 },
     /// [`kernels::softmax`] over the last axis.
@@ -178,6 +184,12 @@ impl KernelSpec {
         if let Some(spec) = kernels::moe::spec_from_node(g, n) {
             return spec;
         }
+        if let Op::Iota { dtype, .. } = node.op {
+            return match dtype {
+                DType::I32 | DType::I64 => Ok(KernelSpec::IotaI32),
+                d => Err(no(&format!("an iota of {} (index iotas only)", d.name()))),
+            };
+        }
         if let Some(spec) = kernels::loss::spec(g, n).or_else(|| kernels::grad::spec(g, n)).or_else(|| kernels::attention_grad::spec(g, n))
         {
             return spec;
@@ -193,6 +205,7 @@ impl KernelSpec {
                 | Op::Attention { .. }
                 | Op::BatchMatMul
                 | Op::WeightGrad
+                | Op::Reduce { .. }
         ) {
             return Err(no("no kernel yet"));
         }
@@ -207,6 +220,15 @@ impl KernelSpec {
         }
         let elem =
             Elem::from_dtype(out.dtype).ok_or_else(|| no(&format!("result dtype {} (kernels hold f32, f16 or bf16)", out.dtype.name())))?;
+        // A program over index tensors only (a one-hot `eq(indices, iota)` cast to floats).
+        let int = |t: &Ty| matches!(t.dtype, DType::I32 | DType::I64);
+        if let Op::Fused(k) = &node.op {
+            if k.head.is_none() && !inputs.is_empty() && inputs.iter().all(int) {
+                let ops = fused_ops(k, out.dtype).map_err(|r| no(&r))?;
+                let program = ew_program(out, &inputs, &ops).map_err(|r| no(&r))?;
+                return Ok(KernelSpec::ElementwiseI32 { elem, program });
+            }
+        }
         if let Some(t) = inputs.iter().find(|t| t.dtype != out.dtype) {
             return Err(no(&format!("input dtype {} differs from the result's {}", t.dtype.name(), out.dtype.name())));
         }
@@ -241,6 +263,8 @@ impl KernelSpec {
                 Ok(KernelSpec::Softmax { elem })
             }
             Op::MatMul => Ok(KernelSpec::MatMul { elem }),
+            Op::Reduce { op: ReduceOp::Sum, .. } => Ok(KernelSpec::Reduce { elem, mean: false }),
+            Op::Reduce { op: ReduceOp::Mean, .. } => Ok(KernelSpec::Reduce { elem, mean: true }),
             Op::Attention { .. } => {
                 let cfg = kernels::attention::config(&node.op, &inputs).map_err(|r| no(&r))?;
                 Ok(KernelSpec::Attention { elem, cfg })
@@ -258,6 +282,9 @@ impl KernelSpec {
         let h = || format!("{:016x}", fnv1a(format!("{self:?}").as_bytes()));
         match self {
             KernelSpec::Elementwise { elem, .. } => format!("ew_{}_{}", elem.name(), h()),
+            KernelSpec::ElementwiseI32 { elem, .. } => format!("ew_i32_{}_{}", elem.name(), h()),
+            KernelSpec::Reduce { elem, mean } => format!("reduce_{}_{}", if *mean { "mean" } else { "sum" }, elem.name()),
+            KernelSpec::IotaI32 => "iota_i32".to_string(),
             KernelSpec::Copy { elem, rank } => format!("copy_{}_r{rank}", elem.name()),
             KernelSpec::CopyI32 { rank } => format!("copy_i32_r{rank}"),
             KernelSpec::NegI32 => "neg_i32".to_string(),
@@ -321,6 +348,8 @@ impl KernelSpec {
     pub fn elem(&self) -> Elem {
         match self {
             KernelSpec::Elementwise { elem, .. }
+            | KernelSpec::ElementwiseI32 { elem, .. }
+            | KernelSpec::Reduce { elem, .. }
             | KernelSpec::RmsNorm { elem, .. }
             | KernelSpec::Copy { elem, .. }
             | KernelSpec::Gather { elem }
@@ -344,7 +373,9 @@ impl KernelSpec {
             | KernelSpec::SwiGluGradEw { elem }
             | KernelSpec::AttentionGrad { elem, .. } => *elem,
             // Integer kernels: nominally f32 (the element type picks no code of theirs).
-            KernelSpec::MoeDispatch | KernelSpec::CopyI32 { .. } | KernelSpec::NegI32 | KernelSpec::ScatterLinks => Elem::F32,
+            KernelSpec::MoeDispatch | KernelSpec::CopyI32 { .. } | KernelSpec::NegI32 | KernelSpec::ScatterLinks | KernelSpec::IotaI32 => {
+                Elem::F32
+            }
         }
     }
 }
@@ -463,7 +494,8 @@ fn offline_properties() -> Arc<DeviceProperties> {
 /// The cube shape each kernel is launched with (the runtime uses the same).
 pub fn cube_dim(spec: &KernelSpec) -> CubeDim {
     match spec {
-        KernelSpec::Elementwise { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
+        KernelSpec::Elementwise { .. } | KernelSpec::ElementwiseI32 { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
+        KernelSpec::Reduce { .. } | KernelSpec::IotaI32 => CubeDim::new_1d(kernels::EW_BLOCK),
         KernelSpec::Copy { .. } | KernelSpec::Gather { .. } | KernelSpec::Rope { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
         KernelSpec::CopyI32 { .. } | KernelSpec::NegI32 => CubeDim::new_1d(kernels::EW_BLOCK),
         KernelSpec::RmsNormGrad { gain: false, .. } => CubeDim::new_1d(kernels::ROW_BLOCK),
@@ -515,8 +547,16 @@ fn source_for<F: Float + CubeElement>(spec: &KernelSpec, target: Target) -> (Str
     match spec {
         KernelSpec::Elementwise { program, .. } => {
             let inputs = SequenceCompilationArg::<Box<[F]>> { values: program.inputs.iter().map(|_| b()).collect() };
-            compile(kernels::fused_ew::FusedEw::<F>::new(settings, p, tp, inputs, b(), b(), program.clone()), name, target)
+            compile(kernels::fused_ew::FusedEw::<F, F>::new(settings, p, tp, inputs, b(), b(), program.clone()), name, target)
         }
+        KernelSpec::ElementwiseI32 { program, .. } => {
+            let inputs = SequenceCompilationArg::<Box<[i32]>> { values: program.inputs.iter().map(|_| b()).collect() };
+            compile(kernels::fused_ew::FusedEw::<F, i32>::new(settings, p, tp, inputs, b(), b(), program.clone()), name, target)
+        }
+        KernelSpec::Reduce { mean, .. } => {
+            compile(kernels::reduce::reduce_axis::ReduceAxis::<F>::new(settings, p, tp, b(), b(), (), (), *mean), name, target)
+        }
+        KernelSpec::IotaI32 => compile(kernels::reduce::iota::Iota::<i32>::new(settings, p, tp, b(), ()), name, target),
         KernelSpec::Copy { rank, .. } => {
             compile(kernels::movement::strided_copy::StridedCopy::<F>::new(settings, p, tp, b(), b(), b(), *rank), name, target)
         }

@@ -252,8 +252,19 @@ impl WgpuBackend {
                 for b in bufs.ins {
                     seq.push(arg(b));
                 }
-                kernels::fused_ew::launch::<F>(c, count, dim, seq, a.table(1)?, a.buf(2)?, program.clone())
+                kernels::fused_ew::launch::<F, F>(c, count, dim, seq, a.table(1)?, a.buf(2)?, program.clone())
             }
+            KernelSpec::ElementwiseI32 { program, .. } => {
+                let mut seq = SequenceArg::<Box<[i32]>>::new();
+                for b in bufs.ins {
+                    seq.push(arg(b));
+                }
+                kernels::fused_ew::launch::<F, i32>(c, count, dim, seq, a.table(1)?, a.buf(2)?, program.clone())
+            }
+            KernelSpec::Reduce { mean, .. } => {
+                kernels::reduce::reduce_axis::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.u32(2)?, a.u32(3)?, *mean)
+            }
+            KernelSpec::IotaI32 => kernels::reduce::iota::launch::<i32>(c, count, dim, a.buf(0)?, a.u32(1)?),
             KernelSpec::RmsNorm { eps_bits, .. } => {
                 kernels::rms_norm::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.u32(3)?, *eps_bits)
             }

@@ -278,3 +278,35 @@ fn attention_grad_of_q_k_and_v() {
         }
     }
 }
+
+#[test]
+fn reductions_iota_and_one_hot_programs() {
+    use dsc_compiler::ir::fused::{FusedKernel, Operand, Step, StepOp};
+    use dsc_compiler::ir::{BinaryOp, ReduceOp};
+    let bind = Bindings { batch: 2, seq: 7, cache: 0 };
+    let x = f32_input(&[Dim::B, Dim::S, Dim::lit(3), Dim::lit(5)], &bind, 71);
+    for op in [ReduceOp::Sum, ReduceOp::Mean] {
+        for axis in 0..4u8 {
+            for keepdim in [false, true] {
+                check_node(Op::Reduce { op, axis, keepdim }, std::slice::from_ref(&x), bind, 1e-5);
+            }
+        }
+    }
+    check_node(Op::Iota { start: Dim::lit(0), len: Dim::lit(300), dtype: DType::I32 }, &[], bind, 0.0);
+    check_node(Op::Iota { start: Dim::lit(4), len: Dim::lit(11), dtype: DType::I64 }, &[], bind, 0.0);
+    // The balance loss's one-hot: eq(indices [b, s, k, 1], iota [E]) cast to f32.
+    let idx = (
+        Ty::new(DType::I32, vec![Dim::B, Dim::S, Dim::lit(2), Dim::lit(1)]),
+        Tensor::i32(&[2, 7, 2, 1], (0..28).map(|i| (i * 5) % 8).collect()),
+    );
+    let iota = (Ty::new(DType::I32, lits(&[8])), Tensor::i32(&[8], (0..8).collect()));
+    let k = FusedKernel {
+        head: None,
+        steps: vec![
+            Step { op: StepOp::Binary(BinaryOp::Eq), args: vec![Operand::Input(0), Operand::Input(1)] },
+            Step { op: StepOp::Cast(DType::F32), args: vec![Operand::Step(0)] },
+        ],
+    };
+    let spec = check_node(Op::Fused(k), &[idx, iota], bind, 0.0);
+    assert!(spec.name().starts_with("ew_i32_f32"), "{}", spec.name());
+}
