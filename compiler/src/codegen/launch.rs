@@ -395,9 +395,10 @@ pub fn node_work(g: &Graph, n: NodeId) -> Result<NodeWork, Unsupported> {
         KernelSpec::BatchMatMul { .. } => super::kernels::attention::work_batch_matmul(spec, &ins, [None, None]),
         KernelSpec::MoeRoute { .. } => super::kernels::moe::work_route(g, n, spec),
         KernelSpec::Label { .. } => super::kernels::loss::work(g, n, spec),
-        KernelSpec::RmsNormGrad { .. } | KernelSpec::ScatterRows { .. } | KernelSpec::SwiGluGradEw { .. } => {
-            super::kernels::grad::work(g, n, spec)
-        }
+        KernelSpec::RmsNormGrad { .. }
+        | KernelSpec::ScatterRows { .. }
+        | KernelSpec::SwiGluGradEw { .. }
+        | KernelSpec::MoeRouteGrad { .. } => super::kernels::grad::work(g, n, spec),
         KernelSpec::AttentionGrad { .. } => super::kernels::attention_grad::work(g, n, spec),
         KernelSpec::Reduce { .. } | KernelSpec::IotaI32 => super::kernels::reduce::work(g, n, spec),
         KernelSpec::ScatterLinks => unreachable!("scatter_links comes from grad::work, not from_node"),

@@ -71,6 +71,8 @@ pub enum KernelSpec {
     Reduce { elem: Elem, mean: bool },
     /// [`kernels::reduce::iota`] of `i32`s.
     IotaI32,
+    /// [`kernels::grad::moe_route_grad`].
+    MoeRouteGrad { elem: Elem, cfg: kernels::grad::RouteGradConfig },
     /// [`kernels::rms_norm`] over the last axis; `eps` as `f32` bits.
     RmsNorm { elem: Elem, eps_bits: u32 },
     /// [`kernels::softmax`] over the last axis.
@@ -285,6 +287,7 @@ impl KernelSpec {
             KernelSpec::ElementwiseI32 { elem, .. } => format!("ew_i32_{}_{}", elem.name(), h()),
             KernelSpec::Reduce { elem, mean } => format!("reduce_{}_{}", if *mean { "mean" } else { "sum" }, elem.name()),
             KernelSpec::IotaI32 => "iota_i32".to_string(),
+            KernelSpec::MoeRouteGrad { elem, .. } => format!("moe_route_grad_{}_{}", elem.name(), h()),
             KernelSpec::Copy { elem, rank } => format!("copy_{}_r{rank}", elem.name()),
             KernelSpec::CopyI32 { rank } => format!("copy_i32_r{rank}"),
             KernelSpec::NegI32 => "neg_i32".to_string(),
@@ -350,6 +353,7 @@ impl KernelSpec {
             KernelSpec::Elementwise { elem, .. }
             | KernelSpec::ElementwiseI32 { elem, .. }
             | KernelSpec::Reduce { elem, .. }
+            | KernelSpec::MoeRouteGrad { elem, .. }
             | KernelSpec::RmsNorm { elem, .. }
             | KernelSpec::Copy { elem, .. }
             | KernelSpec::Gather { elem }
@@ -495,7 +499,7 @@ fn offline_properties() -> Arc<DeviceProperties> {
 pub fn cube_dim(spec: &KernelSpec) -> CubeDim {
     match spec {
         KernelSpec::Elementwise { .. } | KernelSpec::ElementwiseI32 { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
-        KernelSpec::Reduce { .. } | KernelSpec::IotaI32 => CubeDim::new_1d(kernels::EW_BLOCK),
+        KernelSpec::Reduce { .. } | KernelSpec::IotaI32 | KernelSpec::MoeRouteGrad { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
         KernelSpec::Copy { .. } | KernelSpec::Gather { .. } | KernelSpec::Rope { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
         KernelSpec::CopyI32 { .. } | KernelSpec::NegI32 => CubeDim::new_1d(kernels::EW_BLOCK),
         KernelSpec::RmsNormGrad { gain: false, .. } => CubeDim::new_1d(kernels::ROW_BLOCK),
@@ -555,6 +559,9 @@ fn source_for<F: Float + CubeElement>(spec: &KernelSpec, target: Target) -> (Str
         }
         KernelSpec::Reduce { mean, .. } => {
             compile(kernels::reduce::reduce_axis::ReduceAxis::<F>::new(settings, p, tp, b(), b(), (), (), *mean), name, target)
+        }
+        KernelSpec::MoeRouteGrad { cfg, .. } => {
+            compile(kernels::grad::moe_route_grad::MoeRouteGrad::<F>::new(settings, p, tp, b(), b(), b(), b(), *cfg), name, target)
         }
         KernelSpec::IotaI32 => compile(kernels::reduce::iota::Iota::<i32>::new(settings, p, tp, b(), ()), name, target),
         KernelSpec::Copy { rank, .. } => {

@@ -264,6 +264,9 @@ impl WgpuBackend {
             KernelSpec::Reduce { mean, .. } => {
                 kernels::reduce::reduce_axis::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.u32(2)?, a.u32(3)?, *mean)
             }
+            KernelSpec::MoeRouteGrad { cfg, .. } => {
+                kernels::grad::moe_route_grad::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, *cfg)
+            }
             KernelSpec::IotaI32 => kernels::reduce::iota::launch::<i32>(c, count, dim, a.buf(0)?, a.u32(1)?),
             KernelSpec::RmsNorm { eps_bits, .. } => {
                 kernels::rms_norm::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.u32(3)?, *eps_bits)

@@ -310,3 +310,30 @@ fn reductions_iota_and_one_hot_programs() {
     let spec = check_node(Op::Fused(k), &[idx, iota], bind, 0.0);
     assert!(spec.name().starts_with("ew_i32_f32"), "{}", spec.name());
 }
+
+#[test]
+fn moe_route_grad_for_each_scoring() {
+    use dsc_compiler::ir::{Float, Routing, Scoring};
+    let bind = Bindings { batch: 2, seq: 5, cache: 0 };
+    for (experts, k, scoring, normalize, scale) in
+        [(8usize, 2u32, Scoring::Softmax, false, 1.0), (16, 4, Scoring::Sigmoid, true, 2.5), (8, 3, Scoring::Softmax, true, 1.0)]
+    {
+        let logits = f32_input(&[Dim::B, Dim::S, Dim::lit(experts as i64)], &bind, 81);
+        let n = 10 * k as usize;
+        // Distinct experts per token, as top-k gives.
+        let ids: Vec<i32> = (0..n).map(|p| ((p / k as usize * 3 + (p % k as usize) * 5) % experts) as i32).collect();
+        let idx = (Ty::new(DType::I32, vec![Dim::B, Dim::S, Dim::lit(k as i64)]), Tensor::i32(&[2, 5, k as usize], ids));
+        let dw = f32_input(&[Dim::B, Dim::S, Dim::lit(k as i64)], &bind, 82);
+        let r = Routing {
+            top_k: k,
+            scoring,
+            selection_bias: false,
+            groups: 1,
+            groups_kept: 1,
+            group_score: None,
+            normalize,
+            scale: Float::new(scale),
+        };
+        check_node(Op::MoeRouteGrad(r), &[logits, idx, dw], bind, 1e-5);
+    }
+}

@@ -29,7 +29,7 @@ use super::attention::{matmul_2d, Operand};
 use super::{row_pos, ROW_BLOCK, ROW_BLOCK_LOG2};
 use crate::codegen::launch::{elem_dtype, grid_linear, grid_rows, Arg, Buf, Launch, NodeWork, Scratch, Size, Touch};
 use crate::codegen::{Elem, KernelSpec, Unsupported};
-use crate::ir::{DType, Dim, Graph, NodeId, Op};
+use crate::ir::{DType, Dim, Graph, NodeId, Op, Scoring};
 use cubecl::prelude::*;
 
 /// `dx` of one row and its `r`; see the module header.
@@ -174,8 +174,99 @@ pub fn swiglu_grad_ew<F: Float>(g: &[F], u: &[F], da: &[F], a: &mut [F], dg: &mu
     }
 }
 
-/// The spec of an `rms_norm_grad`, `scatter_add` or `swiglu_grad` node, `None` for
-/// other nodes.
+/// The comptime configuration of [`moe_route_grad`], from the router's [`Routing`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RouteGradConfig {
+    pub experts: u32,
+    pub top_k: u32,
+    pub sigmoid: bool,
+    pub normalize: bool,
+    /// The final factor, as `f32` bits.
+    pub scale_bits: u32,
+}
+
+/// The router's backward for one token per unit: the scores `s` recomputed from the
+/// logits (softmax, max-subtracted, or sigmoid); `ds_j = scale·(dw_j − Σ dw·s/z)/z` at
+/// the chosen experts with `z = Σ_chosen s + 1e-20` when normalising (else
+/// `scale·dw_j`), 0 elsewhere; then through the scores (softmax: `s·(ds − Σ ds·s)`;
+/// sigmoid: `ds·s·(1 − s)`). The selection takes no gradient.
+#[cube(launch, create_dummy_kernel)]
+#[allow(unused_assignments)] // a kernel's `if`/`else` assigns a declared variable
+pub fn moe_route_grad<F: Float>(logits: &[F], idx: &[i32], dw: &[F], out: &mut [F], #[comptime] cfg: RouteGradConfig) {
+    let t = ABSOLUTE_POS as u32;
+    let e = comptime![cfg.experts];
+    let k = comptime![cfg.top_k];
+    if ((t * e) as usize) < out.len() {
+        let base = t * e;
+        // The scores' normaliser (softmax: max and Σ exp).
+        let mut m = f32::cast_from(logits[base as usize]);
+        let mut sum = 0.0f32;
+        if comptime![!cfg.sigmoid] {
+            for j in 1..e {
+                let x = f32::cast_from(logits[(base + j) as usize]);
+                m = select(x > m, x, m);
+            }
+            for j in 0..e {
+                sum += f32::exp(f32::cast_from(logits[(base + j) as usize]) - m);
+            }
+        }
+        // Σ over the chosen slots: z and Σ dw·s.
+        let mut z = 0.0f32;
+        let mut dot = 0.0f32;
+        for r in 0..k {
+            let j = u32::cast_from(idx[(t * k + r) as usize]);
+            let x = f32::cast_from(logits[(base + j) as usize]);
+            let mut s = 0.0f32;
+            if comptime![cfg.sigmoid] {
+                s = 1.0f32 / (1.0f32 + f32::exp(-x));
+            } else {
+                s = f32::exp(x - m) / sum;
+            }
+            z += s;
+            dot += f32::cast_from(dw[(t * k + r) as usize]) * s;
+        }
+        z += 1e-20f32;
+        let scale = comptime![f32::from_bits(cfg.scale_bits)];
+        // Σ_j ds_j·s_j (softmax's correction), over the chosen slots.
+        let mut sdot = 0.0f32;
+        for r in 0..comptime![if cfg.sigmoid { 0 } else { cfg.top_k }] {
+            let j = u32::cast_from(idx[(t * k + r) as usize]);
+            let x = f32::cast_from(logits[(base + j) as usize]);
+            let s = f32::exp(x - m) / sum;
+            let mut ds = scale * f32::cast_from(dw[(t * k + r) as usize]);
+            if comptime![cfg.normalize] {
+                ds = scale * (f32::cast_from(dw[(t * k + r) as usize]) - dot / z) / z;
+            }
+            sdot += ds * s;
+        }
+        for j in 0..e {
+            let x = f32::cast_from(logits[(base + j) as usize]);
+            let mut ds = 0.0f32;
+            for r in 0..k {
+                if u32::cast_from(idx[(t * k + r) as usize]) == j {
+                    let d = f32::cast_from(dw[(t * k + r) as usize]);
+                    if comptime![cfg.normalize] {
+                        ds += scale * (d - dot / z) / z;
+                    } else {
+                        ds += scale * d;
+                    }
+                }
+            }
+            let mut g = 0.0f32;
+            if comptime![cfg.sigmoid] {
+                let s = 1.0f32 / (1.0f32 + f32::exp(-x));
+                g = ds * s * (1.0f32 - s);
+            } else {
+                let s = f32::exp(x - m) / sum;
+                g = s * (ds - sdot);
+            }
+            out[(base + j) as usize] = F::cast_from(g);
+        }
+    }
+}
+
+/// The spec of an `rms_norm_grad`, `scatter_add`, `swiglu_grad` or `moe_route_grad` node,
+/// `None` for other nodes.
 pub(crate) fn spec(g: &Graph, n: NodeId) -> Option<Result<KernelSpec, Unsupported>> {
     let node = g.node(n);
     let no = |reason: String| Unsupported { op: node.op.name(), reason };
@@ -194,6 +285,26 @@ pub(crate) fn spec(g: &Graph, n: NodeId) -> Option<Result<KernelSpec, Unsupporte
                 return Err(no("x, weights and dy of different dtypes".into()));
             }
             Ok(KernelSpec::SwiGluGradEw { elem })
+        }),
+        Op::MoeRouteGrad(r) => float(0).and_then(|elem| {
+            let experts = g
+                .ty(ins[0])
+                .shape
+                .0
+                .last()
+                .and_then(|d| d.as_const())
+                .ok_or_else(|| no("an expert count that is not a constant".into()))?;
+            if g.ty(ins[2]).dtype != g.ty(ins[0]).dtype || !matches!(g.ty(ins[1]).dtype, DType::I32 | DType::I64) {
+                return Err(no("integer indices and dweights of the logits' dtype expected".into()));
+            }
+            let cfg = RouteGradConfig {
+                experts: experts as u32,
+                top_k: r.top_k,
+                sigmoid: r.scoring == Scoring::Sigmoid,
+                normalize: r.normalize,
+                scale_bits: (r.scale.get() as f32).to_bits(),
+            };
+            Ok(KernelSpec::MoeRouteGrad { elem, cfg })
         }),
         Op::ScatterAdd { .. } => float(0).and_then(|elem| {
             if !matches!(g.ty(ins[1]).dtype, DType::I32 | DType::I64) || g.ty(ins[2]).dtype != g.ty(ins[0]).dtype {
@@ -313,6 +424,16 @@ pub(crate) fn work(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
                 mm(op(sc(5), &one(), inter.clone()), op(inp(0), &h, one()), Buf::Output(2), [&inter, &h, &m], false),
             ];
             NodeWork::Launches { scratch, launches }
+        }
+        (Op::MoeRouteGrad(_), spec @ KernelSpec::MoeRouteGrad { .. }) => {
+            let logits = &ins[0];
+            let tokens = Size::product(&logits[..logits.len() - 1]);
+            let numel = Size::product(logits);
+            let args = vec![i(0), i(1), i(2), o(0)];
+            NodeWork::Launches {
+                scratch: vec![],
+                launches: vec![Launch::new(spec, args, grid_linear(tokens.ceil_div(super::EW_BLOCK as i64)), numel.mul(Size::lit(12)))],
+            }
         }
         (op, spec) => unreachable!("grad::work of {} as {spec:?}", op.name()),
     }
