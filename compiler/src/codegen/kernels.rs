@@ -16,6 +16,7 @@ pub mod grad;
 pub mod heads;
 pub mod loss;
 pub mod moe;
+pub mod moe_grad;
 pub mod movement;
 pub mod reduce;
 pub mod rope;

@@ -400,6 +400,7 @@ pub fn node_work(g: &Graph, n: NodeId) -> Result<NodeWork, Unsupported> {
         | KernelSpec::SwiGluGradEw { .. }
         | KernelSpec::MoeRouteGrad { .. } => super::kernels::grad::work(g, n, spec),
         KernelSpec::AttentionGrad { .. } => super::kernels::attention_grad::work(g, n, spec),
+        KernelSpec::MoeGrad { .. } => super::kernels::moe_grad::work(g, n, spec),
         KernelSpec::Reduce { .. } | KernelSpec::IotaI32 => super::kernels::reduce::work(g, n, spec),
         KernelSpec::ScatterLinks => unreachable!("scatter_links comes from grad::work, not from_node"),
         KernelSpec::TopK { .. } => super::kernels::moe::work_top_k(g, n, spec),

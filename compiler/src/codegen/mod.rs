@@ -73,6 +73,8 @@ pub enum KernelSpec {
     IotaI32,
     /// [`kernels::grad::moe_route_grad`].
     MoeRouteGrad { elem: Elem, cfg: kernels::grad::RouteGradConfig },
+    /// One launch of the routed experts' backward ([`kernels::moe_grad`]).
+    MoeGrad { elem: Elem, part: kernels::moe_grad::MoeGradPart },
     /// [`kernels::rms_norm`] over the last axis; `eps` as `f32` bits.
     RmsNorm { elem: Elem, eps_bits: u32 },
     /// [`kernels::softmax`] over the last axis.
@@ -192,7 +194,10 @@ impl KernelSpec {
                 d => Err(no(&format!("an iota of {} (index iotas only)", d.name()))),
             };
         }
-        if let Some(spec) = kernels::loss::spec(g, n).or_else(|| kernels::grad::spec(g, n)).or_else(|| kernels::attention_grad::spec(g, n))
+        if let Some(spec) = kernels::loss::spec(g, n)
+            .or_else(|| kernels::grad::spec(g, n))
+            .or_else(|| kernels::attention_grad::spec(g, n))
+            .or_else(|| kernels::moe_grad::spec(g, n))
         {
             return spec;
         }
@@ -288,6 +293,17 @@ impl KernelSpec {
             KernelSpec::Reduce { elem, mean } => format!("reduce_{}_{}", if *mean { "mean" } else { "sum" }, elem.name()),
             KernelSpec::IotaI32 => "iota_i32".to_string(),
             KernelSpec::MoeRouteGrad { elem, .. } => format!("moe_route_grad_{}_{}", elem.name(), h()),
+            KernelSpec::MoeGrad { elem, part } => {
+                use kernels::moe_grad::MoeGradPart as P;
+                let part = match part {
+                    P::Proj => "proj",
+                    P::Mid => "mid",
+                    P::DxRows => "dx_rows",
+                    P::Dx => "dx",
+                    P::Weights => "weights",
+                };
+                format!("moe_grad_{part}_{}", elem.name())
+            }
             KernelSpec::Copy { elem, rank } => format!("copy_{}_r{rank}", elem.name()),
             KernelSpec::CopyI32 { rank } => format!("copy_i32_r{rank}"),
             KernelSpec::NegI32 => "neg_i32".to_string(),
@@ -354,6 +370,7 @@ impl KernelSpec {
             | KernelSpec::ElementwiseI32 { elem, .. }
             | KernelSpec::Reduce { elem, .. }
             | KernelSpec::MoeRouteGrad { elem, .. }
+            | KernelSpec::MoeGrad { elem, .. }
             | KernelSpec::RmsNorm { elem, .. }
             | KernelSpec::Copy { elem, .. }
             | KernelSpec::Gather { elem }
@@ -500,6 +517,8 @@ pub fn cube_dim(spec: &KernelSpec) -> CubeDim {
     match spec {
         KernelSpec::Elementwise { .. } | KernelSpec::ElementwiseI32 { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
         KernelSpec::Reduce { .. } | KernelSpec::IotaI32 | KernelSpec::MoeRouteGrad { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
+        KernelSpec::MoeGrad { part: kernels::moe_grad::MoeGradPart::Mid, .. } => CubeDim::new_1d(kernels::ROW_BLOCK),
+        KernelSpec::MoeGrad { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
         KernelSpec::Copy { .. } | KernelSpec::Gather { .. } | KernelSpec::Rope { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
         KernelSpec::CopyI32 { .. } | KernelSpec::NegI32 => CubeDim::new_1d(kernels::EW_BLOCK),
         KernelSpec::RmsNormGrad { gain: false, .. } => CubeDim::new_1d(kernels::ROW_BLOCK),
@@ -559,6 +578,45 @@ fn source_for<F: Float + CubeElement>(spec: &KernelSpec, target: Target) -> (Str
         }
         KernelSpec::Reduce { mean, .. } => {
             compile(kernels::reduce::reduce_axis::ReduceAxis::<F>::new(settings, p, tp, b(), b(), (), (), *mean), name, target)
+        }
+        KernelSpec::MoeGrad { part, .. } => {
+            use kernels::moe_grad::{self as mg, MoeGradPart as P};
+            match part {
+                P::Proj => compile(
+                    mg::moe_grad_proj::MoeGradProj::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), b(), b(), b(), b(), b(), (), (), ()),
+                    name,
+                    target,
+                ),
+                P::Mid => compile(mg::moe_grad_mid::MoeGradMid::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), b(), ()), name, target),
+                P::DxRows => compile(
+                    mg::moe_grad_dx_rows::MoeGradDxRows::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), b(), (), ()),
+                    name,
+                    target,
+                ),
+                P::Dx => compile(mg::moe_grad_dx::MoeGradDx::<F>::new(settings, p, tp, b(), b(), b(), (), ()), name, target),
+                P::Weights => compile(
+                    mg::moe_grad_weights::MoeGradWeights::<F>::new(
+                        settings,
+                        p,
+                        tp,
+                        b(),
+                        b(),
+                        b(),
+                        b(),
+                        b(),
+                        b(),
+                        b(),
+                        b(),
+                        b(),
+                        b(),
+                        (),
+                        (),
+                        (),
+                    ),
+                    name,
+                    target,
+                ),
+            }
         }
         KernelSpec::MoeRouteGrad { cfg, .. } => {
             compile(kernels::grad::moe_route_grad::MoeRouteGrad::<F>::new(settings, p, tp, b(), b(), b(), b(), *cfg), name, target)

@@ -264,6 +264,65 @@ impl WgpuBackend {
             KernelSpec::Reduce { mean, .. } => {
                 kernels::reduce::reduce_axis::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.u32(2)?, a.u32(3)?, *mean)
             }
+            KernelSpec::MoeGrad { part, .. } => {
+                use kernels::moe_grad::{self as mg, MoeGradPart as P};
+                match part {
+                    P::Proj => {
+                        let (x, dy, rows, re, gate, up, down) =
+                            (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?, a.buf(5)?, a.buf(6)?);
+                        let (g, u, da) = (a.buf(7)?, a.buf(8)?, a.buf(9)?);
+                        mg::moe_grad_proj::launch::<F>(
+                            c,
+                            count,
+                            dim,
+                            x,
+                            dy,
+                            rows,
+                            re,
+                            gate,
+                            up,
+                            down,
+                            g,
+                            u,
+                            da,
+                            a.u32(10)?,
+                            a.u32(11)?,
+                            a.u32(12)?,
+                        )
+                    }
+                    P::Mid => {
+                        let (w, rows, g, u, da, dw) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?, a.buf(5)?);
+                        mg::moe_grad_mid::launch::<F>(c, count, dim, w, rows, g, u, da, dw, a.u32(6)?)
+                    }
+                    P::DxRows => {
+                        let (re, dg, du, gate, up, dxr) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?, a.buf(5)?);
+                        mg::moe_grad_dx_rows::launch::<F>(c, count, dim, re, dg, du, gate, up, dxr, a.u32(6)?, a.u32(7)?)
+                    }
+                    P::Dx => mg::moe_grad_dx::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.u32(3)?, a.u32(4)?),
+                    P::Weights => {
+                        let (x, dy, rows, off, aa, dg, du) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?, a.buf(5)?, a.buf(6)?);
+                        let (dgate, dup, ddown) = (a.buf(7)?, a.buf(8)?, a.buf(9)?);
+                        mg::moe_grad_weights::launch::<F>(
+                            c,
+                            count,
+                            dim,
+                            x,
+                            dy,
+                            rows,
+                            off,
+                            aa,
+                            dg,
+                            du,
+                            dgate,
+                            dup,
+                            ddown,
+                            a.u32(10)?,
+                            a.u32(11)?,
+                            a.u32(12)?,
+                        )
+                    }
+                }
+            }
             KernelSpec::MoeRouteGrad { cfg, .. } => {
                 kernels::grad::moe_route_grad::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, *cfg)
             }

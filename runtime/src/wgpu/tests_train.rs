@@ -337,3 +337,28 @@ fn moe_route_grad_for_each_scoring() {
         check_node(Op::MoeRouteGrad(r), &[logits, idx, dw], bind, 1e-5);
     }
 }
+
+/// The routed experts' backward: tokens routed to overlapping sets of experts (some
+/// experts reached by no pair get zero gradients), several slots per token, expert
+/// sizes past one block of units.
+#[test]
+fn expert_ffn_grad_of_every_input() {
+    for (experts, k, h, inter) in [(4usize, 2usize, 8usize, 6usize), (8, 3, 33, 130), (3, 1, 5, 4)] {
+        let bind = Bindings { batch: 2, seq: 5, cache: 0 };
+        let (b, s) = (Dim::B, Dim::S);
+        let tokens = 10;
+        // Distinct experts per token; expert `experts-1` is never chosen when k < experts.
+        let ids: Vec<i32> = (0..tokens * k).map(|p| (((p / k) + (p % k) * 2) % (experts - usize::from(k < experts))) as i32).collect();
+        let lit = |v: usize| Dim::lit(v as i64);
+        let ins = [
+            f32_input(&[b, s, lit(h)], &bind, 91),
+            (Ty::new(DType::I32, vec![b, s, lit(k)]), Tensor::i32(&[2, 5, k], ids)),
+            f32_input(&[b, s, lit(k)], &bind, 92),
+            f32_input(&lits(&[experts, inter, h]), &bind, 93),
+            f32_input(&lits(&[experts, inter, h]), &bind, 94),
+            f32_input(&lits(&[experts, h, inter]), &bind, 95),
+            f32_input(&[b, s, lit(h)], &bind, 96),
+        ];
+        check_node(Op::ExpertFfnGrad, &ins, bind, 2e-4);
+    }
+}
