@@ -173,24 +173,22 @@ fn dsc_grad_writes_the_checkpoints_gradients() {
         let e = rel_frobenius(&got[name], w);
         assert!(e <= 1e-3 || (name == "loss" && (got[name].get_flat(0) - w.get_flat(0)).abs() < 1e-5), "{name}: {e:.2e}");
     }
-    // A wrong backend is a usage error, not a silent reference run; the MoE backward has
-    // no device kernels yet, which wgpu says, naming them.
-    let e = grad_cmd(&GradArgs { backend: "metal".into(), ..args.clone() }).unwrap_err();
+    // A wrong backend is a usage error, not a silent reference run.
+    let e = grad_cmd(&GradArgs { backend: "metal".into(), ..args }).unwrap_err();
     assert!(e.contains("gradients run on reference or wgpu"), "{e}");
-    let e = grad_cmd(&GradArgs { backend: "wgpu".into(), ..args }).unwrap_err();
-    assert!(e.contains("the train graph cannot run on wgpu yet") && e.contains("expert_ffn_grad"), "{e}");
     let _ = std::fs::remove_file(&out);
 }
 
-/// The dense fixtures' train graphs on the wgpu adapter (lavapipe in CI), kernel by
-/// kernel from the same plan `dsc compile --target wgpu --mode train` writes: the loss
-/// within 1e-5 of transformers' and every gradient within 1e-3 relative, the tolerances
-/// the reference backend meets. Also through `dsc grad --backend wgpu`.
+/// Every fixture's train graph on the wgpu adapter (lavapipe in CI), kernel by kernel
+/// from the same plan `dsc compile --target wgpu --mode train` writes (MLA, routed and
+/// shared experts, sigmoid routing with groups): the loss within 1e-5 of transformers'
+/// and every gradient within 1e-3 relative, the tolerances the reference backend meets.
+/// Also through `dsc grad --backend wgpu`.
 #[test]
-fn dense_gradients_on_wgpu_match_pytorch() {
+fn gradients_on_wgpu_match_pytorch() {
     use dsc_compiler::ir::Mode;
     use dsc_runtime::generate::Engine;
-    for case in ["llama_dense", "llama_gqa"] {
+    for case in CASES {
         // One engine per model: an engine keeps its weights by checkpoint name.
         let engine = dsc_runtime::wgpu::exec::WgpuEngine::new();
         let reference = load_safetensors(&std::fs::read(dir(case).join("grads.safetensors")).unwrap()).unwrap();
@@ -204,7 +202,12 @@ fn dense_gradients_on_wgpu_match_pytorch() {
         let ours = hub_tensors(out.grads);
         let mut worst = (0.0f64, String::new());
         for (name, want) in reference.iter().filter(|(n, _)| *n != "loss") {
-            let got = ours.get(name).unwrap_or_else(|| panic!("{case}: no gradient for {name}"));
+            // No gradient only for the selection bias (transformers gives zeros).
+            let zeros = Tensor::zeros(want.shape());
+            let got = ours.get(name).unwrap_or_else(|| {
+                assert!(name.ends_with("e_score_correction_bias"), "{case}: no gradient for `{name}`");
+                &zeros
+            });
             let e = rel_frobenius(got, want);
             if e > worst.0 {
                 worst = (e, name.clone());
@@ -216,9 +219,9 @@ fn dense_gradients_on_wgpu_match_pytorch() {
     use dsc_runtime::cli::grad::{grad_cmd, GradArgs};
     let out = std::env::temp_dir().join(format!("dsc-grad-wgpu-{}.safetensors", std::process::id()));
     let args = GradArgs {
-        model: dir("llama_gqa"),
+        model: dir("deepseek_v3"),
         spec: None,
-        input: dir("llama_gqa").join("input_ids.json"),
+        input: dir("deepseek_v3").join("input_ids.json"),
         out: out.clone(),
         backend: "wgpu".into(),
         mtp: false,
@@ -227,9 +230,13 @@ fn dense_gradients_on_wgpu_match_pytorch() {
     };
     grad_cmd(&args).unwrap();
     let got = load_safetensors(&std::fs::read(&out).unwrap()).unwrap();
-    let want = load_safetensors(&std::fs::read(dir("llama_gqa").join("grads.safetensors")).unwrap()).unwrap();
+    let want = load_safetensors(&std::fs::read(dir("deepseek_v3").join("grads.safetensors")).unwrap()).unwrap();
     for (name, w) in &want {
-        assert!(rel_frobenius(&got[name], w) <= 1e-3, "dsc grad --backend wgpu: {name}");
+        let e = rel_frobenius(&got[name], w);
+        assert!(
+            e <= 1e-3 || (name == "loss" && (got[name].get_flat(0) - w.get_flat(0)).abs() < 1e-5),
+            "dsc grad --backend wgpu: {name}: {e:.2e}"
+        );
     }
     let _ = std::fs::remove_file(&out);
 }
@@ -301,15 +308,15 @@ fn grpo_on_replayed_rollouts_matches_pytorch() {
     }
 }
 
-/// Five SFT steps of the dense fixtures with the objective `backend: wgpu` builds (the
-/// train graph's plan on lavapipe; AdamW on the host; the weights uploaded again after
-/// each step): every loss within 1e-4 of torch's, every final tensor within 1e-3.
+/// Five SFT steps of every fixture with the objective `backend: wgpu` builds (the train
+/// graph's plan on lavapipe; AdamW on the host; the weights uploaded again after each
+/// step): every loss within 1e-4 of torch's, every final tensor within 1e-3.
 #[test]
 fn five_sft_steps_on_wgpu_match_pytorch() {
     use dsc_runtime::train::objective::{objective, ObjectiveOptions};
     use dsc_runtime::train::optim::{clip_grad_norm, AdamW, OptimizerState};
     use dsc_runtime::train::Batch;
-    for case in ["llama_dense", "llama_gqa"] {
+    for case in CASES {
         let recipe: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir(case).join("sft/recipe.json")).unwrap()).unwrap();
         let losses: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir(case).join("sft/losses.json")).unwrap()).unwrap();
         let want: Vec<f64> = losses["losses"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
