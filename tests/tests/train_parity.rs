@@ -251,17 +251,18 @@ fn gradients_on_wgpu_match_pytorch() {
 fn grpo_on_replayed_rollouts_matches_pytorch() {
     use dsc_runtime::cli::train::{grpo_cmd, SftArgs};
     use dsc_runtime::train::metrics::Display;
-    for case in ["llama_gqa", "deepseek_v2_lite", "deepseek_v3"] {
+    // The policy's passes on the reference interpreter, and on wgpu (lavapipe) from plans.
+    for (case, backend) in ["llama_gqa", "deepseek_v2_lite", "deepseek_v3"].into_iter().flat_map(|c| [(c, "reference"), (c, "wgpu")]) {
         let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("../golden/grpo").join(case);
         let recipe: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(golden.join("recipe.json")).unwrap()).unwrap();
         let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(golden.join("losses.json")).unwrap()).unwrap();
-        let scratch = std::env::temp_dir().join(format!("dsc-grpo-parity-{case}-{}", std::process::id()));
+        let scratch = std::env::temp_dir().join(format!("dsc-grpo-parity-{case}-{backend}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&scratch);
         std::fs::create_dir_all(&scratch).unwrap();
         let yaml = format!(
             "model: {}\nrollouts_from: {}\nout: {}\nsteps: {}\nprompts_per_step: 2\nnum_generations: {}\nmax_completion_length: 8\n\
              loss_type: {}\nscale_rewards: {}\nepsilon: {}\nbeta: {}\nnum_iterations: {}\n\
-             optimizer: {{lr: {}, betas: {}, eps: {}, weight_decay: {}}}\ngrad_clip: {}\naux_loss: false\nbias_update: false\nshuffle: false\n",
+             optimizer: {{lr: {}, betas: {}, eps: {}, weight_decay: {}}}\ngrad_clip: {}\naux_loss: false\nbias_update: false\nshuffle: false\nbackend: {backend}\n",
             dir(case).display(),
             golden.join("rollouts.jsonl").display(),
             scratch.join("run").display(),
@@ -303,7 +304,10 @@ fn grpo_on_replayed_rollouts_matches_pytorch() {
             }
             assert!(e <= 1e-3, "{case}: {name} after 3 GRPO steps off by {e:.2e}");
         }
-        println!("{case:<18} GRPO replay: worst objective |Δ| {worst_loss:.1e}, worst final tensor {:.2e} ({})", worst.0, worst.1);
+        println!(
+            "{case:<18} {backend:<9} GRPO replay: worst objective |Δ| {worst_loss:.1e}, worst final tensor {:.2e} ({})",
+            worst.0, worst.1
+        );
         let _ = std::fs::remove_dir_all(&scratch);
     }
 }

@@ -217,6 +217,42 @@ impl TrainModel {
         Ok(GradOutput { loss, mtp_loss: raw.mtp_loss, aux_loss: raw.aux_loss, objective, grads: raw.grads, loads: raw.loads })
     }
 
+    /// [`TrainModel::log_probs`] on a device engine: `prepared` is
+    /// `engine.prepare(forward, Mode::Train)` for [`TrainModel::forward`].
+    pub fn log_probs_on<E: Engine>(
+        &self,
+        engine: &E,
+        prepared: &E::Prepared,
+        weights: &dyn Weights,
+        batch: &[&Tensor],
+    ) -> Result<Tensor, String> {
+        let f = self.forward.as_ref().ok_or("log_probs needs a model compiled with TrainHead::LogProbs")?;
+        let args: Vec<Tensor> = batch.iter().map(|t| (*t).clone()).collect();
+        engine
+            .run(f, prepared, Mode::Train, &args, weights)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| "the train entry returned nothing".to_string())
+    }
+
+    /// [`TrainModel::run_policy`] on a device engine (f32), `prepared` as for
+    /// [`TrainModel::run_on`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_policy_on<E: Engine>(
+        &self,
+        engine: &E,
+        prepared: &E::Prepared,
+        weights: &dyn Weights,
+        batch: &[&Tensor],
+        dlogp: &Tensor,
+        mtp: f64,
+        aux: f64,
+    ) -> Result<PolicyOutput, String> {
+        let cot = [dlogp.to_f32(), Tensor::scalar(mtp as f32), Tensor::scalar(aux as f32)];
+        let raw = self.raw(engine.run(&self.module, prepared, Mode::Train, &self.args(batch, cot), weights)?);
+        Ok(PolicyOutput { logp: raw.first, mtp_loss: raw.mtp_loss, aux_loss: raw.aux_loss, grads: raw.grads, loads: raw.loads })
+    }
+
     /// The entry's arguments: `batch`, then one cotangent per seeded result.
     fn args(&self, batch: &[&Tensor], cot: [Tensor; 3]) -> Vec<Tensor> {
         let mut args: Vec<Tensor> = batch.iter().map(|t| (*t).clone()).collect();

@@ -229,13 +229,6 @@ impl GrpoRecipe {
     pub fn parse(path: &Path, text: &str) -> Result<GrpoRecipe, TrainError> {
         let file: GrpoFile = serde_yaml::from_str(text).map_err(|e| yaml_error(path, &e))?;
         let at = |key: &str, msg: String| at_line(path, text, key, msg);
-        if file.backend != "reference" {
-            // Rollouts and the policy's log-probabilities run on the reference interpreter.
-            return Err(at(
-                "backend",
-                format!("`backend: {}`: GRPO trains on `reference` only so far (SFT also trains on `wgpu`)", file.backend),
-            ));
-        }
         let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let rel = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base_dir.join(p) };
         let input = match (&file.prompts, &file.rollouts_from) {
@@ -376,10 +369,10 @@ mod tests {
         );
         let r = parse(&full).unwrap();
         assert_eq!((r.loss.loss_type, r.loss.epsilon_high, r.loss.delta), (LossType::DrGrpo, 0.28, Some(2.0)));
-        // Rollouts and the policy run on the reference interpreter: a device backend is
-        // refused at its line, not ignored.
-        let e = parse(&format!("{OK}backend: wgpu\n")).unwrap_err().to_string();
-        assert!(e.contains("grpo.yaml:9") && e.contains("GRPO trains on `reference` only so far"), "{e}");
+        // The policy's passes may run on wgpu; an unknown backend is refused at its line.
+        assert_eq!(parse(&format!("{OK}backend: wgpu\n")).unwrap().file.backend, "wgpu");
+        let e = parse(&format!("{OK}backend: metal\n")).unwrap_err().to_string();
+        assert!(e.contains("grpo.yaml:9") && e.contains("`backend: metal` cannot train"), "{e}");
     }
 
     #[test]
