@@ -656,11 +656,15 @@ pub fn plot(run_dir: &std::path::Path) -> Result<(), TrainError> {
 enum PolicyRunner {
     Reference,
     #[cfg(feature = "wgpu")]
-    Wgpu {
-        engine: crate::wgpu::exec::WgpuEngine,
-        forward: dsc_compiler::codegen::plan::Plan,
-        train: dsc_compiler::codegen::plan::Plan,
-    },
+    Wgpu(Box<WgpuPolicy>),
+}
+
+/// The wgpu engine and the plans of the policy's two entries.
+#[cfg(feature = "wgpu")]
+struct WgpuPolicy {
+    engine: crate::wgpu::exec::WgpuEngine,
+    forward: dsc_compiler::codegen::plan::Plan,
+    train: dsc_compiler::codegen::plan::Plan,
 }
 
 impl PolicyRunner {
@@ -674,7 +678,7 @@ impl PolicyRunner {
                 let forward = policy.forward.as_ref().ok_or_else(|| TrainError::Unsupported("the policy has no forward entry".into()))?;
                 let forward = engine.prepare(forward, dsc_compiler::ir::Mode::Train).map_err(unsupported)?;
                 let train = engine.prepare(&policy.module, dsc_compiler::ir::Mode::Train).map_err(unsupported)?;
-                Ok(PolicyRunner::Wgpu { engine, forward, train })
+                Ok(PolicyRunner::Wgpu(Box::new(WgpuPolicy { engine, forward, train })))
             }
             _ => Ok(PolicyRunner::Reference),
         }
@@ -684,10 +688,10 @@ impl PolicyRunner {
         match self {
             PolicyRunner::Reference => policy.log_probs(weights, args, Precision::F32).map_err(exec),
             #[cfg(feature = "wgpu")]
-            PolicyRunner::Wgpu { engine, forward, .. } => {
+            PolicyRunner::Wgpu(w) => {
                 // The policy and the reference model share names: upload the set asked for.
-                engine.forget_weights();
-                policy.log_probs_on(engine, forward, weights, args).map_err(TrainError::Invalid)
+                w.engine.forget_weights();
+                policy.log_probs_on(&w.engine, &w.forward, weights, args).map_err(TrainError::Invalid)
             }
         }
     }
@@ -705,9 +709,9 @@ impl PolicyRunner {
         match self {
             PolicyRunner::Reference => policy.run_policy(weights, args, dlogp, mtp, aux, Precision::F32).map_err(exec),
             #[cfg(feature = "wgpu")]
-            PolicyRunner::Wgpu { engine, train, .. } => {
-                engine.forget_weights();
-                policy.run_policy_on(engine, train, weights, args, dlogp, mtp, aux).map_err(TrainError::Invalid)
+            PolicyRunner::Wgpu(w) => {
+                w.engine.forget_weights();
+                policy.run_policy_on(&w.engine, &w.train, weights, args, dlogp, mtp, aux).map_err(TrainError::Invalid)
             }
         }
     }
