@@ -339,7 +339,9 @@ impl StepIdeal {
 pub fn step_ideal(model: &Model, train: bool, batch: u64, cache: u64, seq: u64) -> StepIdeal {
     let (h, vocab) = (model.hidden as f64, model.vocab as f64);
     let cache = if train { 0 } else { cache };
-    let tokens = (batch * seq) as f64;
+    // In f64 throughout: the sizes are a user's, and their products may leave u64.
+    let (bf, cf, sf) = (batch as f64, cache as f64, seq as f64);
+    let tokens = bf * sf;
     let elem = model.dtype.bytes() as f64;
     let st = stats(model, 1);
     let attn = attention_counts(model);
@@ -351,7 +353,7 @@ pub fn step_ideal(model: &Model, train: bool, batch: u64, cache: u64, seq: u64) 
             Ffn::Moe(m) => {
                 let (e, k) = (m.routed_experts as i64, m.router.top_k as i64);
                 let expert = 3.0 * h * m.expert_intermediate as f64;
-                let reached = e as f64 * crate::codegen::launch::expert_fraction(e, k, (batch * seq) as i64);
+                let reached = e as f64 * crate::codegen::launch::expert_fraction(e, k, tokens.min(i64::MAX as f64) as i64);
                 c.total as f64 - e as f64 * expert + reached * expert
             }
         }
@@ -365,13 +367,13 @@ pub fn step_ideal(model: &Model, train: bool, batch: u64, cache: u64, seq: u64) 
     }
     // Per position attended to, all layers: QKᵀ and AV.
     let attn_per_position = st.flops.attention as f64;
-    let visible = (seq * cache) as f64 + (seq * (seq + 1) / 2) as f64;
-    let mut flops = tokens * st.flops.matmul as f64 + batch as f64 * attn_per_position * visible;
+    let visible = sf * cf + sf * (sf + 1.0) / 2.0;
+    let mut flops = tokens * st.flops.matmul as f64 + bf * attn_per_position * visible;
     let kv = st.kv_cache.elements_per_token as f64 * elem;
     if !train {
         return StepIdeal {
             weight_bytes: weights * elem,
-            kv_read_bytes: (batch * cache) as f64 * kv,
+            kv_read_bytes: bf * cf * kv,
             kv_write_bytes: tokens * kv,
             io_bytes: tokens * 8.0 + tokens * vocab * elem,
             flops,
@@ -385,7 +387,7 @@ pub fn step_ideal(model: &Model, train: bool, batch: u64, cache: u64, seq: u64) 
         // as one more layer.
         let matrix = 2.0 * (2.0 * h * h + attn.matrix as f64 + ffn_counts(model.hidden as u128, ffn).active_matrix as f64 + vocab * h);
         let attn_one_layer = attn_per_position / model.layers as f64;
-        flops += mtp.depth as f64 * (tokens * matrix + batch as f64 * attn_one_layer * visible);
+        flops += mtp.depth as f64 * (tokens * matrix + bf * attn_one_layer * visible);
     }
     StepIdeal {
         weight_bytes: 2.0 * weights * elem,

@@ -91,6 +91,20 @@ impl Size {
         }
     }
 
+    /// [`Size::eval`], or `None` where a product or sum leaves `i64`.
+    pub fn checked_eval(&self, b: &Bindings) -> Option<i64> {
+        match self {
+            Size::Dim(d) => d.checked_eval(b),
+            Size::Mul(x, y) => x.checked_eval(b)?.checked_mul(y.checked_eval(b)?),
+            Size::CeilDiv(x, d) => {
+                let a = x.checked_eval(b)?;
+                Some(a.div_euclid(*d) + i64::from(a.rem_euclid(*d) != 0))
+            }
+            Size::Min(x, k) => Some(x.checked_eval(b)?.min(*k)),
+            Size::Add(x, y) => x.checked_eval(b)?.checked_add(y.checked_eval(b)?),
+        }
+    }
+
     pub fn eval(&self, b: &Bindings) -> i64 {
         match self {
             Size::Dim(d) => d.eval(b),
@@ -203,13 +217,14 @@ pub enum Touch {
 }
 
 impl Touch {
-    /// The fraction of a buffer of `len` elements touched, at bindings `b`.
-    pub fn fraction(&self, len: i64, b: &Bindings) -> f64 {
-        match self {
-            Touch::Elems(n) if len > 0 => (n.eval(b) as f64 / len as f64).min(1.0),
+    /// The fraction of a buffer of `len` elements touched, at bindings `b` (`None` where
+    /// a size leaves `i64`).
+    pub fn fraction(&self, len: i64, b: &Bindings) -> Option<f64> {
+        Some(match self {
+            Touch::Elems(n) if len > 0 => (n.checked_eval(b)? as f64 / len as f64).min(1.0),
             Touch::Elems(_) => 0.0,
-            Touch::Experts { experts, top_k, tokens } => expert_fraction(*experts, *top_k, tokens.eval(b)),
-        }
+            Touch::Experts { experts, top_k, tokens } => expert_fraction(*experts, *top_k, tokens.checked_eval(b)?),
+        })
     }
 }
 

@@ -83,17 +83,23 @@ pub struct Traffic {
 }
 
 impl Traffic {
-    /// Evaluates every launch of `plan` at `sizes`.
-    pub fn of(plan: &Plan, sizes: Bindings) -> Traffic {
+    /// Evaluates every launch of `plan` at `sizes`, or says which size is too large: a
+    /// buffer or FLOP count past `i64` is an error, never a wrapped number.
+    pub fn of(plan: &Plan, sizes: Bindings) -> Result<Traffic, String> {
         let mut calls: BTreeMap<&str, u64> = BTreeMap::new();
         let mut order: Vec<&str> = Vec::new();
         count_calls(plan, &plan.entry, 1, &mut calls, &mut order);
         let mut launches = Vec::new();
         for name in order {
             let f = &plan.functions[name];
-            function_traffic(f, calls[name], &sizes, &mut launches);
+            function_traffic(f, calls[name], &sizes, &mut launches).ok_or_else(|| {
+                format!(
+                    "b={} c={} s={}: `{name}` has a buffer or a FLOP count past 2^63 at these sizes; give smaller --batch, --context or --seq",
+                    sizes.batch, sizes.cache, sizes.seq
+                )
+            })?;
         }
-        Traffic { mode: plan.mode, sizes, launches }
+        Ok(Traffic { mode: plan.mode, sizes, launches })
     }
 
     pub fn total_bytes(&self) -> f64 {
@@ -140,10 +146,10 @@ fn count_calls<'p>(plan: &'p Plan, name: &'p str, times: u64, calls: &mut BTreeM
     }
 }
 
-fn function_traffic(f: &FunctionPlan, calls: u64, sizes: &Bindings, out: &mut Vec<LaunchTraffic>) {
+fn function_traffic(f: &FunctionPlan, calls: u64, sizes: &Bindings, out: &mut Vec<LaunchTraffic>) -> Option<()> {
     let buffer_bytes = |b: usize| {
         let bp = &f.buffers[b];
-        (bp.len().eval(sizes).max(0) as f64, bp.dtype.bytes() as f64)
+        Some((bp.len().checked_eval(sizes)?.max(0) as f64, bp.dtype.bytes() as f64))
     };
     for s in &f.steps {
         let Step::Node { label, inputs, outputs, work: NodeWork::Launches { scratch, launches } } = s else { continue };
@@ -162,17 +168,20 @@ fn function_traffic(f: &FunctionPlan, calls: u64, sizes: &Bindings, out: &mut Ve
             let mut bytes = 0.0;
             for b in bound {
                 let (len, elem) = match b {
-                    Buf::Input(i) => buffer_bytes(inputs[i as usize]),
-                    Buf::Output(i) => buffer_bytes(outputs[i as usize]),
+                    Buf::Input(i) => buffer_bytes(inputs[i as usize])?,
+                    Buf::Output(i) => buffer_bytes(outputs[i as usize])?,
                     Buf::Scratch(i) => {
                         let sc = &scratch[i as usize];
-                        (sc.len.eval(sizes).max(0) as f64, sc.dtype.bytes() as f64)
+                        (sc.len.checked_eval(sizes)?.max(0) as f64, sc.dtype.bytes() as f64)
                     }
                 };
-                let fraction = l.cost.partial.iter().find(|(pb, _)| *pb == b).map_or(1.0, |(_, t)| t.fraction(len as i64, sizes));
+                let fraction = match l.cost.partial.iter().find(|(pb, _)| *pb == b) {
+                    Some((_, t)) => t.fraction(len as i64, sizes)?,
+                    None => 1.0,
+                };
                 bytes += len * elem * fraction;
             }
-            let flops = l.cost.flops.eval(sizes).max(0) as f64;
+            let flops = l.cost.flops.checked_eval(sizes)?.max(0) as f64;
             out.push(LaunchTraffic {
                 function: f.name.clone(),
                 node: label.clone(),
@@ -183,6 +192,7 @@ fn function_traffic(f: &FunctionPlan, calls: u64, sizes: &Bindings, out: &mut Ve
             });
         }
     }
+    Some(())
 }
 
 /// A plan's traffic set against the step's ideal on a device: what `--emit cost` prints.
@@ -311,7 +321,7 @@ mod tests {
         g.ret(&[s], None);
         let plan = Plan::build(&module_of("main", g, Mode::Prefill), Mode::Prefill).unwrap();
         for (batch, seq) in [(2u64, 3u64), (5, 40)] {
-            let t = Traffic::of(&plan, Bindings { batch, seq, cache: 0 });
+            let t = Traffic::of(&plan, Bindings { batch, seq, cache: 0 }).unwrap();
             let rows = (batch * seq) as f64;
             let [mm, sl] = &t.launches[..] else { panic!("{:?}", t.launches) };
             // x, w and y whole, in f32.
@@ -350,7 +360,7 @@ mod tests {
         m.add_function(layer);
         m.add_function(main);
         m.set_entry(Mode::Prefill, "main");
-        let t = Traffic::of(&Plan::build(&m, Mode::Prefill).unwrap(), Bindings { batch: 1, seq: 1, cache: 0 });
+        let t = Traffic::of(&Plan::build(&m, Mode::Prefill).unwrap(), Bindings { batch: 1, seq: 1, cache: 0 }).unwrap();
         let [mm] = &t.launches[..] else { panic!("{:?}", t.launches) };
         assert_eq!((mm.function.as_str(), mm.calls), ("layer", 3));
         assert_eq!(mm.bytes, 3.0 * (4.0 + 16.0 + 4.0) * 4.0);

@@ -102,6 +102,15 @@ impl Dim {
             + self.coeff[Sym::Seq as usize] * b.seq as i64
             + self.constant
     }
+
+    /// [`Dim::eval`], or `None` where a term leaves `i64` (sizes a user typed).
+    pub fn checked_eval(&self, b: &Bindings) -> Option<i64> {
+        let term = |c: i64, v: u64| c.checked_mul(i64::try_from(v).ok()?);
+        term(self.coeff[Sym::Batch as usize], b.batch)?
+            .checked_add(term(self.coeff[Sym::Cache as usize], b.cache)?)?
+            .checked_add(term(self.coeff[Sym::Seq as usize], b.seq)?)?
+            .checked_add(self.constant)
+    }
 }
 
 /// Concrete values for the symbols, e.g. for one decode step.

@@ -262,7 +262,7 @@ pub fn cost_cmd(
     let m = &spec.model;
     let report = CostReport {
         model: m.name.clone(),
-        traffic: Traffic::of(&plan, sizes),
+        traffic: Traffic::of(&plan, sizes)?,
         ideal: step_ideal(m, mode == Mode::Train, sizes.batch, sizes.cache, sizes.seq),
         device,
     };
@@ -558,6 +558,10 @@ mod tests {
         assert!(e.contains("prefill starts from an empty KV cache"), "{e}");
         let e = run(Mode::Prefill, CostArgs { batch: Some(0), ..CostArgs::default() }).unwrap_err();
         assert!(e.contains("at least 1"), "{e}");
+        // Sizes past 64-bit counts are refused, not wrapped into a wrong report.
+        let huge = CostArgs { batch: Some(100_000_000_000), context: Some(100_000_000_000), ..CostArgs::default() };
+        let e = run(Mode::Decode, huge).unwrap_err();
+        assert!(e.contains("past 2^63") && e.contains("give smaller --batch"), "{e}");
         let e = run(Mode::Decode, CostArgs { device: Some("tpu".into()), ..CostArgs::default() }).unwrap_err();
         assert!(e.starts_with("unknown device `tpu`"), "{e}");
         // A training step has a plan (every train kernel exists for f32 models); the bf16
