@@ -15,7 +15,7 @@
 use crate::reference::{Tensor, Weights};
 use dsc_compiler::codegen::launch::NodeWork;
 use dsc_compiler::codegen::plan::{FunctionPlan, Plan, Source, Step};
-use dsc_compiler::ir::{param_path, Bindings, DType, Dim, Sym};
+use dsc_compiler::ir::{param_path, solve_symbols, Bindings, DType, Dim, Sym};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -103,30 +103,28 @@ pub fn run_plan<D: Device>(
         .collect()
 }
 
-/// The run-time sizes, read off the arguments: a dim that is exactly `b`, `c` or `s`
-/// binds it; every argument must then match its declared shape. A size no argument
-/// shows is 0 (the cache length of a prefill).
+/// The run-time sizes, read off the arguments as the reference interpreter reads them
+/// ([`solve_symbols`]); every argument must then match its declared shape. A size no
+/// argument shows is 0 (the cache length of a prefill).
 pub fn bindings(f: &FunctionPlan, args: &[Tensor]) -> Result<Bindings, String> {
-    let mut sizes: [Option<u64>; 3] = [None; 3];
+    let mut pairs: Vec<(Dim, i64)> = Vec::new();
+    let mut owner: Vec<usize> = Vec::new();
     for (t, &b) in args.iter().zip(&f.inputs) {
         let decl = &f.buffers[b].shape;
         if decl.rank() != t.rank() {
             return Err(format!("argument {} has shape {:?}, declared {}", name_of(f, b), t.shape(), shape_text(&decl.0)));
         }
         for (d, &n) in decl.0.iter().zip(t.shape()) {
-            for s in Sym::ALL {
-                if *d == sym_dim(s) {
-                    match sizes[s as usize] {
-                        Some(v) if v != n as u64 => {
-                            return Err(format!("argument {} sets {} = {n}, another set it to {v}", name_of(f, b), s.letter()))
-                        }
-                        _ => sizes[s as usize] = Some(n as u64),
-                    }
-                }
-            }
+            pairs.push((*d, n as i64));
+            owner.push(b);
         }
     }
-    let bind = Bindings { batch: sizes[0].unwrap_or(0), cache: sizes[1].unwrap_or(0), seq: sizes[2].unwrap_or(0) };
+    let sizes = solve_symbols(&pairs).map_err(|e| {
+        let (d, n) = pairs[e.pair];
+        format!("argument {} has size {n} where the plan declares {d}: no non-negative {} fits", name_of(f, owner[e.pair]), e.sym.letter())
+    })?;
+    let size = |s: Sym| sizes[s as usize].unwrap_or(0) as u64;
+    let bind = Bindings { batch: size(Sym::Batch), cache: size(Sym::Cache), seq: size(Sym::Seq) };
     for (t, &b) in args.iter().zip(&f.inputs) {
         let want: Vec<usize> = f.buffers[b].shape.eval(&bind).into_iter().map(|v| v as usize).collect();
         if want != t.shape() {
@@ -139,14 +137,6 @@ pub fn bindings(f: &FunctionPlan, args: &[Tensor]) -> Result<Bindings, String> {
         }
     }
     Ok(bind)
-}
-
-fn sym_dim(s: Sym) -> Dim {
-    match s {
-        Sym::Batch => Dim::B,
-        Sym::Cache => Dim::C,
-        Sym::Seq => Dim::S,
-    }
 }
 
 fn name_of(f: &FunctionPlan, b: usize) -> String {

@@ -113,6 +113,44 @@ impl Dim {
     }
 }
 
+/// Why [`solve_symbols`] could not bind a symbol: `pairs[pair]` leaves no non-negative
+/// whole value for `sym`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SolveError {
+    pub pair: usize,
+    pub sym: Sym,
+}
+
+/// Binds `b`, `c`, `s` from declared dims and the sizes arguments have there: a dim with
+/// one unknown symbol determines it once the others are known, repeated until nothing
+/// changes (so `[b, s]` ids and a `[b, c+s, ..]` cache bind all three). `c` defaults to 0
+/// when nothing mentions it; `b` or `s` may stay unbound (an error only where a shape
+/// needs them). What the reference interpreter and the device runtimes both bind with;
+/// a caller checks every shape against the result.
+pub fn solve_symbols(pairs: &[(Dim, i64)]) -> Result<[Option<i64>; 3], SolveError> {
+    let mut known: [Option<i64>; 3] = [None; 3];
+    loop {
+        let mut progress = false;
+        for (i, (d, actual)) in pairs.iter().enumerate() {
+            let unknown: Vec<Sym> = Sym::ALL.into_iter().filter(|&s| d.coeff(s) != 0 && known[s as usize].is_none()).collect();
+            let [s] = unknown[..] else { continue };
+            let rest: i64 = Sym::ALL.into_iter().filter(|&o| o != s).map(|o| d.coeff(o) * known[o as usize].unwrap_or(0)).sum();
+            let num = actual - rest - d.constant_term();
+            let k = d.coeff(s);
+            if num % k != 0 || num / k < 0 {
+                return Err(SolveError { pair: i, sym: s });
+            }
+            known[s as usize] = Some(num / k);
+            progress = true;
+        }
+        if !progress {
+            break;
+        }
+    }
+    known[Sym::Cache as usize].get_or_insert(0);
+    Ok(known)
+}
+
 /// Concrete values for the symbols, e.g. for one decode step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Bindings {
@@ -301,6 +339,20 @@ impl fmt::Display for Shape {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn symbols_solve_from_argument_shapes() {
+        // ids [b, s] and a cache [b, c+s, 4]: all three, in any order of the pairs.
+        let pairs = [(Dim::B, 2), (Dim::C + Dim::S, 9), (Dim::S, 3), (Dim::lit(4), 4)];
+        assert_eq!(solve_symbols(&pairs), Ok([Some(2), Some(6), Some(3)]));
+        let rev: Vec<(Dim, i64)> = pairs.iter().rev().copied().collect();
+        assert_eq!(solve_symbols(&rev), Ok([Some(2), Some(6), Some(3)]));
+        // Nothing mentions c: 0; s never bound: left open.
+        assert_eq!(solve_symbols(&[(Dim::B, 5)]), Ok([Some(5), Some(0), None]));
+        // A size no whole non-negative value fits: which pair and which symbol.
+        assert_eq!(solve_symbols(&[(Dim::S, 3), (Dim::C + Dim::S, 2)]), Err(SolveError { pair: 1, sym: Sym::Cache }));
+        assert_eq!(solve_symbols(&[(Dim::S * 2, 7)]), Err(SolveError { pair: 0, sym: Sym::Seq }));
+    }
 
     #[test]
     fn display() {

@@ -109,7 +109,7 @@ pub mod op;
 pub mod print;
 pub mod verify;
 
-pub use dim::{Bindings, Dim, Shape, Sym};
+pub use dim::{solve_symbols, Bindings, Dim, Shape, SolveError, Sym};
 pub use dtype::{DType, Ty};
 pub use fused::{FusedKernel, Head, Operand, Step, StepOp};
 pub use graph::{Cycle, Edge, Function, Gradients, Graph, Mode, Module, Node, NodeId, Signature, Value};

@@ -21,7 +21,9 @@ use super::real::Real;
 use super::tensor::{numel, Data, Tensor};
 use super::weights::Weights;
 use super::{ErrorKind, ExecError, KernelError};
-use dsc_compiler::ir::{param_path, DType, Dim, Function, FusedKernel, Module, Node, NodeId, Op, Operand, Shape, Sym, Ty, Value};
+use dsc_compiler::ir::{
+    param_path, solve_symbols, DType, Dim, Function, FusedKernel, Module, Node, NodeId, Op, Operand, Shape, Sym, Ty, Value,
+};
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::marker::PhantomData;
@@ -45,10 +47,8 @@ pub(super) fn run<T: Real>(
     it.call(f, None, args, &mut stack)
 }
 
-/// Bind `b`, `s`, `c` from the argument shapes: a declared dim with one unknown symbol
-/// determines it once the others are known, repeated until nothing changes (so `[b, s]`
-/// ids and a `[b, c+s, ..]` cache bind all three). `c` defaults to 0 when no argument
-/// mentions it; an unbound `b` or `s` is an error only where a shape needs it.
+/// Bind `b`, `s`, `c` from the argument shapes ([`solve_symbols`]); an unbound `b` or `s`
+/// is an error only where a shape needs it.
 fn bind_symbols(f: &Function, inputs: &[Tensor]) -> Result<[Option<i64>; 3], ExecError> {
     let g = &f.graph;
     let mut pairs: Vec<(Dim, i64, String)> = Vec::new();
@@ -63,29 +63,12 @@ fn bind_symbols(f: &Function, inputs: &[Tensor]) -> Result<[Option<i64>; 3], Exe
             }
         }
     }
-    let mut known: [Option<i64>; 3] = [None; 3];
-    loop {
-        let mut progress = false;
-        for (d, actual, name) in &pairs {
-            let unknown: Vec<Sym> = Sym::ALL.into_iter().filter(|&s| d.coeff(s) != 0 && known[s as usize].is_none()).collect();
-            let [s] = unknown[..] else { continue };
-            let rest: i64 = Sym::ALL.into_iter().filter(|&o| o != s).map(|o| d.coeff(o) * known[o as usize].unwrap_or(0)).sum();
-            let num = actual - rest - d.constant_term();
-            let k = d.coeff(s);
-            if num % k != 0 || num / k < 0 {
-                let msg =
-                    format!("argument `{name}` has size {actual} where `{}` declares {d}: no non-negative {} fits", f.name, s.letter());
-                return Err(at_fn(ExecError::new(ErrorKind::Binding, msg), &f.name));
-            }
-            known[s as usize] = Some(num / k);
-            progress = true;
-        }
-        if !progress {
-            break;
-        }
-    }
-    known[Sym::Cache as usize].get_or_insert(0);
-    Ok(known)
+    let dims: Vec<(Dim, i64)> = pairs.iter().map(|(d, a, _)| (*d, *a)).collect();
+    solve_symbols(&dims).map_err(|e| {
+        let (d, actual, name) = &pairs[e.pair];
+        let msg = format!("argument `{name}` has size {actual} where `{}` declares {d}: no non-negative {} fits", f.name, e.sym.letter());
+        at_fn(ExecError::new(ErrorKind::Binding, msg), &f.name)
+    })
 }
 
 fn at_fn(mut e: ExecError, function: &str) -> ExecError {
