@@ -393,7 +393,9 @@ pub fn node_work(g: &Graph, n: NodeId) -> Result<NodeWork, Unsupported> {
             super::kernels::movement::work(g, n, spec)
         }
         KernelSpec::Rope { .. } => super::kernels::rope::work(g, n, spec),
-        KernelSpec::MatMulEw { .. } | KernelSpec::RmsNormEw { .. } | KernelSpec::GateUp { .. } => super::kernels::heads::work(g, n, spec),
+        KernelSpec::MatMulEw { .. } | KernelSpec::MatMulEwFrom { .. } | KernelSpec::RmsNormEw { .. } | KernelSpec::GateUp { .. } => {
+            super::kernels::heads::work(g, n, spec)
+        }
         KernelSpec::MatMul { .. } => {
             let d = dims(&out);
             let m = Size::product(&d[..d.len() - 1]);

@@ -74,7 +74,7 @@ pub enum KernelSpec {
     /// [`kernels::grad::moe_route_grad`].
     MoeRouteGrad { elem: Elem, cfg: kernels::grad::RouteGradConfig },
     /// One launch of the routed experts' backward ([`kernels::moe_grad`]).
-    MoeGrad { elem: Elem, part: kernels::moe_grad::MoeGradPart },
+    MoeGrad { elem: Elem, weights: Elem, part: kernels::moe_grad::MoeGradPart },
     /// [`kernels::rms_norm`] over the last axis; `eps` as `f32` bits.
     RmsNorm { elem: Elem, eps_bits: u32 },
     /// [`kernels::softmax`] over the last axis.
@@ -94,6 +94,9 @@ pub enum KernelSpec {
     Rope { elem: Elem, interleaved: bool },
     /// [`kernels::heads::matmul_ew`]: a fused matmul head and its elementwise epilogue.
     MatMulEw { elem: Elem, epilogue: kernels::heads::Epilogue },
+    /// [`kernels::heads::matmul_ew`] whose head multiplies `head` operands (f32 gradients)
+    /// into a result of `elem`.
+    MatMulEwFrom { elem: Elem, head: Elem, epilogue: kernels::heads::Epilogue },
     /// [`kernels::heads::rms_norm_ew`]: a fused rms_norm head and its epilogue.
     RmsNormEw { elem: Elem, eps_bits: u32, epilogue: kernels::heads::Epilogue },
     /// [`kernels::heads::matmul_gate_up`]: `silu(x·gateᵀ)·(x·upᵀ)`, SwiGLU's first launch.
@@ -293,8 +296,9 @@ impl KernelSpec {
             KernelSpec::Reduce { elem, mean } => format!("reduce_{}_{}", if *mean { "mean" } else { "sum" }, elem.name()),
             KernelSpec::IotaI32 => "iota_i32".to_string(),
             KernelSpec::MoeRouteGrad { elem, .. } => format!("moe_route_grad_{}_{}", elem.name(), h()),
-            KernelSpec::MoeGrad { elem, part } => {
+            KernelSpec::MoeGrad { elem, weights, part } => {
                 use kernels::moe_grad::MoeGradPart as P;
+                let w = if weights == elem || *part != P::Mid { String::new() } else { format!("_w{}", weights.name()) };
                 let part = match part {
                     P::Proj => "proj",
                     P::Mid => "mid",
@@ -302,7 +306,7 @@ impl KernelSpec {
                     P::Dx => "dx",
                     P::Weights => "weights",
                 };
-                format!("moe_grad_{part}_{}", elem.name())
+                format!("moe_grad_{part}_{}{w}", elem.name())
             }
             KernelSpec::Copy { elem, rank } => format!("copy_{}_r{rank}", elem.name()),
             KernelSpec::CopyI32 { rank } => format!("copy_i32_r{rank}"),
@@ -325,6 +329,7 @@ impl KernelSpec {
                 format!("rope_{}_{}", elem.name(), if *interleaved { "interleaved" } else { "half_split" })
             }
             KernelSpec::MatMulEw { elem, .. } => format!("matmul_ew_{}_{}", elem.name(), h()),
+            KernelSpec::MatMulEwFrom { elem, head, .. } => format!("matmul_ew_{}_from_{}_{}", elem.name(), head.name(), h()),
             KernelSpec::RmsNormEw { elem, .. } => format!("rms_norm_ew_{}_{}", elem.name(), h()),
             KernelSpec::GateUp { elem } => format!("matmul_gate_up_{}", elem.name()),
             KernelSpec::Cast { from, to } => format!("cast_{}_{}", from.name(), to.name()),
@@ -360,6 +365,8 @@ impl KernelSpec {
         match self {
             KernelSpec::Cast { from, .. } => from.on(target),
             KernelSpec::MoeCombine { weights, .. } => weights.on(target),
+            KernelSpec::MatMulEwFrom { head, .. } => head.on(target),
+            KernelSpec::MoeGrad { weights, .. } => weights.on(target),
             _ => Ok(()),
         }
     }
@@ -376,6 +383,7 @@ impl KernelSpec {
             | KernelSpec::Gather { elem }
             | KernelSpec::Rope { elem, .. }
             | KernelSpec::MatMulEw { elem, .. }
+            | KernelSpec::MatMulEwFrom { elem, .. }
             | KernelSpec::RmsNormEw { elem, .. }
             | KernelSpec::GateUp { elem }
             | KernelSpec::Cast { to: elem, .. }
@@ -528,7 +536,9 @@ pub fn cube_dim(spec: &KernelSpec) -> CubeDim {
         | KernelSpec::SwiGluGradEw { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
         KernelSpec::Cast { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
         KernelSpec::RmsNormEw { .. } => CubeDim::new_1d(kernels::ROW_BLOCK),
-        KernelSpec::MatMulEw { .. } | KernelSpec::GateUp { .. } => CubeDim::new_2d(kernels::MM_UNITS, kernels::MM_UNITS),
+        KernelSpec::MatMulEw { .. } | KernelSpec::MatMulEwFrom { .. } | KernelSpec::GateUp { .. } => {
+            CubeDim::new_2d(kernels::MM_UNITS, kernels::MM_UNITS)
+        }
         KernelSpec::RmsNorm { .. } | KernelSpec::Softmax { .. } => CubeDim::new_1d(kernels::ROW_BLOCK),
         KernelSpec::MatMul { .. } => CubeDim::new_2d(kernels::MM_UNITS, kernels::MM_UNITS),
         KernelSpec::BatchMatMul { .. } => CubeDim::new_2d(kernels::TILE, kernels::TILE),
@@ -579,7 +589,7 @@ fn source_for<F: Float + CubeElement>(spec: &KernelSpec, target: Target) -> (Str
         KernelSpec::Reduce { mean, .. } => {
             compile(kernels::reduce::reduce_axis::ReduceAxis::<F>::new(settings, p, tp, b(), b(), (), (), *mean), name, target)
         }
-        KernelSpec::MoeGrad { part, .. } => {
+        KernelSpec::MoeGrad { part, weights, .. } => {
             use kernels::moe_grad::{self as mg, MoeGradPart as P};
             match part {
                 P::Proj => compile(
@@ -587,7 +597,23 @@ fn source_for<F: Float + CubeElement>(spec: &KernelSpec, target: Target) -> (Str
                     name,
                     target,
                 ),
-                P::Mid => compile(mg::moe_grad_mid::MoeGradMid::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), b(), ()), name, target),
+                P::Mid => match weights {
+                    Elem::F32 => compile(
+                        mg::moe_grad_mid::MoeGradMid::<F, f32>::new(settings, p, tp, b(), b(), b(), b(), b(), b(), ()),
+                        name,
+                        target,
+                    ),
+                    Elem::F16 => compile(
+                        mg::moe_grad_mid::MoeGradMid::<F, half::f16>::new(settings, p, tp, b(), b(), b(), b(), b(), b(), ()),
+                        name,
+                        target,
+                    ),
+                    Elem::Bf16 => compile(
+                        mg::moe_grad_mid::MoeGradMid::<F, half::bf16>::new(settings, p, tp, b(), b(), b(), b(), b(), b(), ()),
+                        name,
+                        target,
+                    ),
+                },
                 P::DxRows => compile(
                     mg::moe_grad_dx_rows::MoeGradDxRows::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), b(), (), ()),
                     name,
@@ -690,8 +716,29 @@ fn source_for<F: Float + CubeElement>(spec: &KernelSpec, target: Target) -> (Str
         KernelSpec::MatMulEw { epilogue, .. } => {
             let inputs = SequenceCompilationArg::<Box<[F]>> { values: epilogue.loads.iter().map(|_| b()).collect() };
             let k =
-                kernels::heads::matmul_ew::MatmulEw::<F>::new(settings, p, tp, b(), b(), b(), b(), (), (), (), inputs, epilogue.clone());
+                kernels::heads::matmul_ew::MatmulEw::<F, F>::new(settings, p, tp, b(), b(), b(), b(), (), (), (), inputs, epilogue.clone());
             compile(k, name, target)
+        }
+        KernelSpec::MatMulEwFrom { head, epilogue, .. } => {
+            let inputs = || SequenceCompilationArg::<Box<[F]>> { values: epilogue.loads.iter().map(|_| b()).collect() };
+            let e = epilogue.clone();
+            match head {
+                Elem::F32 => compile(
+                    kernels::heads::matmul_ew::MatmulEw::<F, f32>::new(settings, p, tp, b(), b(), b(), b(), (), (), (), inputs(), e),
+                    name,
+                    target,
+                ),
+                Elem::F16 => compile(
+                    kernels::heads::matmul_ew::MatmulEw::<F, half::f16>::new(settings, p, tp, b(), b(), b(), b(), (), (), (), inputs(), e),
+                    name,
+                    target,
+                ),
+                Elem::Bf16 => compile(
+                    kernels::heads::matmul_ew::MatmulEw::<F, half::bf16>::new(settings, p, tp, b(), b(), b(), b(), (), (), (), inputs(), e),
+                    name,
+                    target,
+                ),
+            }
         }
         KernelSpec::RmsNormEw { eps_bits, epilogue, .. } => {
             let inputs = SequenceCompilationArg::<Box<[F]>> { values: epilogue.loads.iter().map(|_| b()).collect() };

@@ -264,7 +264,7 @@ impl WgpuBackend {
             KernelSpec::Reduce { mean, .. } => {
                 kernels::reduce::reduce_axis::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.u32(2)?, a.u32(3)?, *mean)
             }
-            KernelSpec::MoeGrad { part, .. } => {
+            KernelSpec::MoeGrad { part, weights, .. } => {
                 use kernels::moe_grad::{self as mg, MoeGradPart as P};
                 match part {
                     P::Proj => {
@@ -292,7 +292,16 @@ impl WgpuBackend {
                     }
                     P::Mid => {
                         let (w, rows, g, u, da, dw) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?, a.buf(5)?);
-                        mg::moe_grad_mid::launch::<F>(c, count, dim, w, rows, g, u, da, dw, a.u32(6)?)
+                        let inter = a.u32(6)?;
+                        match weights {
+                            dsc_compiler::codegen::Elem::F32 => {
+                                mg::moe_grad_mid::launch::<F, f32>(c, count, dim, w, rows, g, u, da, dw, inter)
+                            }
+                            dsc_compiler::codegen::Elem::F16 => {
+                                mg::moe_grad_mid::launch::<F, half::f16>(c, count, dim, w, rows, g, u, da, dw, inter)
+                            }
+                            e @ dsc_compiler::codegen::Elem::Bf16 => return e.on(dsc_compiler::codegen::Target::Wgsl),
+                        }
                     }
                     P::DxRows => {
                         let (re, dg, du, gate, up, dxr) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?, a.buf(5)?);
@@ -408,7 +417,20 @@ impl WgpuBackend {
             KernelSpec::MatMulEw { epilogue, .. } => {
                 let (x, w, layout, out) = (a.buf(0)?, a.buf(1)?, a.table(2)?, a.buf(3)?);
                 let (m, n, k) = (a.u32(4)?, a.u32(5)?, a.u32(6)?);
-                kernels::heads::matmul_ew::launch::<F>(c, count, dim, x, w, layout, out, m, n, k, a.seq(7)?, epilogue.clone())
+                kernels::heads::matmul_ew::launch::<F, F>(c, count, dim, x, w, layout, out, m, n, k, a.seq(7)?, epilogue.clone())
+            }
+            KernelSpec::MatMulEwFrom { head, epilogue, .. } => {
+                let (x, w, layout, out) = (a.buf(0)?, a.buf(1)?, a.table(2)?, a.buf(3)?);
+                let (m, n, k, e) = (a.u32(4)?, a.u32(5)?, a.u32(6)?, epilogue.clone());
+                match head {
+                    dsc_compiler::codegen::Elem::F32 => {
+                        kernels::heads::matmul_ew::launch::<F, f32>(c, count, dim, x, w, layout, out, m, n, k, a.seq(7)?, e)
+                    }
+                    dsc_compiler::codegen::Elem::F16 => {
+                        kernels::heads::matmul_ew::launch::<F, half::f16>(c, count, dim, x, w, layout, out, m, n, k, a.seq(7)?, e)
+                    }
+                    h @ dsc_compiler::codegen::Elem::Bf16 => return h.on(dsc_compiler::codegen::Target::Wgsl),
+                }
             }
             KernelSpec::RmsNormEw { eps_bits, epilogue, .. } => {
                 let (x, gain, layout, out) = (a.buf(0)?, a.buf(1)?, a.table(2)?, a.buf(3)?);

@@ -22,7 +22,7 @@
 use super::{ew_eval, mm_stage, mm_step, mm_zero, Access, EwOp, MM_BK, MM_REG, MM_STAGE, MM_TILE, MM_UNITS, ROW_BLOCK};
 use crate::codegen::kernels::movement::float_elem;
 use crate::codegen::launch::{grid_rows, tiled_flops, Arg, Buf, Launch, NodeWork, Scratch, Size};
-use crate::codegen::{ew_binary, ew_unary, KernelSpec, Unsupported};
+use crate::codegen::{ew_binary, ew_unary, Elem, KernelSpec, Unsupported};
 use crate::ir::fused::{Head, Operand, StepOp};
 use crate::ir::{Dim, Graph, NodeId, Op};
 use cubecl::prelude::*;
@@ -73,11 +73,14 @@ fn epilogue<F: Float>(h: F, inputs: &Sequence<Box<[F]>>, layout: &[u32], pos: u3
 /// with the epilogue on each accumulator. The sums accumulate in `f32` whatever `F` is
 /// (an `f16` running sum loses a digit every few hundred terms), then round to `F` for
 /// the epilogue.
+///
+/// The head's operands are `M`: `F` itself, or `f32` where a mixed-precision backward
+/// multiplies `f32` gradients and rounds the product into an `F` residual stream.
 #[cube(launch, create_dummy_kernel)]
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_ew<F: Float>(
-    x: &[F],
-    w: &[F],
+pub fn matmul_ew<F: Float, M: Float>(
+    x: &[M],
+    w: &[M],
     layout: &[u32],
     out: &mut [F],
     m: u32,
@@ -90,14 +93,14 @@ pub fn matmul_ew<F: Float>(
     let ty = UNIT_POS_Y;
     let row0 = CUBE_POS_Y * MM_TILE;
     let col0 = CUBE_POS_X * MM_TILE;
-    let mut smem = Shared::<[F]>::new_slice(comptime![(2 * MM_STAGE) as usize]);
+    let mut smem = Shared::<[M]>::new_slice(comptime![(2 * MM_STAGE) as usize]);
     let mut acc = mm_zero();
     for t in 0..k.div_ceil(MM_BK) {
         let k0 = t * MM_BK;
-        mm_stage::<F>(x, &mut smem, 0u32, row0, m, k0, k);
-        mm_stage::<F>(w, &mut smem, MM_STAGE, col0, n, k0, k);
+        mm_stage::<M>(x, &mut smem, 0u32, row0, m, k0, k);
+        mm_stage::<M>(w, &mut smem, MM_STAGE, col0, n, k0, k);
         sync_cube();
-        mm_step::<F>(&smem, MM_STAGE, &mut acc, tx, ty);
+        mm_step::<M>(&smem, MM_STAGE, &mut acc, tx, ty);
         sync_cube();
     }
     #[unroll]
@@ -212,7 +215,25 @@ fn fused_spec(g: &Graph, n: NodeId) -> Result<KernelSpec, Unsupported> {
     let node = g.node(n);
     let Op::Fused(k) = &node.op else { unreachable!() };
     let no = |reason: String| Unsupported { op: "fused", reason };
-    let elem = float_elem(g, n, &[])?;
+    // A matmul head may multiply f32 operands into a result of another float type (the
+    // mixed-precision backward rounds an f32 gradient product into a bf16 stream): the
+    // head's two inputs then share their own type, every other input the result's.
+    let head_elem = match (k.head, g.inputs(n).as_slice()) {
+        (Some(Head::MatMul), [a, b, ..]) if g.ty(*a).dtype != node.outputs[0].dtype && g.ty(*a).dtype == g.ty(*b).dtype => {
+            Some(Elem::from_dtype(g.ty(*a).dtype).ok_or_else(|| no(format!("a matmul head of {} operands", g.ty(*a).dtype.name())))?)
+        }
+        _ => None,
+    };
+    let elem = match head_elem {
+        Some(_) => {
+            let out = node.outputs[0].dtype;
+            if let Some(t) = g.inputs(n)[2..].iter().map(|&v| g.ty(v)).find(|t| t.dtype != out) {
+                return Err(no(format!("an epilogue input of {} for a result of {}", t.dtype.name(), out.name())));
+            }
+            Elem::from_dtype(out).ok_or_else(|| no(format!("result dtype {}", out.name())))?
+        }
+        None => float_elem(g, n, &[])?,
+    };
     let ins: Vec<_> = g.inputs(n).iter().map(|&v| g.ty(v).shape.clone()).collect();
     let out = &node.outputs[0].shape;
     // The epilogue runs once per element of the head's result, so the program must not
@@ -279,7 +300,10 @@ fn fused_spec(g: &Graph, n: NodeId) -> Result<KernelSpec, Unsupported> {
     }
     let epilogue = Epilogue { rank: out.rank() as u32, loads, ops };
     Ok(match k.head.expect("checked by spec") {
-        Head::MatMul => KernelSpec::MatMulEw { elem, epilogue },
+        Head::MatMul => match head_elem {
+            Some(head) => KernelSpec::MatMulEwFrom { elem, head, epilogue },
+            None => KernelSpec::MatMulEw { elem, epilogue },
+        },
         Head::RmsNorm { eps } => KernelSpec::RmsNormEw { elem, eps_bits: (eps.get() as f32).to_bits(), epilogue },
     })
 }
@@ -314,7 +338,7 @@ pub(crate) fn work(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
         (Arg::Table(layout(&out, &shapes)), epi.loads.iter().map(|(i, _)| input(*i as u16)).collect())
     };
     let launches = match &spec {
-        KernelSpec::MatMulEw { epilogue, .. } => {
+        KernelSpec::MatMulEw { epilogue, .. } | KernelSpec::MatMulEwFrom { epilogue, .. } => {
             let (m, nn, k) = (rows(&out), *out.last().expect("rank >= 1"), ins[1][1]);
             let (table, extra) = loads(epilogue);
             let mut args = vec![input(0), input(1), table, output, Arg::U32(m.clone()), Arg::U32(Size::Dim(nn)), Arg::U32(Size::Dim(k))];

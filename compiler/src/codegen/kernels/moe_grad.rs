@@ -77,9 +77,10 @@ pub fn moe_grad_proj<F: Float>(
     }
 }
 
-/// One row's `dw` and, in place, its weighted `a`, `dg`, `du`; see the module header.
+/// One row's `dw` and, in place, its weighted `a`, `dg`, `du`; see the module header. The
+/// gate weights and their gradient are `W` (the router's f32 under a bf16 model).
 #[cube(launch, create_dummy_kernel)]
-pub fn moe_grad_mid<F: Float>(w: &[F], rows: &[i32], g: &mut [F], u: &mut [F], da: &mut [F], dw: &mut [F], inter: u32) {
+pub fn moe_grad_mid<F: Float, W: Float>(w: &[W], rows: &[i32], g: &mut [F], u: &mut [F], da: &mut [F], dw: &mut [W], inter: u32) {
     let r = row_pos();
     if r as usize >= rows.len() {
         terminate!();
@@ -101,7 +102,7 @@ pub fn moe_grad_mid<F: Float>(w: &[F], rows: &[i32], g: &mut [F], u: &mut [F], d
     let p = u32::cast_from(rows[r as usize]);
     let wp = f32::cast_from(w[p as usize]);
     if tid == 0 {
-        dw[p as usize] = F::cast_from(shared[0]);
+        dw[p as usize] = W::cast_from(shared[0]);
     }
     for it in 0..inter.div_ceil(ROW_BLOCK) {
         let j = it * ROW_BLOCK + tid;
@@ -213,22 +214,26 @@ pub(crate) fn spec(g: &Graph, n: NodeId) -> Option<Result<KernelSpec, Unsupporte
     let Some(elem) = Elem::from_dtype(t(0).dtype) else {
         return Some(Err(no(format!("x of dtype {}", t(0).dtype.name()))));
     };
-    if [2, 3, 4, 5, 6].iter().any(|&i| t(i).dtype != t(0).dtype) || !matches!(t(1).dtype, DType::I32 | DType::I64) {
-        return Some(Err(no("integer indices and every float input of x's dtype expected".into())));
+    if [3, 4, 5, 6].iter().any(|&i| t(i).dtype != t(0).dtype) || !matches!(t(1).dtype, DType::I32 | DType::I64) {
+        return Some(Err(no("integer indices and the weights and dy of x's dtype expected".into())));
     }
+    // The gate weights (and so their gradient) may be the router's own float type.
+    let Some(weights) = Elem::from_dtype(t(2).dtype) else {
+        return Some(Err(no(format!("gate weights of dtype {}", t(2).dtype.name()))));
+    };
     if t(3).rank() != 3
         || t(3).shape.0.iter().chain(t(0).shape.0.last()).any(|d| d.as_const().is_none())
         || t(1).shape.0.last().and_then(|d| d.as_const()).is_none()
     {
         return Some(Err(no("constant expert, hidden and top_k sizes expected".into())));
     }
-    Some(Ok(KernelSpec::MoeGrad { elem, part: MoeGradPart::Mid }))
+    Some(Ok(KernelSpec::MoeGrad { elem, weights, part: MoeGradPart::Mid }))
 }
 
 /// The launches of an `expert_ffn_grad` node: x, indices, weights, gate, up, down, dy →
 /// dx, dweights, dgate, dup, ddown.
 pub(crate) fn work(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
-    let KernelSpec::MoeGrad { elem, .. } = spec else { unreachable!("moe_grad::work of {spec:?}") };
+    let KernelSpec::MoeGrad { elem, weights, .. } = spec else { unreachable!("moe_grad::work of {spec:?}") };
     let ins: Vec<Vec<crate::ir::Dim>> = g.inputs(n).iter().map(|&v| g.ty(v).shape.0.clone()).collect();
     let c = |d: crate::ir::Dim| d.as_const().expect("spec checked the sizes are constants");
     let (x, idx, gate) = (&ins[0], &ins[1], &ins[3]);
@@ -249,7 +254,7 @@ pub(crate) fn work(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
     ];
     let (i, s, o) = (|j| Arg::Buf(Buf::Input(j)), |j| Arg::Buf(Buf::Scratch(j)), |j| Arg::Buf(Buf::Output(j)));
     let u = |v: i64| Arg::U32(Size::lit(v));
-    let part = |p| KernelSpec::MoeGrad { elem, part: p };
+    let part = |p| KernelSpec::MoeGrad { elem, weights, part: p };
     let lin = |n: Size| grid_linear(n.ceil_div(EW_BLOCK as i64));
     let reached = || Touch::Experts { experts, top_k: k, tokens: tokens.clone() };
     let launches = vec![
