@@ -15,7 +15,7 @@
 use crate::reference::{Tensor, Weights};
 use dsc_compiler::codegen::launch::NodeWork;
 use dsc_compiler::codegen::plan::{FunctionPlan, Plan, Source, Step};
-use dsc_compiler::ir::{param_path, solve_symbols, Bindings, DType, Dim, Sym};
+use dsc_compiler::ir::{param_path, solve_symbols, Bindings, DType, Dim, Mode, Module, Sym};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -23,6 +23,8 @@ use std::sync::Mutex;
 /// device's representation of it (the GPU runtimes: floats in the kernel's element type,
 /// integers as `i32`).
 pub trait Device {
+    /// `--backend`'s name for the device.
+    const NAME: &'static str;
     /// A device buffer; cloning shares it (a reshape's alias, a cached weight).
     type Buf: Clone;
     /// Copies `t` to the device as `dtype`.
@@ -35,6 +37,53 @@ pub trait Device {
     fn execute(&self, work: &NodeWork, ins: &[Self::Buf], outs: &[Self::Buf], bind: &Bindings) -> Result<(), String>;
     /// Bytes `b` occupies on the device.
     fn bytes(b: &Self::Buf) -> usize;
+}
+
+/// A device as a generation and training engine, the same for every device: each
+/// compiled entry point becomes a [`Plan`] (what `dsc compile --target` writes as
+/// `plan.json`) and runs with [`run_plan`]; weights and constants are uploaded on first
+/// use and kept by checkpoint name until [`PlanEngine::forget_weights`].
+pub struct PlanEngine<D: Device> {
+    device: D,
+    weights: DeviceWeights<D::Buf>,
+}
+
+impl<D: Device> PlanEngine<D> {
+    /// An engine on an opened device.
+    pub fn on(device: D) -> PlanEngine<D> {
+        PlanEngine { device, weights: DeviceWeights::new() }
+    }
+
+    pub fn backend(&self) -> &D {
+        &self.device
+    }
+
+    /// Forgets the uploaded weights: after an optimizer step they are stale, and the next
+    /// run uploads the new ones.
+    pub fn forget_weights(&self) {
+        self.weights.clear();
+    }
+
+    /// Bytes of weights and constants uploaded so far.
+    pub fn weight_bytes(&self) -> usize {
+        self.weights.bytes(D::bytes)
+    }
+}
+
+impl<D: Device + Send + Sync> crate::generate::Engine for PlanEngine<D>
+where
+    D::Buf: Send,
+{
+    type Prepared = Plan;
+    fn name(&self) -> &str {
+        D::NAME
+    }
+    fn prepare(&self, module: &Module, mode: Mode) -> Result<Plan, String> {
+        Plan::build(module, mode).map_err(|e| e.to_string())
+    }
+    fn run(&self, _: &Module, plan: &Plan, _: Mode, args: &[Tensor], weights: &dyn Weights) -> Result<Vec<Tensor>, String> {
+        run_plan(&self.device, plan, args, weights, &self.weights)
+    }
 }
 
 /// Device copies of weights and constants, kept between runs.

@@ -395,6 +395,7 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
 }
 
 impl crate::plan_exec::Device for CudaBackend {
+    const NAME: &'static str = "cuda";
     type Buf = DeviceBuf;
     fn upload(&self, t: &Tensor, dtype: DType) -> Result<DeviceBuf, String> {
         CudaBackend::upload(self, t, Repr::of(dtype)?)

@@ -27,10 +27,9 @@ pub use engine::CudaEngine;
 #[cfg(feature = "cuda")]
 mod engine {
     use super::{CudaBackend, DeviceBuf};
-    use crate::plan_exec::{self, DeviceWeights};
+    use crate::plan_exec::{self, DeviceWeights, PlanEngine};
     use crate::reference::{Tensor, Weights};
     use dsc_compiler::codegen::plan::Plan;
-    use dsc_compiler::ir::{Mode, Module};
 
     impl CudaBackend {
         /// Runs the plan's entry on host `args` (in the entry's argument order) with
@@ -47,45 +46,13 @@ mod engine {
         }
     }
 
-    /// The CUDA device as a generation engine: each compiled entry point becomes a
-    /// [`Plan`] (the `plan.json` of `dsc compile --target cuda`) and runs with
-    /// [`CudaBackend::run_plan`].
-    pub struct CudaEngine {
-        backend: CudaBackend,
-        weights: DeviceWeights<DeviceBuf>,
-    }
+    /// The CUDA device as a generation and training engine ([`PlanEngine`]).
+    pub type CudaEngine = PlanEngine<CudaBackend>;
 
-    impl CudaEngine {
-        /// An engine on an opened device.
-        pub fn on(backend: CudaBackend) -> CudaEngine {
-            CudaEngine { backend, weights: DeviceWeights::new() }
-        }
-
+    impl PlanEngine<CudaBackend> {
         /// Device `index`, or why it cannot be opened.
         pub fn new(index: usize) -> Result<CudaEngine, String> {
             CudaBackend::new(index).map(CudaEngine::on)
-        }
-
-        pub fn backend(&self) -> &CudaBackend {
-            &self.backend
-        }
-
-        /// Bytes of weights and constants uploaded so far.
-        pub fn weight_bytes(&self) -> usize {
-            self.weights.bytes(|b| b.len * b.repr.bytes())
-        }
-    }
-
-    impl crate::generate::Engine for CudaEngine {
-        type Prepared = Plan;
-        fn name(&self) -> &str {
-            "cuda"
-        }
-        fn prepare(&self, module: &Module, mode: Mode) -> Result<Plan, String> {
-            Plan::build(module, mode).map_err(|e| e.to_string())
-        }
-        fn run(&self, _: &Module, plan: &Plan, _: Mode, args: &[Tensor], weights: &dyn Weights) -> Result<Vec<Tensor>, String> {
-            self.backend.run_plan(plan, args, weights, &self.weights)
         }
     }
 }

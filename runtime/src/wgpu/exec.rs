@@ -3,11 +3,11 @@
 //! device side ([`Device`]: buffers, uploads, one node's launches).
 
 use super::{DeviceBuf, Repr, WgpuBackend};
-use crate::plan_exec::{self, Device, DeviceWeights};
+use crate::plan_exec::{self, Device, DeviceWeights, PlanEngine};
 use crate::reference::{Tensor, Weights};
 use dsc_compiler::codegen::launch::NodeWork;
 use dsc_compiler::codegen::plan::Plan;
-use dsc_compiler::ir::{Bindings, DType, Mode, Module};
+use dsc_compiler::ir::{Bindings, DType};
 
 impl WgpuBackend {
     /// Runs the plan's entry on host `args` (in the entry's argument order) with `weights`
@@ -31,6 +31,7 @@ impl WgpuBackend {
 }
 
 impl Device for WgpuBackend {
+    const NAME: &'static str = "wgpu";
     type Buf = DeviceBuf;
     fn upload(&self, t: &Tensor, dtype: DType) -> Result<DeviceBuf, String> {
         WgpuBackend::upload(self, t, Repr::of(dtype)?)
@@ -49,55 +50,18 @@ impl Device for WgpuBackend {
     }
 }
 
-/// The wgpu device as a generation engine: each compiled entry point becomes a [`Plan`]
-/// (the `plan.json` of `dsc compile --target wgpu`) and runs with [`WgpuBackend::run_plan`].
-pub struct WgpuEngine {
-    backend: WgpuBackend,
-    weights: DeviceWeights<DeviceBuf>,
-}
+/// The wgpu device as a generation and training engine ([`PlanEngine`]).
+pub type WgpuEngine = PlanEngine<WgpuBackend>;
 
-impl WgpuEngine {
+impl PlanEngine<WgpuBackend> {
     /// The default adapter (see [`WgpuBackend::new`]).
     pub fn new() -> WgpuEngine {
         WgpuEngine::on(WgpuBackend::new())
-    }
-
-    /// An engine on an opened device.
-    pub fn on(backend: WgpuBackend) -> WgpuEngine {
-        WgpuEngine { backend, weights: DeviceWeights::new() }
-    }
-
-    pub fn backend(&self) -> &WgpuBackend {
-        &self.backend
-    }
-
-    /// Forgets the uploaded weights: after an optimizer step they are stale, and the next
-    /// run uploads the new ones.
-    pub fn forget_weights(&self) {
-        self.weights.clear();
-    }
-
-    /// Bytes of weights and constants uploaded so far.
-    pub fn weight_bytes(&self) -> usize {
-        self.weights.bytes(<WgpuBackend as Device>::bytes)
     }
 }
 
 impl Default for WgpuEngine {
     fn default() -> Self {
         WgpuEngine::new()
-    }
-}
-
-impl crate::generate::Engine for WgpuEngine {
-    type Prepared = Plan;
-    fn name(&self) -> &str {
-        "wgpu"
-    }
-    fn prepare(&self, module: &Module, mode: Mode) -> Result<Plan, String> {
-        Plan::build(module, mode).map_err(|e| e.to_string())
-    }
-    fn run(&self, _: &Module, plan: &Plan, _: Mode, args: &[Tensor], weights: &dyn Weights) -> Result<Vec<Tensor>, String> {
-        self.backend.run_plan(plan, args, weights, &self.weights)
     }
 }
