@@ -186,11 +186,27 @@ fn dsc_grad_writes_the_checkpoints_gradients() {
 /// Also through `dsc grad --backend wgpu`.
 #[test]
 fn gradients_on_wgpu_match_pytorch() {
+    device_gradients_match_pytorch(dsc_runtime::wgpu::exec::WgpuEngine::new);
+}
+
+/// The same on CUDA device 0 (feature `cuda`; run where a GPU is lent).
+#[cfg(feature = "cuda")]
+#[test]
+fn gradients_on_cuda_match_pytorch() {
+    device_gradients_match_pytorch(|| dsc_runtime::cuda::CudaEngine::new(0).unwrap_or_else(|e| panic!("{e}")));
+}
+
+/// Every fixture's loss and gradients from its train plan on the engines `engine` makes.
+fn device_gradients_match_pytorch<D>(engine: impl Fn() -> dsc_runtime::plan_exec::PlanEngine<D>)
+where
+    D: dsc_runtime::plan_exec::Device + Send + Sync,
+    D::Buf: Send,
+{
     use dsc_compiler::ir::Mode;
     use dsc_runtime::generate::Engine;
     for case in CASES {
         // One engine per model: an engine keeps its weights by checkpoint name.
-        let engine = dsc_runtime::wgpu::exec::WgpuEngine::new();
+        let engine = engine();
         let reference = load_safetensors(&std::fs::read(dir(case).join("grads.safetensors")).unwrap()).unwrap();
         let md = ModelDir::open(&dir(case), &OpenOptions::default()).unwrap_or_else(|e| panic!("{case}: {e}"));
         let tm = TrainModel::compile(&md.spec, TrainOptions::default(), &PassSelection::default()).unwrap();
@@ -212,10 +228,15 @@ fn gradients_on_wgpu_match_pytorch() {
             if e > worst.0 {
                 worst = (e, name.clone());
             }
-            assert!(e <= 1e-3, "{case}: gradient of {name} off by {e:.2e} on wgpu");
+            assert!(e <= 1e-3, "{case}: gradient of {name} off by {e:.2e} on {}", D::NAME);
         }
-        println!("{case:<12} wgpu: loss |Δ| {:.1e}  worst gradient {:.2e} ({})", (out.loss - want_loss).abs(), worst.0, worst.1);
+        println!("{case:<12} {}: loss |Δ| {:.1e}  worst gradient {:.2e} ({})", D::NAME, (out.loss - want_loss).abs(), worst.0, worst.1);
     }
+}
+
+/// `dsc grad --backend wgpu` on DeepSeek-V3 writes transformers' gradients.
+#[test]
+fn dsc_grad_on_wgpu() {
     use dsc_runtime::cli::grad::{grad_cmd, GradArgs};
     let out = std::env::temp_dir().join(format!("dsc-grad-wgpu-{}.safetensors", std::process::id()));
     let args = GradArgs {

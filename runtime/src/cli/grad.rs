@@ -32,8 +32,8 @@ pub struct GradArgs {
     /// Where to write the gradients (safetensors, written atomically).
     #[arg(long)]
     pub out: PathBuf,
-    /// `reference` (the CPU interpreter), or `wgpu`: the train graph's kernels on the
-    /// default wgpu adapter (dense models; MoE layers have no backward kernels yet).
+    /// `reference` (the CPU interpreter), `wgpu` (the train graph's kernels on the default
+    /// wgpu adapter) or `cuda` (device 0; feature `cuda`).
     #[arg(long, default_value = "reference")]
     pub backend: String,
     /// Add the multi-token-prediction loss (λ/D Σ L_k).
@@ -47,11 +47,33 @@ pub struct GradArgs {
     pub recompute: Recompute,
 }
 
+/// [`TrainModel::run_on`] from the train entry's plan on `engine`.
+#[allow(dead_code)] // unused in a build with neither device feature
+fn on_device<D>(
+    tm: &TrainModel,
+    engine: &crate::plan_exec::PlanEngine<D>,
+    weights: &dyn Weights,
+    batch: [&Tensor; 3],
+    terms: Terms,
+) -> Result<crate::train::model::GradOutput, String>
+where
+    D: crate::plan_exec::Device + Send + Sync,
+    D::Buf: Send,
+{
+    use crate::generate::Engine;
+    let plan = engine
+        .prepare(&tm.module, dsc_compiler::ir::Mode::Train)
+        .map_err(|e| format!("the train graph cannot run on {} yet: {e}", <D as crate::plan_exec::Device>::NAME))?;
+    tm.run_on(engine, &plan, weights, batch, terms)
+}
+
 /// What `--backend` accepts for gradients.
 const GRAD_BACKENDS: &[&str] = &[
     "reference",
     #[cfg(feature = "wgpu")]
     "wgpu",
+    #[cfg(feature = "cuda")]
+    "cuda",
 ];
 
 pub fn parse_recompute(s: &str) -> Result<Recompute, String> {
@@ -88,12 +110,15 @@ pub fn grad_cmd(args: &GradArgs) -> Result<(), String> {
     let out = match args.backend.as_str() {
         #[cfg(feature = "wgpu")]
         "wgpu" => {
-            use crate::generate::Engine;
-            use dsc_compiler::ir::Mode;
             let engine = crate::wgpu::exec::WgpuEngine::new();
             eprintln!("wgpu adapter: {}", engine.backend().adapter_name());
-            let plan = engine.prepare(&tm.module, Mode::Train).map_err(|e| format!("the train graph cannot run on wgpu yet: {e}"))?;
-            tm.run_on(&engine, &plan, weights, batch, terms)?
+            on_device(&tm, &engine, weights, batch, terms)?
+        }
+        #[cfg(feature = "cuda")]
+        "cuda" => {
+            let engine = crate::cuda::CudaEngine::new(0)?;
+            eprintln!("cuda device 0: {}", engine.backend().device_name());
+            on_device(&tm, &engine, weights, batch, terms)?
         }
         _ => tm.run(weights, batch, terms, Precision::F32).map_err(|e| e.to_string())?,
     };

@@ -6,6 +6,7 @@
 use super::model::{GradOutput, Terms, TrainModel};
 use super::recipe::Recipe;
 use super::{Batch, Objective, StepOutput, TrainError};
+use crate::plan_exec::{Device, PlanEngine};
 use crate::reference::{Precision, Tensor};
 use dsc_compiler::passes::autodiff::TrainOptions;
 use dsc_compiler::passes::PassSelection;
@@ -66,7 +67,9 @@ impl ObjectiveOptions {
 pub fn objective(spec: &Spec, options: &ObjectiveOptions) -> Result<Box<dyn Objective>, TrainError> {
     match options.backend.as_str() {
         #[cfg(feature = "wgpu")]
-        "wgpu" => wgpu_objective(spec, options),
+        "wgpu" => device_objective(spec, options, crate::wgpu::exec::WgpuEngine::new()),
+        #[cfg(feature = "cuda")]
+        "cuda" => device_objective(spec, options, crate::cuda::CudaEngine::new(0).map_err(TrainError::Unsupported)?),
         _ => reference_objective(spec, options),
     }
 }
@@ -76,18 +79,20 @@ pub fn reference_objective(spec: &Spec, options: &ObjectiveOptions) -> Result<Bo
     Ok(Box::new(Reference(Compiled::new(spec, options)?)))
 }
 
-/// The same on the default wgpu adapter: the train entry's launch plan, built once.
+/// The same on a device (`wgpu` or `cuda`): the train entry's launch plan, built once.
 /// After each optimizer step the weights are uploaded again (the optimizer runs on the
 /// host; updating them in place on the device is the next step).
-#[cfg(feature = "wgpu")]
-pub fn wgpu_objective(spec: &Spec, options: &ObjectiveOptions) -> Result<Box<dyn Objective>, TrainError> {
+pub fn device_objective<D>(spec: &Spec, options: &ObjectiveOptions, engine: PlanEngine<D>) -> Result<Box<dyn Objective>, TrainError>
+where
+    D: Device + Send + Sync + 'static,
+    D::Buf: Send,
+{
     use crate::generate::Engine;
     let c = Compiled::new(spec, options)?;
-    let engine = crate::wgpu::exec::WgpuEngine::new();
     let plan = engine
         .prepare(&c.model.module, dsc_compiler::ir::Mode::Train)
-        .map_err(|e| TrainError::Unsupported(format!("the train graph cannot run on wgpu yet: {e}")))?;
-    Ok(Box::new(Wgpu { c, engine, plan }))
+        .map_err(|e| TrainError::Unsupported(format!("the train graph cannot run on {} yet: {e}", D::NAME)))?;
+    Ok(Box::new(OnDevice { c, engine, plan }))
 }
 
 /// A compiled train entry and what the loop asked of it.
@@ -138,16 +143,18 @@ impl Objective for Reference {
     }
 }
 
-/// [`wgpu_objective`]'s objective.
-#[cfg(feature = "wgpu")]
-struct Wgpu {
+/// [`device_objective`]'s objective.
+struct OnDevice<D: Device> {
     c: Compiled,
-    engine: crate::wgpu::exec::WgpuEngine,
+    engine: PlanEngine<D>,
     plan: dsc_compiler::codegen::plan::Plan,
 }
 
-#[cfg(feature = "wgpu")]
-impl Objective for Wgpu {
+impl<D> Objective for OnDevice<D>
+where
+    D: Device + Send + Sync,
+    D::Buf: Send,
+{
     fn step(&mut self, weights: &HashMap<String, Tensor>, batch: &Batch) -> Result<StepOutput, TrainError> {
         let args = [&batch.input_ids, &batch.positions, &batch.labels];
         // The weights may have changed since the last step.

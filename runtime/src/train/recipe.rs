@@ -71,8 +71,8 @@ pub struct RecipeFile {
     /// Write `checkpoint-N/` every this many steps (> 0); default: only `final/`.
     #[serde(default)]
     pub checkpoint_every: Option<u64>,
-    /// What runs the model: `reference` (the CPU interpreter) or `wgpu` (the train graph's
-    /// kernels on the default wgpu adapter; dense models so far).
+    /// What runs the model: `reference` (the CPU interpreter), `wgpu` (the train graph's
+    /// kernels on the default wgpu adapter) or `cuda` (device 0; feature `cuda`).
     #[serde(default = "reference")]
     pub backend: String,
     /// Add the multi-token-prediction loss (λ from the spec); default: when the spec has `mtp`.
@@ -232,6 +232,8 @@ pub const TRAIN_BACKENDS: &[&str] = &[
     "reference",
     #[cfg(feature = "wgpu")]
     "wgpu",
+    #[cfg(feature = "cuda")]
+    "cuda",
 ];
 
 impl Recipe {
