@@ -78,6 +78,9 @@ where
     fn name(&self) -> &str {
         D::NAME
     }
+    fn weights_changed(&self) {
+        self.forget_weights();
+    }
     fn prepare(&self, module: &Module, mode: Mode) -> Result<Plan, String> {
         Plan::build(module, mode).map_err(|e| e.to_string())
     }

@@ -38,6 +38,9 @@ pub trait Engine: Send + Sync {
     /// `--backend`'s name for it.
     fn name(&self) -> &str;
     fn prepare(&self, module: &Module, mode: Mode) -> Result<Self::Prepared, String>;
+    /// The weights may have changed in place (an optimizer step): an engine that keeps
+    /// device copies drops them, so the next run uploads the new values.
+    fn weights_changed(&self) {}
     /// Runs `mode`'s entry on host arguments and returns its results.
     fn run(
         &self,
@@ -132,9 +135,9 @@ impl<W: Weights, E: Engine> ModelBackend<W, E> {
     }
 
     /// The weights, to update in place (a trainer's optimizer step): the next step runs
-    /// on them. An engine that keeps device copies must not be used this way until it
-    /// can refresh them.
+    /// on them (the engine is told, so device copies are uploaded again).
     pub fn weights_mut(&mut self) -> &mut W {
+        self.engine.weights_changed();
         &mut self.weights
     }
 
