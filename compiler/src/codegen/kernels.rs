@@ -223,6 +223,22 @@ fn block_reduce<F: Float>(shared: &mut Shared<[F]>, tid: u32, #[comptime] max: b
     }
 }
 
+/// [`block_reduce`]'s sum for two arrays of [`ROW_BLOCK`] partials at once (at 0 and at
+/// `ROW_BLOCK` of one shared buffer), each into its first slot.
+#[cube]
+pub(crate) fn reduce_pair(shared: &mut Shared<[f32]>, tid: u32) {
+    sync_cube();
+    #[unroll]
+    for s in 0..ROW_BLOCK_LOG2 {
+        let stride = comptime![ROW_BLOCK >> (s + 1)];
+        if tid < stride {
+            shared[tid as usize] += shared[(tid + stride) as usize];
+            shared[(ROW_BLOCK + tid) as usize] += shared[(ROW_BLOCK + tid + stride) as usize];
+        }
+        sync_cube();
+    }
+}
+
 /// The row a row kernel's cube works on, under [`launch::grid_rows`]: rows fold into
 /// `x · z`, so the last `z` slice may hold cubes past the last row (each kernel skips
 /// those, a whole cube at a time, so its barriers stay uniform).

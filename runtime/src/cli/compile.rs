@@ -110,9 +110,7 @@ pub fn compile_cmd_with(
         crate::output::check_output(o, &[spec.to_path_buf()])?;
     }
     let spec = load_spec(spec, model)?;
-    let mut module = lower_mode(&spec, mode).map_err(|e| lower_error(&spec, &e))?;
-    let mut cx = cx.with_sources(&spec.sources);
-    passes::compile(&mut module, &selection, &mut cx).map_err(|e| pipeline_error(&spec, &e))?;
+    let (module, cx) = compile_module(&spec, mode, &selection, cx)?;
 
     let text = match emit {
         Emit::Ir => print_module(&module, Some(&spec.sources)),
@@ -252,13 +250,8 @@ pub fn cost_cmd(
         crate::output::check_output(o, &[spec.to_path_buf()])?;
     }
     let spec = load_spec(spec, model)?;
-    let mut module = lower_mode(&spec, mode).map_err(|e| lower_error(&spec, &e))?;
-    let mut cx = cx.with_sources(&spec.sources);
-    passes::compile(&mut module, &selection, &mut cx).map_err(|e| pipeline_error(&spec, &e))?;
-    let plan = Plan::build(&module, mode).map_err(|e| format!("no plan for {mode}, so no cost: {e}"))?;
-    if let Some((name, why)) = plan.kernels().iter().find_map(|(n, k)| k.check_target(target).err().map(|e| (n.clone(), e))) {
-        return Err(format!("no plan for {mode} on this target: kernel {name}: {why}"));
-    }
+    let (module, _) = compile_module(&spec, mode, &selection, cx)?;
+    let plan = target_plan(&module, mode, target).map_err(|e| format!("no plan for {mode}, so no cost: {e}"))?;
     let m = &spec.model;
     let report = CostReport {
         model: m.name.clone(),
@@ -305,9 +298,7 @@ pub fn compile_target_cmd(
     // Before the compile: a directory we may not replace fails now, not after it.
     crate::output::check_dir(out_dir, OUTPUT_ENTRIES)?;
     let spec = load_spec(spec, model)?;
-    let mut module = lower_mode(&spec, mode).map_err(|e| lower_error(&spec, &e))?;
-    let mut cx = cx.with_sources(&spec.sources);
-    passes::compile(&mut module, &selection, &mut cx).map_err(|e| pipeline_error(&spec, &e))?;
+    let (module, _) = compile_module(&spec, mode, &selection, cx)?;
 
     // Everything is made first and written as one directory: a failure leaves no part
     // of this output, and no file of an earlier one.
@@ -327,16 +318,32 @@ pub fn compile_target_cmd(
         files.push(("ir.txt".into(), print_module(&module, Some(&spec.sources)).into_bytes()));
     }
     if emit.plan {
-        let plan = Plan::build(&module, mode).map_err(|e| format!("no plan.json for {mode}: {e}"))?;
-        if let Some((name, why)) = plan.kernels().iter().find_map(|(n, k)| k.check_target(target).err().map(|e| (n.clone(), e))) {
-            return Err(format!("no plan.json for {mode}: kernel {name}: {why}"));
-        }
+        let plan = target_plan(&module, mode, target).map_err(|e| format!("no plan.json for {mode}: {e}"))?;
         let mut text = serde_json::to_string_pretty(&plan.to_json(target)).map_err(|e| e.to_string())?;
         text.push('\n');
         files.push(("plan.json".into(), text.into_bytes()));
     }
     crate::output::write_dir(out_dir, &files, OUTPUT_ENTRIES)?;
     Ok(if emit.kernels { kernels.len() } else { 0 })
+}
+
+/// Lowers `spec` for `mode` and runs the pipeline `selection` leaves on with `cx`: the
+/// compiled module, and the context (its memory plan, when the pipeline made one).
+fn compile_module<'s>(spec: &'s Spec, mode: Mode, selection: &PassSelection, cx: PassCx<'s>) -> Result<(Module, PassCx<'s>), String> {
+    let mut module = lower_mode(spec, mode).map_err(|e| lower_error(spec, &e))?;
+    let mut cx = cx.with_sources(&spec.sources);
+    passes::compile(&mut module, selection, &mut cx).map_err(|e| pipeline_error(spec, &e))?;
+    Ok((module, cx))
+}
+
+/// The plan of `module`'s `mode` entry, or why there is none: a node without a kernel, or
+/// a kernel `target` cannot express (WGSL has no bf16).
+fn target_plan(module: &Module, mode: Mode, target: Target) -> Result<Plan, String> {
+    let plan = Plan::build(module, mode).map_err(|e| e.to_string())?;
+    match plan.kernels().iter().find_map(|(n, k)| k.check_target(target).err().map(|e| (n.clone(), e))) {
+        Some((name, why)) => Err(format!("kernel {name}: {why}")),
+        None => Ok(plan),
+    }
 }
 
 /// The distinct kernels of every function of `module`, by name (sorted, so the output

@@ -12,19 +12,10 @@ use std::collections::HashMap;
 /// Runs `op` over `inputs` (their types and values) with sizes `bind` in the reference
 /// and on the device, and compares every output within `tol·(1 + |ref|)`.
 fn check_node(op: Op, inputs: &[(Ty, Tensor)], bind: Bindings, tol: f32) -> KernelSpec {
-    let mut g = Graph::new();
-    let args: Vec<Value> =
-        inputs.iter().enumerate().map(|(i, (t, _))| g.input(i as u32, &format!("x{i}"), t.clone(), None).into()).collect();
-    let n = g.add_inferred(op.clone(), &args, None).unwrap_or_else(|e| panic!("{op:?}: {e}"));
-    let outs: Vec<Value> = (0..g.node(n).outputs.len() as u16).map(|i| n.out(i)).collect();
-    g.ret(&outs, None);
+    let (g, n) = one_node(&op, inputs);
     let spec = KernelSpec::from_node(&g, n).unwrap_or_else(|u| panic!("{op:?}: {u}"));
-    let mut m = Module::new();
-    m.add_function(Function { name: "main".into(), graph: g.clone() });
-    m.set_entry(Mode::Prefill, "main");
+    let want = reference(op.clone(), inputs);
     let values: Vec<Tensor> = inputs.iter().map(|(_, t)| t.clone()).collect();
-    let want = run(&m, Mode::Prefill, &values, &HashMap::<String, Tensor>::new(), &Options::default())
-        .unwrap_or_else(|e| panic!("reference {op:?}: {e}"));
     let refs: Vec<&Tensor> = values.iter().collect();
     let got = backend().run_node(&g, n, &refs, &bind).unwrap_or_else(|e| panic!("{op:?}: {e}"));
     assert_eq!(got.len(), want.len());
@@ -218,17 +209,24 @@ fn attention_returns_its_log_sum_exp() {
 
 /// The reference's outputs of `op` over `inputs`.
 fn reference(op: Op, inputs: &[(Ty, Tensor)]) -> Vec<Tensor> {
-    let mut g = Graph::new();
-    let args: Vec<Value> =
-        inputs.iter().enumerate().map(|(i, (t, _))| g.input(i as u32, &format!("x{i}"), t.clone(), None).into()).collect();
-    let n = g.add_inferred(op, &args, None).unwrap();
-    let outs: Vec<Value> = (0..g.node(n).outputs.len() as u16).map(|i| n.out(i)).collect();
-    g.ret(&outs, None);
+    let (g, _) = one_node(&op, inputs);
     let mut m = Module::new();
     m.add_function(Function { name: "main".into(), graph: g });
     m.set_entry(Mode::Prefill, "main");
     let values: Vec<Tensor> = inputs.iter().map(|(_, t)| t.clone()).collect();
-    run(&m, Mode::Prefill, &values, &HashMap::<String, Tensor>::new(), &Options::default()).unwrap()
+    run(&m, Mode::Prefill, &values, &HashMap::<String, Tensor>::new(), &Options::default())
+        .unwrap_or_else(|e| panic!("reference {op:?}: {e}"))
+}
+
+/// A graph of `op` over inputs of `inputs`' types, returning all its outputs.
+fn one_node(op: &Op, inputs: &[(Ty, Tensor)]) -> (Graph, dsc_compiler::ir::NodeId) {
+    let mut g = Graph::new();
+    let args: Vec<Value> =
+        inputs.iter().enumerate().map(|(i, (t, _))| g.input(i as u32, &format!("x{i}"), t.clone(), None).into()).collect();
+    let n = g.add_inferred(op.clone(), &args, None).unwrap_or_else(|e| panic!("{op:?}: {e}"));
+    let outs: Vec<Value> = (0..g.node(n).outputs.len() as u16).map(|i| n.out(i)).collect();
+    g.ret(&outs, None);
+    (g, n)
 }
 
 /// The flash backward against the reference's, from the reference forward's output and

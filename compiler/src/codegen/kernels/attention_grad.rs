@@ -80,6 +80,27 @@ fn visible_keys(i: u32, sq: u32, sk: u32, #[comptime] causal: bool) -> u32 {
     lim
 }
 
+/// Stages row `row` of a `dk`-wide tensor (`q` or `k`) at shared 0 and of a `dv`-wide one
+/// (`dout` or `v`) at `dk`, in `f32`, then waits for the whole cube.
+#[cube]
+fn stage_rows<F: Float>(a: &[F], b: &[F], row: u32, smem: &mut Shared<[f32]>, tid: u32, #[comptime] cfg: AttnGradConfig) {
+    let dk = comptime![cfg.dk];
+    let dv = comptime![cfg.dv];
+    for it in 0..comptime![cfg.dk.div_ceil(ATTN_BLOCK)] {
+        let d = it * ATTN_BLOCK + tid;
+        if d < dk {
+            smem[d as usize] = f32::cast_from(a[(row * dk + d) as usize]);
+        }
+    }
+    for it in 0..comptime![cfg.dv.div_ceil(ATTN_BLOCK)] {
+        let c = it * ATTN_BLOCK + tid;
+        if c < dv {
+            smem[(dk + c) as usize] = f32::cast_from(b[(row * dv + c) as usize]);
+        }
+    }
+    sync_cube();
+}
+
 /// `p` and `ds` of query row `qrow` (`(b·sq + i)·heads + h`) against key `krow`
 /// (`(b·sk + j)·kv_heads + kvh`), with `q_i`/`dout_i` or `k_j`/`v_j` read from shared
 /// memory at `q_at`/`o_at` when `staged_query`, else the key side staged at `k_at`/`v_at`.
@@ -150,7 +171,6 @@ pub fn attn_grad_dq<F: Float>(
     }
     let tid = UNIT_POS_X;
     let dk = comptime![cfg.dk];
-    let dv = comptime![cfg.dv];
     let heads = kv_heads * comptime![cfg.group];
     let h = row % heads;
     let t = row / heads;
@@ -160,19 +180,7 @@ pub fn attn_grad_dq<F: Float>(
     // q_i at 0, dout_i at dk, the tile's ds at dk + dv.
     let mut smem = Shared::<[f32]>::new_slice(comptime![(cfg.dk + cfg.dv + ATTN_BLOCK) as usize]);
     let ds_at = comptime![cfg.dk + cfg.dv];
-    for it in 0..comptime![cfg.dk.div_ceil(ATTN_BLOCK)] {
-        let d = it * ATTN_BLOCK + tid;
-        if d < dk {
-            smem[d as usize] = f32::cast_from(q[(row * dk + d) as usize]);
-        }
-    }
-    for it in 0..comptime![cfg.dv.div_ceil(ATTN_BLOCK)] {
-        let c = it * ATTN_BLOCK + tid;
-        if c < dv {
-            smem[(dk + c) as usize] = f32::cast_from(dout[(row * dv + c) as usize]);
-        }
-    }
-    sync_cube();
+    stage_rows::<F>(q, dout, row, &mut smem, tid, cfg);
     let l = lse[row as usize];
     let dl = delta[row as usize];
     let mut keys = visible_keys(i, sq, sk, comptime![cfg.causal]);
@@ -254,19 +262,7 @@ pub fn attn_grad_dkv<F: Float>(
     let mut smem = Shared::<[f32]>::new_slice(comptime![(cfg.dk + cfg.dv + 2 * ATTN_BLOCK) as usize]);
     let p_at = comptime![cfg.dk + cfg.dv];
     let ds_at = comptime![cfg.dk + cfg.dv + ATTN_BLOCK];
-    for it in 0..comptime![cfg.dk.div_ceil(ATTN_BLOCK)] {
-        let d = it * ATTN_BLOCK + tid;
-        if d < dk {
-            smem[d as usize] = f32::cast_from(k[(krow * dk + d) as usize]);
-        }
-    }
-    for it in 0..comptime![cfg.dv.div_ceil(ATTN_BLOCK)] {
-        let c = it * ATTN_BLOCK + tid;
-        if c < dv {
-            smem[(dk + c) as usize] = f32::cast_from(v[(krow * dv + c) as usize]);
-        }
-    }
-    sync_cube();
+    stage_rows::<F>(k, v, krow, &mut smem, tid, cfg);
     // The first query that sees key j: causal rows i see keys < sk − sq + i + 1.
     let mut i0 = 0u32;
     if comptime![cfg.causal] {

@@ -26,7 +26,7 @@
 //!   reference) adds nothing: the forward gather of such an id already read zeros.
 
 use super::attention::{matmul_2d, Operand};
-use super::{row_pos, ROW_BLOCK, ROW_BLOCK_LOG2};
+use super::{reduce_pair, row_pos, ROW_BLOCK};
 use crate::codegen::launch::{elem_dtype, grid_linear, grid_rows, Arg, Buf, Launch, NodeWork, Scratch, Size, Touch};
 use crate::codegen::{Elem, KernelSpec, Unsupported};
 use crate::ir::{DType, Dim, Graph, NodeId, Op, Scoring};
@@ -69,22 +69,6 @@ pub fn rms_norm_grad_rows<F: Float>(x: &[F], gain: &[F], dy: &[F], dx: &mut [F],
     }
     if tid == 0 {
         r[row as usize] = inv;
-    }
-}
-
-/// Sums two arrays of [`ROW_BLOCK`] partials (at 0 and at `ROW_BLOCK` of `shared`) into
-/// their first slots.
-#[cube]
-pub(crate) fn reduce_pair(shared: &mut Shared<[f32]>, tid: u32) {
-    sync_cube();
-    #[unroll]
-    for s in 0..ROW_BLOCK_LOG2 {
-        let stride = comptime![ROW_BLOCK >> (s + 1)];
-        if tid < stride {
-            shared[tid as usize] += shared[(tid + stride) as usize];
-            shared[(ROW_BLOCK + tid) as usize] += shared[(ROW_BLOCK + tid + stride) as usize];
-        }
-        sync_cube();
     }
 }
 

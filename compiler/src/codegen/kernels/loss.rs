@@ -21,7 +21,7 @@
 //! read from a one-element table the launch uploads: WGSL has no NaN literal, and a NaN
 //! computed in the kernel (`0/0`) is folded away by compilers that assume there are none.
 
-use super::{block_reduce, row_pos, ROW_BLOCK, ROW_BLOCK_LOG2};
+use super::{block_reduce, reduce_pair, row_pos, ROW_BLOCK};
 use crate::codegen::launch::{grid_rows, grid_x, Arg, Buf, Launch, NodeWork, Scratch, Size};
 use crate::codegen::{Elem, KernelSpec, Unsupported};
 use crate::ir::{DType, Graph, NodeId, Op};
@@ -97,22 +97,6 @@ pub fn label_logprob<F: Float>(
             }
         }
         out[row as usize] = v;
-    }
-}
-
-/// Sums `a` and `b` over the units into their first slots: two tree reductions over one
-/// shared buffer (`a` at 0, `b` at [`ROW_BLOCK`]).
-#[cube]
-fn reduce_pair(shared: &mut Shared<[f32]>, tid: u32) {
-    sync_cube();
-    #[unroll]
-    for s in 0..ROW_BLOCK_LOG2 {
-        let stride = comptime![ROW_BLOCK >> (s + 1)];
-        if tid < stride {
-            shared[tid as usize] += shared[(tid + stride) as usize];
-            shared[(ROW_BLOCK + tid) as usize] += shared[(ROW_BLOCK + tid + stride) as usize];
-        }
-        sync_cube();
     }
 }
 

@@ -673,6 +673,17 @@ pub(crate) fn work_top_k(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
     single(Launch::new(spec, args, grid_rows(rows(&x), Size::lit(1)), Size::lit(0)))
 }
 
+/// The dispatch of `pairs` (token, slot) pairs over `experts` (the node's input 1 holds
+/// the indices): its launch, and scratch buffers 0 `rows` i32[P], 1 `row_expert` i32[P],
+/// 2 `pos` i32[P], 3 `offsets` i32[E+1], which the forward and the backward both read.
+pub(crate) fn dispatch(pairs: &Size, experts: i64) -> (Vec<Scratch>, Launch) {
+    let ints = |len: Size| Scratch { dtype: DType::I32, len };
+    let scratch = vec![ints(pairs.clone()), ints(pairs.clone()), ints(pairs.clone()), ints(Size::lit(experts + 1))];
+    let s = |j| Arg::Buf(Buf::Scratch(j));
+    let args = vec![Arg::Buf(Buf::Input(1)), s(0), s(1), s(2), s(3), Arg::U32(pairs.clone())];
+    (scratch, Launch::new(KernelSpec::MoeDispatch, args, grid_x(Size::lit(experts)), Size::lit(0)))
+}
+
 /// `expert_ffn`: dispatch, gate/up GEMM, down GEMM, combine over `P = T·k` sorted rows.
 /// Scratch: 0 `rows` i32[P], 1 `row_expert` i32[P], 2 `pos` i32[P], 3 `offsets` i32[E+1],
 /// 4 `act` [P, i], 5 `y` [P, h].
@@ -702,14 +713,11 @@ pub(crate) fn work_expert_ffn(g: &Graph, n: NodeId) -> Result<NodeWork, Unsuppor
     let pairs = tokens.clone().mul(Size::lit(k));
     let fdt = elem_dtype(elem);
     let t = TILE as i64;
-    let scratch = vec![
-        Scratch { dtype: DType::I32, len: pairs.clone() },
-        Scratch { dtype: DType::I32, len: pairs.clone() },
-        Scratch { dtype: DType::I32, len: pairs.clone() },
-        Scratch { dtype: DType::I32, len: Size::lit(experts + 1) },
+    let (mut scratch, dispatch) = dispatch(&pairs, experts);
+    scratch.extend([
         Scratch { dtype: fdt, len: pairs.clone().mul(Size::lit(inter)) },
         Scratch { dtype: fdt, len: pairs.clone().mul(Size::lit(h)) },
-    ];
+    ]);
     let (i, s, o) = (|j| Arg::Buf(Buf::Input(j)), |j| Arg::Buf(Buf::Scratch(j)), Arg::Buf(Buf::Output(0)));
     let u = |v: i64| Arg::U32(Size::lit(v));
     let one = Size::lit(1);
@@ -719,12 +727,7 @@ pub(crate) fn work_expert_ffn(g: &Graph, n: NodeId) -> Result<NodeWork, Unsuppor
     let gate_up_grid = [Size::lit(inter).ceil_div(t), pairs.clone().ceil_div(t), one.clone()];
     let down_grid = [Size::lit(h).ceil_div(t), pairs.clone().ceil_div(t), one.clone()];
     let launches = vec![
-        Launch::new(
-            KernelSpec::MoeDispatch,
-            vec![i(1), s(0), s(1), s(2), s(3), Arg::U32(pairs.clone())],
-            grid_x(Size::lit(experts)),
-            Size::lit(0),
-        ),
+        dispatch,
         Launch::new(
             KernelSpec::MoeGateUp { elem },
             vec![i(0), s(0), s(1), s(3), i(3), i(4), s(4), Arg::U32(pairs.clone()), u(k), u(h), u(inter)],

@@ -23,7 +23,7 @@
 //! [`moe_dispatch`]: super::moe::moe_dispatch
 
 use super::{block_reduce, row_pos, EW_BLOCK, ROW_BLOCK};
-use crate::codegen::launch::{elem_dtype, grid_linear, grid_rows, grid_x, Arg, Buf, Launch, NodeWork, Scratch, Size, Touch};
+use crate::codegen::launch::{elem_dtype, grid_linear, grid_rows, Arg, Buf, Launch, NodeWork, Scratch, Size, Touch};
 use crate::codegen::{Elem, KernelSpec, Unsupported};
 use crate::ir::{DType, Graph, NodeId, Op};
 use cubecl::prelude::*;
@@ -242,28 +242,20 @@ pub(crate) fn work(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
     let pairs = tokens.clone().mul(Size::lit(k));
     let fdt = elem_dtype(elem);
     let pi = pairs.clone().mul(Size::lit(inter));
-    let scratch = vec![
-        Scratch { dtype: DType::I32, len: pairs.clone() },
-        Scratch { dtype: DType::I32, len: pairs.clone() },
-        Scratch { dtype: DType::I32, len: pairs.clone() },
-        Scratch { dtype: DType::I32, len: Size::lit(experts + 1) },
+    let (mut scratch, dispatch) = super::moe::dispatch(&pairs, experts);
+    scratch.extend([
         Scratch { dtype: fdt, len: pi.clone() },
         Scratch { dtype: fdt, len: pi.clone() },
         Scratch { dtype: fdt, len: pi.clone() },
         Scratch { dtype: fdt, len: pairs.clone().mul(Size::lit(h)) },
-    ];
+    ]);
     let (i, s, o) = (|j| Arg::Buf(Buf::Input(j)), |j| Arg::Buf(Buf::Scratch(j)), |j| Arg::Buf(Buf::Output(j)));
     let u = |v: i64| Arg::U32(Size::lit(v));
     let part = |p| KernelSpec::MoeGrad { elem, weights, part: p };
     let lin = |n: Size| grid_linear(n.ceil_div(EW_BLOCK as i64));
     let reached = || Touch::Experts { experts, top_k: k, tokens: tokens.clone() };
     let launches = vec![
-        Launch::new(
-            KernelSpec::MoeDispatch,
-            vec![i(1), s(0), s(1), s(2), s(3), Arg::U32(pairs.clone())],
-            grid_x(Size::lit(experts)),
-            Size::lit(0),
-        ),
+        dispatch,
         Launch::new(
             part(MoeGradPart::Proj),
             vec![i(0), i(6), s(0), s(1), i(3), i(4), i(5), s(4), s(5), s(6), u(k), u(h), u(inter)],
