@@ -22,8 +22,8 @@ pub mod backend;
 pub mod reference;
 pub mod rewrite;
 
-pub use backend::{parse_backend, Backend, BackendError, KvCache, LayerRouting, StepInput, StepOutput, BACKENDS};
-pub use reference::{CompileOptions, Engine, Interpreter, ModelBackend, ReferenceBackend};
+pub use backend::{parse_backend, Backend, BackendError, CacheStore, KvCache, LayerRouting, StepInput, StepOutput, BACKENDS};
+pub use reference::{CompileOptions, Engine, HeldValue, Interpreter, ModelBackend, ReferenceBackend, Value};
 
 use crate::sampling::{Sampler, Sampling, SamplingError};
 use std::fmt;

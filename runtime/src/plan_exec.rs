@@ -12,11 +12,13 @@
 //!
 //! Both device runtimes run plans through this module: `wgpu::exec` and `cuda`.
 
+use crate::generate::{Engine, HeldValue, Value};
 use crate::reference::{Tensor, Weights};
 use dsc_compiler::codegen::launch::NodeWork;
 use dsc_compiler::codegen::plan::{FunctionPlan, Plan, Source, Step};
 use dsc_compiler::ir::{param_path, solve_symbols, Bindings, DType, Dim, Mode, Module, Sym};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// What a device offers the plan walker. Buffers hold `len` elements of a dtype in the
@@ -26,7 +28,7 @@ pub trait Device {
     /// `--backend`'s name for the device.
     const NAME: &'static str;
     /// A device buffer; cloning shares it (a reshape's alias, a cached weight).
-    type Buf: Clone;
+    type Buf: Clone + Send + Sync + 'static;
     /// Copies `t` to the device as `dtype`.
     fn upload(&self, t: &Tensor, dtype: DType) -> Result<Self::Buf, String>;
     /// A buffer of `len` elements of `dtype` that a step is about to write in full.
@@ -46,12 +48,13 @@ pub trait Device {
 pub struct PlanEngine<D: Device> {
     device: D,
     weights: DeviceWeights<D::Buf>,
+    traffic: HostTraffic,
 }
 
 impl<D: Device> PlanEngine<D> {
     /// An engine on an opened device.
     pub fn on(device: D) -> PlanEngine<D> {
-        PlanEngine { device, weights: DeviceWeights::new() }
+        PlanEngine { device, weights: DeviceWeights::new(), traffic: HostTraffic::default() }
     }
 
     pub fn backend(&self) -> &D {
@@ -64,17 +67,20 @@ impl<D: Device> PlanEngine<D> {
         self.weights.clear();
     }
 
+    /// Bytes of run arguments uploaded and results downloaded so far (not weights).
+    pub fn host_traffic(&self) -> (u64, u64) {
+        self.traffic.get()
+    }
+
     /// Bytes of weights and constants uploaded so far.
     pub fn weight_bytes(&self) -> usize {
         self.weights.bytes(D::bytes)
     }
 }
 
-impl<D: Device + Send + Sync> crate::generate::Engine for PlanEngine<D>
-where
-    D::Buf: Send,
-{
+impl<D: Device + Send + Sync> Engine for PlanEngine<D> {
     type Prepared = Plan;
+    type Held = Held<D::Buf>;
     fn name(&self) -> &str {
         D::NAME
     }
@@ -84,8 +90,50 @@ where
     fn prepare(&self, module: &Module, mode: Mode) -> Result<Plan, String> {
         Plan::build(module, mode).map_err(|e| e.to_string())
     }
-    fn run(&self, _: &Module, plan: &Plan, _: Mode, args: &[Tensor], weights: &dyn Weights) -> Result<Vec<Tensor>, String> {
-        run_plan(&self.device, plan, args, weights, &self.weights)
+    fn run_values(
+        &self,
+        _: &Module,
+        plan: &Plan,
+        _: Mode,
+        args: Vec<Value<Held<D::Buf>>>,
+        keep: &[bool],
+        weights: &dyn Weights,
+    ) -> Result<Vec<Value<Held<D::Buf>>>, String> {
+        run_plan_values(&self.device, plan, args, keep, weights, &self.weights, &self.traffic)
+    }
+}
+
+/// A result a run left on the device: its buffer, shape and dtype, and the bytes it takes.
+#[derive(Clone)]
+pub struct Held<B> {
+    pub buf: B,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+    pub bytes: u64,
+}
+
+impl<B: Clone + Send + Sync + 'static> HeldValue for Held<B> {
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+/// Bytes that crossed between the host and the device for runs' arguments and results
+/// (weights and constants are counted apart, [`PlanEngine::weight_bytes`]): what a
+/// decode step costs the host link.
+#[derive(Debug, Default)]
+pub struct HostTraffic {
+    to_device: AtomicU64,
+    to_host: AtomicU64,
+}
+
+impl HostTraffic {
+    /// Bytes uploaded and downloaded so far.
+    pub fn get(&self) -> (u64, u64) {
+        (self.to_device.load(Ordering::Relaxed), self.to_host.load(Ordering::Relaxed))
     }
 }
 
@@ -136,21 +184,64 @@ pub fn run_plan<D: Device>(
     weights: &dyn Weights,
     cache: &DeviceWeights<D::Buf>,
 ) -> Result<Vec<Tensor>, String> {
+    let args = args.iter().map(|t| Value::Host(t.clone())).collect();
+    let out = run_plan_values(dev, plan, args, &[], weights, cache, &HostTraffic::default())?;
+    Ok(out.into_iter().map(|v| v.into_host().expect("no result was kept on the device")).collect())
+}
+
+/// Runs the plan's entry on arguments on the host or left on the device by an earlier
+/// run. Results whose `keep` flag is set stay on the device ([`Held`]); the others are
+/// downloaded. `traffic` counts the bytes that crossed.
+pub fn run_plan_values<D: Device>(
+    dev: &D,
+    plan: &Plan,
+    args: Vec<Value<Held<D::Buf>>>,
+    keep: &[bool],
+    weights: &dyn Weights,
+    cache: &DeviceWeights<D::Buf>,
+    traffic: &HostTraffic,
+) -> Result<Vec<Value<Held<D::Buf>>>, String> {
     let entry = plan.functions.get(&plan.entry).ok_or_else(|| format!("the plan has no function `{}`", plan.entry))?;
     if args.len() != entry.inputs.len() {
         return Err(format!("{} arguments for `{}`, which takes {}", args.len(), plan.entry, entry.inputs.len()));
     }
-    let bind = bindings(entry, args)?;
-    let on_device: Vec<D::Buf> =
-        args.iter().zip(&entry.inputs).map(|(t, &b)| dev.upload(t, entry.buffers[b].dtype)).collect::<Result<_, String>>()?;
+    let shapes: Vec<&[usize]> = args
+        .iter()
+        .map(|a| match a {
+            Value::Host(t) => t.shape(),
+            Value::Held(h) => &h.shape[..],
+        })
+        .collect();
+    let bind = bindings(entry, &shapes)?;
+    let mut on_device: Vec<D::Buf> = Vec::with_capacity(args.len());
+    for (a, &b) in args.into_iter().zip(&entry.inputs) {
+        let want = entry.buffers[b].dtype;
+        on_device.push(match a {
+            Value::Host(t) => {
+                let buf = dev.upload(&t, want)?;
+                traffic.to_device.fetch_add(D::bytes(&buf) as u64, Ordering::Relaxed);
+                buf
+            }
+            Value::Held(h) if h.dtype == want => h.buf,
+            Value::Held(h) => {
+                return Err(format!("argument {} is a {} device buffer; the plan takes {}", name_of(entry, b), h.dtype.name(), want.name()))
+            }
+        });
+    }
     let run = Run { dev, plan, weights, cache, bind };
     let results = run.function(entry, on_device, None)?;
     results
-        .iter()
+        .into_iter()
         .zip(&entry.results)
-        .map(|(d, &b)| {
+        .enumerate()
+        .map(|(i, (d, &b))| {
             let shape: Vec<usize> = entry.buffers[b].shape.eval(&bind).into_iter().map(|v| v as usize).collect();
-            dev.download(d, &shape)
+            let bytes = D::bytes(&d) as u64;
+            if keep.get(i).copied().unwrap_or(false) {
+                return Ok(Value::Held(Held { buf: d, shape, dtype: entry.buffers[b].dtype, bytes }));
+            }
+            traffic.to_host.fetch_add(bytes, Ordering::Relaxed);
+            dev.download(&d, &shape).map(Value::Host)
         })
         .collect()
 }
@@ -158,15 +249,15 @@ pub fn run_plan<D: Device>(
 /// The run-time sizes, read off the arguments as the reference interpreter reads them
 /// ([`solve_symbols`]); every argument must then match its declared shape. A size no
 /// argument shows is 0 (the cache length of a prefill).
-pub fn bindings(f: &FunctionPlan, args: &[Tensor]) -> Result<Bindings, String> {
+pub fn bindings(f: &FunctionPlan, args: &[&[usize]]) -> Result<Bindings, String> {
     let mut pairs: Vec<(Dim, i64)> = Vec::new();
     let mut owner: Vec<usize> = Vec::new();
     for (t, &b) in args.iter().zip(&f.inputs) {
         let decl = &f.buffers[b].shape;
-        if decl.rank() != t.rank() {
-            return Err(format!("argument {} has shape {:?}, declared {}", name_of(f, b), t.shape(), shape_text(&decl.0)));
+        if decl.rank() != t.len() {
+            return Err(format!("argument {} has shape {t:?}, declared {}", name_of(f, b), shape_text(&decl.0)));
         }
-        for (d, &n) in decl.0.iter().zip(t.shape()) {
+        for (d, &n) in decl.0.iter().zip(t.iter()) {
             pairs.push((*d, n as i64));
             owner.push(b);
         }
@@ -179,13 +270,8 @@ pub fn bindings(f: &FunctionPlan, args: &[Tensor]) -> Result<Bindings, String> {
     let bind = Bindings { batch: size(Sym::Batch), cache: size(Sym::Cache), seq: size(Sym::Seq) };
     for (t, &b) in args.iter().zip(&f.inputs) {
         let want: Vec<usize> = f.buffers[b].shape.eval(&bind).into_iter().map(|v| v as usize).collect();
-        if want != t.shape() {
-            return Err(format!(
-                "argument {} has shape {:?}, expected {want:?} ({})",
-                name_of(f, b),
-                t.shape(),
-                shape_text(&f.buffers[b].shape.0)
-            ));
+        if want[..] != t[..] {
+            return Err(format!("argument {} has shape {t:?}, expected {want:?} ({})", name_of(f, b), shape_text(&f.buffers[b].shape.0)));
         }
     }
     Ok(bind)

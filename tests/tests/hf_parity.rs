@@ -302,8 +302,9 @@ fn kv_cache_layout() {
         let p = prompts(case);
         let out = forward(&b, &p, false).unwrap();
         let layers = b.spec().model.layers as usize;
-        assert_eq!(out.cache.tensors.len(), 2 * layers, "{case}");
-        for (i, t) in out.cache.tensors.iter().enumerate() {
+        let tensors = out.cache.tensors().expect("the reference backend keeps its cache on the host");
+        assert_eq!(tensors.len(), 2 * layers, "{case}");
+        for (i, t) in tensors.iter().enumerate() {
             let want: Vec<usize> = [vec![2, 12], per_layer[i % 2].clone()].concat();
             assert_eq!(t.shape(), &want[..], "{case}: cache tensor {i}");
         }
@@ -314,6 +315,48 @@ fn kv_cache_layout() {
         let g = generate(&b, &p, &opts).unwrap();
         assert_eq!(g.stats.cache_len, 12 + 3, "{case}: one position per decode step");
         assert_eq!(g.stats.decode_steps, 3);
+    }
+}
+
+/// On a device the KV cache stays on the device from the prompt pass to the last decode
+/// step: the host link carries each step's token ids and positions in and its logits out,
+/// and nothing that grows with the cache (measured by the engine's count of the bytes its
+/// runs upload and download, weights apart). The tokens are the reference backend's.
+#[test]
+fn decode_on_wgpu_keeps_the_cache_on_the_device() {
+    for case in ["llama_gqa", "deepseek_v3"] {
+        let md = open(case, "config.json");
+        let vocab = md.spec.model.vocab as usize;
+        let b = ModelBackend::with_engine(md.spec, md.weights, CompileOptions::default(), WgpuEngine::new());
+        let p = prompts(case);
+        let (batch, len) = (p.len(), p[0].len());
+        assert!(p.iter().all(|q| q.len() == len), "{case}: equal prompts need no mask");
+        let out = b.prefill(&dsc_runtime::generate::StepInput {
+            batch,
+            seq: len,
+            ids: p.concat(),
+            positions: (0..batch).flat_map(|_| 0..len as i64).collect(),
+            mask: None,
+            capture_routing: false,
+            last_logits: true,
+        });
+        let out = out.unwrap();
+        assert!(out.cache.tensors().is_none(), "{case}: the prompt pass left its cache on the host");
+        assert_eq!(out.cache.len(), len);
+        let opts = GenerateOptions { max_new_tokens: 6, ..GenerateOptions::default() };
+        let before = b.engine().host_traffic();
+        let g = generate(&b, &p, &opts).unwrap();
+        let after = b.engine().host_traffic();
+        let steps = g.stats.decode_steps as u64;
+        assert_eq!(steps, 5);
+        // i32 ids and positions in; f32 logits of the last position out.
+        let (b_, s_, v_) = (batch as u64, len as u64, vocab as u64);
+        assert_eq!(after.0 - before.0, 2 * 4 * b_ * s_ + steps * 2 * 4 * b_, "{case}: bytes to the device");
+        assert_eq!(after.1 - before.1, 4 * b_ * v_ + steps * 4 * b_ * v_, "{case}: bytes to the host");
+        let want = generate(&backend(case, "config.json", MlaMode::Auto), &p, &opts).unwrap();
+        assert_eq!(g.tokens, want.tokens, "{case}");
+        assert_eq!(g.stats.cache_len, len + 5);
+        assert!(g.stats.cache_bytes > 0);
     }
 }
 

@@ -58,7 +58,6 @@ fn on_device<D>(
 ) -> Result<crate::train::model::GradOutput, String>
 where
     D: crate::plan_exec::Device + Send + Sync,
-    D::Buf: Send,
 {
     use crate::generate::Engine;
     let plan = engine

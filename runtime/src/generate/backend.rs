@@ -8,7 +8,9 @@
 //! first ([`super::reference::ReferenceBackend`]).
 
 use crate::reference::Tensor;
+use std::any::Any;
 use std::fmt;
+use std::sync::Arc;
 
 /// A backend failed to run a step (a kernel error, a shape it could not bind).
 #[derive(Debug, Clone, PartialEq)]
@@ -61,16 +63,65 @@ pub struct LayerRouting {
 /// rotated keys and the values, `[b, len, kv_heads, head_dim]` each; for MLA the
 /// normalised latent `[b, len, kv_lora_rank]` and the rotated shared rope key
 /// `[b, len, qk_rope_head_dim]` (see `dsc_compiler::lower`).
-#[derive(Debug, Clone, PartialEq)]
+///
+/// It lives where the backend computes: host tensors for the reference interpreter, device
+/// buffers for a device engine, which keeps them there from the prompt pass to the last
+/// decode step (the host sees only their shapes). Clones share a device cache; a backend
+/// that writes a cache in place must not write one that a clone still reads.
+#[derive(Clone)]
 pub struct KvCache {
-    /// `cache.{L}.a`, `cache.{L}.b`, layer by layer.
-    pub tensors: Vec<Tensor>,
+    shapes: Vec<Vec<usize>>,
+    bytes: u64,
+    store: CacheStore,
+}
+
+/// Where a [`KvCache`]'s tensors are.
+#[derive(Clone)]
+pub enum CacheStore {
+    Host(Vec<Tensor>),
+    /// The backend's own values (`cache.{L}.a`, `cache.{L}.b`, layer by layer), which only
+    /// that backend reads.
+    Device(Arc<dyn Any + Send + Sync>),
 }
 
 impl KvCache {
+    /// A cache held as host tensors.
+    pub fn host(tensors: Vec<Tensor>) -> KvCache {
+        let shapes = tensors.iter().map(|t| t.shape().to_vec()).collect();
+        let bytes = tensors.iter().map(|t| (t.numel() * elem_bytes(t)) as u64).sum();
+        KvCache { shapes, bytes, store: CacheStore::Host(tensors) }
+    }
+
+    /// A cache a backend keeps on its device: the tensors' shapes, the bytes they take
+    /// there, and the backend's handles to them.
+    pub fn on_device(shapes: Vec<Vec<usize>>, bytes: u64, values: Arc<dyn Any + Send + Sync>) -> KvCache {
+        KvCache { shapes, bytes, store: CacheStore::Device(values) }
+    }
+
+    /// The tensors, when the backend keeps them on the host.
+    pub fn tensors(&self) -> Option<&[Tensor]> {
+        match &self.store {
+            CacheStore::Host(t) => Some(t),
+            CacheStore::Device(_) => None,
+        }
+    }
+
+    pub fn store(&self) -> &CacheStore {
+        &self.store
+    }
+
+    pub fn into_store(self) -> CacheStore {
+        self.store
+    }
+
+    /// Shapes of the cache tensors, wherever they are.
+    pub fn shapes(&self) -> &[Vec<usize>] {
+        &self.shapes
+    }
+
     /// Cached positions per sequence.
     pub fn len(&self) -> usize {
-        self.tensors.first().map_or(0, |t| t.shape().get(1).copied().unwrap_or(0))
+        self.shapes.first().map_or(0, |s| s.get(1).copied().unwrap_or(0))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -79,13 +130,35 @@ impl KvCache {
 
     /// Bytes the cache occupies as the backend holds it.
     pub fn bytes(&self) -> u64 {
-        self.tensors.iter().map(|t| (t.numel() * elem_bytes(t)) as u64).sum()
+        self.bytes
     }
 
     /// Elements per cached position of one sequence, all layers together; times the
     /// model dtype's size it is the cache's cost per token.
     pub fn elements_per_token(&self) -> u64 {
-        self.tensors.iter().map(|t| t.shape().iter().skip(2).product::<usize>() as u64).sum()
+        self.shapes.iter().map(|s| s.iter().skip(2).product::<usize>() as u64).sum()
+    }
+}
+
+impl fmt::Debug for KvCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let at = match self.store {
+            CacheStore::Host(_) => "host",
+            CacheStore::Device(_) => "device",
+        };
+        f.debug_struct("KvCache").field("shapes", &self.shapes).field("bytes", &self.bytes).field("on", &at).finish()
+    }
+}
+
+/// Host caches are equal when their tensors are; device caches when they are the same
+/// buffers.
+impl PartialEq for KvCache {
+    fn eq(&self, other: &KvCache) -> bool {
+        match (&self.store, &other.store) {
+            (CacheStore::Host(a), CacheStore::Host(b)) => a == b,
+            (CacheStore::Device(a), CacheStore::Device(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
     }
 }
 

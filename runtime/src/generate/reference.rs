@@ -8,7 +8,7 @@
 //! without the routers' decisions exposed ([`super::rewrite`]). Arguments go in the
 //! entry's order: `input_ids`, `positions`, the decode caches, then `attention_mask`.
 
-use super::backend::{Backend, BackendError, KvCache, LayerRouting, StepInput, StepOutput};
+use super::backend::{Backend, BackendError, CacheStore, KvCache, LayerRouting, StepInput, StepOutput};
 use super::rewrite::{add_attention_mask, expose_routing, RouteSite};
 use crate::reference::{run, Options, Tensor, Weights};
 use dsc_compiler::ir::Mode;
@@ -30,18 +30,68 @@ struct Variant {
     last: bool,
 }
 
+/// An argument or result of an [`Engine`] run: a host tensor, or a value the engine keeps
+/// on its device between runs (a KV cache).
+#[derive(Clone)]
+pub enum Value<H> {
+    Host(Tensor),
+    Held(H),
+}
+
+impl<H> Value<H> {
+    /// The host tensor, if this is one.
+    pub fn into_host(self) -> Option<Tensor> {
+        match self {
+            Value::Host(t) => Some(t),
+            Value::Held(_) => None,
+        }
+    }
+}
+
+/// What an engine knows of a value it keeps on its device.
+pub trait HeldValue: Clone + Send + Sync + 'static {
+    fn shape(&self) -> &[usize];
+    /// Bytes it takes on the device.
+    fn bytes(&self) -> u64;
+}
+
+/// The interpreter keeps nothing off the host.
+impl HeldValue for std::convert::Infallible {
+    fn shape(&self) -> &[usize] {
+        match *self {}
+    }
+    fn bytes(&self) -> u64 {
+        match *self {}
+    }
+}
+
 /// What executes a compiled entry point.
 pub trait Engine: Send + Sync {
     /// What the engine derives once per compiled module (the reference interpreter needs
     /// nothing; a device runtime builds its launch plan).
     type Prepared: Send + Sync;
+    /// A result the engine keeps on its device (`Infallible` for the interpreter).
+    type Held: HeldValue;
     /// `--backend`'s name for it.
     fn name(&self) -> &str;
     fn prepare(&self, module: &Module, mode: Mode) -> Result<Self::Prepared, String>;
     /// The weights may have changed in place (an optimizer step): an engine that keeps
     /// device copies drops them, so the next run uploads the new values.
     fn weights_changed(&self) {}
-    /// Runs `mode`'s entry on host arguments and returns its results.
+    /// Runs `mode`'s entry. Arguments are host tensors or values an earlier run of this
+    /// engine kept; a device engine keeps the results whose `keep` flag is set on its
+    /// device (missing flags are false), and an engine without a device returns them all
+    /// on the host.
+    fn run_values(
+        &self,
+        module: &Module,
+        prepared: &Self::Prepared,
+        mode: Mode,
+        args: Vec<Value<Self::Held>>,
+        keep: &[bool],
+        weights: &dyn Weights,
+    ) -> Result<Vec<Value<Self::Held>>, String>;
+    /// Runs `mode`'s entry on host arguments and returns its results on the host.
     fn run(
         &self,
         module: &Module,
@@ -49,7 +99,11 @@ pub trait Engine: Send + Sync {
         mode: Mode,
         args: &[Tensor],
         weights: &dyn Weights,
-    ) -> Result<Vec<Tensor>, String>;
+    ) -> Result<Vec<Tensor>, String> {
+        let args = args.iter().map(|t| Value::Host(t.clone())).collect();
+        let out = self.run_values(module, prepared, mode, args, &[], weights)?;
+        out.into_iter().map(|v| v.into_host().ok_or_else(|| format!("{} kept a result it was not asked to keep", self.name()))).collect()
+    }
 }
 
 /// The reference interpreter as an [`Engine`].
@@ -60,6 +114,7 @@ pub struct Interpreter {
 
 impl Engine for Interpreter {
     type Prepared = ();
+    type Held = std::convert::Infallible;
     fn name(&self) -> &str {
         "reference"
     }
@@ -69,16 +124,31 @@ impl Engine for Interpreter {
     /// A first result (the logits) holding a NaN or an infinity is an error, never an
     /// output: the run is repeated with every value checked, and the error names the first
     /// node that made a non-finite value and its spec span.
-    fn run(&self, module: &Module, _: &(), mode: Mode, args: &[Tensor], weights: &dyn Weights) -> Result<Vec<Tensor>, String> {
-        let out = run(module, mode, args, weights, &self.options).map_err(|e| e.to_string())?;
+    fn run_values(
+        &self,
+        module: &Module,
+        _: &(),
+        mode: Mode,
+        args: Vec<Value<Self::Held>>,
+        _keep: &[bool],
+        weights: &dyn Weights,
+    ) -> Result<Vec<Value<Self::Held>>, String> {
+        let args: Vec<Tensor> = args
+            .into_iter()
+            .map(|v| match v {
+                Value::Host(t) => t,
+                Value::Held(h) => match h {},
+            })
+            .collect();
+        let out = run(module, mode, &args, weights, &self.options).map_err(|e| e.to_string())?;
         if out.first().is_some_and(|t| t.first_non_finite().is_some()) {
             let checked = Options { check_finite: true, ..self.options.clone() };
-            return match run(module, mode, args, weights, &checked) {
+            return match run(module, mode, &args, weights, &checked) {
                 Err(e) => Err(format!("non-finite logits: {e}")),
                 Ok(_) => Err("the logits hold a NaN or an infinity (no single node could be named)".into()),
             };
         }
-        Ok(out)
+        Ok(out.into_iter().map(Value::Host).collect())
     }
 }
 
@@ -180,31 +250,39 @@ impl<W: Weights, E: Engine> ModelBackend<W, E> {
         Ok(Compiled { module, prepared, results, routes })
     }
 
-    fn step(&self, mode: Mode, input: &StepInput, cache: Vec<Tensor>) -> Result<StepOutput, BackendError> {
+    fn step(&self, mode: Mode, input: &StepInput, cache: Option<KvCache>) -> Result<StepOutput, BackendError> {
         let (b, s) = (input.batch, input.seq);
         if input.ids.len() != b * s || input.positions.len() != b * s {
             return Err(BackendError::new(format!("{} ids and {} positions for a {b}×{s} step", input.ids.len(), input.positions.len())));
         }
-        let c = cache_len(&cache);
+        let c = cache.as_ref().map_or(0, KvCache::len);
         let last = mode == Mode::Prefill && input.last_logits;
         let v = Variant { mode, masked: input.mask.is_some(), capture: input.capture_routing, last };
         let compiled = self.compiled(v)?;
-        let mut args = vec![Tensor::i64(&[b, s], input.ids.clone()), Tensor::i64(&[b, s], input.positions.clone())];
-        args.extend(cache);
+        let mut args: Vec<Value<E::Held>> =
+            vec![Value::Host(Tensor::i64(&[b, s], input.ids.clone())), Value::Host(Tensor::i64(&[b, s], input.positions.clone()))];
+        if let Some(cache) = cache {
+            args.extend(self.cache_args(cache)?);
+        }
         if let Some(mask) = &input.mask {
             let sk = c + s;
             if mask.len() != b * s * sk {
                 return Err(BackendError::new(format!("a mask of {} values for [{b}, {s}, {sk}]", mask.len())));
             }
-            args.push(Tensor::f32(&[b, s, sk], mask.clone()));
+            args.push(Value::Host(Tensor::f32(&[b, s, sk], mask.clone())));
         }
-        let mut out = self.engine.run(&compiled.module, &compiled.prepared, mode, &args, &self.weights).map_err(BackendError::new)?;
+        // The logits and the routers' decisions come to the host; the cache stays where
+        // the engine computed it.
+        let keep: Vec<bool> = (0..compiled.results).map(|i| i > 0).collect();
+        let mut out =
+            self.engine.run_values(&compiled.module, &compiled.prepared, mode, args, &keep, &self.weights).map_err(BackendError::new)?;
         if out.len() != compiled.results + 2 * compiled.routes.len() || compiled.results == 0 {
             return Err(BackendError::new(format!("{mode} returned {} results", out.len())));
         }
-        let routed = out.split_off(compiled.results);
+        let host = |v: Value<E::Held>| v.into_host().ok_or_else(|| BackendError::new("a result expected on the host stayed on the device"));
+        let routed = out.split_off(compiled.results).into_iter().map(host).collect::<Result<Vec<_>, _>>()?;
         let mut it = out.into_iter();
-        let logits = it.next().expect("checked").to_f32();
+        let logits = host(it.next().expect("checked"))?.to_f32();
         // The interpreter names the node that made a NaN (above); a device engine cannot
         // cheaply, but its NaN logits are still an error, never printed or sampled from.
         if let Some((i, what)) = logits.first_non_finite() {
@@ -213,7 +291,7 @@ impl<W: Weights, E: Engine> ModelBackend<W, E> {
                 self.engine.name()
             )));
         }
-        let cache = KvCache { tensors: it.collect() };
+        let cache = cache_of::<E::Held>(it.collect())?;
         let routing = compiled
             .routes
             .iter()
@@ -222,10 +300,35 @@ impl<W: Weights, E: Engine> ModelBackend<W, E> {
             .collect();
         Ok(StepOutput { logits, cache, routing })
     }
+
+    /// A cache as the engine's arguments: host tensors as they are, device values only if
+    /// this engine made them.
+    fn cache_args(&self, cache: KvCache) -> Result<Vec<Value<E::Held>>, BackendError> {
+        match cache.into_store() {
+            CacheStore::Host(t) => Ok(t.into_iter().map(Value::Host).collect()),
+            CacheStore::Device(any) => match any.downcast::<Vec<E::Held>>() {
+                Ok(held) => Ok(held.iter().cloned().map(Value::Held).collect()),
+                Err(_) => Err(BackendError::new(format!("the KV cache lives on another device than the {} backend's", self.engine.name()))),
+            },
+        }
+    }
 }
 
-fn cache_len(cache: &[Tensor]) -> usize {
-    cache.first().and_then(|t| t.shape().get(1).copied()).unwrap_or(0)
+/// The cache results of a step: all on the host, or all kept on the device.
+fn cache_of<H: HeldValue>(values: Vec<Value<H>>) -> Result<KvCache, BackendError> {
+    if values.iter().all(|v| matches!(v, Value::Host(_))) {
+        return Ok(KvCache::host(values.into_iter().filter_map(Value::into_host).collect()));
+    }
+    let held: Vec<H> = values
+        .into_iter()
+        .map(|v| match v {
+            Value::Held(h) => Ok(h),
+            Value::Host(_) => Err(BackendError::new("part of the KV cache came back to the host")),
+        })
+        .collect::<Result<_, _>>()?;
+    let shapes = held.iter().map(|h| h.shape().to_vec()).collect();
+    let bytes = held.iter().map(HeldValue::bytes).sum();
+    Ok(KvCache::on_device(shapes, bytes, Arc::new(held)))
 }
 
 impl<W: Weights, E: Engine> Backend for ModelBackend<W, E> {
@@ -238,13 +341,13 @@ impl<W: Weights, E: Engine> Backend for ModelBackend<W, E> {
     }
 
     fn prefill(&self, input: &StepInput) -> Result<StepOutput, BackendError> {
-        self.step(Mode::Prefill, input, Vec::new())
+        self.step(Mode::Prefill, input, None)
     }
 
     fn decode(&self, input: &StepInput, cache: KvCache) -> Result<StepOutput, BackendError> {
         if input.seq != 1 {
             return Err(BackendError::new(format!("decode takes one token per sequence, not {}", input.seq)));
         }
-        self.step(Mode::Decode, input, cache.tensors)
+        self.step(Mode::Decode, input, Some(cache))
     }
 }

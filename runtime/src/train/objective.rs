@@ -85,7 +85,6 @@ pub fn reference_objective(spec: &Spec, options: &ObjectiveOptions) -> Result<Bo
 pub fn device_objective<D>(spec: &Spec, options: &ObjectiveOptions, engine: PlanEngine<D>) -> Result<Box<dyn Objective>, TrainError>
 where
     D: Device + Send + Sync + 'static,
-    D::Buf: Send,
 {
     use crate::generate::Engine;
     let c = Compiled::new(spec, options)?;
@@ -153,7 +152,6 @@ struct OnDevice<D: Device> {
 impl<D> Objective for OnDevice<D>
 where
     D: Device + Send + Sync,
-    D::Buf: Send,
 {
     fn step(&mut self, weights: &HashMap<String, Tensor>, batch: &Batch) -> Result<StepOutput, TrainError> {
         let args = [&batch.input_ids, &batch.positions, &batch.labels];

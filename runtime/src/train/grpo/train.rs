@@ -695,7 +695,6 @@ struct OnDevice<D: Device> {
 impl<D> OnDevice<D>
 where
     D: Device + Send + Sync + 'static,
-    D::Buf: Send,
 {
     #[allow(dead_code)] // unused in a build with neither device feature
     fn boxed(policy: &TrainModel, engine: PlanEngine<D>) -> Result<PolicyRunner, TrainError> {
@@ -711,7 +710,6 @@ where
 impl<D> DevicePolicy for OnDevice<D>
 where
     D: Device + Send + Sync,
-    D::Buf: Send,
 {
     fn log_probs(&self, policy: &TrainModel, weights: &HashMap<String, Tensor>, args: &[&Tensor]) -> Result<Tensor, String> {
         // The policy and the reference model share names: upload the set asked for.
