@@ -152,7 +152,7 @@ fn greedy_both_ways(spec: &dsc_dsl::Spec, precision: Precision, batch: usize, pr
             worst.tokens[b].push(t);
         }
         // The caches grow by one position per step in both forms.
-        assert_eq!(od[1].shape()[1], prompt + step + 1);
+        assert_eq!(od[1].shape()[0], prompt + step + 1);
         cache_d = od[1..].to_vec();
         cache_a = oa[1..].to_vec();
     }
@@ -177,8 +177,8 @@ fn absorbed_decode_never_expands_the_cache() {
         // The cache arguments are exactly the compressed cache, in both forms.
         let sig = entry.graph.signature();
         for (l, pair) in sig.inputs[2..].chunks(2).enumerate() {
-            assert_eq!(pair[0].shape.to_string(), format!("[b,c,{kv_lora}]"), "layer {l}");
-            assert_eq!(pair[1].shape.to_string(), format!("[b,c,{rope}]"), "layer {l}");
+            assert_eq!(pair[0].shape.to_string(), format!("[c,b,{kv_lora}]"), "layer {l}");
+            assert_eq!(pair[1].shape.to_string(), format!("[c,b,{rope}]"), "layer {l}");
         }
         for f in m.functions.iter().filter(|f| f.name.starts_with("decode.layer.")) {
             let g = &f.graph;

@@ -286,9 +286,9 @@ fn absorbed_and_decompressed_decode_agree() {
     }
 }
 
-/// The KV cache holds what the lowering documents: per layer `k` and `v` per KV head for
-/// MHA/GQA, the normalised latent and the rotated rope key for MLA; decode grows it by one
-/// position per step.
+/// The KV cache holds what the lowering documents, position-major: per layer `k` and `v`
+/// per KV head for MHA/GQA, the normalised latent and the rotated rope key for MLA; decode
+/// grows it by one position per step.
 #[test]
 fn kv_cache_layout() {
     for (case, per_layer) in [
@@ -305,7 +305,7 @@ fn kv_cache_layout() {
         let tensors = out.cache.tensors().expect("the reference backend keeps its cache on the host");
         assert_eq!(tensors.len(), 2 * layers, "{case}");
         for (i, t) in tensors.iter().enumerate() {
-            let want: Vec<usize> = [vec![2, 12], per_layer[i % 2].clone()].concat();
+            let want: Vec<usize> = [vec![12, 2], per_layer[i % 2].clone()].concat();
             assert_eq!(t.shape(), &want[..], "{case}: cache tensor {i}");
         }
         let per_token: usize = per_layer.iter().map(|d| d.iter().product::<usize>()).sum::<usize>() * layers;

@@ -286,7 +286,7 @@ fn mla_absorb_keeps_decode_in_the_latent() {
     // 3. The cache arguments are still exactly latent + rope.
     let sig = m.entry(Mode::Decode).unwrap().graph.signature();
     let caches: Vec<String> = sig.inputs[2..].iter().map(|t| t.shape.to_string()).collect();
-    assert_eq!(caches, ["[b,c,5]", "[b,c,2]"]);
+    assert_eq!(caches, ["[c,b,5]", "[c,b,2]"]);
     snapshot("mla_absorb", "decode_one_layer", before_after(&before, &print_function(layer(&m), None), &[]));
 }
 

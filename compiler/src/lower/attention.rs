@@ -32,18 +32,18 @@ pub(super) fn cache_slots(cx: &Cx, len: Dim) -> [(&'static str, Ty); 2] {
     let (b, dt) = (Dim::B, cx.dt);
     match &cx.m.attention {
         Attention::Mla(a) => {
-            [("kv_latent", Ty::new(dt, [b, len, a.kv_lora_rank.into()])), ("k_pe", Ty::new(dt, [b, len, a.qk_rope_head_dim.into()]))]
+            [("kv_latent", Ty::new(dt, [len, b, a.kv_lora_rank.into()])), ("k_pe", Ty::new(dt, [len, b, a.qk_rope_head_dim.into()]))]
         }
         Attention::Gqa(a) => {
-            let t = Ty::new(dt, [b, len, a.kv_heads.into(), a.head_dim.into()]);
+            let t = Ty::new(dt, [len, b, a.kv_heads.into(), a.head_dim.into()]);
             [("k", t.clone()), ("v", t)]
         }
     }
 }
 
 /// `o_proj(attention(x))` for `x: [b, seq, hidden]` (already normalised) and the cache
-/// values the layer returns: none (train), the new `[b, seq, ..]` entries (prefill) or
-/// the appended `[b, c+seq, ..]` caches (decode).
+/// values the layer returns, position-major: none (train), the new `[seq, b, ..]` entries
+/// (prefill) or the appended `[c+seq, b, ..]` caches (decode).
 pub(super) fn attention(b: &mut Builder, cx: &Cx, x: Value, pos: Value, seq: Dim, kv: &Kv) -> Result<(Value, Vec<Value>), LowerError> {
     b.at(&["attention"]);
     match &cx.m.attention {
@@ -63,18 +63,34 @@ fn rope_op(cx: &Cx, rotary_dim: u64) -> Op {
     }
 }
 
-/// Applies the layer's cache policy to the two new cache entries; returns the full key
-/// side to attend over and what the layer returns.
+/// Applies the layer's cache policy to the two new cache entries (`[b, seq, ..]`);
+/// returns the full key side to attend over (`[b, keys, ..]`) and what the layer returns.
+///
+/// The cache is held position-major (`[len, b, ..]`) so that appending a step's entries
+/// writes past the end of what is there: a runtime that keeps the cache in a buffer with
+/// room (the device engines) appends in place, and the older positions never move. The
+/// layer reads it batch-major through a `permute`, which the device kernels read as a
+/// strided view instead of copying.
 fn keep(b: &mut Builder, kv: &Kv, new: [Value; 2]) -> Result<([Value; 2], Vec<Value>), LowerError> {
     match kv {
         Kv::None => Ok((new, Vec::new())),
-        Kv::Emit => Ok((new, new.to_vec())),
+        Kv::Emit => Ok((new, vec![swap_lead(b, new[0])?, swap_lead(b, new[1])?])),
         Kv::Append(cache) => {
-            let k = b.op(Op::CacheAppend { axis: 1 }, &[cache[0], new[0]])?;
-            let v = b.op(Op::CacheAppend { axis: 1 }, &[cache[1], new[1]])?;
-            Ok(([k, v], vec![k, v]))
+            let mut all = [new[0]; 2];
+            for i in 0..2 {
+                let entries = swap_lead(b, new[i])?;
+                all[i] = b.op(Op::CacheAppend { axis: 0 }, &[cache[i], entries])?;
+            }
+            Ok(([swap_lead(b, all[0])?, swap_lead(b, all[1])?], all.to_vec()))
         }
     }
+}
+
+/// `x` with its two leading axes swapped (`[b, len, ..]` ↔ `[len, b, ..]`).
+fn swap_lead(b: &mut Builder, x: Value) -> Result<Value, LowerError> {
+    let rank = b.ty(x).shape.rank() as u8;
+    let perm: Vec<u8> = [1, 0].into_iter().chain(2..rank).collect();
+    b.op(Op::Permute { perm: perm.into() }, &[x])
 }
 
 /// Keys attend over `seq` new positions, plus `c` cached ones when decoding.

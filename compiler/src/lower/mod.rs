@@ -27,19 +27,21 @@
 //! # Entry signatures and the KV cache
 //!
 //! Token ids, positions and labels are `i64`; activations and caches use the model dtype.
-//! Per layer the cache is two tensors, `cache.{L}.{a}` and `cache.{L}.{b}`:
+//! Per layer the cache is two tensors, `cache.{L}.{a}` and `cache.{L}.{b}`, position-major
+//! (`[c, b, ..]`: a step's entries are appended after the older ones, so a runtime with
+//! room in its buffer appends in place, [`crate::ir::Op::CacheAppend`]):
 //!
-//! - MLA: `kv_latent [b, c, kv_lora_rank]` (the `kv_a_layernorm`-normalised latent) and
-//!   `k_pe [b, c, qk_rope_head_dim]` (the decoupled key after RoPE), the compressed cache
+//! - MLA: `kv_latent [c, b, kv_lora_rank]` (the `kv_a_layernorm`-normalised latent) and
+//!   `k_pe [c, b, qk_rope_head_dim]` (the decoupled key after RoPE), the compressed cache
 //!   of DeepSeek-V2 §2.1; as lowered, full keys and values are re-expanded from it at
 //!   every step (the `mla_absorb` pass makes decode attend over it directly);
-//! - MHA/GQA: `k` and `v`, `[b, c, kv_heads, head_dim]`, keys after RoPE.
+//! - MHA/GQA: `k` and `v`, `[c, b, kv_heads, head_dim]`, keys after RoPE.
 //!
 //! ```text
 //! prefill(input_ids [b,s], positions [b,s])
-//!     → (logits [b,s,V], cache.0.a [b,s,..], cache.0.b [b,s,..], cache.1.a, ...)
-//! decode(input_ids [b,1], positions [b,1], cache.0.a [b,c,..], cache.0.b [b,c,..], ...)
-//!     → (logits [b,1,V], cache.0.a [b,c+1,..], cache.0.b [b,c+1,..], ...)
+//!     → (logits [b,s,V], cache.0.a [s,b,..], cache.0.b [s,b,..], cache.1.a, ...)
+//! decode(input_ids [b,1], positions [b,1], cache.0.a [c,b,..], cache.0.b [c,b,..], ...)
+//!     → (logits [b,1,V], cache.0.a [c+1,b,..], cache.0.b [c+1,b,..], ...)
 //! train(input_ids [b,s], positions [b,s], labels [b,s])
 //!     → (loss f32[], mtp_loss f32[], aux_loss f32[], load f32[E] per MoE layer, ...)
 //! ```
@@ -52,7 +54,7 @@
 //! expert) per MoE layer, main layers first, then MTP modules, in layer order.
 //!
 //! Prefill takes no cache: it attends within the prompt and returns the new entries for
-//! every position (`[b,s,..]`), which become decode's first cache (`c = s`). Decode adds
+//! every position (`[s,b,..]`), which become decode's first cache (`c = s`). Decode adds
 //! one token per sequence and returns the caches one position longer; the runtime may
 //! keep them in place ([`crate::ir::Op::CacheAppend`]). Logits are returned for every
 //! position. Results are ordered as the arguments: logits first, then layer 0's two tensors, layer
@@ -109,7 +111,7 @@
 //!   q     = concat(q_nope, rope(q_pe, positions), axis 3)
 //!   ckv   = kv_a_proj_with_mqa(x);  latent = rms(slice(ckv, 2, 0, kv_lora), latent_norm_eps)
 //!   k_pe  = rope(slice(ckv, 2, kv_lora, rope), positions)           # [b,s,rope], one head
-//!   latent, k_pe = cache_append(cache, ·, axis 1)                   # decode only
+//!   latent, k_pe = cache_append(cache, ·, axis 0)                   # decode only
 //!   kv    = reshape(kv_b_proj(latent), [b,sk,H,nope+v]);  k_nope = slice(kv, 3, 0, nope);  v = slice(kv, 3, nope, v)
 //!   k     = concat(k_nope, broadcast(reshape(k_pe, [b,sk,1,rope]), [b,sk,H,rope]), axis 3)
 //!   o     = o_proj(reshape(attention(q, k, v, heads=H, kv_heads=H, causal), [b,s,H·v]))

@@ -177,20 +177,21 @@ fn mla_cache_is_latent_and_rope_key() {
     assert_eq!(inputs.len(), 2 + 2 * 61);
     assert_eq!(inputs[0], ("input_ids".into(), i64t(vec![b, n(1)])));
     assert_eq!(inputs[1], ("positions".into(), i64t(vec![b, n(1)])));
-    assert_eq!(inputs[2], ("cache.0.kv_latent".into(), bf(vec![b, c, n(512)])));
-    assert_eq!(inputs[3], ("cache.0.k_pe".into(), bf(vec![b, c, n(64)])));
-    assert_eq!(inputs[123], ("cache.60.k_pe".into(), bf(vec![b, c, n(64)])));
+    // Position-major: appending writes past the end of the older positions.
+    assert_eq!(inputs[2], ("cache.0.kv_latent".into(), bf(vec![c, b, n(512)])));
+    assert_eq!(inputs[3], ("cache.0.k_pe".into(), bf(vec![c, b, n(64)])));
+    assert_eq!(inputs[123], ("cache.60.k_pe".into(), bf(vec![c, b, n(64)])));
     let sig = decode.graph.signature();
     assert_eq!(sig.outputs.len(), 1 + 2 * 61);
     assert_eq!(sig.outputs[0], bf(vec![b, n(1), n(129280)]));
-    assert_eq!(sig.outputs[1], bf(vec![b, c + 1, n(512)]));
-    assert_eq!(sig.outputs[2], bf(vec![b, c + 1, n(64)]));
+    assert_eq!(sig.outputs[1], bf(vec![c + 1, b, n(512)]));
+    assert_eq!(sig.outputs[2], bf(vec![c + 1, b, n(64)]));
 
     let prefill = m.entry(Mode::Prefill).unwrap().graph.signature();
     assert_eq!(prefill.inputs, vec![i64t(vec![b, s]), i64t(vec![b, s])]);
     assert_eq!(prefill.outputs[0], bf(vec![b, s, n(129280)]));
-    assert_eq!(prefill.outputs[1], bf(vec![b, s, n(512)]));
-    assert_eq!(prefill.outputs[2], bf(vec![b, s, n(64)]));
+    assert_eq!(prefill.outputs[1], bf(vec![s, b, n(512)]));
+    assert_eq!(prefill.outputs[2], bf(vec![s, b, n(64)]));
 
     let train = m.entry(Mode::Train).unwrap().graph.signature();
     assert_eq!(train.inputs.len(), 3);
@@ -210,7 +211,7 @@ fn gqa_cache_is_keys_and_values() {
     let m = lowered(&spec("tiny/tiny_llama_gqa.dsc"));
     let s = &spec("tiny/tiny_llama_gqa.dsc").model;
     let dsc_dsl::model::Attention::Gqa(a) = &s.attention else { panic!("gqa spec") };
-    let t = Ty::new(DType::F32, [Dim::B, Dim::C, n(a.kv_heads), n(a.head_dim)]);
+    let t = Ty::new(DType::F32, [Dim::C, Dim::B, n(a.kv_heads), n(a.head_dim)]);
     let inputs = input_types(&m.entry(Mode::Decode).unwrap().graph);
     assert_eq!(inputs[2], ("cache.0.k".into(), t.clone()));
     assert_eq!(inputs[3], ("cache.0.v".into(), t));

@@ -59,10 +59,10 @@ pub struct LayerRouting {
     pub weights: Tensor,
 }
 
-/// The KV cache of a batch: two tensors per layer, `[batch, len, ..]`. For MHA/GQA the
-/// rotated keys and the values, `[b, len, kv_heads, head_dim]` each; for MLA the
-/// normalised latent `[b, len, kv_lora_rank]` and the rotated shared rope key
-/// `[b, len, qk_rope_head_dim]` (see `dsc_compiler::lower`).
+/// The KV cache of a batch: two tensors per layer, position-major `[len, batch, ..]`. For
+/// MHA/GQA the rotated keys and the values, `[len, b, kv_heads, head_dim]` each; for MLA
+/// the normalised latent `[len, b, kv_lora_rank]` and the rotated shared rope key
+/// `[len, b, qk_rope_head_dim]` (see `dsc_compiler::lower`).
 ///
 /// It lives where the backend computes: host tensors for the reference interpreter, device
 /// buffers for a device engine, which keeps them there from the prompt pass to the last
@@ -121,7 +121,7 @@ impl KvCache {
 
     /// Cached positions per sequence.
     pub fn len(&self) -> usize {
-        self.shapes.first().map_or(0, |s| s.get(1).copied().unwrap_or(0))
+        self.shapes.first().map_or(0, |s| s.first().copied().unwrap_or(0))
     }
 
     pub fn is_empty(&self) -> bool {
