@@ -18,8 +18,8 @@ use dsc_compiler::codegen::launch::NodeWork;
 use dsc_compiler::codegen::plan::{FunctionPlan, Plan, Source, Step};
 use dsc_compiler::ir::{param_path, solve_symbols, Bindings, DType, Dim, Mode, Module, Sym};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// What a device offers the plan walker. Buffers hold `len` elements of a dtype in the
 /// device's representation of it (the GPU runtimes: floats in the kernel's element type,
@@ -33,12 +33,15 @@ pub trait Device {
     fn upload(&self, t: &Tensor, dtype: DType) -> Result<Self::Buf, String>;
     /// A buffer of `len` elements of `dtype` that a step is about to write in full.
     fn alloc(&self, len: usize, dtype: DType) -> Result<Self::Buf, String>;
-    /// Reads `b` back as a tensor of `shape` (`f32` for floats, `i32` for integers).
+    /// Reads the first `shape`'s worth of elements of `b` back as a tensor (`f32` for
+    /// floats, `i32` for integers); a buffer may hold more (room for appends).
     fn download(&self, b: &Self::Buf, shape: &[usize]) -> Result<Tensor, String>;
     /// Runs one node's launches on `ins` and `outs` (slot order; outputs allocated).
     fn execute(&self, work: &NodeWork, ins: &[Self::Buf], outs: &[Self::Buf], bind: &Bindings) -> Result<(), String>;
     /// Bytes `b` occupies on the device.
     fn bytes(b: &Self::Buf) -> usize;
+    /// Bytes one element of `dtype` takes on the device.
+    fn elem_bytes(dtype: DType) -> usize;
 }
 
 /// A device as a generation and training engine, the same for every device: each
@@ -49,12 +52,13 @@ pub struct PlanEngine<D: Device> {
     device: D,
     weights: DeviceWeights<D::Buf>,
     traffic: HostTraffic,
+    appends: AppendCounts,
 }
 
 impl<D: Device> PlanEngine<D> {
     /// An engine on an opened device.
     pub fn on(device: D) -> PlanEngine<D> {
-        PlanEngine { device, weights: DeviceWeights::new(), traffic: HostTraffic::default() }
+        PlanEngine { device, weights: DeviceWeights::new(), traffic: HostTraffic::default(), appends: AppendCounts::default() }
     }
 
     pub fn backend(&self) -> &D {
@@ -70,6 +74,11 @@ impl<D: Device> PlanEngine<D> {
     /// Bytes of run arguments uploaded and results downloaded so far (not weights).
     pub fn host_traffic(&self) -> (u64, u64) {
         self.traffic.get()
+    }
+
+    /// Cache appends made in place and appends that had to copy, so far.
+    pub fn append_counts(&self) -> (u64, u64) {
+        self.appends.get()
     }
 
     /// Bytes of weights and constants uploaded so far.
@@ -99,17 +108,59 @@ impl<D: Device + Send + Sync> Engine for PlanEngine<D> {
         keep: &[bool],
         weights: &dyn Weights,
     ) -> Result<Vec<Value<Held<D::Buf>>>, String> {
-        run_plan_values(&self.device, plan, args, keep, weights, &self.weights, &self.traffic)
+        run_plan_values(&self.device, plan, args, keep, weights, &self.weights, (&self.traffic, &self.appends))
     }
 }
 
-/// A result a run left on the device: its buffer, shape and dtype, and the bytes it takes.
+/// A result a run left on the device: its buffer, shape and dtype, the bytes the buffer
+/// takes, and the room past its contents (a KV cache, which later runs append to).
 #[derive(Clone)]
 pub struct Held<B> {
     pub buf: B,
     pub shape: Vec<usize>,
     pub dtype: DType,
     pub bytes: u64,
+    pub room: Option<Room>,
+}
+
+/// Room past a buffer's contents, shared by every value that reads the buffer: its
+/// capacity and how many of its elements appends have written so far (the high-water
+/// mark). An append writes in place only when its input ends exactly at the mark, and
+/// moves the mark past what it wrote: every element is written once, so a value never
+/// sees its buffer change under it, and an append from an older value (a cache branched
+/// from an earlier step) copies instead.
+#[derive(Clone, Debug)]
+pub struct Room {
+    capacity: usize,
+    filled: Arc<AtomicUsize>,
+}
+
+impl Room {
+    fn new(capacity: usize, filled: usize) -> Room {
+        Room { capacity, filled: Arc::new(AtomicUsize::new(filled)) }
+    }
+
+    /// Claims elements `len..len + add` for an append whose input is `len` long.
+    fn claim(&self, len: usize, add: usize) -> bool {
+        len + add <= self.capacity && self.filled.compare_exchange(len, len + add, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    /// Elements the buffer holds.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+/// Positions of room a cache gets when an append has to copy it: at least this many
+/// steps, and at least as many as it holds (so copies are rare: after the first, one
+/// per doubling).
+const ROOM_STEPS: usize = 64;
+
+/// A buffer as a run holds it.
+#[derive(Clone)]
+struct Slot<B> {
+    buf: B,
+    room: Option<Room>,
 }
 
 impl<B: Clone + Send + Sync + 'static> HeldValue for Held<B> {
@@ -118,6 +169,20 @@ impl<B: Clone + Send + Sync + 'static> HeldValue for Held<B> {
     }
     fn bytes(&self) -> u64 {
         self.bytes
+    }
+}
+
+/// How the runs' appends went: in place, or copied into a new buffer with room.
+#[derive(Debug, Default)]
+pub struct AppendCounts {
+    in_place: AtomicU64,
+    copied: AtomicU64,
+}
+
+impl AppendCounts {
+    /// Appends made in place and appends that copied, so far.
+    pub fn get(&self) -> (u64, u64) {
+        (self.in_place.load(Ordering::Relaxed), self.copied.load(Ordering::Relaxed))
     }
 }
 
@@ -185,13 +250,13 @@ pub fn run_plan<D: Device>(
     cache: &DeviceWeights<D::Buf>,
 ) -> Result<Vec<Tensor>, String> {
     let args = args.iter().map(|t| Value::Host(t.clone())).collect();
-    let out = run_plan_values(dev, plan, args, &[], weights, cache, &HostTraffic::default())?;
+    let out = run_plan_values(dev, plan, args, &[], weights, cache, (&HostTraffic::default(), &AppendCounts::default()))?;
     Ok(out.into_iter().map(|v| v.into_host().expect("no result was kept on the device")).collect())
 }
 
 /// Runs the plan's entry on arguments on the host or left on the device by an earlier
 /// run. Results whose `keep` flag is set stay on the device ([`Held`]); the others are
-/// downloaded. `traffic` counts the bytes that crossed.
+/// downloaded. `counts` tallies the bytes that crossed and how the appends went.
 pub fn run_plan_values<D: Device>(
     dev: &D,
     plan: &Plan,
@@ -199,8 +264,9 @@ pub fn run_plan_values<D: Device>(
     keep: &[bool],
     weights: &dyn Weights,
     cache: &DeviceWeights<D::Buf>,
-    traffic: &HostTraffic,
+    counts: (&HostTraffic, &AppendCounts),
 ) -> Result<Vec<Value<Held<D::Buf>>>, String> {
+    let (traffic, appends) = counts;
     let entry = plan.functions.get(&plan.entry).ok_or_else(|| format!("the plan has no function `{}`", plan.entry))?;
     if args.len() != entry.inputs.len() {
         return Err(format!("{} arguments for `{}`, which takes {}", args.len(), plan.entry, entry.inputs.len()));
@@ -213,22 +279,22 @@ pub fn run_plan_values<D: Device>(
         })
         .collect();
     let bind = bindings(entry, &shapes)?;
-    let mut on_device: Vec<D::Buf> = Vec::with_capacity(args.len());
+    let mut on_device: Vec<Slot<D::Buf>> = Vec::with_capacity(args.len());
     for (a, &b) in args.into_iter().zip(&entry.inputs) {
         let want = entry.buffers[b].dtype;
         on_device.push(match a {
             Value::Host(t) => {
                 let buf = dev.upload(&t, want)?;
                 traffic.to_device.fetch_add(D::bytes(&buf) as u64, Ordering::Relaxed);
-                buf
+                Slot { buf, room: None }
             }
-            Value::Held(h) if h.dtype == want => h.buf,
+            Value::Held(h) if h.dtype == want => Slot { buf: h.buf, room: h.room },
             Value::Held(h) => {
                 return Err(format!("argument {} is a {} device buffer; the plan takes {}", name_of(entry, b), h.dtype.name(), want.name()))
             }
         });
     }
-    let run = Run { dev, plan, weights, cache, bind };
+    let run = Run { dev, plan, weights, cache, bind, appends };
     let results = run.function(entry, on_device, None)?;
     results
         .into_iter()
@@ -236,12 +302,13 @@ pub fn run_plan_values<D: Device>(
         .enumerate()
         .map(|(i, (d, &b))| {
             let shape: Vec<usize> = entry.buffers[b].shape.eval(&bind).into_iter().map(|v| v as usize).collect();
-            let bytes = D::bytes(&d) as u64;
+            let dtype = entry.buffers[b].dtype;
             if keep.get(i).copied().unwrap_or(false) {
-                return Ok(Value::Held(Held { buf: d, shape, dtype: entry.buffers[b].dtype, bytes }));
+                return Ok(Value::Held(Held { bytes: D::bytes(&d.buf) as u64, buf: d.buf, shape, dtype, room: d.room }));
             }
-            traffic.to_host.fetch_add(bytes, Ordering::Relaxed);
-            dev.download(&d, &shape).map(Value::Host)
+            let bytes = shape.iter().product::<usize>() * D::elem_bytes(dtype);
+            traffic.to_host.fetch_add(bytes as u64, Ordering::Relaxed);
+            dev.download(&d.buf, &shape).map(Value::Host)
         })
         .collect()
 }
@@ -294,39 +361,64 @@ struct Run<'a, D: Device> {
     weights: &'a dyn Weights,
     cache: &'a DeviceWeights<D::Buf>,
     bind: Bindings,
+    appends: &'a AppendCounts,
 }
 
 impl<D: Device> Run<'_, D> {
-    fn function(&self, f: &FunctionPlan, args: Vec<D::Buf>, layer: Option<u32>) -> Result<Vec<D::Buf>, String> {
-        let mut env: Vec<Option<D::Buf>> = vec![None; f.buffers.len()];
+    fn function(&self, f: &FunctionPlan, args: Vec<Slot<D::Buf>>, layer: Option<u32>) -> Result<Vec<Slot<D::Buf>>, String> {
+        let mut env: Vec<Option<Slot<D::Buf>>> = vec![None; f.buffers.len()];
         for (a, &b) in args.into_iter().zip(&f.inputs) {
             env[b] = Some(a);
         }
+        let fixed = |buf| Some(Slot { buf, room: None });
         for (i, buf) in f.buffers.iter().enumerate() {
             match &buf.source {
-                Source::Param { name } => env[i] = Some(self.weight(&param_path(layer, name), buf.dtype)?),
-                Source::Const { value } => env[i] = Some(self.constant(*value, buf.dtype)?),
+                Source::Param { name } => env[i] = fixed(self.weight(&param_path(layer, name), buf.dtype)?),
+                Source::Const { value } => env[i] = fixed(self.constant(*value, buf.dtype)?),
                 _ => {}
             }
         }
-        let get =
-            |env: &[Option<D::Buf>], b: usize| env[b].clone().ok_or_else(|| format!("{}: buffer #{b} read before it is written", f.name));
+        let get = |env: &[Option<Slot<D::Buf>>], b: usize| {
+            env[b].clone().ok_or_else(|| format!("{}: buffer #{b} read before it is written", f.name))
+        };
+        let elems = |b: usize| {
+            let len = f.buffers[b].len().eval(&self.bind);
+            usize::try_from(len).map_err(|_| format!("{}: buffer #{b} has {len} elements", f.name))
+        };
         for (step, release) in f.steps.iter().zip(&f.release) {
             match step {
                 Step::Node { label, inputs, outputs, work } => {
-                    let ins: Vec<D::Buf> = inputs.iter().map(|&b| get(&env, b)).collect::<Result<_, _>>()?;
-                    let outs: Vec<D::Buf> = match work {
+                    let ins: Vec<Slot<D::Buf>> = inputs.iter().map(|&b| get(&env, b)).collect::<Result<_, _>>()?;
+                    let bufs: Vec<D::Buf> = ins.iter().map(|s| s.buf.clone()).collect();
+                    let err = |e: String| format!("{}: {label}: {e}", f.name);
+                    let outs: Vec<Slot<D::Buf>> = match work {
+                        // A reshape shares its input's memory, room included.
                         NodeWork::Alias(k) => vec![ins[*k as usize].clone()],
-                        NodeWork::Launches { .. } => outputs
-                            .iter()
-                            .map(|&b| {
-                                let len = f.buffers[b].len().eval(&self.bind);
-                                let len = usize::try_from(len).map_err(|_| format!("{}: buffer #{b} has {len} elements", f.name))?;
-                                self.dev.alloc(len, f.buffers[b].dtype)
-                            })
-                            .collect::<Result<_, String>>()?,
+                        NodeWork::Launches { .. } => {
+                            let outs: Vec<D::Buf> =
+                                outputs.iter().map(|&b| self.dev.alloc(elems(b)?, f.buffers[b].dtype)).collect::<Result<_, String>>()?;
+                            self.dev.execute(work, &bufs, &outs, &self.bind).map_err(err)?;
+                            outs.into_iter().map(|buf| Slot { buf, room: None }).collect()
+                        }
+                        NodeWork::Append { write, .. } => {
+                            let (len, add) = (elems(inputs[0])?, elems(inputs[1])?);
+                            match ins[0].room.as_ref().filter(|r| r.claim(len, add)) {
+                                Some(room) => {
+                                    self.appends.in_place.fetch_add(1, Ordering::Relaxed);
+                                    let work = NodeWork::Launches { scratch: vec![], launches: vec![(**write).clone()] };
+                                    self.dev.execute(&work, &bufs, &bufs[..1], &self.bind).map_err(err)?;
+                                    vec![Slot { buf: bufs[0].clone(), room: Some(room.clone()) }]
+                                }
+                                None => {
+                                    self.appends.copied.fetch_add(1, Ordering::Relaxed);
+                                    let dtype = f.buffers[outputs[0]].dtype;
+                                    let (buf, capacity) = self.with_room(len + add, add, dtype).map_err(err)?;
+                                    self.dev.execute(work, &bufs, std::slice::from_ref(&buf), &self.bind).map_err(err)?;
+                                    vec![Slot { buf, room: Some(Room::new(capacity, len + add)) }]
+                                }
+                            }
+                        }
                     };
-                    self.dev.execute(work, &ins, &outs, &self.bind).map_err(|e| format!("{}: {label}: {e}", f.name))?;
                     for (o, &b) in outs.into_iter().zip(outputs) {
                         env[b] = Some(o);
                     }
@@ -334,7 +426,7 @@ impl<D: Device> Run<'_, D> {
                 Step::Call { function, layer, args, results } => {
                     let callee =
                         self.plan.functions.get(function).ok_or_else(|| format!("{}: calls `{function}`, not in the plan", f.name))?;
-                    let a: Vec<D::Buf> = args.iter().map(|&b| get(&env, b)).collect::<Result<_, _>>()?;
+                    let a: Vec<Slot<D::Buf>> = args.iter().map(|&b| get(&env, b)).collect::<Result<_, _>>()?;
                     let r = self.function(callee, a, *layer)?;
                     for (o, &b) in r.into_iter().zip(results) {
                         env[b] = Some(o);
@@ -346,6 +438,17 @@ impl<D: Device> Run<'_, D> {
             }
         }
         f.results.iter().map(|&b| get(&env, b)).collect()
+    }
+
+    /// A buffer for an append's `len` elements with room for later ones (`step` elements
+    /// each): [`ROOM_STEPS`] steps or as much again as it holds, whichever is more; just
+    /// `len` when the device cannot hold that much at once.
+    fn with_room(&self, len: usize, step: usize, dtype: DType) -> Result<(D::Buf, usize), String> {
+        let capacity = len.saturating_add(step.saturating_mul(ROOM_STEPS).max(len));
+        match self.dev.alloc(capacity, dtype) {
+            Ok(b) => Ok((b, capacity)),
+            Err(_) => Ok((self.dev.alloc(len, dtype)?, len)),
+        }
     }
 
     fn weight(&self, name: &str, dtype: DType) -> Result<D::Buf, String> {

@@ -21,7 +21,7 @@ use dsc_compiler::ir::{Mode, Op};
 use dsc_compiler::passes::mla_absorb::MlaMode;
 use dsc_runtime::checkpoint::{CheckpointWeights, ModelDir, OpenOptions};
 use dsc_runtime::generate::{
-    forward, forward_last_logits, generate, Backend, CompileOptions, GenerateOptions, ModelBackend, ReferenceBackend,
+    forward, forward_last_logits, generate, Backend, CompileOptions, GenerateOptions, ModelBackend, ReferenceBackend, StepInput,
 };
 use dsc_runtime::reference::{load_safetensors, Options, Tensor};
 use dsc_runtime::wgpu::exec::WgpuEngine;
@@ -331,7 +331,7 @@ fn decode_on_wgpu_keeps_the_cache_on_the_device() {
         let p = prompts(case);
         let (batch, len) = (p.len(), p[0].len());
         assert!(p.iter().all(|q| q.len() == len), "{case}: equal prompts need no mask");
-        let out = b.prefill(&dsc_runtime::generate::StepInput {
+        let out = b.prefill(&StepInput {
             batch,
             seq: len,
             ids: p.concat(),
@@ -358,6 +358,71 @@ fn decode_on_wgpu_keeps_the_cache_on_the_device() {
         assert_eq!(g.stats.cache_len, len + 5);
         assert!(g.stats.cache_bytes > 0);
     }
+}
+
+/// Decode appends to the device cache in place: the first step copies the prompt's cache
+/// into a buffer with room, every later step writes only its new position (the buffer,
+/// and so the cache's bytes, stay the same). A cache branched from an earlier step (a
+/// clone decoded twice) is never overwritten: the second branch copies, and both give the
+/// logits the reference backend gives.
+#[test]
+fn decode_on_wgpu_appends_in_place() {
+    for case in ["llama_gqa", "deepseek_v3"] {
+        let md = open(case, "config.json");
+        let layers = md.spec.model.layers;
+        let dev = ModelBackend::with_engine(md.spec, md.weights, CompileOptions::default(), WgpuEngine::new());
+        let refb = backend(case, "config.json", MlaMode::Auto);
+        let p = prompts(case);
+        let (batch, len) = (p.len(), p[0].len());
+        let step = |tokens: &[i64], at: usize| StepInput {
+            batch,
+            seq: tokens.len() / batch,
+            ids: tokens.to_vec(),
+            positions: (0..batch).flat_map(|_| at as i64..(at + tokens.len() / batch) as i64).collect(),
+            mask: None,
+            capture_routing: false,
+            last_logits: true,
+        };
+        let prompt = step(&p.concat(), 0);
+        let (mut cache, mut ref_cache) = (dev.prefill(&prompt).unwrap().cache, refb.prefill(&prompt).unwrap().cache);
+        let mut tokens: Vec<i64> = (0..batch as i64).map(|i| 3 + i).collect();
+        let mut sizes = Vec::new();
+        let mut branch = None;
+        for s in 0..4 {
+            let input = step(&tokens, len + s);
+            if s == 2 {
+                branch = Some((cache.clone(), ref_cache.clone(), input.clone()));
+            }
+            let (got, want) = (dev.decode(&input, cache).unwrap(), refb.decode(&input, ref_cache).unwrap());
+            let d = max_diff(&got.logits, &want.logits);
+            assert!(d < 1e-4, "{case}: step {s}: logits differ by {d}");
+            sizes.push(got.cache.bytes());
+            tokens = argmax_rows(&want.logits);
+            (cache, ref_cache) = (got.cache, want.cache);
+        }
+        // One copy per cache tensor at the first step, in place after it.
+        assert_eq!(dev.engine().append_counts(), (3 * 2 * layers, 2 * layers), "{case}");
+        assert!(sizes.windows(2).all(|w| w[0] == w[1]), "{case}: the cache moved: {sizes:?}");
+        // Step 2 again from the cache it started with: step 3 has written past it since.
+        let (old, ref_old, input) = branch.unwrap();
+        let (got, want) = (dev.decode(&input, old).unwrap(), refb.decode(&input, ref_old).unwrap());
+        assert!(max_diff(&got.logits, &want.logits) < 1e-4, "{case}: the branched step");
+        assert_eq!(dev.engine().append_counts().1, 4 * layers, "{case}: the branch must copy");
+        // And the newer cache is intact: one more step from it still matches.
+        let input = step(&tokens, len + 4);
+        let (got, want) = (dev.decode(&input, cache).unwrap(), refb.decode(&input, ref_cache).unwrap());
+        assert!(max_diff(&got.logits, &want.logits) < 1e-4, "{case}: the newer cache after the branch");
+    }
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    a.to_f64_vec().iter().zip(b.to_f64_vec()).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+}
+
+/// The greedy token of each row of `[b, 1, V]` logits.
+fn argmax_rows(logits: &Tensor) -> Vec<i64> {
+    let v = logits.shape()[2];
+    logits.to_f64_vec().chunks(v).map(|r| (0..v).max_by(|&i, &j| r[i].total_cmp(&r[j])).unwrap() as i64).collect()
 }
 
 // The CUDA backend runs the plan `dsc compile --target cuda` writes (feature `cuda`).

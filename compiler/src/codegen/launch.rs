@@ -11,6 +11,7 @@
 //! three matmuls and an elementwise product) and scratch buffers between them; a node
 //! that moves no data (a row-major reshape) is an [`NodeWork::Alias`] of its input.
 
+use super::kernels::attention::{AttentionConfig, KvRead, KvReads};
 use super::kernels::movement::{fold_view, View};
 use super::{Elem, KernelSpec, Unsupported};
 use crate::ir::{Bindings, DType, Dim, Graph, NodeId, Op, Shape, Value};
@@ -252,16 +253,38 @@ pub enum NodeWork {
     Alias(u16),
     /// Launches in order; output buffers are allocated by the caller.
     Launches { scratch: Vec<Scratch>, launches: Vec<Launch> },
+    /// A `cache_append` along the leading axis: output 0 is input 0 followed by input 1.
+    /// `copy` copies input 0 to the front of the output, `write` writes input 1 after it.
+    /// An executor that holds input 0 in a buffer with room past its end, which no other
+    /// append has written yet, makes that buffer the output and launches `write` only:
+    /// the cache grows in place and its older positions never move. Otherwise it
+    /// allocates the output (with room for later appends) and launches both. The traffic
+    /// model counts the in-place form.
+    Append { copy: Box<Launch>, write: Box<Launch> },
 }
 
 impl NodeWork {
-    /// Every kernel the node launches.
+    /// Every kernel the node may launch.
     pub fn kernels(&self) -> impl Iterator<Item = &KernelSpec> {
-        let l: &[Launch] = match self {
-            NodeWork::Alias(_) => &[],
-            NodeWork::Launches { launches, .. } => launches,
-        };
-        l.iter().map(|l| &l.kernel)
+        self.launches().into_iter().map(|l| &l.kernel)
+    }
+
+    /// The scratch buffers and launches of the work run out of place (an alias has none;
+    /// an append both copies).
+    pub fn run_parts(&self) -> (&[Scratch], Vec<&Launch>) {
+        match self {
+            NodeWork::Launches { scratch, launches } => (scratch, launches.iter().collect()),
+            _ => (&[], self.launches()),
+        }
+    }
+
+    /// Every launch the node may make, in order.
+    pub fn launches(&self) -> Vec<&Launch> {
+        match self {
+            NodeWork::Alias(_) => vec![],
+            NodeWork::Launches { launches, .. } => launches.iter().collect(),
+            NodeWork::Append { copy, write } => vec![&**copy, &**write],
+        }
     }
 }
 
@@ -314,6 +337,12 @@ pub fn tiled_flops(grid: &[Size; 3], tile: i64, k: Size) -> Size {
 /// drops the steps nothing reads any more).
 pub fn node_work_in_graph(g: &Graph, n: NodeId) -> Result<(NodeWork, Vec<Value>), Unsupported> {
     let mut reads = g.inputs(n).to_vec();
+    if let Op::Attention { .. } = g.node(n).op {
+        let KernelSpec::Attention { elem, mut cfg } = KernelSpec::from_node(g, n)? else { unreachable!("attention's spec") };
+        let ins: Vec<Shape> = reads.iter().map(|&v| g.ty(v).shape.clone()).collect();
+        let kv = attention_reads(g, &mut reads, &mut cfg);
+        return Ok((super::kernels::attention::work_attention(KernelSpec::Attention { elem, cfg }, &ins, &kv), reads));
+    }
     if let Op::BatchMatMul = g.node(n).op {
         let spec = KernelSpec::from_node(g, n)?;
         let views: Vec<Option<View>> = reads.iter().map(|&v| fold_view(g, v)).collect();
@@ -329,6 +358,52 @@ pub fn node_work_in_graph(g: &Graph, n: NodeId) -> Result<(NodeWork, Vec<Value>)
         }
     }
     Ok((node_work(g, n)?, reads))
+}
+
+/// Where attention node's keys and values are read (`reads` is its input list, updated
+/// to the buffers read): a key made by concatenating two values along its last axis is
+/// read from both (`cfg.split` set), and each operand made by permute / slice /
+/// broadcast / unit-axis reshape nodes through a strided view of the buffer before them.
+/// A decode step then reads the position-major cache where it lies.
+fn attention_reads(g: &Graph, reads: &mut Vec<Value>, cfg: &mut AttentionConfig) -> KvReads {
+    let shape = |v: Value| g.ty(v).shape.clone();
+    // Operand `v` bound to `slot`: through its view when the view's last axis is
+    // contiguous, else as it is.
+    let bind = |reads: &mut Vec<Value>, slot: usize, v: Value| -> KvRead {
+        if let Some((view, r)) = fold_view(g, v).and_then(|view| KvRead::through(slot as u16, &view).map(|r| (view, r))) {
+            set_slot(reads, slot, view.root);
+            return r;
+        }
+        set_slot(reads, slot, v);
+        KvRead::contiguous(slot as u16, &shape(v))
+    };
+    let (k, v) = (reads[1], reads[2]);
+    let parts = match &g.node(k.node).op {
+        Op::Concat { axis: 3 } if g.inputs(k.node).len() == 2 => {
+            let p = g.inputs(k.node).to_vec();
+            g.ty(p[0]).shape.0[3].as_const().map(|d| (p[0], p[1], d as u32))
+        }
+        _ => None,
+    };
+    let (k_read, k2) = match parts {
+        Some((a, b, split)) if split > 0 && split < cfg.dk => {
+            cfg.split = split;
+            let slot = reads.len();
+            (bind(reads, 1, a), Some(bind(reads, slot, b)))
+        }
+        _ => (bind(reads, 1, k), None),
+    };
+    let v_read = bind(reads, 2, v);
+    KvReads { k: k_read, k2, v: v_read }
+}
+
+/// `reads[slot] = v`, appending when `slot` is one past the end.
+fn set_slot(reads: &mut Vec<Value>, slot: usize, v: Value) {
+    if slot == reads.len() {
+        reads.push(v);
+    } else {
+        reads[slot] = v;
+    }
 }
 
 /// How node `n` of `g` runs, or why it cannot yet.
@@ -408,7 +483,10 @@ pub fn node_work(g: &Graph, n: NodeId) -> Result<NodeWork, Unsupported> {
             let flops = tiled_flops(&grid, t, Size::Dim(k));
             single(Launch::new(spec, args, grid, flops))
         }
-        KernelSpec::Attention { .. } => super::kernels::attention::work_attention(spec, &ins),
+        KernelSpec::Attention { .. } => {
+            let kv = KvReads { k: KvRead::contiguous(1, &ins[1]), k2: None, v: KvRead::contiguous(2, &ins[2]) };
+            super::kernels::attention::work_attention(spec, &ins, &kv)
+        }
         KernelSpec::BatchMatMul { .. } => super::kernels::attention::work_batch_matmul(spec, &ins, [None, None]),
         KernelSpec::MoeRoute { .. } => super::kernels::moe::work_route(g, n, spec),
         KernelSpec::Label { .. } => super::kernels::loss::work(g, n, spec),

@@ -10,7 +10,7 @@
 //! After each step it lists the buffers no later step reads, so a runtime can release
 //! them (the plan's own liveness, not the runtime's guess).
 
-use super::launch::{node_work_in_graph, Arg, Buf, NodeWork, Size};
+use super::launch::{node_work_in_graph, Arg, Buf, Launch, NodeWork, Size};
 use super::{cube_dim, KernelSpec, Target};
 use crate::ir::{param_path, DType, Function, Graph, Mode, Module, NodeId, Op, Shape, Value};
 use serde_json::{json, Value as Json};
@@ -222,30 +222,16 @@ fn function_json(f: &FunctionPlan) -> Json {
                             o["alias"] = json!(inputs[*i as usize]);
                         }
                         NodeWork::Launches { scratch, launches } => {
-                            let sc: Vec<Json> = scratch.iter().map(|s| json!({ "dtype": s.dtype.name(), "len": size_json(&s.len) })).collect();
-                            let ls: Vec<Json> = launches
-                                .iter()
-                                .map(|l| {
-                                    let args: Vec<Json> = l
-                                        .args
-                                        .iter()
-                                        .map(|a| match a {
-                                            Arg::Buf(Buf::Input(i)) => json!({ "buffer": inputs[*i as usize] }),
-                                            Arg::Buf(Buf::Output(i)) => json!({ "buffer": outputs[*i as usize] }),
-                                            Arg::Buf(Buf::Scratch(i)) => json!({ "scratch": i }),
-                                            Arg::Inputs => json!("inputs"),
-                                            Arg::U32(s) => json!({ "u32": size_json(s) }),
-                                            Arg::Table(t) => json!({ "table": t.iter().map(size_json).collect::<Vec<_>>() }),
-                                            Arg::F32Table(t) => json!({ "f32_table": t.iter().map(|b| f32::from_bits(*b)).collect::<Vec<_>>() }),
-                                        })
-                                        .collect();
-                                    json!({ "kernel": l.kernel.name(), "args": args, "grid": l.grid.iter().map(size_json).collect::<Vec<_>>() })
-                                })
-                                .collect();
+                            let sc: Vec<Json> =
+                                scratch.iter().map(|s| json!({ "dtype": s.dtype.name(), "len": size_json(&s.len) })).collect();
                             if !sc.is_empty() {
                                 o["scratch"] = Json::Array(sc);
                             }
-                            o["launches"] = Json::Array(ls);
+                            o["launches"] = Json::Array(launches.iter().map(|l| launch_json(l, inputs, outputs)).collect());
+                        }
+                        NodeWork::Append { copy, write } => {
+                            o["append"] =
+                                json!({ "copy": launch_json(copy, inputs, outputs), "write": launch_json(write, inputs, outputs) });
                         }
                     }
                     o
@@ -262,6 +248,24 @@ fn function_json(f: &FunctionPlan) -> Json {
         })
         .collect();
     json!({ "inputs": f.inputs, "results": f.results, "buffers": buffers, "steps": steps })
+}
+
+/// One launch as `plan.json` writes it: buffers by plan id.
+fn launch_json(l: &Launch, inputs: &[usize], outputs: &[usize]) -> Json {
+    let args: Vec<Json> = l
+        .args
+        .iter()
+        .map(|a| match a {
+            Arg::Buf(Buf::Input(i)) => json!({ "buffer": inputs[*i as usize] }),
+            Arg::Buf(Buf::Output(i)) => json!({ "buffer": outputs[*i as usize] }),
+            Arg::Buf(Buf::Scratch(i)) => json!({ "scratch": i }),
+            Arg::Inputs => json!("inputs"),
+            Arg::U32(s) => json!({ "u32": size_json(s) }),
+            Arg::Table(t) => json!({ "table": t.iter().map(size_json).collect::<Vec<_>>() }),
+            Arg::F32Table(t) => json!({ "f32_table": t.iter().map(|b| f32::from_bits(*b)).collect::<Vec<_>>() }),
+        })
+        .collect();
+    json!({ "kernel": l.kernel.name(), "args": args, "grid": l.grid.iter().map(size_json).collect::<Vec<_>>() })
 }
 
 fn plan_function(f: &Function, unsupported: &mut Vec<String>) -> FunctionPlan {
@@ -325,7 +329,7 @@ fn plan_function(f: &Function, unsupported: &mut Vec<String>) -> FunctionPlan {
                         .map(|(i, t)| {
                             let source = match work {
                                 NodeWork::Alias(k) => Source::Alias(root(&buffers, ins[k as usize])),
-                                NodeWork::Launches { .. } => Source::Computed,
+                                NodeWork::Launches { .. } | NodeWork::Append { .. } => Source::Computed,
                             };
                             let b = new_buf(&mut buffers, t.dtype, t.shape.clone(), source);
                             of_value.insert(n.out(i as u16), b);

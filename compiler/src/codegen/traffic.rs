@@ -14,7 +14,7 @@
 //! `max(bytes / bandwidth, flops / peak)`: each kernel at the roofline, launch latency
 //! and overlap between kernels ignored. Presets: [`Device::PRESETS`].
 
-use super::launch::{Arg, Buf, NodeWork};
+use super::launch::{Arg, Buf, Launch, NodeWork, Scratch};
 use super::plan::{FunctionPlan, Plan, Step};
 use crate::ir::{Bindings, Mode};
 use crate::stats::StepIdeal;
@@ -152,7 +152,13 @@ fn function_traffic(f: &FunctionPlan, calls: u64, sizes: &Bindings, out: &mut Ve
         Some((bp.len().checked_eval(sizes)?.max(0) as f64, bp.dtype.bytes() as f64))
     };
     for s in &f.steps {
-        let Step::Node { label, inputs, outputs, work: NodeWork::Launches { scratch, launches } } = s else { continue };
+        let Step::Node { label, inputs, outputs, work } = s else { continue };
+        let (scratch, launches): (&[Scratch], Vec<&Launch>) = match work {
+            NodeWork::Alias(_) => continue,
+            NodeWork::Launches { scratch, launches } => (scratch, launches.iter().collect()),
+            // In place: only the new entries are written.
+            NodeWork::Append { write, .. } => (&[], vec![&**write]),
+        };
         for l in launches {
             // Each distinct buffer the launch binds, once (an input bound twice is read once).
             let mut bound: Vec<Buf> = Vec::new();

@@ -90,7 +90,7 @@ fn keep(b: &mut Builder, kv: &Kv, new: [Value; 2]) -> Result<([Value; 2], Vec<Va
 fn swap_lead(b: &mut Builder, x: Value) -> Result<Value, LowerError> {
     let rank = b.ty(x).shape.rank() as u8;
     let perm: Vec<u8> = [1, 0].into_iter().chain(2..rank).collect();
-    b.op(Op::Permute { perm: perm.into() }, &[x])
+    b.op(Op::Permute { perm }, &[x])
 }
 
 /// Keys attend over `seq` new positions, plus `c` cached ones when decoding.

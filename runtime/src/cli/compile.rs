@@ -16,7 +16,7 @@
 
 use super::load_spec;
 use crate::output::write_output;
-use dsc_compiler::codegen::launch::node_work;
+use dsc_compiler::codegen::launch::node_work_in_graph;
 use dsc_compiler::codegen::plan::Plan;
 use dsc_compiler::codegen::traffic::{CostReport, Device, Traffic};
 use dsc_compiler::codegen::{kernel_source, KernelSpec, Target};
@@ -359,8 +359,9 @@ pub fn collect_kernels(module: &Module, target: Target) -> (BTreeMap<String, Ker
                 continue;
             }
             // A node may take several kernels (a SwiGLU, the dispatch / grouped GEMMs /
-            // combine of an expert FFN); a reshape takes none.
-            match node_work(&f.graph, n) {
+            // combine of an expert FFN); a reshape takes none. Each as the plan runs it
+            // (attention reading a split key in place is its own kernel).
+            match node_work_in_graph(&f.graph, n).map(|(work, _)| work) {
                 Ok(work) => match work.kernels().find_map(|k| k.check_target(target).err()) {
                     Some(why) => *unsupported.entry((node.op.name(), why)).or_insert(0) += 1,
                     None => {

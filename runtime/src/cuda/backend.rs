@@ -240,9 +240,14 @@ impl CudaBackend {
         if b.len == 0 {
             return Ok(if b.repr == Repr::I32 { Tensor::i32(shape, vec![]) } else { Tensor::zeros(shape) });
         }
+        // The buffer may hold more than the tensor (a cache with room): its front is read.
+        let n: usize = shape.iter().product();
+        if n > b.len {
+            return Err(format!("reading {n} elements of a buffer of {}", b.len));
+        }
         let bytes = self.stream.clone_dtoh(&*b.mem).map_err(|e| format!("CUDA download: {e}"))?;
         self.sync()?;
-        let bytes = &bytes[..b.len * b.repr.bytes()];
+        let bytes = &bytes[..n * b.repr.bytes()];
         Ok(match b.repr {
             Repr::F32 => Tensor::f32(shape, bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
             Repr::F16 => Tensor::f32(shape, bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
@@ -265,7 +270,7 @@ impl CudaBackend {
         let shapes: Vec<Vec<usize>> = outs_ty.iter().map(|t| t.shape.eval(bind).into_iter().map(|d| d as usize).collect()).collect();
         let outs: Vec<DeviceBuf> = match &work {
             NodeWork::Alias(i) => vec![ins[*i as usize].clone()],
-            NodeWork::Launches { .. } => outs_ty
+            NodeWork::Launches { .. } | NodeWork::Append { .. } => outs_ty
                 .iter()
                 .zip(&shapes)
                 .map(|(t, s)| self.poisoned(s.iter().product(), Repr::of(t.dtype)?))
@@ -279,9 +284,9 @@ impl CudaBackend {
     /// already allocated (an alias needs nothing). Asynchronous: errors a kernel raises
     /// surface at the next download or [`CudaBackend::sync`].
     pub fn execute(&self, work: &NodeWork, ins: &[DeviceBuf], outs: &[DeviceBuf], bind: &Bindings) -> Result<(), String> {
-        let NodeWork::Launches { scratch, launches } = work else {
-            return Ok(());
-        };
+        // An append given an allocated output runs out of place (the plan executor runs
+        // the in-place form itself).
+        let (scratch, launches) = work.run_parts();
         let scratch: Vec<DeviceBuf> =
             scratch.iter().map(|s| self.poisoned(eval_len(&s.len, bind)?, Repr::of(s.dtype)?)).collect::<Result<_, String>>()?;
         for l in launches {
@@ -411,5 +416,8 @@ impl crate::plan_exec::Device for CudaBackend {
     }
     fn bytes(b: &DeviceBuf) -> usize {
         b.len * b.repr.bytes()
+    }
+    fn elem_bytes(dtype: DType) -> usize {
+        Repr::of(dtype).map_or(4, Repr::bytes)
     }
 }

@@ -48,6 +48,9 @@ impl Device for WgpuBackend {
     fn bytes(b: &DeviceBuf) -> usize {
         b.len * b.repr.bytes()
     }
+    fn elem_bytes(dtype: DType) -> usize {
+        Repr::of(dtype).map_or(4, Repr::bytes)
+    }
 }
 
 /// The wgpu device as a generation and training engine ([`PlanEngine`]).

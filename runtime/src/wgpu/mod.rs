@@ -174,8 +174,11 @@ impl WgpuBackend {
         if b.len == 0 {
             return if b.repr == Repr::I32 { Tensor::i32(shape, vec![]) } else { Tensor::zeros(shape) };
         }
+        // The buffer may hold more than the tensor (a cache with room): its front is read.
+        let n: usize = shape.iter().product();
+        assert!(n <= b.len, "reading {n} elements of a buffer of {}", b.len);
         let bytes = self.client.read_one_unchecked(b.handle.clone());
-        let bytes = &bytes[..b.len * b.repr.bytes()];
+        let bytes = &bytes[..n * b.repr.bytes()];
         match b.repr {
             Repr::F32 => Tensor::f32(shape, f32::from_bytes(bytes).to_vec()),
             Repr::F16 => Tensor::f32(shape, half::f16::from_bytes(bytes).iter().map(|v| v.to_f32()).collect()),
@@ -197,7 +200,7 @@ impl WgpuBackend {
         let shapes: Vec<Vec<usize>> = outs_ty.iter().map(|t| t.shape.eval(bind).into_iter().map(|d| d as usize).collect()).collect();
         let outs: Vec<DeviceBuf> = match &work {
             NodeWork::Alias(i) => vec![ins[*i as usize].clone()],
-            NodeWork::Launches { .. } => outs_ty
+            NodeWork::Launches { .. } | NodeWork::Append { .. } => outs_ty
                 .iter()
                 .zip(&shapes)
                 .map(|(t, s)| self.poisoned(s.iter().product(), Repr::of(t.dtype)?))
@@ -210,9 +213,9 @@ impl WgpuBackend {
     /// Runs a node's launches on device buffers: `ins` and `outs` in slot order, outputs
     /// already allocated (an alias needs nothing).
     pub fn execute(&self, work: &NodeWork, ins: &[DeviceBuf], outs: &[DeviceBuf], bind: &Bindings) -> Result<(), String> {
-        let NodeWork::Launches { scratch, launches } = work else {
-            return Ok(());
-        };
+        // An append given an allocated output runs out of place (the plan executor runs
+        // the in-place form itself).
+        let (scratch, launches) = work.run_parts();
         let scratch: Vec<DeviceBuf> =
             scratch.iter().map(|s| self.poisoned(eval_len(&s.len, bind)?, Repr::of(s.dtype)?)).collect::<Result<_, String>>()?;
         for l in launches {
@@ -456,9 +459,10 @@ impl WgpuBackend {
                 kernels::matmul::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.u32(3)?, a.u32(4)?, a.u32(5)?)
             }
             KernelSpec::Attention { cfg, .. } => {
-                let (q, k, v, mask, out, lse) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?, a.buf(5)?);
-                let (sq, sk, kvh) = (a.u32(7)?, a.u32(8)?, a.u32(9)?);
-                kernels::attention::attention::launch::<F>(c, count, dim, q, k, v, mask, out, lse, a.f32_table(6)?, sq, sk, kvh, *cfg)
+                let (q, k, k2, v, mask) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?);
+                let (out, lse, consts, kv) = (a.buf(5)?, a.buf(6)?, a.f32_table(7)?, a.table(8)?);
+                let (sq, sk, kvh) = (a.u32(9)?, a.u32(10)?, a.u32(11)?);
+                kernels::attention::attention::launch::<F>(c, count, dim, q, k, k2, v, mask, out, lse, consts, kv, sq, sk, kvh, *cfg)
             }
             KernelSpec::BatchMatMul { rank, accumulate, .. } => {
                 let (x, y, out, t) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.table(3)?);

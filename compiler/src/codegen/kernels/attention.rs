@@ -83,6 +83,10 @@ pub struct AttentionConfig {
     /// Also write each row's log-sum-exp (`[b, sq, heads]`, f32): the forward of a
     /// training step, which the backward recomputes the probabilities from.
     pub lse: bool,
+    /// Key columns read from `k`; the rest (`dk - split`) come from `k2`. Absorbed MLA's
+    /// key is the latent cache beside the rope-key cache, read where each lies instead of
+    /// concatenated per step. `dk` when the key is one buffer.
+    pub split: u32,
 }
 
 impl AttentionConfig {
@@ -99,7 +103,7 @@ impl AttentionConfig {
         while keys > 1 && keys * dv > V_TILE_BUDGET {
             keys /= 2;
         }
-        let c = AttentionConfig { dk, dv, group, rows, keys, scale_bits: scale.to_bits(), causal, masked, lse: false };
+        let c = AttentionConfig { dk, dv, group, rows, keys, scale_bits: scale.to_bits(), causal, masked, lse: false, split: dk };
         if c.shared_len() > SHARED_LIMIT {
             return Err(format!("value head size {dv} needs more than {} KiB of shared memory", SHARED_LIMIT * 4 / 1024));
         }
@@ -155,8 +159,12 @@ pub(crate) fn config(op: &Op, inputs: &[Ty]) -> Result<AttentionConfig, String> 
 }
 
 /// Flash attention; see the module header for the launch shape. `q [b, sq, heads, dk]`,
-/// `k [b, sk, kv_heads, dk]`, `v [b, sk, kv_heads, dv]`, `mask [b, sq, sk]` (only read
-/// when `cfg.masked`; otherwise any buffer), `out [b, sq, heads, dv]`; with `cfg.lse`,
+/// `k [b, sk, kv_heads, dk]` (its first `cfg.split` columns from `k`, the rest from `k2`),
+/// `v [b, sk, kv_heads, dv]`, each read through a strided view: `kv` holds, for `k`, `k2`
+/// and `v` in turn, the offset and the strides of the batch, key and head axes (the last
+/// axis is contiguous), so a position-major cache is read where it lies. `mask [b, sq,
+/// sk]` (only read when `cfg.masked`; otherwise any buffer), `out [b, sq, heads, dv]`;
+/// with `cfg.lse`,
 /// `lse [b, sq, heads]` gets each row's `max + ln Σ exp(s − max)`, or `consts[0]` (−∞:
 /// WGSL has no literal for it) for a row that saw no key.
 #[cube(launch, create_dummy_kernel)]
@@ -164,11 +172,13 @@ pub(crate) fn config(op: &Op, inputs: &[Ty]) -> Result<AttentionConfig, String> 
 pub fn attention<F: Float>(
     q: &[F],
     k: &[F],
+    k2: &[F],
     v: &[F],
     mask: &[F],
     out: &mut [F],
     lse: &mut [f32],
     consts: &[f32],
+    kv: &[u32],
     sq: u32,
     sk: u32,
     kv_heads: u32,
@@ -192,6 +202,14 @@ pub fn attention<F: Float>(
     let seen_at = comptime![cfg.stats_at() + 2 * cfg.rows];
     let c_at = comptime![cfg.stats_at() + 3 * cfg.rows];
     let scale = comptime![f32::from_bits(cfg.scale_bits)];
+    let split = comptime![cfg.split];
+    // Where this cube's batch row and kv head start in k, k2 and v, and their key strides.
+    let ka = kv[0] + bi * kv[1] + kvh * kv[3];
+    let ka_key = kv[2];
+    let kb = kv[4] + bi * kv[5] + kvh * kv[7];
+    let kb_key = kv[6];
+    let va = kv[8] + bi * kv[9] + kvh * kv[11];
+    let va_key = kv[10];
     let mut smem = Shared::<[f32]>::new_slice(comptime![cfg.shared_len() as usize]);
 
     if tid < rows {
@@ -249,7 +267,15 @@ pub fn attention<F: Float>(
                     let d = d0 + e % DK_CHUNK;
                     let mut x = 0.0f32;
                     if key < sk && d < dk {
-                        x = f32::cast_from(k[(((bi * sk + key) * kv_heads + kvh) * dk + d) as usize]);
+                        if comptime![cfg.split < cfg.dk] {
+                            if d < split {
+                                x = f32::cast_from(k[(ka + key * ka_key + d) as usize]);
+                            } else {
+                                x = f32::cast_from(k2[(kb + key * kb_key + d - split) as usize]);
+                            }
+                        } else {
+                            x = f32::cast_from(k[(ka + key * ka_key + d) as usize]);
+                        }
                     }
                     smem[(k_at + e) as usize] = x;
                 }
@@ -296,7 +322,7 @@ pub fn attention<F: Float>(
                 let mut x = 0.0f32;
                 // Keys past sk must be 0, not garbage: their probability is 0 and 0·NaN is NaN.
                 if key < sk {
-                    x = f32::cast_from(v[(((bi * sk + key) * kv_heads + kvh) * dv + e % dv) as usize]);
+                    x = f32::cast_from(v[(va + key * va_key + e % dv) as usize]);
                 }
                 smem[e as usize] = x;
             }
@@ -484,16 +510,55 @@ pub fn batch_matmul<F: Float>(
     }
 }
 
-/// The launch of an attention node: `ins` are q, k, v and the optional mask. An unmasked
-/// node binds a one-element scratch buffer in the mask's place (never read: `masked` is
-/// comptime), so the kernel has one signature.
-pub(crate) fn work_attention(spec: KernelSpec, ins: &[Shape]) -> NodeWork {
+/// Where attention reads one of its key or value operands: the input slot, the element
+/// offset and the strides of the batch, key and head axes (the last axis is contiguous).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct KvRead {
+    pub slot: u16,
+    pub offset: Size,
+    pub strides: [Size; 3],
+}
+
+impl KvRead {
+    /// A contiguous `[b, sk, heads, d]` operand in `slot`.
+    pub(crate) fn contiguous(slot: u16, shape: &Shape) -> KvRead {
+        let d = &shape.0;
+        KvRead { slot, offset: Size::lit(0), strides: [Size::product(&d[1..]), Size::product(&d[2..]), Size::Dim(d[3])] }
+    }
+
+    /// Operand `slot` read through `view` (of a `[b, sk, heads, d]` value), or `None` when
+    /// its last axis is not contiguous.
+    pub(crate) fn through(slot: u16, view: &View) -> Option<KvRead> {
+        let st = &view.strides;
+        (st.len() == 4 && st[3].as_const() == Some(1)).then(|| KvRead {
+            slot,
+            offset: view.offset.clone(),
+            strides: [st[0].clone(), st[1].clone(), st[2].clone()],
+        })
+    }
+}
+
+/// How an attention node reads its keys and values: `k2` holds the key columns past
+/// `cfg.split`, when the key is two buffers.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct KvReads {
+    pub k: KvRead,
+    pub k2: Option<KvRead>,
+    pub v: KvRead,
+}
+
+/// The launch of an attention node: `ins` are q, k, v and the optional mask (their
+/// shapes as the node sees them); `kv` says where the keys and values are read. An
+/// unmasked node binds a one-element scratch buffer in the mask's place (never read:
+/// `masked` is comptime), and a one-buffer key one in `k2`'s, so the kernel has one
+/// signature.
+pub(crate) fn work_attention(spec: KernelSpec, ins: &[Shape], kv: &KvReads) -> NodeWork {
     let KernelSpec::Attention { elem, cfg } = spec else { unreachable!("work_attention of {spec:?}") };
     let (q, k) = (&ins[0].0, &ins[1].0);
     let (b, sq, sk, kv_heads) = (q[0], q[1], k[1], k[2]);
     let buf = |b| Arg::Buf(b);
-    // Unused buffers bind one-element scratch: the mask of an unmasked node (scratch 0),
-    // the lse of a node that does not return it (scratch 1).
+    // Unused buffers bind one-element scratch: the mask of an unmasked node, the lse of a
+    // node that does not return it, k2 of a one-buffer key.
     let mut scratch = Vec::new();
     let mut dummy = |dtype: DType| {
         scratch.push(Scratch { dtype, len: Size::lit(1) });
@@ -501,14 +566,25 @@ pub(crate) fn work_attention(spec: KernelSpec, ins: &[Shape]) -> NodeWork {
     };
     let mask = if cfg.masked { buf(Buf::Input(3)) } else { dummy(elem_dtype(elem)) };
     let lse = if cfg.lse { buf(Buf::Output(1)) } else { dummy(DType::F32) };
+    let k2 = match &kv.k2 {
+        Some(r) => buf(Buf::Input(r.slot)),
+        None => dummy(elem_dtype(elem)),
+    };
+    let mut layout = Vec::with_capacity(12);
+    for r in [&kv.k, kv.k2.as_ref().unwrap_or(&kv.k), &kv.v] {
+        layout.push(r.offset.clone());
+        layout.extend(r.strides.iter().cloned());
+    }
     let args = vec![
         buf(Buf::Input(0)),
-        buf(Buf::Input(1)),
-        buf(Buf::Input(2)),
+        buf(Buf::Input(kv.k.slot)),
+        k2,
+        buf(Buf::Input(kv.v.slot)),
         mask,
         buf(Buf::Output(0)),
         lse,
         Arg::F32Table(vec![f32::NEG_INFINITY.to_bits()]),
+        Arg::Table(layout),
         Arg::U32(Size::Dim(sq)),
         Arg::U32(Size::Dim(sk)),
         Arg::U32(Size::Dim(kv_heads)),
@@ -528,6 +604,16 @@ pub(crate) fn work_attention(spec: KernelSpec, ins: &[Shape]) -> NodeWork {
     let mut launch = Launch::new(spec, args, grid, flops);
     for unused in scratch.iter().enumerate().map(|(i, _)| Buf::Scratch(i as u16)) {
         launch = launch.touching(unused, Touch::Elems(Size::lit(0)));
+    }
+    // Each operand's buffer may be larger than what is read (k's view of a cache whose
+    // rows hold more columns); the kernel reads its `[b, sk, kv_heads, ·]` elements.
+    let per_key = Size::product(&[b, sk, kv_heads]);
+    launch = launch.touching(Buf::Input(kv.k.slot), Touch::Elems(per_key.clone().mul(Size::lit(cfg.split as i64))));
+    if let Some(r) = &kv.k2 {
+        launch = launch.touching(Buf::Input(r.slot), Touch::Elems(per_key.clone().mul(Size::lit((cfg.dk - cfg.split) as i64))));
+    }
+    if kv.v.slot != kv.k.slot {
+        launch = launch.touching(Buf::Input(kv.v.slot), Touch::Elems(per_key.mul(Size::lit(cfg.dv as i64))));
     }
     NodeWork::Launches { scratch, launches: vec![launch] }
 }

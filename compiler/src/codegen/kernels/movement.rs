@@ -191,9 +191,10 @@ pub struct View {
 /// The view that the chain of movement nodes ending at `v` makes of the buffer before
 /// it, or `None` when `v` is not made by a permute, slice or broadcast. Reading from the
 /// root outward the chain is reshapes (free on a contiguous buffer), then any mix of
-/// permute, slice and broadcast: a reshape after a strided op would need a copy, so the
-/// walk stops there and that op's output is the root. Each op is applied as
-/// [`work`] applies it to a copy's source.
+/// permute, slice, broadcast and reshapes that only add or drop axes of length 1 (a
+/// general reshape after a strided op would need a copy, so the walk stops there and
+/// that op's output is the root). Each op is applied as [`work`] applies it to a copy's
+/// source.
 pub fn fold_view(g: &Graph, v: Value) -> Option<View> {
     let mut chain: Vec<NodeId> = Vec::new();
     let mut cur = v;
@@ -201,6 +202,7 @@ pub fn fold_view(g: &Graph, v: Value) -> Option<View> {
     loop {
         let n = cur.node;
         match &g.node(n).op {
+            Op::Reshape { .. } if !reshapes_only && unit_reshape(g, n) => {}
             Op::Reshape { .. } => reshapes_only = true,
             Op::Permute { .. } | Op::Slice { .. } | Op::Broadcast { .. } if !reshapes_only => {}
             _ => break,
@@ -230,11 +232,23 @@ pub fn fold_view(g: &Graph, v: Value) -> Option<View> {
                 let pad = out.len() - shape.len();
                 st = (0..out.len()).map(|a| if a < pad || shape[a - pad].is(1) { Size::lit(0) } else { st[a - pad].clone() }).collect();
             }
+            Op::Reshape { .. } => {
+                // The axes longer than 1 keep their strides, in order; the unit axes
+                // are never stepped along.
+                let mut kept = (0..shape.len()).filter(|&a| !shape[a].is(1)).map(|a| st[a].clone());
+                st = out.iter().map(|d| if d.is(1) { Size::lit(0) } else { kept.next().expect("unit_reshape checked") }).collect();
+            }
             op => unreachable!("fold_view through {}", op.name()),
         }
         shape = out;
     }
     Some(View { root, offset, strides: st })
+}
+
+/// Whether reshape node `n` only adds or drops axes of length 1.
+fn unit_reshape(g: &Graph, n: NodeId) -> bool {
+    let long = |v: &[Dim]| v.iter().filter(|d| !d.is(1)).copied().collect::<Vec<_>>();
+    long(&g.ty(g.inputs(n)[0]).shape.0) == long(&g.node(n).outputs[0].shape.0)
 }
 
 /// One [`strided_copy`] launch of the box `shape` (unit axes dropped here).
@@ -284,6 +298,13 @@ pub(crate) fn work(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
             let (st, pad) = (strides(&ins[0]), out.len() - ins[0].len());
             let src = (0..out.len()).map(|a| if a < pad || ins[0][a - pad].is(1) { zero() } else { st[a - pad].clone() }).collect();
             launch(copy_launch(&spec, 0, &out, (zero(), src), contiguous()))
+        }
+        Op::CacheAppend { axis: 0 } => {
+            let ost = strides(&out);
+            let copy = copy_launch(&spec, 0, &ins[0], (zero(), strides(&ins[0])), (zero(), ost.clone()));
+            let at = offset(ins[0][0], ost[0].clone());
+            let write = copy_launch(&spec, 1, &ins[1], (zero(), strides(&ins[1])), (at, ost));
+            NodeWork::Append { copy: Box::new(copy), write: Box::new(write) }
         }
         Op::Concat { axis } | Op::CacheAppend { axis } => {
             let (ax, ost) = (*axis as usize, strides(&out));
