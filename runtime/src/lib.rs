@@ -9,6 +9,8 @@ pub mod generate;
 pub mod output;
 pub mod plan_exec;
 pub mod reference;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub mod repr;
 pub mod rng;
 pub mod sampling;
 #[cfg(test)]

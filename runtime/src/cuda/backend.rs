@@ -2,42 +2,14 @@
 
 use super::abi::{self, Ptr};
 use super::nvrtc;
-use crate::reference::{Data, Tensor};
+use crate::reference::Tensor;
+pub use crate::repr::Repr;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use dsc_compiler::codegen::launch::{node_work, Launch, NodeWork, Size};
 use dsc_compiler::codegen::{cube_dim, kernel_source_and_shared_bytes, KernelSpec, Target};
 use dsc_compiler::ir::{Bindings, DType, Graph, NodeId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-
-/// How a device buffer holds its elements (as on wgpu: floats in the kernel's element
-/// type, integers as `i32`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Repr {
-    F32,
-    F16,
-    Bf16,
-    I32,
-}
-
-impl Repr {
-    /// The device representation of an IR dtype, or why there is none yet.
-    pub fn of(d: DType) -> Result<Repr, String> {
-        match d {
-            DType::F32 => Ok(Repr::F32),
-            DType::F16 => Ok(Repr::F16),
-            DType::Bf16 => Ok(Repr::Bf16),
-            DType::I32 | DType::I64 => Ok(Repr::I32),
-            other => Err(format!("no device representation for {} yet", other.name())),
-        }
-    }
-    pub fn bytes(self) -> usize {
-        match self {
-            Repr::F32 | Repr::I32 => 4,
-            Repr::F16 | Repr::Bf16 => 2,
-        }
-    }
-}
 
 /// A buffer on the device: `len` elements in `repr` (at least one element is
 /// allocated). Clones share the memory, which is freed with the last one.
@@ -198,32 +170,13 @@ impl CudaBackend {
 
     /// Copies `t` to the device in `repr` (integers must fit in `i32`).
     pub fn upload(&self, t: &Tensor, repr: Repr) -> Result<DeviceBuf, String> {
-        let len = t.numel();
-        let bytes: Vec<u8> = match (repr, t.data()) {
-            (Repr::I32, Data::I64(v)) => v
-                .iter()
-                .map(|&x| i32::try_from(x).map(i32::to_le_bytes).map_err(|_| format!("index {x} exceeds i32")))
-                .collect::<Result<Vec<_>, _>>()?
-                .concat(),
-            (Repr::I32, Data::I32(v)) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            (Repr::I32, d) => return Err(format!("{} data for an integer buffer", d.kind())),
-            (Repr::F32, _) => t.to_f32_vec().iter().flat_map(|x| x.to_le_bytes()).collect(),
-            (Repr::F16, _) => t.to_f32_vec().iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
-            (Repr::Bf16, _) => t.to_f32_vec().iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
-        };
-        self.bytes_to_device(&bytes, len, repr)
+        self.bytes_to_device(&repr.encode(t)?, t.numel(), repr)
     }
 
     /// A buffer of `len` elements filled with NaN (floats) or `i32::MIN` (integers), so
     /// that an element no kernel writes cannot pass for a result.
     pub fn poisoned(&self, len: usize, repr: Repr) -> Result<DeviceBuf, String> {
-        let one: Vec<u8> = match repr {
-            Repr::F32 => f32::NAN.to_le_bytes().to_vec(),
-            Repr::F16 => half::f16::NAN.to_le_bytes().to_vec(),
-            Repr::Bf16 => half::bf16::NAN.to_le_bytes().to_vec(),
-            Repr::I32 => i32::MIN.to_le_bytes().to_vec(),
-        };
-        self.bytes_to_device(&one.repeat(len), len, repr)
+        self.bytes_to_device(&repr.poison(len), len, repr)
     }
 
     /// An uninitialised buffer of `len` elements (plan execution writes every element of
@@ -241,19 +194,9 @@ impl CudaBackend {
             return Ok(if b.repr == Repr::I32 { Tensor::i32(shape, vec![]) } else { Tensor::zeros(shape) });
         }
         // The buffer may hold more than the tensor (a cache with room): its front is read.
-        let n: usize = shape.iter().product();
-        if n > b.len {
-            return Err(format!("reading {n} elements of a buffer of {}", b.len));
-        }
         let bytes = self.stream.clone_dtoh(&*b.mem).map_err(|e| format!("CUDA download: {e}"))?;
         self.sync()?;
-        let bytes = &bytes[..n * b.repr.bytes()];
-        Ok(match b.repr {
-            Repr::F32 => Tensor::f32(shape, bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
-            Repr::F16 => Tensor::f32(shape, bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
-            Repr::Bf16 => Tensor::f32(shape, bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
-            Repr::I32 => Tensor::i32(shape, bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
-        })
+        b.repr.decode(&bytes, shape)
     }
 
     /// Runs node `n` of `g` on host tensors (its inputs in slot order) with the run-time

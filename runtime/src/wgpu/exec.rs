@@ -40,7 +40,7 @@ impl Device for WgpuBackend {
         self.empty(len, Repr::of(dtype)?)
     }
     fn download(&self, b: &DeviceBuf, shape: &[usize]) -> Result<Tensor, String> {
-        Ok(WgpuBackend::download(self, b, shape))
+        WgpuBackend::download(self, b, shape)
     }
     fn execute(&self, work: &NodeWork, ins: &[DeviceBuf], outs: &[DeviceBuf], bind: &Bindings) -> Result<(), String> {
         WgpuBackend::execute(self, work, ins, outs, bind)

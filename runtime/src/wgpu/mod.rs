@@ -7,39 +7,14 @@
 //! in the kernel's element type (`f32` or `f16`), integers (token ids, positions, expert
 //! indices) as `i32`.
 
-use crate::reference::{Data, Tensor};
+use crate::reference::Tensor;
+pub use crate::repr::Repr;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use cubecl::wgpu::WgpuDevice;
 use dsc_compiler::codegen::launch::{node_work, Arg, Buf, Launch, NodeWork};
 use dsc_compiler::codegen::{cube_dim, kernels, KernelSpec};
-use dsc_compiler::ir::{Bindings, DType, Graph, NodeId};
-
-/// How a device buffer holds its elements.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Repr {
-    F32,
-    F16,
-    I32,
-}
-
-impl Repr {
-    /// The device representation of an IR dtype, or why there is none yet.
-    pub fn of(d: DType) -> Result<Repr, String> {
-        match d {
-            DType::F32 => Ok(Repr::F32),
-            DType::F16 => Ok(Repr::F16),
-            DType::I32 | DType::I64 => Ok(Repr::I32),
-            other => Err(format!("no device representation for {} yet", other.name())),
-        }
-    }
-    pub fn bytes(self) -> usize {
-        match self {
-            Repr::F32 | Repr::I32 => 4,
-            Repr::F16 => 2,
-        }
-    }
-}
+use dsc_compiler::ir::{Bindings, Graph, NodeId};
 
 /// A buffer on the device: `len` elements in `repr`.
 #[derive(Clone)]
@@ -106,6 +81,9 @@ impl WgpuBackend {
 
     /// `len` elements in `repr` as a byte count, or why the adapter cannot hold them.
     fn buffer_bytes(&self, len: usize, repr: Repr) -> Result<usize, String> {
+        if repr == Repr::Bf16 {
+            return Err("the wgpu backend has no bf16 buffers (WGSL has no bf16 type): run a bf16 model with `--backend cuda` or `--backend reference`, or declare the spec's dtype f16 or f32".into());
+        }
         let bytes = len.max(1).checked_mul(repr.bytes()).ok_or_else(|| format!("a buffer of {len} elements overflows"))?;
         let max = self.max_buffer_bytes();
         if bytes as u64 > max {
@@ -132,21 +110,7 @@ impl WgpuBackend {
         let len = t.numel();
         // Before the host copy: a tensor the adapter cannot hold is not converted first.
         self.buffer_bytes(len, repr)?;
-        let bytes: Vec<u8> = match (repr, t.data()) {
-            (Repr::I32, Data::I64(v)) => {
-                let v: Vec<i32> =
-                    v.iter().map(|&x| i32::try_from(x).map_err(|_| format!("index {x} exceeds i32"))).collect::<Result<_, _>>()?;
-                i32::as_bytes(&v).to_vec()
-            }
-            (Repr::I32, Data::I32(v)) => i32::as_bytes(v).to_vec(),
-            (Repr::I32, d) => return Err(format!("{} data for an integer buffer", d.kind())),
-            (Repr::F32, _) => f32::as_bytes(&t.to_f32_vec()).to_vec(),
-            (Repr::F16, _) => {
-                let v: Vec<half::f16> = t.to_f32_vec().into_iter().map(half::f16::from_f32).collect();
-                half::f16::as_bytes(&v).to_vec()
-            }
-        };
-        Ok(self.buffer_from_bytes(&bytes, len, repr))
+        Ok(self.buffer_from_bytes(&repr.encode(t)?, len, repr))
     }
 
     /// A buffer holding `bytes`; the caller has checked the size against the adapter's
@@ -161,29 +125,16 @@ impl WgpuBackend {
     /// that an element no kernel writes cannot pass for a result.
     pub fn poisoned(&self, len: usize, repr: Repr) -> Result<DeviceBuf, String> {
         self.buffer_bytes(len, repr)?;
-        let bytes: Vec<u8> = match repr {
-            Repr::F32 => f32::as_bytes(&vec![f32::NAN; len]).to_vec(),
-            Repr::F16 => half::f16::as_bytes(&vec![half::f16::NAN; len]).to_vec(),
-            Repr::I32 => i32::as_bytes(&vec![i32::MIN; len]).to_vec(),
-        };
-        Ok(self.buffer_from_bytes(&bytes, len, repr))
+        Ok(self.buffer_from_bytes(&repr.poison(len), len, repr))
     }
 
-    /// Reads `b` back as a tensor of `shape` (`f32` for floats, `i32` for integers).
-    pub fn download(&self, b: &DeviceBuf, shape: &[usize]) -> Tensor {
+    /// Reads the first `shape`'s worth of `b` back as a tensor (`f32` for floats, `i32`
+    /// for integers); the buffer may hold more (a cache with room).
+    pub fn download(&self, b: &DeviceBuf, shape: &[usize]) -> Result<Tensor, String> {
         if b.len == 0 {
-            return if b.repr == Repr::I32 { Tensor::i32(shape, vec![]) } else { Tensor::zeros(shape) };
+            return Ok(if b.repr == Repr::I32 { Tensor::i32(shape, vec![]) } else { Tensor::zeros(shape) });
         }
-        // The buffer may hold more than the tensor (a cache with room): its front is read.
-        let n: usize = shape.iter().product();
-        assert!(n <= b.len, "reading {n} elements of a buffer of {}", b.len);
-        let bytes = self.client.read_one_unchecked(b.handle.clone());
-        let bytes = &bytes[..n * b.repr.bytes()];
-        match b.repr {
-            Repr::F32 => Tensor::f32(shape, f32::from_bytes(bytes).to_vec()),
-            Repr::F16 => Tensor::f32(shape, half::f16::from_bytes(bytes).iter().map(|v| v.to_f32()).collect()),
-            Repr::I32 => Tensor::i32(shape, i32::from_bytes(bytes).to_vec()),
-        }
+        b.repr.decode(&self.client.read_one_unchecked(b.handle.clone()), shape)
     }
 
     /// Runs node `n` of `g` on host tensors (its inputs in slot order) with the run-time
@@ -207,7 +158,7 @@ impl WgpuBackend {
                 .collect::<Result<_, String>>()?,
         };
         self.execute(&work, &ins, &outs, bind)?;
-        Ok(outs.iter().zip(&shapes).map(|(b, s)| self.download(b, s)).collect())
+        outs.iter().zip(&shapes).map(|(b, s)| self.download(b, s)).collect()
     }
 
     /// Runs a node's launches on device buffers: `ins` and `outs` in slot order, outputs
@@ -686,5 +637,15 @@ mod limits {
         let err = dev.empty(max / 4 + 1, Repr::F32).err().expect("too large");
         assert!(err.contains("is larger than the") && err.contains("allocates at once"), "{err}");
         assert!(dev.empty(usize::MAX / 2, Repr::F32).is_err());
+    }
+
+    /// WGSL has no bf16: a bf16 buffer is an error that says what to do instead.
+    #[test]
+    fn bf16_buffers_are_refused() {
+        let dev = WgpuBackend::new();
+        let err = dev.empty(4, Repr::Bf16).err().expect("no bf16 on wgpu");
+        assert!(err.contains("no bf16") && err.contains("--backend cuda"), "{err}");
+        let t = crate::reference::Tensor::f32(&[2], vec![1.0, 2.0]);
+        assert!(dev.upload(&t, Repr::Bf16).is_err());
     }
 }
