@@ -51,14 +51,13 @@ pub trait Device {
 pub struct PlanEngine<D: Device> {
     device: D,
     weights: DeviceWeights<D::Buf>,
-    traffic: HostTraffic,
-    appends: AppendCounts,
+    counters: Counters,
 }
 
 impl<D: Device> PlanEngine<D> {
     /// An engine on an opened device.
     pub fn on(device: D) -> PlanEngine<D> {
-        PlanEngine { device, weights: DeviceWeights::new(), traffic: HostTraffic::default(), appends: AppendCounts::default() }
+        PlanEngine { device, weights: DeviceWeights::new(), counters: Counters::default() }
     }
 
     pub fn backend(&self) -> &D {
@@ -71,14 +70,34 @@ impl<D: Device> PlanEngine<D> {
         self.weights.clear();
     }
 
-    /// Bytes of run arguments uploaded and results downloaded so far (not weights).
-    pub fn host_traffic(&self) -> (u64, u64) {
-        self.traffic.get()
+    /// The device copy of weight `name` held as `dtype`, if a run has uploaded it.
+    pub fn weight(&self, name: &str, dtype: DType) -> Option<D::Buf> {
+        self.weights.get(name, dtype)
     }
 
-    /// Cache appends made in place and appends that had to copy, so far.
-    pub fn append_counts(&self) -> (u64, u64) {
-        self.appends.get()
+    /// Makes `buf` the device copy of weight `name` (an update made on the host, such as a
+    /// selection bias's).
+    pub fn set_weight(&self, name: &str, dtype: DType, buf: D::Buf) {
+        self.weights.set(name, dtype, buf);
+    }
+
+    /// What the engine's runs have moved and done so far.
+    pub fn counts(&self) -> Counts {
+        self.counters.get()
+    }
+
+    /// Copies `t` to the device as `dtype`, counted as host traffic (values a training
+    /// step's optimizer needs beside the plan's runs).
+    pub fn upload(&self, t: &Tensor, dtype: DType) -> Result<D::Buf, String> {
+        let b = self.device.upload(t, dtype)?;
+        Counters::add(&self.counters.to_device, D::bytes(&b));
+        Ok(b)
+    }
+
+    /// Reads the front of `b` back as a tensor of `shape`, counted as host traffic.
+    pub fn download(&self, b: &D::Buf, shape: &[usize], dtype: DType) -> Result<Tensor, String> {
+        Counters::add(&self.counters.to_host, shape.iter().product::<usize>() * D::elem_bytes(dtype));
+        self.device.download(b, shape)
     }
 
     /// Bytes of weights and constants uploaded so far.
@@ -108,7 +127,7 @@ impl<D: Device + Send + Sync> Engine for PlanEngine<D> {
         keep: &[bool],
         weights: &dyn Weights,
     ) -> Result<Vec<Value<Held<D::Buf>>>, String> {
-        run_plan_values(&self.device, plan, args, keep, weights, &self.weights, (&self.traffic, &self.appends))
+        run_plan_values(&self.device, plan, args, keep, weights, &self.weights, &self.counters)
     }
 }
 
@@ -172,33 +191,45 @@ impl<B: Clone + Send + Sync + 'static> HeldValue for Held<B> {
     }
 }
 
-/// How the runs' appends went: in place, or copied into a new buffer with room.
+/// What an engine's runs moved over the host link and how their appends went, counted
+/// since the engine was made ([`PlanEngine::counts`]).
 #[derive(Debug, Default)]
-pub struct AppendCounts {
+pub struct Counters {
+    to_device: AtomicU64,
+    to_host: AtomicU64,
+    weights_to_device: AtomicU64,
     in_place: AtomicU64,
     copied: AtomicU64,
 }
 
-impl AppendCounts {
-    /// Appends made in place and appends that copied, so far.
-    pub fn get(&self) -> (u64, u64) {
-        (self.in_place.load(Ordering::Relaxed), self.copied.load(Ordering::Relaxed))
+/// A reading of [`Counters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Bytes of run arguments (and of values uploaded for the optimizer) sent to the device.
+    pub to_device: u64,
+    /// Bytes of results (and optimizer values) read back.
+    pub to_host: u64,
+    /// Bytes of weights and constants uploaded.
+    pub weights_to_device: u64,
+    /// KV-cache appends made in place, and appends that copied the cache.
+    pub appends_in_place: u64,
+    pub appends_copied: u64,
+}
+
+impl Counters {
+    pub fn get(&self) -> Counts {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Counts {
+            to_device: r(&self.to_device),
+            to_host: r(&self.to_host),
+            weights_to_device: r(&self.weights_to_device),
+            appends_in_place: r(&self.in_place),
+            appends_copied: r(&self.copied),
+        }
     }
-}
 
-/// Bytes that crossed between the host and the device for runs' arguments and results
-/// (weights and constants are counted apart, [`PlanEngine::weight_bytes`]): what a
-/// decode step costs the host link.
-#[derive(Debug, Default)]
-pub struct HostTraffic {
-    to_device: AtomicU64,
-    to_host: AtomicU64,
-}
-
-impl HostTraffic {
-    /// Bytes uploaded and downloaded so far.
-    pub fn get(&self) -> (u64, u64) {
-        (self.to_device.load(Ordering::Relaxed), self.to_host.load(Ordering::Relaxed))
+    fn add(a: &AtomicU64, n: usize) {
+        a.fetch_add(n as u64, Ordering::Relaxed);
     }
 }
 
@@ -229,6 +260,14 @@ impl<B: Clone> DeviceWeights<B> {
         self.bufs.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
+    fn get(&self, name: &str, dtype: DType) -> Option<B> {
+        self.bufs.lock().unwrap_or_else(|e| e.into_inner()).get(&(name.to_string(), dtype)).cloned()
+    }
+
+    fn set(&self, name: &str, dtype: DType, b: B) {
+        self.bufs.lock().unwrap_or_else(|e| e.into_inner()).insert((name.to_string(), dtype), b);
+    }
+
     /// The cached buffer under `key`, or `make`'s, cached.
     fn get_or_upload(&self, key: (String, DType), make: impl FnOnce() -> Result<B, String>) -> Result<B, String> {
         if let Some(b) = self.bufs.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
@@ -250,13 +289,13 @@ pub fn run_plan<D: Device>(
     cache: &DeviceWeights<D::Buf>,
 ) -> Result<Vec<Tensor>, String> {
     let args = args.iter().map(|t| Value::Host(t.clone())).collect();
-    let out = run_plan_values(dev, plan, args, &[], weights, cache, (&HostTraffic::default(), &AppendCounts::default()))?;
+    let out = run_plan_values(dev, plan, args, &[], weights, cache, &Counters::default())?;
     Ok(out.into_iter().map(|v| v.into_host().expect("no result was kept on the device")).collect())
 }
 
 /// Runs the plan's entry on arguments on the host or left on the device by an earlier
 /// run. Results whose `keep` flag is set stay on the device ([`Held`]); the others are
-/// downloaded. `counts` tallies the bytes that crossed and how the appends went.
+/// downloaded. `counters` tallies the bytes that crossed and how the appends went.
 pub fn run_plan_values<D: Device>(
     dev: &D,
     plan: &Plan,
@@ -264,9 +303,8 @@ pub fn run_plan_values<D: Device>(
     keep: &[bool],
     weights: &dyn Weights,
     cache: &DeviceWeights<D::Buf>,
-    counts: (&HostTraffic, &AppendCounts),
+    counters: &Counters,
 ) -> Result<Vec<Value<Held<D::Buf>>>, String> {
-    let (traffic, appends) = counts;
     let entry = plan.functions.get(&plan.entry).ok_or_else(|| format!("the plan has no function `{}`", plan.entry))?;
     if args.len() != entry.inputs.len() {
         return Err(format!("{} arguments for `{}`, which takes {}", args.len(), plan.entry, entry.inputs.len()));
@@ -285,7 +323,7 @@ pub fn run_plan_values<D: Device>(
         on_device.push(match a {
             Value::Host(t) => {
                 let buf = dev.upload(&t, want)?;
-                traffic.to_device.fetch_add(D::bytes(&buf) as u64, Ordering::Relaxed);
+                Counters::add(&counters.to_device, D::bytes(&buf));
                 Slot { buf, room: None }
             }
             Value::Held(h) if h.dtype == want => Slot { buf: h.buf, room: h.room },
@@ -294,7 +332,7 @@ pub fn run_plan_values<D: Device>(
             }
         });
     }
-    let run = Run { dev, plan, weights, cache, bind, appends };
+    let run = Run { dev, plan, weights, cache, bind, counters };
     let results = run.function(entry, on_device, None)?;
     results
         .into_iter()
@@ -307,7 +345,7 @@ pub fn run_plan_values<D: Device>(
                 return Ok(Value::Held(Held { bytes: D::bytes(&d.buf) as u64, buf: d.buf, shape, dtype, room: d.room }));
             }
             let bytes = shape.iter().product::<usize>() * D::elem_bytes(dtype);
-            traffic.to_host.fetch_add(bytes as u64, Ordering::Relaxed);
+            Counters::add(&counters.to_host, bytes);
             dev.download(&d.buf, &shape).map(Value::Host)
         })
         .collect()
@@ -361,7 +399,7 @@ struct Run<'a, D: Device> {
     weights: &'a dyn Weights,
     cache: &'a DeviceWeights<D::Buf>,
     bind: Bindings,
-    appends: &'a AppendCounts,
+    counters: &'a Counters,
 }
 
 impl<D: Device> Run<'_, D> {
@@ -404,13 +442,13 @@ impl<D: Device> Run<'_, D> {
                             let (len, add) = (elems(inputs[0])?, elems(inputs[1])?);
                             match ins[0].room.as_ref().filter(|r| r.claim(len, add)) {
                                 Some(room) => {
-                                    self.appends.in_place.fetch_add(1, Ordering::Relaxed);
+                                    Counters::add(&self.counters.in_place, 1);
                                     let work = NodeWork::Launches { scratch: vec![], launches: vec![(**write).clone()] };
                                     self.dev.execute(&work, &bufs, &bufs[..1], &self.bind).map_err(err)?;
                                     vec![Slot { buf: bufs[0].clone(), room: Some(room.clone()) }]
                                 }
                                 None => {
-                                    self.appends.copied.fetch_add(1, Ordering::Relaxed);
+                                    Counters::add(&self.counters.copied, 1);
                                     let dtype = f.buffers[outputs[0]].dtype;
                                     let (buf, capacity) = self.with_room(len + add, add, dtype).map_err(err)?;
                                     self.dev.execute(work, &bufs, std::slice::from_ref(&buf), &self.bind).map_err(err)?;
@@ -454,7 +492,9 @@ impl<D: Device> Run<'_, D> {
     fn weight(&self, name: &str, dtype: DType) -> Result<D::Buf, String> {
         self.cache.get_or_upload((name.to_string(), dtype), || {
             let t = self.weights.get(name).ok_or_else(|| format!("no weight `{name}`"))?;
-            self.dev.upload(t, dtype)
+            let b = self.dev.upload(t, dtype)?;
+            Counters::add(&self.counters.weights_to_device, D::bytes(&b));
+            Ok(b)
         })
     }
 

@@ -344,15 +344,16 @@ fn decode_on_wgpu_keeps_the_cache_on_the_device() {
         assert!(out.cache.tensors().is_none(), "{case}: the prompt pass left its cache on the host");
         assert_eq!(out.cache.len(), len);
         let opts = GenerateOptions { max_new_tokens: 6, ..GenerateOptions::default() };
-        let before = b.engine().host_traffic();
+        let before = b.engine().counts();
         let g = generate(&b, &p, &opts).unwrap();
-        let after = b.engine().host_traffic();
+        let after = b.engine().counts();
         let steps = g.stats.decode_steps as u64;
         assert_eq!(steps, 5);
         // i32 ids and positions in; f32 logits of the last position out.
         let (b_, s_, v_) = (batch as u64, len as u64, vocab as u64);
-        assert_eq!(after.0 - before.0, 2 * 4 * b_ * s_ + steps * 2 * 4 * b_, "{case}: bytes to the device");
-        assert_eq!(after.1 - before.1, 4 * b_ * v_ + steps * 4 * b_ * v_, "{case}: bytes to the host");
+        assert_eq!(after.to_device - before.to_device, 2 * 4 * b_ * s_ + steps * 2 * 4 * b_, "{case}: bytes to the device");
+        assert_eq!(after.to_host - before.to_host, 4 * b_ * v_ + steps * 4 * b_ * v_, "{case}: bytes to the host");
+        assert_eq!(after.weights_to_device, before.weights_to_device, "{case}: the weights were uploaded by the first prefill");
         let want = generate(&backend(case, "config.json", MlaMode::Auto), &p, &opts).unwrap();
         assert_eq!(g.tokens, want.tokens, "{case}");
         assert_eq!(g.stats.cache_len, len + 5);
@@ -401,13 +402,14 @@ fn decode_on_wgpu_appends_in_place() {
             (cache, ref_cache) = (got.cache, want.cache);
         }
         // One copy per cache tensor at the first step, in place after it.
-        assert_eq!(dev.engine().append_counts(), (3 * 2 * layers, 2 * layers), "{case}");
+        let c = dev.engine().counts();
+        assert_eq!((c.appends_in_place, c.appends_copied), (3 * 2 * layers, 2 * layers), "{case}");
         assert!(sizes.windows(2).all(|w| w[0] == w[1]), "{case}: the cache moved: {sizes:?}");
         // Step 2 again from the cache it started with: step 3 has written past it since.
         let (old, ref_old, input) = branch.unwrap();
         let (got, want) = (dev.decode(&input, old).unwrap(), refb.decode(&input, ref_old).unwrap());
         assert!(max_diff(&got.logits, &want.logits) < 1e-4, "{case}: the branched step");
-        assert_eq!(dev.engine().append_counts().1, 4 * layers, "{case}: the branch must copy");
+        assert_eq!(dev.engine().counts().appends_copied, 4 * layers, "{case}: the branch must copy");
         // And the newer cache is intact: one more step from it still matches.
         let input = step(&tokens, len + 4);
         let (got, want) = (dev.decode(&input, cache).unwrap(), refb.decode(&input, ref_cache).unwrap());

@@ -18,6 +18,7 @@ pub mod loss;
 pub mod moe;
 pub mod moe_grad;
 pub mod movement;
+pub mod optim;
 pub mod reduce;
 pub mod rope;
 

@@ -283,13 +283,34 @@ mod tests {
     /// a checkpoint and resumed gives the same losses and weights, bit for bit.
     #[test]
     fn real_gradients_train_and_resume_bit_for_bit() {
-        let dir = crate::train::checkpoint::tests::scratch("cli-real");
-        let body =
-            format!("spec: {}\ninit: {{seed: 3}}\nsteps: 6\ncheckpoint_every: 3\noptimizer: {{lr: 0.01}}\n", tiny("tiny_v3.dsc").display());
+        train_and_resume("cli-real", "", &|spec, opts| reference_objective(spec, opts));
+    }
+
+    /// The same with the weights, AdamW's state and the bias update on a wgpu device: its
+    /// checkpoints bring them to the host, and a resumed run continues on the device
+    /// exactly as the run that never stopped; its losses are the reference backend's.
+    #[cfg(feature = "wgpu")]
+    #[test]
+    fn device_training_resumes_bit_for_bit() {
+        let (dev, _) = train_and_resume("cli-real-wgpu", "backend: wgpu\n", &|spec, opts| objective(spec, opts));
+        let (host, _) = train_and_resume("cli-real-ref", "", &|spec, opts| reference_objective(spec, opts));
+        for (a, b) in dev.iter().zip(&host) {
+            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "wgpu {dev:?} vs reference {host:?}");
+        }
+    }
+
+    /// Six SFT steps of tiny_v3 with a checkpoint at 3, then the run resumed from
+    /// checkpoint-3: the losses and final weights of both passes agree bit for bit.
+    /// Returns the losses and the final weights.
+    fn train_and_resume(tag: &str, extra: &str, make: MakeObjective) -> (Vec<f64>, HashMap<String, Tensor>) {
+        let dir = crate::train::checkpoint::tests::scratch(tag);
+        let body = format!(
+            "spec: {}\ninit: {{seed: 3}}\nsteps: 6\ncheckpoint_every: 3\noptimizer: {{lr: 0.01}}\ngrad_clip: 0.5\n{extra}",
+            tiny("tiny_v3.dsc").display()
+        );
         let r = write_recipe(&dir, &body);
         let out = dir.join("run");
-        let real: MakeObjective = &|spec, opts| reference_objective(spec, opts);
-        sft_cmd(&SftArgs { config: r.clone(), resume: None }, real).unwrap();
+        sft_cmd(&SftArgs { config: r.clone(), resume: None }, make).unwrap();
         let losses = |path: &Path| -> Vec<f64> {
             std::fs::read_to_string(path)
                 .unwrap()
@@ -303,10 +324,11 @@ mod tests {
         let weights_a = checkpoint::load(&out.join("final")).unwrap().weights;
         // Back to checkpoint-3 and on again.
         std::fs::remove_dir_all(out.join("final")).unwrap();
-        sft_cmd(&SftArgs { config: r, resume: Some(out.clone()) }, real).unwrap();
+        sft_cmd(&SftArgs { config: r, resume: Some(out.clone()) }, make).unwrap();
         assert_eq!(losses(&out.join("metrics.jsonl")), first);
         assert_eq!(checkpoint::load(&out.join("final")).unwrap().weights, weights_a);
         let _ = std::fs::remove_dir_all(&dir);
+        (first, weights_a)
     }
 
     /// Metrics lines without the wall-clock figures, which differ between two runs.

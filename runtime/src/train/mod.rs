@@ -11,6 +11,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod device;
 pub mod grpo;
 pub mod init;
 pub mod metrics;
@@ -28,6 +29,12 @@ use std::path::Path;
 /// What the loop needs from a compiled model: the loss and gradients of one batch.
 pub trait Objective {
     fn step(&mut self, weights: &HashMap<String, Tensor>, batch: &Batch) -> Result<StepOutput, TrainError>;
+    /// The objective's own weights and optimizer state, when it keeps them on a device
+    /// (its [`StepOutput::grads`] are then empty: they stay there too). `None`: the loop
+    /// updates `weights` on the host.
+    fn device_state(&mut self) -> Option<&mut dyn device::DeviceState> {
+        None
+    }
 }
 
 /// One batch of sequences, right-padded to the longest.

@@ -51,6 +51,9 @@ pub struct GradOutput {
     pub loads: Vec<(u32, Vec<f64>)>,
 }
 
+/// Gradients an engine kept on its device, by IR param name.
+pub type HeldGrads<H> = Vec<(String, H)>;
+
 /// The train entry of a spec, differentiated.
 #[derive(Debug, Clone)]
 pub struct TrainModel {
@@ -215,6 +218,43 @@ impl TrainModel {
         let loss = raw.first.get_flat(0);
         let objective = terms.main * loss + terms.mtp * raw.mtp_loss + terms.aux * raw.aux_loss;
         Ok(GradOutput { loss, mtp_loss: raw.mtp_loss, aux_loss: raw.aux_loss, objective, grads: raw.grads, loads: raw.loads })
+    }
+
+    /// [`TrainModel::run_on`] with the gradients left on the engine's device: they come
+    /// back by IR param name, and [`GradOutput::grads`] is empty. A device optimizer
+    /// reads them there (`super::device`).
+    pub fn run_on_held<E: Engine>(
+        &self,
+        engine: &E,
+        prepared: &E::Prepared,
+        weights: &dyn Weights,
+        batch: [&Tensor; 3],
+        terms: Terms,
+    ) -> Result<(GradOutput, HeldGrads<E::Held>), String> {
+        use crate::generate::Value;
+        let cot = [terms.main, terms.mtp, terms.aux].map(|w| Tensor::scalar(w as f32));
+        let args = self.args(&batch, cot).into_iter().map(Value::Host).collect();
+        let head = 3 + self.moe_layers.len();
+        let keep: Vec<bool> = (0..head + self.gradients.params.len()).map(|i| i >= head).collect();
+        let mut outs = engine.run_values(&self.module, prepared, Mode::Train, args, &keep, weights)?;
+        let held = outs.split_off(head.min(outs.len()));
+        let host: Vec<Tensor> =
+            outs.into_iter().map(|v| v.into_host().ok_or("a loss came back on the device")).collect::<Result<_, _>>()?;
+        let raw = self.raw(host);
+        let grads = self
+            .gradients
+            .params
+            .iter()
+            .cloned()
+            .zip(held)
+            .map(|(n, v)| match v {
+                Value::Held(h) => Ok((n, h)),
+                Value::Host(_) => Err(format!("the gradient of `{n}` came back to the host")),
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let loss = raw.first.get_flat(0);
+        let objective = terms.main * loss + terms.mtp * raw.mtp_loss + terms.aux * raw.aux_loss;
+        Ok((GradOutput { loss, mtp_loss: raw.mtp_loss, aux_loss: raw.aux_loss, objective, grads: HashMap::new(), loads: raw.loads }, grads))
     }
 
     /// [`TrainModel::log_probs`] on a device engine: `prepared` is

@@ -3,7 +3,9 @@
 //! reference interpreter or (recipe `backend: wgpu`) from its launch plan on a wgpu
 //! adapter.
 
+use super::device::{DeviceOptimizer, DeviceState};
 use super::model::{GradOutput, Terms, TrainModel};
+use super::optim::{AdamW, OptimizerState};
 use super::recipe::Recipe;
 use super::{Batch, Objective, StepOutput, TrainError};
 use crate::plan_exec::{Device, PlanEngine};
@@ -12,7 +14,7 @@ use dsc_compiler::passes::autodiff::TrainOptions;
 use dsc_compiler::passes::PassSelection;
 use dsc_dsl::model::Ffn;
 use dsc_dsl::Spec;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// What the recipe asks of the objective, defaults resolved against the spec.
 #[derive(Debug, Clone, PartialEq)]
@@ -80,8 +82,9 @@ pub fn reference_objective(spec: &Spec, options: &ObjectiveOptions) -> Result<Bo
 }
 
 /// The same on a device (`wgpu` or `cuda`): the train entry's launch plan, built once.
-/// After each optimizer step the weights are uploaded again (the optimizer runs on the
-/// host; updating them in place on the device is the next step).
+/// The weights and AdamW's state stay on the device for the whole run
+/// ([`super::device`]): the gradients never leave it, and the optimizer updates the
+/// weights in place.
 pub fn device_objective<D>(spec: &Spec, options: &ObjectiveOptions, engine: PlanEngine<D>) -> Result<Box<dyn Objective>, TrainError>
 where
     D: Device + Send + Sync + 'static,
@@ -91,7 +94,7 @@ where
     let plan = engine
         .prepare(&c.model.module, dsc_compiler::ir::Mode::Train)
         .map_err(|e| TrainError::Unsupported(format!("the train graph cannot run on {} yet: {e}", D::NAME)))?;
-    Ok(Box::new(OnDevice { c, engine, plan }))
+    Ok(Box::new(OnDevice { c, engine, plan, optimizer: DeviceOptimizer::default() }))
 }
 
 /// A compiled train entry and what the loop asked of it.
@@ -147,18 +150,45 @@ struct OnDevice<D: Device> {
     c: Compiled,
     engine: PlanEngine<D>,
     plan: dsc_compiler::codegen::plan::Plan,
+    optimizer: DeviceOptimizer<D>,
 }
 
 impl<D> Objective for OnDevice<D>
 where
     D: Device + Send + Sync,
 {
+    /// `weights` is read only for what the device does not hold yet (the first step's
+    /// upload): from then on the device's copies are the weights.
     fn step(&mut self, weights: &HashMap<String, Tensor>, batch: &Batch) -> Result<StepOutput, TrainError> {
         let args = [&batch.input_ids, &batch.positions, &batch.labels];
-        // The weights may have changed since the last step.
-        self.engine.forget_weights();
         let c = &self.c;
-        let out = c.model.run_on(&self.engine, &self.plan, weights, args, c.terms).map_err(TrainError::Invalid)?;
+        let (out, grads) = c.model.run_on_held(&self.engine, &self.plan, weights, args, c.terms).map_err(TrainError::Invalid)?;
+        self.optimizer.set_grads(grads);
         Ok(c.output(out))
+    }
+
+    fn device_state(&mut self) -> Option<&mut dyn DeviceState> {
+        Some(self)
+    }
+}
+
+impl<D: Device + Send + Sync> DeviceState for OnDevice<D> {
+    fn grad_norm(&mut self, frozen: &HashSet<String>) -> Result<f64, TrainError> {
+        self.optimizer.grad_norm(&self.engine, frozen)
+    }
+    fn adamw(&mut self, adamw: &AdamW, lr: f64, clip: f32, frozen: &HashSet<String>) -> Result<(), TrainError> {
+        self.optimizer.adamw(&self.engine, adamw, lr, clip, frozen)
+    }
+    fn update_bias(&mut self, name: &str, loads: &[f64], gamma: f64) -> Result<(), TrainError> {
+        self.optimizer.update_bias(&self.engine, name, loads, gamma)
+    }
+    fn load(&mut self, _weights: &HashMap<String, Tensor>, opt: &OptimizerState) -> Result<(), TrainError> {
+        self.optimizer.load(&self.engine, opt)
+    }
+    fn store(&mut self, weights: &mut HashMap<String, Tensor>, opt: &mut OptimizerState) -> Result<(), TrainError> {
+        self.optimizer.store(&self.engine, weights, opt)
+    }
+    fn counts(&self) -> crate::plan_exec::Counts {
+        self.engine.counts()
     }
 }

@@ -131,7 +131,7 @@ pub(crate) fn with_f32_mut<R>(t: &mut Tensor, name: &str, f: impl FnOnce(&mut [f
 /// torch's `f32` results are.
 pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> f64 {
     let total = grad_norm(grads);
-    let coef = max_norm as f32 / (total as f32 + 1e-6);
+    let coef = clip_coef(total, max_norm);
     if coef < 1.0 {
         for g in grads.values_mut() {
             let scaled: Vec<f32> = g.to_f32_vec().into_iter().map(|x| x * coef).collect();
@@ -139,6 +139,13 @@ pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> f64
         }
     }
     total
+}
+
+/// What `clip_grad_norm_(max_norm)` multiplies every gradient by at global norm `norm`:
+/// `max_norm / (norm + 1e-6)` in `f32` when that is below 1, else 1 (no change).
+pub fn clip_coef(norm: f64, max_norm: f64) -> f32 {
+    let coef = max_norm as f32 / (norm as f32 + 1e-6);
+    coef.min(1.0)
 }
 
 /// The global 2-norm of the gradients, as torch's `clip_grad_norm_` computes it.

@@ -9,6 +9,10 @@
 //!    experts become less likely to be chosen;
 //! 6. a line of `metrics.jsonl`, and a checkpoint every `checkpoint_every` steps.
 //!
+//! Steps 3–5 run where the weights are: on the host, or on the device of an objective that
+//! keeps them there ([`Objective::device_state`]; its host copies are brought up to date
+//! before each checkpoint).
+//!
 //! At the end: `final/` and `loss.svg`. A resumed run loads the newest complete
 //! checkpoint (weights, AdamW state, step, data cursor) and continues exactly as the
 //! uninterrupted run would have: the same batches, the same numbers, bit for bit.
@@ -16,7 +20,7 @@
 use super::checkpoint::{self, Loaded, ModelFiles, TrainerState};
 use super::data::{Dataset, Loader};
 use super::metrics::{self, Display, MetricsLog, Progress, StepMetrics};
-use super::optim::{clip_grad_norm, grad_norm, with_f32_mut, OptimizerState};
+use super::optim::{clip_coef, clip_grad_norm, grad_norm, with_f32_mut, OptimizerState};
 use super::recipe::Recipe;
 use super::{Objective, TrainError};
 use crate::reference::Tensor;
@@ -107,6 +111,10 @@ pub fn train(run: Run, start: Start, objective: &mut dyn Objective) -> Result<Su
             (l.weights, l.optimizer, loader, l.state.step)
         }
     };
+    // An objective that keeps the weights on a device starts from these.
+    if let Some(d) = objective.device_state() {
+        d.load(&weights, &opt)?;
+    }
     let mut log = MetricsLog::open(&run.run_dir, (done > 0).then_some(done))?;
     let progress = Progress::new(run.display, done, f.steps);
     let state = |step, loader: &Loader| TrainerState { step, cursor: loader.cursor(), recipe_hash: r.hash.clone() };
@@ -121,20 +129,35 @@ pub fn train(run: Run, start: Start, objective: &mut dyn Objective) -> Result<Su
         }
         let frozen: HashSet<String> =
             weights.keys().filter(|n| is_selection_bias(n)).cloned().chain(out.expert_loads.iter().map(|(n, _)| n.clone())).collect();
-        let mut grads = out.grads;
-        grads.retain(|n, _| !frozen.contains(n));
-        let norm = match f.grad_clip {
-            Some(c) => clip_grad_norm(&mut grads, c),
-            None => grad_norm(&grads),
-        };
         let lr = r.lr() * r.schedule.factor(step);
-        r.adamw.step(lr, &mut opt, &mut weights, &grads, &|n| frozen.contains(n))?;
+        let speed = run.bias_update_speed;
+        let norm = match objective.device_state() {
+            // The same update where the weights are: clip, AdamW, then the biases.
+            Some(d) => {
+                let norm = d.grad_norm(&frozen)?;
+                d.adamw(&r.adamw, lr, f.grad_clip.map_or(1.0, |c| clip_coef(norm, c)), &frozen)?;
+                for (name, loads) in out.expert_loads.iter().filter(|_| speed > 0.0) {
+                    d.update_bias(name, loads, speed)?;
+                }
+                norm
+            }
+            None => {
+                let mut grads = out.grads;
+                grads.retain(|n, _| !frozen.contains(n));
+                let norm = match f.grad_clip {
+                    Some(c) => clip_grad_norm(&mut grads, c),
+                    None => grad_norm(&grads),
+                };
+                r.adamw.step(lr, &mut opt, &mut weights, &grads, &|n| frozen.contains(n))?;
+                for (name, loads) in out.expert_loads.iter().filter(|_| speed > 0.0) {
+                    update_bias(&mut weights, name, loads, speed)?;
+                }
+                norm
+            }
+        };
 
         let mut load_balance = BTreeMap::new();
         for (name, loads) in &out.expert_loads {
-            if run.bias_update_speed > 0.0 {
-                update_bias(&mut weights, name, loads, run.bias_update_speed)?;
-            }
             let layer = name.strip_prefix("model.layers.").and_then(|s| s.split('.').next()).and_then(|l| l.parse().ok());
             if let (Some(l), Some(ratio)) = (layer, metrics::balance_ratio(loads)) {
                 load_balance.insert(l, ratio);
@@ -158,6 +181,9 @@ pub fn train(run: Run, start: Start, objective: &mut dyn Objective) -> Result<Su
         last_loss = Some(loss);
 
         if f.checkpoint_every.is_some_and(|k| step % k == 0) && step < f.steps {
+            if let Some(d) = objective.device_state() {
+                d.store(&mut weights, &mut opt)?;
+            }
             checkpoint::save(&run.run_dir, &format!("checkpoint-{step}"), &weights, &opt, &state(step, &loader), &run.files)?;
         }
         if run.stop_after == Some(step) {
@@ -167,6 +193,9 @@ pub fn train(run: Run, start: Start, objective: &mut dyn Objective) -> Result<Su
     }
     progress.finish();
     let final_dir = if done < f.steps {
+        if let Some(d) = objective.device_state() {
+            d.store(&mut weights, &mut opt)?;
+        }
         let d = checkpoint::save(&run.run_dir, "final", &weights, &opt, &state(f.steps, &loader), &run.files)?;
         metrics::plot(&run.run_dir, &metrics::read_curve(&run.run_dir.join(metrics::METRICS))?)?;
         Some(d)
