@@ -81,6 +81,19 @@ impl<D: Device> PlanEngine<D> {
         self.weights.set(name, dtype, buf);
     }
 
+    /// Uploads `t` as the device copy of weight `name` in `dtype` (counted as weights).
+    pub fn put_weight(&self, name: &str, t: &Tensor, dtype: DType) -> Result<(), String> {
+        let b = self.device.upload(t, dtype)?;
+        Counters::add(&self.counters.weights_to_device, D::bytes(&b));
+        self.weights.set(name, dtype, b);
+        Ok(())
+    }
+
+    /// Every device copy of weight `name`, by dtype.
+    pub fn weight_copies(&self, name: &str) -> Vec<(DType, D::Buf)> {
+        self.weights.copies(name)
+    }
+
     /// What the engine's runs have moved and done so far.
     pub fn counts(&self) -> Counts {
         self.counters.get()
@@ -262,6 +275,13 @@ impl<B: Clone> DeviceWeights<B> {
 
     fn get(&self, name: &str, dtype: DType) -> Option<B> {
         self.bufs.lock().unwrap_or_else(|e| e.into_inner()).get(&(name.to_string(), dtype)).cloned()
+    }
+
+    fn copies(&self, name: &str) -> Vec<(DType, B)> {
+        let bufs = self.bufs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<(DType, B)> = bufs.iter().filter(|((n, _), _)| n == name).map(|((_, d), b)| (*d, b.clone())).collect();
+        v.sort_by_key(|(d, _)| d.name());
+        v
     }
 
     fn set(&self, name: &str, dtype: DType, b: B) {

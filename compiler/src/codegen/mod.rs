@@ -71,11 +71,11 @@ pub enum KernelSpec {
     Reduce { elem: Elem, mean: bool },
     /// [`kernels::reduce::iota`] of `i32`s.
     IotaI32,
-    /// [`kernels::optim::adamw`]: one AdamW update of an `f32` weight in place (no IR op:
-    /// a training runtime launches it).
-    AdamW,
-    /// [`kernels::optim::sum_squares`]: partial sums of squares of an `f32` tensor.
-    SumSquares,
+    /// [`kernels::optim::adamw`]: one AdamW update of an `f32` master weight in place from a
+    /// gradient in `grad` (no IR op: a training runtime launches it).
+    AdamW { grad: Elem },
+    /// [`kernels::optim::sum_squares`]: partial sums of squares (in `f32`) of a tensor.
+    SumSquares { elem: Elem },
     /// [`kernels::grad::moe_route_grad`].
     MoeRouteGrad { elem: Elem, cfg: kernels::grad::RouteGradConfig },
     /// One launch of the routed experts' backward ([`kernels::moe_grad`]).
@@ -300,8 +300,8 @@ impl KernelSpec {
             KernelSpec::ElementwiseI32 { elem, .. } => format!("ew_i32_{}_{}", elem.name(), h()),
             KernelSpec::Reduce { elem, mean } => format!("reduce_{}_{}", if *mean { "mean" } else { "sum" }, elem.name()),
             KernelSpec::IotaI32 => "iota_i32".to_string(),
-            KernelSpec::AdamW => "adamw_f32".to_string(),
-            KernelSpec::SumSquares => "sum_squares_f32".to_string(),
+            KernelSpec::AdamW { grad } => format!("adamw_{}", grad.name()),
+            KernelSpec::SumSquares { elem } => format!("sum_squares_{}", elem.name()),
             KernelSpec::MoeRouteGrad { elem, .. } => format!("moe_route_grad_{}_{}", elem.name(), h()),
             KernelSpec::MoeGrad { elem, weights, part } => {
                 use kernels::moe_grad::MoeGradPart as P;
@@ -412,8 +412,7 @@ impl KernelSpec {
             KernelSpec::MoeDispatch | KernelSpec::CopyI32 { .. } | KernelSpec::NegI32 | KernelSpec::ScatterLinks | KernelSpec::IotaI32 => {
                 Elem::F32
             }
-            // f32 whatever the model's dtype: the optimizer's state is kept in f32.
-            KernelSpec::AdamW | KernelSpec::SumSquares => Elem::F32,
+            KernelSpec::AdamW { grad: elem } | KernelSpec::SumSquares { elem } => *elem,
         }
     }
 }
@@ -534,8 +533,8 @@ pub fn cube_dim(spec: &KernelSpec) -> CubeDim {
     match spec {
         KernelSpec::Elementwise { .. } | KernelSpec::ElementwiseI32 { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
         KernelSpec::Reduce { .. } | KernelSpec::IotaI32 | KernelSpec::MoeRouteGrad { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
-        KernelSpec::AdamW => CubeDim::new_1d(kernels::EW_BLOCK),
-        KernelSpec::SumSquares => CubeDim::new_1d(kernels::ROW_BLOCK),
+        KernelSpec::AdamW { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
+        KernelSpec::SumSquares { .. } => CubeDim::new_1d(kernels::ROW_BLOCK),
         KernelSpec::MoeGrad { part: kernels::moe_grad::MoeGradPart::Mid, .. } => CubeDim::new_1d(kernels::ROW_BLOCK),
         KernelSpec::MoeGrad { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
         KernelSpec::Copy { .. } | KernelSpec::Gather { .. } | KernelSpec::Rope { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
@@ -659,8 +658,12 @@ fn source_for<F: Float + CubeElement>(spec: &KernelSpec, target: Target) -> (Str
             compile(kernels::grad::moe_route_grad::MoeRouteGrad::<F>::new(settings, p, tp, b(), b(), b(), b(), *cfg), name, target)
         }
         KernelSpec::IotaI32 => compile(kernels::reduce::iota::Iota::<i32>::new(settings, p, tp, b(), ()), name, target),
-        KernelSpec::AdamW => compile(kernels::optim::adamw::Adamw::new(settings, p, tp, b(), b(), b(), b(), b(), ()), name, target),
-        KernelSpec::SumSquares => compile(kernels::optim::sum_squares::SumSquares::new(settings, p, tp, b(), b(), ()), name, target),
+        KernelSpec::AdamW { .. } => {
+            compile(kernels::optim::adamw::Adamw::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), ()), name, target)
+        }
+        KernelSpec::SumSquares { .. } => {
+            compile(kernels::optim::sum_squares::SumSquares::<F>::new(settings, p, tp, b(), b(), ()), name, target)
+        }
         KernelSpec::Copy { rank, .. } => {
             compile(kernels::movement::strided_copy::StridedCopy::<F>::new(settings, p, tp, b(), b(), b(), *rank), name, target)
         }

@@ -49,6 +49,12 @@ fn nvrtc_compiles_every_kernel() {
     }
     let v = nvrtc::version().unwrap();
     let mut kernels = every_kernel();
+    // The optimizer's kernels belong to no IR node (`train::device` launches them).
+    for k in
+        [KernelSpec::AdamW { grad: dsc_compiler::codegen::Elem::F32 }, KernelSpec::SumSquares { elem: dsc_compiler::codegen::Elem::F32 }]
+    {
+        kernels.insert(k.name(), k);
+    }
     // The tiny specs are f32; the f16 forms of the plain kernels as well, which include
     // cuda_fp16.h and so need the CUDA headers.
     use dsc_compiler::codegen::Elem;
@@ -57,6 +63,10 @@ fn nvrtc_compiles_every_kernel() {
             KernelSpec::MatMul { elem: Elem::F16 },
             KernelSpec::Softmax { elem: Elem::F16 },
             KernelSpec::RmsNorm { elem: Elem::F16, eps_bits: 1e-6f32.to_bits() },
+            // A bf16 train graph's optimizer (f32 masters, bf16 gradients and copies).
+            KernelSpec::AdamW { grad: Elem::Bf16 },
+            KernelSpec::SumSquares { elem: Elem::Bf16 },
+            KernelSpec::Cast { from: Elem::F32, to: Elem::Bf16 },
         ]
     } else {
         let e = "no cuda_fp16.h (set DSC_CUDA_INCLUDE or CUDA_PATH): f16 kernels not compiled";

@@ -182,8 +182,8 @@ impl<D: Device + Send + Sync> DeviceState for OnDevice<D> {
     fn update_bias(&mut self, name: &str, loads: &[f64], gamma: f64) -> Result<(), TrainError> {
         self.optimizer.update_bias(&self.engine, name, loads, gamma)
     }
-    fn load(&mut self, _weights: &HashMap<String, Tensor>, opt: &OptimizerState) -> Result<(), TrainError> {
-        self.optimizer.load(&self.engine, opt)
+    fn load(&mut self, weights: &HashMap<String, Tensor>, opt: &OptimizerState) -> Result<(), TrainError> {
+        self.optimizer.load(&self.engine, weights, opt)
     }
     fn store(&mut self, weights: &mut HashMap<String, Tensor>, opt: &mut OptimizerState) -> Result<(), TrainError> {
         self.optimizer.store(&self.engine, weights, opt)

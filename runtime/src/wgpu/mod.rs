@@ -290,10 +290,10 @@ impl WgpuBackend {
                 kernels::grad::moe_route_grad::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, *cfg)
             }
             KernelSpec::IotaI32 => kernels::reduce::iota::launch::<i32>(c, count, dim, a.buf(0)?, a.u32(1)?),
-            KernelSpec::AdamW => {
-                kernels::optim::adamw::launch(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.f32_table(4)?, a.u32(5)?)
+            KernelSpec::AdamW { .. } => {
+                kernels::optim::adamw::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.f32_table(4)?, a.u32(5)?)
             }
-            KernelSpec::SumSquares => kernels::optim::sum_squares::launch(c, count, dim, a.buf(0)?, a.buf(1)?, a.u32(2)?),
+            KernelSpec::SumSquares { .. } => kernels::optim::sum_squares::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.u32(2)?),
             KernelSpec::RmsNorm { eps_bits, .. } => {
                 kernels::rms_norm::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.u32(3)?, *eps_bits)
             }

@@ -4,8 +4,11 @@
 //!
 //! - [`adamw`]: one unit per element, `torch.optim.AdamW`'s update in its order of
 //!   operations (the host form and its rounding are `dsc_runtime::train::optim`'s), the
-//!   global-norm clip coefficient folded into the gradient as it is read. Its scalars come
-//!   in a table ([`AdamWScalars`]) the host computes in `f64` and rounds as torch does.
+//!   global-norm clip coefficient folded into the gradient as it is read. The weight it
+//!   updates is the `f32` master; the gradient may be in the model's dtype (a bf16 or f16
+//!   train graph), read as `f32`, and the model-dtype copy is then cast from the master
+//!   ([`cast_work`]). Its scalars come in a table ([`AdamWScalars`]) the host computes in
+//!   `f64` and rounds as torch does.
 //! - [`sum_squares`]: the gradient norm's parts: cube `c` sums the squares of its
 //!   [`SS_CHUNK`] elements in `f32` (tree-reduced in shared memory) into `out[c]`; the
 //!   host adds the partials in `f64`. Cubes fold into `x · z` past 65,535 as the row
@@ -13,7 +16,7 @@
 
 use super::{block_reduce, ROW_BLOCK};
 use crate::codegen::launch::{grid_rows, Arg, Buf, Launch, NodeWork, Size};
-use crate::codegen::KernelSpec;
+use crate::codegen::{Elem, KernelSpec};
 use cubecl::prelude::*;
 
 /// Elements one [`sum_squares`] cube sums.
@@ -29,10 +32,10 @@ pub const SS_CHUNK: u32 = 16 * ROW_BLOCK;
 /// p ← p + (step·m) / (sqrt(v)/bc2 + eps)
 /// ```
 #[cube(launch, create_dummy_kernel)]
-pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &[f32], n: u32) {
+pub fn adamw<G: Float>(p: &mut [f32], g: &[G], m: &mut [f32], v: &mut [f32], s: &[f32], n: u32) {
     let i = ABSOLUTE_POS;
     if (i as u32) < n {
-        let gi = g[i] * s[0];
+        let gi = f32::cast_from(g[i]) * s[0];
         let x = p[i] * s[1];
         let w = s[2];
         let mi = m[i];
@@ -51,7 +54,7 @@ pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &[f32], 
 
 /// `out[c] = Σ x[c·SS_CHUNK ..][..SS_CHUNK]²` in `f32`, for the cubes `c` covering `n`.
 #[cube(launch, create_dummy_kernel)]
-pub fn sum_squares(x: &[f32], out: &mut [f32], n: u32) {
+pub fn sum_squares<G: Float>(x: &[G], out: &mut [f32], n: u32) {
     let c = CUBE_POS_Z * CUBE_COUNT_X + CUBE_POS_X;
     let base = c * SS_CHUNK;
     if base >= n {
@@ -64,7 +67,7 @@ pub fn sum_squares(x: &[f32], out: &mut [f32], n: u32) {
     for j in 0..comptime![SS_CHUNK / ROW_BLOCK] {
         let e = base + j * ROW_BLOCK + tid;
         if e < n {
-            let v = x[e as usize];
+            let v = f32::cast_from(x[e as usize]);
             acc += v * v;
         }
     }
@@ -101,9 +104,9 @@ impl AdamWScalars {
     }
 }
 
-/// The work of one AdamW update of an `n`-element tensor: inputs `p`, `g`, `m`, `v` (the
-/// first, third and fourth updated in place), no outputs.
-pub fn adamw_work(n: usize, s: &AdamWScalars) -> NodeWork {
+/// The work of one AdamW update of an `n`-element tensor: inputs `p` (`f32`), `g` (in
+/// `grad`), `m`, `v` (the first, third and fourth updated in place), no outputs.
+pub fn adamw_work(n: usize, grad: Elem, s: &AdamWScalars) -> NodeWork {
     let n = Size::lit(n as i64);
     let args = vec![
         Arg::Buf(Buf::Input(0)),
@@ -115,7 +118,7 @@ pub fn adamw_work(n: usize, s: &AdamWScalars) -> NodeWork {
     ];
     let grid = crate::codegen::launch::grid_linear(n.clone().ceil_div(super::EW_BLOCK as i64));
     let flops = n.mul(Size::lit(14));
-    NodeWork::Launches { scratch: vec![], launches: vec![Launch::new(KernelSpec::AdamW, args, grid, flops)] }
+    NodeWork::Launches { scratch: vec![], launches: vec![Launch::new(KernelSpec::AdamW { grad }, args, grid, flops)] }
 }
 
 /// Cubes [`sum_squares`] takes for `n` elements (the length of its output).
@@ -123,11 +126,20 @@ pub fn sum_squares_parts(n: usize) -> usize {
     n.div_ceil(SS_CHUNK as usize).max(1)
 }
 
-/// The work of [`sum_squares`] over input 0 (`n` elements) into output 0
-/// ([`sum_squares_parts`] elements).
-pub fn sum_squares_work(n: usize) -> NodeWork {
+/// The work of [`sum_squares`] over input 0 (`n` elements in `elem`) into output 0
+/// ([`sum_squares_parts`] `f32`s).
+pub fn sum_squares_work(n: usize, elem: Elem) -> NodeWork {
     let parts = Size::lit(sum_squares_parts(n) as i64);
     let args = vec![Arg::Buf(Buf::Input(0)), Arg::Buf(Buf::Output(0)), Arg::U32(Size::lit(n as i64))];
-    let launch = Launch::new(KernelSpec::SumSquares, args, grid_rows(parts, Size::lit(1)), Size::lit(2 * n as i64));
+    let launch = Launch::new(KernelSpec::SumSquares { elem }, args, grid_rows(parts, Size::lit(1)), Size::lit(2 * n as i64));
     NodeWork::Launches { scratch: vec![], launches: vec![launch] }
+}
+
+/// The work of casting input 0 (`n` elements of `from`) into output 0 (in `to`): a
+/// master weight into the copy a train graph in another dtype reads.
+pub fn cast_work(n: usize, from: Elem, to: Elem) -> NodeWork {
+    let n = Size::lit(n as i64);
+    let grid = crate::codegen::launch::grid_linear(n.ceil_div(super::EW_BLOCK as i64));
+    let args = vec![Arg::Buf(Buf::Input(0)), Arg::Buf(Buf::Output(0))];
+    NodeWork::Launches { scratch: vec![], launches: vec![Launch::new(KernelSpec::Cast { from, to }, args, grid, Size::lit(0))] }
 }
