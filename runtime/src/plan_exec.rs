@@ -94,6 +94,21 @@ impl<D: Device> PlanEngine<D> {
         self.weights.copies(name)
     }
 
+    /// Runs `plan` on host arguments with the device weights in `cache` instead of the
+    /// engine's own: a second model under the same names (GRPO's reference beside the
+    /// policy). Counted as the engine's runs are.
+    pub fn run_with(
+        &self,
+        cache: &DeviceWeights<D::Buf>,
+        plan: &Plan,
+        args: &[Tensor],
+        weights: &dyn Weights,
+    ) -> Result<Vec<Tensor>, String> {
+        let args = args.iter().map(|t| Value::Host(t.clone())).collect();
+        let out = run_plan_values(&self.device, plan, args, &[], weights, cache, &self.counters)?;
+        out.into_iter().map(|v| v.into_host().ok_or_else(|| "a result stayed on the device".to_string())).collect()
+    }
+
     /// What the engine's runs have moved and done so far.
     pub fn counts(&self) -> Counts {
         self.counters.get()
@@ -431,7 +446,10 @@ impl<D: Device> Run<'_, D> {
         let fixed = |buf| Some(Slot { buf, room: None });
         for (i, buf) in f.buffers.iter().enumerate() {
             match &buf.source {
-                Source::Param { name } => env[i] = fixed(self.weight(&param_path(layer, name), buf.dtype)?),
+                Source::Param { name } => {
+                    let len = usize::try_from(buf.len().eval(&self.bind)).map_err(|_| format!("weight `{name}` has no size"))?;
+                    env[i] = fixed(self.weight(&param_path(layer, name), buf.dtype, len)?)
+                }
                 Source::Const { value } => env[i] = fixed(self.constant(*value, buf.dtype)?),
                 _ => {}
             }
@@ -509,8 +527,17 @@ impl<D: Device> Run<'_, D> {
         }
     }
 
-    fn weight(&self, name: &str, dtype: DType) -> Result<D::Buf, String> {
+    fn weight(&self, name: &str, dtype: DType, len: usize) -> Result<D::Buf, String> {
         self.cache.get_or_upload((name.to_string(), dtype), || {
+            // A training run keeps its weights on the device as f32 masters, and the host
+            // copy may be older: a copy in another dtype is cast from the master there.
+            let elem = dsc_compiler::codegen::Elem::from_dtype(dtype);
+            if let (Some(master), Some(to), false) = (self.cache.get(name, DType::F32), elem, dtype == DType::F32) {
+                let copy = self.dev.alloc(len, dtype)?;
+                let work = dsc_compiler::codegen::kernels::optim::cast_work(len, dsc_compiler::codegen::Elem::F32, to);
+                self.dev.execute(&work, &[master], std::slice::from_ref(&copy), &Bindings::default())?;
+                return Ok(copy);
+            }
             let t = self.weights.get(name).ok_or_else(|| format!("no weight `{name}`"))?;
             let b = self.dev.upload(t, dtype)?;
             Counters::add(&self.counters.weights_to_device, D::bytes(&b));

@@ -438,32 +438,51 @@ mod tests {
     }
 
     /// GRPO on wgpu: rollouts generated from the decode plan on the adapter, the policy's
-    /// passes from theirs. The weights change after every step (lr 1e-2), and each step's
-    /// first pass recomputes what the rollout sampled: the two agree to 1e-3 on every step,
-    /// which they would not if the generation engine kept the previous step's weights.
+    /// passes from theirs, on one engine whose device weights the optimizer updates in
+    /// place. The weights change after every step (lr 1e-2), and each step's first pass
+    /// recomputes what the rollout sampled: the two agree to 1e-3 on every step, which
+    /// they would not if generation read the previous step's weights. The reference model
+    /// (β > 0, synced every 2 steps) has its own device copies; a run killed after step 2
+    /// and resumed from its checkpoint is the uninterrupted run.
     #[cfg(feature = "wgpu")]
     #[test]
     fn grpo_generates_and_trains_on_wgpu() {
         let dir = crate::train::checkpoint::tests::scratch("cli-grpo-wgpu");
         let prompt = |a: u32, b: u32| format!("{{\"prompt\": \"{a}+{b}=\", \"answer\": \"{}\"}}\n", a + b);
         std::fs::write(dir.join("p.jsonl"), [(1, 2), (3, 4), (2, 2), (5, 1)].map(|(a, b)| prompt(a, b)).concat()).unwrap();
-        let body = format!(
-            "spec: {}\ninit: {{seed: 2}}\nprompts: p.jsonl\nout: run\nsteps: 3\nprompts_per_step: 2\nnum_generations: 4\n\
-             max_completion_length: 5\nrewards: [{{name: exact_match, extract: whole}}, {{name: format, weight: 0.5}}]\n\
-             beta: 0.04\noptimizer: {{lr: 1.0e-2}}\nseed: 5\nbackend: wgpu\n",
-            tiny("tiny_v3.dsc").display()
-        );
-        let path = dir.join("g.yaml");
-        std::fs::write(&path, body).unwrap();
-        let summary = grpo_cmd(&SftArgs { config: path, resume: None }, Display::Quiet, None).unwrap();
-        assert_eq!(summary.step, 3);
-        let lines = metrics_lines(&dir.join("run/metrics.jsonl"));
-        assert_eq!(lines.len(), 3);
+        let body = |out: &str| {
+            format!(
+                "spec: {}\ninit: {{seed: 2}}\nprompts: p.jsonl\nout: {out}\nsteps: 4\nprompts_per_step: 2\nnum_generations: 4\n\
+                 max_completion_length: 5\nrewards: [{{name: exact_match, extract: whole}}, {{name: format, weight: 0.5}}]\n\
+                 beta: 0.04\nref_sync_steps: 2\ncheckpoint_every: 2\noptimizer: {{lr: 1.0e-2}}\nseed: 5\nbackend: wgpu\n",
+                tiny("tiny_v3.dsc").display()
+            )
+        };
+        let write = |name: &str, text: String| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let summary = grpo_cmd(&SftArgs { config: write("a.yaml", body("run-a")), resume: None }, Display::Quiet, None).unwrap();
+        assert_eq!(summary.step, 4);
+        let lines = metrics_lines(&dir.join("run-a/metrics.jsonl"));
+        assert_eq!(lines.len(), 4);
         for (i, l) in lines.iter().enumerate() {
             let d = l["logp_diff_max"].as_f64().unwrap_or_else(|| panic!("step {}: no logp_diff_max in {l}", i + 1));
             assert!(d < 1e-3, "step {}: the rollout's log-probabilities are {d} away from the policy's", i + 1);
             assert!(l["loss"].as_f64().unwrap().is_finite() && l["grad_norm"].as_f64().unwrap() > 0.0, "{l}");
         }
+        // KL 0 at the start; the reference moved at step 2, so step 3 starts near it again.
+        assert!(lines[0]["kl"].as_f64().unwrap().abs() < 1e-6 && lines[1]["kl"].as_f64().unwrap() > 0.0, "{lines:?}");
+        let fin = checkpoint::load(&dir.join("run-a/final")).unwrap();
+
+        let b = write("b.yaml", body("run-b"));
+        grpo_cmd(&SftArgs { config: b.clone(), resume: None }, Display::Quiet, Some(2)).unwrap();
+        grpo_cmd(&SftArgs { config: b, resume: Some(dir.join("run-b")) }, Display::Quiet, None).unwrap();
+        assert_eq!(metrics_lines(&dir.join("run-b/metrics.jsonl")), lines);
+        let again = checkpoint::load(&dir.join("run-b/final")).unwrap();
+        assert_eq!(again.weights, fin.weights);
+        assert_eq!(again.optimizer, fin.optimizer);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -211,6 +211,12 @@ impl<W: Weights, E: Engine> ModelBackend<W, E> {
         &mut self.weights
     }
 
+    /// The engine and the host copy of the weights, to update the copy from a device
+    /// that holds the current weights without telling the engine (which would drop them).
+    pub fn engine_and_host_weights(&mut self) -> (&E, &mut W) {
+        (&self.engine, &mut self.weights)
+    }
+
     pub fn spec(&self) -> &Spec {
         &self.spec
     }

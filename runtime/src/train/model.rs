@@ -231,16 +231,49 @@ impl TrainModel {
         batch: [&Tensor; 3],
         terms: Terms,
     ) -> Result<(GradOutput, HeldGrads<E::Held>), String> {
-        use crate::generate::Value;
         let cot = [terms.main, terms.mtp, terms.aux].map(|w| Tensor::scalar(w as f32));
-        let args = self.args(&batch, cot).into_iter().map(Value::Host).collect();
+        let (raw, grads) = self.run_held(engine, prepared, weights, &batch, cot)?;
+        let loss = raw.first.get_flat(0);
+        let objective = terms.main * loss + terms.mtp * raw.mtp_loss + terms.aux * raw.aux_loss;
+        Ok((GradOutput { loss, mtp_loss: raw.mtp_loss, aux_loss: raw.aux_loss, objective, grads: raw.grads, loads: raw.loads }, grads))
+    }
+
+    /// [`TrainModel::run_policy_on`] with the gradients left on the engine's device
+    /// ([`PolicyOutput::grads`] is empty).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_policy_on_held<E: Engine>(
+        &self,
+        engine: &E,
+        prepared: &E::Prepared,
+        weights: &dyn Weights,
+        batch: &[&Tensor],
+        dlogp: &Tensor,
+        mtp: f64,
+        aux: f64,
+    ) -> Result<(PolicyOutput, HeldGrads<E::Held>), String> {
+        let cot = [dlogp.to_f32(), Tensor::scalar(mtp as f32), Tensor::scalar(aux as f32)];
+        let (raw, grads) = self.run_held(engine, prepared, weights, batch, cot)?;
+        Ok((PolicyOutput { logp: raw.first, mtp_loss: raw.mtp_loss, aux_loss: raw.aux_loss, grads: raw.grads, loads: raw.loads }, grads))
+    }
+
+    /// The entry on `batch` with the gradients kept on the engine's device (the rest, and
+    /// an empty gradient map, in the [`Raw`]).
+    fn run_held<E: Engine>(
+        &self,
+        engine: &E,
+        prepared: &E::Prepared,
+        weights: &dyn Weights,
+        batch: &[&Tensor],
+        cot: [Tensor; 3],
+    ) -> Result<(Raw, HeldGrads<E::Held>), String> {
+        use crate::generate::Value;
+        let args = self.args(batch, cot).into_iter().map(Value::Host).collect();
         let head = 3 + self.moe_layers.len();
         let keep: Vec<bool> = (0..head + self.gradients.params.len()).map(|i| i >= head).collect();
         let mut outs = engine.run_values(&self.module, prepared, Mode::Train, args, &keep, weights)?;
         let held = outs.split_off(head.min(outs.len()));
         let host: Vec<Tensor> =
             outs.into_iter().map(|v| v.into_host().ok_or("a loss came back on the device")).collect::<Result<_, _>>()?;
-        let raw = self.raw(host);
         let grads = self
             .gradients
             .params
@@ -252,9 +285,7 @@ impl TrainModel {
                 Value::Host(_) => Err(format!("the gradient of `{n}` came back to the host")),
             })
             .collect::<Result<Vec<_>, String>>()?;
-        let loss = raw.first.get_flat(0);
-        let objective = terms.main * loss + terms.mtp * raw.mtp_loss + terms.aux * raw.aux_loss;
-        Ok((GradOutput { loss, mtp_loss: raw.mtp_loss, aux_loss: raw.aux_loss, objective, grads: HashMap::new(), loads: raw.loads }, grads))
+        Ok((self.raw(host), grads))
     }
 
     /// [`TrainModel::log_probs`] on a device engine: `prepared` is

@@ -2,12 +2,13 @@
 //! respect to the policy's per-token log-probabilities (`loss`), the rule-based rewards that
 //! score decoded completions (`reward`), the recipe (`recipe`), prompts, logged rollouts and
 //! the policy's batch layout (`data`), and the loop that generates and trains with one
-//! compiled model (`train`).
+//! compiled model (`train`) and what runs its policy passes and update (`runner`).
 
 pub mod data;
 pub mod loss;
 pub mod recipe;
 pub mod reward;
+mod runner;
 pub mod train;
 
 pub use loss::{
