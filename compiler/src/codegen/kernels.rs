@@ -42,6 +42,10 @@ pub const MM_UNITS: u32 = 8;
 /// neighbouring units touch neighbouring addresses). On lavapipe 8×8 per unit ran ~2×
 /// faster than 4×4 with 256 units, and 16×16 spilled.
 pub const MM_REG: u32 = MM_TILE / MM_UNITS;
+/// Register rows per unit of the skinny form of the matmuls (`skinny`): an 8-row tile
+/// ([`mm_rows`]), for a step of few rows (a decode step's `b` tokens), where the 64-row
+/// tile would compute 63 rows of padding per real one at `b = 1`.
+pub const MM_REG_SKINNY: u32 = 1;
 /// The k extent of one staged step (two barriers per step).
 pub const MM_BK: u32 = 16;
 /// Row stride of a staged `[kk][r]` tile: one padding element against bank conflicts.
@@ -329,28 +333,30 @@ pub fn softmax<F: Float>(x: &[F], out: &mut [F], cols: u32) {
 /// `out[m, n] = Σ_k x[m, k] · w[n, k]` (the IR's `matmul`: a torch `Linear` weight
 /// `[out, in]`), register-blocked: one cube per [`MM_TILE`]² output tile, each of its
 /// [`MM_UNITS`]² units accumulating [`MM_REG`]² outputs in `f32` (see [`mm_stage`] and
-/// [`mm_step`]); loads outside the matrices read as 0 so any M, N, K works.
+/// [`mm_step`]); loads outside the matrices read as 0 so any M, N, K works. `skinny`
+/// tiles rows by 8 instead of 64 (each unit one row of outputs).
 #[cube(launch, create_dummy_kernel)]
-pub fn matmul<F: Float>(x: &[F], w: &[F], out: &mut [F], m: u32, n: u32, k: u32) {
+pub fn matmul<F: Float>(x: &[F], w: &[F], out: &mut [F], m: u32, n: u32, k: u32, #[comptime] skinny: bool) {
     let tx = UNIT_POS_X;
     let ty = UNIT_POS_Y;
-    let row0 = CUBE_POS_Y * MM_TILE;
+    let rr = comptime![mm_rows(skinny)];
+    let row0 = CUBE_POS_Y * comptime![rr * MM_UNITS];
     let col0 = CUBE_POS_X * MM_TILE;
     // One shared buffer holding both staged tiles (x's at 0, w's at MM_STAGE): with two,
     // CubeCL 0.11.3 lays them out in a different order from run to run, and the
     // generated source must be byte-identical.
     let mut smem = Shared::<[F]>::new_slice(comptime![(2 * MM_STAGE) as usize]);
-    let mut acc = mm_zero();
+    let mut acc = mm_zero(rr);
     for t in 0..k.div_ceil(MM_BK) {
         let k0 = t * MM_BK;
-        mm_stage::<F>(x, &mut smem, 0u32, row0, m, k0, k);
-        mm_stage::<F>(w, &mut smem, MM_STAGE, col0, n, k0, k);
+        mm_stage::<F>(x, &mut smem, 0u32, row0, m, k0, k, comptime![rr * MM_UNITS]);
+        mm_stage::<F>(w, &mut smem, MM_STAGE, col0, n, k0, k, MM_TILE);
         sync_cube();
-        mm_step::<F>(&smem, MM_STAGE, &mut acc, tx, ty);
+        mm_step::<F>(&smem, MM_STAGE, &mut acc, tx, ty, rr);
         sync_cube();
     }
     #[unroll]
-    for i in 0..MM_REG {
+    for i in 0..rr {
         let row = row0 + ty + i * MM_UNITS;
         #[unroll]
         for j in 0..MM_REG {
@@ -362,28 +368,47 @@ pub fn matmul<F: Float>(x: &[F], w: &[F], out: &mut [F], m: u32, n: u32, k: u32)
     }
 }
 
-/// The matmuls' accumulators, [`MM_REG`]² zeros (`acc[i·MM_REG + j]` is the output at
+/// Register rows per unit: [`MM_REG`], or [`MM_REG_SKINNY`] in the skinny form.
+pub const fn mm_rows(skinny: bool) -> u32 {
+    if skinny {
+        MM_REG_SKINNY
+    } else {
+        MM_REG
+    }
+}
+
+/// The matmuls' accumulators, `rr`·[`MM_REG`] zeros (`acc[i·MM_REG + j]` is the output at
 /// row `ty + i·MM_UNITS`, column `tx + j·MM_UNITS` of the cube's tile).
 #[cube]
-pub fn mm_zero() -> Array<f32> {
-    let mut acc = Array::<f32>::new(comptime![(MM_REG * MM_REG) as usize]);
+pub fn mm_zero(#[comptime] rr: u32) -> Array<f32> {
+    let mut acc = Array::<f32>::new(comptime![(rr * MM_REG) as usize]);
     #[unroll]
-    for i in 0..comptime![MM_REG * MM_REG] {
+    for i in 0..comptime![rr * MM_REG] {
         acc[i as usize] = 0.0;
     }
     acc
 }
 
-/// Stages `src[r0 .. r0 + MM_TILE, k0 .. k0 + MM_BK]` (`src` is `[rows, k]`, row-major)
+/// Stages `src[r0 .. r0 + tile, k0 .. k0 + MM_BK]` (`src` is `[rows, k]`, row-major)
 /// into `smem[off ..]` transposed, `[kk][r]` with a row stride of [`MM_STRIDE`]
 /// (`MM_TILE + 1`, so a warp's transposed stores fall in distinct banks); elements
 /// outside `rows × k` are 0. Consecutive units read consecutive `k` (coalesced); each
-/// unit loads `MM_TILE · MM_BK / MM_UNITS²` elements.
+/// unit loads `tile · MM_BK / MM_UNITS²` elements.
 #[cube]
-pub fn mm_stage<F: Float>(src: &[F], smem: &mut Shared<[F]>, #[comptime] off: u32, r0: u32, rows: u32, k0: u32, k: u32) {
+#[allow(clippy::too_many_arguments)]
+pub fn mm_stage<F: Float>(
+    src: &[F],
+    smem: &mut Shared<[F]>,
+    #[comptime] off: u32,
+    r0: u32,
+    rows: u32,
+    k0: u32,
+    k: u32,
+    #[comptime] tile: u32,
+) {
     let tid = UNIT_POS_Y * MM_UNITS + UNIT_POS_X;
     #[unroll]
-    for s in 0..comptime![MM_TILE * MM_BK / (MM_UNITS * MM_UNITS)] {
+    for s in 0..comptime![tile * MM_BK / (MM_UNITS * MM_UNITS)] {
         let e = tid + s * comptime![MM_UNITS * MM_UNITS];
         let r = e / MM_BK;
         let kk = e % MM_BK;
@@ -398,23 +423,26 @@ pub fn mm_stage<F: Float>(src: &[F], smem: &mut Shared<[F]>, #[comptime] off: u3
 }
 
 /// One k step of the register-blocked product: `acc[i, j] += Σ_kk xs[kk][ty + i·MM_UNITS]
-/// · ws[kk][tx + j·MM_UNITS]` over a staged x tile at `smem[0 ..]` and a staged weight
-/// tile at `smem[wo ..]`, both as [`mm_stage`] writes them; products in `f32`.
+/// · ws[kk][tx + j·MM_UNITS]` (`i < rr`) over a staged x tile at `smem[0 ..]` and a staged
+/// weight tile at `smem[wo ..]`, both as [`mm_stage`] writes them; products in `f32`.
 #[cube]
-pub fn mm_step<F: Float>(smem: &Shared<[F]>, #[comptime] wo: u32, acc: &mut Array<f32>, tx: u32, ty: u32) {
+pub fn mm_step<F: Float>(smem: &Shared<[F]>, #[comptime] wo: u32, acc: &mut Array<f32>, tx: u32, ty: u32, #[comptime] rr: u32) {
     // A run-time loop over the staged k: unrolling it too would repeat the 64
     // multiply-adds 16 times, making each matmul's source ~200 KB and `dsc compile` of a
     // full spec take seconds, for no gain on lavapipe (measured) and little on GPUs.
     for kk in 0..MM_BK {
-        let mut a = Array::<f32>::new(comptime![MM_REG as usize]);
+        let mut a = Array::<f32>::new(comptime![rr as usize]);
         let mut b = Array::<f32>::new(comptime![MM_REG as usize]);
         #[unroll]
-        for i in 0..MM_REG {
+        for i in 0..rr {
             a[i as usize] = f32::cast_from(smem[(kk * MM_STRIDE + ty + i * MM_UNITS) as usize]);
-            b[i as usize] = f32::cast_from(smem[(wo + kk * MM_STRIDE + tx + i * MM_UNITS) as usize]);
         }
         #[unroll]
-        for i in 0..MM_REG {
+        for j in 0..MM_REG {
+            b[j as usize] = f32::cast_from(smem[(wo + kk * MM_STRIDE + tx + j * MM_UNITS) as usize]);
+        }
+        #[unroll]
+        for i in 0..rr {
             #[unroll]
             for j in 0..MM_REG {
                 acc[(i * MM_REG + j) as usize] += a[i as usize] * b[j as usize];

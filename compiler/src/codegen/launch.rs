@@ -174,12 +174,40 @@ pub struct Launch {
     pub args: Vec<Arg>,
     pub grid: [Size; 3],
     pub cost: Cost,
+    /// At which sizes it runs (`None`: always): one of a node's alternative launches,
+    /// picked at run time.
+    pub when: Option<When>,
+}
+
+/// The sizes at which a launch runs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum When {
+    /// `size ≤ n`.
+    AtMost(Size, i64),
+    /// `size > n`.
+    Above(Size, i64),
+}
+
+impl When {
+    /// Whether it holds at `b` (`None` where a size leaves `i64`).
+    pub fn holds(&self, b: &Bindings) -> Option<bool> {
+        Some(match self {
+            When::AtMost(s, n) => s.checked_eval(b)? <= *n,
+            When::Above(s, n) => s.checked_eval(b)? > *n,
+        })
+    }
 }
 
 impl Launch {
     /// A launch that executes `flops` and touches every buffer it binds whole.
     pub fn new(kernel: KernelSpec, args: Vec<Arg>, grid: [Size; 3], flops: Size) -> Launch {
-        Launch { kernel, args, grid, cost: Cost { flops, partial: vec![] } }
+        Launch { kernel, args, grid, cost: Cost { flops, partial: vec![] }, when: None }
+    }
+
+    /// Whether it runs at `b` (a size past `i64` runs nothing: the launch's own sizes
+    /// would not fit either).
+    pub fn runs(&self, b: &Bindings) -> bool {
+        self.when.as_ref().is_none_or(|w| w.holds(b).unwrap_or(false))
     }
 
     /// The same launch, touching only `touch` of `buf`.
@@ -316,6 +344,39 @@ pub fn grid_rows(rows: Size, y: Size) -> [Size; 3] {
         return [rows, y, Size::lit(1)];
     }
     [rows.clone().min(MAX_GRID_AXIS), y, rows.ceil_div(MAX_GRID_AXIS)]
+}
+
+/// Rows at most which the matmuls run their skinny form (8-row tiles): a decode step of a
+/// few sequences. Up to two 8-row tiles still beat one 64-row tile that is mostly padding.
+pub const SKINNY_ROWS: i64 = 16;
+
+/// A matmul over `m` rows as `make` builds it in its skinny form and its tiled one: the
+/// form that fits when `m` is a constant, else both, each for the sizes it fits.
+pub fn by_rows(m: Size, make: impl Fn(bool) -> Launch) -> Vec<Launch> {
+    match m.as_const() {
+        Some(c) => vec![make(c <= SKINNY_ROWS)],
+        None => {
+            let (mut skinny, mut tiled) = (make(true), make(false));
+            skinny.when = Some(When::AtMost(m.clone(), SKINNY_ROWS));
+            tiled.when = Some(When::Above(m, SKINNY_ROWS));
+            vec![skinny, tiled]
+        }
+    }
+}
+
+/// The grid of a matmul with `cols` output columns over `m` rows: one cube per
+/// `MM_TILE`-column tile and per row tile (64 rows, or 8 in the skinny form).
+pub fn mm_grid(cols: Dim, m: Size, skinny: bool) -> [Size; 3] {
+    let rows = (super::kernels::mm_rows(skinny) * super::kernels::MM_UNITS) as i64;
+    [Size::Dim(cols).ceil_div(super::kernels::MM_TILE as i64), m.ceil_div(rows), Size::lit(1)]
+}
+
+/// The multiply-adds (2 FLOPs each) of a matmul over `k` on `grid` ([`mm_grid`]): every
+/// cube computes its whole tile, padding included.
+pub fn mm_flops(grid: &[Size; 3], skinny: bool, k: Size) -> Size {
+    let rows = (super::kernels::mm_rows(skinny) * super::kernels::MM_UNITS) as i64;
+    let [x, y, z] = grid.clone();
+    x.mul(y).mul(z).mul(Size::lit(2 * rows * super::kernels::MM_TILE as i64)).mul(k)
 }
 
 /// One launch with no scratch.
@@ -471,17 +532,19 @@ pub fn node_work(g: &Graph, n: NodeId) -> Result<NodeWork, Unsupported> {
         KernelSpec::MatMulEw { .. } | KernelSpec::MatMulEwFrom { .. } | KernelSpec::RmsNormEw { .. } | KernelSpec::GateUp { .. } => {
             super::kernels::heads::work(g, n, spec)
         }
-        KernelSpec::MatMul { .. } => {
+        KernelSpec::MatMul { elem, .. } => {
             let d = dims(&out);
             let m = Size::product(&d[..d.len() - 1]);
             let nn = *d.last().unwrap();
             let k = ins[1].0[1];
-            let t = super::kernels::MM_TILE as i64;
             let mut args = io(2);
             args.extend([Arg::U32(m.clone()), Arg::U32(Size::Dim(nn)), Arg::U32(Size::Dim(k))]);
-            let grid = [Size::Dim(nn).ceil_div(t), m.ceil_div(t), Size::lit(1)];
-            let flops = tiled_flops(&grid, t, Size::Dim(k));
-            single(Launch::new(spec, args, grid, flops))
+            let launches = by_rows(m.clone(), |skinny| {
+                let grid = mm_grid(nn, m.clone(), skinny);
+                let flops = mm_flops(&grid, skinny, Size::Dim(k));
+                Launch::new(KernelSpec::MatMul { elem: *elem, skinny }, args.clone(), grid, flops)
+            });
+            NodeWork::Launches { scratch: vec![], launches }
         }
         KernelSpec::Attention { .. } => {
             let kv = KvReads { k: KvRead::contiguous(1, &ins[1]), k2: None, v: KvRead::contiguous(2, &ins[2]) };

@@ -84,8 +84,8 @@ pub enum KernelSpec {
     RmsNorm { elem: Elem, eps_bits: u32 },
     /// [`kernels::softmax`] over the last axis.
     Softmax { elem: Elem },
-    /// [`kernels::matmul`]: `x[.., k] · w[n, k]ᵀ`.
-    MatMul { elem: Elem },
+    /// [`kernels::matmul`]: `x[.., k] · w[n, k]ᵀ`; `skinny`: 8-row tiles, for few rows.
+    MatMul { elem: Elem, skinny: bool },
     /// [`kernels::movement::strided_copy`] over a box of `rank` axes: permute, slice,
     /// broadcast, and concat / cache_append (one launch per input).
     Copy { elem: Elem, rank: u32 },
@@ -98,14 +98,14 @@ pub enum KernelSpec {
     /// [`kernels::rope::rope`], adjacent pairs when `interleaved`, else `rotate_half`.
     Rope { elem: Elem, interleaved: bool },
     /// [`kernels::heads::matmul_ew`]: a fused matmul head and its elementwise epilogue.
-    MatMulEw { elem: Elem, epilogue: kernels::heads::Epilogue },
+    MatMulEw { elem: Elem, epilogue: kernels::heads::Epilogue, skinny: bool },
     /// [`kernels::heads::matmul_ew`] whose head multiplies `head` operands (f32 gradients)
     /// into a result of `elem`.
-    MatMulEwFrom { elem: Elem, head: Elem, epilogue: kernels::heads::Epilogue },
+    MatMulEwFrom { elem: Elem, head: Elem, epilogue: kernels::heads::Epilogue, skinny: bool },
     /// [`kernels::heads::rms_norm_ew`]: a fused rms_norm head and its epilogue.
     RmsNormEw { elem: Elem, eps_bits: u32, epilogue: kernels::heads::Epilogue },
     /// [`kernels::heads::matmul_gate_up`]: `silu(x·gateᵀ)·(x·upᵀ)`, SwiGLU's first launch.
-    GateUp { elem: Elem },
+    GateUp { elem: Elem, skinny: bool },
     /// [`kernels::movement::convert`] from one float element type to another.
     Cast { from: Elem, to: Elem },
     /// [`kernels::attention::attention`]: flash attention, one cube per (query block,
@@ -277,7 +277,7 @@ impl KernelSpec {
                 }
                 Ok(KernelSpec::Softmax { elem })
             }
-            Op::MatMul => Ok(KernelSpec::MatMul { elem }),
+            Op::MatMul => Ok(KernelSpec::MatMul { elem, skinny: false }),
             Op::Reduce { op: ReduceOp::Sum, .. } => Ok(KernelSpec::Reduce { elem, mean: false }),
             Op::Reduce { op: ReduceOp::Mean, .. } => Ok(KernelSpec::Reduce { elem, mean: true }),
             Op::Attention { .. } => {
@@ -335,14 +335,16 @@ impl KernelSpec {
             KernelSpec::Rope { elem, interleaved } => {
                 format!("rope_{}_{}", elem.name(), if *interleaved { "interleaved" } else { "half_split" })
             }
-            KernelSpec::MatMulEw { elem, .. } => format!("matmul_ew_{}_{}", elem.name(), h()),
-            KernelSpec::MatMulEwFrom { elem, head, .. } => format!("matmul_ew_{}_from_{}_{}", elem.name(), head.name(), h()),
+            KernelSpec::MatMulEw { elem, skinny, .. } => format!("matmul_ew_{}{}_{}", elem.name(), skinny_suffix(*skinny), h()),
+            KernelSpec::MatMulEwFrom { elem, head, skinny, .. } => {
+                format!("matmul_ew_{}_from_{}{}_{}", elem.name(), head.name(), skinny_suffix(*skinny), h())
+            }
             KernelSpec::RmsNormEw { elem, .. } => format!("rms_norm_ew_{}_{}", elem.name(), h()),
-            KernelSpec::GateUp { elem } => format!("matmul_gate_up_{}", elem.name()),
+            KernelSpec::GateUp { elem, skinny } => format!("matmul_gate_up_{}{}", elem.name(), skinny_suffix(*skinny)),
             KernelSpec::Cast { from, to } => format!("cast_{}_{}", from.name(), to.name()),
             KernelSpec::RmsNorm { elem, .. } => format!("rms_norm_{}_{}", elem.name(), h()),
             KernelSpec::Softmax { elem } => format!("softmax_{}", elem.name()),
-            KernelSpec::MatMul { elem } => format!("matmul_{}", elem.name()),
+            KernelSpec::MatMul { elem, skinny } => format!("matmul_{}{}", elem.name(), skinny_suffix(*skinny)),
             KernelSpec::Attention { elem, .. } => format!("attention_{}_{}", elem.name(), h()),
             KernelSpec::BatchMatMul { elem, rank, accumulate } => {
                 format!("batch_matmul_{}_r{rank}{}", elem.name(), if *accumulate { "_acc" } else { "" })
@@ -392,10 +394,10 @@ impl KernelSpec {
             | KernelSpec::MatMulEw { elem, .. }
             | KernelSpec::MatMulEwFrom { elem, .. }
             | KernelSpec::RmsNormEw { elem, .. }
-            | KernelSpec::GateUp { elem }
+            | KernelSpec::GateUp { elem, .. }
             | KernelSpec::Cast { to: elem, .. }
             | KernelSpec::Softmax { elem }
-            | KernelSpec::MatMul { elem }
+            | KernelSpec::MatMul { elem, .. }
             | KernelSpec::Attention { elem, .. }
             | KernelSpec::BatchMatMul { elem, .. }
             | KernelSpec::MoeRoute { elem, .. }
@@ -414,6 +416,15 @@ impl KernelSpec {
             }
             KernelSpec::AdamW { grad: elem } | KernelSpec::SumSquares { elem } => *elem,
         }
+    }
+}
+
+/// The name suffix of a matmul's skinny form.
+fn skinny_suffix(skinny: bool) -> &'static str {
+    if skinny {
+        "_skinny"
+    } else {
+        ""
     }
 }
 
@@ -729,28 +740,56 @@ fn source_for<F: Float + CubeElement>(spec: &KernelSpec, target: Target) -> (Str
         KernelSpec::Rope { interleaved, .. } => {
             compile(kernels::rope::rope::Rope::<F>::new(settings, p, tp, b(), b(), b(), b(), (), (), (), *interleaved), name, target)
         }
-        KernelSpec::MatMulEw { epilogue, .. } => {
+        KernelSpec::MatMulEw { epilogue, skinny, .. } => {
             let inputs = SequenceCompilationArg::<Box<[F]>> { values: epilogue.loads.iter().map(|_| b()).collect() };
-            let k =
-                kernels::heads::matmul_ew::MatmulEw::<F, F>::new(settings, p, tp, b(), b(), b(), b(), (), (), (), inputs, epilogue.clone());
+            let e = epilogue.clone();
+            let k = kernels::heads::matmul_ew::MatmulEw::<F, F>::new(settings, p, tp, b(), b(), b(), b(), (), (), (), inputs, e, *skinny);
             compile(k, name, target)
         }
-        KernelSpec::MatMulEwFrom { head, epilogue, .. } => {
+        KernelSpec::MatMulEwFrom { head, epilogue, skinny, .. } => {
             let inputs = || SequenceCompilationArg::<Box<[F]>> { values: epilogue.loads.iter().map(|_| b()).collect() };
-            let e = epilogue.clone();
+            let (e, sk) = (epilogue.clone(), *skinny);
             match head {
                 Elem::F32 => compile(
-                    kernels::heads::matmul_ew::MatmulEw::<F, f32>::new(settings, p, tp, b(), b(), b(), b(), (), (), (), inputs(), e),
+                    kernels::heads::matmul_ew::MatmulEw::<F, f32>::new(settings, p, tp, b(), b(), b(), b(), (), (), (), inputs(), e, sk),
                     name,
                     target,
                 ),
                 Elem::F16 => compile(
-                    kernels::heads::matmul_ew::MatmulEw::<F, half::f16>::new(settings, p, tp, b(), b(), b(), b(), (), (), (), inputs(), e),
+                    kernels::heads::matmul_ew::MatmulEw::<F, half::f16>::new(
+                        settings,
+                        p,
+                        tp,
+                        b(),
+                        b(),
+                        b(),
+                        b(),
+                        (),
+                        (),
+                        (),
+                        inputs(),
+                        e,
+                        sk,
+                    ),
                     name,
                     target,
                 ),
                 Elem::Bf16 => compile(
-                    kernels::heads::matmul_ew::MatmulEw::<F, half::bf16>::new(settings, p, tp, b(), b(), b(), b(), (), (), (), inputs(), e),
+                    kernels::heads::matmul_ew::MatmulEw::<F, half::bf16>::new(
+                        settings,
+                        p,
+                        tp,
+                        b(),
+                        b(),
+                        b(),
+                        b(),
+                        (),
+                        (),
+                        (),
+                        inputs(),
+                        e,
+                        sk,
+                    ),
                     name,
                     target,
                 ),
@@ -773,9 +812,11 @@ fn source_for<F: Float + CubeElement>(spec: &KernelSpec, target: Target) -> (Str
             );
             compile(k, name, target)
         }
-        KernelSpec::GateUp { .. } => {
-            compile(kernels::heads::matmul_gate_up::MatmulGateUp::<F>::new(settings, p, tp, b(), b(), b(), b(), (), (), ()), name, target)
-        }
+        KernelSpec::GateUp { skinny, .. } => compile(
+            kernels::heads::matmul_gate_up::MatmulGateUp::<F>::new(settings, p, tp, b(), b(), b(), b(), (), (), (), *skinny),
+            name,
+            target,
+        ),
         // The two element types are the spec's, not `F` (which is `to`).
         KernelSpec::Cast { from, to } => match (from, to) {
             (Elem::F32, Elem::F16) => {
@@ -803,7 +844,9 @@ fn source_for<F: Float + CubeElement>(spec: &KernelSpec, target: Target) -> (Str
             compile(kernels::rms_norm::RmsNorm::<F>::new(settings, p, tp, b(), b(), b(), (), *eps_bits), name, target)
         }
         KernelSpec::Softmax { .. } => compile(kernels::softmax::Softmax::<F>::new(settings, p, tp, b(), b(), ()), name, target),
-        KernelSpec::MatMul { .. } => compile(kernels::matmul::Matmul::<F>::new(settings, p, tp, b(), b(), b(), (), (), ()), name, target),
+        KernelSpec::MatMul { skinny, .. } => {
+            compile(kernels::matmul::Matmul::<F>::new(settings, p, tp, b(), b(), b(), (), (), (), *skinny), name, target)
+        }
         KernelSpec::Attention { cfg, .. } => compile(
             kernels::attention::attention::Attention::<F>::new(
                 settings,
@@ -953,7 +996,7 @@ mod tests {
             node(Op::Binary(BinaryOp::Mul), &[&[4, 9], &[]], DType::F32).unwrap(),
             node(Op::RmsNorm { eps: Float::new(1e-6) }, &[&[5, 7], &[7]], DType::F16).unwrap(),
             KernelSpec::Softmax { elem: Elem::F32 },
-            KernelSpec::MatMul { elem: Elem::F32 },
+            KernelSpec::MatMul { elem: Elem::F32, skinny: false },
         ];
         for s in &specs {
             for t in [Target::Cuda, Target::Wgsl] {

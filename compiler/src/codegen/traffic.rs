@@ -159,7 +159,8 @@ fn function_traffic(f: &FunctionPlan, calls: u64, sizes: &Bindings, out: &mut Ve
             // In place: only the new entries are written.
             NodeWork::Append { write, .. } => (&[], vec![&**write]),
         };
-        for l in launches {
+        // Alternative launches count at the sizes where they run.
+        for l in launches.into_iter().filter(|l| l.runs(sizes)) {
             // Each distinct buffer the launch binds, once (an input bound twice is read once).
             let mut bound: Vec<Buf> = Vec::new();
             for a in &l.args {
@@ -332,8 +333,11 @@ mod tests {
             let [mm, sl] = &t.launches[..] else { panic!("{:?}", t.launches) };
             // x, w and y whole, in f32.
             assert_eq!(mm.bytes, (rows * 4.0 + 32.0 + rows * 8.0) * 4.0);
-            // One 64×64 tile along n, ⌈rows/64⌉ along m, k = 4: padding is counted.
-            assert_eq!(mm.flops, 2.0 * 64.0 * 64.0 * 4.0 * (rows / 64.0).ceil());
+            // One 64-column tile along n, ⌈rows/64⌉ tiles of 64 rows along m (or of 8 rows,
+            // the skinny form, at 16 rows or fewer), k = 4: padding is counted, and only
+            // the form that runs.
+            let tile = if rows <= 16.0 { 8.0 } else { 64.0 };
+            assert_eq!(mm.flops, 2.0 * tile * 64.0 * 4.0 * (rows / tile).ceil());
             // The slice reads its window of y and writes it.
             assert_eq!((sl.bytes, sl.flops), (2.0 * rows * 3.0 * 4.0, 0.0));
             assert_eq!(t.total_bytes(), mm.bytes + sl.bytes);

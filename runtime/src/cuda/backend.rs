@@ -232,7 +232,7 @@ impl CudaBackend {
         let (scratch, launches) = work.run_parts();
         let scratch: Vec<DeviceBuf> =
             scratch.iter().map(|s| self.poisoned(eval_len(&s.len, bind)?, Repr::of(s.dtype)?)).collect::<Result<_, String>>()?;
-        for l in launches {
+        for l in launches.into_iter().filter(|l| l.runs(bind)) {
             self.launch(l, ins, outs, &scratch, bind).map_err(|e| format!("{}: {e}", l.kernel.name()))?;
         }
         Ok(())

@@ -60,7 +60,7 @@ fn nvrtc_compiles_every_kernel() {
     use dsc_compiler::codegen::Elem;
     let f16 = if nvrtc::include_dir().is_some() {
         vec![
-            KernelSpec::MatMul { elem: Elem::F16 },
+            KernelSpec::MatMul { elem: Elem::F16, skinny: true },
             KernelSpec::Softmax { elem: Elem::F16 },
             KernelSpec::RmsNorm { elem: Elem::F16, eps_bits: 1e-6f32.to_bits() },
             // A bf16 train graph's optimizer (f32 masters, bf16 gradients and copies).

@@ -169,7 +169,7 @@ impl WgpuBackend {
         let (scratch, launches) = work.run_parts();
         let scratch: Vec<DeviceBuf> =
             scratch.iter().map(|s| self.poisoned(eval_len(&s.len, bind)?, Repr::of(s.dtype)?)).collect::<Result<_, String>>()?;
-        for l in launches {
+        for l in launches.into_iter().filter(|l| l.runs(bind)) {
             let bufs = Bound { ins, outs, scratch: &scratch };
             match l.kernel.elem() {
                 dsc_compiler::codegen::Elem::F32 => self.launch::<f32>(l, &bufs, bind)?,
@@ -372,20 +372,20 @@ impl WgpuBackend {
                 let (x, pos, freqs, out) = (a.buf(0)?, a.buf(1)?, a.f32_table(2)?, a.buf(3)?);
                 kernels::rope::rope::launch::<F>(c, count, dim, x, pos, freqs, out, a.u32(4)?, a.u32(5)?, a.u32(6)?, *interleaved)
             }
-            KernelSpec::MatMulEw { epilogue, .. } => {
+            KernelSpec::MatMulEw { epilogue, skinny, .. } => {
                 let (x, w, layout, out) = (a.buf(0)?, a.buf(1)?, a.table(2)?, a.buf(3)?);
                 let (m, n, k) = (a.u32(4)?, a.u32(5)?, a.u32(6)?);
-                kernels::heads::matmul_ew::launch::<F, F>(c, count, dim, x, w, layout, out, m, n, k, a.seq(7)?, epilogue.clone())
+                kernels::heads::matmul_ew::launch::<F, F>(c, count, dim, x, w, layout, out, m, n, k, a.seq(7)?, epilogue.clone(), *skinny)
             }
-            KernelSpec::MatMulEwFrom { head, epilogue, .. } => {
+            KernelSpec::MatMulEwFrom { head, epilogue, skinny, .. } => {
                 let (x, w, layout, out) = (a.buf(0)?, a.buf(1)?, a.table(2)?, a.buf(3)?);
                 let (m, n, k, e) = (a.u32(4)?, a.u32(5)?, a.u32(6)?, epilogue.clone());
                 match head {
                     dsc_compiler::codegen::Elem::F32 => {
-                        kernels::heads::matmul_ew::launch::<F, f32>(c, count, dim, x, w, layout, out, m, n, k, a.seq(7)?, e)
+                        kernels::heads::matmul_ew::launch::<F, f32>(c, count, dim, x, w, layout, out, m, n, k, a.seq(7)?, e, *skinny)
                     }
                     dsc_compiler::codegen::Elem::F16 => {
-                        kernels::heads::matmul_ew::launch::<F, half::f16>(c, count, dim, x, w, layout, out, m, n, k, a.seq(7)?, e)
+                        kernels::heads::matmul_ew::launch::<F, half::f16>(c, count, dim, x, w, layout, out, m, n, k, a.seq(7)?, e, *skinny)
                     }
                     h @ dsc_compiler::codegen::Elem::Bf16 => return h.on(dsc_compiler::codegen::Target::Wgsl),
                 }
@@ -406,12 +406,12 @@ impl WgpuBackend {
                     epilogue.clone(),
                 )
             }
-            KernelSpec::GateUp { .. } => {
+            KernelSpec::GateUp { skinny, .. } => {
                 let (x, gate, up, out) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?);
-                kernels::heads::matmul_gate_up::launch::<F>(c, count, dim, x, gate, up, out, a.u32(4)?, a.u32(5)?, a.u32(6)?)
+                kernels::heads::matmul_gate_up::launch::<F>(c, count, dim, x, gate, up, out, a.u32(4)?, a.u32(5)?, a.u32(6)?, *skinny)
             }
-            KernelSpec::MatMul { .. } => {
-                kernels::matmul::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.u32(3)?, a.u32(4)?, a.u32(5)?)
+            KernelSpec::MatMul { skinny, .. } => {
+                kernels::matmul::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.u32(3)?, a.u32(4)?, a.u32(5)?, *skinny)
             }
             KernelSpec::Attention { cfg, .. } => {
                 let (q, k, k2, v, mask) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?);

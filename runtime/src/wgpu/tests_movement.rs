@@ -211,7 +211,12 @@ fn swiglu_dense_ffn() {
         ]
     };
     let w = check(Op::SwiGlu, &ins(DType::F32), at(2, 5, 0));
-    assert_eq!(w.kernels().count(), 2, "gate/up then down");
+    // gate/up then down, each in its skinny and tiled forms (run-time rows b·s).
+    let names: Vec<String> = w.kernels().map(|k| k.name()).collect();
+    assert_eq!(names.len(), 4, "{names:?}");
+    assert!(names[0].starts_with("matmul_gate_up_f32_skinny") && names[1] == "matmul_gate_up_f32", "{names:?}");
+    let NodeWork::Launches { launches, .. } = &w else { panic!("launches") };
+    assert_eq!(launches.iter().filter(|l| l.runs(&at(2, 5, 0))).count(), 2, "one form of each runs");
     check(Op::SwiGlu, &ins(DType::F32), at(1, 1, 0));
     check(Op::SwiGlu, &ins(DType::F16), at(3, 2, 0));
     // Across the 64×64 output tiles: 65 rows, i = 130 and h = 70 (partial tiles both ways).
@@ -334,4 +339,24 @@ fn sources_are_deterministic() {
             assert!(a.contains(&s.name()), "{a}");
         }
     }
+}
+
+/// A matmul over a run-time number of rows carries both forms, each launched where it
+/// fits: the skinny one (8-row tiles) up to `SKINNY_ROWS` rows, the 64-row tiled one past
+/// it; both match the reference on either side of the boundary and across column tiles.
+#[test]
+fn skinny_and_tiled_matmuls_by_rows() {
+    use dsc_compiler::codegen::launch::SKINNY_ROWS;
+    let ins = [f(vec![Dim::B, Dim::S, Dim::lit(70)], DType::F32), f(lits(&[130, 70]), DType::F32)];
+    for (b, s) in [(1, 1), (2, 8), (17, 1), (3, 7)] {
+        let bind = at(b, s, 0);
+        let w = check(Op::MatMul, &ins, bind);
+        let NodeWork::Launches { launches, .. } = &w else { panic!("a matmul launches") };
+        let running: Vec<bool> = launches.iter().map(|l| l.runs(&bind)).collect();
+        let skinny = (b * s) as i64 <= SKINNY_ROWS;
+        assert_eq!(running, [skinny, !skinny], "{} rows", b * s);
+    }
+    // Constant rows pick one form when planned.
+    let w = check(Op::MatMul, &[f(lits(&[5, 40]), DType::F16), f(lits(&[3, 40]), DType::F16)], Bindings::default());
+    assert_eq!(w.kernels().map(|k| k.name()).collect::<Vec<_>>(), ["matmul_f16_skinny"]);
 }

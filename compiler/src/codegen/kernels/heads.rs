@@ -19,9 +19,9 @@
 //! in one pass (both products share the staged tile of `x`, and the gate/up results
 //! never reach memory), then `·downᵀ` with [`matmul_ew`] and an empty epilogue.
 
-use super::{ew_eval, mm_stage, mm_step, mm_zero, Access, EwOp, MM_BK, MM_REG, MM_STAGE, MM_TILE, MM_UNITS, ROW_BLOCK};
+use super::{ew_eval, mm_rows, mm_stage, mm_step, mm_zero, Access, EwOp, MM_BK, MM_REG, MM_STAGE, MM_TILE, MM_UNITS, ROW_BLOCK};
 use crate::codegen::kernels::movement::float_elem;
-use crate::codegen::launch::{grid_rows, tiled_flops, Arg, Buf, Launch, NodeWork, Scratch, Size};
+use crate::codegen::launch::{by_rows, grid_rows, mm_flops, mm_grid, Arg, Buf, Launch, NodeWork, Scratch, Size};
 use crate::codegen::{ew_binary, ew_unary, Elem, KernelSpec, Unsupported};
 use crate::ir::fused::{Head, Operand, StepOp};
 use crate::ir::{Dim, Graph, NodeId, Op};
@@ -88,23 +88,25 @@ pub fn matmul_ew<F: Float, M: Float>(
     k: u32,
     inputs: &Sequence<Box<[F]>>,
     #[comptime] epi: Epilogue,
+    #[comptime] skinny: bool,
 ) {
     let tx = UNIT_POS_X;
     let ty = UNIT_POS_Y;
-    let row0 = CUBE_POS_Y * MM_TILE;
+    let rr = comptime![mm_rows(skinny)];
+    let row0 = CUBE_POS_Y * comptime![rr * MM_UNITS];
     let col0 = CUBE_POS_X * MM_TILE;
     let mut smem = Shared::<[M]>::new_slice(comptime![(2 * MM_STAGE) as usize]);
-    let mut acc = mm_zero();
+    let mut acc = mm_zero(rr);
     for t in 0..k.div_ceil(MM_BK) {
         let k0 = t * MM_BK;
-        mm_stage::<M>(x, &mut smem, 0u32, row0, m, k0, k);
-        mm_stage::<M>(w, &mut smem, MM_STAGE, col0, n, k0, k);
+        mm_stage::<M>(x, &mut smem, 0u32, row0, m, k0, k, comptime![rr * MM_UNITS]);
+        mm_stage::<M>(w, &mut smem, MM_STAGE, col0, n, k0, k, MM_TILE);
         sync_cube();
-        mm_step::<M>(&smem, MM_STAGE, &mut acc, tx, ty);
+        mm_step::<M>(&smem, MM_STAGE, &mut acc, tx, ty, rr);
         sync_cube();
     }
     #[unroll]
-    for i in 0..MM_REG {
+    for i in 0..rr {
         let row = row0 + ty + i * MM_UNITS;
         #[unroll]
         for j in 0..MM_REG {
@@ -125,26 +127,28 @@ pub fn matmul_ew<F: Float, M: Float>(
 /// [`matmul_ew`]); silu is `g·(1/(1 + e^-g))` then `·u`, the reference's order, and
 /// only the product is rounded to `F`.
 #[cube(launch, create_dummy_kernel)]
-pub fn matmul_gate_up<F: Float>(x: &[F], gate: &[F], up: &[F], out: &mut [F], m: u32, n: u32, k: u32) {
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_gate_up<F: Float>(x: &[F], gate: &[F], up: &[F], out: &mut [F], m: u32, n: u32, k: u32, #[comptime] skinny: bool) {
     let tx = UNIT_POS_X;
     let ty = UNIT_POS_Y;
-    let row0 = CUBE_POS_Y * MM_TILE;
+    let rr = comptime![mm_rows(skinny)];
+    let row0 = CUBE_POS_Y * comptime![rr * MM_UNITS];
     let col0 = CUBE_POS_X * MM_TILE;
     let mut smem = Shared::<[F]>::new_slice(comptime![(3 * MM_STAGE) as usize]);
-    let mut acc_g = mm_zero();
-    let mut acc_u = mm_zero();
+    let mut acc_g = mm_zero(rr);
+    let mut acc_u = mm_zero(rr);
     for t in 0..k.div_ceil(MM_BK) {
         let k0 = t * MM_BK;
-        mm_stage::<F>(x, &mut smem, 0u32, row0, m, k0, k);
-        mm_stage::<F>(gate, &mut smem, MM_STAGE, col0, n, k0, k);
-        mm_stage::<F>(up, &mut smem, comptime![2 * MM_STAGE], col0, n, k0, k);
+        mm_stage::<F>(x, &mut smem, 0u32, row0, m, k0, k, comptime![rr * MM_UNITS]);
+        mm_stage::<F>(gate, &mut smem, MM_STAGE, col0, n, k0, k, MM_TILE);
+        mm_stage::<F>(up, &mut smem, comptime![2 * MM_STAGE], col0, n, k0, k, MM_TILE);
         sync_cube();
-        mm_step::<F>(&smem, MM_STAGE, &mut acc_g, tx, ty);
-        mm_step::<F>(&smem, comptime![2 * MM_STAGE], &mut acc_u, tx, ty);
+        mm_step::<F>(&smem, MM_STAGE, &mut acc_g, tx, ty, rr);
+        mm_step::<F>(&smem, comptime![2 * MM_STAGE], &mut acc_u, tx, ty, rr);
         sync_cube();
     }
     #[unroll]
-    for i in 0..MM_REG {
+    for i in 0..rr {
         let row = row0 + ty + i * MM_UNITS;
         #[unroll]
         for j in 0..MM_REG {
@@ -206,7 +210,7 @@ pub fn rms_norm_ew<F: Float>(
 pub(crate) fn spec(g: &Graph, n: NodeId) -> Option<Result<KernelSpec, Unsupported>> {
     match &g.node(n).op {
         Op::Fused(k) if k.head.is_some() => Some(fused_spec(g, n)),
-        Op::SwiGlu => Some(float_elem(g, n, &[]).map(|elem| KernelSpec::GateUp { elem })),
+        Op::SwiGlu => Some(float_elem(g, n, &[]).map(|elem| KernelSpec::GateUp { elem, skinny: false })),
         _ => None,
     }
 }
@@ -301,8 +305,8 @@ fn fused_spec(g: &Graph, n: NodeId) -> Result<KernelSpec, Unsupported> {
     let epilogue = Epilogue { rank: out.rank() as u32, loads, ops };
     Ok(match k.head.expect("checked by spec") {
         Head::MatMul => match head_elem {
-            Some(head) => KernelSpec::MatMulEwFrom { elem, head, epilogue },
-            None => KernelSpec::MatMulEw { elem, epilogue },
+            Some(head) => KernelSpec::MatMulEwFrom { elem, head, epilogue, skinny: false },
+            None => KernelSpec::MatMulEw { elem, epilogue, skinny: false },
         },
         Head::RmsNorm { eps } => KernelSpec::RmsNormEw { elem, eps_bits: (eps.get() as f32).to_bits(), epilogue },
     })
@@ -329,9 +333,7 @@ fn epilogue_flops(out: &[Dim], epi: &Epilogue) -> Size {
 pub(crate) fn work(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
     let ins: Vec<Vec<Dim>> = g.inputs(n).iter().map(|&v| g.ty(v).shape.0.clone()).collect();
     let out = g.node(n).outputs[0].shape.0.clone();
-    let t = MM_TILE as i64;
     let rows = |s: &[Dim]| Size::product(&s[..s.len() - 1]);
-    let tiled = |cols: Dim, m: Size| [Size::Dim(cols).ceil_div(t), m.ceil_div(t), Size::lit(1)];
     let (input, output) = (|i: u16| Arg::Buf(Buf::Input(i)), Arg::Buf(Buf::Output(0)));
     let loads = |epi: &Epilogue| -> (Arg, Vec<Arg>) {
         let shapes: Vec<&[Dim]> = epi.loads.iter().map(|(i, _)| ins[*i as usize].as_slice()).collect();
@@ -343,9 +345,12 @@ pub(crate) fn work(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
             let (table, extra) = loads(epilogue);
             let mut args = vec![input(0), input(1), table, output, Arg::U32(m.clone()), Arg::U32(Size::Dim(nn)), Arg::U32(Size::Dim(k))];
             args.extend(extra);
-            let grid = tiled(nn, m);
-            let flops = tiled_flops(&grid, t, Size::Dim(k)).plus(epilogue_flops(&out, epilogue));
-            vec![Launch::new(spec.clone(), args, grid, flops)]
+            let ew = epilogue_flops(&out, epilogue);
+            by_rows(m, |skinny| {
+                let grid = mm_grid(nn, rows(&out), skinny);
+                let flops = mm_flops(&grid, skinny, Size::Dim(k)).plus(ew.clone());
+                Launch::new(with_skinny(&spec, skinny), args.clone(), grid, flops)
+            })
         }
         KernelSpec::RmsNormEw { epilogue, .. } => {
             let (table, extra) = loads(epilogue);
@@ -354,32 +359,47 @@ pub(crate) fn work(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
             let flops = Size::product(&out).mul(Size::lit(4)).plus(epilogue_flops(&out, epilogue));
             vec![Launch::new(spec.clone(), args, grid_rows(rows(&out), Size::lit(1)), flops)]
         }
-        KernelSpec::GateUp { elem } => {
+        KernelSpec::GateUp { elem, .. } => {
             // x: [.., h], gate/up: [i, h], down: [h, i]; scratch 0 is silu(x·gateᵀ)·(x·upᵀ).
             let (m, h, i) = (rows(&out), ins[1][1], ins[1][0]);
             let scratch = Arg::Buf(Buf::Scratch(0));
             let (hs, is) = (Size::Dim(h), Size::Dim(i));
-            let grid = tiled(i, m.clone());
-            // Two products over h, then silu and the product (about five per element).
-            let flops = tiled_flops(&grid, t, Size::Dim(h).mul(Size::lit(2))).plus(m.clone().mul(is.clone()).mul(Size::lit(5)));
             let args = vec![input(0), input(1), input(2), scratch.clone(), Arg::U32(m.clone()), Arg::U32(is.clone()), Arg::U32(hs.clone())];
-            let gate_up = Launch::new(spec.clone(), args, grid, flops);
+            // Two products over h, then silu and the product (about five per element).
+            let act = m.clone().mul(is.clone()).mul(Size::lit(5));
+            let mut launches = by_rows(m.clone(), |skinny| {
+                let grid = mm_grid(i, m.clone(), skinny);
+                let flops = mm_flops(&grid, skinny, Size::Dim(h).mul(Size::lit(2))).plus(act.clone());
+                Launch::new(KernelSpec::GateUp { elem: *elem, skinny }, args.clone(), grid, flops)
+            });
             // The down projection is `matmul_ew` without an epilogue rather than the plain
             // matmul: its f32 accumulator keeps an f16 FFN within f16 rounding of the
             // reference (the plain kernel sums in F).
             let plain = Epilogue { rank: out.len() as u32, loads: vec![], ops: vec![] };
-            let grid = tiled(h, m.clone());
-            let flops = tiled_flops(&grid, t, is.clone());
             let args =
                 vec![scratch, input(3), Arg::Table(layout(&out, &[])), output, Arg::U32(m.clone()), Arg::U32(hs), Arg::U32(is.clone())];
-            let down = Launch::new(KernelSpec::MatMulEw { elem: *elem, epilogue: plain }, args, grid, flops);
+            launches.extend(by_rows(m.clone(), |skinny| {
+                let grid = mm_grid(h, m.clone(), skinny);
+                let spec = KernelSpec::MatMulEw { elem: *elem, epilogue: plain.clone(), skinny };
+                Launch::new(spec, args.clone(), grid.clone(), mm_flops(&grid, skinny, is.clone()))
+            }));
             let len = m.mul(is);
-            return NodeWork::Launches {
-                scratch: vec![Scratch { dtype: crate::codegen::launch::elem_dtype(*elem), len }],
-                launches: vec![gate_up, down],
-            };
+            return NodeWork::Launches { scratch: vec![Scratch { dtype: crate::codegen::launch::elem_dtype(*elem), len }], launches };
         }
         other => unreachable!("heads::work on {}", other.name()),
     };
     NodeWork::Launches { scratch: vec![], launches }
+}
+
+/// The spec in its skinny form or not.
+fn with_skinny(spec: &KernelSpec, skinny: bool) -> KernelSpec {
+    let mut s = spec.clone();
+    match &mut s {
+        KernelSpec::MatMul { skinny: k, .. }
+        | KernelSpec::MatMulEw { skinny: k, .. }
+        | KernelSpec::MatMulEwFrom { skinny: k, .. }
+        | KernelSpec::GateUp { skinny: k, .. } => *k = skinny,
+        _ => {}
+    }
+    s
 }
