@@ -22,9 +22,12 @@ pub mod backend;
 pub mod reference;
 pub mod rewrite;
 
-pub use backend::{parse_backend, Backend, BackendError, CacheStore, KvCache, LayerRouting, StepInput, StepOutput, BACKENDS};
+pub use backend::{
+    parse_backend, Backend, BackendError, CacheStore, KvCache, LayerRouting, SampleParams, Sampled, StepInput, StepOutput, BACKENDS,
+};
 pub use reference::{CompileOptions, Engine, HeldValue, Interpreter, ModelBackend, ReferenceBackend, Value};
 
+use crate::reference::Tensor;
 use crate::sampling::{Sampler, Sampling, SamplingError};
 use std::fmt;
 use std::time::Instant;
@@ -260,8 +263,16 @@ fn forward_impl(
         )));
     }
     let padded = Padded::new(prompts, 0);
-    let input =
-        StepInput { batch: padded.batch, seq: s, ids: padded.ids, positions: padded.positions, mask: None, capture_routing, last_logits };
+    let input = StepInput {
+        batch: padded.batch,
+        seq: s,
+        ids: padded.ids,
+        positions: padded.positions,
+        mask: None,
+        capture_routing,
+        last_logits,
+        sample: None,
+    };
     Ok(backend.prefill(&input)?)
 }
 
@@ -272,8 +283,27 @@ fn rows_at(logits: &crate::reference::Tensor, pos: usize) -> Vec<Vec<f32>> {
     data.chunks_exact(s * v).map(|row| row[pos * v..(pos + 1) * v].to_vec()).collect()
 }
 
+/// What a step gives the next tokens from: the logits of each sequence (sampled on the
+/// host), or the tokens the backend sampled.
+enum Next {
+    Logits(Vec<Vec<f32>>),
+    Sampled(Sampled),
+}
+
+impl Next {
+    fn of(sampled: Option<Sampled>, logits: &Tensor) -> Next {
+        match sampled {
+            Some(x) => Next::Sampled(x),
+            None => Next::Logits(rows_at(logits, logits.shape()[1] - 1)),
+        }
+    }
+}
+
 /// Generates up to `max_new_tokens` for each prompt: the prompt pass, then one decode
-/// step per token through the KV cache.
+/// step per token through the KV cache. With plain greedy or temperature sampling (no
+/// top-k or top-p) and no logits kept, a device backend samples where the logits are
+/// and returns only the tokens; its temperature draws come from its own seeded stream
+/// (`dsc_compiler::codegen::kernels::sample`), not the host sampler's.
 pub fn generate(backend: &dyn Backend, prompts: &[Vec<i64>], opts: &GenerateOptions) -> Result<Generation, GenerateError> {
     check_prompts(prompts, backend.vocab())?;
     let mut sampler = Sampler::new(opts.sampling, prompts.len()).map_err(GenerateError::Sampling)?;
@@ -288,6 +318,13 @@ pub fn generate(backend: &dyn Backend, prompts: &[Vec<i64>], opts: &GenerateOpti
         return Ok(Generation { tokens, step_logits, logprobs, entropy, routing, stats });
     }
 
+    // Sampling where the logits are, when the backend can and nothing needs the logits
+    // themselves: greedy or plain temperature (top-k and top-p sort the vocabulary, which
+    // the host does). The backend then returns tokens instead of logits.
+    let s = &opts.sampling;
+    let on_device = !opts.keep_logits && s.top_k.is_none() && s.top_p.is_none();
+    let params = |step: usize| on_device.then_some(SampleParams { temperature: s.temperature, seed: s.seed, step: step as u32 });
+
     let start = Instant::now();
     let input = StepInput {
         batch: b,
@@ -298,6 +335,7 @@ pub fn generate(backend: &dyn Backend, prompts: &[Vec<i64>], opts: &GenerateOpti
         capture_routing: opts.capture_routing,
         // Only the last position is sampled from (left padding puts every prompt's end there).
         last_logits: true,
+        sample: params(0),
     };
     let out = backend.prefill(&input)?;
     stats.prefill_secs = start.elapsed().as_secs_f64();
@@ -312,7 +350,7 @@ pub fn generate(backend: &dyn Backend, prompts: &[Vec<i64>], opts: &GenerateOpti
             .collect();
         routing.push(RoutingTrace { layer: r.layer, top_k: k, experts });
     }
-    let mut last = rows_at(&out.logits, out.logits.shape()[1] - 1);
+    let mut next = Next::of(out.sampled, &out.logits);
     let mut cache = out.cache;
 
     let mut done = vec![false; b];
@@ -322,14 +360,20 @@ pub fn generate(backend: &dyn Backend, prompts: &[Vec<i64>], opts: &GenerateOpti
             if done[s] {
                 continue;
             }
-            let t = sampler.sample(s, &last[s]);
+            let t = match &mut next {
+                Next::Sampled(x) => x.tokens[s],
+                Next::Logits(last) => sampler.sample(s, &last[s]),
+            };
             tokens[s].push(t);
             if opts.logprobs {
-                let (lp, h) = token_logprob(&last[s], t as usize, opts.sampling.temperature);
+                let (lp, h) = match &next {
+                    Next::Sampled(x) => (x.logprobs[s], x.entropy[s]),
+                    Next::Logits(last) => token_logprob(&last[s], t as usize, opts.sampling.temperature),
+                };
                 logprobs[s].push(lp);
                 entropy[s].push(h);
             }
-            if opts.keep_logits {
+            if let (true, Next::Logits(last)) = (opts.keep_logits, &mut next) {
                 step_logits[s].push(std::mem::take(&mut last[s]));
             }
             done[s] = opts.stop.contains(&t);
@@ -347,6 +391,7 @@ pub fn generate(backend: &dyn Backend, prompts: &[Vec<i64>], opts: &GenerateOpti
             mask: padded.decode_mask(cached),
             capture_routing: opts.capture_routing,
             last_logits: false,
+            sample: params(step + 1),
         };
         let out = backend.decode(&input, cache)?;
         stats.decode_steps += 1;
@@ -360,7 +405,7 @@ pub fn generate(backend: &dyn Backend, prompts: &[Vec<i64>], opts: &GenerateOpti
                 }
             }
         }
-        last = rows_at(&out.logits, 0);
+        next = Next::of(out.sampled, &out.logits);
         cache = out.cache;
     }
     stats.decode_secs = decode_start.elapsed().as_secs_f64();

@@ -12,7 +12,7 @@
 //!
 //! Both device runtimes run plans through this module: `wgpu::exec` and `cuda`.
 
-use crate::generate::{Engine, HeldValue, Value};
+use crate::generate::{Engine, HeldValue, SampleParams, Sampled, Value};
 use crate::reference::{Tensor, Weights};
 use dsc_compiler::codegen::launch::NodeWork;
 use dsc_compiler::codegen::plan::{FunctionPlan, Plan, Source, Step};
@@ -145,6 +145,26 @@ impl<D: Device + Send + Sync> Engine for PlanEngine<D> {
     }
     fn prepare(&self, module: &Module, mode: Mode) -> Result<Plan, String> {
         Plan::build(module, mode).map_err(|e| e.to_string())
+    }
+    fn samples(&self) -> bool {
+        true
+    }
+    /// [`sample_rows`](dsc_compiler::codegen::kernels::sample) on the kept logits: `b`
+    /// tokens and `2·b` floats come back instead of `b·V` logits.
+    fn sample(&self, logits: &Held<D::Buf>, params: &SampleParams) -> Result<Sampled, String> {
+        let v = logits.shape.last().copied().unwrap_or(0);
+        let rows = logits.shape.iter().product::<usize>() / v.max(1);
+        let elem = dsc_compiler::codegen::Elem::from_dtype(logits.dtype).ok_or("logits that are not floats")?;
+        let (tokens, stats) = (self.device.alloc(rows, DType::I32)?, self.device.alloc(2 * rows, DType::F32)?);
+        let work = dsc_compiler::codegen::kernels::sample::sample_work(rows, v, elem, params);
+        self.device.execute(&work, std::slice::from_ref(&logits.buf), &[tokens.clone(), stats.clone()], &Bindings::default())?;
+        let tokens = self.download(&tokens, &[rows], DType::I32)?.to_f64_vec().into_iter().map(|t| t as i64).collect();
+        let stats = self.download(&stats, &[rows, 2], DType::F32)?.to_f64_vec();
+        Ok(Sampled {
+            tokens,
+            logprobs: stats.iter().step_by(2).copied().collect(),
+            entropy: stats.iter().skip(1).step_by(2).copied().collect(),
+        })
     }
     fn run_values(
         &self,

@@ -319,9 +319,11 @@ fn kv_cache_layout() {
 }
 
 /// On a device the KV cache stays on the device from the prompt pass to the last decode
-/// step: the host link carries each step's token ids and positions in and its logits out,
-/// and nothing that grows with the cache (measured by the engine's count of the bytes its
-/// runs upload and download, weights apart). The tokens are the reference backend's.
+/// step, and greedy sampling happens there: the host link carries each step's token ids
+/// and positions in and the sampled tokens (with their log-probabilities and entropies)
+/// out, and nothing that grows with the cache or the vocabulary (measured by the engine's
+/// count of the bytes its runs upload and download, weights apart). The tokens are the
+/// reference backend's.
 #[test]
 fn decode_on_wgpu_keeps_the_cache_on_the_device() {
     for case in ["llama_gqa", "deepseek_v3"] {
@@ -339,6 +341,7 @@ fn decode_on_wgpu_keeps_the_cache_on_the_device() {
             mask: None,
             capture_routing: false,
             last_logits: true,
+            sample: None,
         });
         let out = out.unwrap();
         assert!(out.cache.tensors().is_none(), "{case}: the prompt pass left its cache on the host");
@@ -349,10 +352,17 @@ fn decode_on_wgpu_keeps_the_cache_on_the_device() {
         let after = b.engine().counts();
         let steps = g.stats.decode_steps as u64;
         assert_eq!(steps, 5);
-        // i32 ids and positions in; f32 logits of the last position out.
-        let (b_, s_, v_) = (batch as u64, len as u64, vocab as u64);
+        // i32 ids and positions in; the sampled tokens (i32) with their log-probabilities
+        // and entropies (f32) out: the logits stay on the device too.
+        let (b_, s_) = (batch as u64, len as u64);
         assert_eq!(after.to_device - before.to_device, 2 * 4 * b_ * s_ + steps * 2 * 4 * b_, "{case}: bytes to the device");
-        assert_eq!(after.to_host - before.to_host, 4 * b_ * v_ + steps * 4 * b_ * v_, "{case}: bytes to the host");
+        assert_eq!(after.to_host - before.to_host, (1 + steps) * 12 * b_, "{case}: bytes to the host (vocabulary {vocab})");
+        // Kept logits come to the host: 4·b·V bytes per step more.
+        let keep = GenerateOptions { keep_logits: true, ..opts.clone() };
+        let (c0, kept) = (b.engine().counts(), generate(&b, &p, &keep).unwrap());
+        let c1 = b.engine().counts();
+        assert_eq!(c1.to_host - c0.to_host, (1 + steps) * 4 * b_ * vocab as u64, "{case}");
+        assert_eq!(kept.tokens, g.tokens, "{case}: greedy on the device is greedy on the host");
         assert_eq!(after.weights_to_device, before.weights_to_device, "{case}: the weights were uploaded by the first prefill");
         let want = generate(&backend(case, "config.json", MlaMode::Auto), &p, &opts).unwrap();
         assert_eq!(g.tokens, want.tokens, "{case}");
@@ -383,6 +393,7 @@ fn decode_on_wgpu_appends_in_place() {
             mask: None,
             capture_routing: false,
             last_logits: true,
+            sample: None,
         };
         let prompt = step(&p.concat(), 0);
         let (mut cache, mut ref_cache) = (dev.prefill(&prompt).unwrap().cache, refb.prefill(&prompt).unwrap().cache);

@@ -21,6 +21,7 @@ pub mod movement;
 pub mod optim;
 pub mod reduce;
 pub mod rope;
+pub mod sample;
 
 /// Units per cube of the elementwise kernel.
 pub const EW_BLOCK: u32 = 256;

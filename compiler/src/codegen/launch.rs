@@ -561,7 +561,9 @@ pub fn node_work(g: &Graph, n: NodeId) -> Result<NodeWork, Unsupported> {
         KernelSpec::MoeGrad { .. } => super::kernels::moe_grad::work(g, n, spec),
         KernelSpec::Reduce { .. } | KernelSpec::IotaI32 => super::kernels::reduce::work(g, n, spec),
         KernelSpec::ScatterLinks => unreachable!("scatter_links comes from grad::work, not from_node"),
-        KernelSpec::AdamW { .. } | KernelSpec::SumSquares { .. } => unreachable!("the optimizer's kernels belong to no IR node"),
+        KernelSpec::AdamW { .. } | KernelSpec::SumSquares { .. } | KernelSpec::SampleRows { .. } => {
+            unreachable!("the optimizer's and the sampler's kernels belong to no IR node")
+        }
         KernelSpec::TopK { .. } => super::kernels::moe::work_top_k(g, n, spec),
         KernelSpec::MoeDispatch | KernelSpec::MoeGateUp { .. } | KernelSpec::MoeDown { .. } | KernelSpec::MoeCombine { .. } => {
             unreachable!("expert_ffn's kernels come from work_expert_ffn, not from_node")

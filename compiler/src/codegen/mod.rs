@@ -76,6 +76,9 @@ pub enum KernelSpec {
     AdamW { grad: Elem },
     /// [`kernels::optim::sum_squares`]: partial sums of squares (in `f32`) of a tensor.
     SumSquares { elem: Elem },
+    /// [`kernels::sample::sample_rows`]: the next token of each row of logits (and its
+    /// log-probability and the entropy), greedy or by a Gumbel-max draw.
+    SampleRows { elem: Elem, greedy: bool },
     /// [`kernels::grad::moe_route_grad`].
     MoeRouteGrad { elem: Elem, cfg: kernels::grad::RouteGradConfig },
     /// One launch of the routed experts' backward ([`kernels::moe_grad`]).
@@ -302,6 +305,7 @@ impl KernelSpec {
             KernelSpec::IotaI32 => "iota_i32".to_string(),
             KernelSpec::AdamW { grad } => format!("adamw_{}", grad.name()),
             KernelSpec::SumSquares { elem } => format!("sum_squares_{}", elem.name()),
+            KernelSpec::SampleRows { elem, greedy } => format!("sample_rows_{}{}", elem.name(), if *greedy { "_greedy" } else { "" }),
             KernelSpec::MoeRouteGrad { elem, .. } => format!("moe_route_grad_{}_{}", elem.name(), h()),
             KernelSpec::MoeGrad { elem, weights, part } => {
                 use kernels::moe_grad::MoeGradPart as P;
@@ -414,7 +418,7 @@ impl KernelSpec {
             KernelSpec::MoeDispatch | KernelSpec::CopyI32 { .. } | KernelSpec::NegI32 | KernelSpec::ScatterLinks | KernelSpec::IotaI32 => {
                 Elem::F32
             }
-            KernelSpec::AdamW { grad: elem } | KernelSpec::SumSquares { elem } => *elem,
+            KernelSpec::AdamW { grad: elem } | KernelSpec::SumSquares { elem } | KernelSpec::SampleRows { elem, .. } => *elem,
         }
     }
 }
@@ -545,7 +549,7 @@ pub fn cube_dim(spec: &KernelSpec) -> CubeDim {
         KernelSpec::Elementwise { .. } | KernelSpec::ElementwiseI32 { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
         KernelSpec::Reduce { .. } | KernelSpec::IotaI32 | KernelSpec::MoeRouteGrad { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
         KernelSpec::AdamW { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
-        KernelSpec::SumSquares { .. } => CubeDim::new_1d(kernels::ROW_BLOCK),
+        KernelSpec::SumSquares { .. } | KernelSpec::SampleRows { .. } => CubeDim::new_1d(kernels::ROW_BLOCK),
         KernelSpec::MoeGrad { part: kernels::moe_grad::MoeGradPart::Mid, .. } => CubeDim::new_1d(kernels::ROW_BLOCK),
         KernelSpec::MoeGrad { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
         KernelSpec::Copy { .. } | KernelSpec::Gather { .. } | KernelSpec::Rope { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
@@ -674,6 +678,9 @@ fn source_for<F: Float + CubeElement>(spec: &KernelSpec, target: Target) -> (Str
         }
         KernelSpec::SumSquares { .. } => {
             compile(kernels::optim::sum_squares::SumSquares::<F>::new(settings, p, tp, b(), b(), ()), name, target)
+        }
+        KernelSpec::SampleRows { greedy, .. } => {
+            compile(kernels::sample::sample_rows::SampleRows::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), (), *greedy), name, target)
         }
         KernelSpec::Copy { rank, .. } => {
             compile(kernels::movement::strided_copy::StridedCopy::<F>::new(settings, p, tp, b(), b(), b(), *rank), name, target)
@@ -1007,5 +1014,21 @@ mod tests {
         }
         assert!(kernel_source(&specs[3], Target::Cuda).contains("__global__"));
         assert!(kernel_source(&specs[3], Target::Wgsl).contains("@compute"));
+    }
+
+    /// The kernels no IR node maps to (the optimizer's, the sampler's) generate for both
+    /// targets: CubeCL verifies each one's IR as it does.
+    #[test]
+    fn runtime_kernels_generate() {
+        for s in [
+            KernelSpec::AdamW { grad: Elem::F32 },
+            KernelSpec::SumSquares { elem: Elem::F16 },
+            KernelSpec::SampleRows { elem: Elem::F32, greedy: true },
+            KernelSpec::SampleRows { elem: Elem::F32, greedy: false },
+        ] {
+            for t in [Target::Cuda, Target::Wgsl] {
+                assert!(kernel_source(&s, t).contains(&s.name()), "{} {t:?}", s.name());
+            }
+        }
     }
 }

@@ -49,10 +49,15 @@ fn nvrtc_compiles_every_kernel() {
     }
     let v = nvrtc::version().unwrap();
     let mut kernels = every_kernel();
-    // The optimizer's kernels belong to no IR node (`train::device` launches them).
-    for k in
-        [KernelSpec::AdamW { grad: dsc_compiler::codegen::Elem::F32 }, KernelSpec::SumSquares { elem: dsc_compiler::codegen::Elem::F32 }]
-    {
+    // The optimizer's and the sampler's kernels belong to no IR node (`train::device` and
+    // the engine launch them).
+    use dsc_compiler::codegen::Elem as E;
+    for k in [
+        KernelSpec::AdamW { grad: E::F32 },
+        KernelSpec::SumSquares { elem: E::F32 },
+        KernelSpec::SampleRows { elem: E::F32, greedy: true },
+        KernelSpec::SampleRows { elem: E::F32, greedy: false },
+    ] {
         kernels.insert(k.name(), k);
     }
     // The tiny specs are f32; the f16 forms of the plain kernels as well, which include

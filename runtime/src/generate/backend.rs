@@ -48,6 +48,22 @@ pub struct StepInput {
     /// Prefill: the logits of the last position only (`[batch, 1, vocab]`), all that a
     /// generation samples from; the final norm and head skip the other positions.
     pub last_logits: bool,
+    /// Sample the next token where the logits are, when the backend can (a device
+    /// engine): the step then returns [`StepOutput::sampled`] and no logits. Only for
+    /// steps with one row of logits per sequence (decode, prefill with `last_logits`).
+    pub sample: Option<SampleParams>,
+}
+
+pub use dsc_compiler::codegen::kernels::sample::SampleParams;
+
+/// Tokens a backend sampled where the logits were, one per sequence, with each token's
+/// log-probability under softmax(logits / T) (T = 1 when greedy) and that
+/// distribution's entropy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub tokens: Vec<i64>,
+    pub logprobs: Vec<f64>,
+    pub entropy: Vec<f64>,
 }
 
 /// The routers' decisions in one MoE layer: per token (`[batch, seq, top_k]`), the chosen
@@ -175,8 +191,10 @@ fn elem_bytes(t: &Tensor) -> usize {
 /// One step's results.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepOutput {
-    /// `[batch, seq, vocab]`, `f32`.
+    /// `[batch, seq, vocab]`, `f32`; `[batch, 1, 0]` when the backend sampled instead.
     pub logits: Tensor,
+    /// The tokens the backend sampled, when the step asked and it could.
+    pub sampled: Option<Sampled>,
     pub cache: KvCache,
     /// One entry per MoE layer when the step asked for it, in layer order.
     pub routing: Vec<LayerRouting>,

@@ -8,7 +8,7 @@
 //! without the routers' decisions exposed ([`super::rewrite`]). Arguments go in the
 //! entry's order: `input_ids`, `positions`, the decode caches, then `attention_mask`.
 
-use super::backend::{Backend, BackendError, CacheStore, KvCache, LayerRouting, StepInput, StepOutput};
+use super::backend::{Backend, BackendError, CacheStore, KvCache, LayerRouting, SampleParams, Sampled, StepInput, StepOutput};
 use super::rewrite::{add_attention_mask, expose_routing, RouteSite};
 use crate::reference::{run, Options, Tensor, Weights};
 use dsc_compiler::ir::Mode;
@@ -91,6 +91,15 @@ pub trait Engine: Send + Sync {
         keep: &[bool],
         weights: &dyn Weights,
     ) -> Result<Vec<Value<Self::Held>>, String>;
+    /// Whether [`Engine::sample`] works: the engine samples where its logits are.
+    fn samples(&self) -> bool {
+        false
+    }
+    /// The next token of each row of `logits` (a `[.., V]` result a run kept), its
+    /// log-probability and the entropy.
+    fn sample(&self, _logits: &Self::Held, _params: &SampleParams) -> Result<Sampled, String> {
+        Err(format!("the {} engine does not sample on a device", self.name()))
+    }
     /// Runs `mode`'s entry on host arguments and returns its results on the host.
     fn run(
         &self,
@@ -278,8 +287,9 @@ impl<W: Weights, E: Engine> ModelBackend<W, E> {
             args.push(Value::Host(Tensor::f32(&[b, s, sk], mask.clone())));
         }
         // The logits and the routers' decisions come to the host; the cache stays where
-        // the engine computed it.
-        let keep: Vec<bool> = (0..compiled.results).map(|i| i > 0).collect();
+        // the engine computed it. An engine that samples keeps the logits too.
+        let sample = input.sample.filter(|_| self.engine.samples() && (mode == Mode::Decode || last));
+        let keep: Vec<bool> = (0..compiled.results).map(|i| i > 0 || sample.is_some()).collect();
         let mut out =
             self.engine.run_values(&compiled.module, &compiled.prepared, mode, args, &keep, &self.weights).map_err(BackendError::new)?;
         if out.len() != compiled.results + 2 * compiled.routes.len() || compiled.results == 0 {
@@ -288,14 +298,27 @@ impl<W: Weights, E: Engine> ModelBackend<W, E> {
         let host = |v: Value<E::Held>| v.into_host().ok_or_else(|| BackendError::new("a result expected on the host stayed on the device"));
         let routed = out.split_off(compiled.results).into_iter().map(host).collect::<Result<Vec<_>, _>>()?;
         let mut it = out.into_iter();
-        let logits = host(it.next().expect("checked"))?.to_f32();
+        let non_finite = |what: &str| {
+            BackendError::new(format!(
+                "the logits hold {what} on the {} backend; `--backend reference` names the node that made it",
+                self.engine.name()
+            ))
+        };
+        let (logits, sampled) = match (it.next().expect("checked"), sample) {
+            (Value::Held(h), Some(params)) => {
+                let sampled = self.engine.sample(&h, &params).map_err(BackendError::new)?;
+                // A NaN or +∞ logit makes its row's log-sum-exp NaN: an error, as below.
+                if let Some(i) = sampled.logprobs.iter().position(|p| !p.is_finite()) {
+                    return Err(non_finite(&format!("a NaN or an infinity (row {i})")));
+                }
+                (Tensor::zeros(&[b, 1, 0]), Some(sampled))
+            }
+            (v, _) => (host(v)?.to_f32(), None),
+        };
         // The interpreter names the node that made a NaN (above); a device engine cannot
         // cheaply, but its NaN logits are still an error, never printed or sampled from.
         if let Some((i, what)) = logits.first_non_finite() {
-            return Err(BackendError::new(format!(
-                "the logits hold {what} (element {i}) on the {} backend; `--backend reference` names the node that made it",
-                self.engine.name()
-            )));
+            return Err(non_finite(&format!("{what} (element {i})")));
         }
         let cache = cache_of::<E::Held>(it.collect())?;
         let routing = compiled
@@ -304,7 +327,7 @@ impl<W: Weights, E: Engine> ModelBackend<W, E> {
             .zip(routed.chunks_exact(2))
             .map(|(&layer, pair)| LayerRouting { layer, indices: pair[0].clone(), weights: pair[1].to_f32() })
             .collect();
-        Ok(StepOutput { logits, cache, routing })
+        Ok(StepOutput { logits, sampled, cache, routing })
     }
 
     /// A cache as the engine's arguments: host tensors as they are, device values only if

@@ -293,6 +293,10 @@ impl WgpuBackend {
             KernelSpec::AdamW { .. } => {
                 kernels::optim::adamw::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.f32_table(4)?, a.u32(5)?)
             }
+            KernelSpec::SampleRows { greedy, .. } => {
+                let (x, consts, params, tokens, stats) = (a.buf(0)?, a.f32_table(1)?, a.table(2)?, a.buf(3)?, a.buf(4)?);
+                kernels::sample::sample_rows::launch::<F>(c, count, dim, x, consts, params, tokens, stats, a.u32(5)?, *greedy)
+            }
             KernelSpec::SumSquares { .. } => kernels::optim::sum_squares::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.u32(2)?),
             KernelSpec::RmsNorm { eps_bits, .. } => {
                 kernels::rms_norm::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.u32(3)?, *eps_bits)
@@ -623,6 +627,8 @@ mod tests_attention;
 mod tests_moe;
 #[cfg(test)]
 mod tests_movement;
+#[cfg(test)]
+mod tests_sample;
 #[cfg(test)]
 mod tests_train;
 
