@@ -186,6 +186,10 @@ pub enum When {
     AtMost(Size, i64),
     /// `size > n`.
     Above(Size, i64),
+    /// All of them.
+    All(Vec<When>),
+    /// Not it.
+    Not(Box<When>),
 }
 
 impl When {
@@ -194,7 +198,28 @@ impl When {
         Some(match self {
             When::AtMost(s, n) => s.checked_eval(b)? <= *n,
             When::Above(s, n) => s.checked_eval(b)? > *n,
+            When::All(ws) => {
+                for w in ws {
+                    if !w.holds(b)? {
+                        return Some(false);
+                    }
+                }
+                true
+            }
+            When::Not(w) => !w.holds(b)?,
         })
+    }
+
+    /// As `plan.json` writes it.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        let size = |s: &Size| s.as_const().map_or_else(|| json!(s.to_string()), |c| json!(c));
+        match self {
+            When::AtMost(s, n) => json!({ "size": size(s), "at_most": n }),
+            When::Above(s, n) => json!({ "size": size(s), "above": n }),
+            When::All(ws) => json!({ "all": ws.iter().map(When::to_json).collect::<Vec<_>>() }),
+            When::Not(w) => json!({ "not": w.to_json() }),
+        }
     }
 }
 
@@ -304,6 +329,21 @@ impl NodeWork {
             NodeWork::Launches { scratch, launches } => (scratch, launches.iter().collect()),
             _ => (&[], self.launches()),
         }
+    }
+
+    /// What runs at sizes `b`: the scratch buffers (one element for one no running launch
+    /// binds: an alternative launch's scratch is not allocated) and the launches, as
+    /// [`NodeWork::run_parts`] gives them, those whose [`Launch::when`] fails left out.
+    pub fn at(&self, b: &Bindings) -> (Vec<Scratch>, Vec<&Launch>) {
+        let (scratch, launches) = self.run_parts();
+        let running: Vec<&Launch> = launches.into_iter().filter(|l| l.runs(b)).collect();
+        let bound = |i: usize| running.iter().any(|l| l.args.contains(&Arg::Buf(Buf::Scratch(i as u16))));
+        let scratch = scratch
+            .iter()
+            .enumerate()
+            .map(|(i, s)| if bound(i) { s.clone() } else { Scratch { dtype: s.dtype, len: Size::lit(1) } })
+            .collect();
+        (scratch, running)
     }
 
     /// Every launch the node may make, in order.
@@ -561,7 +601,7 @@ pub fn node_work(g: &Graph, n: NodeId) -> Result<NodeWork, Unsupported> {
         KernelSpec::MoeGrad { .. } => super::kernels::moe_grad::work(g, n, spec),
         KernelSpec::Reduce { .. } | KernelSpec::IotaI32 => super::kernels::reduce::work(g, n, spec),
         KernelSpec::ScatterLinks => unreachable!("scatter_links comes from grad::work, not from_node"),
-        KernelSpec::AdamW { .. } | KernelSpec::SumSquares { .. } | KernelSpec::SampleRows { .. } => {
+        KernelSpec::AdamW { .. } | KernelSpec::SumSquares { .. } | KernelSpec::SampleRows { .. } | KernelSpec::AttentionCombine { .. } => {
             unreachable!("the optimizer's and the sampler's kernels belong to no IR node")
         }
         KernelSpec::TopK { .. } => super::kernels::moe::work_top_k(g, n, spec),

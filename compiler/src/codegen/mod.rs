@@ -114,6 +114,8 @@ pub enum KernelSpec {
     /// [`kernels::attention::attention`]: flash attention, one cube per (query block,
     /// kv head, batch).
     Attention { elem: Elem, cfg: kernels::attention::AttentionConfig },
+    /// [`kernels::attention::attention_combine`]: split-K attention's chunks merged.
+    AttentionCombine { elem: Elem },
     /// [`kernels::attention::batch_matmul`]: `a[B.., m, k] · b[B.., k, n]` over `rank`
     /// batch axes, each operand read through a strided view.
     /// With `accumulate` it adds the product to the output's contents.
@@ -350,6 +352,7 @@ impl KernelSpec {
             KernelSpec::Softmax { elem } => format!("softmax_{}", elem.name()),
             KernelSpec::MatMul { elem, skinny } => format!("matmul_{}{}", elem.name(), skinny_suffix(*skinny)),
             KernelSpec::Attention { elem, .. } => format!("attention_{}_{}", elem.name(), h()),
+            KernelSpec::AttentionCombine { elem } => format!("attention_combine_{}", elem.name()),
             KernelSpec::BatchMatMul { elem, rank, accumulate } => {
                 format!("batch_matmul_{}_r{rank}{}", elem.name(), if *accumulate { "_acc" } else { "" })
             }
@@ -403,6 +406,7 @@ impl KernelSpec {
             | KernelSpec::Softmax { elem }
             | KernelSpec::MatMul { elem, .. }
             | KernelSpec::Attention { elem, .. }
+            | KernelSpec::AttentionCombine { elem }
             | KernelSpec::BatchMatMul { elem, .. }
             | KernelSpec::MoeRoute { elem, .. }
             | KernelSpec::TopK { elem }
@@ -568,6 +572,7 @@ pub fn cube_dim(spec: &KernelSpec) -> CubeDim {
         KernelSpec::MatMul { .. } => CubeDim::new_2d(kernels::MM_UNITS, kernels::MM_UNITS),
         KernelSpec::BatchMatMul { .. } => CubeDim::new_2d(kernels::TILE, kernels::TILE),
         KernelSpec::Attention { .. } | KernelSpec::AttentionGrad { .. } => CubeDim::new_1d(kernels::attention::ATTN_BLOCK),
+        KernelSpec::AttentionCombine { .. } => CubeDim::new_1d(kernels::EW_BLOCK),
         KernelSpec::MoeRoute { .. } | KernelSpec::TopK { .. } | KernelSpec::MoeDispatch | KernelSpec::MoeCombine { .. } => {
             CubeDim::new_1d(kernels::moe::SELECT_BLOCK)
         }
@@ -868,11 +873,18 @@ fn source_for<F: Float + CubeElement>(spec: &KernelSpec, target: Target) -> (Str
                 b(),
                 b(),
                 b(),
+                b(),
+                (),
                 (),
                 (),
                 (),
                 *cfg,
             ),
+            name,
+            target,
+        ),
+        KernelSpec::AttentionCombine { .. } => compile(
+            kernels::attention::attention_combine::AttentionCombine::<F>::new(settings, p, tp, b(), b(), b(), (), (), ()),
             name,
             target,
         ),

@@ -10,7 +10,7 @@
 //! After each step it lists the buffers no later step reads, so a runtime can release
 //! them (the plan's own liveness, not the runtime's guess).
 
-use super::launch::{node_work_in_graph, Arg, Buf, Launch, NodeWork, Size, When};
+use super::launch::{node_work_in_graph, Arg, Buf, Launch, NodeWork, Size};
 use super::{cube_dim, KernelSpec, Target};
 use crate::ir::{param_path, DType, Function, Graph, Mode, Module, NodeId, Op, Shape, Value};
 use serde_json::{json, Value as Json};
@@ -266,10 +266,8 @@ fn launch_json(l: &Launch, inputs: &[usize], outputs: &[usize]) -> Json {
         })
         .collect();
     let mut o = json!({ "kernel": l.kernel.name(), "args": args, "grid": l.grid.iter().map(size_json).collect::<Vec<_>>() });
-    match &l.when {
-        Some(When::AtMost(s, n)) => o["when"] = json!({ "size": size_json(s), "at_most": n }),
-        Some(When::Above(s, n)) => o["when"] = json!({ "size": size_json(s), "above": n }),
-        None => {}
+    if let Some(w) = &l.when {
+        o["when"] = w.to_json();
     }
     o
 }

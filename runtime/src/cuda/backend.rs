@@ -229,10 +229,10 @@ impl CudaBackend {
     pub fn execute(&self, work: &NodeWork, ins: &[DeviceBuf], outs: &[DeviceBuf], bind: &Bindings) -> Result<(), String> {
         // An append given an allocated output runs out of place (the plan executor runs
         // the in-place form itself).
-        let (scratch, launches) = work.run_parts();
+        let (scratch, launches) = work.at(bind);
         let scratch: Vec<DeviceBuf> =
             scratch.iter().map(|s| self.poisoned(eval_len(&s.len, bind)?, Repr::of(s.dtype)?)).collect::<Result<_, String>>()?;
-        for l in launches.into_iter().filter(|l| l.runs(bind)) {
+        for l in launches {
             self.launch(l, ins, outs, &scratch, bind).map_err(|e| format!("{}: {e}", l.kernel.name()))?;
         }
         Ok(())

@@ -166,10 +166,10 @@ impl WgpuBackend {
     pub fn execute(&self, work: &NodeWork, ins: &[DeviceBuf], outs: &[DeviceBuf], bind: &Bindings) -> Result<(), String> {
         // An append given an allocated output runs out of place (the plan executor runs
         // the in-place form itself).
-        let (scratch, launches) = work.run_parts();
+        let (scratch, launches) = work.at(bind);
         let scratch: Vec<DeviceBuf> =
             scratch.iter().map(|s| self.poisoned(eval_len(&s.len, bind)?, Repr::of(s.dtype)?)).collect::<Result<_, String>>()?;
-        for l in launches.into_iter().filter(|l| l.runs(bind)) {
+        for l in launches {
             let bufs = Bound { ins, outs, scratch: &scratch };
             match l.kernel.elem() {
                 dsc_compiler::codegen::Elem::F32 => self.launch::<f32>(l, &bufs, bind)?,
@@ -419,9 +419,15 @@ impl WgpuBackend {
             }
             KernelSpec::Attention { cfg, .. } => {
                 let (q, k, k2, v, mask) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?);
-                let (out, lse, consts, kv) = (a.buf(5)?, a.buf(6)?, a.f32_table(7)?, a.table(8)?);
-                let (sq, sk, kvh) = (a.u32(9)?, a.u32(10)?, a.u32(11)?);
-                kernels::attention::attention::launch::<F>(c, count, dim, q, k, k2, v, mask, out, lse, consts, kv, sq, sk, kvh, *cfg)
+                let (out, lse, part, consts, kv) = (a.buf(5)?, a.buf(6)?, a.buf(7)?, a.f32_table(8)?, a.table(9)?);
+                let (sq, sk, kvh, splits) = (a.u32(10)?, a.u32(11)?, a.u32(12)?, a.u32(13)?);
+                kernels::attention::attention::launch::<F>(
+                    c, count, dim, q, k, k2, v, mask, out, lse, part, consts, kv, sq, sk, kvh, splits, *cfg,
+                )
+            }
+            KernelSpec::AttentionCombine { .. } => {
+                let (part, out, consts) = (a.buf(0)?, a.buf(1)?, a.f32_table(2)?);
+                kernels::attention::attention_combine::launch::<F>(c, count, dim, part, out, consts, a.u32(3)?, a.u32(4)?, a.u32(5)?)
             }
             KernelSpec::BatchMatMul { rank, accumulate, .. } => {
                 let (x, y, out, t) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.table(3)?);

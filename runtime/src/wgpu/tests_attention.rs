@@ -266,3 +266,48 @@ fn batch_matmul_reads_views_in_place() {
         assert!(got.allclose(&want, 1e-5, 1e-5), "b={batch} s={seq}: {:?} vs {:?}", got.to_f32_vec(), want.to_f32_vec());
     }
 }
+
+/// Split-K decode (flash-decoding) over a long cache at a small batch: chunks of
+/// `SPLIT_KEYS` keys, each cube's normalised partial output and log-sum-exp merged by
+/// `attention_combine`; the plain kernel elsewhere. With a padding mask that hides a whole
+/// chunk (its log-sum-exp −∞), and a row that sees no key at all (zeros).
+#[test]
+fn split_k_decode_over_a_long_cache() {
+    use dsc_compiler::codegen::kernels::attention::{SPLIT_KEYS, SPLIT_MAX_BATCH};
+    use dsc_compiler::codegen::launch::{node_work, NodeWork};
+    let (h, kv, d) = (4usize, 2usize, 12usize);
+    let q = vec![Dim::B, Dim::lit(1), Dim::lit(h as i64), Dim::lit(d as i64)];
+    let kvs = vec![Dim::B, Dim::C + Dim::lit(1), Dim::lit(kv as i64), Dim::lit(d as i64)];
+    let op = attn(h as u32, kv as u32, d, true, false);
+    for (batch, cache) in [(2u64, 1500u64), (1, 2 * SPLIT_KEYS as u64 + 7), (1, 600), (SPLIT_MAX_BATCH as u64 + 1, 1100)] {
+        let bind = Bindings { batch, seq: 1, cache };
+        let spec = check_with(op.clone(), &[q.clone(), kvs.clone(), kvs.clone()], &[], DType::F32, bind);
+        // Which form ran.
+        let mut g = Graph::new();
+        let args: Vec<Value> = [q.clone(), kvs.clone(), kvs.clone()]
+            .iter()
+            .enumerate()
+            .map(|(i, s)| g.input(i as u32, &format!("x{i}"), Ty::new(DType::F32, s.clone()), None).into())
+            .collect();
+        let n = g.add_inferred(op.clone(), &args, None).unwrap();
+        let NodeWork::Launches { launches, .. } = node_work(&g, n).unwrap() else { panic!("launches") };
+        let names: Vec<String> = launches.iter().filter(|l| l.runs(&bind)).map(|l| l.kernel.name()).collect();
+        let split = batch as i64 <= SPLIT_MAX_BATCH && cache + 1 > 2 * SPLIT_KEYS as u64;
+        assert_eq!(names.len(), if split { 2 } else { 1 }, "{batch}×{cache}: {names:?} ({})", spec.name());
+        assert_eq!(names.last().unwrap().starts_with("attention_combine"), split);
+    }
+    // A padding mask over 1300 keys that hides the first 600 (all of chunk 0) of row 0,
+    // and every key of row 1.
+    let (b, sk) = (2usize, 1300usize);
+    let mut m = vec![0.0f32; b * sk];
+    for j in 0..sk {
+        if j < 600 {
+            m[j] = f32::NEG_INFINITY;
+        }
+        m[sk + j] = f32::NEG_INFINITY;
+    }
+    let masked = Op::Attention { heads: h as u32, kv_heads: kv as u32, scale: Float::new(0.3), causal: false, masked: true, lse: false };
+    let shapes = [q, kvs.clone(), kvs, vec![Dim::B, Dim::lit(1), Dim::C + Dim::lit(1)]];
+    let data = [None, None, None, Some(Tensor::f32(&[b, 1, sk], m))];
+    check_with(masked, &shapes, &data, DType::F32, Bindings { batch: b as u64, seq: 1, cache: sk as u64 - 1 });
+}

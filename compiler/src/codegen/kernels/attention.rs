@@ -43,7 +43,7 @@
 
 use super::TILE;
 use crate::codegen::kernels::movement::View;
-use crate::codegen::launch::{elem_dtype, tiled_flops, Arg, Buf, Launch, NodeWork, Scratch, Size, Touch};
+use crate::codegen::launch::{elem_dtype, grid_linear, tiled_flops, Arg, Buf, Launch, NodeWork, Scratch, Size, Touch, When};
 use crate::codegen::{Elem, KernelSpec};
 use crate::ir::{DType, Dim, Op, Shape, Ty};
 use cubecl::prelude::*;
@@ -62,6 +62,11 @@ pub const ATTN_MAX_KEYS: u32 = 16;
 const V_TILE_BUDGET: u32 = 4096;
 /// Shared-memory elements (f32) a cube may use at most.
 const SHARED_LIMIT: u32 = 8192;
+/// Keys per chunk of a split-K attention (a multiple of every tile's keys).
+pub const SPLIT_KEYS: u32 = 512;
+/// Split-K runs when the batch is at most this and the keys more than two chunks: then a
+/// decode step has too few cubes for a GPU, and the partial results stay small.
+pub const SPLIT_MAX_BATCH: i64 = 8;
 
 /// The comptime configuration of [`attention`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -87,6 +92,11 @@ pub struct AttentionConfig {
     /// key is the latent cache beside the rope-key cache, read where each lies instead of
     /// concatenated per step. `dk` when the key is one buffer.
     pub split: u32,
+    /// Split-K (flash-decoding): the keys are cut into chunks of [`SPLIT_KEYS`], one cube
+    /// per (row block, kv head, batch × chunk), each writing its normalised partial output
+    /// and log-sum-exp to `part`; [`attention_combine`] merges them. A decode step over a
+    /// long cache at a small batch has few cubes otherwise.
+    pub key_split: bool,
 }
 
 impl AttentionConfig {
@@ -103,7 +113,19 @@ impl AttentionConfig {
         while keys > 1 && keys * dv > V_TILE_BUDGET {
             keys /= 2;
         }
-        let c = AttentionConfig { dk, dv, group, rows, keys, scale_bits: scale.to_bits(), causal, masked, lse: false, split: dk };
+        let c = AttentionConfig {
+            dk,
+            dv,
+            group,
+            rows,
+            keys,
+            scale_bits: scale.to_bits(),
+            causal,
+            masked,
+            lse: false,
+            split: dk,
+            key_split: false,
+        };
         if c.shared_len() > SHARED_LIMIT {
             return Err(format!("value head size {dv} needs more than {} KiB of shared memory", SHARED_LIMIT * 4 / 1024));
         }
@@ -177,16 +199,26 @@ pub fn attention<F: Float>(
     mask: &[F],
     out: &mut [F],
     lse: &mut [f32],
+    part: &mut [f32],
     consts: &[f32],
     kv: &[u32],
     sq: u32,
     sk: u32,
     kv_heads: u32,
+    splits: u32,
     #[comptime] cfg: AttentionConfig,
 ) {
     let tid = UNIT_POS_X;
     let kvh = CUBE_POS_Y;
-    let bi = CUBE_POS_Z;
+    // The batch row, and with split-K the chunk of keys [lo, hi) this cube covers.
+    let mut bi = CUBE_POS_Z;
+    let mut lo = 0u32;
+    let mut hi = sk;
+    if comptime![cfg.key_split] {
+        bi = CUBE_POS_Z / splits;
+        lo = (CUBE_POS_Z % splits) * SPLIT_KEYS;
+        hi = select(lo + SPLIT_KEYS < sk, lo + SPLIT_KEYS, sk);
+    }
     let group = comptime![cfg.group];
     let rows = comptime![cfg.rows];
     let keys = comptime![cfg.keys];
@@ -221,13 +253,13 @@ pub fn attention<F: Float>(
     // Keys any row of the cube sees: with a causal mask, the last row's (the grid has no
     // cube past the rows, so row0 < rows_total).
     let last_row = select(row0 + rows < rows_total, row0 + rows, rows_total) - 1;
-    let mut key_end = sk;
+    let mut key_end = hi;
     if comptime![cfg.causal] {
         let lim = sk + last_row / group + 1;
         key_end = select(lim > sq, lim - sq, 0);
-        key_end = select(key_end < sk, key_end, sk);
+        key_end = select(key_end < hi, key_end, hi);
     }
-    let tiles = key_end.div_ceil(keys);
+    let tiles = select(key_end > lo, key_end - lo, 0).div_ceil(keys);
 
     let mut acc = Array::<f32>::new(comptime![cfg.outs_per_unit() as usize]);
     #[unroll]
@@ -236,7 +268,7 @@ pub fn attention<F: Float>(
     }
 
     for t in 0..tiles {
-        let j0 = t * keys;
+        let j0 = lo + t * keys;
         // 1. Scores of this tile, dk in chunks.
         let mut sc = Array::<f32>::new(comptime![cfg.scores_per_unit() as usize]);
         #[unroll]
@@ -266,7 +298,7 @@ pub fn attention<F: Float>(
                     let key = j0 + e / DK_CHUNK;
                     let d = d0 + e % DK_CHUNK;
                     let mut x = 0.0f32;
-                    if key < sk && d < dk {
+                    if key < hi && d < dk {
                         if comptime![cfg.split < cfg.dk] {
                             if d < split {
                                 x = f32::cast_from(k[(ka + key * ka_key + d) as usize]);
@@ -320,8 +352,8 @@ pub fn attention<F: Float>(
             if e < keys * dv {
                 let key = j0 + e / dv;
                 let mut x = 0.0f32;
-                // Keys past sk must be 0, not garbage: their probability is 0 and 0·NaN is NaN.
-                if key < sk {
+                // Keys past hi must be 0, not garbage: their probability is 0 and 0·NaN is NaN.
+                if key < hi {
                     x = f32::cast_from(v[(va + key * va_key + e % dv) as usize]);
                 }
                 smem[e as usize] = x;
@@ -332,11 +364,11 @@ pub fn attention<F: Float>(
             // The keys this row sees form a prefix of the tile: [j0, j0 + visible).
             let mut visible = 0u32;
             if row < rows_total {
-                let mut lim = sk;
+                let mut lim = hi;
                 if comptime![cfg.causal] {
                     let l2 = sk + row / group + 1;
                     lim = select(l2 > sq, l2 - sq, 0);
-                    lim = select(lim < sk, lim, sk);
+                    lim = select(lim < hi, lim, hi);
                 }
                 if lim > j0 {
                     visible = select(lim - j0 < keys, lim - j0, keys);
@@ -414,7 +446,24 @@ pub fn attention<F: Float>(
             let l = smem[(l_at + e / dv) as usize];
             let o = select(l > 0.0, acc[u as usize] / l, 0.0);
             let h = kvh * group + row % group;
-            out[(((bi * sq + row / group) * heads + h) * dv + e % dv) as usize] = F::cast_from(o);
+            if comptime![cfg.key_split] {
+                part[(((CUBE_POS_Z * sq + row / group) * heads + h) * dv + e % dv) as usize] = o;
+            } else {
+                out[(((bi * sq + row / group) * heads + h) * dv + e % dv) as usize] = F::cast_from(o);
+            }
+        }
+    }
+    if comptime![cfg.key_split] {
+        // Each chunk's log-sum-exp, after all the partial outputs (−∞ where it saw no key).
+        let row = row0 + tid;
+        if tid < rows && row < rows_total {
+            let l = smem[(l_at + tid) as usize];
+            let mut x = consts[0];
+            if l > 0.0 {
+                x = smem[(m_at + tid) as usize] + f32::ln(l);
+            }
+            let h = kvh * group + row % group;
+            part[(CUBE_COUNT_Z * sq * heads * dv + (CUBE_POS_Z * sq + row / group) * heads + h) as usize] = x;
         }
     }
     if comptime![cfg.lse] {
@@ -429,6 +478,39 @@ pub fn attention<F: Float>(
             lse[((bi * sq + row / group) * heads + h) as usize] = x;
         }
     }
+}
+
+/// Merges split-K attention's chunks (`part` as [`attention`] writes it: `[b·splits, inner,
+/// dv]` normalised outputs, then `[b·splits, inner]` log-sum-exps, `inner = sq·heads`):
+/// `out = Σ_s e^(lse_s − m)·o_s / Σ_s e^(lse_s − m)`, `m` the largest `lse_s`; zeros for a
+/// row no chunk saw a key of. One unit per output element.
+#[cube(launch, create_dummy_kernel)]
+pub fn attention_combine<F: Float>(part: &[f32], out: &mut [F], consts: &[f32], splits: u32, inner: u32, dv: u32) {
+    let pos = ABSOLUTE_POS as u32;
+    if pos as usize >= out.len() {
+        terminate!();
+    }
+    let r = pos / dv;
+    let c = pos % dv;
+    let bi = r / inner;
+    let rest = r % inner;
+    let lse_at = (out.len() as u32 / dv) * splits * dv;
+    let mut m = consts[0];
+    for s in 0..splits {
+        let x = part[(lse_at + (bi * splits + s) * inner + rest) as usize];
+        m = select(x > m, x, m);
+    }
+    let mut num = 0.0f32;
+    let mut den = 0.0f32;
+    if m != consts[0] {
+        for s in 0..splits {
+            let z = (bi * splits + s) * inner + rest;
+            let w = f32::exp(part[(lse_at + z) as usize] - m);
+            num += w * part[(z * dv + c) as usize];
+            den += w;
+        }
+    }
+    out[pos as usize] = F::cast_from(select(den > 0.0, num / den, 0.0));
 }
 
 /// `out[z, m, n] = Σ_k a[z, m, k] · b[z, k, n]`, z the flattened batch (grid z). Tiles
@@ -558,39 +640,53 @@ pub(crate) fn work_attention(spec: KernelSpec, ins: &[Shape], kv: &KvReads) -> N
     let (b, sq, sk, kv_heads) = (q[0], q[1], k[1], k[2]);
     let buf = |b| Arg::Buf(b);
     // Unused buffers bind one-element scratch: the mask of an unmasked node, the lse of a
-    // node that does not return it, k2 of a one-buffer key.
+    // node that does not return it, k2 of a one-buffer key, the partial results of a
+    // launch that does not split.
     let mut scratch = Vec::new();
-    let mut dummy = |dtype: DType| {
-        scratch.push(Scratch { dtype, len: Size::lit(1) });
+    let mut dummy = |dtype: DType, len: Size| {
+        scratch.push(Scratch { dtype, len });
         buf(Buf::Scratch(scratch.len() as u16 - 1))
     };
-    let mask = if cfg.masked { buf(Buf::Input(3)) } else { dummy(elem_dtype(elem)) };
-    let lse = if cfg.lse { buf(Buf::Output(1)) } else { dummy(DType::F32) };
+    let mask = if cfg.masked { buf(Buf::Input(3)) } else { dummy(elem_dtype(elem), Size::lit(1)) };
+    let lse = if cfg.lse { buf(Buf::Output(1)) } else { dummy(DType::F32, Size::lit(1)) };
     let k2 = match &kv.k2 {
         Some(r) => buf(Buf::Input(r.slot)),
-        None => dummy(elem_dtype(elem)),
+        None => dummy(elem_dtype(elem), Size::lit(1)),
     };
+    let no_part = dummy(DType::F32, Size::lit(1));
+    // Split-K for a decode step (a constant query length, no lse) over a run-time key count.
+    let splits = Size::Dim(sk).ceil_div(SPLIT_KEYS as i64);
+    let inner = Size::Dim(sq).mul(Size::Dim(kv_heads)).mul(Size::lit(cfg.group as i64));
+    let splittable = !cfg.lse && sq.as_const().is_some() && sk.as_const().is_none();
+    let part = splittable.then(|| {
+        let len = Size::Dim(b).mul(splits.clone()).mul(inner.clone()).mul(Size::lit(cfg.dv as i64 + 1));
+        dummy(DType::F32, len)
+    });
+    let unused = scratch.len() as u16 - u16::from(part.is_some());
     let mut layout = Vec::with_capacity(12);
     for r in [&kv.k, kv.k2.as_ref().unwrap_or(&kv.k), &kv.v] {
         layout.push(r.offset.clone());
         layout.extend(r.strides.iter().cloned());
     }
-    let args = vec![
-        buf(Buf::Input(0)),
-        buf(Buf::Input(kv.k.slot)),
-        k2,
-        buf(Buf::Input(kv.v.slot)),
-        mask,
-        buf(Buf::Output(0)),
-        lse,
-        Arg::F32Table(vec![f32::NEG_INFINITY.to_bits()]),
-        Arg::Table(layout),
-        Arg::U32(Size::Dim(sq)),
-        Arg::U32(Size::Dim(sk)),
-        Arg::U32(Size::Dim(kv_heads)),
-    ];
+    let args = |part: Arg, splits: Size| {
+        vec![
+            buf(Buf::Input(0)),
+            buf(Buf::Input(kv.k.slot)),
+            k2.clone(),
+            buf(Buf::Input(kv.v.slot)),
+            mask.clone(),
+            buf(Buf::Output(0)),
+            lse.clone(),
+            part,
+            Arg::F32Table(vec![f32::NEG_INFINITY.to_bits()]),
+            Arg::Table(layout.clone()),
+            Arg::U32(Size::Dim(sq)),
+            Arg::U32(Size::Dim(sk)),
+            Arg::U32(Size::Dim(kv_heads)),
+            Arg::U32(splits),
+        ]
+    };
     let rows = Size::Dim(sq).mul(Size::lit(cfg.group as i64)).ceil_div(cfg.rows as i64);
-    let grid = [rows, Size::Dim(kv_heads), Size::Dim(b)];
     // Per (query, visible key): the score's dk multiply-adds, about five for the online
     // softmax, dv multiply-adds into the output. A causal query `i` sees `sk - sq + i + 1`
     // keys; the sum over `i` is `sq·(sk - sq) + sq·(sq + 1)/2`.
@@ -601,21 +697,53 @@ pub(crate) fn work_attention(spec: KernelSpec, ins: &[Shape], kv: &KvReads) -> N
     };
     let per_pair = 2 * (cfg.dk + cfg.dv) as i64 + 5;
     let flops = pairs.mul(Size::product(&[b, kv_heads])).mul(Size::lit(per_pair * cfg.group as i64));
-    let mut launch = Launch::new(spec, args, grid, flops);
-    for unused in scratch.iter().enumerate().map(|(i, _)| Buf::Scratch(i as u16)) {
-        launch = launch.touching(unused, Touch::Elems(Size::lit(0)));
-    }
     // Each operand's buffer may be larger than what is read (k's view of a cache whose
     // rows hold more columns); the kernel reads its `[b, sk, kv_heads, ·]` elements.
     let per_key = Size::product(&[b, sk, kv_heads]);
-    launch = launch.touching(Buf::Input(kv.k.slot), Touch::Elems(per_key.clone().mul(Size::lit(cfg.split as i64))));
-    if let Some(r) = &kv.k2 {
-        launch = launch.touching(Buf::Input(r.slot), Touch::Elems(per_key.clone().mul(Size::lit((cfg.dk - cfg.split) as i64))));
+    let touch = |mut l: Launch| {
+        for i in 0..unused {
+            l = l.touching(Buf::Scratch(i), Touch::Elems(Size::lit(0)));
+        }
+        l = l.touching(Buf::Input(kv.k.slot), Touch::Elems(per_key.clone().mul(Size::lit(cfg.split as i64))));
+        if let Some(r) = &kv.k2 {
+            l = l.touching(Buf::Input(r.slot), Touch::Elems(per_key.clone().mul(Size::lit((cfg.dk - cfg.split) as i64))));
+        }
+        if kv.v.slot != kv.k.slot {
+            l = l.touching(Buf::Input(kv.v.slot), Touch::Elems(per_key.clone().mul(Size::lit(cfg.dv as i64))));
+        }
+        l
+    };
+    let plain = touch(Launch::new(spec, args(no_part, Size::lit(1)), [rows.clone(), Size::Dim(kv_heads), Size::Dim(b)], flops.clone()));
+    let Some(part) = part else {
+        return NodeWork::Launches { scratch, launches: vec![plain] };
+    };
+    let when = When::All(vec![When::AtMost(Size::Dim(b), SPLIT_MAX_BATCH), When::Above(Size::Dim(sk), 2 * SPLIT_KEYS as i64)]);
+    let split_spec = KernelSpec::Attention { elem, cfg: AttentionConfig { key_split: true, ..cfg } };
+    let grid = [rows, Size::Dim(kv_heads), Size::Dim(b).mul(splits.clone())];
+    let split = touch(Launch::new(split_spec, args(part.clone(), splits.clone()), grid, flops));
+    let out_len = Size::Dim(b).mul(inner.clone()).mul(Size::lit(cfg.dv as i64));
+    let combine_args = vec![
+        part,
+        buf(Buf::Output(0)),
+        Arg::F32Table(vec![f32::NEG_INFINITY.to_bits()]),
+        Arg::U32(splits.clone()),
+        Arg::U32(inner),
+        Arg::U32(Size::lit(cfg.dv as i64)),
+    ];
+    let combine = Launch::new(
+        KernelSpec::AttentionCombine { elem },
+        combine_args,
+        grid_linear(out_len.clone().ceil_div(super::EW_BLOCK as i64)),
+        out_len.mul(splits).mul(Size::lit(4)),
+    );
+    NodeWork::Launches {
+        scratch,
+        launches: vec![
+            Launch { when: Some(When::Not(Box::new(when.clone()))), ..plain },
+            Launch { when: Some(when.clone()), ..split },
+            Launch { when: Some(when), ..combine },
+        ],
     }
-    if kv.v.slot != kv.k.slot {
-        launch = launch.touching(Buf::Input(kv.v.slot), Touch::Elems(per_key.mul(Size::lit(cfg.dv as i64))));
-    }
-    NodeWork::Launches { scratch, launches: vec![launch] }
 }
 
 /// The launch of a weight_grad node `dw[n, k] = Σ_t dy[t, n] · x[t, k]` (`ins`: dy
