@@ -5,11 +5,13 @@
 #      (the wgpu kernel suites run on CUDA), plus NVRTC on every tiny-spec kernel;
 #   3. model parity: the golden/hf fixtures on `--backend cuda` against transformers'
 #      logits, routing and greedy tokens (`*_on_cuda` in tests/tests/hf_parity.rs);
-#   4. throughput: each DeepSeek-V3-sized kernel's time, bandwidth and FLOP/s against the
+#   4. training: the fixtures' gradients and five SFT steps (weights and AdamW on the GPU)
+#      against torch (`*cuda*` in tests/tests/train_parity.rs);
+#   5. throughput: each DeepSeek-V3-sized kernel's time, bandwidth and FLOP/s against the
 #      device's copy and cuBLAS GEMM peaks measured in the same run (runtime/src/cuda/bench.rs).
 # Needs cargo with the crates available (run `cargo fetch` first where the machine is
 # offline), the NVIDIA driver, NVRTC 12 and the CUDA headers (the CUDA toolkit, or the pip
-# wheels nvidia-cuda-nvrtc-cu12 and nvidia-cuda-runtime-cu12). Exit status: 0 when steps 1-3 pass; the report is stdout.
+# wheels nvidia-cuda-nvrtc-cu12 and nvidia-cuda-runtime-cu12). Exit status: 0 when steps 1-4 pass; the report is stdout.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 t0=$SECONDS
@@ -43,10 +45,14 @@ step "model parity (golden/hf on --backend cuda)"
 timeout 200 cargo test -q -p dsc-tests --features cuda --test integration on_cuda -- --nocapture 2>&1 | grep -v "^$"
 models=${PIPESTATUS[0]}
 
+step "training on CUDA (gradients against torch; five SFT steps with the optimizer on the device)"
+timeout 120 cargo test -q -p dsc-tests --features cuda --test integration on_cuda_match_pytorch -- --nocapture 2>&1 | grep -v "^$"
+train=${PIPESTATUS[0]}
+
 step "throughput (per kernel, vs measured peaks)"
 timeout 150 cargo test -q -p dsc-runtime --features cuda --lib cuda::bench -- --ignored --nocapture --test-threads 1 2>&1 | grep -v "^$"
 bench=${PIPESTATUS[0]}
 
 step "summary"
-echo "kernel parity: exit $kernels; model parity: exit $models; throughput: exit $bench (124 = timed out)"
-[ "$kernels" = 0 ] && [ "$models" = 0 ]
+echo "kernel parity: exit $kernels; model parity: exit $models; training: exit $train; throughput: exit $bench (124 = timed out)"
+[ "$kernels" = 0 ] && [ "$models" = 0 ] && [ "$train" = 0 ]

@@ -341,6 +341,17 @@ fn grpo_on_replayed_rollouts_matches_pytorch() {
 /// the losses and the gradient norm's partial sums out).
 #[test]
 fn five_sft_steps_on_wgpu_match_pytorch() {
+    five_sft_steps_on("wgpu");
+}
+
+/// The same on CUDA device 0 (feature `cuda`; no device fails the test).
+#[cfg(feature = "cuda")]
+#[test]
+fn five_sft_steps_on_cuda_match_pytorch() {
+    five_sft_steps_on("cuda");
+}
+
+fn five_sft_steps_on(backend: &str) {
     use dsc_runtime::train::objective::{objective, ObjectiveOptions};
     use dsc_runtime::train::optim::{clip_coef, AdamW, OptimizerState};
     use dsc_runtime::train::Batch;
@@ -360,7 +371,7 @@ fn five_sft_steps_on_wgpu_match_pytorch() {
             aux_loss: false,
             bias_update: false,
             recompute: Default::default(),
-            backend: "wgpu".into(),
+            backend: backend.into(),
         };
         let mut obj = objective(&md.spec, &options).unwrap_or_else(|e| panic!("{case}: {e}"));
         let [ids, pos, labels] = fixture_batch(case);
@@ -373,7 +384,7 @@ fn five_sft_steps_on_wgpu_match_pytorch() {
         };
         let mut state = OptimizerState::default();
         let none = HashSet::new();
-        obj.device_state().expect("a wgpu objective keeps its weights on the device").load(&weights, &state).unwrap();
+        obj.device_state().expect("a device objective keeps its weights on the device").load(&weights, &state).unwrap();
         let mut after_first = None;
         for (step, &w) in want.iter().enumerate() {
             let out = obj.step(&weights, &batch).unwrap_or_else(|e| panic!("{case}: {e}"));
