@@ -149,6 +149,9 @@ impl<D: Device + Send + Sync> Engine for PlanEngine<D> {
     fn samples(&self) -> bool {
         true
     }
+    fn counts(&self) -> Option<Counts> {
+        Some(self.counters.get())
+    }
     /// [`sample_rows`](dsc_compiler::codegen::kernels::sample) on the kept logits: `b`
     /// tokens and `2·b` floats come back instead of `b·V` logits.
     fn sample(&self, logits: &Held<D::Buf>, params: &SampleParams) -> Result<Sampled, String> {

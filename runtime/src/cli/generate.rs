@@ -128,6 +128,12 @@ pub fn generate_cmd(args: &GenerateArgs) -> Result<(), String> {
             s.prefill_secs * 1e3
         );
         eprintln!("decode: {} steps in {:.1} ms, {:.1} tokens/s", s.decode_steps, s.decode_secs * 1e3, s.decode_tokens_per_sec());
+        if let Some(c) = loaded.backend.counts() {
+            eprintln!(
+                "host link: {} bytes of weights up; {} bytes of inputs up and {} bytes of results down over the run (the KV cache stays on the device)",
+                c.weights_to_device, c.to_device, c.to_host
+            );
+        }
         let w = &info.weights;
         eprintln!(
             "memory: KV cache {} bytes for {} positions × {} sequences ({} values per position per sequence); weights {} bytes decoded (bf16 kept as bf16, the rest as f32) of {} bytes mapped",

@@ -211,6 +211,10 @@ pub trait Backend {
     /// One new token per sequence (`seq` = 1) after `cache`; consumes the cache and
     /// returns it one position longer.
     fn decode(&self, input: &StepInput, cache: KvCache) -> Result<StepOutput, BackendError>;
+    /// What a device backend has moved over the host link so far (`None` on the host).
+    fn counts(&self) -> Option<crate::plan_exec::Counts> {
+        None
+    }
 }
 
 /// The backends `--backend` accepts.

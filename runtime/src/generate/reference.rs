@@ -91,6 +91,10 @@ pub trait Engine: Send + Sync {
         keep: &[bool],
         weights: &dyn Weights,
     ) -> Result<Vec<Value<Self::Held>>, String>;
+    /// What the engine has moved over the host link so far, when it has a device.
+    fn counts(&self) -> Option<crate::plan_exec::Counts> {
+        None
+    }
     /// Whether [`Engine::sample`] works: the engine samples where its logits are.
     fn samples(&self) -> bool {
         false
@@ -363,6 +367,10 @@ fn cache_of<H: HeldValue>(values: Vec<Value<H>>) -> Result<KvCache, BackendError
 impl<W: Weights, E: Engine> Backend for ModelBackend<W, E> {
     fn name(&self) -> &str {
         self.engine.name()
+    }
+
+    fn counts(&self) -> Option<crate::plan_exec::Counts> {
+        self.engine.counts()
     }
 
     fn vocab(&self) -> usize {
