@@ -8,6 +8,7 @@
 //! - [`matmul`]: [`MM_UNITS`]×[`MM_UNITS`] units per cube, one cube per [`MM_TILE`]²
 //!   output tile, [`MM_REG`]² outputs per unit.
 
+#[cfg(feature = "kernels")]
 use cubecl::prelude::*;
 
 pub mod attention;
@@ -114,6 +115,7 @@ pub struct EwProgram {
 /// writes them for every input so the layout does not depend on the program). The
 /// inputs are `I`: `F` itself, or `i32` index tensors a program compares (a one-hot
 /// `eq(indices, iota)`), converted to `F` as they are loaded (exact below 2²⁴).
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 pub fn fused_ew<F: Float, I: Numeric>(inputs: &Sequence<Box<[I]>>, layout: &[u32], out: &mut [F], #[comptime] prog: EwProgram) {
     let pos = ABSOLUTE_POS;
@@ -152,6 +154,7 @@ pub fn fused_ew<F: Float, I: Numeric>(inputs: &Sequence<Box<[I]>>, layout: &[u32
 /// data, so the generated code is straight-line.
 /// (The unrolled loop indexes `ops` because `#[unroll]` needs a range.)
 #[allow(clippy::needless_range_loop)]
+#[cfg(feature = "kernels")]
 #[cube]
 pub fn ew_eval<F: Float>(regs: &mut Sequence<F>, #[comptime] ops: Vec<EwOp>) {
     #[unroll]
@@ -210,6 +213,7 @@ pub fn ew_eval<F: Float>(regs: &mut Sequence<F>, #[comptime] ops: Vec<EwOp>) {
 }
 
 /// Tree reduction of `shared[0..ROW_BLOCK]` into `shared[0]`, by sum or by max.
+#[cfg(feature = "kernels")]
 #[cube]
 fn block_reduce<F: Float>(shared: &mut Shared<[F]>, tid: u32, #[comptime] max: bool) {
     sync_cube();
@@ -231,6 +235,7 @@ fn block_reduce<F: Float>(shared: &mut Shared<[F]>, tid: u32, #[comptime] max: b
 
 /// [`block_reduce`]'s sum for two arrays of [`ROW_BLOCK`] partials at once (at 0 and at
 /// `ROW_BLOCK` of one shared buffer), each into its first slot.
+#[cfg(feature = "kernels")]
 #[cube]
 pub(crate) fn reduce_pair(shared: &mut Shared<[f32]>, tid: u32) {
     sync_cube();
@@ -250,6 +255,7 @@ pub(crate) fn reduce_pair(shared: &mut Shared<[f32]>, tid: u32) {
 /// those, a whole cube at a time, so its barriers stay uniform).
 ///
 /// [`launch::grid_rows`]: crate::codegen::launch::grid_rows
+#[cfg(feature = "kernels")]
 #[cube]
 pub fn row_pos() -> u32 {
     CUBE_POS_Z * CUBE_COUNT_X + CUBE_POS_X
@@ -258,6 +264,7 @@ pub fn row_pos() -> u32 {
 /// `y = x · rsqrt(mean(x²) + eps) · gain` over each row of `cols` elements; one cube per
 /// row, the sum of squares reduced in shared memory (no plane ops: the plane size differs
 /// between lavapipe (8) and NVIDIA (32), and lavapipe's WGSL path reports none).
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 pub fn rms_norm<F: Float>(x: &[F], gain: &[F], out: &mut [F], cols: u32, #[comptime] eps_bits: u32) {
     let row = row_pos();
@@ -289,6 +296,7 @@ pub fn rms_norm<F: Float>(x: &[F], gain: &[F], out: &mut [F], cols: u32, #[compt
 }
 
 /// Max-subtracted softmax over each row of `cols` elements; one cube per row.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 pub fn softmax<F: Float>(x: &[F], out: &mut [F], cols: u32) {
     let row = row_pos();
@@ -336,6 +344,7 @@ pub fn softmax<F: Float>(x: &[F], out: &mut [F], cols: u32) {
 /// [`MM_UNITS`]² units accumulating [`MM_REG`]² outputs in `f32` (see [`mm_stage`] and
 /// [`mm_step`]); loads outside the matrices read as 0 so any M, N, K works. `skinny`
 /// tiles rows by 8 instead of 64 (each unit one row of outputs).
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 pub fn matmul<F: Float>(x: &[F], w: &[F], out: &mut [F], m: u32, n: u32, k: u32, #[comptime] skinny: bool) {
     let tx = UNIT_POS_X;
@@ -380,6 +389,7 @@ pub const fn mm_rows(skinny: bool) -> u32 {
 
 /// The matmuls' accumulators, `rr`·[`MM_REG`] zeros (`acc[i·MM_REG + j]` is the output at
 /// row `ty + i·MM_UNITS`, column `tx + j·MM_UNITS` of the cube's tile).
+#[cfg(feature = "kernels")]
 #[cube]
 pub fn mm_zero(#[comptime] rr: u32) -> Array<f32> {
     let mut acc = Array::<f32>::new(comptime![(rr * MM_REG) as usize]);
@@ -395,6 +405,7 @@ pub fn mm_zero(#[comptime] rr: u32) -> Array<f32> {
 /// (`MM_TILE + 1`, so a warp's transposed stores fall in distinct banks); elements
 /// outside `rows × k` are 0. Consecutive units read consecutive `k` (coalesced); each
 /// unit loads `tile · MM_BK / MM_UNITS²` elements.
+#[cfg(feature = "kernels")]
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub fn mm_stage<F: Float>(
@@ -426,6 +437,7 @@ pub fn mm_stage<F: Float>(
 /// One k step of the register-blocked product: `acc[i, j] += Σ_kk xs[kk][ty + i·MM_UNITS]
 /// · ws[kk][tx + j·MM_UNITS]` (`i < rr`) over a staged x tile at `smem[0 ..]` and a staged
 /// weight tile at `smem[wo ..]`, both as [`mm_stage`] writes them; products in `f32`.
+#[cfg(feature = "kernels")]
 #[cube]
 pub fn mm_step<F: Float>(smem: &Shared<[F]>, #[comptime] wo: u32, acc: &mut Array<f32>, tx: u32, ty: u32, #[comptime] rr: u32) {
     // A run-time loop over the staged k: unrolling it too would repeat the 64

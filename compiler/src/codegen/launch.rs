@@ -167,7 +167,7 @@ pub enum Arg {
 }
 
 /// One kernel launch: the kernel, its arguments, and the number of cubes along x, y, z
-/// (the cube's own shape is [`super::cube_dim`] of the kernel), and what it costs.
+/// (the cube's own shape is [`super::cube_shape`] of the kernel), and what it costs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Launch {
     pub kernel: KernelSpec,

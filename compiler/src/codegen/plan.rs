@@ -11,7 +11,7 @@
 //! them (the plan's own liveness, not the runtime's guess).
 
 use super::launch::{node_work_in_graph, Arg, Buf, Launch, NodeWork, Size};
-use super::{cube_dim, KernelSpec, Target};
+use super::{cube_shape, KernelSpec, Target};
 use crate::ir::{param_path, DType, Function, Graph, Mode, Module, NodeId, Op, Shape, Value};
 use serde_json::{json, Value as Json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -146,8 +146,11 @@ impl Plan {
             .kernels()
             .iter()
             .map(|(name, k)| {
-                let d = cube_dim(k);
-                (name.clone(), json!({ "file": format!("kernels/{name}.{}", target.extension()), "cube_dim": [d.x, d.y, d.z], "config": format!("{k:?}") }))
+                let d = cube_shape(k);
+                (
+                    name.clone(),
+                    json!({ "file": format!("kernels/{name}.{}", target.extension()), "cube_dim": d, "config": format!("{k:?}") }),
+                )
             })
             .collect();
         let functions: serde_json::Map<String, Json> = self.functions.iter().map(|(n, f)| (n.clone(), function_json(f))).collect();

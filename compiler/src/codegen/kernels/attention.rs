@@ -46,6 +46,7 @@ use crate::codegen::kernels::movement::View;
 use crate::codegen::launch::{elem_dtype, grid_linear, tiled_flops, Arg, Buf, Launch, NodeWork, Scratch, Size, Touch, When};
 use crate::codegen::{Elem, KernelSpec};
 use crate::ir::{DType, Dim, Op, Shape, Ty};
+#[cfg(feature = "kernels")]
 use cubecl::prelude::*;
 
 /// Units per attention cube (one dimension).
@@ -189,6 +190,7 @@ pub(crate) fn config(op: &Op, inputs: &[Ty]) -> Result<AttentionConfig, String> 
 /// with `cfg.lse`,
 /// `lse [b, sq, heads]` gets each row's `max + ln Σ exp(s − max)`, or `consts[0]` (−∞:
 /// WGSL has no literal for it) for a row that saw no key.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 #[allow(clippy::too_many_arguments)]
 pub fn attention<F: Float>(
@@ -484,6 +486,7 @@ pub fn attention<F: Float>(
 /// dv]` normalised outputs, then `[b·splits, inner]` log-sum-exps, `inner = sq·heads`):
 /// `out = Σ_s e^(lse_s − m)·o_s / Σ_s e^(lse_s − m)`, `m` the largest `lse_s`; zeros for a
 /// row no chunk saw a key of. One unit per output element.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 pub fn attention_combine<F: Float>(part: &[f32], out: &mut [F], consts: &[f32], splits: u32, inner: u32, dv: u32) {
     let pos = ABSOLUTE_POS as u32;
@@ -525,6 +528,7 @@ pub fn attention_combine<F: Float>(part: &[f32], out: &mut [F], consts: &[f32], 
 ///
 /// With `accumulate` the product is added to what `out` holds (`out += a·b`, one unit per
 /// element: a backward that sums two products, such as SwiGLU's `dx`).
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 #[allow(clippy::too_many_arguments)]
 pub fn batch_matmul<F: Float>(

@@ -18,10 +18,12 @@
 //! gradient (`dmask` is not an output). Scores use the forward's float order.
 
 use super::attention::ATTN_BLOCK;
+#[cfg(feature = "kernels")]
 use super::row_pos;
 use crate::codegen::launch::{grid_linear, grid_rows, Arg, Buf, Launch, NodeWork, Scratch, Size};
 use crate::codegen::{Elem, KernelSpec, Unsupported};
 use crate::ir::{DType, Dim, Graph, NodeId, Op};
+#[cfg(feature = "kernels")]
 use cubecl::prelude::*;
 
 /// The comptime configuration of the backward kernels.
@@ -55,6 +57,7 @@ pub enum AttnGradPart {
 }
 
 /// `delta[row] = Σ_c out[row, c] · dout[row, c]` over the `dv` columns of each query row.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 pub fn attn_grad_delta<F: Float>(out: &[F], dout: &[F], delta: &mut [f32], dv: u32) {
     let row = ABSOLUTE_POS;
@@ -69,6 +72,7 @@ pub fn attn_grad_delta<F: Float>(out: &[F], dout: &[F], delta: &mut [f32], dv: u
 }
 
 /// Keys a query at position `i` of `sq` sees among `sk` (bottom-right causal alignment).
+#[cfg(feature = "kernels")]
 #[cube]
 fn visible_keys(i: u32, sq: u32, sk: u32, #[comptime] causal: bool) -> u32 {
     let mut lim = sk;
@@ -82,6 +86,7 @@ fn visible_keys(i: u32, sq: u32, sk: u32, #[comptime] causal: bool) -> u32 {
 
 /// Stages row `row` of a `dk`-wide tensor (`q` or `k`) at shared 0 and of a `dv`-wide one
 /// (`dout` or `v`) at `dk`, in `f32`, then waits for the whole cube.
+#[cfg(feature = "kernels")]
 #[cube]
 fn stage_rows<F: Float>(a: &[F], b: &[F], row: u32, smem: &mut Shared<[f32]>, tid: u32, #[comptime] cfg: AttnGradConfig) {
     let dk = comptime![cfg.dk];
@@ -104,6 +109,7 @@ fn stage_rows<F: Float>(a: &[F], b: &[F], row: u32, smem: &mut Shared<[f32]>, ti
 /// `p` and `ds` of query row `qrow` (`(b·sq + i)·heads + h`) against key `krow`
 /// (`(b·sk + j)·kv_heads + kvh`), with `q_i`/`dout_i` or `k_j`/`v_j` read from shared
 /// memory at `q_at`/`o_at` when `staged_query`, else the key side staged at `k_at`/`v_at`.
+#[cfg(feature = "kernels")]
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn p_and_ds<F: Float>(
@@ -149,6 +155,7 @@ fn p_and_ds<F: Float>(
 }
 
 /// `dq` of one query row; see the module header. `lse`, `delta` are `[b, sq, heads]`.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 #[allow(clippy::too_many_arguments)]
 pub fn attn_grad_dq<F: Float>(
@@ -228,6 +235,7 @@ pub fn attn_grad_dq<F: Float>(
 }
 
 /// `dk` and `dv` of one key row `(b, j, kvh)`; see the module header.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 #[allow(clippy::too_many_arguments)]
 pub fn attn_grad_dkv<F: Float>(

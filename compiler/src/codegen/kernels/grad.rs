@@ -26,13 +26,16 @@
 //!   reference) adds nothing: the forward gather of such an id already read zeros.
 
 use super::attention::{matmul_2d, Operand};
+#[cfg(feature = "kernels")]
 use super::{reduce_pair, row_pos, ROW_BLOCK};
 use crate::codegen::launch::{elem_dtype, grid_linear, grid_rows, Arg, Buf, Launch, NodeWork, Scratch, Size, Touch};
 use crate::codegen::{Elem, KernelSpec, Unsupported};
 use crate::ir::{DType, Dim, Graph, NodeId, Op, Scoring};
+#[cfg(feature = "kernels")]
 use cubecl::prelude::*;
 
 /// `dx` of one row and its `r`; see the module header.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 pub fn rms_norm_grad_rows<F: Float>(x: &[F], gain: &[F], dy: &[F], dx: &mut [F], r: &mut [f32], cols: u32, #[comptime] eps_bits: u32) {
     let row = row_pos();
@@ -73,6 +76,7 @@ pub fn rms_norm_grad_rows<F: Float>(x: &[F], gain: &[F], dy: &[F], dx: &mut [F],
 }
 
 /// `dg[j] = Σ_rows dy[row, j] · x[row, j] · r[row]`, one unit per column.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 pub fn rms_norm_grad_gain<F: Float>(x: &[F], dy: &[F], r: &[f32], dg: &mut [F], rows: u32) {
     let j = ABSOLUTE_POS;
@@ -89,6 +93,7 @@ pub fn rms_norm_grad_gain<F: Float>(x: &[F], dy: &[F], r: &[f32], dg: &mut [F], 
 
 /// Per index position `j` of `count`: `next[j]`, the next position holding the same
 /// index (`count` for none), and `first[j]`, 1 when no earlier position holds it.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 pub fn scatter_links(idx: &[i32], next: &mut [u32], first: &mut [u32], count: u32) {
     let j = ABSOLUTE_POS as u32;
@@ -116,6 +121,7 @@ pub fn scatter_links(idx: &[i32], next: &mut [u32], first: &mut [u32], count: u3
 /// `out[o, idx[j], i] += src[o, j', i]` for every position `j'` of `j`'s index, in order;
 /// one unit per `(o, j, i)`, working only where `j` is its index's first position. The
 /// bound test is its own `if`: a kernel's `&&` need not short-circuit.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 #[allow(clippy::too_many_arguments, clippy::collapsible_if)]
 pub fn scatter_rows<F: Float>(src: &[F], idx: &[i32], next: &[u32], first: &[u32], out: &mut [F], rows: u32, count: u32, inner: u32) {
@@ -143,6 +149,7 @@ pub fn scatter_rows<F: Float>(src: &[F], idx: &[i32], next: &[u32], first: &[u32
 
 /// `a = silu(g)·u`, `dg = da·u·silu'(g)`, `du = da·silu(g)` with `s = σ(g)`,
 /// `silu'(g) = s·(1 + g·(1 − s))` (the reference's order), in `f32`.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 pub fn swiglu_grad_ew<F: Float>(g: &[F], u: &[F], da: &[F], a: &mut [F], dg: &mut [F], du: &mut [F]) {
     let pos = ABSOLUTE_POS;
@@ -174,6 +181,7 @@ pub struct RouteGradConfig {
 /// the chosen experts with `z = Σ_chosen s + 1e-20` when normalising (else
 /// `scale·dw_j`), 0 elsewhere; then through the scores (softmax: `s·(ds − Σ ds·s)`;
 /// sigmoid: `ds·s·(1 − s)`). The selection takes no gradient.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 #[allow(unused_assignments)] // a kernel's `if`/`else` assigns a declared variable
 pub fn moe_route_grad<F: Float>(logits: &[F], idx: &[i32], dw: &[F], out: &mut [F], #[comptime] cfg: RouteGradConfig) {

@@ -19,12 +19,15 @@
 //! in one pass (both products share the staged tile of `x`, and the gate/up results
 //! never reach memory), then `·downᵀ` with [`matmul_ew`] and an empty epilogue.
 
-use super::{ew_eval, mm_rows, mm_stage, mm_step, mm_zero, Access, EwOp, MM_BK, MM_REG, MM_STAGE, MM_TILE, MM_UNITS, ROW_BLOCK};
+#[cfg(feature = "kernels")]
+use super::{ew_eval, mm_rows, mm_stage, mm_step, mm_zero, MM_BK, MM_REG, MM_STAGE, MM_TILE, MM_UNITS, ROW_BLOCK};
+use super::{Access, EwOp};
 use crate::codegen::kernels::movement::float_elem;
 use crate::codegen::launch::{by_rows, grid_rows, mm_flops, mm_grid, Arg, Buf, Launch, NodeWork, Scratch, Size};
 use crate::codegen::{ew_binary, ew_unary, Elem, KernelSpec, Unsupported};
 use crate::ir::fused::{Head, Operand, StepOp};
 use crate::ir::{Dim, Graph, NodeId, Op};
+#[cfg(feature = "kernels")]
 use cubecl::prelude::*;
 
 /// The elementwise program that follows a head: register 0 is the head's value,
@@ -40,6 +43,7 @@ pub struct Epilogue {
 
 /// The epilogue applied to the head's value `h` at output element `pos`. `inputs` holds
 /// the loads in order; `layout` is the output shape then `rank` strides per load.
+#[cfg(feature = "kernels")]
 #[cube]
 fn epilogue<F: Float>(h: F, inputs: &Sequence<Box<[F]>>, layout: &[u32], pos: u32, #[comptime] epi: Epilogue) -> F {
     let mut regs = Sequence::<F>::new();
@@ -76,6 +80,7 @@ fn epilogue<F: Float>(h: F, inputs: &Sequence<Box<[F]>>, layout: &[u32], pos: u3
 ///
 /// The head's operands are `M`: `F` itself, or `f32` where a mixed-precision backward
 /// multiplies `f32` gradients and rounds the product into an `F` residual stream.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_ew<F: Float, M: Float>(
@@ -126,6 +131,7 @@ pub fn matmul_ew<F: Float, M: Float>(
 /// `MM_STAGE`, up at `2·MM_STAGE`). Both sums and the silu run in `f32` (as in
 /// [`matmul_ew`]); silu is `g·(1/(1 + e^-g))` then `·u`, the reference's order, and
 /// only the product is rounded to `F`.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_gate_up<F: Float>(x: &[F], gate: &[F], up: &[F], out: &mut [F], m: u32, n: u32, k: u32, #[comptime] skinny: bool) {
@@ -164,6 +170,7 @@ pub fn matmul_gate_up<F: Float>(x: &[F], gate: &[F], up: &[F], out: &mut [F], m:
 
 /// [`super::rms_norm`] with the epilogue applied to each normalised element
 /// `x · rsqrt(mean(x²) + eps) · gain`.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 #[allow(clippy::too_many_arguments)]
 pub fn rms_norm_ew<F: Float>(

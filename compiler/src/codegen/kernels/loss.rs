@@ -21,13 +21,16 @@
 //! read from a one-element table the launch uploads: WGSL has no NaN literal, and a NaN
 //! computed in the kernel (`0/0`) is folded away by compilers that assume there are none.
 
+#[cfg(feature = "kernels")]
 use super::{block_reduce, reduce_pair, row_pos, ROW_BLOCK};
 use crate::codegen::launch::{grid_rows, grid_x, Arg, Buf, Launch, NodeWork, Scratch, Size};
 use crate::codegen::{Elem, KernelSpec, Unsupported};
 use crate::ir::{DType, Graph, NodeId, Op};
+#[cfg(feature = "kernels")]
 use cubecl::prelude::*;
 
 /// Whether `label` counts: not the ignore index (its bits in `ignore`) when `has_ignore`.
+#[cfg(feature = "kernels")]
 #[cube]
 fn counted(label: i32, ignore: u32, #[comptime] has_ignore: bool) -> bool {
     let mut c = true;
@@ -38,6 +41,7 @@ fn counted(label: i32, ignore: u32, #[comptime] has_ignore: bool) -> bool {
 }
 
 /// The row's max and `ln Σ exp(x − max)` (so the log-sum-exp is their sum), in `f32`.
+#[cfg(feature = "kernels")]
 #[cube]
 fn row_lse<F: Float>(x: &[F], base: u32, cols: u32, shared: &mut Shared<[f32]>, tid: u32) -> (f32, f32) {
     let iters = cols.div_ceil(ROW_BLOCK);
@@ -68,6 +72,7 @@ fn row_lse<F: Float>(x: &[F], base: u32, cols: u32, shared: &mut Shared<[f32]>, 
 }
 
 /// `out[row] = log_softmax(logits[row])[labels[row]]`, 0 on ignored rows; `cols` = V.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 pub fn label_logprob<F: Float>(
     logits: &[F],
@@ -103,6 +108,7 @@ pub fn label_logprob<F: Float>(
 /// `(−Σ logp, count)` over the counted rows, reduced into `shared[0]` and
 /// `shared[ROW_BLOCK]` by one cube. The row test stays a separate `if`: a kernel's `&&`
 /// need not short-circuit, and the label read must not run past the last row.
+#[cfg(feature = "kernels")]
 #[cube]
 #[allow(clippy::collapsible_if)]
 fn counted_sum(
@@ -134,6 +140,7 @@ fn counted_sum(
 }
 
 /// `out[0] = −Σ logp / count` over the rows whose label counts (NaN when none does).
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 pub fn label_mean(logp: &[f32], labels: &[i32], out: &mut [f32], rows: u32, ignore: u32, #[comptime] has_ignore: bool) {
     let tid = UNIT_POS_X;
@@ -145,6 +152,7 @@ pub fn label_mean(logp: &[f32], labels: &[i32], out: &mut [f32], rows: u32, igno
 }
 
 /// `out[0] = −dloss[0] / count`, 0 when no label counts.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 pub fn label_coef(labels: &[i32], dloss: &[f32], out: &mut [f32], rows: u32, ignore: u32, #[comptime] has_ignore: bool) {
     let tid = UNIT_POS_X;
@@ -162,6 +170,7 @@ pub fn label_coef(labels: &[i32], dloss: &[f32], out: &mut [f32], rows: u32, ign
 
 /// `out[row] = (onehot(label) − softmax(logits[row])) · coef`, 0 on ignored rows; `coef`
 /// is `coef[row]` when `per_row`, else `coef[0]`.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 #[allow(clippy::too_many_arguments)]
 pub fn label_grad<F: Float>(

@@ -36,6 +36,7 @@
 //!      times the gate weights in slot order (the reference adds in expert-id order;
 //!      the difference is rounding only).
 
+#[cfg(feature = "kernels")]
 use cubecl::prelude::*;
 
 use super::TILE;
@@ -70,6 +71,7 @@ pub struct RouteConfig {
 /// number (as `torch.topk`), equal values to the lower index (`desc_then_index` in the
 /// reference). NaN is tested on the bits (`is_nan`); `x != x` is folded to `false` by
 /// WGSL compilers, which may assume there are no NaNs.
+#[cfg(feature = "kernels")]
 #[cube]
 fn before<F: Float>(a: F, ia: u32, b: F, ib: u32) -> bool {
     let an = nan::<F>(a);
@@ -85,6 +87,7 @@ fn before<F: Float>(a: F, ia: u32, b: F, ib: u32) -> bool {
 }
 
 /// `x` is NaN, as a plain `bool` (`F::is_nan` answers in `F`'s vector shape).
+#[cfg(feature = "kernels")]
 #[cube]
 fn nan<F: Float>(x: F) -> bool {
     let one = Vector::<F, Const<1>>::new(x);
@@ -94,6 +97,7 @@ fn nan<F: Float>(x: F) -> bool {
 }
 
 /// Tree reduction of `sh[at..at + SELECT_BLOCK]` into `sh[at]`, by sum or by max.
+#[cfg(feature = "kernels")]
 #[cube]
 fn reduce_at<F: Float>(sh: &mut Shared<[F]>, at: u32, tid: u32, #[comptime] max: bool) {
     sync_cube();
@@ -120,6 +124,7 @@ fn reduce_at<F: Float>(sh: &mut Shared<[F]>, at: u32, tid: u32, #[comptime] max:
 /// Shared layout (one buffer, see `matmul`): scores `[E]`, choice scores `[E]`, group
 /// scores `[G]`, group kept flags `[G]`, the chosen scores by rank `[k]`, then
 /// [`SELECT_BLOCK`] of reduction scratch.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 pub fn moe_route<F: Float>(inputs: &Sequence<Box<[F]>>, indices: &mut [i32], weights: &mut [F], #[comptime] cfg: RouteConfig) {
     let t = crate::codegen::kernels::row_pos();
@@ -300,6 +305,7 @@ pub fn moe_route<F: Float>(inputs: &Sequence<Box<[F]>>, indices: &mut [i32], wei
 /// NaN largest: `values [rows, k]` and `indices [rows, k]`. One cube per row; the shared
 /// buffer holds candidate *indices* (values are re-read from `x`), so one `u32` buffer
 /// serves any float type.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 pub fn top_k<F: Float>(x: &[F], values: &mut [F], indices: &mut [i32], cols: u32, k: u32) {
     let row = crate::codegen::kernels::row_pos();
@@ -355,6 +361,7 @@ pub fn top_k<F: Float>(x: &[F], values: &mut [F], indices: &mut [i32], cols: u32
 /// that expert's sorted rows (`rows[r]` = pair, `row_expert[r]` = expert, `pos[pair]` =
 /// r) and `offsets[e + 1]` (and `offsets[0] = 0`). Ids outside `0..experts` belong to no
 /// expert and their pairs get no row (the reference rejects them).
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 pub fn moe_dispatch(ids: &[i32], rows: &mut [i32], row_expert: &mut [i32], pos: &mut [i32], offsets: &mut [i32], pairs: u32) {
     let e = CUBE_POS_X;
@@ -427,6 +434,7 @@ pub fn moe_dispatch(ids: &[i32], rows: &mut [i32], row_expert: &mut [i32], pos: 
 /// `act[r, n] = silu(x[tok(r)] · gate[e(r), n]) · (x[tok(r)] · up[e(r), n])` over the
 /// sorted rows `r < pairs`, `tok(r) = rows[r] / top_k`, `e(r) = row_expert[r]`;
 /// `x [T, h]`, `gate, up [E, inter, h]`, `act [pairs, inter]`.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 pub fn moe_gate_up<F: Float>(
     x: &[F],
@@ -499,6 +507,7 @@ pub fn moe_gate_up<F: Float>(
 
 /// `y[r, n] = act[r] · down[e(r), n]` over the sorted rows: `act [pairs, inter]`,
 /// `down [E, h, inter]`, `y [pairs, h]`. The segment walk is [`moe_gate_up`]'s.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 pub fn moe_down<F: Float>(act: &[F], row_expert: &[i32], offsets: &[i32], down: &[F], y: &mut [F], pairs: u32, h: u32, inter: u32) {
     let tx = UNIT_POS_X; // along h
@@ -547,6 +556,7 @@ pub fn moe_down<F: Float>(act: &[F], row_expert: &[i32], offsets: &[i32], down: 
 /// `out[t, c] = Σ_s y[pos[t·k + s], c] · weights[t·k + s]` for slots `s` in order: token
 /// `row_pos()`, columns `CUBE_POS_Y·SELECT_BLOCK + unit`. The gate weights may be of
 /// another float type `W` (routers often run in f32).
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 pub fn moe_combine<F: Float, W: Float>(y: &[F], pos: &[i32], weights: &[W], out: &mut [F], h: u32, top_k: u32) {
     let t = crate::codegen::kernels::row_pos();

@@ -22,10 +22,13 @@
 //!
 //! [`moe_dispatch`]: super::moe::moe_dispatch
 
-use super::{block_reduce, row_pos, EW_BLOCK, ROW_BLOCK};
+use super::EW_BLOCK;
+#[cfg(feature = "kernels")]
+use super::{block_reduce, row_pos, ROW_BLOCK};
 use crate::codegen::launch::{elem_dtype, grid_linear, grid_rows, Arg, Buf, Launch, NodeWork, Scratch, Size, Touch};
 use crate::codegen::{Elem, KernelSpec, Unsupported};
 use crate::ir::{DType, Graph, NodeId, Op};
+#[cfg(feature = "kernels")]
 use cubecl::prelude::*;
 
 /// Which launch of the expert backward a [`KernelSpec::MoeGrad`] is.
@@ -39,6 +42,7 @@ pub enum MoeGradPart {
 }
 
 /// `g`, `u` and `da` of row `r`, column `j`; see the module header.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 #[allow(clippy::too_many_arguments)]
 pub fn moe_grad_proj<F: Float>(
@@ -79,6 +83,7 @@ pub fn moe_grad_proj<F: Float>(
 
 /// One row's `dw` and, in place, its weighted `a`, `dg`, `du`; see the module header. The
 /// gate weights and their gradient are `W` (the router's f32 under a bf16 model).
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 pub fn moe_grad_mid<F: Float, W: Float>(w: &[W], rows: &[i32], g: &mut [F], u: &mut [F], da: &mut [F], dw: &mut [W], inter: u32) {
     let r = row_pos();
@@ -121,6 +126,7 @@ pub fn moe_grad_mid<F: Float, W: Float>(w: &[W], rows: &[i32], g: &mut [F], u: &
 }
 
 /// `dx_rows[r, c] = Σ_j dg[r, j]·gate_e[j, c] + Σ_j du[r, j]·up_e[j, c]`.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 #[allow(clippy::too_many_arguments)]
 pub fn moe_grad_dx_rows<F: Float>(row_expert: &[i32], dg: &[F], du: &[F], gate: &[F], up: &[F], dxr: &mut [F], h: u32, inter: u32) {
@@ -140,6 +146,7 @@ pub fn moe_grad_dx_rows<F: Float>(row_expert: &[i32], dg: &[F], du: &[F], gate: 
 }
 
 /// `dx[t, c] = Σ` of the token's `k` rows of `dxr`, in increasing row order.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 pub fn moe_grad_dx<F: Float>(dxr: &[F], pos: &[i32], dx: &mut [F], k: u32, h: u32) {
     let at = ABSOLUTE_POS as u32;
@@ -165,6 +172,7 @@ pub fn moe_grad_dx<F: Float>(dxr: &[F], pos: &[i32], dx: &mut [F], k: u32, h: u3
 
 /// One unit per `(e, j, c)`: `dgate[e, j, c]`, `dup[e, j, c]` and `ddown[e, c, j]` over
 /// the expert's rows `offsets[e]..offsets[e+1]`.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 #[allow(clippy::too_many_arguments)]
 pub fn moe_grad_weights<F: Float>(

@@ -30,11 +30,13 @@ use super::EW_BLOCK;
 use crate::codegen::launch::{grid_linear, single, Arg, Buf, Launch, NodeWork, Size, Touch};
 use crate::codegen::{Elem, KernelSpec, Unsupported};
 use crate::ir::{DType, Dim, Graph, NodeId, Op, UnaryOp, Value};
+#[cfg(feature = "kernels")]
 use cubecl::prelude::*;
 
 /// Copies the box described by `layout` from `src` to `out`. `layout` is
 /// `[count, src_offset, dst_offset, shape[rank], src_strides[rank], dst_strides[rank]]`
 /// with `count` the number of elements in the box.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 pub fn strided_copy<N: Numeric>(src: &[N], layout: &[u32], out: &mut [N], #[comptime] rank: u32) {
     let pos = ABSOLUTE_POS as u32;
@@ -57,6 +59,7 @@ pub fn strided_copy<N: Numeric>(src: &[N], layout: &[u32], out: &mut [N], #[comp
 }
 
 /// `out[i] = −x[i]` over `i32` indices (the rope backward turns by `−positions`).
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 pub fn neg_i32(x: &[i32], out: &mut [i32]) {
     let pos = ABSOLUTE_POS;
@@ -67,6 +70,7 @@ pub fn neg_i32(x: &[i32], out: &mut [i32]) {
 
 /// `out[o, j, i] = table[o, ids[j], i]` with `out` viewed as `[outer, count, inner]` and
 /// `table` as `[outer, rows, inner]`; an id outside `0..rows` gives 0 (module docs).
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 pub fn gather<F: Float>(table: &[F], ids: &[i32], out: &mut [F], rows: u32, count: u32, inner: u32) {
     let pos = ABSOLUTE_POS;
@@ -91,6 +95,7 @@ pub fn gather<F: Float>(table: &[F], ids: &[i32], out: &mut [F], rows: u32, coun
 /// `out[i] = x[i]` converted from `S` to `D` (round to nearest even when narrowing), one
 /// unit per element. (Not named `cast`: the kernel's generated struct would be `Cast`,
 /// which shadows CubeCL's `Cast` trait inside it.)
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 pub fn convert<S: Float, D: Float>(x: &[S], out: &mut [D]) {
     let pos = ABSOLUTE_POS;

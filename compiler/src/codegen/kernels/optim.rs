@@ -14,9 +14,12 @@
 //!   host adds the partials in `f64`. Cubes fold into `x · z` past 65,535 as the row
 //!   kernels' do.
 
-use super::{block_reduce, ROW_BLOCK};
+#[cfg(feature = "kernels")]
+use super::block_reduce;
+use super::ROW_BLOCK;
 use crate::codegen::launch::{grid_rows, Arg, Buf, Launch, NodeWork, Size};
 use crate::codegen::{Elem, KernelSpec};
+#[cfg(feature = "kernels")]
 use cubecl::prelude::*;
 
 /// Elements one [`sum_squares`] cube sums.
@@ -31,6 +34,7 @@ pub const SS_CHUNK: u32 = 16 * ROW_BLOCK;
 /// v ← v·β2 + (c2·g)·g
 /// p ← p + (step·m) / (sqrt(v)/bc2 + eps)
 /// ```
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 pub fn adamw<G: Float>(p: &mut [f32], g: &[G], m: &mut [f32], v: &mut [f32], s: &[f32], n: u32) {
     let i = ABSOLUTE_POS;
@@ -53,6 +57,7 @@ pub fn adamw<G: Float>(p: &mut [f32], g: &[G], m: &mut [f32], v: &mut [f32], s: 
 }
 
 /// `out[c] = Σ x[c·SS_CHUNK ..][..SS_CHUNK]²` in `f32`, for the cubes `c` covering `n`.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 pub fn sum_squares<G: Float>(x: &[G], out: &mut [f32], n: u32) {
     let c = CUBE_POS_Z * CUBE_COUNT_X + CUBE_POS_X;

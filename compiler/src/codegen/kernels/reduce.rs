@@ -10,9 +10,11 @@ use super::EW_BLOCK;
 use crate::codegen::launch::{grid_linear, single, Arg, Buf, Launch, NodeWork, Size};
 use crate::codegen::KernelSpec;
 use crate::ir::{Graph, NodeId, Op};
+#[cfg(feature = "kernels")]
 use cubecl::prelude::*;
 
 /// `out[o, i] = Σ_j x[o, j, i]` (÷ `n` when `mean`) for `x` viewed as `[outer, n, inner]`.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 pub fn reduce_axis<F: Float>(x: &[F], out: &mut [F], n: u32, inner: u32, #[comptime] mean: bool) {
     let pos = ABSOLUTE_POS;
@@ -31,6 +33,7 @@ pub fn reduce_axis<F: Float>(x: &[F], out: &mut [F], n: u32, inner: u32, #[compt
 }
 
 /// `out[i] = start + i`.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 pub fn iota<N: Numeric>(out: &mut [N], start: u32) {
     let pos = ABSOLUTE_POS;

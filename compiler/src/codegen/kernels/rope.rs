@@ -26,12 +26,14 @@ use crate::codegen::kernels::movement::float_elem;
 use crate::codegen::launch::{grid_linear, single, Arg, Buf, Launch, NodeWork, Size};
 use crate::codegen::{KernelSpec, Unsupported};
 use crate::ir::{rope_frequencies, Graph, NodeId, Op, RopeLayout};
+#[cfg(feature = "kernels")]
 use cubecl::prelude::*;
 
 /// `t` reduced to `[-π, π]`: `t - k·2π` with `k = round(t / 2π)` and 2π split in three
 /// parts (Cody–Waite). The first two have few significant bits, so `k·C1` and `k·C2` are
 /// exact for `|k| < 2¹³` (angles up to ~50 000 rad) and the reduced angle keeps nearly
 /// all of `t`'s precision.
+#[cfg(feature = "kernels")]
 #[cube]
 fn reduce_angle<G: Float>(t: G) -> G {
     let k = G::round(t * G::new(0.159_154_94));
@@ -41,6 +43,7 @@ fn reduce_angle<G: Float>(t: G) -> G {
 /// Rotates each pair of the first `2·half` dims of every `d`-long head of `x`; a
 /// position `positions[r]` covers `row_len` elements (`h·d`, or `d` at rank 3).
 /// `freqs` is `[inv_freq[0..half], mscale]`.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 #[allow(clippy::too_many_arguments)]
 pub fn rope<F: Float>(

@@ -15,12 +15,15 @@
 //! (the host's `token_logprob`); the log-sum-exp is in `f32` here (the host's in `f64`).
 //! Ties go to the lowest index and NaN never wins, as the host's `argmax`.
 
+#[cfg(feature = "kernels")]
 use super::{reduce_pair, row_pos, ROW_BLOCK, ROW_BLOCK_LOG2};
 use crate::codegen::launch::{grid_rows, Arg, Buf, Launch, NodeWork, Size};
 use crate::codegen::{Elem, KernelSpec};
+#[cfg(feature = "kernels")]
 use cubecl::prelude::*;
 
 /// PCG's output permutation of one 32-bit state: a well-mixed hash.
+#[cfg(feature = "kernels")]
 #[cube]
 fn pcg(v: u32) -> u32 {
     let s = v * 747_796_405u32 + 2_891_336_453u32;
@@ -29,6 +32,7 @@ fn pcg(v: u32) -> u32 {
 }
 
 /// The uniform in (0, 1) of element `i` of `row` at `step` under `seed`.
+#[cfg(feature = "kernels")]
 #[cube]
 fn uniform(seed_lo: u32, seed_hi: u32, row: u32, step: u32, i: u32) -> f32 {
     let h = pcg(seed_lo ^ pcg(seed_hi ^ pcg(row ^ pcg(step ^ pcg(i)))));
@@ -38,6 +42,7 @@ fn uniform(seed_lo: u32, seed_hi: u32, row: u32, step: u32, i: u32) -> f32 {
 
 /// Whether candidate `(bv, bi)` beats `(av, ai)`: a larger value, or the same value at a
 /// lower index; index `none` is no candidate.
+#[cfg(feature = "kernels")]
 #[cube]
 fn beats(av: f32, ai: f32, bv: f32, bi: f32, none: f32) -> bool {
     bi != none && (ai == none || bv > av || (bv == av && bi < ai))
@@ -46,6 +51,7 @@ fn beats(av: f32, ai: f32, bv: f32, bi: f32, none: f32) -> bool {
 /// One row of `logits [rows, v]` per cube: `tokens[row]` the chosen token,
 /// `stats[2·row]` its log-probability and `stats[2·row + 1]` the entropy (nats) under
 /// softmax(logits · consts[0]). `consts = [1/T, −∞]`, `p = [seed_lo, seed_hi, step]`.
+#[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
 pub fn sample_rows<F: Float>(
     logits: &[F],
