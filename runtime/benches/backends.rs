@@ -17,7 +17,7 @@
 //! ratios say how well the generated kernels do against hand-tuned CPU code, not what a
 //! GPU would do; runtime/benches/gpu.sh measures a real GPU.
 
-use dsc_compiler::codegen::launch::node_work;
+use dsc_compiler::codegen::select::node_work;
 use dsc_compiler::ir::{Bindings, DType, Dim, Float, Function, Graph, Mode, Module, Op, Routing, Scoring, Ty, Value};
 use dsc_runtime::checkpoint::{ModelDir, OpenOptions};
 use dsc_runtime::generate::{generate, Backend, CompileOptions, GenerateOptions, ModelBackend, ReferenceBackend};

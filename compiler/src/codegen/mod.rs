@@ -1,21 +1,22 @@
-//! GPU kernels for IR nodes, through CubeCL: which nodes have a kernel
-//! ([`KernelSpec::from_node`]), the generic `#[cube]` kernels ([`kernels`]), and
-//! device-free source text for CUDA C++ and WGSL ([`kernel_source`]).
+//! GPU kernels for IR nodes: which nodes have a kernel ([`KernelSpec::from_node`]), how
+//! each node runs as launches ([`select`], producing [`launch`]'s data: the ABI the plan
+//! and the runtimes share), whole entry points as plans ([`plan`]) and their cost against
+//! the hardware ([`traffic`]); with the `kernels` feature, the generic CubeCL `#[cube]`
+//! kernels ([`kernels`]) and their device-free source text for CUDA C++ and WGSL
+//! (`kernel_source`).
 //!
 //! A [`KernelSpec`] is everything a kernel is specialised on (op, dtype, comptime
 //! program) and nothing it is not (symbolic sizes are runtime arguments), so equal
 //! specs are one kernel: `dsc compile --target` writes one file per distinct spec and a
-//! runtime compiles each once. CubeCL is named only here and in the runtime; `ir` and
-//! `passes` stay backend-free.
+//! runtime compiles each once. CubeCL is named only in the kernels, the source
+//! generation and the runtime; `ir` and `passes` stay backend-free.
 //!
-//! First milestone: `f32` and `f16`; elementwise programs (plain `Unary`/`Binary` nodes
-//! and head-less `Fused` nodes) whose inputs and result share one float dtype;
-//! `rms_norm`; `softmax` over the last axis; `matmul`. Everything else is
-//! [`Unsupported`] with the reason.
+//! Ops without a kernel are [`Unsupported`] with the reason.
 
 pub mod kernels;
 pub mod launch;
 pub mod plan;
+pub mod select;
 #[cfg(feature = "kernels")]
 mod source;
 #[cfg(feature = "kernels")]

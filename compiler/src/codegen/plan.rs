@@ -6,11 +6,12 @@
 //! in the IR, so DeepSeek-V3's plan does not repeat 61 layers). A function plan names
 //! every value's buffer (dtype and shape in `b`, `c`, `s`), binds inputs by position,
 //! weights by checkpoint name and constants by value, and lists the steps in order: a
-//! node's launches ([`NodeWork`], decided by [`super::launch::node_work`]) or a call.
+//! node's launches ([`NodeWork`], decided by [`super::select::node_work`]) or a call.
 //! After each step it lists the buffers no later step reads, so a runtime can release
 //! them (the plan's own liveness, not the runtime's guess).
 
-use super::launch::{node_work_in_graph, Arg, Buf, Launch, NodeWork, Size};
+use super::launch::{Arg, Buf, Launch, NodeWork, Size};
+use super::select::node_work_in_graph;
 use super::{cube_shape, KernelSpec, Target};
 use crate::ir::{param_path, DType, Function, Graph, Mode, Module, NodeId, Op, Shape, Value};
 use serde_json::{json, Value as Json};

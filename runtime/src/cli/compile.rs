@@ -16,8 +16,8 @@
 
 use super::load_spec;
 use crate::output::write_output;
-use dsc_compiler::codegen::launch::node_work_in_graph;
 use dsc_compiler::codegen::plan::Plan;
+use dsc_compiler::codegen::select::node_work_in_graph;
 use dsc_compiler::codegen::traffic::{CostReport, Device, Traffic};
 use dsc_compiler::codegen::{kernel_source, KernelSpec, Target};
 use dsc_compiler::ir::Bindings;

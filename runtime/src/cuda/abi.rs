@@ -179,7 +179,8 @@ pub fn parse_signature(src: &str) -> Result<Signature, String> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use dsc_compiler::codegen::launch::{node_work, NodeWork};
+    use dsc_compiler::codegen::launch::NodeWork;
+    use dsc_compiler::codegen::select::node_work;
     use dsc_compiler::codegen::{kernel_source, Target};
     use dsc_compiler::ir::{DType, Mode, Module, NodeId, Op};
     use std::collections::BTreeMap;

@@ -14,7 +14,8 @@
 //! on what moves); FLOPs are counted for matmuls only (`2·m·n·k`).
 
 use super::{CudaBackend, Repr};
-use dsc_compiler::codegen::launch::{node_work, Arg, NodeWork};
+use dsc_compiler::codegen::launch::{Arg, NodeWork};
+use dsc_compiler::codegen::select::node_work;
 use dsc_compiler::codegen::KernelSpec;
 use dsc_compiler::ir::{Bindings, DType, Mode, Op};
 use std::collections::BTreeMap;

@@ -12,7 +12,8 @@ pub use crate::repr::Repr;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use cubecl::wgpu::WgpuDevice;
-use dsc_compiler::codegen::launch::{node_work, Arg, Buf, Launch, NodeWork};
+use dsc_compiler::codegen::launch::{Arg, Buf, Launch, NodeWork};
+use dsc_compiler::codegen::select::node_work;
 use dsc_compiler::codegen::{cube_dim, kernels, KernelSpec};
 use dsc_compiler::ir::{Bindings, Graph, NodeId};
 

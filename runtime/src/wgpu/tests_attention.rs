@@ -274,7 +274,8 @@ fn batch_matmul_reads_views_in_place() {
 #[test]
 fn split_k_decode_over_a_long_cache() {
     use dsc_compiler::codegen::kernels::attention::{SPLIT_KEYS, SPLIT_MAX_BATCH};
-    use dsc_compiler::codegen::launch::{node_work, NodeWork};
+    use dsc_compiler::codegen::launch::NodeWork;
+    use dsc_compiler::codegen::select::node_work;
     let (h, kv, d) = (4usize, 2usize, 12usize);
     let q = vec![Dim::B, Dim::lit(1), Dim::lit(h as i64), Dim::lit(d as i64)];
     let kvs = vec![Dim::B, Dim::C + Dim::lit(1), Dim::lit(kv as i64), Dim::lit(d as i64)];

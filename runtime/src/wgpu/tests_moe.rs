@@ -5,7 +5,8 @@
 
 use super::test_data::{backend, random};
 use crate::reference::{run, Data, Options, Tensor};
-use dsc_compiler::codegen::launch::{node_work, NodeWork};
+use dsc_compiler::codegen::launch::NodeWork;
+use dsc_compiler::codegen::select::node_work;
 use dsc_compiler::codegen::{kernel_source, KernelSpec, Target};
 use dsc_compiler::ir::{Bindings, DType, Dim, Float, Function, Graph, GroupScore, Mode, Module, Op, Routing, Scoring, Ty, Value};
 use std::collections::HashMap;

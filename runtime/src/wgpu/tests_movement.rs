@@ -6,7 +6,8 @@
 
 use super::test_data::{backend, random};
 use crate::reference::{run, Options, Tensor};
-use dsc_compiler::codegen::launch::{node_work, NodeWork};
+use dsc_compiler::codegen::launch::NodeWork;
+use dsc_compiler::codegen::select::node_work;
 use dsc_compiler::codegen::{kernel_source, KernelSpec, Target};
 use dsc_compiler::ir::fused::{FusedKernel, Head, Operand, Step, StepOp};
 use dsc_compiler::ir::{
@@ -346,7 +347,7 @@ fn sources_are_deterministic() {
 /// it; both match the reference on either side of the boundary and across column tiles.
 #[test]
 fn skinny_and_tiled_matmuls_by_rows() {
-    use dsc_compiler::codegen::launch::SKINNY_ROWS;
+    use dsc_compiler::codegen::select::SKINNY_ROWS;
     let ins = [f(vec![Dim::B, Dim::S, Dim::lit(70)], DType::F32), f(lits(&[130, 70]), DType::F32)];
     for (b, s) in [(1, 1), (2, 8), (17, 1), (3, 7)] {
         let bind = at(b, s, 0);

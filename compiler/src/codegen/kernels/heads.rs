@@ -23,7 +23,8 @@
 use super::{ew_eval, mm_rows, mm_stage, mm_step, mm_zero, MM_BK, MM_REG, MM_STAGE, MM_TILE, MM_UNITS, ROW_BLOCK};
 use super::{Access, EwOp};
 use crate::codegen::kernels::movement::float_elem;
-use crate::codegen::launch::{by_rows, grid_rows, mm_flops, mm_grid, Arg, Buf, Launch, NodeWork, Scratch, Size};
+use crate::codegen::launch::{grid_rows, Arg, Buf, Launch, NodeWork, Scratch, Size};
+use crate::codegen::select::{by_rows, mm_flops, mm_grid};
 use crate::codegen::{ew_binary, ew_unary, Elem, KernelSpec, Unsupported};
 use crate::ir::fused::{Head, Operand, StepOp};
 use crate::ir::{Dim, Graph, NodeId, Op};

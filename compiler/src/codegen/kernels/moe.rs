@@ -6,7 +6,7 @@
 //! discrete (indices) and is deterministic everywhere: no float atomics, no order that
 //! depends on scheduling.
 //!
-//! Launch shapes (decided in [`work_expert_ffn`] / `launch::node_work`, never in a runtime):
+//! Launch shapes (decided in [`work_expert_ffn`] / `select::node_work`, never in a runtime):
 //! - [`moe_route`]: one cube of [`SELECT_BLOCK`] units per token. The token's `E` scores,
 //!   choice scores and group scores sit in one shared buffer (E is a comptime constant
 //!   from the IR, so the buffer size is known); softmax's max and sum are tree
@@ -591,7 +591,7 @@ pub(crate) fn spec_from_node(g: &Graph, n: NodeId) -> Option<Result<KernelSpec, 
     let spec = match &node.op {
         Op::MoeRoute(r) => route_spec(r, &ins, &node.outputs),
         Op::TopK { k, axis } => top_k_spec(*k, *axis, &ins, &node.outputs),
-        Op::ExpertFfn => Err("runs as several launches (dispatch, grouped GEMMs, combine): see launch::node_work".into()),
+        Op::ExpertFfn => Err("runs as several launches (dispatch, grouped GEMMs, combine): see select::node_work".into()),
         // Only train graphs replay routing, and those run on the reference interpreter.
         Op::MoeRouteReplay(_) => Err("routing replay is a training op: no kernel, train graphs run on the reference interpreter".into()),
         _ => return None,
