@@ -175,7 +175,10 @@ fn batch_matmul_odd_sizes() {
     // Symbolic batch, as decode's absorbed MLA has it: [b, heads, 1, d] · [b, heads, d, r].
     let a = vec![Dim::B, Dim::lit(3), Dim::S, Dim::lit(16)];
     let b = vec![Dim::B, Dim::lit(3), Dim::lit(16), Dim::lit(24)];
-    check_with(Op::BatchMatMul, &[a, b], &[], DType::F32, Bindings { batch: 2, seq: 1, cache: 0 });
+    check_with(Op::BatchMatMul, &[a.clone(), b.clone()], &[], DType::F32, Bindings { batch: 2, seq: 1, cache: 0 });
+    // A batch past the 65,535 cubes of one grid axis (b · heads of a large decode batch),
+    // with two m tiles per element: the grid folds it into y · z.
+    check_with(Op::BatchMatMul, &[a, b], &[], DType::F32, Bindings { batch: 21_846, seq: 17, cache: 0 });
 }
 
 #[test]

@@ -43,7 +43,7 @@
 
 use super::TILE;
 use crate::codegen::kernels::movement::View;
-use crate::codegen::launch::{elem_dtype, grid_linear, tiled_flops, Arg, Buf, Launch, NodeWork, Scratch, Size, Touch, When};
+use crate::codegen::launch::{elem_dtype, grid_linear, tiled_flops, Arg, Buf, Launch, NodeWork, Scratch, Size, Touch, When, MAX_GRID_AXIS};
 use crate::codegen::{Elem, KernelSpec};
 use crate::ir::{DType, Dim, Op, Shape, Ty};
 #[cfg(feature = "kernels")]
@@ -544,8 +544,20 @@ pub fn batch_matmul<F: Float>(
 ) {
     let tx = UNIT_POS_X; // along n
     let ty = UNIT_POS_Y; // along m
-    let z = CUBE_POS_Z;
-    let row = CUBE_POS_Y * TILE + ty;
+                         // The batch folds into y · z past the 65,535 cubes an axis allows (grid y holds the
+                         // m tiles of every fold): cubes past the last batch element do nothing, a whole cube
+                         // at a time.
+    let m_tiles = m.div_ceil(TILE);
+    let z = (CUBE_POS_Y / m_tiles) * CUBE_COUNT_Z + CUBE_POS_Z;
+    let mut total = 1u32;
+    #[unroll]
+    for r in 0..rank {
+        total *= layout[r as usize];
+    }
+    if z >= total {
+        terminate!();
+    }
+    let row = (CUBE_POS_Y % m_tiles) * TILE + ty;
     let col = CUBE_POS_X * TILE + tx;
     let (ao, bo) = (comptime![rank as usize], comptime![(2 * rank + 3) as usize]);
     let mut a0 = layout[ao];
@@ -817,7 +829,10 @@ pub(crate) fn work_batch_matmul(spec: KernelSpec, ins: &[Shape], views: [Option<
         Arg::U32(Size::Dim(n)),
         Arg::U32(Size::Dim(k)),
     ];
-    let grid = [Size::Dim(n).ceil_div(t), Size::Dim(m).ceil_div(t), Size::product(batch)];
+    // The batch on z, folded into y past the axis limit (the kernel unfolds it).
+    let z = Size::product(batch);
+    let folds = z.clone().ceil_div(MAX_GRID_AXIS);
+    let grid = [Size::Dim(n).ceil_div(t), Size::Dim(m).ceil_div(t).mul(folds), z.min(MAX_GRID_AXIS)];
     let flops = tiled_flops(&grid, t, Size::Dim(k));
     let mut launch = Launch::new(spec, args, grid, flops);
     // A view reads the elements the operand holds, however large the buffer behind it
