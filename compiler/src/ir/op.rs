@@ -704,7 +704,10 @@ pub enum Op {
     TokenLogProb { ignore_index: Option<i64> },
     /// Append new keys/values to a cache along `axis`. The value is the concatenation,
     /// like [`Op::Concat`], but the runtime may write it into the cache's own buffer
-    /// (positions `c .. c+s`); this is why it is its own op.
+    /// (positions `c .. c+s`); this is why it is its own op. The lowering keeps caches
+    /// position-major and appends along axis 0, so the new entries go after everything
+    /// already there: a device runtime with room in the buffer writes only them
+    /// (`codegen::launch::NodeWork::Append`).
     ///
     /// ## Shape rule
     /// `cache: [A.., c, B..]`, `new: [A.., s, B..]` of one dtype → `[A.., c+s, B..]`.
