@@ -8,6 +8,7 @@
 //! - [`matmul`]: [`MM_UNITS`]×[`MM_UNITS`] units per cube, one cube per [`MM_TILE`]²
 //!   output tile, [`MM_REG`]² outputs per unit.
 
+pub use super::spec::{Access, EwOp, EwProgram};
 #[cfg(feature = "kernels")]
 use cubecl::prelude::*;
 
@@ -54,61 +55,6 @@ pub const MM_BK: u32 = 16;
 pub const MM_STRIDE: u32 = MM_TILE + 1;
 /// Elements of one staged tile in the matmuls' shared buffer.
 pub const MM_STAGE: u32 = MM_BK * MM_STRIDE;
-
-/// How the elementwise kernel reads one input.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Access {
-    /// The input has the output's shape: element `pos` is at `pos`.
-    Direct,
-    /// One element, read by every unit (a rank-0 input such as a constant).
-    Scalar,
-    /// Broadcast: the offset is the output coordinate dotted with the input's strides
-    /// (0 along broadcast axes), read from the `layout` buffer.
-    Strided,
-}
-
-/// One instruction of the elementwise program; register `k` is the `k`-th value the
-/// program produced (the inputs' loads come first, one register per input).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum EwOp {
-    Neg(u32),
-    Abs(u32),
-    Exp(u32),
-    Log(u32),
-    Sqrt(u32),
-    Rsqrt(u32),
-    Recip(u32),
-    Square(u32),
-    Sigmoid(u32),
-    Silu(u32),
-    Tanh(u32),
-    Sin(u32),
-    Cos(u32),
-    Add(u32, u32),
-    Sub(u32, u32),
-    Mul(u32, u32),
-    Div(u32, u32),
-    Max(u32, u32),
-    Min(u32, u32),
-    Pow(u32, u32),
-    /// `1` where `a < b`, else `0`: comparisons stay in the float registers and are only
-    /// consumed by [`EwOp::Select`] inside the program.
-    Lt(u32, u32),
-    Eq(u32, u32),
-    /// `c != 0 ? a : b`.
-    Select(u32, u32, u32),
-    /// A copy (a cast to the dtype the program already computes in).
-    Copy(u32),
-}
-
-/// The comptime configuration of [`fused_ew`]: rank of the output, how each input is
-/// read, and the instructions. The result is the last register.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct EwProgram {
-    pub rank: u32,
-    pub inputs: Vec<Access>,
-    pub ops: Vec<EwOp>,
-}
 
 /// The fused elementwise kernel. `layout` holds the output shape (`rank` values) then,
 /// per input, `rank` strides (only read for [`Access::Strided`] inputs; the host

@@ -14,7 +14,7 @@
 //! three matmuls and an elementwise product) and scratch buffers between them; a node
 //! that moves no data (a row-major reshape) is an [`NodeWork::Alias`] of its input.
 
-use super::{Elem, KernelSpec};
+use super::spec::{Elem, KernelSpec};
 use crate::ir::{Bindings, DType, Dim, Shape};
 use std::fmt;
 

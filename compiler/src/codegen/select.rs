@@ -7,8 +7,9 @@
 use super::kernels::attention::{AttentionConfig, KvRead, KvReads};
 use super::kernels::movement::{fold_view, View};
 use super::launch::{grid_linear, grid_rows, single, Arg, Buf, Launch, NodeWork, Size, When};
-use super::{KernelSpec, Unsupported};
-use crate::ir::{Dim, Graph, NodeId, Op, Shape, Value};
+use super::spec::{Access, Elem, EwOp, EwProgram};
+use super::{kernels, KernelSpec, Unsupported};
+use crate::ir::{BinaryOp, DType, Dim, FusedKernel, Graph, NodeId, Op, Operand, ReduceOp, Shape, StepOp, Ty, UnaryOp, Value};
 
 /// Rows at most which the matmuls run their skinny form (8-row tiles): a decode step of a
 /// few sequences. Up to two 8-row tiles still beat one 64-row tile that is mostly padding.
@@ -221,4 +222,195 @@ pub fn node_work(g: &Graph, n: NodeId) -> Result<NodeWork, Unsupported> {
             unreachable!("expert_ffn's kernels come from work_expert_ffn, not from_node")
         }
     })
+}
+
+impl KernelSpec {
+    /// The kernel for node `n` of `g`, or why there is none.
+    pub fn from_node(g: &Graph, n: NodeId) -> Result<KernelSpec, Unsupported> {
+        let node = g.node(n);
+        let op = node.op.name();
+        let no = |reason: &str| Unsupported { op, reason: reason.to_string() };
+        // Movement, rope, fused heads and swiglu decide their own specs (their files say how).
+        if let Some(spec) = kernels::movement::spec(g, n).or_else(|| kernels::rope::spec(g, n)).or_else(|| kernels::heads::spec(g, n)) {
+            return spec;
+        }
+        // MoE and selection nodes have several outputs and inputs of other dtypes.
+        if let Some(spec) = kernels::moe::spec_from_node(g, n) {
+            return spec;
+        }
+        if let Op::Iota { dtype, .. } = node.op {
+            return match dtype {
+                DType::I32 | DType::I64 => Ok(KernelSpec::IotaI32),
+                d => Err(no(&format!("an iota of {} (index iotas only)", d.name()))),
+            };
+        }
+        if let Some(spec) = kernels::loss::spec(g, n)
+            .or_else(|| kernels::grad::spec(g, n))
+            .or_else(|| kernels::attention_grad::spec(g, n))
+            .or_else(|| kernels::moe_grad::spec(g, n))
+        {
+            return spec;
+        }
+        if !matches!(
+            node.op,
+            Op::Unary(_)
+                | Op::Binary(_)
+                | Op::Fused(_)
+                | Op::RmsNorm { .. }
+                | Op::Softmax { .. }
+                | Op::MatMul
+                | Op::Attention { .. }
+                | Op::BatchMatMul
+                | Op::WeightGrad
+                | Op::Reduce { .. }
+        ) {
+            return Err(no("no kernel yet"));
+        }
+        let inputs: Vec<Ty> = g.inputs(n).iter().map(|&v| g.ty(v).clone()).collect();
+        let Some(out) = node.outputs.first() else {
+            return Err(no("no output"));
+        };
+        // Attention's second output, the log-sum-exp (f32), is written by the same kernel.
+        let lse = matches!(node.op, Op::Attention { lse: true, .. }) && node.outputs.len() == 2 && node.outputs[1].dtype == DType::F32;
+        if node.outputs.len() != 1 && !lse {
+            return Err(no("more than one output"));
+        }
+        let elem =
+            Elem::from_dtype(out.dtype).ok_or_else(|| no(&format!("result dtype {} (kernels hold f32, f16 or bf16)", out.dtype.name())))?;
+        // A program over index tensors only (a one-hot `eq(indices, iota)` cast to floats).
+        let int = |t: &Ty| matches!(t.dtype, DType::I32 | DType::I64);
+        if let Op::Fused(k) = &node.op {
+            if k.head.is_none() && !inputs.is_empty() && inputs.iter().all(int) {
+                let ops = fused_ops(k, out.dtype).map_err(|r| no(&r))?;
+                let program = ew_program(out, &inputs, &ops).map_err(|r| no(&r))?;
+                return Ok(KernelSpec::ElementwiseI32 { elem, program });
+            }
+        }
+        if let Some(t) = inputs.iter().find(|t| t.dtype != out.dtype) {
+            return Err(no(&format!("input dtype {} differs from the result's {}", t.dtype.name(), out.dtype.name())));
+        }
+        match &node.op {
+            Op::Unary(u) => {
+                let program = ew_program(out, &inputs, &[ew_unary(*u, 0)]).map_err(|r| no(&r))?;
+                Ok(KernelSpec::Elementwise { elem, program })
+            }
+            Op::Binary(b) => {
+                let op = ew_binary(*b, 0, 1);
+                let program = ew_program(out, &inputs, &[op]).map_err(|r| no(&r))?;
+                Ok(KernelSpec::Elementwise { elem, program })
+            }
+            Op::Fused(k) => {
+                if k.head.is_some() {
+                    return Err(no("fused kernel with a matmul/rms_norm head"));
+                }
+                let ops = fused_ops(k, out.dtype).map_err(|r| no(&r))?;
+                let program = ew_program(out, &inputs, &ops).map_err(|r| no(&r))?;
+                Ok(KernelSpec::Elementwise { elem, program })
+            }
+            Op::RmsNorm { eps } => {
+                if inputs[1].rank() != 1 {
+                    return Err(no("gain of rank other than 1"));
+                }
+                Ok(KernelSpec::RmsNorm { elem, eps_bits: (eps.get() as f32).to_bits() })
+            }
+            Op::Softmax { axis } => {
+                if *axis as usize + 1 != out.rank() {
+                    return Err(no("softmax over an axis other than the last"));
+                }
+                Ok(KernelSpec::Softmax { elem })
+            }
+            Op::MatMul => Ok(KernelSpec::MatMul { elem, skinny: false }),
+            Op::Reduce { op: ReduceOp::Sum, .. } => Ok(KernelSpec::Reduce { elem, mean: false }),
+            Op::Reduce { op: ReduceOp::Mean, .. } => Ok(KernelSpec::Reduce { elem, mean: true }),
+            Op::Attention { .. } => {
+                let cfg = kernels::attention::config(&node.op, &inputs).map_err(|r| no(&r))?;
+                Ok(KernelSpec::Attention { elem, cfg })
+            }
+            Op::BatchMatMul => Ok(KernelSpec::BatchMatMul { elem, rank: out.rank().saturating_sub(2) as u32, accumulate: false }),
+            // `dyᵀ · x`, a batch matmul without batch axes (`attention::work_weight_grad`).
+            Op::WeightGrad => Ok(KernelSpec::BatchMatMul { elem, rank: 0, accumulate: false }),
+            _ => Err(no("no kernel yet")),
+        }
+    }
+}
+
+pub(crate) fn ew_unary(u: UnaryOp, a: u32) -> EwOp {
+    match u {
+        UnaryOp::Neg => EwOp::Neg(a),
+        UnaryOp::Abs => EwOp::Abs(a),
+        UnaryOp::Exp => EwOp::Exp(a),
+        UnaryOp::Log => EwOp::Log(a),
+        UnaryOp::Sqrt => EwOp::Sqrt(a),
+        UnaryOp::Rsqrt => EwOp::Rsqrt(a),
+        UnaryOp::Recip => EwOp::Recip(a),
+        UnaryOp::Square => EwOp::Square(a),
+        UnaryOp::Sigmoid => EwOp::Sigmoid(a),
+        UnaryOp::Silu => EwOp::Silu(a),
+        UnaryOp::Tanh => EwOp::Tanh(a),
+        UnaryOp::Sin => EwOp::Sin(a),
+        UnaryOp::Cos => EwOp::Cos(a),
+    }
+}
+
+pub(crate) fn ew_binary(b: BinaryOp, x: u32, y: u32) -> EwOp {
+    match b {
+        BinaryOp::Add => EwOp::Add(x, y),
+        BinaryOp::Sub => EwOp::Sub(x, y),
+        BinaryOp::Mul => EwOp::Mul(x, y),
+        BinaryOp::Div => EwOp::Div(x, y),
+        BinaryOp::Max => EwOp::Max(x, y),
+        BinaryOp::Min => EwOp::Min(x, y),
+        BinaryOp::Pow => EwOp::Pow(x, y),
+        BinaryOp::Lt => EwOp::Lt(x, y),
+        BinaryOp::Eq => EwOp::Eq(x, y),
+    }
+}
+
+/// The register program of a head-less fused kernel: registers `0..num_inputs` are the
+/// loads, then one per step. Casts are only supported as copies: the program has one
+/// float type, so a cast to another dtype (a rounding step) is refused.
+fn fused_ops(k: &FusedKernel, dtype: DType) -> Result<Vec<EwOp>, String> {
+    let n = k.num_inputs() as u32;
+    let reg = |o: &Operand| match o {
+        Operand::Input(i) => Ok(*i as u32),
+        Operand::Step(j) => Ok(n + *j as u32),
+        Operand::Head => Err("a step reads a head the kernel lacks".to_string()),
+    };
+    let mut ops = Vec::with_capacity(k.steps.len());
+    for s in &k.steps {
+        let a: Vec<u32> = s.args.iter().map(reg).collect::<Result<_, _>>()?;
+        ops.push(match (s.op, a.as_slice()) {
+            (StepOp::Unary(u), [x]) => ew_unary(u, *x),
+            (StepOp::Binary(b), [x, y]) => ew_binary(b, *x, *y),
+            (StepOp::Select, [c, x, y]) => EwOp::Select(*c, *x, *y),
+            (StepOp::Cast(to), [x]) if to == dtype => EwOp::Copy(*x),
+            (StepOp::Cast(to), _) => return Err(format!("a cast to {} inside an {} program", to.name(), dtype.name())),
+            _ => return Err(format!("step {} with {} operands", s.op.op().name(), a.len())),
+        });
+    }
+    if ops.is_empty() {
+        return Err("an empty program".into());
+    }
+    Ok(ops)
+}
+
+/// The program for a node computing `ops` over `inputs` into `out`: how each input is
+/// read, decided from the symbolic shapes (equal shape: direct; rank 0 or all-ones:
+/// scalar; else strided broadcast).
+fn ew_program(out: &Ty, inputs: &[Ty], ops: &[EwOp]) -> Result<EwProgram, String> {
+    let rank = out.rank();
+    let mut access = Vec::with_capacity(inputs.len());
+    for t in inputs {
+        if t.rank() > rank {
+            return Err("an input of higher rank than the result".into());
+        }
+        access.push(if t.shape == out.shape {
+            Access::Direct
+        } else if t.shape.0.iter().all(|d| d.is(1)) {
+            Access::Scalar
+        } else {
+            Access::Strided
+        });
+    }
+    Ok(EwProgram { rank: rank as u32, inputs: access, ops: ops.to_vec() })
 }

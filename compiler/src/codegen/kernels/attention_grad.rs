@@ -21,40 +21,11 @@ use super::attention::ATTN_BLOCK;
 #[cfg(feature = "kernels")]
 use super::row_pos;
 use crate::codegen::launch::{grid_linear, grid_rows, Arg, Buf, Launch, NodeWork, Scratch, Size};
+pub use crate::codegen::spec::{AttnGradConfig, AttnGradPart};
 use crate::codegen::{Elem, KernelSpec, Unsupported};
 use crate::ir::{DType, Dim, Graph, NodeId, Op};
 #[cfg(feature = "kernels")]
 use cubecl::prelude::*;
-
-/// The comptime configuration of the backward kernels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AttnGradConfig {
-    pub dk: u32,
-    pub dv: u32,
-    /// Query heads per kv head.
-    pub group: u32,
-    pub scale_bits: u32,
-    pub causal: bool,
-    pub masked: bool,
-}
-
-impl AttnGradConfig {
-    /// Columns of `dk` / `dv` each unit accumulates.
-    pub fn dk_per_unit(&self) -> u32 {
-        self.dk.div_ceil(ATTN_BLOCK)
-    }
-    pub fn dv_per_unit(&self) -> u32 {
-        self.dv.div_ceil(ATTN_BLOCK)
-    }
-}
-
-/// Which launch of the backward a [`KernelSpec::AttentionGrad`] is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum AttnGradPart {
-    Delta,
-    Dq,
-    Dkv,
-}
 
 /// `delta[row] = Σ_c out[row, c] · dout[row, c]` over the `dv` columns of each query row.
 #[cfg(feature = "kernels")]

@@ -29,6 +29,7 @@ use super::attention::{matmul_2d, Operand};
 #[cfg(feature = "kernels")]
 use super::{reduce_pair, row_pos, ROW_BLOCK};
 use crate::codegen::launch::{elem_dtype, grid_linear, grid_rows, Arg, Buf, Launch, NodeWork, Scratch, Size, Touch};
+pub use crate::codegen::spec::RouteGradConfig;
 use crate::codegen::{Elem, KernelSpec, Unsupported};
 use crate::ir::{DType, Dim, Graph, NodeId, Op, Scoring};
 #[cfg(feature = "kernels")]
@@ -163,17 +164,6 @@ pub fn swiglu_grad_ew<F: Float>(g: &[F], u: &[F], da: &[F], a: &mut [F], dg: &mu
         dg[pos] = F::cast_from(d * uv * (s * (1.0f32 + gv * (1.0f32 - s))));
         du[pos] = F::cast_from(d * silu);
     }
-}
-
-/// The comptime configuration of [`moe_route_grad`], from the router's [`Routing`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RouteGradConfig {
-    pub experts: u32,
-    pub top_k: u32,
-    pub sigmoid: bool,
-    pub normalize: bool,
-    /// The final factor, as `f32` bits.
-    pub scale_bits: u32,
 }
 
 /// The router's backward for one token per unit: the scores `s` recomputed from the

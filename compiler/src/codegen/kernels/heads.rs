@@ -25,22 +25,13 @@ use super::{Access, EwOp};
 use crate::codegen::kernels::movement::float_elem;
 use crate::codegen::launch::{grid_rows, Arg, Buf, Launch, NodeWork, Scratch, Size};
 use crate::codegen::select::{by_rows, mm_flops, mm_grid};
-use crate::codegen::{ew_binary, ew_unary, Elem, KernelSpec, Unsupported};
+use crate::codegen::select::{ew_binary, ew_unary};
+pub use crate::codegen::spec::Epilogue;
+use crate::codegen::{Elem, KernelSpec, Unsupported};
 use crate::ir::fused::{Head, Operand, StepOp};
 use crate::ir::{Dim, Graph, NodeId, Op};
 #[cfg(feature = "kernels")]
 use cubecl::prelude::*;
-
-/// The elementwise program that follows a head: register 0 is the head's value,
-/// register `1 + l` is load `l` (node input `loads[l].0`, read as `loads[l].1`), then one
-/// register per op; the result is the last register.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Epilogue {
-    /// Rank of the output (the strided loads walk this many axes).
-    pub rank: u32,
-    pub loads: Vec<(u32, Access)>,
-    pub ops: Vec<EwOp>,
-}
 
 /// The epilogue applied to the head's value `h` at output element `pos`. `inputs` holds
 /// the loads in order; `layout` is the output shape then `rank` strides per load.

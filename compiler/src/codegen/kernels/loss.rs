@@ -24,6 +24,7 @@
 #[cfg(feature = "kernels")]
 use super::{block_reduce, reduce_pair, row_pos, ROW_BLOCK};
 use crate::codegen::launch::{grid_rows, grid_x, Arg, Buf, Launch, NodeWork, Scratch, Size};
+pub use crate::codegen::spec::LabelKernel;
 use crate::codegen::{Elem, KernelSpec, Unsupported};
 use crate::ir::{DType, Graph, NodeId, Op};
 #[cfg(feature = "kernels")]
@@ -311,13 +312,4 @@ pub(crate) fn work(g: &Graph, n: NodeId, spec: KernelSpec) -> NodeWork {
         _ => unreachable!("loss::work of {}", node.op.name()),
     };
     NodeWork::Launches { scratch, launches }
-}
-
-/// Which of this module's kernels a [`KernelSpec::Label`] is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum LabelKernel {
-    LogProb,
-    Mean,
-    Coef,
-    Grad { per_row: bool },
 }

@@ -36,6 +36,7 @@
 //!      times the gate weights in slot order (the reference adds in expert-id order;
 //!      the difference is rounding only).
 
+pub use crate::codegen::spec::RouteConfig;
 #[cfg(feature = "kernels")]
 use cubecl::prelude::*;
 
@@ -47,25 +48,6 @@ pub const SELECT_BLOCK: u32 = 128;
 /// `log2(SELECT_BLOCK)`: reductions are comptime-unrolled halving loops (a runtime
 /// `while` over a shared-memory index trips a CubeCL 0.11.3 verifier bug, CUBECL.md §2).
 pub const SELECT_BLOCK_LOG2: u32 = 7;
-
-/// The router's comptime configuration, from [`crate::ir::Routing`] and the expert count.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RouteConfig {
-    pub experts: u32,
-    pub top_k: u32,
-    /// Sigmoid scores (else softmax over the experts).
-    pub sigmoid: bool,
-    /// A bias input is added to the scores for choosing only.
-    pub bias: bool,
-    /// Expert groups (1: no group-limited routing) and how many are kept.
-    pub groups: u32,
-    pub groups_kept: u32,
-    /// Groups score the sum of their two best choices (else their best).
-    pub top2_sum: bool,
-    pub normalize: bool,
-    /// The final factor, as `f32` bits.
-    pub scale_bits: u32,
-}
 
 /// `a` comes before `b` in the order top-k and routing use: larger first, NaN above every
 /// number (as `torch.topk`), equal values to the lower index (`desc_then_index` in the

@@ -26,20 +26,11 @@ use super::EW_BLOCK;
 #[cfg(feature = "kernels")]
 use super::{block_reduce, row_pos, ROW_BLOCK};
 use crate::codegen::launch::{elem_dtype, grid_linear, grid_rows, Arg, Buf, Launch, NodeWork, Scratch, Size, Touch};
+pub use crate::codegen::spec::MoeGradPart;
 use crate::codegen::{Elem, KernelSpec, Unsupported};
 use crate::ir::{DType, Graph, NodeId, Op};
 #[cfg(feature = "kernels")]
 use cubecl::prelude::*;
-
-/// Which launch of the expert backward a [`KernelSpec::MoeGrad`] is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum MoeGradPart {
-    Proj,
-    Mid,
-    DxRows,
-    Dx,
-    Weights,
-}
 
 /// `g`, `u` and `da` of row `r`, column `j`; see the module header.
 #[cfg(feature = "kernels")]
