@@ -146,7 +146,9 @@ fn kernel_throughput() {
                     b.execute(&work, &inb, &outs, &bind).unwrap();
                 }
                 let times = b.take_profile().unwrap();
-                let NodeWork::Launches { launches, .. } = &work else { unreachable!() };
+                // The launches that ran at these sizes (a node may carry alternatives: a
+                // skinny and a tiled matmul, split-K and plain attention), in order.
+                let launches = work.at(&bind).1;
                 for (i, l) in launches.iter().enumerate() {
                     let runs: Vec<_> = times.iter().skip(i).step_by(launches.len()).collect();
                     let s = runs.iter().map(|t| t.seconds).sum::<f64>() / runs.len() as f64;
