@@ -145,9 +145,17 @@ mod kernels_moe;
 #[path = "../wgpu/tests_movement.rs"]
 #[allow(clippy::duplicate_mod)] // the wgpu suite, run a second time on CUDA
 mod kernels_movement;
+#[path = "../wgpu/tests_sample.rs"]
+#[allow(clippy::duplicate_mod)] // the wgpu suite, run a second time on CUDA
+mod kernels_sample;
 #[path = "../wgpu/tests_train.rs"]
 #[allow(clippy::duplicate_mod)] // the wgpu suite, run a second time on CUDA
 mod kernels_train;
+
+/// The sampling suite's engine: CUDA device 0 (no device fails the tests).
+fn test_engine() -> super::CudaEngine {
+    super::CudaEngine::new(0).unwrap_or_else(|e| panic!("the CUDA sampling tests need a device: {e}"))
+}
 #[path = "../wgpu/test_data.rs"]
 #[allow(clippy::duplicate_mod)] // the wgpu suites' shared inputs, on the CUDA shim
 mod test_data;

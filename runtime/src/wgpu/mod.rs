@@ -636,6 +636,12 @@ mod tests_moe;
 mod tests_movement;
 #[cfg(test)]
 mod tests_sample;
+
+/// The engine the sampling tests run on (`cuda/tests.rs` has its own).
+#[cfg(test)]
+fn test_engine() -> exec::WgpuEngine {
+    exec::WgpuEngine::new()
+}
 #[cfg(test)]
 mod tests_train;
 

@@ -1,16 +1,17 @@
 //! Sampling on the device (`kernels::sample`) against the host: greedy picks the host's
 //! argmax (ties to the lowest index, NaN never), the log-probabilities and entropies are
 //! the host's `token_logprob`, temperature draws follow softmax(logits / T), and a row
-//! holding NaN comes back with a NaN log-probability (an error for the backend).
+//! holding NaN comes back with a NaN log-probability (an error for the backend). Runs on
+//! CUDA too (`cuda/tests.rs` includes it; `super::test_engine` is that device's).
 
+use super::test_engine;
 use crate::generate::{token_logprob, Engine, SampleParams};
-use crate::plan_exec::{Device, Held};
+use crate::plan_exec::{Device, Held, PlanEngine};
 use crate::reference::Tensor;
 use crate::sampling::argmax;
-use crate::wgpu::exec::WgpuEngine;
 use dsc_compiler::ir::DType;
 
-fn held(engine: &WgpuEngine, rows: &[Vec<f32>]) -> Held<super::DeviceBuf> {
+fn held<D: Device>(engine: &PlanEngine<D>, rows: &[Vec<f32>]) -> Held<D::Buf> {
     let v = rows[0].len();
     let t = Tensor::f32(&[rows.len(), 1, v], rows.concat());
     let buf = Device::upload(engine.backend(), &t, DType::F32).unwrap();
@@ -19,7 +20,7 @@ fn held(engine: &WgpuEngine, rows: &[Vec<f32>]) -> Held<super::DeviceBuf> {
 
 #[test]
 fn greedy_matches_the_host() {
-    let engine = WgpuEngine::new();
+    let engine = test_engine();
     let v = 300; // more than one pass of the cube's units
     let mut rows: Vec<Vec<f32>> = (0..5).map(|r| (0..v).map(|i| ((i * 7 + r * 13) as f32 * 0.37).sin() * 4.0).collect()).collect();
     rows[1][3] = 9.0; // a tie: the lower index wins
@@ -42,7 +43,7 @@ fn greedy_matches_the_host() {
 
 #[test]
 fn temperature_draws_follow_the_softmax() {
-    let engine = WgpuEngine::new();
+    let engine = test_engine();
     let logits = vec![1.0f32, 0.0, -1.0, 0.5, f32::NEG_INFINITY];
     let n = 4000;
     let rows = vec![logits.clone(); n];
@@ -68,7 +69,7 @@ fn temperature_draws_follow_the_softmax() {
 
 #[test]
 fn a_row_with_nan_has_no_log_probability() {
-    let engine = WgpuEngine::new();
+    let engine = test_engine();
     let rows = vec![vec![0.5f32, f32::NAN, 0.25], vec![0.5, 1.0, 0.25]];
     let s = engine.sample(&held(&engine, &rows), &SampleParams { temperature: 1.0, seed: 0, step: 0 }).unwrap();
     assert!(s.logprobs[0].is_nan(), "{:?}", s.logprobs);
