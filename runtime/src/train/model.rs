@@ -33,6 +33,11 @@ pub struct Terms {
 impl Terms {
     /// The main next-token loss alone (`dsc grad` without flags, the HF references).
     pub const MAIN: Terms = Terms { main: 1.0, mtp: 0.0, aux: 0.0 };
+
+    /// The three cotangents a device engine takes (`f32` scalars).
+    fn cotangents_f32(self) -> [Tensor; 3] {
+        [self.main, self.mtp, self.aux].map(|w| Tensor::scalar(w as f32))
+    }
 }
 
 /// One batch's loss terms, gradients and expert loads.
@@ -157,9 +162,7 @@ impl TrainModel {
             Precision::F64 => Tensor::f64(&[], vec![w]),
         };
         let raw = self.run_raw(weights, &batch, [scalar(terms.main), scalar(terms.mtp), scalar(terms.aux)], precision)?;
-        let loss = raw.first.get_flat(0);
-        let objective = terms.main * loss + terms.mtp * raw.mtp_loss + terms.aux * raw.aux_loss;
-        Ok(GradOutput { loss, mtp_loss: raw.mtp_loss, aux_loss: raw.aux_loss, objective, grads: raw.grads, loads: raw.loads })
+        Ok(raw.grad_output(terms))
     }
 
     /// The per-token log-probabilities `[b, s-1]` of a [`TrainHead::LogProbs`] model on
@@ -197,7 +200,7 @@ impl TrainModel {
             Precision::F64 => Tensor::f64(dlogp.shape(), dlogp.to_f64_vec()),
         };
         let raw = self.run_raw(weights, batch, [d, scalar(mtp), scalar(aux)], precision)?;
-        Ok(PolicyOutput { logp: raw.first, mtp_loss: raw.mtp_loss, aux_loss: raw.aux_loss, grads: raw.grads, loads: raw.loads })
+        Ok(raw.policy_output())
     }
 
     /// [`TrainModel::run`] on a device engine, in f32: `prepared` is
@@ -212,12 +215,10 @@ impl TrainModel {
         batch: [&Tensor; 3],
         terms: Terms,
     ) -> Result<GradOutput, String> {
-        let cot = [terms.main, terms.mtp, terms.aux].map(|w| Tensor::scalar(w as f32));
+        let cot = terms.cotangents_f32();
         let outs = engine.run(&self.module, prepared, Mode::Train, &self.args(&batch, cot), weights)?;
         let raw = self.raw(outs);
-        let loss = raw.first.get_flat(0);
-        let objective = terms.main * loss + terms.mtp * raw.mtp_loss + terms.aux * raw.aux_loss;
-        Ok(GradOutput { loss, mtp_loss: raw.mtp_loss, aux_loss: raw.aux_loss, objective, grads: raw.grads, loads: raw.loads })
+        Ok(raw.grad_output(terms))
     }
 
     /// [`TrainModel::run_on`] with the gradients left on the engine's device: they come
@@ -231,14 +232,13 @@ impl TrainModel {
         batch: [&Tensor; 3],
         terms: Terms,
     ) -> Result<(GradOutput, HeldGrads<E::Held>), String> {
-        let cot = [terms.main, terms.mtp, terms.aux].map(|w| Tensor::scalar(w as f32));
+        let cot = terms.cotangents_f32();
         let (raw, grads) = self.run_held(engine, prepared, weights, &batch, cot)?;
-        let loss = raw.first.get_flat(0);
-        let objective = terms.main * loss + terms.mtp * raw.mtp_loss + terms.aux * raw.aux_loss;
-        Ok((GradOutput { loss, mtp_loss: raw.mtp_loss, aux_loss: raw.aux_loss, objective, grads: raw.grads, loads: raw.loads }, grads))
+        Ok((raw.grad_output(terms), grads))
     }
 
-    /// [`TrainModel::run_policy_on`] with the gradients left on the engine's device
+    /// [`TrainModel::run_policy`] on a device engine (f32), `prepared` as for
+    /// [`TrainModel::run_on`], with the gradients left on the engine's device
     /// ([`PolicyOutput::grads`] is empty).
     #[allow(clippy::too_many_arguments)]
     pub fn run_policy_on_held<E: Engine>(
@@ -253,7 +253,7 @@ impl TrainModel {
     ) -> Result<(PolicyOutput, HeldGrads<E::Held>), String> {
         let cot = [dlogp.to_f32(), Tensor::scalar(mtp as f32), Tensor::scalar(aux as f32)];
         let (raw, grads) = self.run_held(engine, prepared, weights, batch, cot)?;
-        Ok((PolicyOutput { logp: raw.first, mtp_loss: raw.mtp_loss, aux_loss: raw.aux_loss, grads: raw.grads, loads: raw.loads }, grads))
+        Ok((raw.policy_output(), grads))
     }
 
     /// The entry on `batch` with the gradients kept on the engine's device (the rest, and
@@ -306,24 +306,6 @@ impl TrainModel {
             .ok_or_else(|| "the train entry returned nothing".to_string())
     }
 
-    /// [`TrainModel::run_policy`] on a device engine (f32), `prepared` as for
-    /// [`TrainModel::run_on`].
-    #[allow(clippy::too_many_arguments)]
-    pub fn run_policy_on<E: Engine>(
-        &self,
-        engine: &E,
-        prepared: &E::Prepared,
-        weights: &dyn Weights,
-        batch: &[&Tensor],
-        dlogp: &Tensor,
-        mtp: f64,
-        aux: f64,
-    ) -> Result<PolicyOutput, String> {
-        let cot = [dlogp.to_f32(), Tensor::scalar(mtp as f32), Tensor::scalar(aux as f32)];
-        let raw = self.raw(engine.run(&self.module, prepared, Mode::Train, &self.args(batch, cot), weights)?);
-        Ok(PolicyOutput { logp: raw.first, mtp_loss: raw.mtp_loss, aux_loss: raw.aux_loss, grads: raw.grads, loads: raw.loads })
-    }
-
     /// The entry's arguments: `batch`, then one cotangent per seeded result.
     fn args(&self, batch: &[&Tensor], cot: [Tensor; 3]) -> Vec<Tensor> {
         let mut args: Vec<Tensor> = batch.iter().map(|t| (*t).clone()).collect();
@@ -360,6 +342,20 @@ struct Raw {
     aux_loss: f64,
     grads: HashMap<String, Tensor>,
     loads: Vec<(u32, Vec<f64>)>,
+}
+
+impl Raw {
+    /// A loss model's results: the losses, and the objective `terms` weighs them into.
+    fn grad_output(self, terms: Terms) -> GradOutput {
+        let loss = self.first.get_flat(0);
+        let objective = terms.main * loss + terms.mtp * self.mtp_loss + terms.aux * self.aux_loss;
+        GradOutput { loss, mtp_loss: self.mtp_loss, aux_loss: self.aux_loss, objective, grads: self.grads, loads: self.loads }
+    }
+
+    /// A policy model's results: the log-probabilities first.
+    fn policy_output(self) -> PolicyOutput {
+        PolicyOutput { logp: self.first, mtp_loss: self.mtp_loss, aux_loss: self.aux_loss, grads: self.grads, loads: self.loads }
+    }
 }
 
 /// The checkpoint names, with shapes, an IR weight is stored under: a stacked
