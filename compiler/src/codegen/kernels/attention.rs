@@ -346,8 +346,9 @@ pub fn attention<F: Float>(
             }
         }
     }
-    if comptime![cfg.key_split] {
-        // Each chunk's log-sum-exp, after all the partial outputs (−∞ where it saw no key).
+    // Each row's log-sum-exp (−∞ where it saw no key): the train forward's `lse`, or with
+    // split-K each chunk's, in `part` after all the partial outputs.
+    if comptime![cfg.lse || cfg.key_split] {
         let row = row0 + tid;
         if tid < rows && row < rows_total {
             let l = smem[(l_at + tid) as usize];
@@ -355,20 +356,12 @@ pub fn attention<F: Float>(
             if l > 0.0 {
                 x = smem[(m_at + tid) as usize] + f32::ln(l);
             }
-            let h = kvh * group + row % group;
-            part[(CUBE_COUNT_Z * sq * heads * dv + (CUBE_POS_Z * sq + row / group) * heads + h) as usize] = x;
-        }
-    }
-    if comptime![cfg.lse] {
-        let row = row0 + tid;
-        if tid < rows && row < rows_total {
-            let l = smem[(l_at + tid) as usize];
-            let mut x = consts[0];
-            if l > 0.0 {
-                x = smem[(m_at + tid) as usize] + f32::ln(l);
+            let at = (row / group) * heads + kvh * group + row % group;
+            if comptime![cfg.key_split] {
+                part[(CUBE_COUNT_Z * sq * heads * dv + CUBE_POS_Z * sq * heads + at) as usize] = x;
+            } else {
+                lse[(bi * sq * heads + at) as usize] = x;
             }
-            let h = kvh * group + row % group;
-            lse[((bi * sq + row / group) * heads + h) as usize] = x;
         }
     }
 }
