@@ -25,21 +25,13 @@ pub mod reduce;
 pub mod rope;
 pub mod sample;
 
-/// Units per cube of the elementwise kernel.
-pub const EW_BLOCK: u32 = 256;
-/// Units per cube of the row kernels; a power of two so the tree reduction halves evenly.
-pub const ROW_BLOCK: u32 = 128;
+pub use super::spec::{EW_BLOCK, MM_UNITS, ROW_BLOCK, TILE};
 /// `log2(ROW_BLOCK)`: the reduction is a comptime-unrolled halving loop (a runtime
 /// `while` over a shared-memory index trips a CubeCL 0.11.3 verifier bug, CUBECL.md §2).
 pub const ROW_BLOCK_LOG2: u32 = 7;
-/// Side of the square shared-memory tiles of the batched matmul and the grouped expert
-/// GEMMs (one output per unit).
-pub const TILE: u32 = 16;
 /// Side of the output tile one cube of [`matmul`], [`heads::matmul_ew`] and
 /// [`heads::matmul_gate_up`] computes.
 pub const MM_TILE: u32 = 64;
-/// Units per side of those cubes ([`MM_UNITS`]² units per cube).
-pub const MM_UNITS: u32 = 8;
 /// Outputs per unit per side: each unit accumulates `MM_REG`² outputs in registers, at
 /// rows `ty + i·MM_UNITS` and columns `tx + j·MM_UNITS` of the tile (strided, so
 /// neighbouring units touch neighbouring addresses). On lavapipe 8×8 per unit ran ~2×

@@ -107,6 +107,12 @@ impl Size {
         }
     }
 
+    /// Its value at `b` as a `u32` kernel argument, or why it is not one.
+    pub fn eval_u32(&self, b: &Bindings) -> Result<u32, String> {
+        let v = self.checked_eval(b).ok_or_else(|| format!("size {self} overflows at {b:?}"))?;
+        u32::try_from(v).map_err(|_| format!("size {self} = {v} does not fit a u32 argument"))
+    }
+
     pub fn eval(&self, b: &Bindings) -> i64 {
         match self {
             Size::Dim(d) => d.eval(b),
@@ -168,7 +174,7 @@ pub enum Arg {
 }
 
 /// One kernel launch: the kernel, its arguments, and the number of cubes along x, y, z
-/// (the cube's own shape is [`super::cube_shape`] of the kernel), and what it costs.
+/// (the cube's own shape is [`KernelSpec::cube_shape`]), and what it costs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Launch {
     pub kernel: KernelSpec,
@@ -240,6 +246,69 @@ impl Launch {
     pub fn touching(mut self, buf: Buf, touch: Touch) -> Launch {
         self.cost.partial.push((buf, touch));
         self
+    }
+}
+
+/// One pointer parameter of a launch, resolved: a buffer the caller holds, or a table to
+/// upload for the launch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ptr<'a, B> {
+    /// A buffer the caller holds.
+    Buf(&'a B),
+    /// An [`Arg::Table`], evaluated: to upload as a `u32` buffer.
+    U32s(Vec<u32>),
+    /// An [`Arg::F32Table`] (bit patterns): to upload as an `f32` buffer.
+    F32Bits(Vec<u32>),
+}
+
+impl<B> Ptr<'_, B> {
+    /// Elements of the buffer, with `len` telling a caller's buffer's.
+    pub fn len(&self, len: impl Fn(&B) -> usize) -> usize {
+        match self {
+            Ptr::Buf(b) => len(b),
+            Ptr::U32s(v) | Ptr::F32Bits(v) => v.len(),
+        }
+    }
+}
+
+/// A launch's arguments resolved against its buffers and the run-time sizes, split as
+/// CubeCL's generated code takes them: the buffer parameters in order, and the `u32`
+/// scalars in order. Every device binds a launch from this.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved<'a, B> {
+    pub ptrs: Vec<Ptr<'a, B>>,
+    pub scalars: Vec<u32>,
+}
+
+impl Launch {
+    /// Resolves the arguments: buffers by slot (`ins`, `outs`, `scratch`), every node
+    /// input for [`Arg::Inputs`], sizes evaluated against `bind`.
+    pub fn resolve<'a, B>(&self, ins: &'a [B], outs: &'a [B], scratch: &'a [B], bind: &Bindings) -> Result<Resolved<'a, B>, String> {
+        let mut r = Resolved { ptrs: Vec::new(), scalars: Vec::new() };
+        for (i, a) in self.args.iter().enumerate() {
+            match a {
+                Arg::Buf(b) => {
+                    let d = match *b {
+                        Buf::Input(k) => ins.get(k as usize),
+                        Buf::Output(k) => outs.get(k as usize),
+                        Buf::Scratch(k) => scratch.get(k as usize),
+                    };
+                    let d = d.ok_or_else(|| format!("{}: argument {i} names a missing buffer {b:?}", self.kernel.name()))?;
+                    r.ptrs.push(Ptr::Buf(d));
+                }
+                Arg::Inputs => r.ptrs.extend(ins.iter().map(Ptr::Buf)),
+                Arg::U32(s) => r.scalars.push(s.eval_u32(bind)?),
+                Arg::Table(t) => r.ptrs.push(Ptr::U32s(t.iter().map(|s| s.eval_u32(bind)).collect::<Result<_, _>>()?)),
+                Arg::F32Table(bits) => r.ptrs.push(Ptr::F32Bits(bits.clone())),
+            }
+        }
+        Ok(r)
+    }
+
+    /// The grid at `bind`, cubes along x, y, z.
+    pub fn grid_at(&self, bind: &Bindings) -> Result<[u32; 3], String> {
+        let [x, y, z] = [0, 1, 2].map(|i| self.grid[i].eval_u32(bind));
+        Ok([x?, y?, z?])
     }
 }
 

@@ -1,9 +1,11 @@
 //! GPU kernels for IR nodes. What a kernel is, as data ([`spec`]: [`KernelSpec`] and its
-//! configurations); which kernels and launches a node gets ([`select`]); the launch ABI
+//! configurations, and [`KernelSpec::about`]: each kernel's name, element types and cube
+//! shape in one match); which kernels and launches a node gets ([`select`]); the launch ABI
 //! the plan and the runtimes share ([`launch`], which depends only on `spec`); whole
 //! entry points as plans ([`plan`]) and their cost against the hardware ([`traffic`]);
-//! with the `kernels` feature, the CubeCL `#[cube]` kernels ([`kernels`]) and their
-//! device-free source text for CUDA C++ and WGSL (`kernel_source`).
+//! with the `kernels` feature, the CubeCL `#[cube]` kernels ([`kernels`]), the one match
+//! from a spec to its kernel (`kernel_definition`, which the wgpu runtime launches) and
+//! the device-free source text for CUDA C++ and WGSL (`kernel_source`).
 //!
 //! A [`KernelSpec`] is everything a kernel is specialised on (op, dtype, comptime
 //! program) and nothing it is not (symbolic sizes are runtime arguments), so equal
@@ -21,7 +23,7 @@ pub mod select;
 mod source;
 pub mod spec;
 #[cfg(feature = "kernels")]
-pub use source::{cube_dim, kernel_source, kernel_source_and_shared_bytes};
+pub use source::{cube_dim, kernel_definition, kernel_source, kernel_source_and_shared_bytes};
 pub mod traffic;
 
 pub use spec::{Elem, KernelSpec, Target};
@@ -37,41 +39,6 @@ pub struct Unsupported {
 impl fmt::Display for Unsupported {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.op, self.reason)
-    }
-}
-
-/// The cube shape each kernel is launched with, `[x, y, z]` units (the runtimes use the
-/// same).
-pub fn cube_shape(spec: &KernelSpec) -> [u32; 3] {
-    match spec {
-        KernelSpec::Elementwise { .. } | KernelSpec::ElementwiseI32 { .. } => [kernels::EW_BLOCK, 1, 1],
-        KernelSpec::Reduce { .. } | KernelSpec::IotaI32 | KernelSpec::MoeRouteGrad { .. } => [kernels::EW_BLOCK, 1, 1],
-        KernelSpec::AdamW { .. } => [kernels::EW_BLOCK, 1, 1],
-        KernelSpec::SumSquares { .. } | KernelSpec::SampleRows { .. } => [kernels::ROW_BLOCK, 1, 1],
-        KernelSpec::MoeGrad { part: kernels::moe_grad::MoeGradPart::Mid, .. } => [kernels::ROW_BLOCK, 1, 1],
-        KernelSpec::MoeGrad { .. } => [kernels::EW_BLOCK, 1, 1],
-        KernelSpec::Copy { .. } | KernelSpec::Gather { .. } | KernelSpec::Rope { .. } => [kernels::EW_BLOCK, 1, 1],
-        KernelSpec::CopyI32 { .. } | KernelSpec::NegI32 => [kernels::EW_BLOCK, 1, 1],
-        KernelSpec::RmsNormGrad { gain: false, .. } => [kernels::ROW_BLOCK, 1, 1],
-        KernelSpec::RmsNormGrad { gain: true, .. }
-        | KernelSpec::ScatterLinks
-        | KernelSpec::ScatterRows { .. }
-        | KernelSpec::SwiGluGradEw { .. } => [kernels::EW_BLOCK, 1, 1],
-        KernelSpec::Cast { .. } => [kernels::EW_BLOCK, 1, 1],
-        KernelSpec::RmsNormEw { .. } => [kernels::ROW_BLOCK, 1, 1],
-        KernelSpec::MatMulEw { .. } | KernelSpec::MatMulEwFrom { .. } | KernelSpec::GateUp { .. } => {
-            [kernels::MM_UNITS, kernels::MM_UNITS, 1]
-        }
-        KernelSpec::RmsNorm { .. } | KernelSpec::Softmax { .. } => [kernels::ROW_BLOCK, 1, 1],
-        KernelSpec::MatMul { .. } => [kernels::MM_UNITS, kernels::MM_UNITS, 1],
-        KernelSpec::BatchMatMul { .. } => [kernels::TILE, kernels::TILE, 1],
-        KernelSpec::Attention { .. } | KernelSpec::AttentionGrad { .. } => [kernels::attention::ATTN_BLOCK, 1, 1],
-        KernelSpec::AttentionCombine { .. } => [kernels::EW_BLOCK, 1, 1],
-        KernelSpec::MoeRoute { .. } | KernelSpec::TopK { .. } | KernelSpec::MoeDispatch | KernelSpec::MoeCombine { .. } => {
-            [kernels::moe::SELECT_BLOCK, 1, 1]
-        }
-        KernelSpec::MoeGateUp { .. } | KernelSpec::MoeDown { .. } => [kernels::TILE, kernels::TILE, 1],
-        KernelSpec::Label { .. } => [kernels::ROW_BLOCK, 1, 1],
     }
 }
 

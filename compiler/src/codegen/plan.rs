@@ -12,7 +12,7 @@
 
 use super::launch::{Arg, Buf, Launch, NodeWork, Size};
 use super::select::node_work_in_graph;
-use super::{cube_shape, KernelSpec, Target};
+use super::{KernelSpec, Target};
 use crate::ir::{param_path, DType, Function, Graph, Mode, Module, NodeId, Op, Shape, Value};
 use serde_json::{json, Value as Json};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -147,7 +147,7 @@ impl Plan {
             .kernels()
             .iter()
             .map(|(name, k)| {
-                let d = cube_shape(k);
+                let d = k.cube_shape();
                 (
                     name.clone(),
                     json!({ "file": format!("kernels/{name}.{}", target.extension()), "cube_dim": d, "config": format!("{k:?}") }),

@@ -1,7 +1,8 @@
-//! Kernel source text: each [`KernelSpec`] compiled by CubeCL to CUDA C++ or WGSL with
-//! no device ([`kernel_source`]), and the cube shape each kernel launches with
-//! ([`cube_dim`]). Built with the `kernels` feature (CubeCL); the rest of `codegen`
-//! (specs, launches, plans, the traffic model) builds without it.
+//! The CubeCL side of every kernel: the one match from a [`KernelSpec`] to its `#[cube]`
+//! function and comptime arguments ([`kernel_definition`]), which the wgpu runtime
+//! launches and [`kernel_source`] compiles to CUDA C++ or WGSL with no device (the CUDA
+//! runtime compiles that text with NVRTC). Built with the `kernels` feature (CubeCL); the
+//! rest of `codegen` (specs, launches, plans, the traffic model) builds without it.
 
 use super::kernels;
 use super::{Elem, KernelSpec, Target};
@@ -39,15 +40,15 @@ fn offline_properties() -> Arc<DeviceProperties> {
     ))
 }
 
-/// The cube shape each kernel is launched with ([`super::cube_shape`]).
+/// The cube shape each kernel is launched with ([`KernelSpec::cube_shape`]).
 pub fn cube_dim(spec: &KernelSpec) -> CubeDim {
-    let [x, y, z] = super::cube_shape(spec);
+    let [x, y, z] = spec.cube_shape();
     CubeDim::new_3d(x, y, z)
 }
 
 /// The source text and the bytes of dynamic shared memory (`extern __shared__`) a CUDA
 /// launch must reserve (0 for WGSL, whose workgroup arrays are sized in the text).
-fn compile<K: CubeKernel>(k: K, name: String, target: Target) -> (String, usize) {
+fn compile(k: &dyn CubeKernel, name: &str, target: Target) -> (String, usize) {
     // CubeCL names the entry `<fn>_<hash of the kernel id>`, and that hash changes from one
     // build to the next; the file takes the spec's name instead so the text is stable.
     let def = k.define();
@@ -63,212 +64,242 @@ fn compile<K: CubeKernel>(k: K, name: String, target: Target) -> (String, usize)
     // The kernels are fixed and their configurations validated by `from_node`: a
     // compilation error is a bug in this module, not in the user's spec.
     .unwrap_or_else(|e| panic!("CubeCL failed to compile a dsc kernel: {e:?}"));
-    (text.replace(&cubecl_name, &name), shared)
+    (text.replace(&cubecl_name, name), shared)
 }
 
-fn source_for<F: Float + CubeElement>(spec: &KernelSpec, target: Target) -> (String, usize) {
+/// The CubeCL kernel a spec names, with its comptime configuration, for a device with
+/// `props` (source generation passes a generic one; the wgpu runtime its adapter's).
+/// This is the one place a [`KernelSpec`] meets its `#[cube]` function: source text
+/// ([`kernel_source`]) and wgpu launches both start here, and a launch binds the
+/// kernel's runtime parameters generically, in the order [`super::launch::Launch::args`]
+/// lists them (buffers as resources, `u32`s as scalars).
+pub fn kernel_definition(spec: &KernelSpec, props: Arc<DeviceProperties>, target: Arc<TargetProperties>) -> Defined {
+    Defined(match spec.elem() {
+        Elem::F32 => definition::<f32>(spec, props, target),
+        Elem::F16 => definition::<half::f16>(spec, props, target),
+        Elem::Bf16 => definition::<half::bf16>(spec, props, target),
+    })
+}
+
+/// A kernel [`kernel_definition`] built, as CubeCL's launcher and compilers take one.
+pub struct Defined(Box<dyn CubeKernel>);
+
+impl cubecl::prelude::KernelMetadata for Defined {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn id(&self) -> cubecl::prelude::KernelId {
+        self.0.id()
+    }
+    fn address_type(&self) -> cubecl::ir::ElemType {
+        self.0.address_type()
+    }
+}
+
+impl CubeKernel for Defined {
+    fn define(&self) -> cubecl::prelude::KernelDefinition {
+        self.0.define()
+    }
+}
+
+/// [`kernel_definition`] for kernels whose element type (`spec.elem()`) is `F`.
+fn definition<F: Float + CubeElement>(spec: &KernelSpec, p: Arc<DeviceProperties>, tp: Arc<TargetProperties>) -> Box<dyn CubeKernel> {
     let settings = KernelSettings::new(*cube_dim(spec), ExecutionMode::Checked, AddressType::U32);
-    let (p, tp) = (offline_properties(), Arc::new(TargetProperties::default()));
+    // Every buffer parameter is its own binding (no aliasing).
     let b = || BufferCompilationArg { inplace: None };
-    let name = spec.name();
     match spec {
         KernelSpec::Elementwise { program, .. } => {
             let inputs = SequenceCompilationArg::<Box<[F]>> { values: program.inputs.iter().map(|_| b()).collect() };
-            compile(kernels::fused_ew::FusedEw::<F, F>::new(settings, p, tp, inputs, b(), b(), program.clone()), name, target)
+            Box::new(kernels::fused_ew::FusedEw::<F, F>::new(settings, p, tp, inputs, b(), b(), program.clone()))
         }
         KernelSpec::ElementwiseI32 { program, .. } => {
             let inputs = SequenceCompilationArg::<Box<[i32]>> { values: program.inputs.iter().map(|_| b()).collect() };
-            compile(kernels::fused_ew::FusedEw::<F, i32>::new(settings, p, tp, inputs, b(), b(), program.clone()), name, target)
+            Box::new(kernels::fused_ew::FusedEw::<F, i32>::new(settings, p, tp, inputs, b(), b(), program.clone()))
         }
         KernelSpec::Reduce { mean, .. } => {
-            compile(kernels::reduce::reduce_axis::ReduceAxis::<F>::new(settings, p, tp, b(), b(), (), (), *mean), name, target)
+            Box::new(kernels::reduce::reduce_axis::ReduceAxis::<F>::new(settings, p, tp, b(), b(), (), (), *mean))
         }
         KernelSpec::MoeGrad { part, weights, .. } => {
             use kernels::moe_grad::{self as mg, MoeGradPart as P};
             match part {
-                P::Proj => compile(
-                    mg::moe_grad_proj::MoeGradProj::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), b(), b(), b(), b(), b(), (), (), ()),
-                    name,
-                    target,
-                ),
+                P::Proj => Box::new(mg::moe_grad_proj::MoeGradProj::<F>::new(
+                    settings,
+                    p,
+                    tp,
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    (),
+                    (),
+                    (),
+                )),
                 P::Mid => match weights {
-                    Elem::F32 => compile(
-                        mg::moe_grad_mid::MoeGradMid::<F, f32>::new(settings, p, tp, b(), b(), b(), b(), b(), b(), ()),
-                        name,
-                        target,
-                    ),
-                    Elem::F16 => compile(
-                        mg::moe_grad_mid::MoeGradMid::<F, half::f16>::new(settings, p, tp, b(), b(), b(), b(), b(), b(), ()),
-                        name,
-                        target,
-                    ),
-                    Elem::Bf16 => compile(
-                        mg::moe_grad_mid::MoeGradMid::<F, half::bf16>::new(settings, p, tp, b(), b(), b(), b(), b(), b(), ()),
-                        name,
-                        target,
-                    ),
+                    Elem::F32 => Box::new(mg::moe_grad_mid::MoeGradMid::<F, f32>::new(settings, p, tp, b(), b(), b(), b(), b(), b(), ())),
+                    Elem::F16 => {
+                        Box::new(mg::moe_grad_mid::MoeGradMid::<F, half::f16>::new(settings, p, tp, b(), b(), b(), b(), b(), b(), ()))
+                    }
+                    Elem::Bf16 => {
+                        Box::new(mg::moe_grad_mid::MoeGradMid::<F, half::bf16>::new(settings, p, tp, b(), b(), b(), b(), b(), b(), ()))
+                    }
                 },
-                P::DxRows => compile(
-                    mg::moe_grad_dx_rows::MoeGradDxRows::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), b(), (), ()),
-                    name,
-                    target,
-                ),
-                P::Dx => compile(mg::moe_grad_dx::MoeGradDx::<F>::new(settings, p, tp, b(), b(), b(), (), ()), name, target),
-                P::Weights => compile(
-                    mg::moe_grad_weights::MoeGradWeights::<F>::new(
-                        settings,
-                        p,
-                        tp,
-                        b(),
-                        b(),
-                        b(),
-                        b(),
-                        b(),
-                        b(),
-                        b(),
-                        b(),
-                        b(),
-                        b(),
-                        (),
-                        (),
-                        (),
-                    ),
-                    name,
-                    target,
-                ),
+                P::DxRows => Box::new(mg::moe_grad_dx_rows::MoeGradDxRows::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), b(), (), ())),
+                P::Dx => Box::new(mg::moe_grad_dx::MoeGradDx::<F>::new(settings, p, tp, b(), b(), b(), (), ())),
+                P::Weights => Box::new(mg::moe_grad_weights::MoeGradWeights::<F>::new(
+                    settings,
+                    p,
+                    tp,
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    (),
+                    (),
+                    (),
+                )),
             }
         }
         KernelSpec::MoeRouteGrad { cfg, .. } => {
-            compile(kernels::grad::moe_route_grad::MoeRouteGrad::<F>::new(settings, p, tp, b(), b(), b(), b(), *cfg), name, target)
+            Box::new(kernels::grad::moe_route_grad::MoeRouteGrad::<F>::new(settings, p, tp, b(), b(), b(), b(), *cfg))
         }
-        KernelSpec::IotaI32 => compile(kernels::reduce::iota::Iota::<i32>::new(settings, p, tp, b(), ()), name, target),
-        KernelSpec::AdamW { .. } => {
-            compile(kernels::optim::adamw::Adamw::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), ()), name, target)
-        }
-        KernelSpec::SumSquares { .. } => {
-            compile(kernels::optim::sum_squares::SumSquares::<F>::new(settings, p, tp, b(), b(), ()), name, target)
-        }
+        KernelSpec::IotaI32 => Box::new(kernels::reduce::iota::Iota::<i32>::new(settings, p, tp, b(), ())),
+        KernelSpec::AdamW { .. } => Box::new(kernels::optim::adamw::Adamw::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), ())),
+        KernelSpec::SumSquares { .. } => Box::new(kernels::optim::sum_squares::SumSquares::<F>::new(settings, p, tp, b(), b(), ())),
         KernelSpec::SampleRows { greedy, .. } => {
-            compile(kernels::sample::sample_rows::SampleRows::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), (), *greedy), name, target)
+            Box::new(kernels::sample::sample_rows::SampleRows::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), (), *greedy))
         }
         KernelSpec::Copy { rank, .. } => {
-            compile(kernels::movement::strided_copy::StridedCopy::<F>::new(settings, p, tp, b(), b(), b(), *rank), name, target)
+            Box::new(kernels::movement::strided_copy::StridedCopy::<F>::new(settings, p, tp, b(), b(), b(), *rank))
         }
         KernelSpec::CopyI32 { rank } => {
-            compile(kernels::movement::strided_copy::StridedCopy::<i32>::new(settings, p, tp, b(), b(), b(), *rank), name, target)
+            Box::new(kernels::movement::strided_copy::StridedCopy::<i32>::new(settings, p, tp, b(), b(), b(), *rank))
         }
-        KernelSpec::NegI32 => compile(kernels::movement::neg_i32::NegI32::new(settings, p, tp, b(), b()), name, target),
-        KernelSpec::RmsNormGrad { eps_bits, gain: false, .. } => compile(
-            kernels::grad::rms_norm_grad_rows::RmsNormGradRows::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), (), *eps_bits),
-            name,
-            target,
-        ),
+        KernelSpec::NegI32 => Box::new(kernels::movement::neg_i32::NegI32::new(settings, p, tp, b(), b())),
+        KernelSpec::RmsNormGrad { eps_bits, gain: false, .. } => {
+            Box::new(kernels::grad::rms_norm_grad_rows::RmsNormGradRows::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), (), *eps_bits))
+        }
         KernelSpec::RmsNormGrad { gain: true, .. } => {
-            compile(kernels::grad::rms_norm_grad_gain::RmsNormGradGain::<F>::new(settings, p, tp, b(), b(), b(), b(), ()), name, target)
+            Box::new(kernels::grad::rms_norm_grad_gain::RmsNormGradGain::<F>::new(settings, p, tp, b(), b(), b(), b(), ()))
         }
-        KernelSpec::ScatterLinks => {
-            compile(kernels::grad::scatter_links::ScatterLinks::new(settings, p, tp, b(), b(), b(), ()), name, target)
-        }
+        KernelSpec::ScatterLinks => Box::new(kernels::grad::scatter_links::ScatterLinks::new(settings, p, tp, b(), b(), b(), ())),
         KernelSpec::ScatterRows { .. } => {
-            compile(kernels::grad::scatter_rows::ScatterRows::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), (), (), ()), name, target)
+            Box::new(kernels::grad::scatter_rows::ScatterRows::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), (), (), ()))
         }
         KernelSpec::AttentionGrad { cfg, part, .. } => {
             use kernels::attention_grad::{self as ag, AttnGradPart};
             match part {
-                AttnGradPart::Delta => {
-                    compile(ag::attn_grad_delta::AttnGradDelta::<F>::new(settings, p, tp, b(), b(), b(), ()), name, target)
-                }
-                AttnGradPart::Dq => compile(
-                    ag::attn_grad_dq::AttnGradDq::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), b(), b(), b(), (), (), (), *cfg),
-                    name,
-                    target,
-                ),
-                AttnGradPart::Dkv => compile(
-                    ag::attn_grad_dkv::AttnGradDkv::<F>::new(
-                        settings,
-                        p,
-                        tp,
-                        b(),
-                        b(),
-                        b(),
-                        b(),
-                        b(),
-                        b(),
-                        b(),
-                        b(),
-                        b(),
-                        (),
-                        (),
-                        (),
-                        *cfg,
-                    ),
-                    name,
-                    target,
-                ),
+                AttnGradPart::Delta => Box::new(ag::attn_grad_delta::AttnGradDelta::<F>::new(settings, p, tp, b(), b(), b(), ())),
+                AttnGradPart::Dq => Box::new(ag::attn_grad_dq::AttnGradDq::<F>::new(
+                    settings,
+                    p,
+                    tp,
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    (),
+                    (),
+                    (),
+                    *cfg,
+                )),
+                AttnGradPart::Dkv => Box::new(ag::attn_grad_dkv::AttnGradDkv::<F>::new(
+                    settings,
+                    p,
+                    tp,
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    (),
+                    (),
+                    (),
+                    *cfg,
+                )),
             }
         }
         KernelSpec::SwiGluGradEw { .. } => {
-            compile(kernels::grad::swiglu_grad_ew::SwigluGradEw::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), b()), name, target)
+            Box::new(kernels::grad::swiglu_grad_ew::SwigluGradEw::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), b()))
         }
-        KernelSpec::Gather { .. } => {
-            compile(kernels::movement::gather::Gather::<F>::new(settings, p, tp, b(), b(), b(), (), (), ()), name, target)
-        }
+        KernelSpec::Gather { .. } => Box::new(kernels::movement::gather::Gather::<F>::new(settings, p, tp, b(), b(), b(), (), (), ())),
         KernelSpec::Rope { interleaved, .. } => {
-            compile(kernels::rope::rope::Rope::<F>::new(settings, p, tp, b(), b(), b(), b(), (), (), (), *interleaved), name, target)
+            Box::new(kernels::rope::rope::Rope::<F>::new(settings, p, tp, b(), b(), b(), b(), (), (), (), *interleaved))
         }
         KernelSpec::MatMulEw { epilogue, skinny, .. } => {
             let inputs = SequenceCompilationArg::<Box<[F]>> { values: epilogue.loads.iter().map(|_| b()).collect() };
             let e = epilogue.clone();
             let k = kernels::heads::matmul_ew::MatmulEw::<F, F>::new(settings, p, tp, b(), b(), b(), b(), (), (), (), inputs, e, *skinny);
-            compile(k, name, target)
+            Box::new(k)
         }
         KernelSpec::MatMulEwFrom { head, epilogue, skinny, .. } => {
             let inputs = || SequenceCompilationArg::<Box<[F]>> { values: epilogue.loads.iter().map(|_| b()).collect() };
             let (e, sk) = (epilogue.clone(), *skinny);
             match head {
-                Elem::F32 => compile(
-                    kernels::heads::matmul_ew::MatmulEw::<F, f32>::new(settings, p, tp, b(), b(), b(), b(), (), (), (), inputs(), e, sk),
-                    name,
-                    target,
-                ),
-                Elem::F16 => compile(
-                    kernels::heads::matmul_ew::MatmulEw::<F, half::f16>::new(
-                        settings,
-                        p,
-                        tp,
-                        b(),
-                        b(),
-                        b(),
-                        b(),
-                        (),
-                        (),
-                        (),
-                        inputs(),
-                        e,
-                        sk,
-                    ),
-                    name,
-                    target,
-                ),
-                Elem::Bf16 => compile(
-                    kernels::heads::matmul_ew::MatmulEw::<F, half::bf16>::new(
-                        settings,
-                        p,
-                        tp,
-                        b(),
-                        b(),
-                        b(),
-                        b(),
-                        (),
-                        (),
-                        (),
-                        inputs(),
-                        e,
-                        sk,
-                    ),
-                    name,
-                    target,
-                ),
+                Elem::F32 => Box::new(kernels::heads::matmul_ew::MatmulEw::<F, f32>::new(
+                    settings,
+                    p,
+                    tp,
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    (),
+                    (),
+                    (),
+                    inputs(),
+                    e,
+                    sk,
+                )),
+                Elem::F16 => Box::new(kernels::heads::matmul_ew::MatmulEw::<F, half::f16>::new(
+                    settings,
+                    p,
+                    tp,
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    (),
+                    (),
+                    (),
+                    inputs(),
+                    e,
+                    sk,
+                )),
+                Elem::Bf16 => Box::new(kernels::heads::matmul_ew::MatmulEw::<F, half::bf16>::new(
+                    settings,
+                    p,
+                    tp,
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    (),
+                    (),
+                    (),
+                    inputs(),
+                    e,
+                    sk,
+                )),
             }
         }
         KernelSpec::RmsNormEw { eps_bits, epilogue, .. } => {
@@ -286,127 +317,102 @@ fn source_for<F: Float + CubeElement>(spec: &KernelSpec, target: Target) -> (Str
                 *eps_bits,
                 epilogue.clone(),
             );
-            compile(k, name, target)
+            Box::new(k)
         }
-        KernelSpec::GateUp { skinny, .. } => compile(
-            kernels::heads::matmul_gate_up::MatmulGateUp::<F>::new(settings, p, tp, b(), b(), b(), b(), (), (), (), *skinny),
-            name,
-            target,
-        ),
+        KernelSpec::GateUp { skinny, .. } => {
+            Box::new(kernels::heads::matmul_gate_up::MatmulGateUp::<F>::new(settings, p, tp, b(), b(), b(), b(), (), (), (), *skinny))
+        }
         // The two element types are the spec's, not `F` (which is `to`).
         KernelSpec::Cast { from, to } => match (from, to) {
-            (Elem::F32, Elem::F16) => {
-                compile(kernels::movement::convert::Convert::<f32, half::f16>::new(settings, p, tp, b(), b()), name, target)
-            }
-            (Elem::F16, Elem::F32) => {
-                compile(kernels::movement::convert::Convert::<half::f16, f32>::new(settings, p, tp, b(), b()), name, target)
-            }
-            (Elem::F32, Elem::Bf16) => {
-                compile(kernels::movement::convert::Convert::<f32, half::bf16>::new(settings, p, tp, b(), b()), name, target)
-            }
-            (Elem::Bf16, Elem::F32) => {
-                compile(kernels::movement::convert::Convert::<half::bf16, f32>::new(settings, p, tp, b(), b()), name, target)
-            }
+            (Elem::F32, Elem::F16) => Box::new(kernels::movement::convert::Convert::<f32, half::f16>::new(settings, p, tp, b(), b())),
+            (Elem::F16, Elem::F32) => Box::new(kernels::movement::convert::Convert::<half::f16, f32>::new(settings, p, tp, b(), b())),
+            (Elem::F32, Elem::Bf16) => Box::new(kernels::movement::convert::Convert::<f32, half::bf16>::new(settings, p, tp, b(), b())),
+            (Elem::Bf16, Elem::F32) => Box::new(kernels::movement::convert::Convert::<half::bf16, f32>::new(settings, p, tp, b(), b())),
             (Elem::F16, Elem::Bf16) => {
-                compile(kernels::movement::convert::Convert::<half::f16, half::bf16>::new(settings, p, tp, b(), b()), name, target)
+                Box::new(kernels::movement::convert::Convert::<half::f16, half::bf16>::new(settings, p, tp, b(), b()))
             }
             (Elem::Bf16, Elem::F16) => {
-                compile(kernels::movement::convert::Convert::<half::bf16, half::f16>::new(settings, p, tp, b(), b()), name, target)
+                Box::new(kernels::movement::convert::Convert::<half::bf16, half::f16>::new(settings, p, tp, b(), b()))
             }
             // Same type on both sides: a copy.
-            _ => compile(kernels::movement::convert::Convert::<F, F>::new(settings, p, tp, b(), b()), name, target),
+            _ => Box::new(kernels::movement::convert::Convert::<F, F>::new(settings, p, tp, b(), b())),
         },
         KernelSpec::RmsNorm { eps_bits, .. } => {
-            compile(kernels::rms_norm::RmsNorm::<F>::new(settings, p, tp, b(), b(), b(), (), *eps_bits), name, target)
+            Box::new(kernels::rms_norm::RmsNorm::<F>::new(settings, p, tp, b(), b(), b(), (), *eps_bits))
         }
-        KernelSpec::Softmax { .. } => compile(kernels::softmax::Softmax::<F>::new(settings, p, tp, b(), b(), ()), name, target),
+        KernelSpec::Softmax { .. } => Box::new(kernels::softmax::Softmax::<F>::new(settings, p, tp, b(), b(), ())),
         KernelSpec::MatMul { skinny, .. } => {
-            compile(kernels::matmul::Matmul::<F>::new(settings, p, tp, b(), b(), b(), (), (), (), *skinny), name, target)
+            Box::new(kernels::matmul::Matmul::<F>::new(settings, p, tp, b(), b(), b(), (), (), (), *skinny))
         }
-        KernelSpec::Attention { cfg, .. } => compile(
-            kernels::attention::attention::Attention::<F>::new(
-                settings,
-                p,
-                tp,
-                b(),
-                b(),
-                b(),
-                b(),
-                b(),
-                b(),
-                b(),
-                b(),
-                b(),
-                b(),
-                (),
-                (),
-                (),
-                (),
-                *cfg,
-            ),
-            name,
-            target,
-        ),
-        KernelSpec::AttentionCombine { .. } => compile(
-            kernels::attention::attention_combine::AttentionCombine::<F>::new(settings, p, tp, b(), b(), b(), (), (), ()),
-            name,
-            target,
-        ),
-        KernelSpec::BatchMatMul { rank, accumulate, .. } => compile(
-            kernels::attention::batch_matmul::BatchMatmul::<F>::new(settings, p, tp, b(), b(), b(), b(), (), (), (), *rank, *accumulate),
-            name,
-            target,
-        ),
+        KernelSpec::Attention { cfg, .. } => Box::new(kernels::attention::attention::Attention::<F>::new(
+            settings,
+            p,
+            tp,
+            b(),
+            b(),
+            b(),
+            b(),
+            b(),
+            b(),
+            b(),
+            b(),
+            b(),
+            b(),
+            (),
+            (),
+            (),
+            (),
+            *cfg,
+        )),
+        KernelSpec::AttentionCombine { .. } => {
+            Box::new(kernels::attention::attention_combine::AttentionCombine::<F>::new(settings, p, tp, b(), b(), b(), (), (), ()))
+        }
+        KernelSpec::BatchMatMul { rank, accumulate, .. } => Box::new(kernels::attention::batch_matmul::BatchMatmul::<F>::new(
+            settings,
+            p,
+            tp,
+            b(),
+            b(),
+            b(),
+            b(),
+            (),
+            (),
+            (),
+            *rank,
+            *accumulate,
+        )),
         KernelSpec::MoeRoute { cfg, .. } => {
             let inputs = SequenceCompilationArg::<Box<[F]>> { values: (0..1 + cfg.bias as usize).map(|_| b()).collect() };
-            compile(kernels::moe::moe_route::MoeRoute::<F>::new(settings, p, tp, inputs, b(), b(), *cfg), name, target)
+            Box::new(kernels::moe::moe_route::MoeRoute::<F>::new(settings, p, tp, inputs, b(), b(), *cfg))
         }
-        KernelSpec::TopK { .. } => compile(kernels::moe::top_k::TopK::<F>::new(settings, p, tp, b(), b(), b(), (), ()), name, target),
-        KernelSpec::MoeDispatch => {
-            compile(kernels::moe::moe_dispatch::MoeDispatch::new(settings, p, tp, b(), b(), b(), b(), b(), ()), name, target)
-        }
+        KernelSpec::TopK { .. } => Box::new(kernels::moe::top_k::TopK::<F>::new(settings, p, tp, b(), b(), b(), (), ())),
+        KernelSpec::MoeDispatch => Box::new(kernels::moe::moe_dispatch::MoeDispatch::new(settings, p, tp, b(), b(), b(), b(), b(), ())),
         KernelSpec::MoeGateUp { .. } => {
             let k = kernels::moe::moe_gate_up::MoeGateUp::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), b(), b(), (), (), (), ());
-            compile(k, name, target)
+            Box::new(k)
         }
         KernelSpec::MoeDown { .. } => {
-            compile(kernels::moe::moe_down::MoeDown::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), (), (), ()), name, target)
+            Box::new(kernels::moe::moe_down::MoeDown::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), (), (), ()))
         }
         KernelSpec::Label { kind, has_ignore, .. } => {
             use kernels::loss::{self, LabelKernel};
             match kind {
-                LabelKernel::LogProb => compile(
-                    loss::label_logprob::LabelLogprob::<F>::new(settings, p, tp, b(), b(), b(), b(), (), (), *has_ignore),
-                    name,
-                    target,
-                ),
-                LabelKernel::Mean => {
-                    compile(loss::label_mean::LabelMean::new(settings, p, tp, b(), b(), b(), (), (), *has_ignore), name, target)
+                LabelKernel::LogProb => {
+                    Box::new(loss::label_logprob::LabelLogprob::<F>::new(settings, p, tp, b(), b(), b(), b(), (), (), *has_ignore))
                 }
-                LabelKernel::Coef => {
-                    compile(loss::label_coef::LabelCoef::new(settings, p, tp, b(), b(), b(), (), (), *has_ignore), name, target)
+                LabelKernel::Mean => Box::new(loss::label_mean::LabelMean::new(settings, p, tp, b(), b(), b(), (), (), *has_ignore)),
+                LabelKernel::Coef => Box::new(loss::label_coef::LabelCoef::new(settings, p, tp, b(), b(), b(), (), (), *has_ignore)),
+                LabelKernel::Grad { per_row } => {
+                    Box::new(loss::label_grad::LabelGrad::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), (), (), *has_ignore, *per_row))
                 }
-                LabelKernel::Grad { per_row } => compile(
-                    loss::label_grad::LabelGrad::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), (), (), *has_ignore, *per_row),
-                    name,
-                    target,
-                ),
             }
         }
         KernelSpec::MoeCombine { weights, .. } => match weights {
-            Elem::F32 => {
-                compile(kernels::moe::moe_combine::MoeCombine::<F, f32>::new(settings, p, tp, b(), b(), b(), b(), (), ()), name, target)
+            Elem::F32 => Box::new(kernels::moe::moe_combine::MoeCombine::<F, f32>::new(settings, p, tp, b(), b(), b(), b(), (), ())),
+            Elem::F16 => Box::new(kernels::moe::moe_combine::MoeCombine::<F, half::f16>::new(settings, p, tp, b(), b(), b(), b(), (), ())),
+            Elem::Bf16 => {
+                Box::new(kernels::moe::moe_combine::MoeCombine::<F, half::bf16>::new(settings, p, tp, b(), b(), b(), b(), (), ()))
             }
-            Elem::F16 => compile(
-                kernels::moe::moe_combine::MoeCombine::<F, half::f16>::new(settings, p, tp, b(), b(), b(), b(), (), ()),
-                name,
-                target,
-            ),
-            Elem::Bf16 => compile(
-                kernels::moe::moe_combine::MoeCombine::<F, half::bf16>::new(settings, p, tp, b(), b(), b(), b(), (), ()),
-                name,
-                target,
-            ),
         },
     }
 }
@@ -422,11 +428,8 @@ pub fn kernel_source(spec: &KernelSpec, target: Target) -> String {
 /// many (CubeCL's own CUDA runtime reads the same number off the compiled kernel). 0 for
 /// WGSL.
 pub fn kernel_source_and_shared_bytes(spec: &KernelSpec, target: Target) -> (String, usize) {
-    let (text, shared) = match spec.elem() {
-        Elem::F32 => source_for::<f32>(spec, target),
-        Elem::F16 => source_for::<half::f16>(spec, target),
-        Elem::Bf16 => source_for::<half::bf16>(spec, target),
-    };
+    let k = kernel_definition(spec, offline_properties(), Arc::new(TargetProperties::default()));
+    let (text, shared) = compile(&k, &spec.name(), target);
     let comment = format!(
         "// dsc kernel {}: {:?}\n// Generated by CubeCL 0.11.3; the launch ABI is CubeCL's (buffers, then info_st).\n",
         spec.name(),

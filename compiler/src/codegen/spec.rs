@@ -156,74 +156,100 @@ pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
+/// What a kernel states about itself: everything but its code, which is
+/// `kernel_definition`'s (with the `kernels` feature). [`KernelSpec::about`] gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct About {
+    /// The file and entry name, before the configuration hash when there is one.
+    pub stem: String,
+    /// Whether [`KernelSpec::name`] ends with a hash of the configuration (a kernel
+    /// configured by more than its stem says: a program, a tiling, an epsilon).
+    pub hashed: bool,
+    /// The float type of the kernel's generic `F` (integer-only kernels: nominally `f32`,
+    /// which picks none of their code).
+    pub elem: Elem,
+    /// A second float type it reads or writes (a cast's source, a fused head's operands,
+    /// gate weights), which the target must have too.
+    pub other: Option<Elem>,
+    /// The cube shape it launches with, `[x, y, z]` units (the runtimes and `plan.json`
+    /// use the same).
+    pub cube: [u32; 3],
+}
+
+impl About {
+    fn new(stem: String, elem: Elem, cube: [u32; 3]) -> About {
+        About { stem, hashed: false, elem, other: None, cube }
+    }
+    fn hashed(self) -> About {
+        About { hashed: true, ..self }
+    }
+    fn also(self, other: Elem) -> About {
+        About { other: Some(other), ..self }
+    }
+}
+
 impl KernelSpec {
-    /// A stable file and entry name: kind, dtype and, for configured kernels, a hash of
-    /// the configuration (`ew_f32_1a2b3c4d5e6f7a8b`).
-    pub fn name(&self) -> String {
-        let h = || format!("{:016x}", fnv1a(format!("{self:?}").as_bytes()));
+    /// Each kernel's name, element types and cube shape, in one match.
+    pub fn about(&self) -> About {
+        use KernelSpec as K;
+        const EW: [u32; 3] = [EW_BLOCK, 1, 1];
+        const ROW: [u32; 3] = [ROW_BLOCK, 1, 1];
+        const MM: [u32; 3] = [MM_UNITS, MM_UNITS, 1];
+        const TILED: [u32; 3] = [TILE, TILE, 1];
+        const SELECT: [u32; 3] = [SELECT_BLOCK, 1, 1];
+        const ATTN: [u32; 3] = [ATTN_BLOCK, 1, 1];
+        let f32 = Elem::F32;
+        let a = About::new;
         match self {
-            KernelSpec::Elementwise { elem, .. } => format!("ew_{}_{}", elem.name(), h()),
-            KernelSpec::ElementwiseI32 { elem, .. } => format!("ew_i32_{}_{}", elem.name(), h()),
-            KernelSpec::Reduce { elem, mean } => format!("reduce_{}_{}", if *mean { "mean" } else { "sum" }, elem.name()),
-            KernelSpec::IotaI32 => "iota_i32".to_string(),
-            KernelSpec::AdamW { grad } => format!("adamw_{}", grad.name()),
-            KernelSpec::SumSquares { elem } => format!("sum_squares_{}", elem.name()),
-            KernelSpec::SampleRows { elem, greedy } => format!("sample_rows_{}{}", elem.name(), if *greedy { "_greedy" } else { "" }),
-            KernelSpec::MoeRouteGrad { elem, .. } => format!("moe_route_grad_{}_{}", elem.name(), h()),
-            KernelSpec::MoeGrad { elem, weights, part } => {
+            K::Elementwise { elem, .. } => a(format!("ew_{}", elem.name()), *elem, EW).hashed(),
+            K::ElementwiseI32 { elem, .. } => a(format!("ew_i32_{}", elem.name()), *elem, EW).hashed(),
+            K::Reduce { elem, mean } => a(format!("reduce_{}_{}", if *mean { "mean" } else { "sum" }, elem.name()), *elem, EW),
+            K::IotaI32 => a("iota_i32".into(), f32, EW),
+            K::AdamW { grad } => a(format!("adamw_{}", grad.name()), *grad, EW),
+            K::SumSquares { elem } => a(format!("sum_squares_{}", elem.name()), *elem, ROW),
+            K::SampleRows { elem, greedy } => a(format!("sample_rows_{}{}", elem.name(), if *greedy { "_greedy" } else { "" }), *elem, ROW),
+            K::MoeRouteGrad { elem, .. } => a(format!("moe_route_grad_{}", elem.name()), *elem, EW).hashed(),
+            K::MoeGrad { elem, weights, part } => {
                 use MoeGradPart as P;
                 let w = if weights == elem || *part != P::Mid { String::new() } else { format!("_w{}", weights.name()) };
-                let part = match part {
-                    P::Proj => "proj",
-                    P::Mid => "mid",
-                    P::DxRows => "dx_rows",
-                    P::Dx => "dx",
-                    P::Weights => "weights",
+                let (part, cube) = match part {
+                    P::Proj => ("proj", EW),
+                    P::Mid => ("mid", ROW),
+                    P::DxRows => ("dx_rows", EW),
+                    P::Dx => ("dx", EW),
+                    P::Weights => ("weights", EW),
                 };
-                format!("moe_grad_{part}_{}{w}", elem.name())
+                a(format!("moe_grad_{part}_{}{w}", elem.name()), *elem, cube).also(*weights)
             }
-            KernelSpec::Copy { elem, rank } => format!("copy_{}_r{rank}", elem.name()),
-            KernelSpec::CopyI32 { rank } => format!("copy_i32_r{rank}"),
-            KernelSpec::NegI32 => "neg_i32".to_string(),
-            KernelSpec::RmsNormGrad { elem, gain: false, .. } => format!("rms_norm_grad_rows_{}_{}", elem.name(), h()),
-            KernelSpec::RmsNormGrad { elem, gain: true, .. } => format!("rms_norm_grad_gain_{}", elem.name()),
-            KernelSpec::ScatterLinks => "scatter_links".to_string(),
-            KernelSpec::ScatterRows { elem } => format!("scatter_rows_{}", elem.name()),
-            KernelSpec::SwiGluGradEw { elem } => format!("swiglu_grad_ew_{}", elem.name()),
-            KernelSpec::AttentionGrad { elem, part, .. } => {
-                let part = match part {
-                    AttnGradPart::Delta => "delta",
-                    AttnGradPart::Dq => "dq",
-                    AttnGradPart::Dkv => "dkv",
-                };
-                format!("attention_grad_{part}_{}_{}", elem.name(), h())
+            K::RmsNorm { elem, .. } => a(format!("rms_norm_{}", elem.name()), *elem, ROW).hashed(),
+            K::Softmax { elem } => a(format!("softmax_{}", elem.name()), *elem, ROW),
+            K::MatMul { elem, skinny } => a(format!("matmul_{}{}", elem.name(), skinny_suffix(*skinny)), *elem, MM),
+            K::Copy { elem, rank } => a(format!("copy_{}_r{rank}", elem.name()), *elem, EW),
+            K::CopyI32 { rank } => a(format!("copy_i32_r{rank}"), f32, EW),
+            K::NegI32 => a("neg_i32".into(), f32, EW),
+            K::Gather { elem } => a(format!("gather_{}", elem.name()), *elem, EW),
+            K::Rope { elem, interleaved } => {
+                a(format!("rope_{}_{}", elem.name(), if *interleaved { "interleaved" } else { "half_split" }), *elem, EW)
             }
-            KernelSpec::Gather { elem } => format!("gather_{}", elem.name()),
-            KernelSpec::Rope { elem, interleaved } => {
-                format!("rope_{}_{}", elem.name(), if *interleaved { "interleaved" } else { "half_split" })
+            K::MatMulEw { elem, skinny, .. } => a(format!("matmul_ew_{}{}", elem.name(), skinny_suffix(*skinny)), *elem, MM).hashed(),
+            K::MatMulEwFrom { elem, head, skinny, .. } => {
+                a(format!("matmul_ew_{}_from_{}{}", elem.name(), head.name(), skinny_suffix(*skinny)), *elem, MM).hashed().also(*head)
             }
-            KernelSpec::MatMulEw { elem, skinny, .. } => format!("matmul_ew_{}{}_{}", elem.name(), skinny_suffix(*skinny), h()),
-            KernelSpec::MatMulEwFrom { elem, head, skinny, .. } => {
-                format!("matmul_ew_{}_from_{}{}_{}", elem.name(), head.name(), skinny_suffix(*skinny), h())
+            K::RmsNormEw { elem, .. } => a(format!("rms_norm_ew_{}", elem.name()), *elem, ROW).hashed(),
+            K::GateUp { elem, skinny } => a(format!("matmul_gate_up_{}{}", elem.name(), skinny_suffix(*skinny)), *elem, MM),
+            K::Cast { from, to } => a(format!("cast_{}_{}", from.name(), to.name()), *to, EW).also(*from),
+            K::Attention { elem, .. } => a(format!("attention_{}", elem.name()), *elem, ATTN).hashed(),
+            K::AttentionCombine { elem } => a(format!("attention_combine_{}", elem.name()), *elem, EW),
+            K::BatchMatMul { elem, rank, accumulate } => {
+                a(format!("batch_matmul_{}_r{rank}{}", elem.name(), if *accumulate { "_acc" } else { "" }), *elem, TILED)
             }
-            KernelSpec::RmsNormEw { elem, .. } => format!("rms_norm_ew_{}_{}", elem.name(), h()),
-            KernelSpec::GateUp { elem, skinny } => format!("matmul_gate_up_{}{}", elem.name(), skinny_suffix(*skinny)),
-            KernelSpec::Cast { from, to } => format!("cast_{}_{}", from.name(), to.name()),
-            KernelSpec::RmsNorm { elem, .. } => format!("rms_norm_{}_{}", elem.name(), h()),
-            KernelSpec::Softmax { elem } => format!("softmax_{}", elem.name()),
-            KernelSpec::MatMul { elem, skinny } => format!("matmul_{}{}", elem.name(), skinny_suffix(*skinny)),
-            KernelSpec::Attention { elem, .. } => format!("attention_{}_{}", elem.name(), h()),
-            KernelSpec::AttentionCombine { elem } => format!("attention_combine_{}", elem.name()),
-            KernelSpec::BatchMatMul { elem, rank, accumulate } => {
-                format!("batch_matmul_{}_r{rank}{}", elem.name(), if *accumulate { "_acc" } else { "" })
-            }
-            KernelSpec::MoeRoute { elem, .. } => format!("moe_route_{}_{}", elem.name(), h()),
-            KernelSpec::TopK { elem } => format!("top_k_{}", elem.name()),
-            KernelSpec::MoeDispatch => "moe_dispatch".to_string(),
-            KernelSpec::MoeGateUp { elem } => format!("moe_gate_up_{}", elem.name()),
-            KernelSpec::MoeDown { elem } => format!("moe_down_{}", elem.name()),
-            KernelSpec::MoeCombine { elem, weights } => format!("moe_combine_{}_{}", elem.name(), weights.name()),
-            KernelSpec::Label { elem, kind, has_ignore } => {
+            K::MoeRoute { elem, .. } => a(format!("moe_route_{}", elem.name()), *elem, SELECT).hashed(),
+            K::TopK { elem } => a(format!("top_k_{}", elem.name()), *elem, SELECT),
+            K::MoeDispatch => a("moe_dispatch".into(), f32, SELECT),
+            K::MoeGateUp { elem } => a(format!("moe_gate_up_{}", elem.name()), *elem, TILED),
+            K::MoeDown { elem } => a(format!("moe_down_{}", elem.name()), *elem, TILED),
+            K::MoeCombine { elem, weights } => a(format!("moe_combine_{}_{}", elem.name(), weights.name()), *elem, SELECT).also(*weights),
+            K::Label { elem, kind, has_ignore } => {
                 let kind = match kind {
                     LabelKernel::LogProb => "logprob",
                     LabelKernel::Mean => "mean",
@@ -231,60 +257,50 @@ impl KernelSpec {
                     LabelKernel::Grad { per_row: true } => "grad_rows",
                     LabelKernel::Grad { per_row: false } => "grad",
                 };
-                format!("label_{kind}_{}{}", elem.name(), if *has_ignore { "_ignore" } else { "" })
+                a(format!("label_{kind}_{}{}", elem.name(), if *has_ignore { "_ignore" } else { "" }), *elem, ROW)
             }
+            K::RmsNormGrad { elem, gain: false, .. } => a(format!("rms_norm_grad_rows_{}", elem.name()), *elem, ROW).hashed(),
+            K::RmsNormGrad { elem, gain: true, .. } => a(format!("rms_norm_grad_gain_{}", elem.name()), *elem, EW),
+            K::ScatterLinks => a("scatter_links".into(), f32, EW),
+            K::ScatterRows { elem } => a(format!("scatter_rows_{}", elem.name()), *elem, EW),
+            K::SwiGluGradEw { elem } => a(format!("swiglu_grad_ew_{}", elem.name()), *elem, EW),
+            K::AttentionGrad { elem, part, .. } => {
+                let part = match part {
+                    AttnGradPart::Delta => "delta",
+                    AttnGradPart::Dq => "dq",
+                    AttnGradPart::Dkv => "dkv",
+                };
+                a(format!("attention_grad_{part}_{}", elem.name()), *elem, ATTN).hashed()
+            }
+        }
+    }
+
+    /// A stable file and entry name: kind, dtype and, for configured kernels, a hash of
+    /// the configuration (`ew_f32_1a2b3c4d5e6f7a8b`).
+    pub fn name(&self) -> String {
+        let a = self.about();
+        if a.hashed {
+            format!("{}_{:016x}", a.stem, fnv1a(format!("{self:?}").as_bytes()))
+        } else {
+            a.stem
         }
     }
 
     /// Whether `target` has every element type this kernel uses, or why not.
     pub fn check_target(&self, target: Target) -> Result<(), String> {
-        self.elem().on(target)?;
-        match self {
-            KernelSpec::Cast { from, .. } => from.on(target),
-            KernelSpec::MoeCombine { weights, .. } => weights.on(target),
-            KernelSpec::MatMulEwFrom { head, .. } => head.on(target),
-            KernelSpec::MoeGrad { weights, .. } => weights.on(target),
-            _ => Ok(()),
-        }
+        let a = self.about();
+        a.elem.on(target)?;
+        a.other.map_or(Ok(()), |o| o.on(target))
     }
 
+    /// The float type of the kernel's generic `F`.
     pub fn elem(&self) -> Elem {
-        match self {
-            KernelSpec::Elementwise { elem, .. }
-            | KernelSpec::ElementwiseI32 { elem, .. }
-            | KernelSpec::Reduce { elem, .. }
-            | KernelSpec::MoeRouteGrad { elem, .. }
-            | KernelSpec::MoeGrad { elem, .. }
-            | KernelSpec::RmsNorm { elem, .. }
-            | KernelSpec::Copy { elem, .. }
-            | KernelSpec::Gather { elem }
-            | KernelSpec::Rope { elem, .. }
-            | KernelSpec::MatMulEw { elem, .. }
-            | KernelSpec::MatMulEwFrom { elem, .. }
-            | KernelSpec::RmsNormEw { elem, .. }
-            | KernelSpec::GateUp { elem, .. }
-            | KernelSpec::Cast { to: elem, .. }
-            | KernelSpec::Softmax { elem }
-            | KernelSpec::MatMul { elem, .. }
-            | KernelSpec::Attention { elem, .. }
-            | KernelSpec::AttentionCombine { elem }
-            | KernelSpec::BatchMatMul { elem, .. }
-            | KernelSpec::MoeRoute { elem, .. }
-            | KernelSpec::TopK { elem }
-            | KernelSpec::MoeGateUp { elem }
-            | KernelSpec::MoeDown { elem }
-            | KernelSpec::MoeCombine { elem, .. }
-            | KernelSpec::Label { elem, .. }
-            | KernelSpec::RmsNormGrad { elem, .. }
-            | KernelSpec::ScatterRows { elem }
-            | KernelSpec::SwiGluGradEw { elem }
-            | KernelSpec::AttentionGrad { elem, .. } => *elem,
-            // Integer kernels: nominally f32 (the element type picks no code of theirs).
-            KernelSpec::MoeDispatch | KernelSpec::CopyI32 { .. } | KernelSpec::NegI32 | KernelSpec::ScatterLinks | KernelSpec::IotaI32 => {
-                Elem::F32
-            }
-            KernelSpec::AdamW { grad: elem } | KernelSpec::SumSquares { elem } | KernelSpec::SampleRows { elem, .. } => *elem,
-        }
+        self.about().elem
+    }
+
+    /// The cube shape it launches with, `[x, y, z]` units.
+    pub fn cube_shape(&self) -> [u32; 3] {
+        self.about().cube
     }
 }
 
@@ -296,6 +312,21 @@ fn skinny_suffix(skinny: bool) -> &'static str {
         ""
     }
 }
+
+// ---- cube shapes (the `#[cube]` kernels are written for these)
+
+/// Units per cube of the elementwise kernels.
+pub const EW_BLOCK: u32 = 256;
+/// Units per cube of the row kernels; a power of two so the tree reduction halves evenly.
+pub const ROW_BLOCK: u32 = 128;
+/// Side of the square shared-memory tiles of the batched matmul and the grouped expert
+/// GEMMs (one output per unit).
+pub const TILE: u32 = 16;
+/// Units per side of the tiled matmuls' cubes (`MM_UNITS`² units per cube).
+pub const MM_UNITS: u32 = 8;
+/// Units per cube of the router, top-k, dispatch and combine kernels; a power of two for
+/// the tree reductions and the prefix sum.
+pub const SELECT_BLOCK: u32 = 128;
 
 // ---- from kernels: `kernels.rs`
 

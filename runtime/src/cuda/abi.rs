@@ -25,51 +25,22 @@
 //! outside this layout; [`parse_signature`] lets the tests catch either appearing.
 //!
 //! [`Launch::args`] lists arguments in exactly that parameter order, so the mapping is
-//! generic: a buffer, a table or each of a node's inputs is the next pointer, a `u32` is
-//! the next scalar.
+//! generic ([`Launch::resolve`]): a buffer, a table or each of a node's inputs is the
+//! next pointer, a `u32` is the next scalar.
+//!
+//! [`Launch::args`]: dsc_compiler::codegen::launch::Launch::args
+//! [`Launch::resolve`]: dsc_compiler::codegen::launch::Launch::resolve
 
-use dsc_compiler::codegen::launch::{Arg, Buf, Launch, Size};
-use dsc_compiler::ir::Bindings;
+use dsc_compiler::codegen::launch::Resolved;
 
 /// `u32`s per 8-byte `INFO_ALIGN` unit.
 const WORDS_PER_ALIGN: usize = 2;
 
-/// One pointer parameter of a launch.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Ptr<'a, B> {
-    /// A buffer the caller holds.
-    Buf(&'a B),
-    /// An [`Arg::Table`], evaluated: to upload as a `u32` buffer for the launch.
-    U32s(Vec<u32>),
-    /// An [`Arg::F32Table`] (bit patterns): to upload as an `f32` buffer for the launch.
-    F32Bits(Vec<u32>),
-}
-
-impl<B> Ptr<'_, B> {
-    /// Elements of the buffer, with `len` telling a caller's buffer's.
-    pub fn len(&self, len: impl Fn(&B) -> usize) -> usize {
-        match self {
-            Ptr::Buf(b) => len(b),
-            Ptr::U32s(v) | Ptr::F32Bits(v) => v.len(),
-        }
-    }
-}
-
-/// A launch's arguments resolved against its buffers and the run-time sizes.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Resolved<'a, B> {
-    /// The pointer parameters before `info_st`, in order.
-    pub ptrs: Vec<Ptr<'a, B>>,
-    /// The `u32` scalars, in order.
-    pub scalars: Vec<u32>,
-}
-
-impl<B> Resolved<'_, B> {
-    /// The `info_st` words for these arguments: see [`info_words`].
-    pub fn info(&self, len: impl Fn(&B) -> usize) -> Result<Vec<u32>, String> {
-        let lens: Vec<u32> = self.ptrs.iter().map(|p| u32_of(p.len(&len) as i64)).collect::<Result<_, _>>()?;
-        Ok(info_words(&self.scalars, &lens))
-    }
+/// The `info_st` words for `r`: see [`info_words`]; `len` tells a caller's buffer's
+/// length in elements.
+pub fn info<B>(r: &Resolved<B>, len: impl Fn(&B) -> usize) -> Result<Vec<u32>, String> {
+    let lens: Vec<u32> = r.ptrs.iter().map(|p| u32_of(p.len(&len) as i64)).collect::<Result<_, _>>()?;
+    Ok(info_words(&r.scalars, &lens))
 }
 
 /// The number of `u32`s of each `info_st` array as declared: `count` rounded up to whole
@@ -87,35 +58,6 @@ pub fn info_words(scalars: &[u32], buffer_lens: &[u32]) -> Vec<u32> {
     w.extend_from_slice(buffer_lens);
     w.resize(padded(scalars.len()) + padded(buffer_lens.len()), 0);
     w
-}
-
-/// Resolves `l`'s arguments: buffers by slot (`ins`, `outs`, `scratch`), every node
-/// input for [`Arg::Inputs`], sizes evaluated against `bind`.
-pub fn resolve<'a, B>(l: &Launch, ins: &'a [B], outs: &'a [B], scratch: &'a [B], bind: &Bindings) -> Result<Resolved<'a, B>, String> {
-    let name = || l.kernel.name();
-    let mut r = Resolved { ptrs: Vec::new(), scalars: Vec::new() };
-    for (i, a) in l.args.iter().enumerate() {
-        match a {
-            Arg::Buf(b) => {
-                let d = match *b {
-                    Buf::Input(k) => ins.get(k as usize),
-                    Buf::Output(k) => outs.get(k as usize),
-                    Buf::Scratch(k) => scratch.get(k as usize),
-                };
-                r.ptrs.push(Ptr::Buf(d.ok_or_else(|| format!("{}: argument {i} names a missing buffer {b:?}", name()))?));
-            }
-            Arg::Inputs => r.ptrs.extend(ins.iter().map(Ptr::Buf)),
-            Arg::U32(s) => r.scalars.push(eval_u32(s, bind)?),
-            Arg::Table(t) => r.ptrs.push(Ptr::U32s(t.iter().map(|s| eval_u32(s, bind)).collect::<Result<_, _>>()?)),
-            Arg::F32Table(bits) => r.ptrs.push(Ptr::F32Bits(bits.clone())),
-        }
-    }
-    Ok(r)
-}
-
-/// A size as a `u32` argument.
-pub fn eval_u32(s: &Size, bind: &Bindings) -> Result<u32, String> {
-    u32_of(s.eval(bind)).map_err(|e| format!("size {s}: {e}"))
 }
 
 fn u32_of(v: i64) -> Result<u32, String> {
@@ -179,9 +121,10 @@ pub fn parse_signature(src: &str) -> Result<Signature, String> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use dsc_compiler::codegen::launch::NodeWork;
+    use dsc_compiler::codegen::launch::{NodeWork, Ptr};
     use dsc_compiler::codegen::select::node_work;
     use dsc_compiler::codegen::{kernel_source, Target};
+    use dsc_compiler::ir::Bindings;
     use dsc_compiler::ir::{DType, Mode, Module, NodeId, Op};
     use std::collections::BTreeMap;
 
@@ -270,7 +213,7 @@ pub(crate) mod tests {
         }
     }
 
-    /// The layout [`resolve`] and [`info_words`] produce agrees with the struct and the
+    /// The layout `Launch::resolve` and [`info_words`] produce agrees with the struct and the
     /// parameter list the generated source declares, for every kernel the tiny specs use:
     /// as many pointers, each of the buffer's type, and `info_st` arrays of the lengths
     /// the words fill.
@@ -289,7 +232,7 @@ pub(crate) mod tests {
                 outs.iter().map(|&d| Fake(d)).collect(),
                 scratch.iter().map(|&d| Fake(d)).collect(),
             );
-            let r = resolve(l, &ins, &outs, &scratch, &bind).unwrap_or_else(|e| panic!("{label}: {e}"));
+            let r = l.resolve(&ins, &outs, &scratch, &bind).unwrap_or_else(|e| panic!("{label}: {e}"));
             assert_eq!(sig.params.len(), r.ptrs.len(), "{label}: pointer parameters {:?} for {:?}", sig.params, l.args);
             for (i, (p, ty)) in r.ptrs.iter().zip(&sig.params).enumerate() {
                 let ok: &[&str] = match p {
@@ -299,7 +242,7 @@ pub(crate) mod tests {
                 };
                 assert!(ok.contains(&ty.as_str()), "{label}: parameter {i} is `{ty}`, the launch binds {p:?}");
             }
-            let words = r.info(|_| 1).unwrap();
+            let words = info(&r, |_| 1).unwrap();
             let mut want = Vec::new();
             if !r.scalars.is_empty() {
                 want.push(("scalars_u32".to_string(), padded(r.scalars.len())));

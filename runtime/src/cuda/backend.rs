@@ -1,11 +1,11 @@
 //! The CUDA device: buffers, kernels compiled once per name, launches.
 
-use super::abi::{self, Ptr};
+use super::abi;
 use super::nvrtc;
 use crate::reference::Tensor;
 pub use crate::repr::Repr;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
-use dsc_compiler::codegen::launch::{Launch, NodeWork, Size};
+use dsc_compiler::codegen::launch::{Launch, NodeWork, Ptr, Size};
 use dsc_compiler::codegen::select::node_work;
 use dsc_compiler::codegen::{cube_dim, kernel_source_and_shared_bytes, KernelSpec, Target};
 use dsc_compiler::ir::{Bindings, DType, Graph, NodeId};
@@ -286,8 +286,8 @@ impl CudaBackend {
     /// One launch: pointers in the kernel's parameter order, then `info_st` (see
     /// [`abi`]); grid evaluated, block = the kernel's cube_dim.
     fn launch(&self, l: &Launch, ins: &[DeviceBuf], outs: &[DeviceBuf], scratch: &[DeviceBuf], bind: &Bindings) -> Result<(), String> {
-        let [gx, gy, gz] = [0, 1, 2].map(|i| abi::eval_u32(&l.grid[i], bind));
-        let grid = (gx?, gy?, gz?);
+        let [gx, gy, gz] = l.grid_at(bind)?;
+        let grid = (gx, gy, gz);
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(()); // nothing to compute (an empty tensor)
         }
@@ -295,8 +295,8 @@ impl CudaBackend {
             return Err(format!("grid {grid:?} exceeds CUDA's limits (2³¹-1, 65535, 65535)"));
         }
         let k = self.kernel(&l.kernel)?;
-        let r = abi::resolve(l, ins, outs, scratch, bind)?;
-        let info = r.info(|b: &DeviceBuf| b.len)?;
+        let r = l.resolve(ins, outs, scratch, bind)?;
+        let info = abi::info(&r, |b: &DeviceBuf| b.len)?;
         let mut tables = Vec::new();
         for p in &r.ptrs {
             match p {

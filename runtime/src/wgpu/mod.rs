@@ -3,18 +3,19 @@
 //! Every launch goes through [`dsc_compiler::codegen::launch`]: a node's [`NodeWork`]
 //! (kernels, argument lists, grids as expressions of `b`, `c`, `s`) is evaluated against
 //! the step's [`Bindings`] and launched as written, the same description `dsc compile`
-//! prints into `plan.json`. Buffers live on the device as [`DeviceBuf`]s; floats are held
-//! in the kernel's element type (`f32` or `f16`), integers (token ids, positions, expert
-//! indices) as `i32`.
+//! prints into `plan.json`, bound in the order the launch lists its arguments to the
+//! kernel `kernel_definition` builds (no per-kernel code here). Buffers live on the device
+//! as [`DeviceBuf`]s; floats are held in the kernel's element type (`f32` or `f16`),
+//! integers (token ids, positions, expert indices) as `i32`.
 
 use crate::reference::Tensor;
 pub use crate::repr::Repr;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use cubecl::wgpu::WgpuDevice;
-use dsc_compiler::codegen::launch::{Arg, Buf, Launch, NodeWork};
+use dsc_compiler::codegen::launch::{Launch, NodeWork, Ptr};
 use dsc_compiler::codegen::select::node_work;
-use dsc_compiler::codegen::{cube_dim, kernels, KernelSpec};
+use dsc_compiler::codegen::{cube_dim, kernel_definition, Target};
 use dsc_compiler::ir::{Bindings, Graph, NodeId};
 
 /// A buffer on the device: `len` elements in `repr`.
@@ -171,22 +172,18 @@ impl WgpuBackend {
         let scratch: Vec<DeviceBuf> =
             scratch.iter().map(|s| self.poisoned(eval_len(&s.len, bind)?, Repr::of(s.dtype)?)).collect::<Result<_, String>>()?;
         for l in launches {
-            let bufs = Bound { ins, outs, scratch: &scratch };
-            match l.kernel.elem() {
-                dsc_compiler::codegen::Elem::F32 => self.launch::<f32>(l, &bufs, bind)?,
-                dsc_compiler::codegen::Elem::F16 => self.launch::<half::f16>(l, &bufs, bind)?,
-                e @ dsc_compiler::codegen::Elem::Bf16 => return e.on(dsc_compiler::codegen::Target::Wgsl),
-            }
+            self.launch(l, ins, outs, &scratch, bind)?;
         }
         Ok(())
     }
 
-    /// One launch, its arguments resolved: buffers by slot, sizes evaluated, tables
-    /// uploaded. Each arm passes the arguments in the kernel's parameter order.
-    fn launch<F: Float + CubeElement>(&self, l: &Launch, bufs: &Bound, bind: &Bindings) -> Result<(), String> {
-        let a = Args { l, bufs, bind, backend: self };
-        let [gx, gy, gz] = [0, 1, 2].map(|i| eval_len(&l.grid[i], bind).and_then(u32_of));
-        let (gx, gy, gz) = (gx?, gy?, gz?);
+    /// One launch: its arguments resolved ([`Launch::resolve`]) and bound in the kernel's
+    /// parameter order, buffers (tables uploaded for the launch) as resources and `u32`s
+    /// as scalars, to the kernel [`kernel_definition`] builds for this adapter: what
+    /// CubeCL's generated `launch` functions do, for every kernel at once.
+    fn launch(&self, l: &Launch, ins: &[DeviceBuf], outs: &[DeviceBuf], scratch: &[DeviceBuf], bind: &Bindings) -> Result<(), String> {
+        l.kernel.check_target(Target::Wgsl)?;
+        let [gx, gy, gz] = l.grid_at(bind)?;
         if gx == 0 || gy == 0 || gz == 0 {
             return Ok(()); // nothing to compute (an empty tensor)
         }
@@ -198,382 +195,24 @@ impl WgpuBackend {
                 self.adapter_name()
             ));
         }
-        let count = CubeCount::Static(gx, gy, gz);
-        let dim = cube_dim(&l.kernel);
-        let c = &self.client;
-        match &l.kernel {
-            KernelSpec::Elementwise { program, .. } => {
-                let mut seq = SequenceArg::<Box<[F]>>::new();
-                for b in bufs.ins {
-                    seq.push(arg(b));
-                }
-                kernels::fused_ew::launch::<F, F>(c, count, dim, seq, a.table(1)?, a.buf(2)?, program.clone())
-            }
-            KernelSpec::ElementwiseI32 { program, .. } => {
-                let mut seq = SequenceArg::<Box<[i32]>>::new();
-                for b in bufs.ins {
-                    seq.push(arg(b));
-                }
-                kernels::fused_ew::launch::<F, i32>(c, count, dim, seq, a.table(1)?, a.buf(2)?, program.clone())
-            }
-            KernelSpec::Reduce { mean, .. } => {
-                kernels::reduce::reduce_axis::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.u32(2)?, a.u32(3)?, *mean)
-            }
-            KernelSpec::MoeGrad { part, weights, .. } => {
-                use kernels::moe_grad::{self as mg, MoeGradPart as P};
-                match part {
-                    P::Proj => {
-                        let (x, dy, rows, re, gate, up, down) =
-                            (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?, a.buf(5)?, a.buf(6)?);
-                        let (g, u, da) = (a.buf(7)?, a.buf(8)?, a.buf(9)?);
-                        mg::moe_grad_proj::launch::<F>(
-                            c,
-                            count,
-                            dim,
-                            x,
-                            dy,
-                            rows,
-                            re,
-                            gate,
-                            up,
-                            down,
-                            g,
-                            u,
-                            da,
-                            a.u32(10)?,
-                            a.u32(11)?,
-                            a.u32(12)?,
-                        )
-                    }
-                    P::Mid => {
-                        let (w, rows, g, u, da, dw) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?, a.buf(5)?);
-                        let inter = a.u32(6)?;
-                        match weights {
-                            dsc_compiler::codegen::Elem::F32 => {
-                                mg::moe_grad_mid::launch::<F, f32>(c, count, dim, w, rows, g, u, da, dw, inter)
-                            }
-                            dsc_compiler::codegen::Elem::F16 => {
-                                mg::moe_grad_mid::launch::<F, half::f16>(c, count, dim, w, rows, g, u, da, dw, inter)
-                            }
-                            e @ dsc_compiler::codegen::Elem::Bf16 => return e.on(dsc_compiler::codegen::Target::Wgsl),
-                        }
-                    }
-                    P::DxRows => {
-                        let (re, dg, du, gate, up, dxr) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?, a.buf(5)?);
-                        mg::moe_grad_dx_rows::launch::<F>(c, count, dim, re, dg, du, gate, up, dxr, a.u32(6)?, a.u32(7)?)
-                    }
-                    P::Dx => mg::moe_grad_dx::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.u32(3)?, a.u32(4)?),
-                    P::Weights => {
-                        let (x, dy, rows, off, aa, dg, du) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?, a.buf(5)?, a.buf(6)?);
-                        let (dgate, dup, ddown) = (a.buf(7)?, a.buf(8)?, a.buf(9)?);
-                        mg::moe_grad_weights::launch::<F>(
-                            c,
-                            count,
-                            dim,
-                            x,
-                            dy,
-                            rows,
-                            off,
-                            aa,
-                            dg,
-                            du,
-                            dgate,
-                            dup,
-                            ddown,
-                            a.u32(10)?,
-                            a.u32(11)?,
-                            a.u32(12)?,
-                        )
-                    }
-                }
-            }
-            KernelSpec::MoeRouteGrad { cfg, .. } => {
-                kernels::grad::moe_route_grad::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, *cfg)
-            }
-            KernelSpec::IotaI32 => kernels::reduce::iota::launch::<i32>(c, count, dim, a.buf(0)?, a.u32(1)?),
-            KernelSpec::AdamW { .. } => {
-                kernels::optim::adamw::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.f32_table(4)?, a.u32(5)?)
-            }
-            KernelSpec::SampleRows { greedy, .. } => {
-                let (x, consts, params, tokens, stats) = (a.buf(0)?, a.f32_table(1)?, a.table(2)?, a.buf(3)?, a.buf(4)?);
-                kernels::sample::sample_rows::launch::<F>(c, count, dim, x, consts, params, tokens, stats, a.u32(5)?, *greedy)
-            }
-            KernelSpec::SumSquares { .. } => kernels::optim::sum_squares::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.u32(2)?),
-            KernelSpec::RmsNorm { eps_bits, .. } => {
-                kernels::rms_norm::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.u32(3)?, *eps_bits)
-            }
-            KernelSpec::Softmax { .. } => kernels::softmax::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.u32(2)?),
-            KernelSpec::Copy { rank, .. } => {
-                kernels::movement::strided_copy::launch::<F>(c, count, dim, a.buf(0)?, a.table(1)?, a.buf(2)?, *rank)
-            }
-            KernelSpec::CopyI32 { rank } => {
-                kernels::movement::strided_copy::launch::<i32>(c, count, dim, a.buf(0)?, a.table(1)?, a.buf(2)?, *rank)
-            }
-            KernelSpec::NegI32 => kernels::movement::neg_i32::launch(c, count, dim, a.buf(0)?, a.buf(1)?),
-            KernelSpec::RmsNormGrad { eps_bits, gain: false, .. } => {
-                let (x, g, dy, dx, r) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?);
-                kernels::grad::rms_norm_grad_rows::launch::<F>(c, count, dim, x, g, dy, dx, r, a.u32(5)?, *eps_bits)
-            }
-            KernelSpec::RmsNormGrad { gain: true, .. } => {
-                let (x, dy, r, dg) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?);
-                kernels::grad::rms_norm_grad_gain::launch::<F>(c, count, dim, x, dy, r, dg, a.u32(4)?)
-            }
-            KernelSpec::AttentionGrad { cfg, part, .. } => {
-                use kernels::attention_grad::{self as ag, AttnGradPart};
-                match part {
-                    AttnGradPart::Delta => ag::attn_grad_delta::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.u32(3)?),
-                    AttnGradPart::Dq => {
-                        let (q, k, v, mask, lse, delta, dout, dq) =
-                            (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?, a.buf(5)?, a.buf(6)?, a.buf(7)?);
-                        ag::attn_grad_dq::launch::<F>(
-                            c,
-                            count,
-                            dim,
-                            q,
-                            k,
-                            v,
-                            mask,
-                            lse,
-                            delta,
-                            dout,
-                            dq,
-                            a.u32(8)?,
-                            a.u32(9)?,
-                            a.u32(10)?,
-                            *cfg,
-                        )
-                    }
-                    AttnGradPart::Dkv => {
-                        let (q, k, v, mask, lse, delta, dout) =
-                            (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?, a.buf(5)?, a.buf(6)?);
-                        let (dk, dv) = (a.buf(7)?, a.buf(8)?);
-                        let (sq, sk, kvh) = (a.u32(9)?, a.u32(10)?, a.u32(11)?);
-                        ag::attn_grad_dkv::launch::<F>(c, count, dim, q, k, v, mask, lse, delta, dout, dk, dv, sq, sk, kvh, *cfg)
-                    }
-                }
-            }
-            KernelSpec::SwiGluGradEw { .. } => {
-                let (g, u, da, x, dg, du) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?, a.buf(5)?);
-                kernels::grad::swiglu_grad_ew::launch::<F>(c, count, dim, g, u, da, x, dg, du)
-            }
-            KernelSpec::ScatterLinks => kernels::grad::scatter_links::launch(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.u32(3)?),
-            KernelSpec::ScatterRows { .. } => {
-                let (src, idx, next, first, out) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?);
-                kernels::grad::scatter_rows::launch::<F>(c, count, dim, src, idx, next, first, out, a.u32(5)?, a.u32(6)?, a.u32(7)?)
-            }
-            // The element types are the spec's (`F` is the output's).
-            KernelSpec::Cast { from, to } => {
-                use dsc_compiler::codegen::Elem::{F16, F32};
-                match (from, to) {
-                    (F32, F16) => kernels::movement::convert::launch::<f32, half::f16>(c, count, dim, a.buf(0)?, a.buf(1)?),
-                    (F16, F32) => kernels::movement::convert::launch::<half::f16, f32>(c, count, dim, a.buf(0)?, a.buf(1)?),
-                    _ => kernels::movement::convert::launch::<F, F>(c, count, dim, a.buf(0)?, a.buf(1)?),
-                }
-            }
-            KernelSpec::Gather { .. } => {
-                kernels::movement::gather::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.u32(3)?, a.u32(4)?, a.u32(5)?)
-            }
-            KernelSpec::Rope { interleaved, .. } => {
-                let (x, pos, freqs, out) = (a.buf(0)?, a.buf(1)?, a.f32_table(2)?, a.buf(3)?);
-                kernels::rope::rope::launch::<F>(c, count, dim, x, pos, freqs, out, a.u32(4)?, a.u32(5)?, a.u32(6)?, *interleaved)
-            }
-            KernelSpec::MatMulEw { epilogue, skinny, .. } => {
-                let (x, w, layout, out) = (a.buf(0)?, a.buf(1)?, a.table(2)?, a.buf(3)?);
-                let (m, n, k) = (a.u32(4)?, a.u32(5)?, a.u32(6)?);
-                kernels::heads::matmul_ew::launch::<F, F>(c, count, dim, x, w, layout, out, m, n, k, a.seq(7)?, epilogue.clone(), *skinny)
-            }
-            KernelSpec::MatMulEwFrom { head, epilogue, skinny, .. } => {
-                let (x, w, layout, out) = (a.buf(0)?, a.buf(1)?, a.table(2)?, a.buf(3)?);
-                let (m, n, k, e) = (a.u32(4)?, a.u32(5)?, a.u32(6)?, epilogue.clone());
-                match head {
-                    dsc_compiler::codegen::Elem::F32 => {
-                        kernels::heads::matmul_ew::launch::<F, f32>(c, count, dim, x, w, layout, out, m, n, k, a.seq(7)?, e, *skinny)
-                    }
-                    dsc_compiler::codegen::Elem::F16 => {
-                        kernels::heads::matmul_ew::launch::<F, half::f16>(c, count, dim, x, w, layout, out, m, n, k, a.seq(7)?, e, *skinny)
-                    }
-                    h @ dsc_compiler::codegen::Elem::Bf16 => return h.on(dsc_compiler::codegen::Target::Wgsl),
-                }
-            }
-            KernelSpec::RmsNormEw { eps_bits, epilogue, .. } => {
-                let (x, gain, layout, out) = (a.buf(0)?, a.buf(1)?, a.table(2)?, a.buf(3)?);
-                kernels::heads::rms_norm_ew::launch::<F>(
-                    c,
-                    count,
-                    dim,
-                    x,
-                    gain,
-                    layout,
-                    out,
-                    a.u32(4)?,
-                    a.seq(5)?,
-                    *eps_bits,
-                    epilogue.clone(),
-                )
-            }
-            KernelSpec::GateUp { skinny, .. } => {
-                let (x, gate, up, out) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?);
-                kernels::heads::matmul_gate_up::launch::<F>(c, count, dim, x, gate, up, out, a.u32(4)?, a.u32(5)?, a.u32(6)?, *skinny)
-            }
-            KernelSpec::MatMul { skinny, .. } => {
-                kernels::matmul::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.u32(3)?, a.u32(4)?, a.u32(5)?, *skinny)
-            }
-            KernelSpec::Attention { cfg, .. } => {
-                let (q, k, k2, v, mask) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?);
-                let (out, lse, part, consts, kv) = (a.buf(5)?, a.buf(6)?, a.buf(7)?, a.f32_table(8)?, a.table(9)?);
-                let (sq, sk, kvh, splits) = (a.u32(10)?, a.u32(11)?, a.u32(12)?, a.u32(13)?);
-                kernels::attention::attention::launch::<F>(
-                    c, count, dim, q, k, k2, v, mask, out, lse, part, consts, kv, sq, sk, kvh, splits, *cfg,
-                )
-            }
-            KernelSpec::AttentionCombine { .. } => {
-                let (part, out, consts) = (a.buf(0)?, a.buf(1)?, a.f32_table(2)?);
-                kernels::attention::attention_combine::launch::<F>(c, count, dim, part, out, consts, a.u32(3)?, a.u32(4)?, a.u32(5)?)
-            }
-            KernelSpec::BatchMatMul { rank, accumulate, .. } => {
-                let (x, y, out, t) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.table(3)?);
-                kernels::attention::batch_matmul::launch::<F>(
-                    c,
-                    count,
-                    dim,
-                    x,
-                    y,
-                    out,
-                    t,
-                    a.u32(4)?,
-                    a.u32(5)?,
-                    a.u32(6)?,
-                    *rank,
-                    *accumulate,
-                )
-            }
-            KernelSpec::MoeRoute { cfg, .. } => {
-                let mut seq = SequenceArg::<Box<[F]>>::new();
-                for b in bufs.ins {
-                    seq.push(arg(b));
-                }
-                kernels::moe::moe_route::launch::<F>(c, count, dim, seq, a.buf(1)?, a.buf(2)?, *cfg)
-            }
-            KernelSpec::TopK { .. } => {
-                kernels::moe::top_k::launch::<F>(c, count, dim, a.buf(0)?, a.buf(1)?, a.buf(2)?, a.u32(3)?, a.u32(4)?)
-            }
-            KernelSpec::MoeDispatch => {
-                let (ids, rows, row_expert, pos, offsets) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?);
-                kernels::moe::moe_dispatch::launch(c, count, dim, ids, rows, row_expert, pos, offsets, a.u32(5)?)
-            }
-            KernelSpec::MoeGateUp { .. } => {
-                let (x, rows, row_expert, offsets, gate, up, act) =
-                    (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?, a.buf(5)?, a.buf(6)?);
-                let (pairs, k, h, i) = (a.u32(7)?, a.u32(8)?, a.u32(9)?, a.u32(10)?);
-                kernels::moe::moe_gate_up::launch::<F>(c, count, dim, x, rows, row_expert, offsets, gate, up, act, pairs, k, h, i)
-            }
-            KernelSpec::MoeDown { .. } => {
-                let (act, row_expert, offsets, down, y) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.buf(4)?);
-                kernels::moe::moe_down::launch::<F>(c, count, dim, act, row_expert, offsets, down, y, a.u32(5)?, a.u32(6)?, a.u32(7)?)
-            }
-            KernelSpec::Label { kind, has_ignore, .. } => {
-                use kernels::loss::{self, LabelKernel};
-                let (h, x, y) = (*has_ignore, a.buf(0)?, a.buf(1)?);
-                match kind {
-                    LabelKernel::LogProb => {
-                        loss::label_logprob::launch::<F>(c, count, dim, x, y, a.f32_table(2)?, a.buf(3)?, a.u32(4)?, a.u32(5)?, h)
-                    }
-                    LabelKernel::Mean => loss::label_mean::launch(c, count, dim, x, y, a.buf(2)?, a.u32(3)?, a.u32(4)?, h),
-                    LabelKernel::Coef => loss::label_coef::launch(c, count, dim, x, y, a.buf(2)?, a.u32(3)?, a.u32(4)?, h),
-                    LabelKernel::Grad { per_row } => loss::label_grad::launch::<F>(
-                        c,
-                        count,
-                        dim,
-                        x,
-                        y,
-                        a.buf(2)?,
-                        a.f32_table(3)?,
-                        a.buf(4)?,
-                        a.u32(5)?,
-                        a.u32(6)?,
-                        h,
-                        *per_row,
-                    ),
-                }
-            }
-            KernelSpec::MoeCombine { weights, .. } => {
-                let (y, pos, w, out, h, k) = (a.buf(0)?, a.buf(1)?, a.buf(2)?, a.buf(3)?, a.u32(4)?, a.u32(5)?);
-                match weights {
-                    dsc_compiler::codegen::Elem::F32 => kernels::moe::moe_combine::launch::<F, f32>(c, count, dim, y, pos, w, out, h, k),
-                    dsc_compiler::codegen::Elem::F16 => {
-                        kernels::moe::moe_combine::launch::<F, half::f16>(c, count, dim, y, pos, w, out, h, k)
-                    }
-                    e @ dsc_compiler::codegen::Elem::Bf16 => return e.on(dsc_compiler::codegen::Target::Wgsl),
-                }
-            }
+        let r = l.resolve(ins, outs, scratch, bind)?;
+        let mut launcher = KernelLauncher::new(KernelSettings::new(*cube_dim(&l.kernel), ExecutionMode::Checked, AddressType::U32));
+        for p in &r.ptrs {
+            // A table holds a launch's sizes, strides or constants: a few words, far below
+            // any limit.
+            let b = match p {
+                Ptr::Buf(d) => (*d).clone(),
+                Ptr::U32s(v) => self.buffer_from_bytes(u32::as_bytes(v), v.len(), Repr::I32),
+                Ptr::F32Bits(v) => self.buffer_from_bytes(u32::as_bytes(v), v.len(), Repr::F32),
+            };
+            launcher.register_buffer(arg(&b), b.repr.bytes());
         }
+        for &s in &r.scalars {
+            launcher.register_scalar(s);
+        }
+        let kernel = kernel_definition(&l.kernel, self.client.properties_shared(), self.client.target_properties_shared());
+        launcher.launch(CubeCount::Static(gx, gy, gz), kernel, &self.client);
         Ok(())
-    }
-}
-
-/// The buffers a launch can name.
-struct Bound<'a> {
-    ins: &'a [DeviceBuf],
-    outs: &'a [DeviceBuf],
-    scratch: &'a [DeviceBuf],
-}
-
-/// A launch's arguments, resolved by position.
-struct Args<'a> {
-    l: &'a Launch,
-    bufs: &'a Bound<'a>,
-    bind: &'a Bindings,
-    backend: &'a WgpuBackend,
-}
-
-impl Args<'_> {
-    fn get(&self, i: usize) -> Result<&Arg, String> {
-        self.l.args.get(i).ok_or_else(|| format!("{}: no argument {i}", self.l.kernel.name()))
-    }
-    /// Argument `i`, a buffer. The kernel's parameter type decides the element type; the
-    /// runtime only checks the length.
-    fn buf(&self, i: usize) -> Result<BufferArg, String> {
-        let Arg::Buf(b) = self.get(i)? else {
-            return Err(format!("{}: argument {i} is not a buffer", self.l.kernel.name()));
-        };
-        let d = match *b {
-            Buf::Input(k) => self.bufs.ins.get(k as usize),
-            Buf::Output(k) => self.bufs.outs.get(k as usize),
-            Buf::Scratch(k) => self.bufs.scratch.get(k as usize),
-        };
-        d.map(arg).ok_or_else(|| format!("{}: argument {i} names a missing buffer {b:?}", self.l.kernel.name()))
-    }
-    fn u32(&self, i: usize) -> Result<u32, String> {
-        let Arg::U32(s) = self.get(i)? else {
-            return Err(format!("{}: argument {i} is not a scalar", self.l.kernel.name()));
-        };
-        u32_of(eval_len(s, self.bind)?)
-    }
-    fn table(&self, i: usize) -> Result<BufferArg, String> {
-        let Arg::Table(t) = self.get(i)? else {
-            return Err(format!("{}: argument {i} is not a table", self.l.kernel.name()));
-        };
-        let v: Vec<u32> = t.iter().map(|s| eval_len(s, self.bind).and_then(u32_of)).collect::<Result<_, _>>()?;
-        // A table holds a launch's sizes and strides: a few words, far below any limit.
-        let b = self.backend.buffer_from_bytes(u32::as_bytes(&v), v.len(), Repr::I32);
-        Ok(arg(&b))
-    }
-    /// Argument `i`, an [`Arg::F32Table`] uploaded as an `f32` buffer.
-    fn f32_table(&self, i: usize) -> Result<BufferArg, String> {
-        let Arg::F32Table(t) = self.get(i)? else {
-            return Err(format!("{}: argument {i} is not an f32 table", self.l.kernel.name()));
-        };
-        let b = self.backend.buffer_from_bytes(u32::as_bytes(t), t.len(), Repr::F32);
-        Ok(arg(&b))
-    }
-    /// Arguments `from..`, buffers, as one `Sequence` argument (the extra inputs a fused
-    /// kernel's epilogue reads).
-    fn seq<F: Float>(&self, from: usize) -> Result<SequenceArg<Box<[F]>>, String> {
-        let mut seq = SequenceArg::<Box<[F]>>::new();
-        for i in from..self.l.args.len() {
-            seq.push(self.buf(i)?);
-        }
-        Ok(seq)
     }
 }
 
@@ -616,10 +255,6 @@ fn adapter_list() -> String {
 fn eval_len(s: &dsc_compiler::codegen::launch::Size, bind: &Bindings) -> Result<usize, String> {
     let v = s.eval(bind);
     usize::try_from(v).map_err(|_| format!("size {s} evaluates to {v} < 0"))
-}
-
-fn u32_of(n: usize) -> Result<u32, String> {
-    u32::try_from(n).map_err(|_| format!("size {n} exceeds u32"))
 }
 
 pub mod exec;

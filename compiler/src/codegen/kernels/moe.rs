@@ -42,9 +42,7 @@ use cubecl::prelude::*;
 
 use super::TILE;
 
-/// Units per cube of the router, top-k, dispatch and combine kernels; a power of two for
-/// the tree reductions and the prefix sum.
-pub const SELECT_BLOCK: u32 = 128;
+pub use crate::codegen::spec::SELECT_BLOCK;
 /// `log2(SELECT_BLOCK)`: reductions are comptime-unrolled halving loops (a runtime
 /// `while` over a shared-memory index trips a CubeCL 0.11.3 verifier bug, CUBECL.md §2).
 pub const SELECT_BLOCK_LOG2: u32 = 7;
