@@ -480,7 +480,7 @@ impl<'m, T: Real> Interp<'m, T> {
                 let av = floats::<T>(a, "matmul x")?;
                 let m = av.len().checked_div(k).unwrap_or_else(|| numel(&a.shape()[..a.rank() - 1]));
                 let y = match w.as_bf16_bits() {
-                    Some(bits) => linear_bf16(av, m, k, bits, *n)?,
+                    Some(bits) => linear_bf16(av, m, k, bits, *n, true)?,
                     None => linear(av, m, k, floats::<T>(w, "matmul weight")?, *n, true)?,
                 };
                 let mut shape = a.shape().to_vec();

@@ -5,6 +5,7 @@
 //! inside the slices it was given. Everything else (linear layers, batched products,
 //! attention, experts) goes through that safe wrapper.
 
+use super::dot::{rows_times_weight, WeightElem};
 use super::real::Real;
 use super::KernelError as KErr;
 use gemm::Parallelism;
@@ -107,16 +108,16 @@ fn gemm_impl<T: Real>(m: usize, n: usize, k: usize, dst: &mut [T], lhs: Mat<T>, 
 }
 
 /// Torch's `Linear`: `x: [m, k]` (row-major) times `w: [n, k]` transposed → `[m, n]`.
+/// `parallel` allows rayon (callers that already run one product per thread pass
+/// `false`).
 pub fn linear<T: Real>(x: &[T], m: usize, k: usize, w: &[T], n: usize, parallel: bool) -> Result<Vec<T>, KErr> {
     if x.len() != m * k || w.len() != n * k {
         return Err(KErr::shape(format!("linear: x has {} elements for [{m}, {k}], weight {} for [{n}, {k}]", x.len(), w.len())));
     }
-    // Up to 4 rows: at 8 the GEMM is ahead again (decode of a 132M model, interleaved:
-    // batch 1 +15–35%, batch 8 -6% with the dot path).
-    if parallel && m <= 4 && k > 0 && std::mem::size_of::<T>() == 4 {
-        // SAFETY: `Real` is implemented for f32 and f64 only, so a 4-byte `T` is f32.
+    if let Some(x32) = few_f32_rows(x, m, k) {
+        // SAFETY: `few_f32_rows` answers only for `T` = f32, so `w` holds f32s too.
         let w32 = unsafe { std::slice::from_raw_parts(w.as_ptr() as *const f32, w.len()) };
-        return Ok(linear_dot(x, m, k, w32, n));
+        return Ok(linear_dot(x32, m, k, w32, n, parallel));
     }
     let mut out = vec![T::ZERO; m * n];
     // Wᵀ as a k×n view of the [n, k] weight: element (kk, j) is w[j*k + kk].
@@ -124,79 +125,56 @@ pub fn linear<T: Real>(x: &[T], m: usize, k: usize, w: &[T], n: usize, parallel:
     Ok(out)
 }
 
-/// Rows of x up to which [`linear_bf16`] (in f32) dots each weight row with each row of x
-/// instead of widening blocks for a GEMM ([`linear`] does so up to 4), and the weight
-/// rows per task there.
-const DOT_ROWS: usize = 8;
-const DOT_COLS: usize = 64;
+/// Rows of `x` up to which a `linear` in `f32` takes dot products ([`super::dot`])
+/// instead of a GEMM: below this, packing the operands costs more than the arithmetic.
+const DOT_ROWS: usize = 16;
 
-/// A weight element a dot product reads as f32: f32 itself, or bf16 bits (widening is a
-/// shift).
-trait DotElem: Copy + Send + Sync {
-    fn f32(self) -> f32;
-}
-impl DotElem for f32 {
-    fn f32(self) -> f32 {
-        self
+/// Weight bytes per task of the dot path (whole rows, at least [`DOT_MIN_ROWS`]): large
+/// enough that a task's set-up is noise against reading them, small enough to stay in
+/// cache for every row of x and to spread over the threads.
+const DOT_TASK_BYTES: usize = 512 << 10;
+const DOT_MIN_ROWS: usize = 16;
+
+/// `x` as `f32`s when the run is in `f32` and `x` has few enough rows for the dot path.
+fn few_f32_rows<T: Real>(x: &[T], m: usize, k: usize) -> Option<&[f32]> {
+    if m == 0 || m > DOT_ROWS || k == 0 || std::mem::size_of::<T>() != 4 {
+        return None;
     }
-}
-impl DotElem for u16 {
-    fn f32(self) -> f32 {
-        super::weights::bf16_to_f32(self)
-    }
+    // SAFETY: `Real` is implemented for f32 and f64 only, so a 4-byte `T` is f32.
+    Some(unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) })
 }
 
-/// `Σ x[i]·w[i]` in 16 f32 lanes (which the compiler vectorises).
-fn dot<W: DotElem>(x: &[f32], w: &[W]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (xc, wc) = (x.chunks_exact(16), w.chunks_exact(16));
-    let (xr, wr) = (xc.remainder(), wc.remainder());
-    for (xs, ws) in xc.zip(wc) {
-        for l in 0..16 {
-            acc[l] += xs[l] * ws[l].f32();
-        }
-    }
-    let tail: f32 = xr.iter().zip(wr).map(|(&a, &b)| a * b.f32()).sum();
-    acc.iter().sum::<f32>() + tail
-}
-
-/// `x [m, k] · wᵀ` for a few rows of x (`m ≤ DOT_ROWS`) in f32: one pass over the weight,
-/// each row dotted with every row of x while it is in cache; no packing, no GEMM set-up,
-/// which for a decode step cost more than the arithmetic.
-fn linear_dot<T: Real, W: DotElem>(x: &[T], m: usize, k: usize, w: &[W], n: usize) -> Vec<T> {
+/// `x [m, k] · wᵀ` in `f32` by dot products: blocks of [`DOT_TASK_BYTES`] of weight rows, one
+/// task each when `parallel`, every row of `x` multiplied while the block is in cache.
+fn linear_dot<T: Real, W: WeightElem>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, parallel: bool) -> Vec<T> {
     use rayon::prelude::*;
-    let x32: Vec<f32> = x.iter().map(|v| v.to_f64() as f32).collect();
-    let cols: Vec<Vec<f32>> = (0..n.div_ceil(DOT_COLS))
-        .into_par_iter()
-        .map(|b| {
-            let (j0, nb) = (b * DOT_COLS, DOT_COLS.min(n - b * DOT_COLS));
-            let mut y = vec![0f32; m * nb];
-            for j in 0..nb {
-                let row = &w[(j0 + j) * k..(j0 + j + 1) * k];
-                for i in 0..m {
-                    y[i * nb + j] = dot(&x32[i * k..(i + 1) * k], row);
-                }
-            }
-            y
-        })
-        .collect();
-    let mut out = vec![T::ZERO; m * n];
-    for (b, y) in cols.iter().enumerate() {
-        let (j0, nb) = (b * DOT_COLS, DOT_COLS.min(n - b * DOT_COLS));
+    let mut out = vec![0f32; m * n];
+    let cols = (DOT_TASK_BYTES / (k * std::mem::size_of::<W>()).max(1)).max(DOT_MIN_ROWS);
+    let blocks = n.div_ceil(cols);
+    let run = |b: usize| -> Vec<f32> {
+        let (j0, nb) = (b * cols, cols.min(n - b * cols));
+        let mut y = vec![0f32; m * nb];
+        rows_times_weight(x, m, k, &w[j0 * k..(j0 + nb) * k], nb, &mut y, nb);
+        y
+    };
+    let ys: Vec<Vec<f32>> =
+        if parallel && blocks > 1 { (0..blocks).into_par_iter().map(run).collect() } else { (0..blocks).map(run).collect() };
+    for (b, y) in ys.iter().enumerate() {
+        let (j0, nb) = (b * cols, cols.min(n - b * cols));
         for i in 0..m {
-            for (o, &v) in out[i * n + j0..i * n + j0 + nb].iter_mut().zip(&y[i * nb..(i + 1) * nb]) {
-                *o = T::of(v as f64);
-            }
+            out[i * n + j0..i * n + j0 + nb].copy_from_slice(&y[i * nb..(i + 1) * nb]);
         }
     }
-    out
+    // `T` is f32 here (the callers check): the conversion is a copy.
+    out.into_iter().map(|v| T::of(v as f64)).collect()
 }
 
 /// [`linear`] with the weight in bf16 (its bits, `[n, k]`): the weight is never widened
-/// whole, only a block of its rows at a time (each block a task), and each block is
-/// multiplied as [`linear`] multiplies, accumulating in `T`. A bf16 weight is half the
-/// bytes of an f32 one, which is what a decode step (a few rows of `x`) is bound by.
-pub fn linear_bf16<T: Real>(x: &[T], m: usize, k: usize, w: &[u16], n: usize) -> Result<Vec<T>, KErr> {
+/// whole. A few rows of `x` in `f32` take the dot path, which widens in registers; else a
+/// block of weight rows at a time is widened (each block a task) and multiplied as
+/// [`linear`] multiplies, accumulating in `T`. A bf16 weight is half the bytes of an f32
+/// one, which is what a decode step (a few rows of `x`) is bound by.
+pub fn linear_bf16<T: Real>(x: &[T], m: usize, k: usize, w: &[u16], n: usize, parallel: bool) -> Result<Vec<T>, KErr> {
     use rayon::prelude::*;
     if x.len() != m * k || w.len() != n * k {
         return Err(KErr::shape(format!("linear: x has {} elements for [{m}, {k}], weight {} for [{n}, {k}]", x.len(), w.len())));
@@ -205,22 +183,21 @@ pub fn linear_bf16<T: Real>(x: &[T], m: usize, k: usize, w: &[u16], n: usize) ->
     if m == 0 || n == 0 {
         return Ok(out);
     }
-    if m <= DOT_ROWS && std::mem::size_of::<T>() == 4 {
-        return Ok(linear_dot(x, m, k, w, n));
+    if let Some(x32) = few_f32_rows(x, m, k) {
+        return Ok(linear_dot(x32, m, k, w, n, parallel));
     }
     // Blocks small enough to stay in cache for a few rows of x, larger when many rows
     // amortise the widening.
     let rows = if m >= 64 { 256 } else { 32 };
-    let blocks: Vec<Vec<T>> = (0..n.div_ceil(rows))
-        .into_par_iter()
-        .map(|b| {
-            let (j0, nb) = (b * rows, rows.min(n - b * rows));
-            let wide: Vec<T> = w[j0 * k..(j0 + nb) * k].iter().map(|&v| T::of(super::weights::bf16_to_f32(v) as f64)).collect();
-            let mut y = vec![T::ZERO; m * nb];
-            gemm(m, nb, k, &mut y, Mat::rows(x, 0, k), Mat { data: &wide, offset: 0, rs: 1, cs: k }, false);
-            y
-        })
-        .collect();
+    let run = |b: usize| -> Vec<T> {
+        let (j0, nb) = (b * rows, rows.min(n - b * rows));
+        let wide: Vec<T> = w[j0 * k..(j0 + nb) * k].iter().map(|&v| T::of(v.widen() as f64)).collect();
+        let mut y = vec![T::ZERO; m * nb];
+        gemm(m, nb, k, &mut y, Mat::rows(x, 0, k), Mat { data: &wide, offset: 0, rs: 1, cs: k }, false);
+        y
+    };
+    let blocks: Vec<Vec<T>> =
+        if parallel { (0..n.div_ceil(rows)).into_par_iter().map(run).collect() } else { (0..n.div_ceil(rows)).map(run).collect() };
     for (b, y) in blocks.iter().enumerate() {
         let (j0, nb) = (b * rows, rows.min(n - b * rows));
         for i in 0..m {
@@ -281,27 +258,33 @@ mod tests {
             let x: Vec<f64> = (0..m * k).map(|i| (i as f64 * 0.37).sin()).collect();
             let bits: Vec<u16> = (0..n * k).map(|i| f32_to_bf16((i as f32 * 0.11).cos())).collect();
             let wide: Vec<f64> = bits.iter().map(|&b| bf16_to_f32(b) as f64).collect();
-            let y = linear_bf16(&x, m, k, &bits, n).unwrap();
+            let y = linear_bf16(&x, m, k, &bits, n, true).unwrap();
             let want = linear(&x, m, k, &wide, n, false).unwrap();
             assert!(y.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-12), "{m}×{k}×{n}");
         }
         // In f32, a few rows of x take the dot-product path (its own summation order).
-        for (m, k, n) in [(1, 100, 130), (8, 33, 65), (9, 16, 64)] {
+        for (m, k, n) in [(1, 100, 130), (8, 33, 65), (16, 16, 64), (17, 16, 64)] {
             let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
             let bits: Vec<u16> = (0..n * k).map(|i| f32_to_bf16((i as f32 * 0.11).cos())).collect();
             let wide: Vec<f32> = bits.iter().map(|&b| bf16_to_f32(b)).collect();
-            let y = linear_bf16(&x, m, k, &bits, n).unwrap();
+            let y = linear_bf16(&x, m, k, &bits, n, true).unwrap();
             let want = linear(&x, m, k, &wide, n, false).unwrap();
             assert!(y.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + b.abs())), "f32 {m}×{k}×{n}");
         }
-        // f32 weights: up to 4 rows of x take the dot-product path, more the GEMM.
-        for (m, k, n) in [(1, 100, 130), (4, 17, 65), (5, 33, 64)] {
+        // f32 weights: up to DOT_ROWS rows of x take the dot-product path, more the GEMM;
+        // both, in or out of rayon, give the product in f64 to f32 rounding.
+        for (m, k, n) in [(1, 100, 130), (4, 17, 65), (16, 33, 64), (17, 33, 64)] {
             let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
             let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
-            let (y, want) = (linear(&x, m, k, &w, n, true).unwrap(), linear(&x, m, k, &w, n, false).unwrap());
-            assert!(y.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + b.abs())), "f32 weights {m}×{k}×{n}");
+            let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+            let w64: Vec<f64> = w.iter().map(|&v| v as f64).collect();
+            let want = linear(&x64, m, k, &w64, n, false).unwrap();
+            for par in [true, false] {
+                let y = linear(&x, m, k, &w, n, par).unwrap();
+                assert!(y.iter().zip(&want).all(|(&a, b)| (a as f64 - b).abs() <= 1e-5 * (1.0 + b.abs())), "f32 weights {m}×{k}×{n}");
+            }
         }
-        assert!(linear_bf16(&[0.0f32; 6], 2, 3, &[0; 5], 2).is_err());
+        assert!(linear_bf16(&[0.0f32; 6], 2, 3, &[0; 5], 2, true).is_err());
         assert_eq!(f32_to_bf16(1.0), 0x3f80);
         // Ties go to even: 1 + 2^-8 is halfway between 1 and 1 + 2^-7.
         assert_eq!(f32_to_bf16(1.0 + 1.0 / 256.0), 0x3f80);

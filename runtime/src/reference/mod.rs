@@ -52,6 +52,7 @@
 //! - **Per-op semantics** are documented on the kernels: [`elementwise`], [`layout`],
 //!   [`linalg`], [`nn`] (the composites, with Hugging Face semantics).
 
+mod dot;
 pub mod elementwise;
 mod interp;
 pub mod layout;

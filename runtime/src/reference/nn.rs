@@ -597,7 +597,7 @@ impl<'a, T: Real> WeightView<'a, T> {
     fn linear(&self, x: &[T], m: usize, k: usize, n: usize, par: bool) -> Result<Vec<T>, KErr> {
         match *self {
             WeightView::Real(w) => linear(x, m, k, w, n, par),
-            WeightView::Bf16(w) => linear_bf16(x, m, k, w, n),
+            WeightView::Bf16(w) => linear_bf16(x, m, k, w, n, par),
         }
     }
 }

@@ -1,0 +1,341 @@
+//! `x · wᵀ` for a few rows of `x` (a decode step's tokens, an expert's rows) by dot
+//! products, with the weight in `f32` or in bf16 (widened in registers), vectorised for
+//! the CPU it runs on.
+//!
+//! A GEMM packs its operands before multiplying; for a few rows of `x` that costs more
+//! than the arithmetic, and the step is bound by reading the weight anyway. Here each
+//! weight row is read once per block of up to [`ROWS`] rows of `x`, and every dot
+//! product accumulates in `f32` lanes.
+//!
+//! The build targets baseline x86-64 (SSE2), so the kernel is one generic body,
+//! `#[inline(always)]`, instantiated inside functions compiled for AVX-512 and for
+//! AVX2 + FMA, and picked at run time ([`rows_times_weight`]); other CPUs get the portable
+//! instantiation (which on aarch64 is NEON with FMA). The fused variants round once per
+//! multiply-add, the plain one twice: the results differ in the last bits between CPUs,
+//! as any BLAS's do.
+
+/// Rows of `x` one pass of the kernel multiplies against each weight row: 4 rows × 2
+/// accumulators of 16 lanes, 5 loads per 4 multiply-adds.
+pub const ROWS: usize = 4;
+
+/// Lanes of each accumulator (one AVX-512 register, two AVX2 ones).
+const LANES: usize = 16;
+
+/// A weight element the kernel widens to `f32`: `f32` itself or bf16 bits.
+pub trait WeightElem: Copy + Send + Sync + 'static + Block {
+    fn widen(self) -> f32;
+}
+
+impl WeightElem for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl WeightElem for u16 {
+    /// bf16 is the high half of an `f32`: widening is exact.
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits((self as u32) << 16)
+    }
+}
+
+/// `y[i·ldy + j] = Σ_kk x[i·k + kk] · w[j·k + kk]` for `i < m`, `j < n`: `x` is `[m, k]`,
+/// `w` is `[n, k]` (rows of a torch `Linear` weight), `y` has row stride `ldy`.
+///
+/// Panics if a slice is shorter than those shapes need (callers check shapes first).
+pub fn rows_times_weight<W: WeightElem>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, y: &mut [f32], ldy: usize) {
+    assert!(x.len() >= m * k && w.len() >= n * k, "dot: operands shorter than [{m}, {k}] and [{n}, {k}]");
+    assert!(m == 0 || n == 0 || y.len() >= (m - 1) * ldy + n, "dot: output shorter than [{m}, {n}] at row stride {ldy}");
+    let mut i = 0;
+    while i < m {
+        let r = (m - i).min(ROWS);
+        let xs = &x[i * k..(i + r) * k];
+        let ys = &mut y[i * ldy..];
+        match r {
+            4 => W::block::<4>(xs, k, w, n, ys, ldy),
+            3 => W::block::<3>(xs, k, w, n, ys, ldy),
+            2 => W::block::<2>(xs, k, w, n, ys, ldy),
+            _ => W::block::<1>(xs, k, w, n, ys, ldy),
+        }
+        i += r;
+    }
+}
+
+/// `R` rows of `x` against every row of `w`, one weight row after the other (one
+/// sequential stream through the weight, which the hardware prefetcher follows: reading
+/// two rows side by side halved the speed on short rows), with the widest kernel the CPU
+/// runs.
+pub trait Block: Sized {
+    fn block<const R: usize>(x: &[f32], k: usize, w: &[Self], n: usize, y: &mut [f32], ldy: usize);
+}
+
+/// The portable tile: the `R` dot products of one weight row, lane-blocked so the
+/// compiler may vectorise them; one rounding per multiply and add.
+fn tile_portable<W: WeightElem, const R: usize>(x: &[&[f32]; R], w: &[W], k: usize) -> [f32; R] {
+    let mut acc = [[0f32; LANES]; R];
+    let full = k - k % LANES;
+    let mut kk = 0;
+    while kk < full {
+        let ws = &w[kk..kk + LANES];
+        for r in 0..R {
+            let xs = &x[r][kk..kk + LANES];
+            for l in 0..LANES {
+                acc[r][l] += xs[l] * ws[l].widen();
+            }
+        }
+        kk += LANES;
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        let mut t: f32 = acc[r].iter().sum();
+        for kk in full..k {
+            t += x[r][kk] * w[kk].widen();
+        }
+        out[r] = t;
+    }
+    out
+}
+
+/// Walks the weight rows with `tile`, writing each row's `R` results.
+#[inline(always)]
+fn walk<W, const R: usize>(
+    x: &[f32],
+    k: usize,
+    w: &[W],
+    n: usize,
+    y: &mut [f32],
+    ldy: usize,
+    tile: impl Fn(&[&[f32]; R], &[W]) -> [f32; R],
+) {
+    let xr: [&[f32]; R] = std::array::from_fn(|r| &x[r * k..(r + 1) * k]);
+    for j in 0..n {
+        let acc = tile(&xr, &w[j * k..(j + 1) * k]);
+        for r in 0..R {
+            y[r * ldy + j] = acc[r];
+        }
+    }
+}
+
+/// Generates, for one weight type, the AVX-512 and AVX2 tiles (`$load512`, `$load256`
+/// widen 16 / 8 weights at a pointer to `f32` lanes) and the run-time choice between
+/// them and the portable tile. Each row of `x` has two accumulators (even and odd
+/// vectors of `k`), so one row's multiply-adds do not wait on each other's latency.
+macro_rules! block_impl {
+    ($w:ty, $avx512:ident, $avx2:ident, $load512:expr, $load256:expr) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        fn $avx512<const R: usize>(x: &[&[f32]; R], w: &[$w], k: usize) -> [f32; R] {
+            use std::arch::x86_64::*;
+            let (mut a0, mut a1) = ([_mm512_setzero_ps(); R], [_mm512_setzero_ps(); R]);
+            let (full, mut kk) = (k - k % 16, 0);
+            while kk + 32 <= full {
+                // SAFETY: kk + 32 ≤ k, the length of the row and of each row of x.
+                let (w0, w1) = unsafe { ($load512(w.as_ptr().add(kk)), $load512(w.as_ptr().add(kk + 16))) };
+                for r in 0..R {
+                    // SAFETY: as above.
+                    let (x0, x1) = unsafe { (_mm512_loadu_ps(x[r].as_ptr().add(kk)), _mm512_loadu_ps(x[r].as_ptr().add(kk + 16))) };
+                    a0[r] = _mm512_fmadd_ps(x0, w0, a0[r]);
+                    a1[r] = _mm512_fmadd_ps(x1, w1, a1[r]);
+                }
+                kk += 32;
+            }
+            if kk < full {
+                // SAFETY: kk + 16 ≤ k.
+                let w0 = unsafe { $load512(w.as_ptr().add(kk)) };
+                for r in 0..R {
+                    // SAFETY: as above.
+                    a0[r] = _mm512_fmadd_ps(unsafe { _mm512_loadu_ps(x[r].as_ptr().add(kk)) }, w0, a0[r]);
+                }
+            }
+            let mut out = [0f32; R];
+            for r in 0..R {
+                let mut t = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+                for kk in full..k {
+                    t = x[r][kk].mul_add(w[kk].widen(), t);
+                }
+                out[r] = t;
+            }
+            out
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        fn $avx2<const R: usize>(x: &[&[f32]; R], w: &[$w], k: usize) -> [f32; R] {
+            use std::arch::x86_64::*;
+            let (mut a0, mut a1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
+            let (full, mut kk) = (k - k % 8, 0);
+            while kk + 16 <= full {
+                // SAFETY: kk + 16 ≤ k, the length of the row and of each row of x.
+                let (w0, w1) = unsafe { ($load256(w.as_ptr().add(kk)), $load256(w.as_ptr().add(kk + 8))) };
+                for r in 0..R {
+                    // SAFETY: as above.
+                    let (x0, x1) = unsafe { (_mm256_loadu_ps(x[r].as_ptr().add(kk)), _mm256_loadu_ps(x[r].as_ptr().add(kk + 8))) };
+                    a0[r] = _mm256_fmadd_ps(x0, w0, a0[r]);
+                    a1[r] = _mm256_fmadd_ps(x1, w1, a1[r]);
+                }
+                kk += 16;
+            }
+            if kk < full {
+                // SAFETY: kk + 8 ≤ k.
+                let w0 = unsafe { $load256(w.as_ptr().add(kk)) };
+                for r in 0..R {
+                    // SAFETY: as above.
+                    a0[r] = _mm256_fmadd_ps(unsafe { _mm256_loadu_ps(x[r].as_ptr().add(kk)) }, w0, a0[r]);
+                }
+            }
+            let mut out = [0f32; R];
+            for r in 0..R {
+                let v = _mm256_add_ps(a0[r], a1[r]);
+                let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+                let mut t = _mm_cvtss_f32(s);
+                for kk in full..k {
+                    t = x[r][kk].mul_add(w[kk].widen(), t);
+                }
+                out[r] = t;
+            }
+            out
+        }
+
+        impl Block for $w {
+            fn block<const R: usize>(x: &[f32], k: usize, w: &[$w], n: usize, y: &mut [f32], ldy: usize) {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    if simd() == Simd::Avx512 {
+                        // SAFETY: the CPU has the features the tile is compiled for.
+                        return walk::<$w, R>(x, k, w, n, y, ldy, |x, w| unsafe { $avx512(x, w, k) });
+                    }
+                    if simd() == Simd::Avx2 {
+                        // SAFETY: as above.
+                        return walk::<$w, R>(x, k, w, n, y, ldy, |x, w| unsafe { $avx2(x, w, k) });
+                    }
+                }
+                walk::<$w, R>(x, k, w, n, y, ldy, |x, w| tile_portable(x, w, k))
+            }
+        }
+    };
+}
+
+block_impl!(f32, tile_avx512_f32, tile_avx2_f32, |p: *const f32| std::arch::x86_64::_mm512_loadu_ps(p), |p: *const f32| {
+    std::arch::x86_64::_mm256_loadu_ps(p)
+});
+block_impl!(
+    u16,
+    tile_avx512_bf16,
+    tile_avx2_bf16,
+    |p: *const u16| {
+        use std::arch::x86_64::*;
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i))))
+    },
+    |p: *const u16| {
+        use std::arch::x86_64::*;
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i))))
+    }
+);
+
+/// The vector extensions the tiles can use on this CPU.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Simd {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Avx512,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Avx2,
+    Portable,
+}
+
+/// Detected once (`DSC_CPU_SIMD=portable|avx2` caps it, to compare the kernels).
+fn simd() -> Simd {
+    static FOUND: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+    *FOUND.get_or_init(|| {
+        let cap = std::env::var("DSC_CPU_SIMD").ok();
+        #[cfg(target_arch = "x86_64")]
+        {
+            let fma = std::is_x86_feature_detected!("fma");
+            if cap.is_none() && fma && std::is_x86_feature_detected!("avx512f") {
+                return Simd::Avx512;
+            }
+            if cap.as_deref() != Some("portable") && fma && std::is_x86_feature_detected!("avx2") {
+                return Simd::Avx2;
+            }
+        }
+        let _ = cap;
+        Simd::Portable
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f64> {
+        let mut y = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                y[i * n + j] = (0..k).map(|kk| x[i * k + kk] as f64 * w[j * k + kk] as f64).sum();
+            }
+        }
+        y
+    }
+
+    /// Every row-block size, odd weight rows, a tail past the full chunks, a row stride
+    /// wider than `n`; f32 and bf16 weights against the product in f64.
+    #[test]
+    fn matches_the_f64_product() {
+        let mut rng = crate::rng::SplitMix64(7);
+        for (m, k, n) in [(1, 16, 1), (1, 37, 5), (3, 64, 3), (4, 100, 7), (5, 513, 9), (9, 48, 2), (2, 5, 4), (0, 8, 3), (3, 0, 2)] {
+            let x: Vec<f32> = (0..m * k).map(|_| (rng.next_f64() as f32) * 2.0 - 1.0).collect();
+            let wf: Vec<f32> = (0..n * k).map(|_| (rng.next_f64() as f32) * 2.0 - 1.0).collect();
+            let wb: Vec<u16> = wf.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+            let wbf: Vec<f32> = wb.iter().map(|&b| b.widen()).collect();
+            let ldy = n + 3;
+            for (w, want) in [(None, naive(&x, m, k, &wf, n)), (Some(&wb), naive(&x, m, k, &wbf, n))] {
+                let mut y = vec![f32::NAN; m.max(1) * ldy];
+                match w {
+                    None => rows_times_weight(&x, m, k, &wf, n, &mut y, ldy),
+                    Some(b) => rows_times_weight(&x, m, k, b, n, &mut y, ldy),
+                }
+                for i in 0..m {
+                    for j in 0..n {
+                        let (got, want) = (y[i * ldy + j] as f64, want[i * n + j]);
+                        assert!(
+                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()) * (k as f64).sqrt(),
+                            "({m},{k},{n}) [{i},{j}] {got} vs {want}"
+                        );
+                    }
+                    // The padding between rows is untouched.
+                    assert!(y[i * ldy + n..i * ldy + ldy].iter().all(|v| v.is_nan()));
+                }
+            }
+        }
+    }
+
+    /// The kernel picked for this CPU gives the portable one's result to rounding, for
+    /// every row-block size and both weight types.
+    #[test]
+    fn the_picked_kernel_agrees_with_the_portable_one() {
+        let mut rng = crate::rng::SplitMix64(11);
+        let (m, k, n) = (7, 301, 5);
+        let x: Vec<f32> = (0..m * k).map(|_| rng.next_f64() as f32 - 0.5).collect();
+        let w: Vec<f32> = (0..n * k).map(|_| rng.next_f64() as f32 - 0.5).collect();
+        let wb: Vec<u16> = w.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+        fn portable<W: WeightElem>(x: &[f32], m: usize, k: usize, w: &[W], n: usize) -> Vec<f32> {
+            let mut y = vec![0f32; m * n];
+            for i in 0..m {
+                walk::<W, 1>(&x[i * k..(i + 1) * k], k, w, n, &mut y[i * n..], n, |x, w| tile_portable(x, w, k));
+            }
+            y
+        }
+        let mut picked = vec![0f32; m * n];
+        rows_times_weight(&x, m, k, &w, n, &mut picked, n);
+        let mut picked_b = vec![0f32; m * n];
+        rows_times_weight(&x, m, k, &wb, n, &mut picked_b, n);
+        for (got, want) in [(picked, portable(&x, m, k, &w, n)), (picked_b, portable(&x, m, k, &wb, n))] {
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-5, "{a} vs {b} ({:?})", simd());
+            }
+        }
+    }
+}
