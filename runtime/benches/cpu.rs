@@ -7,12 +7,14 @@
 //! cargo bench -p dsc-runtime --bench cpu                    # runtime/benches/v3_small.dsc, random weights
 //! cargo bench -p dsc-runtime --bench cpu -- --model DIR     # a hub model directory instead
 //!     [--prompt 512] [--new 128] [--batches 1,8,32] [--passes 3] [--threads T]
-//!     [--ids IDS.json] [--json] [--bf16]
+//!     [--ids IDS.json] [--json] [--bf16] [--bf16-inputs]
 //! ```
 //!
 //! A model directory's bf16 weights stay bf16, as `dsc generate` keeps them; `--bf16`
 //! rounds the random weights of the default spec to bf16 and keeps them so, to time the
-//! bf16 path against the f32 one on the same shapes.
+//! bf16 path against the f32 one on the same shapes. `--bf16-inputs` runs the reference
+//! backend with `Options::bf16_inputs` (bf16 matmul inputs; AVX-512 BF16 where the CPU
+//! has it).
 //!
 //! `--ids` gives the batch-1 prompt (`{"input_ids": [[...]]}`, its length replaces
 //! `--prompt`); `--json` prints one line (`prefill_tokens_per_s` with the last logits,
@@ -45,11 +47,22 @@ struct Args {
     ids: Option<Vec<i64>>,
     json: bool,
     bf16: bool,
+    bf16_inputs: bool,
 }
 
 fn parse() -> Result<Args, String> {
-    let mut a =
-        Args { model: None, prompt: 512, new: 128, batches: vec![1, 8, 32], passes: 3, threads: None, ids: None, json: false, bf16: false };
+    let mut a = Args {
+        model: None,
+        prompt: 512,
+        new: 128,
+        batches: vec![1, 8, 32],
+        passes: 3,
+        threads: None,
+        ids: None,
+        json: false,
+        bf16: false,
+        bf16_inputs: false,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
@@ -62,6 +75,7 @@ fn parse() -> Result<Args, String> {
             "--threads" => a.threads = Some(num(value("--threads")?, "--threads")?),
             "--json" => a.json = true,
             "--bf16" => a.bf16 = true,
+            "--bf16-inputs" => a.bf16_inputs = true,
             "--ids" => {
                 let path = PathBuf::from(value("--ids")?);
                 let rows = dsc_runtime::cli::logits::read_ids(&path)?;
@@ -152,11 +166,12 @@ fn main() {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().expect("the first pool");
     }
     let compile = CompileOptions::default();
+    let options = Options { bf16_inputs: args.bf16_inputs, ..Options::default() };
     match &args.model {
         Some(dir) => {
             let mut d = ModelDir::open(dir, &OpenOptions::default()).unwrap_or_else(|e| panic!("{e}"));
             d.weights.keep_bf16(true);
-            let b = ReferenceBackend::new(d.spec, d.weights, compile, Options::default());
+            let b = ReferenceBackend::new(d.spec, d.weights, compile, options);
             b.weights().preload();
             run(&b, &dir.display().to_string(), &args);
         }
@@ -170,7 +185,7 @@ fn main() {
                     *t = Tensor::bf16_bits(t.shape(), bits);
                 }
             }
-            let b = ReferenceBackend::new(spec, weights, compile, Options::default());
+            let b = ReferenceBackend::new(spec, weights, compile, options);
             run(&b, "runtime/benches/v3_small.dsc (random weights)", &args);
         }
     }

@@ -517,30 +517,81 @@ fn last_position_prefill_is_the_last_row() {
 /// `generate` open it: weights never widened whole, matmuls widening a block of rows at a
 /// time): the logits, routing and greedy tokens are those of the same weights widened to
 /// f32 up front, for a dense model and for MLA with MoE.
+/// A copy of fixture `case` with every weight rounded to bf16 (nearest, ties to even),
+/// as a bf16 checkpoint ships, in a fresh temporary directory named for `what`.
+fn bf16_copy(case: &str, what: &str) -> PathBuf {
+    use dsc_runtime::reference::weights::f32_to_bf16;
+    let root = std::env::temp_dir().join(format!("dsc-bf16-{what}-{}-{case}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::copy(dir(case).join("config.json"), root.join("config.json")).unwrap();
+    let bytes = std::fs::read(dir(case).join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let converted: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            assert_eq!(v.dtype(), safetensors::Dtype::F32, "{case}: {n}");
+            let bits = v.data().chunks_exact(4).flat_map(|c| f32_to_bf16(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes());
+            (n, v.shape().to_vec(), bits.collect())
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = converted
+        .iter()
+        .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), b).unwrap()))
+        .collect();
+    std::fs::write(root.join("model.safetensors"), safetensors::tensor::serialize(views, None).unwrap()).unwrap();
+    root
+}
+
+/// What `Options::bf16_inputs` (bf16 matmul inputs) costs in accuracy: on a bf16 copy of
+/// every fixture, the prompt's logits with bf16 inputs against the same weights with f32
+/// inputs, both against transformers' f32 logits of the original weights, scaled by the
+/// logits' largest magnitude; and how many greedy tokens agree. Bounded so a wrong
+/// rounding (truncation, a lost pair) fails: bf16 keeps 8 bits, so each input is off by
+/// at most 2^-9 of itself.
+#[test]
+fn bf16_inputs_cost_against_f32_inputs() {
+    for case in CASES {
+        let root = bf16_copy(case, "inputs");
+        let p = prompts(case);
+        let want = load(case, "logits.safetensors")["logits"].to_f32_vec();
+        let scale = want.iter().fold(0f64, |m, &v| m.max((v as f64).abs()));
+        let run = |bf16_inputs: bool| {
+            let mut d = ModelDir::open(&root, &OpenOptions::default()).unwrap();
+            d.weights.keep_bf16(true);
+            let opts = Options { bf16_inputs, ..Options::default() };
+            let b = ReferenceBackend::new(d.spec, d.weights, CompileOptions { mla: MlaMode::Absorb, ..Default::default() }, opts);
+            let out = forward(&b, &p, true).unwrap();
+            let g = generate(&b, &p[..1], &GenerateOptions { max_new_tokens: 8, ..GenerateOptions::default() }).unwrap();
+            let experts: Vec<Vec<i64>> = out.routing.iter().map(|r| r.indices.to_i64_vec().unwrap()).collect();
+            (out.logits.as_f32().unwrap().to_vec(), g.tokens, experts)
+        };
+        let ((f32_in, f32_tokens, f32_experts), (bf16_in, bf16_tokens, bf16_experts)) = (run(false), run(true));
+        // A token whose expert choice flips (the fixtures' random routers have near-ties)
+        // moves its logits by a different expert's output, not by rounding: bound only the
+        // rows every layer routes alike.
+        let flipped: usize = f32_experts.iter().zip(&bf16_experts).map(|(a, b)| a.iter().zip(b).filter(|(x, y)| x != y).count()).sum();
+        let worst = |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs())) / scale;
+        let (inputs, f32_vs_hf, bf16_vs_hf) = (worst(&bf16_in, &f32_in), worst(&f32_in, &want), worst(&bf16_in, &want));
+        let agree = f32_tokens[0].iter().zip(&bf16_tokens[0]).take_while(|(a, b)| a == b).count();
+        eprintln!(
+            "{case}: bf16 inputs vs f32 inputs {inputs:.2e}; vs transformers: f32 inputs {f32_vs_hf:.2e}, bf16 inputs {bf16_vs_hf:.2e} \
+             (of the largest |logit| {scale:.2}); expert choices flipped {flipped}; greedy tokens agree for {agree} of {}",
+            f32_tokens[0].len()
+        );
+        assert!(inputs > 0.0, "{case}: bf16 inputs changed nothing: the option is not applied");
+        if flipped == 0 {
+            assert!(inputs < 0.02, "{case}: bf16 inputs moved the logits by {inputs:.3e} of their scale");
+        }
+        let _ = std::fs::remove_dir_all(&root);
+    }
+}
+
 #[test]
 fn bf16_weights_kept_in_bf16_match_widened() {
-    use dsc_runtime::reference::weights::f32_to_bf16;
     for case in ["llama_gqa", "deepseek_v3"] {
-        let root = std::env::temp_dir().join(format!("dsc-bf16-{}-{case}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(&root).unwrap();
-        std::fs::copy(dir(case).join("config.json"), root.join("config.json")).unwrap();
-        let bytes = std::fs::read(dir(case).join("model.safetensors")).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let converted: Vec<(String, Vec<usize>, Vec<u8>)> = st
-            .tensors()
-            .into_iter()
-            .map(|(n, v)| {
-                assert_eq!(v.dtype(), safetensors::Dtype::F32, "{case}: {n}");
-                let bits = v.data().chunks_exact(4).flat_map(|c| f32_to_bf16(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes());
-                (n, v.shape().to_vec(), bits.collect())
-            })
-            .collect();
-        let views: Vec<(String, safetensors::tensor::TensorView)> = converted
-            .iter()
-            .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), b).unwrap()))
-            .collect();
-        std::fs::write(root.join("model.safetensors"), safetensors::tensor::serialize(views, None).unwrap()).unwrap();
+        let root = bf16_copy(case, "kept");
         let p = prompts(case);
         let run = |keep: bool| {
             let mut d = ModelDir::open(&root, &OpenOptions::default()).unwrap();

@@ -28,6 +28,7 @@ pub fn logits_args(model: &Path, input: &Path, out: &Path) -> LogitsArgs {
             mla: Default::default(),
             threads: None,
             max_context: None,
+            bf16_inputs: false,
         },
         input: input.to_path_buf(),
         out: out.to_path_buf(),

@@ -37,11 +37,12 @@ pub(super) fn run<T: Real>(
     inputs: &[Tensor],
     weights: &dyn Weights,
     check_finite: bool,
+    bf16_inputs: bool,
 ) -> Result<Vec<Tensor>, ExecError> {
     let f =
         module.function(function).ok_or_else(|| ExecError::new(ErrorKind::Entry, format!("the module has no function `{function}`")))?;
     let sizes = bind_symbols(f, inputs)?;
-    let it = Interp::<T> { module, weights, sizes, check_finite, _t: PhantomData };
+    let it = Interp::<T> { module, weights, sizes, check_finite, bf16_inputs, _t: PhantomData };
     let args = inputs.iter().map(Cow::Borrowed).collect();
     let mut stack = Vec::new();
     it.call(f, None, args, &mut stack)
@@ -81,6 +82,8 @@ struct Interp<'m, T> {
     weights: &'m dyn Weights,
     sizes: [Option<i64>; 3],
     check_finite: bool,
+    /// [`super::Options::bf16_inputs`] (f32 runs only).
+    bf16_inputs: bool,
     _t: PhantomData<T>,
 }
 
@@ -480,7 +483,7 @@ impl<'m, T: Real> Interp<'m, T> {
                 let av = floats::<T>(a, "matmul x")?;
                 let m = av.len().checked_div(k).unwrap_or_else(|| numel(&a.shape()[..a.rank() - 1]));
                 let y = match w.as_bf16_bits() {
-                    Some(bits) => linear_bf16(av, m, k, bits, *n, true)?,
+                    Some(bits) => linear_bf16(av, m, k, bits, *n, true, self.bf16_inputs)?,
                     None => linear(av, m, k, floats::<T>(w, "matmul weight")?, *n, true)?,
                 };
                 let mut shape = a.shape().to_vec();
@@ -564,8 +567,8 @@ impl<'m, T: Real> Interp<'m, T> {
                 let (i, w) = moe_route_replay::<T>(x[0], x[1], r)?;
                 Ok(vec![i, w])
             }
-            Op::ExpertFfn => one(expert_ffn::<T>(x[0], x[1], x[2], x[3], x[4], x[5])?),
-            Op::SwiGlu => one(swiglu::<T>(x[0], x[1], x[2], x[3])?),
+            Op::ExpertFfn => one(expert_ffn::<T>(x[0], x[1], x[2], x[3], x[4], x[5], self.bf16_inputs)?),
+            Op::SwiGlu => one(swiglu::<T>(x[0], x[1], x[2], x[3], self.bf16_inputs)?),
             Op::CrossEntropy { ignore_index } => one(cross_entropy::<T>(x[0], x[1], *ignore_index)?),
             Op::TokenLogProb { ignore_index } => one(token_logprob::<T>(x[0], x[1], *ignore_index)?),
         }

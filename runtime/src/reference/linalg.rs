@@ -7,6 +7,7 @@
 
 use super::dot::{rows_times_weight, WeightElem};
 use super::real::Real;
+use super::weights::f32_to_bf16;
 use super::KernelError as KErr;
 use gemm::Parallelism;
 
@@ -174,7 +175,10 @@ fn linear_dot<T: Real, W: WeightElem>(x: &[f32], m: usize, k: usize, w: &[W], n:
 /// block of weight rows at a time is widened (each block a task) and multiplied as
 /// [`linear`] multiplies, accumulating in `T`. A bf16 weight is half the bytes of an f32
 /// one, which is what a decode step (a few rows of `x`) is bound by.
-pub fn linear_bf16<T: Real>(x: &[T], m: usize, k: usize, w: &[u16], n: usize, parallel: bool) -> Result<Vec<T>, KErr> {
+///
+/// With `bf16_inputs` (an `f32` run; see [`super::Options::bf16_inputs`]) `x` is rounded
+/// to bf16 first, and many rows are multiplied by [`super::dpbf16`] where the CPU can.
+pub fn linear_bf16<T: Real>(x: &[T], m: usize, k: usize, w: &[u16], n: usize, parallel: bool, bf16_inputs: bool) -> Result<Vec<T>, KErr> {
     use rayon::prelude::*;
     if x.len() != m * k || w.len() != n * k {
         return Err(KErr::shape(format!("linear: x has {} elements for [{m}, {k}], weight {} for [{n}, {k}]", x.len(), w.len())));
@@ -182,6 +186,18 @@ pub fn linear_bf16<T: Real>(x: &[T], m: usize, k: usize, w: &[u16], n: usize, pa
     let mut out = vec![T::ZERO; m * n];
     if m == 0 || n == 0 {
         return Ok(out);
+    }
+    if bf16_inputs && std::mem::size_of::<T>() == 4 {
+        // SAFETY: `Real` is implemented for f32 and f64 only, so a 4-byte `T` is f32.
+        let x32 = unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) };
+        if m > DOT_ROWS {
+            if let Some(y) = super::dpbf16::linear(x32, m, k, w, n, parallel) {
+                return Ok(y.into_iter().map(|v| T::of(v as f64)).collect());
+            }
+        }
+        // Elsewhere the same arithmetic: bf16 values of x, exact products, f32 sums.
+        let rounded: Vec<T> = x32.iter().map(|&v| T::of(f32_to_bf16(v).widen() as f64)).collect();
+        return linear_bf16(&rounded, m, k, w, n, parallel, false);
     }
     if let Some(x32) = few_f32_rows(x, m, k) {
         return Ok(linear_dot(x32, m, k, w, n, parallel));
@@ -258,7 +274,7 @@ mod tests {
             let x: Vec<f64> = (0..m * k).map(|i| (i as f64 * 0.37).sin()).collect();
             let bits: Vec<u16> = (0..n * k).map(|i| f32_to_bf16((i as f32 * 0.11).cos())).collect();
             let wide: Vec<f64> = bits.iter().map(|&b| bf16_to_f32(b) as f64).collect();
-            let y = linear_bf16(&x, m, k, &bits, n, true).unwrap();
+            let y = linear_bf16(&x, m, k, &bits, n, true, false).unwrap();
             let want = linear(&x, m, k, &wide, n, false).unwrap();
             assert!(y.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-12), "{m}×{k}×{n}");
         }
@@ -267,7 +283,7 @@ mod tests {
             let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
             let bits: Vec<u16> = (0..n * k).map(|i| f32_to_bf16((i as f32 * 0.11).cos())).collect();
             let wide: Vec<f32> = bits.iter().map(|&b| bf16_to_f32(b)).collect();
-            let y = linear_bf16(&x, m, k, &bits, n, true).unwrap();
+            let y = linear_bf16(&x, m, k, &bits, n, true, false).unwrap();
             let want = linear(&x, m, k, &wide, n, false).unwrap();
             assert!(y.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + b.abs())), "f32 {m}×{k}×{n}");
         }
@@ -284,7 +300,7 @@ mod tests {
                 assert!(y.iter().zip(&want).all(|(&a, b)| (a as f64 - b).abs() <= 1e-5 * (1.0 + b.abs())), "f32 weights {m}×{k}×{n}");
             }
         }
-        assert!(linear_bf16(&[0.0f32; 6], 2, 3, &[0; 5], 2, true).is_err());
+        assert!(linear_bf16(&[0.0f32; 6], 2, 3, &[0; 5], 2, true, false).is_err());
         assert_eq!(f32_to_bf16(1.0), 0x3f80);
         // Ties go to even: 1 + 2^-8 is halfway between 1 and 1 + 2^-7.
         assert_eq!(f32_to_bf16(1.0 + 1.0 / 256.0), 0x3f80);

@@ -53,6 +53,7 @@
 //!   [`linalg`], [`nn`] (the composites, with Hugging Face semantics).
 
 mod dot;
+pub mod dpbf16;
 pub mod elementwise;
 mod interp;
 pub mod layout;
@@ -94,11 +95,17 @@ pub struct Options {
     /// Check every value as it is made and stop at the first node whose result holds a
     /// NaN or an infinity, naming it (a pass over each value: for diagnosis, off by default).
     pub check_finite: bool,
+    /// In an `f32` run, a matmul whose weight is bf16 rounds its other operand to bf16
+    /// (nearest, ties to even) and sums the exact products in `f32`: a bf16 kernel's
+    /// arithmetic, as a GPU runs the checkpoint. Where the CPU has AVX-512 BF16 the prompt
+    /// pass multiplies with it ([`dpbf16`]), twice the multiply-adds per instruction of
+    /// `f32`. Off by default: the interpreter otherwise keeps activations in `f32`.
+    pub bf16_inputs: bool,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { precision: Precision::F32, verify: true, threads: None, check_finite: false }
+        Options { precision: Precision::F32, verify: true, threads: None, check_finite: false, bf16_inputs: false }
     }
 }
 
@@ -244,8 +251,8 @@ pub fn run_function(
         }
     }
     let go = || match options.precision {
-        Precision::F32 => interp::run::<f32>(module, function, inputs, weights, options.check_finite),
-        Precision::F64 => interp::run::<f64>(module, function, inputs, weights, options.check_finite),
+        Precision::F32 => interp::run::<f32>(module, function, inputs, weights, options.check_finite, options.bf16_inputs),
+        Precision::F64 => interp::run::<f64>(module, function, inputs, weights, options.check_finite, false),
     };
     match options.threads {
         Some(n) => {

@@ -483,25 +483,34 @@ struct FfnView<'a, T> {
     up: WeightView<'a, T>,
     down: WeightView<'a, T>,
     inter: usize,
+    /// Round `x` to bf16 where a weight is bf16 ([`super::Options::bf16_inputs`]).
+    bf16_inputs: bool,
 }
 
 /// `down(silu(gate(x)) · up(x))` for the rows of `x: [m, h]`.
 fn swiglu_rows<T: Real>(x: &[T], h: usize, w: FfnView<T>, par: bool) -> Result<Vec<T>, KErr> {
     let (m, i) = (x.len().checked_div(h).unwrap_or(0), w.inter);
-    let g = w.gate.linear(x, m, h, i, par)?;
-    let u = w.up.linear(x, m, h, i, par)?;
+    let g = w.gate.linear(x, m, h, i, par, w.bf16_inputs)?;
+    let u = w.up.linear(x, m, h, i, par, w.bf16_inputs)?;
     let a: Vec<T> = g.iter().zip(&u).map(|(&g, &u)| g.silu() * u).collect();
-    w.down.linear(&a, m, i, h, par)
+    w.down.linear(&a, m, i, h, par, w.bf16_inputs)
 }
 
-/// Dense SwiGLU: `x: [..., h]`, `gate, up: [i, h]`, `down: [h, i]`.
-pub fn swiglu<T: Real>(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<Tensor, KErr> {
+/// Dense SwiGLU: `x: [..., h]`, `gate, up: [i, h]`, `down: [h, i]`; `bf16_inputs` as
+/// [`super::Options::bf16_inputs`].
+pub fn swiglu<T: Real>(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor, bf16_inputs: bool) -> Result<Tensor, KErr> {
     let h = *x.shape().last().ok_or_else(|| KErr::shape("swiglu of a scalar".into()))?;
     let i = gate.shape().first().copied().unwrap_or(0);
     if gate.shape() != [i, h] || up.shape() != [i, h] || down.shape() != [h, i] {
         return Err(KErr::shape(format!("swiglu weights {:?}, {:?}, {:?} for h = {h}", gate.shape(), up.shape(), down.shape())));
     }
-    let w = FfnView { gate: WeightView::of(gate, "gate")?, up: WeightView::of(up, "up")?, down: WeightView::of(down, "down")?, inter: i };
+    let w = FfnView {
+        gate: WeightView::of(gate, "gate")?,
+        up: WeightView::of(up, "up")?,
+        down: WeightView::of(down, "down")?,
+        inter: i,
+        bf16_inputs,
+    };
     let out = swiglu_rows(floats::<T>(x, "x")?, h, w, true)?;
     Ok(Tensor::from_parts(x.shape().to_vec(), T::wrap(out)))
 }
@@ -512,8 +521,17 @@ pub fn swiglu<T: Real>(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) ->
 /// As HF's eager experts: tokens are grouped per expert, each expert's output row is
 /// multiplied by its gate weight, and the rows are added into the result in expert-id
 /// order (within one expert, in slot order), which is the reference's float order.
-/// Experts run in parallel; only the final additions are sequential.
-pub fn expert_ffn<T: Real>(x: &Tensor, idx: &Tensor, w: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<Tensor, KErr> {
+/// Experts run in parallel; only the final additions are sequential. `bf16_inputs` as
+/// [`super::Options::bf16_inputs`].
+pub fn expert_ffn<T: Real>(
+    x: &Tensor,
+    idx: &Tensor,
+    w: &Tensor,
+    gate: &Tensor,
+    up: &Tensor,
+    down: &Tensor,
+    bf16_inputs: bool,
+) -> Result<Tensor, KErr> {
     let h = *x.shape().last().ok_or_else(|| KErr::shape("expert_ffn of a scalar".into()))?;
     let (gs, ds) = (gate.shape(), down.shape());
     if gs.len() != 3 || gs[2] != h || up.shape() != gs || ds != [gs[0], h, gs[1]] {
@@ -551,6 +569,7 @@ pub fn expert_ffn<T: Real>(x: &Tensor, idx: &Tensor, w: &Tensor, gate: &Tensor, 
             up: uv.slice(e * wi..(e + 1) * wi),
             down: dv.slice(e * wd..(e + 1) * wd),
             inter,
+            bf16_inputs,
         };
         let mut y = swiglu_rows(&xs, h, w, hit.len() == 1)?;
         for (row, &p) in y.chunks_mut(h.max(1)).zip(pairs) {
@@ -593,11 +612,11 @@ impl<'a, T: Real> WeightView<'a, T> {
         }
     }
 
-    /// `x [m, k] · selfᵀ` with self `[n, k]`, as [`linear`].
-    fn linear(&self, x: &[T], m: usize, k: usize, n: usize, par: bool) -> Result<Vec<T>, KErr> {
+    /// `x [m, k] · selfᵀ` with self `[n, k]`, as [`linear`] and [`linear_bf16`].
+    fn linear(&self, x: &[T], m: usize, k: usize, n: usize, par: bool, bf16_inputs: bool) -> Result<Vec<T>, KErr> {
         match *self {
             WeightView::Real(w) => linear(x, m, k, w, n, par),
-            WeightView::Bf16(w) => linear_bf16(x, m, k, w, n, par),
+            WeightView::Bf16(w) => linear_bf16(x, m, k, w, n, par, bf16_inputs),
         }
     }
 }

@@ -210,7 +210,7 @@ fn swiglu_grad_fd() {
     let (x, u) = (fill(&[2, 3, 5], 21), fill(&[2, 3, 5], 22));
     let (gate, up, down) = (scaled(&fill(&[4, 5], 23), 1.5), scaled(&fill(&[4, 5], 24), 1.5), fill(&[5, 4], 25));
     let g = swiglu_grad::<f64>(&x, &gate, &up, &down, &u).unwrap();
-    let f = |x: &Tensor, g: &Tensor, p: &Tensor, d: &Tensor| dot(&u, &swiglu::<f64>(x, g, p, d).unwrap());
+    let f = |x: &Tensor, g: &Tensor, p: &Tensor, d: &Tensor| dot(&u, &swiglu::<f64>(x, g, p, d, false).unwrap());
     fd("swiglu dx", &x, &g[0], |t| f(t, &gate, &up, &down));
     fd("swiglu dgate", &gate, &g[1], |t| f(&x, t, &up, &down));
     fd("swiglu dup", &up, &g[2], |t| f(&x, &gate, t, &down));
@@ -233,7 +233,7 @@ fn expert_ffn_grad_fd() {
     let w = fill(&[2, 5, k], 33);
     let (gate, up, down) = (scaled(&fill(&[e, inter, h], 34), 1.5), scaled(&fill(&[e, inter, h], 35), 1.5), fill(&[e, h, inter], 36));
     let g = expert_ffn_grad::<f64>(&x, &idx, &w, &gate, &up, &down, &u).unwrap();
-    let f = |x: &Tensor, w: &Tensor, g: &Tensor, p: &Tensor, d: &Tensor| dot(&u, &expert_ffn::<f64>(x, &idx, w, g, p, d).unwrap());
+    let f = |x: &Tensor, w: &Tensor, g: &Tensor, p: &Tensor, d: &Tensor| dot(&u, &expert_ffn::<f64>(x, &idx, w, g, p, d, false).unwrap());
     fd("expert_ffn dx", &x, &g[0], |a| f(a, &w, &gate, &up, &down));
     fd("expert_ffn dweights", &w, &g[1], |a| f(&x, a, &gate, &up, &down));
     fd("expert_ffn dgate", &gate, &g[2], |a| f(&x, &w, a, &up, &down));

@@ -452,7 +452,7 @@ fn swiglu_and_experts_match_loops() {
     };
     let x = fill(&[2, 3, h], 30);
     let (g, u, d) = (fill(&[i, h], 31), fill(&[i, h], 32), fill(&[h, i], 33));
-    let y = swiglu::<f64>(&x, &g, &u, &d).unwrap();
+    let y = swiglu::<f64>(&x, &g, &u, &d, false).unwrap();
     let xv = x.to_f64_vec();
     let want: Vec<f64> = xv.chunks(h).flat_map(|row| ffn(row, &g.to_f64_vec(), &u.to_f64_vec(), &d.to_f64_vec())).collect();
     close(&y.to_f64_vec(), &want, 1e-12);
@@ -460,7 +460,7 @@ fn swiglu_and_experts_match_loops() {
     let (ge, ue, de) = (fill(&[e, i, h], 34), fill(&[e, i, h], 35), fill(&[e, h, i], 36));
     let idx = Tensor::i32(&[2, 3, 2], vec![3, 0, 1, 1, 2, 0, 0, 3, 2, 1, 3, 2]);
     let w = fill(&[2, 3, 2], 37);
-    let y = expert_ffn::<f64>(&x, &idx, &w, &ge, &ue, &de).unwrap();
+    let y = expert_ffn::<f64>(&x, &idx, &w, &ge, &ue, &de, false).unwrap();
     let (gv, uv, dv, wv) = (ge.to_f64_vec(), ue.to_f64_vec(), de.to_f64_vec(), w.to_f64_vec());
     let ids = idx.to_i64_vec().unwrap();
     let mut want = vec![0.0; 6 * h];
@@ -475,7 +475,7 @@ fn swiglu_and_experts_match_loops() {
     }
     close(&y.to_f64_vec(), &want, 1e-12);
     let bad = Tensor::i32(&[2, 3, 2], vec![4; 12]);
-    let err = expert_ffn::<f64>(&x, &bad, &w, &ge, &ue, &de).unwrap_err();
+    let err = expert_ffn::<f64>(&x, &bad, &w, &ge, &ue, &de, false).unwrap_err();
     assert_eq!(err.kind, crate::reference::ErrorKind::Index);
 }
 
