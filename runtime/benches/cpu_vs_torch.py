@@ -13,6 +13,10 @@ float32, with T threads each:
 - that both pick the same greedy tokens for the batch-1 prompt (the length of the common
   prefix is printed: random weights leave near-ties that f32 rounding may break).
 
+With ``--bf16`` dsc also runs a bf16 copy of the checkpoint (made once with transformers,
+``MODEL_DIR-bf16``), its weights kept in bf16, as a third column; ``--bf16-inputs`` adds
+its ``--bf16-inputs`` run (bf16 matmul inputs, AVX-512 BF16 where the CPU has it).
+
 Each side runs in its own subprocess, interleaved (torch, dsc, torch, dsc, ...).
 
 Dependencies, in a venv OUTSIDE the repository (tests never need Python)::
@@ -21,7 +25,7 @@ Dependencies, in a venv OUTSIDE the repository (tests never need Python)::
     /tmp/venv-bench/bin/pip install torch==2.15.0 transformers==5.24.0 safetensors
     cargo bench -p dsc-runtime --bench cpu --no-run
     /tmp/venv-bench/bin/python runtime/benches/cpu_vs_torch.py [--size full|small] \\
-        [--prompt 512] [--new 128] [--batches 1,8,32] [--threads 2] [--rounds 2]
+        [--prompt 512] [--new 128] [--batches 1,8,32] [--threads 2] [--rounds 2] [--bf16] [--bf16-inputs]
 """
 
 import argparse
@@ -76,8 +80,8 @@ def torch_worker(a):
     print(json.dumps(out))
 
 
-def dsc_command(a, ids_file):
-    flags = ["--model", a.model_dir, "--prompt", str(a.prompt), "--new", str(a.new), "--passes", "1",
+def dsc_command(a, ids_file, model_dir):
+    flags = ["--model", model_dir, "--prompt", str(a.prompt), "--new", str(a.new), "--passes", "1",
              "--batches", ",".join(map(str, a.batches)), "--threads", str(a.threads), "--ids", ids_file, "--json"]
     target = os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target"))
     bins = [p for p in glob.glob(os.path.join(target, "release", "deps", "cpu-*")) if os.access(p, os.X_OK) and not p.endswith(".d")]
@@ -95,6 +99,8 @@ def main():
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--bf16", action="store_true", help="also dsc on a bf16 copy of the checkpoint")
+    ap.add_argument("--bf16-inputs", action="store_true", help="also dsc on the bf16 copy with --bf16-inputs")
     ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     a.batches = [int(b) for b in a.batches.split(",")]
@@ -108,26 +114,43 @@ def main():
         json.dump({"input_ids": prompt_ids(vocab, 1, a.prompt, 1)}, f)
     torch_cmd = [sys.executable, os.path.abspath(__file__), "--torch-worker", "--model-dir", a.model_dir, "--prompt", str(a.prompt),
                  "--new", str(a.new), "--batches", ",".join(map(str, a.batches)), "--threads", str(a.threads)]
-    runs = {"torch": [], "dsc": []}
+    sides = {"dsc": dsc_command(a, ids_file, a.model_dir)}
+    if a.bf16 or a.bf16_inputs:
+        bf16_dir = a.model_dir + "-bf16"
+        if not os.path.exists(os.path.join(bf16_dir, "model.safetensors")):
+            import torch
+            from transformers import DeepseekV3ForCausalLM
+
+            DeepseekV3ForCausalLM.from_pretrained(a.model_dir, dtype=torch.bfloat16).save_pretrained(bf16_dir)
+        if a.bf16:
+            sides["dsc bf16"] = dsc_command(a, ids_file, bf16_dir)
+        if a.bf16_inputs:
+            sides["dsc bf16 inputs"] = dsc_command(a, ids_file, bf16_dir) + ["--bf16-inputs"]
+    runs = {"torch": [], **{k: [] for k in sides}}
     for r in range(a.rounds):
         runs["torch"].append(run_json(torch_cmd))
-        runs["dsc"].append(run_json(dsc_command(a, ids_file)))
+        for k, cmd in sides.items():
+            runs[k].append(run_json(cmd))
     print(f"{n_params(a.model_dir) / 1e6:.0f}M parameters, prompt {a.prompt}, {a.new} new tokens, {a.threads} threads, "
           f"{a.rounds} rounds (per-round figures, then dsc / torch of the means)")
 
     def row(name, key):
         t = [key(x) for x in runs["torch"]]
-        d = [key(x) for x in runs["dsc"]]
-        mt, md = sum(t) / len(t), sum(d) / len(d)
-        print(f"  {name:<34} torch {' '.join(f'{v:8.1f}' for v in t)}   dsc {' '.join(f'{v:8.1f}' for v in d)}   {md / mt:5.2f}x")
+        mt = sum(t) / len(t)
+        line = f"  {name:<34} torch {' '.join(f'{v:8.1f}' for v in t)}"
+        for k in sides:
+            d = [key(x) for x in runs[k]]
+            line += f"   {k} {' '.join(f'{v:8.1f}' for v in d)} {sum(d) / len(d) / mt:5.2f}x"
+        print(line)
 
     row("prefill tokens/s (last logits)", lambda x: x["prefill_tokens_per_s"])
     for b in a.batches:
         row(f"decode tokens/s at batch {b}", lambda x, b=b: x["decode"][str(b)])
     row("peak RSS MB", lambda x: x["peak_rss_mb"])
-    t, d = runs["torch"][0]["greedy"], runs["dsc"][0]["greedy"]
-    same = next((i for i, (x, y) in enumerate(zip(t, d)) if x != y), min(len(t), len(d)))
-    print(f"  greedy tokens at batch 1: the first {same} of {len(t)} agree")
+    for k in sides:
+        t, d = runs["torch"][0]["greedy"], runs[k][0]["greedy"]
+        same = next((i for i, (x, y) in enumerate(zip(t, d)) if x != y), min(len(t), len(d)))
+        print(f"  greedy tokens at batch 1, {k} vs torch: the first {same} of {len(t)} agree")
 
 
 if __name__ == "__main__":

@@ -306,6 +306,7 @@ impl<'m, T: Real> Interp<'m, T> {
                     let movable =
                         matches!(op, Op::Reshape { .. } | Op::Cast { .. }) && last_use.get(&ins[0].node) == Some(&p) && ins.len() == 1;
                     let taken = if movable { Self::take(&mut env, ins[0]) } else { None };
+                    let started = super::profile::start();
                     let result = match taken {
                         Some(t) => self.exec_owned(op, t),
                         None => {
@@ -313,6 +314,7 @@ impl<'m, T: Real> Interp<'m, T> {
                             self.exec(op, &vals)
                         }
                     };
+                    super::profile::record(op.name(), started);
                     result.map_err(here)?.into_iter().map(Cow::Owned).collect()
                 }
             };

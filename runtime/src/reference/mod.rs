@@ -59,6 +59,7 @@ mod interp;
 pub mod layout;
 pub mod linalg;
 pub mod nn;
+pub mod profile;
 pub mod real;
 pub mod tensor;
 pub mod weights;
