@@ -275,7 +275,7 @@ fn attention(cfg: &Cfg, family: Family, hidden: u64) -> Result<Attention, String
             }
             let head_dim = match cfg.u64("head_dim")? {
                 Some(d) => d,
-                None if hidden % heads == 0 => hidden / heads,
+                None if hidden.is_multiple_of(heads) => hidden / heads,
                 None => {
                     return Err(format!(
                         "`hidden_size` = {hidden} is not divisible by `num_attention_heads` = {heads}, and there is no `head_dim`"
@@ -492,7 +492,7 @@ fn ffn(cfg: &Cfg, family: Family, layers: u64) -> Result<(Vec<FfnBlock>, impl Fn
             (first_dense, freq)
         }
     };
-    let is_moe = move |i: u64| routed.is_some() && i >= first_dense && i % freq == 0;
+    let is_moe = move |i: u64| routed.is_some() && i >= first_dense && i.is_multiple_of(freq);
     // The first MoE layer; the MoE layers are `first..layers step freq`.
     let first = first_dense.div_ceil(freq).saturating_mul(freq);
 
@@ -646,7 +646,7 @@ fn grouped(groups: u64, kept: u64, routed: u64, top_k: u64, score: GroupScore) -
     if groups == 1 {
         return Ok((1, 1, None));
     }
-    if routed % groups != 0 {
+    if !routed.is_multiple_of(groups) {
         return Err(format!("`n_group` = {groups} does not divide `n_routed_experts` = {routed}"));
     }
     if kept > groups {

@@ -165,7 +165,7 @@ pub struct LayerRange {
 impl LayerSet {
     /// Whether layer `l` belongs to the set.
     pub fn contains(&self, l: u64) -> bool {
-        self.ranges.iter().any(|r| l >= r.start && l < r.end && (l - r.start) % r.step == 0)
+        self.ranges.iter().any(|r| l >= r.start && l < r.end && (l - r.start).is_multiple_of(r.step))
     }
     /// Number of layers in the set (ranges of a resolved model never overlap).
     pub fn count(&self) -> u64 {

@@ -158,7 +158,6 @@ fn run<W: Weights>(b: &ReferenceBackend<W>, name: &str, args: &Args) {
         }
         eprintln!("pass {} of {} done", pass + 1, args.passes);
     }
-    drop(keep);
     for (what, r) in &profiles {
         eprintln!("{what}:\n{r}");
     }

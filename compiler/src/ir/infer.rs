@@ -550,7 +550,7 @@ fn attention_out(x: &[&Ty], heads: u32, kv_heads: u32, masked: bool) -> R<Ty> {
             return Err(format!("{n} must be [b, seq, heads, dim], got {}", t.shape));
         }
     }
-    if kv_heads == 0 || heads % kv_heads != 0 {
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
         return Err(format!("heads {heads} is not a multiple of kv_heads {kv_heads}"));
     }
     let (b, sq, dk) = (q.shape[0], q.shape[1], q.shape[3]);

@@ -91,7 +91,7 @@ pub fn linear(x: &[f32], m: usize, k: usize, w: &[u16], n: usize, parallel: bool
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn tile(x: &[u16], r: usize, w: &[u16], c: usize, k: usize, acc: &mut [[f32; NR]; MR]) {
     use std::arch::x86_64::*;
-    assert!((1..=MR).contains(&r) && (1..=NR).contains(&c) && k % 2 == 0 && x.len() >= r * k && w.len() >= c * k);
+    assert!((1..=MR).contains(&r) && (1..=NR).contains(&c) && k.is_multiple_of(2) && x.len() >= r * k && w.len() >= c * k);
     let xr: [*const u32; MR] = std::array::from_fn(|i| x[i.min(r - 1) * k..].as_ptr() as *const u32);
     let wr: [*const u32; NR] = std::array::from_fn(|j| w[j.min(c - 1) * k..].as_ptr() as *const u32);
     let mut sums = [[_mm512_setzero_ps(); NR]; MR];

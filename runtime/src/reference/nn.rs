@@ -126,7 +126,7 @@ pub fn rope<T: Real>(
         return Err(KErr::shape(format!("rope of x {sh:?} at positions {:?}", positions.shape())));
     }
     let d = sh[sh.len() - 1];
-    if rotary_dim == 0 || rotary_dim % 2 != 0 || rotary_dim > d {
+    if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) || rotary_dim > d {
         return Err(KErr::shape(format!("rotary_dim {rotary_dim} must be even, positive and at most {d}")));
     }
     let v = floats::<T>(x, "x")?;

@@ -45,7 +45,7 @@ pub fn report() -> String {
     let Some(map) = g.take() else { return String::new() };
     let total: f64 = map.values().map(|v| v.0.as_secs_f64()).sum();
     let mut rows: Vec<_> = map.into_iter().collect();
-    rows.sort_by(|a, b| b.1 .0.cmp(&a.1 .0));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.1 .0));
     let mut out = format!("{:<20} {:>9} {:>6} {:>8}\n", "op", "seconds", "share", "calls");
     for (op, (d, n)) in rows {
         out += &format!("{op:<20} {:>9.3} {:>5.1}% {n:>8}\n", d.as_secs_f64(), 100.0 * d.as_secs_f64() / total.max(1e-12));

@@ -45,7 +45,7 @@ fn reduce_angle<G: Float>(t: G) -> G {
 /// `freqs` is `[inv_freq[0..half], mscale]`.
 #[cfg(feature = "kernels")]
 #[cube(launch, create_dummy_kernel)]
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::manual_is_multiple_of)] // `%` is what CubeCL expands
 pub fn rope<F: Float>(
     x: &[F],
     positions: &[i32],

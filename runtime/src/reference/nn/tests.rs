@@ -78,7 +78,7 @@ fn rope_direct(x: &Tensor, pos: &[i64], half_split: bool, rd: usize, freqs: &[f6
                 (j - rd / 2, j - rd / 2, false)
             }
         } else {
-            (j / 2, j ^ 1, j % 2 == 0)
+            (j / 2, j ^ 1, j.is_multiple_of(2))
         };
         let (c, s) = ((p * freqs[i]).cos() * ms, (p * freqs[i]).sin() * ms);
         let (me, other) = (v[base + j], v[base + partner]);
