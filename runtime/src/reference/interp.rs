@@ -87,6 +87,17 @@ struct Interp<'m, T> {
     _t: PhantomData<T>,
 }
 
+/// The value `v` broadcasts, when `v` is a broadcast that only adds leading axes (its
+/// input's shape is the end of its own).
+fn leading_broadcast_source(g: &dsc_compiler::ir::Graph, v: Value) -> Option<Value> {
+    if !matches!(g.node(v.node).op, Op::Broadcast { .. }) {
+        return None;
+    }
+    let (_, from) = *g.input_edges(v.node).first()?;
+    let (out, src) = (&g.ty(v).shape.0, &g.ty(from).shape.0);
+    (src.len() < out.len() && out[out.len() - src.len()..] == src[..]).then_some(from)
+}
+
 /// How a node refers to itself in errors: `%n op`, numbered as the printer does.
 fn node_name(pos: usize, node: &Node) -> String {
     match &node.op {
@@ -226,7 +237,18 @@ impl<'m, T: Real> Interp<'m, T> {
                 let name = node_name(pos[&n], g.node(n));
                 return Err(ExecError { node: Some(name), ..fail(ErrorKind::Graph, "input slots are not 0..n, each once".into()) });
             }
-            let vals: Vec<Value> = edges.into_iter().map(|(_, v)| v).collect();
+            let mut vals: Vec<Value> = edges.into_iter().map(|(_, v)| v).collect();
+            if matches!(g.node(n).op, Op::BatchMatMul) {
+                // A batch matmul reads an operand broadcast along added leading axes (absorbed
+                // MLA's W_UK and W_UV over the batch) from before the broadcast, which
+                // `batch_matmul` repeats by index: the copy is never made (per decode step
+                // it was the largest cost after the matmuls).
+                for v in vals.iter_mut() {
+                    if let Some(from) = leading_broadcast_source(g, *v) {
+                        *v = from;
+                    }
+                }
+            }
             todo.extend(vals.iter().map(|v| v.node));
             inputs.insert(n, vals);
         }

@@ -223,23 +223,31 @@ pub fn linear_bf16<T: Real>(x: &[T], m: usize, k: usize, w: &[u16], n: usize, pa
     Ok(out)
 }
 
-/// `a: [B.., m, k] · b: [B.., k, n]` → `[B.., m, n]`, equal batch axes. Many small
-/// products are spread over threads one per task; a few large ones let gemm split each.
+/// `a: [B.., m, k] · b: [B.., k, n]` → `[B.., m, n]`. An operand may have fewer batch axes
+/// than the other (the ones it lacks are leading): it is repeated over them, as a
+/// broadcast along those axes would, without the copy. Many small products are spread
+/// over threads one per task; a few large ones let gemm split each.
 pub fn batch_matmul<T: Real>(a: &[T], ash: &[usize], b: &[T], bsh: &[usize]) -> Result<(Vec<usize>, Vec<T>), KErr> {
-    let r = ash.len();
-    if r < 2 || bsh.len() != r || ash[..r - 2] != bsh[..r - 2] || ash[r - 1] != bsh[r - 2] {
+    let (ra, rb) = (ash.len(), bsh.len());
+    let r = ra.max(rb);
+    let (ab, bb) = (&ash[..ra.saturating_sub(2)], &bsh[..rb.saturating_sub(2)]);
+    let (long, short) = if ab.len() >= bb.len() { (ab, bb) } else { (bb, ab) };
+    if ra < 2 || rb < 2 || long[long.len() - short.len()..] != *short || ash[ra - 1] != bsh[rb - 2] {
         return Err(KErr::shape(format!("batch_matmul of {ash:?} and {bsh:?}")));
     }
-    let (m, k, n) = (ash[r - 2], ash[r - 1], bsh[r - 1]);
-    let batches: usize = ash[..r - 2].iter().product();
-    let mut shape = ash.to_vec();
-    shape[r - 1] = n;
+    let (m, k, n) = (ash[ra - 2], ash[ra - 1], bsh[rb - 1]);
+    let batches: usize = long.iter().product();
+    let (a_batches, b_batches): (usize, usize) = (ab.iter().product(), bb.iter().product());
+    let mut shape = long.to_vec();
+    shape.extend([m, n]);
+    debug_assert_eq!(shape.len(), r);
     let mut out = vec![T::ZERO; batches * m * n];
-    if m * n == 0 {
+    if m * n == 0 || a_batches == 0 || b_batches == 0 {
         return Ok((shape, out));
     }
+    // The missing axes lead, so an operand's batch index is the output's modulo its count.
     let one = |i: usize, dst: &mut [T], par: bool| {
-        gemm(m, n, k, dst, Mat::rows(a, i * m * k, k), Mat::rows(b, i * k * n, n), par);
+        gemm(m, n, k, dst, Mat::rows(a, (i % a_batches) * m * k, k), Mat::rows(b, (i % b_batches) * k * n, n), par);
     };
     if batches >= rayon::current_num_threads() && batches * m * n * k >= PAR_FLOPS {
         use rayon::prelude::*;
@@ -324,6 +332,25 @@ mod tests {
         assert!(linear(&x, m, k, &w[1..], n, true).is_err());
         // k = 0 is a product of empty sums.
         assert_eq!(linear::<f32>(&[], 2, 0, &[], 3, true).unwrap(), vec![0.0; 6]);
+    }
+
+    /// An operand with fewer batch axes is repeated over the leading ones it lacks: the
+    /// same as multiplying its materialised broadcast; batch axes that disagree are refused.
+    #[test]
+    fn batch_matmul_repeats_an_operand_over_missing_leading_axes() {
+        let a: Vec<f64> = (0..2 * 3 * 4 * 5).map(|i| (i as f64 * 0.3).sin()).collect();
+        let b: Vec<f64> = (0..3 * 5 * 6).map(|i| (i as f64 * 0.7).cos()).collect();
+        let wide: Vec<f64> = b.iter().chain(&b).copied().collect();
+        let (shape, y) = batch_matmul(&a, &[2, 3, 4, 5], &b, &[3, 5, 6]).unwrap();
+        let (shape2, want) = batch_matmul(&a, &[2, 3, 4, 5], &wide, &[2, 3, 5, 6]).unwrap();
+        assert_eq!((shape, &y), (shape2, &want));
+        // And on the left: a [4, 5] against b [2, 3, 5, 6].
+        let a2 = &a[..20];
+        let (shape, y) = batch_matmul(a2, &[4, 5], &wide, &[2, 3, 5, 6]).unwrap();
+        assert_eq!(shape, [2, 3, 4, 6]);
+        let a2wide: Vec<f64> = (0..6).flat_map(|_| a2.iter().copied()).collect();
+        assert_eq!(y, batch_matmul(&a2wide, &[2, 3, 4, 5], &wide, &[2, 3, 5, 6]).unwrap().1);
+        assert!(batch_matmul(&a, &[2, 3, 4, 5], &b[..2 * 5 * 6], &[2, 5, 6]).is_err(), "batch axes 3 and 2 disagree");
     }
 
     #[test]
