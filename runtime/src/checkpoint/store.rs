@@ -138,15 +138,19 @@ impl CheckpointWeights {
 
     /// One bf16 piece as its bits, cut as [`Self::piece`] cuts.
     fn piece_bits(&self, p: &Piece) -> Vec<u16> {
-        let b = self.shards[p.data.shard].bytes(&p.data.info);
-        let v: Vec<u16> = b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+        let shard = &self.shards[p.data.shard];
+        let mut v: Vec<u16> = Vec::with_capacity(shard.bytes(&p.data.info).len() / 2);
+        shard.stream(&p.data.info, 2, |b| v.extend(b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]))));
         cut_rows(v, p)
     }
 
     /// A stored tensor's elements as `f32`. The layout check admitted only float types.
     fn decode(&self, s: &Stored) -> Vec<f32> {
-        let b = self.shards[s.shard].bytes(&s.info);
-        decode_bytes(b, s.info.dtype)
+        let shard = &self.shards[s.shard];
+        let unit = dtype_bytes(s.info.dtype);
+        let mut v: Vec<f32> = Vec::with_capacity(shard.bytes(&s.info).len() / unit.max(1));
+        shard.stream(&s.info, unit, |b| v.extend(decode_bytes(b, s.info.dtype)));
+        v
     }
 }
 
@@ -168,6 +172,16 @@ fn cut_rows<E: Copy>(v: Vec<E>, p: &Piece) -> Vec<E> {
             let (rows, cols) = (shape[shape.len() - 2], shape[shape.len() - 1]);
             v.chunks_exact(rows * cols).flat_map(|m| m[start * cols..(start + len) * cols].iter().copied()).collect()
         }
+    }
+}
+
+/// Bytes per stored element of a float `dtype` (the ones [`decode_bytes`] reads).
+fn dtype_bytes(dtype: Dtype) -> usize {
+    match dtype {
+        Dtype::F64 => 8,
+        Dtype::F32 => 4,
+        Dtype::BF16 | Dtype::F16 => 2,
+        _ => 1,
     }
 }
 
