@@ -130,6 +130,11 @@ pub fn linear<T: Real>(x: &[T], m: usize, k: usize, w: &[T], n: usize, parallel:
 /// instead of a GEMM: below this, packing the operands costs more than the arithmetic.
 const DOT_ROWS: usize = 16;
 
+/// The shortest rows [`super::dpbf16`] multiplies: each of its dot products ends in a sum
+/// across 16 lanes, which at k = 512 cost as much as the instructions saved (benches/linear.rs:
+/// 0.84-1.4× gemm's time at k ≤ 512, 0.5-0.75× at k = 4,096).
+const DPBF16_MIN_K: usize = 1024;
+
 /// Weight bytes per task of the dot path (whole rows, at least [`DOT_MIN_ROWS`]): large
 /// enough that a task's set-up is noise against reading them, small enough to stay in
 /// cache for every row of x and to spread over the threads.
@@ -190,7 +195,7 @@ pub fn linear_bf16<T: Real>(x: &[T], m: usize, k: usize, w: &[u16], n: usize, pa
     if bf16_inputs && std::mem::size_of::<T>() == 4 {
         // SAFETY: `Real` is implemented for f32 and f64 only, so a 4-byte `T` is f32.
         let x32 = unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) };
-        if m > DOT_ROWS {
+        if m > DOT_ROWS && k >= DPBF16_MIN_K {
             if let Some(y) = super::dpbf16::linear(x32, m, k, w, n, parallel) {
                 return Ok(y.into_iter().map(|v| T::of(v as f64)).collect());
             }
