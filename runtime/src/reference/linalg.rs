@@ -252,7 +252,12 @@ pub fn batch_matmul<T: Real>(a: &[T], ash: &[usize], b: &[T], bsh: &[usize]) -> 
     }
     // The missing axes lead, so an operand's batch index is the output's modulo its count.
     let one = |i: usize, dst: &mut [T], par: bool| {
-        gemm(m, n, k, dst, Mat::rows(a, (i % a_batches) * m * k, k), Mat::rows(b, (i % b_batches) * k * n, n), par);
+        let (ao, bo) = ((i % a_batches) * m * k, (i % b_batches) * k * n);
+        if m <= AXPY_ROWS {
+            axpy_rows(&a[ao..ao + m * k], &b[bo..bo + k * n], k, n, dst);
+        } else {
+            gemm(m, n, k, dst, Mat::rows(a, ao, k), Mat::rows(b, bo, n), par);
+        }
     };
     if batches >= rayon::current_num_threads() && batches * m * n * k >= PAR_FLOPS {
         use rayon::prelude::*;
@@ -261,6 +266,26 @@ pub fn batch_matmul<T: Real>(a: &[T], ash: &[usize], b: &[T], bsh: &[usize]) -> 
         out.chunks_mut(m * n).enumerate().for_each(|(i, d)| one(i, d, true));
     }
     Ok((shape, out))
+}
+
+/// Rows of `a` up to which a batch matmul's product is summed row by row of `b` instead
+/// of by gemm: a decode step's products are one row per (sequence, head) (absorbed MLA's
+/// `q · W_UK`, attention over the latent), where gemm's set-up per tiny product cost more
+/// than the arithmetic.
+const AXPY_ROWS: usize = 4;
+
+/// `dst [m, n] = a [m, k] · b [k, n]`, all row-major: each row of `dst` accumulates
+/// `a[r, kk] · b[kk, :]` over `kk` in order (contiguous rows of `b`, which vectorise).
+fn axpy_rows<T: Real>(a: &[T], b: &[T], k: usize, n: usize, dst: &mut [T]) {
+    for (r, row) in dst.chunks_mut(n.max(1)).enumerate() {
+        row.fill(T::ZERO);
+        for kk in 0..k {
+            let x = a[r * k + kk];
+            for (d, &w) in row.iter_mut().zip(&b[kk * n..(kk + 1) * n]) {
+                *d += x * w;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -349,6 +374,15 @@ mod tests {
         let (shape, y) = batch_matmul(&a, &[2, 3, 4, 5], &b, &[3, 5, 6]).unwrap();
         let (shape2, want) = batch_matmul(&a, &[2, 3, 4, 5], &wide, &[2, 3, 5, 6]).unwrap();
         assert_eq!((shape, &y), (shape2, &want));
+        // Few rows (the row-by-row path) and many (gemm) give the naive product.
+        for m in [1, 3, 5, 9] {
+            let a: Vec<f64> = (0..2 * m * 5).map(|i| (i as f64 * 0.11).sin()).collect();
+            let (_, y) = batch_matmul(&a, &[2, m, 5], &b[..2 * 5 * 6], &[2, 5, 6]).unwrap();
+            for bi in 0..2 {
+                let want = naive(&a[bi * m * 5..(bi + 1) * m * 5], &b[bi * 30..(bi + 1) * 30], m, 5, 6);
+                assert!(y[bi * m * 6..(bi + 1) * m * 6].iter().zip(&want).all(|(g, w)| (g - w).abs() < 1e-12), "m = {m}");
+            }
+        }
         // And on the left: a [4, 5] against b [2, 3, 5, 6].
         let a2 = &a[..20];
         let (shape, y) = batch_matmul(a2, &[4, 5], &wide, &[2, 3, 5, 6]).unwrap();
