@@ -67,6 +67,12 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor, KErr> {
     }
     let shape = x.shape();
     let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+    // Axes of more than one element in the same order: the elements do not move (a
+    // position-major cache read batch-major at batch 1), so the data is copied whole.
+    let moved: Vec<usize> = perm.iter().copied().filter(|&p| shape[p] != 1).collect();
+    if moved.windows(2).all(|w| w[0] < w[1]) {
+        return Ok(Tensor::from_parts(out_shape, x.data().clone()));
+    }
     let mut in_strides = vec![1usize; rank];
     for i in (0..rank.saturating_sub(1)).rev() {
         in_strides[i] = in_strides[i + 1] * shape[i + 1];
@@ -358,6 +364,17 @@ mod tests {
         let big = t(&[64, 33, 17]);
         let back = permute(&permute(&big, &[1, 2, 0]).unwrap(), &[2, 0, 1]).unwrap();
         assert_eq!(back, big);
+        // Moving only unit axes keeps every element where it is (the copy-whole path),
+        // and agrees with the index formula.
+        let c = t(&[5, 1, 3]);
+        let y = permute(&c, &[1, 0, 2]).unwrap();
+        assert_eq!(y.shape(), &[1, 5, 3]);
+        assert_eq!(y.to_f32_vec(), c.to_f32_vec());
+        for a in 0..5 {
+            for d in 0..3 {
+                assert_eq!(y.get(&[0, a, d]), c.get(&[a, 0, d]));
+            }
+        }
     }
 
     #[test]
