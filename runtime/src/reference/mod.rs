@@ -263,6 +263,16 @@ pub fn run_function(
                 .map_err(|e| ExecError::new(ErrorKind::Unsupported, format!("cannot start {n} threads: {e}")))?;
             pool.install(go)
         }
+        // On a thread outside the pool (a program's main thread), the run moves into the
+        // global pool and this thread waits asleep. Run here instead, its sequential ops
+        // would compete for the cores with the pool's idle workers, which spin and yield
+        // between parallel ops: on 2 cores a quarter of a decode step was the kernel
+        // switching threads.
+        None if rayon::current_thread_index().is_none() && rayon::current_num_threads() > 1 => {
+            let mut out = None;
+            rayon::scope(|_| out = Some(go()));
+            out.expect("the scope ran the closure")
+        }
         None => go(),
     }
 }
