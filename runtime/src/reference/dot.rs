@@ -7,18 +7,19 @@
 //! weight row is read once per block of up to [`ROWS`] rows of `x`, and every dot
 //! product accumulates in `f32` lanes.
 //!
-//! The build targets baseline x86-64 (SSE2), so the kernel is one generic body,
-//! `#[inline(always)]`, instantiated inside functions compiled for AVX-512 and for
-//! AVX2 + FMA, and picked at run time ([`rows_times_weight`]); other CPUs get the portable
-//! instantiation (which on aarch64 is NEON with FMA). The fused variants round once per
-//! multiply-add, the plain one twice: the results differ in the last bits between CPUs,
-//! as any BLAS's do.
+//! The build targets baseline x86-64 (SSE2), on which the compiler vectorised the old
+//! lane-blocked loop to 4-wide SSE. So each weight type has tiles written with AVX-512
+//! and with AVX2 + FMA intrinsics (`block_impl!`), picked once at run time ([`simd`];
+//! `DSC_CPU_SIMD=avx2|portable` caps the choice), and a portable tile for other CPUs.
+//! The fused tiles round once per multiply-add, the portable one twice, and the lanes are
+//! summed in a different order: results differ in the last bits between CPUs, as any
+//! BLAS's do.
 
 /// Rows of `x` one pass of the kernel multiplies against each weight row: 4 rows × 2
 /// accumulators of 16 lanes, 5 loads per 4 multiply-adds.
 pub const ROWS: usize = 4;
 
-/// Lanes of each accumulator (one AVX-512 register, two AVX2 ones).
+/// Lanes of the portable tile's accumulators.
 const LANES: usize = 16;
 
 /// A weight element the kernel widens to `f32`: `f32` itself or bf16 bits.
