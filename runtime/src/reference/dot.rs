@@ -47,6 +47,12 @@ impl WeightElem for u16 {
 ///
 /// Panics if a slice is shorter than those shapes need (callers check shapes first).
 pub fn rows_times_weight<W: WeightElem>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, y: &mut [f32], ldy: usize) {
+    rows_times_weight_on(simd(), x, m, k, w, n, y, ldy)
+}
+
+/// [`rows_times_weight`] with the tiles of `simd`, which the CPU must have.
+#[allow(clippy::too_many_arguments)]
+fn rows_times_weight_on<W: WeightElem>(simd: Simd, x: &[f32], m: usize, k: usize, w: &[W], n: usize, y: &mut [f32], ldy: usize) {
     assert!(x.len() >= m * k && w.len() >= n * k, "dot: operands shorter than [{m}, {k}] and [{n}, {k}]");
     assert!(m == 0 || n == 0 || y.len() >= (m - 1) * ldy + n, "dot: output shorter than [{m}, {n}] at row stride {ldy}");
     let mut i = 0;
@@ -55,10 +61,10 @@ pub fn rows_times_weight<W: WeightElem>(x: &[f32], m: usize, k: usize, w: &[W], 
         let xs = &x[i * k..(i + r) * k];
         let ys = &mut y[i * ldy..];
         match r {
-            4 => W::block::<4>(xs, k, w, n, ys, ldy),
-            3 => W::block::<3>(xs, k, w, n, ys, ldy),
-            2 => W::block::<2>(xs, k, w, n, ys, ldy),
-            _ => W::block::<1>(xs, k, w, n, ys, ldy),
+            4 => W::block::<4>(simd, xs, k, w, n, ys, ldy),
+            3 => W::block::<3>(simd, xs, k, w, n, ys, ldy),
+            2 => W::block::<2>(simd, xs, k, w, n, ys, ldy),
+            _ => W::block::<1>(simd, xs, k, w, n, ys, ldy),
         }
         i += r;
     }
@@ -67,9 +73,10 @@ pub fn rows_times_weight<W: WeightElem>(x: &[f32], m: usize, k: usize, w: &[W], 
 /// `R` rows of `x` against every row of `w`, one weight row after the other (one
 /// sequential stream through the weight, which the hardware prefetcher follows: reading
 /// two rows side by side halved the speed on short rows), with the widest kernel the CPU
-/// runs.
+/// runs (`simd`, which the CPU has).
 pub trait Block: Sized {
-    fn block<const R: usize>(x: &[f32], k: usize, w: &[Self], n: usize, y: &mut [f32], ldy: usize);
+    #[allow(private_interfaces)]
+    fn block<const R: usize>(simd: Simd, x: &[f32], k: usize, w: &[Self], n: usize, y: &mut [f32], ldy: usize);
 }
 
 /// The portable tile: the `R` dot products of one weight row, lane-blocked so the
@@ -202,18 +209,20 @@ macro_rules! block_impl {
         }
 
         impl Block for $w {
-            fn block<const R: usize>(x: &[f32], k: usize, w: &[$w], n: usize, y: &mut [f32], ldy: usize) {
+            #[allow(private_interfaces)]
+            fn block<const R: usize>(simd: Simd, x: &[f32], k: usize, w: &[$w], n: usize, y: &mut [f32], ldy: usize) {
                 #[cfg(target_arch = "x86_64")]
                 {
-                    if simd() == Simd::Avx512 {
+                    if simd == Simd::Avx512 {
                         // SAFETY: the CPU has the features the tile is compiled for.
                         return walk::<$w, R>(x, k, w, n, y, ldy, |x, w| unsafe { $avx512(x, w, k) });
                     }
-                    if simd() == Simd::Avx2 {
+                    if simd == Simd::Avx2 {
                         // SAFETY: as above.
                         return walk::<$w, R>(x, k, w, n, y, ldy, |x, w| unsafe { $avx2(x, w, k) });
                     }
                 }
+                let _ = simd;
                 walk::<$w, R>(x, k, w, n, y, ldy, |x, w| tile_portable(x, w, k))
             }
         }
@@ -313,29 +322,36 @@ mod tests {
         }
     }
 
-    /// The kernel picked for this CPU gives the portable one's result to rounding, for
-    /// every row-block size and both weight types.
+    /// Every kernel this CPU can run (AVX-512, AVX2, portable: the one a machine picks
+    /// may not be this one) gives the product in f64 to rounding, for every row-block
+    /// size, a tail past the vectors, and both weight types.
     #[test]
-    fn the_picked_kernel_agrees_with_the_portable_one() {
+    fn every_kernel_this_cpu_runs_agrees() {
         let mut rng = crate::rng::SplitMix64(11);
         let (m, k, n) = (7, 301, 5);
         let x: Vec<f32> = (0..m * k).map(|_| rng.next_f64() as f32 - 0.5).collect();
         let w: Vec<f32> = (0..n * k).map(|_| rng.next_f64() as f32 - 0.5).collect();
         let wb: Vec<u16> = w.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
-        fn portable<W: WeightElem>(x: &[f32], m: usize, k: usize, w: &[W], n: usize) -> Vec<f32> {
-            let mut y = vec![0f32; m * n];
-            for i in 0..m {
-                walk::<W, 1>(&x[i * k..(i + 1) * k], k, w, n, &mut y[i * n..], n, |x, w| tile_portable(x, w, k));
+        let wbf: Vec<f32> = wb.iter().map(|&b| b.widen()).collect();
+        let mut kernels = vec![Simd::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                kernels.push(Simd::Avx2);
             }
-            y
+            if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+                kernels.push(Simd::Avx512);
+            }
         }
-        let mut picked = vec![0f32; m * n];
-        rows_times_weight(&x, m, k, &w, n, &mut picked, n);
-        let mut picked_b = vec![0f32; m * n];
-        rows_times_weight(&x, m, k, &wb, n, &mut picked_b, n);
-        for (got, want) in [(picked, portable(&x, m, k, &w, n)), (picked_b, portable(&x, m, k, &wb, n))] {
-            for (a, b) in got.iter().zip(&want) {
-                assert!((a - b).abs() < 1e-5, "{a} vs {b} ({:?})", simd());
+        for simd in kernels {
+            let mut y = vec![0f32; m * n];
+            rows_times_weight_on(simd, &x, m, k, &w, n, &mut y, n);
+            let mut yb = vec![0f32; m * n];
+            rows_times_weight_on(simd, &x, m, k, &wb, n, &mut yb, n);
+            for (got, want) in [(&y, naive(&x, m, k, &w, n)), (&yb, naive(&x, m, k, &wbf, n))] {
+                for (a, b) in got.iter().zip(&want) {
+                    assert!((*a as f64 - b).abs() < 1e-5, "{simd:?}: {a} vs {b}");
+                }
             }
         }
     }
