@@ -23,7 +23,7 @@ pub mod select;
 mod source;
 pub mod spec;
 #[cfg(feature = "kernels")]
-pub use source::{cube_dim, kernel_definition, kernel_source, kernel_source_and_shared_bytes};
+pub use source::{cube_dim, kernel_definition, kernel_settings, kernel_source, kernel_source_and_shared_bytes};
 pub mod traffic;
 
 pub use spec::{Elem, KernelSpec, Target};

@@ -10,6 +10,27 @@ use cubecl::prelude::*;
 use cubecl::Compiler;
 use std::sync::Arc;
 
+/// `$body` with `$t` the Rust type of the `Elem` `$e` (`f32`, `half::f16`, `half::bf16`):
+/// the one place a kernel's element type becomes a type parameter.
+macro_rules! with_elem {
+    ($e:expr, $t:ident => $body:expr) => {
+        match $e {
+            Elem::F32 => {
+                type $t = f32;
+                $body
+            }
+            Elem::F16 => {
+                type $t = half::f16;
+                $body
+            }
+            Elem::Bf16 => {
+                type $t = half::bf16;
+                $body
+            }
+        }
+    };
+}
+
 /// Device properties for source generation: no device is opened, so the compilers see
 /// a generic 1024-unit, 64 KiB shared-memory target (the kernels use far less).
 fn offline_properties() -> Arc<DeviceProperties> {
@@ -74,11 +95,7 @@ fn compile(k: &dyn CubeKernel, name: &str, target: Target) -> (String, usize) {
 /// kernel's runtime parameters generically, in the order [`super::launch::Launch::args`]
 /// lists them (buffers as resources, `u32`s as scalars).
 pub fn kernel_definition(spec: &KernelSpec, props: Arc<DeviceProperties>, target: Arc<TargetProperties>) -> Defined {
-    Defined(match spec.elem() {
-        Elem::F32 => definition::<f32>(spec, props, target),
-        Elem::F16 => definition::<half::f16>(spec, props, target),
-        Elem::Bf16 => definition::<half::bf16>(spec, props, target),
-    })
+    Defined(with_elem!(spec.elem(), F => definition::<F>(spec, props, target)))
 }
 
 /// A kernel [`kernel_definition`] built, as CubeCL's launcher and compilers take one.
@@ -102,9 +119,15 @@ impl CubeKernel for Defined {
     }
 }
 
+/// The settings a spec's kernel is compiled and launched with: its cube shape, bounds
+/// checks on, 32-bit addressing.
+pub fn kernel_settings(spec: &KernelSpec) -> KernelSettings {
+    KernelSettings::new(*cube_dim(spec), ExecutionMode::Checked, AddressType::U32)
+}
+
 /// [`kernel_definition`] for kernels whose element type (`spec.elem()`) is `F`.
 fn definition<F: Float + CubeElement>(spec: &KernelSpec, p: Arc<DeviceProperties>, tp: Arc<TargetProperties>) -> Box<dyn CubeKernel> {
-    let settings = KernelSettings::new(*cube_dim(spec), ExecutionMode::Checked, AddressType::U32);
+    let settings = kernel_settings(spec);
     // Every buffer parameter is its own binding (no aliasing).
     let b = || BufferCompilationArg { inplace: None };
     match spec {
@@ -140,15 +163,18 @@ fn definition<F: Float + CubeElement>(spec: &KernelSpec, p: Arc<DeviceProperties
                     (),
                     (),
                 )),
-                P::Mid => match weights {
-                    Elem::F32 => Box::new(mg::moe_grad_mid::MoeGradMid::<F, f32>::new(settings, p, tp, b(), b(), b(), b(), b(), b(), ())),
-                    Elem::F16 => {
-                        Box::new(mg::moe_grad_mid::MoeGradMid::<F, half::f16>::new(settings, p, tp, b(), b(), b(), b(), b(), b(), ()))
-                    }
-                    Elem::Bf16 => {
-                        Box::new(mg::moe_grad_mid::MoeGradMid::<F, half::bf16>::new(settings, p, tp, b(), b(), b(), b(), b(), b(), ()))
-                    }
-                },
+                P::Mid => with_elem!(*weights, W => Box::new(mg::moe_grad_mid::MoeGradMid::<F, W>::new(
+                    settings,
+                    p,
+                    tp,
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    b(),
+                    ()
+                ))),
                 P::DxRows => Box::new(mg::moe_grad_dx_rows::MoeGradDxRows::<F>::new(settings, p, tp, b(), b(), b(), b(), b(), b(), (), ())),
                 P::Dx => Box::new(mg::moe_grad_dx::MoeGradDx::<F>::new(settings, p, tp, b(), b(), b(), (), ())),
                 P::Weights => Box::new(mg::moe_grad_weights::MoeGradWeights::<F>::new(
@@ -254,53 +280,21 @@ fn definition<F: Float + CubeElement>(spec: &KernelSpec, p: Arc<DeviceProperties
         KernelSpec::MatMulEwFrom { head, epilogue, skinny, .. } => {
             let inputs = || SequenceCompilationArg::<Box<[F]>> { values: epilogue.loads.iter().map(|_| b()).collect() };
             let (e, sk) = (epilogue.clone(), *skinny);
-            match head {
-                Elem::F32 => Box::new(kernels::heads::matmul_ew::MatmulEw::<F, f32>::new(
-                    settings,
-                    p,
-                    tp,
-                    b(),
-                    b(),
-                    b(),
-                    b(),
-                    (),
-                    (),
-                    (),
-                    inputs(),
-                    e,
-                    sk,
-                )),
-                Elem::F16 => Box::new(kernels::heads::matmul_ew::MatmulEw::<F, half::f16>::new(
-                    settings,
-                    p,
-                    tp,
-                    b(),
-                    b(),
-                    b(),
-                    b(),
-                    (),
-                    (),
-                    (),
-                    inputs(),
-                    e,
-                    sk,
-                )),
-                Elem::Bf16 => Box::new(kernels::heads::matmul_ew::MatmulEw::<F, half::bf16>::new(
-                    settings,
-                    p,
-                    tp,
-                    b(),
-                    b(),
-                    b(),
-                    b(),
-                    (),
-                    (),
-                    (),
-                    inputs(),
-                    e,
-                    sk,
-                )),
-            }
+            with_elem!(*head, H => Box::new(kernels::heads::matmul_ew::MatmulEw::<F, H>::new(
+                settings,
+                p,
+                tp,
+                b(),
+                b(),
+                b(),
+                b(),
+                (),
+                (),
+                (),
+                inputs(),
+                e,
+                sk,
+            )))
         }
         KernelSpec::RmsNormEw { eps_bits, epilogue, .. } => {
             let inputs = SequenceCompilationArg::<Box<[F]>> { values: epilogue.loads.iter().map(|_| b()).collect() };
@@ -322,21 +316,10 @@ fn definition<F: Float + CubeElement>(spec: &KernelSpec, p: Arc<DeviceProperties
         KernelSpec::GateUp { skinny, .. } => {
             Box::new(kernels::heads::matmul_gate_up::MatmulGateUp::<F>::new(settings, p, tp, b(), b(), b(), b(), (), (), (), *skinny))
         }
-        // The two element types are the spec's, not `F` (which is `to`).
-        KernelSpec::Cast { from, to } => match (from, to) {
-            (Elem::F32, Elem::F16) => Box::new(kernels::movement::convert::Convert::<f32, half::f16>::new(settings, p, tp, b(), b())),
-            (Elem::F16, Elem::F32) => Box::new(kernels::movement::convert::Convert::<half::f16, f32>::new(settings, p, tp, b(), b())),
-            (Elem::F32, Elem::Bf16) => Box::new(kernels::movement::convert::Convert::<f32, half::bf16>::new(settings, p, tp, b(), b())),
-            (Elem::Bf16, Elem::F32) => Box::new(kernels::movement::convert::Convert::<half::bf16, f32>::new(settings, p, tp, b(), b())),
-            (Elem::F16, Elem::Bf16) => {
-                Box::new(kernels::movement::convert::Convert::<half::f16, half::bf16>::new(settings, p, tp, b(), b()))
-            }
-            (Elem::Bf16, Elem::F16) => {
-                Box::new(kernels::movement::convert::Convert::<half::bf16, half::f16>::new(settings, p, tp, b(), b()))
-            }
-            // Same type on both sides: a copy.
-            _ => Box::new(kernels::movement::convert::Convert::<F, F>::new(settings, p, tp, b(), b())),
-        },
+        // `F` is `to` (the spec's `elem`); `from` is the second type.
+        KernelSpec::Cast { from, .. } => {
+            with_elem!(*from, A => Box::new(kernels::movement::convert::Convert::<A, F>::new(settings, p, tp, b(), b())))
+        }
         KernelSpec::RmsNorm { eps_bits, .. } => {
             Box::new(kernels::rms_norm::RmsNorm::<F>::new(settings, p, tp, b(), b(), b(), (), *eps_bits))
         }
@@ -407,13 +390,9 @@ fn definition<F: Float + CubeElement>(spec: &KernelSpec, p: Arc<DeviceProperties
                 }
             }
         }
-        KernelSpec::MoeCombine { weights, .. } => match weights {
-            Elem::F32 => Box::new(kernels::moe::moe_combine::MoeCombine::<F, f32>::new(settings, p, tp, b(), b(), b(), b(), (), ())),
-            Elem::F16 => Box::new(kernels::moe::moe_combine::MoeCombine::<F, half::f16>::new(settings, p, tp, b(), b(), b(), b(), (), ())),
-            Elem::Bf16 => {
-                Box::new(kernels::moe::moe_combine::MoeCombine::<F, half::bf16>::new(settings, p, tp, b(), b(), b(), b(), (), ()))
-            }
-        },
+        KernelSpec::MoeCombine { weights, .. } => {
+            with_elem!(*weights, W => Box::new(kernels::moe::moe_combine::MoeCombine::<F, W>::new(settings, p, tp, b(), b(), b(), b(), (), ())))
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use cubecl::server::Handle;
 use cubecl::wgpu::WgpuDevice;
 use dsc_compiler::codegen::launch::{Launch, NodeWork, Ptr};
 use dsc_compiler::codegen::select::node_work;
-use dsc_compiler::codegen::{cube_dim, kernel_definition, Target};
+use dsc_compiler::codegen::{kernel_definition, kernel_settings, Target};
 use dsc_compiler::ir::{Bindings, Graph, NodeId};
 
 /// A buffer on the device: `len` elements in `repr`.
@@ -196,7 +196,7 @@ impl WgpuBackend {
             ));
         }
         let r = l.resolve(ins, outs, scratch, bind)?;
-        let mut launcher = KernelLauncher::new(KernelSettings::new(*cube_dim(&l.kernel), ExecutionMode::Checked, AddressType::U32));
+        let mut launcher = KernelLauncher::new(kernel_settings(&l.kernel));
         for p in &r.ptrs {
             // A table holds a launch's sizes, strides or constants: a few words, far below
             // any limit.
