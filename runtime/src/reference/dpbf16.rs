@@ -49,8 +49,7 @@ pub fn linear(x: &[f32], m: usize, k: usize, w: &[u16], n: usize, parallel: bool
         x.iter().map(|&v| f32_to_bf16(v)).collect()
     };
     let rows = (TASK_BYTES / (2 * k).max(1)).next_multiple_of(NR).max(NR);
-    let run = |t: usize| -> Vec<f32> {
-        let (j0, nb) = (t * rows, rows.min(n - t * rows));
+    Some(super::linalg::column_blocks(m, n, rows, parallel, |j0, nb| {
         let wb = &w[j0 * k..(j0 + nb) * k];
         let mut y = vec![0f32; m * nb];
         let mut j = 0;
@@ -71,17 +70,7 @@ pub fn linear(x: &[f32], m: usize, k: usize, w: &[u16], n: usize, parallel: bool
             j += c;
         }
         y
-    };
-    let tasks = n.div_ceil(rows);
-    let blocks: Vec<Vec<f32>> = if parallel { (0..tasks).into_par_iter().map(run).collect() } else { (0..tasks).map(run).collect() };
-    let mut out = vec![0f32; m * n];
-    for (t, y) in blocks.iter().enumerate() {
-        let (j0, nb) = (t * rows, rows.min(n - t * rows));
-        for i in 0..m {
-            out[i * n + j0..i * n + j0 + nb].copy_from_slice(&y[i * nb..(i + 1) * nb]);
-        }
-    }
-    Some(out)
+    }))
 }
 
 /// The `r × c` dot products of `r` rows of `x` and `c` weight rows (bf16, `k` even),

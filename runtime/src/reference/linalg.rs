@@ -115,9 +115,7 @@ pub fn linear<T: Real>(x: &[T], m: usize, k: usize, w: &[T], n: usize, parallel:
     if x.len() != m * k || w.len() != n * k {
         return Err(KErr::shape(format!("linear: x has {} elements for [{m}, {k}], weight {} for [{n}, {k}]", x.len(), w.len())));
     }
-    if let Some(x32) = few_f32_rows(x, m, k) {
-        // SAFETY: `few_f32_rows` answers only for `T` = f32, so `w` holds f32s too.
-        let w32 = unsafe { std::slice::from_raw_parts(w.as_ptr() as *const f32, w.len()) };
+    if let (Some(x32), Some(w32)) = (few_f32_rows(x, m, k), as_f32(w)) {
         return Ok(linear_dot(x32, m, k, w32, n, parallel));
     }
     let mut out = vec![T::ZERO; m * n];
@@ -141,38 +139,58 @@ const DPBF16_MIN_K: usize = 1024;
 const DOT_TASK_BYTES: usize = 512 << 10;
 const DOT_MIN_ROWS: usize = 16;
 
+/// `x` as `f32`s when the run's `T` is `f32`.
+fn as_f32<T: Real>(x: &[T]) -> Option<&[f32]> {
+    // SAFETY: `Real` is implemented for f32 and f64 only, so a 4-byte `T` is f32.
+    (std::mem::size_of::<T>() == 4).then(|| unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) })
+}
+
+/// `f32` results as the run's `T` (a copy when `T` is f32, as every caller's is).
+fn from_f32<T: Real>(v: Vec<f32>) -> Vec<T> {
+    v.into_iter().map(|v| T::of(v as f64)).collect()
+}
+
 /// `x` as `f32`s when the run is in `f32` and `x` has few enough rows for the dot path.
 fn few_f32_rows<T: Real>(x: &[T], m: usize, k: usize) -> Option<&[f32]> {
-    if m == 0 || m > DOT_ROWS || k == 0 || std::mem::size_of::<T>() != 4 {
+    if m == 0 || m > DOT_ROWS || k == 0 {
         return None;
     }
-    // SAFETY: `Real` is implemented for f32 and f64 only, so a 4-byte `T` is f32.
-    Some(unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) })
+    as_f32(x)
+}
+
+/// An `[m, n]` product computed in blocks of `cols` output columns (weight rows):
+/// `block(j0, nb)` gives columns `j0..j0 + nb` as `[m, nb]`, one task each when
+/// `parallel`, and the blocks are copied into place.
+pub(crate) fn column_blocks<E: Copy + Default + Send>(
+    m: usize,
+    n: usize,
+    cols: usize,
+    parallel: bool,
+    block: impl Fn(usize, usize) -> Vec<E> + Sync + Send,
+) -> Vec<E> {
+    use rayon::prelude::*;
+    let tasks = n.div_ceil(cols.max(1));
+    let run = |t: usize| block(t * cols, cols.min(n - t * cols));
+    let ys: Vec<Vec<E>> = if parallel && tasks > 1 { (0..tasks).into_par_iter().map(run).collect() } else { (0..tasks).map(run).collect() };
+    let mut out = vec![E::default(); m * n];
+    for (t, y) in ys.iter().enumerate() {
+        let (j0, nb) = (t * cols, cols.min(n - t * cols));
+        for i in 0..m {
+            out[i * n + j0..i * n + j0 + nb].copy_from_slice(&y[i * nb..(i + 1) * nb]);
+        }
+    }
+    out
 }
 
 /// `x [m, k] · wᵀ` in `f32` by dot products: blocks of [`DOT_TASK_BYTES`] of weight rows, one
 /// task each when `parallel`, every row of `x` multiplied while the block is in cache.
 fn linear_dot<T: Real, W: WeightElem>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, parallel: bool) -> Vec<T> {
-    use rayon::prelude::*;
-    let mut out = vec![0f32; m * n];
     let cols = (DOT_TASK_BYTES / (k * std::mem::size_of::<W>()).max(1)).max(DOT_MIN_ROWS);
-    let blocks = n.div_ceil(cols);
-    let run = |b: usize| -> Vec<f32> {
-        let (j0, nb) = (b * cols, cols.min(n - b * cols));
+    from_f32(column_blocks(m, n, cols, parallel, |j0, nb| {
         let mut y = vec![0f32; m * nb];
         rows_times_weight(x, m, k, &w[j0 * k..(j0 + nb) * k], nb, &mut y, nb);
         y
-    };
-    let ys: Vec<Vec<f32>> =
-        if parallel && blocks > 1 { (0..blocks).into_par_iter().map(run).collect() } else { (0..blocks).map(run).collect() };
-    for (b, y) in ys.iter().enumerate() {
-        let (j0, nb) = (b * cols, cols.min(n - b * cols));
-        for i in 0..m {
-            out[i * n + j0..i * n + j0 + nb].copy_from_slice(&y[i * nb..(i + 1) * nb]);
-        }
-    }
-    // `T` is f32 here (the callers check): the conversion is a copy.
-    out.into_iter().map(|v| T::of(v as f64)).collect()
+    }))
 }
 
 /// [`linear`] with the weight in bf16 (its bits, `[n, k]`): the weight is never widened
@@ -184,20 +202,16 @@ fn linear_dot<T: Real, W: WeightElem>(x: &[f32], m: usize, k: usize, w: &[W], n:
 /// With `bf16_inputs` (an `f32` run; see [`super::Options::bf16_inputs`]) `x` is rounded
 /// to bf16 first, and many rows are multiplied by [`super::dpbf16`] where the CPU can.
 pub fn linear_bf16<T: Real>(x: &[T], m: usize, k: usize, w: &[u16], n: usize, parallel: bool, bf16_inputs: bool) -> Result<Vec<T>, KErr> {
-    use rayon::prelude::*;
     if x.len() != m * k || w.len() != n * k {
         return Err(KErr::shape(format!("linear: x has {} elements for [{m}, {k}], weight {} for [{n}, {k}]", x.len(), w.len())));
     }
-    let mut out = vec![T::ZERO; m * n];
     if m == 0 || n == 0 {
-        return Ok(out);
+        return Ok(vec![T::ZERO; m * n]);
     }
-    if bf16_inputs && std::mem::size_of::<T>() == 4 {
-        // SAFETY: `Real` is implemented for f32 and f64 only, so a 4-byte `T` is f32.
-        let x32 = unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) };
+    if let Some(x32) = as_f32(x).filter(|_| bf16_inputs) {
         if m > DOT_ROWS && k >= DPBF16_MIN_K {
             if let Some(y) = super::dpbf16::linear(x32, m, k, w, n, parallel) {
-                return Ok(y.into_iter().map(|v| T::of(v as f64)).collect());
+                return Ok(from_f32(y));
             }
         }
         // Elsewhere the same arithmetic: bf16 values of x, exact products, f32 sums.
@@ -210,22 +224,12 @@ pub fn linear_bf16<T: Real>(x: &[T], m: usize, k: usize, w: &[u16], n: usize, pa
     // Blocks small enough to stay in cache for a few rows of x, larger when many rows
     // amortise the widening.
     let rows = if m >= 64 { 256 } else { 32 };
-    let run = |b: usize| -> Vec<T> {
-        let (j0, nb) = (b * rows, rows.min(n - b * rows));
+    Ok(column_blocks(m, n, rows, parallel, |j0, nb| {
         let wide: Vec<T> = w[j0 * k..(j0 + nb) * k].iter().map(|&v| T::of(v.widen() as f64)).collect();
         let mut y = vec![T::ZERO; m * nb];
         gemm(m, nb, k, &mut y, Mat::rows(x, 0, k), Mat { data: &wide, offset: 0, rs: 1, cs: k }, false);
         y
-    };
-    let blocks: Vec<Vec<T>> =
-        if parallel { (0..n.div_ceil(rows)).into_par_iter().map(run).collect() } else { (0..n.div_ceil(rows)).map(run).collect() };
-    for (b, y) in blocks.iter().enumerate() {
-        let (j0, nb) = (b * rows, rows.min(n - b * rows));
-        for i in 0..m {
-            out[i * n + j0..i * n + j0 + nb].copy_from_slice(&y[i * nb..(i + 1) * nb]);
-        }
-    }
-    Ok(out)
+    }))
 }
 
 /// `a: [B.., m, k] · b: [B.., k, n]` → `[B.., m, n]`. An operand may have fewer batch axes
@@ -234,7 +238,6 @@ pub fn linear_bf16<T: Real>(x: &[T], m: usize, k: usize, w: &[u16], n: usize, pa
 /// over threads one per task; a few large ones let gemm split each.
 pub fn batch_matmul<T: Real>(a: &[T], ash: &[usize], b: &[T], bsh: &[usize]) -> Result<(Vec<usize>, Vec<T>), KErr> {
     let (ra, rb) = (ash.len(), bsh.len());
-    let r = ra.max(rb);
     let (ab, bb) = (&ash[..ra.saturating_sub(2)], &bsh[..rb.saturating_sub(2)]);
     let (long, short) = if ab.len() >= bb.len() { (ab, bb) } else { (bb, ab) };
     if ra < 2 || rb < 2 || long[long.len() - short.len()..] != *short || ash[ra - 1] != bsh[rb - 2] {
@@ -245,7 +248,6 @@ pub fn batch_matmul<T: Real>(a: &[T], ash: &[usize], b: &[T], bsh: &[usize]) -> 
     let (a_batches, b_batches): (usize, usize) = (ab.iter().product(), bb.iter().product());
     let mut shape = long.to_vec();
     shape.extend([m, n]);
-    debug_assert_eq!(shape.len(), r);
     let mut out = vec![T::ZERO; batches * m * n];
     if m * n == 0 || a_batches == 0 || b_batches == 0 {
         return Ok((shape, out));
