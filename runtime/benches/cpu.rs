@@ -121,7 +121,7 @@ fn run<W: Weights>(b: &ReferenceBackend<W>, name: &str, args: &Args) {
     // Compile every variant once before timing (the first call of each lowers and optimises).
     prefill(b, &p[..1], true);
     prefill(b, &p[..1], false);
-    // With DSC_PROFILE=1 each measurement's time per op kind (over every pass).
+    // With DSC_PROFILE=1 each measurement's time per op kind, as it is made.
     let profile = |what: &str| {
         let r = dsc_runtime::reference::profile::report();
         if !r.is_empty() {
@@ -129,37 +129,25 @@ fn run<W: Weights>(b: &ReferenceBackend<W>, name: &str, args: &Args) {
         }
     };
     profile("compilation");
-    let mut profiles: Vec<(String, String)> = Vec::new();
-    let mut keep = |what: String| {
-        let r = dsc_runtime::reference::profile::report();
-        if let Some(e) = profiles.iter_mut().find(|e| e.0 == what) {
-            e.1 += &r;
-        } else if !r.is_empty() {
-            profiles.push((what, r));
-        }
-    };
     let (mut all, mut last) = (Vec::new(), Vec::new());
     let mut decode: Vec<Vec<f64>> = vec![Vec::new(); args.batches.len()];
     let mut greedy = Vec::new();
     for pass in 0..args.passes {
         all.push(args.prompt as f64 / prefill(b, &p, false));
-        keep("prefill, every position's logits".into());
+        profile("prefill, every position's logits");
         last.push(args.prompt as f64 / prefill(b, &p, true));
-        keep("prefill, last position's logits".into());
+        profile("prefill, last position's logits");
         for (i, &batch) in args.batches.iter().enumerate() {
             let ps = if batch == 1 { p.clone() } else { prompts(batch, args.prompt, vocab, 10 + pass as u64) };
             let opts = GenerateOptions { max_new_tokens: args.new, ..GenerateOptions::default() };
             let g = generate(b, &ps, &opts).expect("generate");
             decode[i].push(g.stats.decode_tokens_per_sec());
-            keep(format!("generate at batch {batch} (prompt pass and decode)"));
+            profile(&format!("generate at batch {batch} (prompt pass and decode)"));
             if batch == 1 {
                 greedy = g.tokens[0].clone();
             }
         }
         eprintln!("pass {} of {} done", pass + 1, args.passes);
-    }
-    for (what, r) in &profiles {
-        eprintln!("{what}:\n{r}");
     }
     let (a, l) = (median(all), median(last));
     let decode: Vec<f64> = decode.into_iter().map(median).collect();

@@ -147,7 +147,8 @@ impl CheckpointWeights {
     /// A stored tensor's elements as `f32`. The layout check admitted only float types.
     fn decode(&self, s: &Stored) -> Vec<f32> {
         let shard = &self.shards[s.shard];
-        let unit = dtype_bytes(s.info.dtype);
+        // Whole bytes for every dtype `decode_bytes` reads.
+        let unit = s.info.dtype.bitsize() / 8;
         let mut v: Vec<f32> = Vec::with_capacity(shard.bytes(&s.info).len() / unit.max(1));
         shard.stream(&s.info, unit, |b| v.extend(decode_bytes(b, s.info.dtype)));
         v
@@ -172,16 +173,6 @@ fn cut_rows<E: Copy>(v: Vec<E>, p: &Piece) -> Vec<E> {
             let (rows, cols) = (shape[shape.len() - 2], shape[shape.len() - 1]);
             v.chunks_exact(rows * cols).flat_map(|m| m[start * cols..(start + len) * cols].iter().copied()).collect()
         }
-    }
-}
-
-/// Bytes per stored element of a float `dtype` (the ones [`decode_bytes`] reads).
-fn dtype_bytes(dtype: Dtype) -> usize {
-    match dtype {
-        Dtype::F64 => 8,
-        Dtype::F32 => 4,
-        Dtype::BF16 | Dtype::F16 => 2,
-        _ => 1,
     }
 }
 
