@@ -10,7 +10,7 @@
 
 use super::backend::{Backend, BackendError, CacheStore, KvCache, LayerRouting, SampleParams, Sampled, StepInput, StepOutput};
 use super::rewrite::{add_attention_mask, expose_routing, RouteSite};
-use crate::reference::{run, Options, Tensor, Weights};
+use crate::reference::{run_prepared, Options, Prepared, Tensor, Weights};
 use dsc_compiler::ir::Mode;
 use dsc_compiler::ir::Module;
 use dsc_compiler::lower::{lower_mode, lower_prefill, PrefillLogits};
@@ -126,13 +126,14 @@ pub struct Interpreter {
 }
 
 impl Engine for Interpreter {
-    type Prepared = ();
+    /// Verified once, evaluation orders kept.
+    type Prepared = Prepared;
     type Held = std::convert::Infallible;
     fn name(&self) -> &str {
         "reference"
     }
-    fn prepare(&self, _: &Module, _: Mode) -> Result<(), String> {
-        Ok(())
+    fn prepare(&self, module: &Module, _: Mode) -> Result<Prepared, String> {
+        Prepared::new(module, &self.options).map_err(|e| e.to_string())
     }
     /// A first result (the logits) holding a NaN or an infinity is an error, never an
     /// output: the run is repeated with every value checked, and the error names the first
@@ -140,7 +141,7 @@ impl Engine for Interpreter {
     fn run_values(
         &self,
         module: &Module,
-        _: &(),
+        prepared: &Prepared,
         mode: Mode,
         args: Vec<Value<Self::Held>>,
         _keep: &[bool],
@@ -153,10 +154,10 @@ impl Engine for Interpreter {
                 Value::Held(h) => match h {},
             })
             .collect();
-        let out = run(module, mode, &args, weights, &self.options).map_err(|e| e.to_string())?;
+        let out = run_prepared(module, prepared, mode, &args, weights, &self.options).map_err(|e| e.to_string())?;
         if out.first().is_some_and(|t| t.first_non_finite().is_some()) {
             let checked = Options { check_finite: true, ..self.options.clone() };
-            return match run(module, mode, &args, weights, &checked) {
+            return match run_prepared(module, prepared, mode, &args, weights, &checked) {
                 Err(e) => Err(format!("non-finite logits: {e}")),
                 Ok(_) => Err("the logits hold a NaN or an infinity (no single node could be named)".into()),
             };

@@ -335,6 +335,13 @@ pub fn select(cond: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor, KErr> {
     Ok(Tensor::from_parts(shape, data))
 }
 
+/// A bf16 tensor (a weight kept in the checkpoint's precision) widened to `T`, read in
+/// place; `None` for any other tensor. Exact: every bf16 is an f32.
+pub fn widen_bf16<T: Real>(t: &Tensor) -> Option<Tensor> {
+    let bits = t.as_bf16_bits()?;
+    Some(Tensor::from_parts(t.shape().to_vec(), T::wrap(bits.iter().map(|&b| T::of(super::weights::bf16_to_f32(b) as f64)).collect())))
+}
+
 /// Convert to `to`, with floats held in the run's precision `T`.
 ///
 /// Float-to-float casts keep the value: the interpreter computes every float type in `T`

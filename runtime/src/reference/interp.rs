@@ -7,9 +7,9 @@
 //! or same-precision `Cast` that is the last user of an owned value moves it instead of
 //! copying.
 
-use super::elementwise::{binary, cast, select, unary};
+use super::elementwise::{binary, cast, select, unary, widen_bf16};
 use super::layout::{broadcast, concat, gather, permute, reduce, scatter_add, slice, top_k};
-use super::linalg::{batch_matmul, linear, linear_bf16};
+use super::linalg::{batch_matmul, batch_matmul_bf16, linear, linear_bf16};
 use super::nn::grad::{
     attention_grad, cross_entropy_grad, expert_ffn_grad, moe_route_grad, rms_norm_grad, swiglu_grad, token_logprob_grad, weight_grad,
 };
@@ -27,12 +27,15 @@ use dsc_compiler::ir::{
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
 
 type Val<'a> = Cow<'a, Tensor>;
 
-/// Run `function` of `module` on `inputs` in precision `T`.
+/// Run `function` of `module` on `inputs` in precision `T`, with the evaluation orders
+/// `schedules` keeps for `module`.
 pub(super) fn run<T: Real>(
     module: &Module,
+    schedules: &Schedules,
     function: &str,
     inputs: &[Tensor],
     weights: &dyn Weights,
@@ -42,7 +45,7 @@ pub(super) fn run<T: Real>(
     let f =
         module.function(function).ok_or_else(|| ExecError::new(ErrorKind::Entry, format!("the module has no function `{function}`")))?;
     let sizes = bind_symbols(f, inputs)?;
-    let it = Interp::<T> { module, weights, sizes, check_finite, bf16_inputs, _t: PhantomData };
+    let it = Interp::<T> { module, schedules, weights, sizes, check_finite, bf16_inputs, _t: PhantomData };
     let args = inputs.iter().map(Cow::Borrowed).collect();
     let mut stack = Vec::new();
     it.call(f, None, args, &mut stack)
@@ -77,8 +80,112 @@ fn at_fn(mut e: ExecError, function: &str) -> ExecError {
     e
 }
 
+/// What the walker derives from a function before evaluating it: its live nodes (those
+/// the return depends on) in topological order, where each reads its inputs, and which
+/// values die after it. Worked out once per function of a module and kept
+/// ([`Schedules`]): a decode step calls each layer's function once per layer and step.
+pub(super) struct Schedule {
+    steps: Vec<Step>,
+    n_args: usize,
+}
+
+struct Step {
+    node: NodeId,
+    /// The IR printer's number for the node (its place in the whole topological order).
+    pos: usize,
+    /// Each input as (the step that makes it, which output).
+    inputs: Vec<(usize, u32)>,
+    /// Per input: this step is the last to read it, and reads it once.
+    last: Vec<bool>,
+    /// Steps whose values no later step reads.
+    frees: Vec<usize>,
+}
+
+impl Schedule {
+    fn of(f: &Function) -> Result<Schedule, ExecError> {
+        let g = &f.graph;
+        let fail = |kind, msg: String| at_fn(ExecError::new(kind, msg), &f.name);
+        let order = g.topo_order().map_err(|c| fail(ErrorKind::Graph, format!("the graph has a cycle through {} nodes", c.0.len())))?;
+        let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+        let ret = g.return_node().ok_or_else(|| fail(ErrorKind::Graph, "the function has no return".into()))?;
+
+        // Inputs per node, checked for dense slots; then the nodes the return needs.
+        let mut inputs: HashMap<NodeId, Vec<Value>> = HashMap::new();
+        let mut live: HashSet<NodeId> = HashSet::new();
+        let mut todo = vec![ret];
+        while let Some(n) = todo.pop() {
+            if !live.insert(n) {
+                continue;
+            }
+            let edges = g.input_edges(n);
+            if edges.iter().enumerate().any(|(i, (slot, _))| *slot as usize != i) {
+                let name = node_name(pos[&n], g.node(n));
+                return Err(ExecError { node: Some(name), ..fail(ErrorKind::Graph, "input slots are not 0..n, each once".into()) });
+            }
+            let mut vals: Vec<Value> = edges.into_iter().map(|(_, v)| v).collect();
+            if matches!(g.node(n).op, Op::BatchMatMul) {
+                // A batch matmul reads an operand broadcast along added leading axes (absorbed
+                // MLA's W_UK and W_UV over the batch) from before the broadcast, which
+                // `batch_matmul` repeats by index: the copy is never made (per decode step
+                // it was the largest cost after the matmuls).
+                for v in vals.iter_mut() {
+                    if let Some(from) = leading_broadcast_source(g, *v) {
+                        *v = from;
+                    }
+                }
+            }
+            todo.extend(vals.iter().map(|v| v.node));
+            inputs.insert(n, vals);
+        }
+        // The return is last: every live node is one of its ancestors.
+        let live_order: Vec<NodeId> = order.into_iter().filter(|n| live.contains(n)).collect();
+        let step_of: HashMap<NodeId, usize> = live_order.iter().enumerate().map(|(j, &n)| (n, j)).collect();
+        let mut last_use: HashMap<NodeId, usize> = HashMap::new();
+        for (j, n) in live_order.iter().enumerate() {
+            for v in &inputs[n] {
+                last_use.insert(v.node, j);
+            }
+        }
+        let mut steps: Vec<Step> = live_order
+            .iter()
+            .enumerate()
+            .map(|(j, &n)| {
+                let ins = &inputs[&n];
+                let last = ins.iter().map(|v| last_use[&v.node] == j && ins.iter().filter(|w| *w == v).count() == 1).collect();
+                Step {
+                    node: n,
+                    pos: pos[&n],
+                    inputs: ins.iter().map(|v| (step_of[&v.node], v.output as u32)).collect(),
+                    last,
+                    frees: Vec::new(),
+                }
+            })
+            .collect();
+        for (node, j) in last_use {
+            steps[j].frees.push(step_of[&node]);
+        }
+        Ok(Schedule { steps, n_args: g.arguments().len() })
+    }
+}
+
+/// The [`Schedule`]s of one module's functions, each made on first use.
+#[derive(Default)]
+pub(super) struct Schedules(Mutex<HashMap<String, Arc<Schedule>>>);
+
+impl Schedules {
+    fn get(&self, f: &Function) -> Result<Arc<Schedule>, ExecError> {
+        if let Some(s) = self.0.lock().unwrap_or_else(|e| e.into_inner()).get(&f.name) {
+            return Ok(s.clone());
+        }
+        let s = Arc::new(Schedule::of(f)?);
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(f.name.clone(), s.clone());
+        Ok(s)
+    }
+}
+
 struct Interp<'m, T> {
     module: &'m Module,
+    schedules: &'m Schedules,
     weights: &'m dyn Weights,
     sizes: [Option<i64>; 3],
     check_finite: bool,
@@ -215,66 +322,28 @@ impl<'m, T: Real> Interp<'m, T> {
         'm: 'a,
     {
         let g = &f.graph;
-        let fail = |kind, msg: String| at_fn(ExecError::new(kind, msg), &f.name);
-        let order = g.topo_order().map_err(|c| fail(ErrorKind::Graph, format!("the graph has a cycle through {} nodes", c.0.len())))?;
-        let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
-        let ret = g.return_node().ok_or_else(|| fail(ErrorKind::Graph, "the function has no return".into()))?;
-        let n_args = g.arguments().len();
-        if args.len() != n_args {
-            return Err(fail(ErrorKind::Arguments, format!("`{}` takes {n_args} arguments, got {}", f.name, args.len())));
+        let plan = self.schedules.get(f)?;
+        if args.len() != plan.n_args {
+            let msg = format!("`{}` takes {} arguments, got {}", f.name, plan.n_args, args.len());
+            return Err(at_fn(ExecError::new(ErrorKind::Arguments, msg), &f.name));
         }
-
-        // Inputs per node, checked for dense slots; then the nodes the return needs.
-        let mut inputs: HashMap<NodeId, Vec<Value>> = HashMap::new();
-        let mut live: HashSet<NodeId> = HashSet::new();
-        let mut todo = vec![ret];
-        while let Some(n) = todo.pop() {
-            if !live.insert(n) {
-                continue;
-            }
-            let edges = g.input_edges(n);
-            if edges.iter().enumerate().any(|(i, (slot, _))| *slot as usize != i) {
-                let name = node_name(pos[&n], g.node(n));
-                return Err(ExecError { node: Some(name), ..fail(ErrorKind::Graph, "input slots are not 0..n, each once".into()) });
-            }
-            let mut vals: Vec<Value> = edges.into_iter().map(|(_, v)| v).collect();
-            if matches!(g.node(n).op, Op::BatchMatMul) {
-                // A batch matmul reads an operand broadcast along added leading axes (absorbed
-                // MLA's W_UK and W_UV over the batch) from before the broadcast, which
-                // `batch_matmul` repeats by index: the copy is never made (per decode step
-                // it was the largest cost after the matmuls).
-                for v in vals.iter_mut() {
-                    if let Some(from) = leading_broadcast_source(g, *v) {
-                        *v = from;
-                    }
-                }
-            }
-            todo.extend(vals.iter().map(|v| v.node));
-            inputs.insert(n, vals);
-        }
-        // Position of each live value's last reader.
-        let mut last_use: HashMap<NodeId, usize> = HashMap::new();
-        for &n in order.iter().filter(|n| live.contains(n)) {
-            for v in &inputs[&n] {
-                last_use.insert(v.node, pos[&n]);
-            }
-        }
-
         let mut args: Vec<Option<Val<'a>>> = args.into_iter().map(Some).collect();
-        let mut env: HashMap<NodeId, Vec<Option<Val<'a>>>> = HashMap::new();
-        for &n in order.iter().filter(|n| live.contains(n)) {
-            let p = pos[&n];
+        // The values of each step's node, by step; a step's values are dropped after
+        // their last reader.
+        let mut env: Vec<Vec<Option<Val<'a>>>> = Vec::with_capacity(plan.steps.len());
+        for (j, step) in plan.steps.iter().enumerate() {
+            let n = step.node;
             let node = g.node(n);
             let here = |e: KernelError| ExecError {
                 kind: e.kind,
                 message: e.message,
                 function: Some(f.name.clone()),
-                node: Some(node_name(p, node)),
+                node: Some(node_name(step.pos, node)),
                 span: node.span,
                 calls: Vec::new(),
             };
-            let ins = &inputs[&n];
-            if n == ret {
+            let ins = &step.inputs;
+            if j + 1 == plan.steps.len() {
                 return self.collect_results(ins, &mut env).map_err(here);
             }
             let outs: Vec<Val<'a>> = match &node.op {
@@ -315,7 +384,7 @@ impl<'m, T: Real> Interp<'m, T> {
                     let call_args: Vec<Val<'_>> =
                         ins.iter().map(|v| Self::value(&env, *v).map(Cow::Borrowed)).collect::<Result<_, _>>().map_err(here)?;
                     let results = self.call(callee, scope, call_args, stack).map_err(|mut e| {
-                        e.calls.push(format!("`{}` {}", f.name, node_name(p, node)));
+                        e.calls.push(format!("`{}` {}", f.name, node_name(step.pos, node)));
                         e
                     })?;
                     results.into_iter().map(Cow::Owned).collect()
@@ -325,8 +394,7 @@ impl<'m, T: Real> Interp<'m, T> {
                         return Err(here(graph_err(format!("takes {} inputs, got {}", op.arity(), ins.len()))));
                     }
                     // A reshape or cast that is the last reader of an owned value takes it.
-                    let movable =
-                        matches!(op, Op::Reshape { .. } | Op::Cast { .. }) && last_use.get(&ins[0].node) == Some(&p) && ins.len() == 1;
+                    let movable = matches!(op, Op::Reshape { .. } | Op::Cast { .. }) && ins.len() == 1 && step.last[0];
                     let taken = if movable { Self::take(&mut env, ins[0]) } else { None };
                     let started = super::profile::start();
                     let result = match taken {
@@ -356,27 +424,25 @@ impl<'m, T: Real> Interp<'m, T> {
                     }
                 }
             }
-            env.insert(n, outs.into_iter().map(Some).collect());
-            for v in ins {
-                if last_use.get(&v.node) == Some(&p) {
-                    env.remove(&v.node);
-                }
+            env.push(outs.into_iter().map(Some).collect());
+            for &p in &step.frees {
+                env[p] = Vec::new();
             }
         }
-        unreachable!("the return node is live and ends the walk")
+        unreachable!("the return is the last step")
     }
 
-    fn value<'e>(env: &'e HashMap<NodeId, Vec<Option<Val<'_>>>>, v: Value) -> Result<&'e Tensor, KernelError> {
-        env.get(&v.node)
-            .and_then(|outs| outs.get(v.output as usize))
+    fn value<'e>(env: &'e [Vec<Option<Val<'_>>>], (step, output): (usize, u32)) -> Result<&'e Tensor, KernelError> {
+        env.get(step)
+            .and_then(|outs| outs.get(output as usize))
             .and_then(|o| o.as_deref())
-            .ok_or_else(|| graph_err(format!("reads output {} of a node that has no such value", v.output)))
+            .ok_or_else(|| graph_err(format!("reads output {output} of a node that has no such value")))
     }
 
     /// Remove an owned value from the environment (for its last reader); borrowed values
     /// stay, since moving them would not save a copy.
-    fn take(env: &mut HashMap<NodeId, Vec<Option<Val<'_>>>>, v: Value) -> Option<Tensor> {
-        let slot = env.get_mut(&v.node)?.get_mut(v.output as usize)?;
+    fn take(env: &mut [Vec<Option<Val<'_>>>], (step, output): (usize, u32)) -> Option<Tensor> {
+        let slot = env.get_mut(step)?.get_mut(output as usize)?;
         match slot.take()? {
             Cow::Owned(t) => Some(t),
             b @ Cow::Borrowed(_) => {
@@ -388,13 +454,13 @@ impl<'m, T: Real> Interp<'m, T> {
 
     /// The return's values, each taken from the environment at its last occurrence and
     /// copied for earlier ones.
-    fn collect_results(&self, ins: &[Value], env: &mut HashMap<NodeId, Vec<Option<Val<'_>>>>) -> Result<Vec<Tensor>, KernelError> {
+    fn collect_results(&self, ins: &[(usize, u32)], env: &mut [Vec<Option<Val<'_>>>]) -> Result<Vec<Tensor>, KernelError> {
         let mut out = Vec::with_capacity(ins.len());
         for (i, v) in ins.iter().enumerate() {
             if ins[i + 1..].contains(v) {
                 out.push(Self::value(env, *v)?.clone());
             } else {
-                let slot = env.get_mut(&v.node).and_then(|o| o.get_mut(v.output as usize)).and_then(Option::take);
+                let slot = env.get_mut(v.0).and_then(|o| o.get_mut(v.1 as usize)).and_then(Option::take);
                 let t = slot.ok_or_else(|| graph_err("the return reads a missing value"))?;
                 out.push(t.into_owned());
             }
@@ -473,7 +539,7 @@ impl<'m, T: Real> Interp<'m, T> {
         let bf16 = |t: &Tensor| matches!(t.data(), Data::Bf16(_));
         if x.iter().any(|t| bf16(t)) {
             let native = match op {
-                Op::MatMul | Op::SwiGlu => !bf16(x[0]),
+                Op::MatMul | Op::SwiGlu | Op::BatchMatMul => !bf16(x[0]),
                 Op::ExpertFfn => !bf16(x[0]) && !bf16(x[2]),
                 Op::Gather { .. }
                 | Op::Slice { .. }
@@ -486,8 +552,7 @@ impl<'m, T: Real> Interp<'m, T> {
             if !native {
                 // Exact: every bf16 is an f32 (`cast` to any float type widens to `T`).
                 // The other operands are passed as they are, not copied.
-                let wide: Vec<Option<Tensor>> =
-                    x.iter().map(|t| bf16(t).then(|| cast::<T>((*t).clone(), DType::F32)).transpose()).collect::<Result<_, _>>()?;
+                let wide: Vec<Option<Tensor>> = x.iter().map(|t| widen_bf16::<T>(t)).collect();
                 let args: Vec<&Tensor> = x.iter().zip(&wide).map(|(&t, w)| w.as_ref().unwrap_or(t)).collect();
                 return self.exec(op, &args);
             }
@@ -515,8 +580,11 @@ impl<'m, T: Real> Interp<'m, T> {
                 one(Tensor::from_parts(shape, T::wrap(y)))
             }
             Op::BatchMatMul => {
-                let (a, b) = (floats::<T>(x[0], "batch_matmul a")?, floats::<T>(x[1], "batch_matmul b")?);
-                let (shape, y) = batch_matmul(a, x[0].shape(), b, x[1].shape())?;
+                let a = floats::<T>(x[0], "batch_matmul a")?;
+                let (shape, y) = match x[1].as_bf16_bits() {
+                    Some(bits) => batch_matmul_bf16(a, x[0].shape(), bits, x[1].shape())?,
+                    None => batch_matmul(a, x[0].shape(), floats::<T>(x[1], "batch_matmul b")?, x[1].shape())?,
+                };
                 one(Tensor::from_parts(shape, T::wrap(y)))
             }
             Op::Unary(u) => one(unary::<T>(*u, x[0])?),

@@ -7,7 +7,7 @@
 
 use super::dot::{rows_times_weight, WeightElem};
 use super::real::Real;
-use super::weights::f32_to_bf16;
+use super::weights::{bf16_to_f32, f32_to_bf16};
 use super::KernelError as KErr;
 use gemm::Parallelism;
 
@@ -237,6 +237,22 @@ pub fn linear_bf16<T: Real>(x: &[T], m: usize, k: usize, w: &[u16], n: usize, pa
 /// broadcast along those axes would, without the copy. Many small products are spread
 /// over threads one per task; a few large ones let gemm split each.
 pub fn batch_matmul<T: Real>(a: &[T], ash: &[usize], b: &[T], bsh: &[usize]) -> Result<(Vec<usize>, Vec<T>), KErr> {
+    batch_matmul_with(a, ash, b, bsh, |v| v)
+}
+
+/// [`batch_matmul`] with `b` a weight kept in bf16 (absorbed MLA's `W_UK` and `W_UV` in a
+/// decode step), widened as it is read instead of copied whole first.
+pub fn batch_matmul_bf16<T: Real>(a: &[T], ash: &[usize], b: &[u16], bsh: &[usize]) -> Result<(Vec<usize>, Vec<T>), KErr> {
+    batch_matmul_with(a, ash, b, bsh, |v| T::of(bf16_to_f32(v) as f64))
+}
+
+fn batch_matmul_with<T: Real, B: Copy + Sync>(
+    a: &[T],
+    ash: &[usize],
+    b: &[B],
+    bsh: &[usize],
+    widen: impl Fn(B) -> T + Sync,
+) -> Result<(Vec<usize>, Vec<T>), KErr> {
     let (ra, rb) = (ash.len(), bsh.len());
     let (ab, bb) = (&ash[..ra.saturating_sub(2)], &bsh[..rb.saturating_sub(2)]);
     let (long, short) = if ab.len() >= bb.len() { (ab, bb) } else { (bb, ab) };
@@ -255,10 +271,12 @@ pub fn batch_matmul<T: Real>(a: &[T], ash: &[usize], b: &[T], bsh: &[usize]) -> 
     // The missing axes lead, so an operand's batch index is the output's modulo its count.
     let one = |i: usize, dst: &mut [T], par: bool| {
         let (ao, bo) = ((i % a_batches) * m * k, (i % b_batches) * k * n);
+        let bi = &b[bo..bo + k * n];
         if m <= AXPY_ROWS {
-            axpy_rows(&a[ao..ao + m * k], &b[bo..bo + k * n], k, n, dst);
+            axpy_rows(&a[ao..ao + m * k], bi, k, n, dst, &widen);
         } else {
-            gemm(m, n, k, dst, Mat::rows(a, ao, k), Mat::rows(b, bo, n), par);
+            let wide: Vec<T> = bi.iter().map(|&v| widen(v)).collect();
+            gemm(m, n, k, dst, Mat::rows(a, ao, k), Mat::rows(&wide, 0, n), par);
         }
     };
     if batches >= rayon::current_num_threads() && batches * m * n * k >= PAR_FLOPS {
@@ -278,13 +296,13 @@ const AXPY_ROWS: usize = 4;
 
 /// `dst [m, n] = a [m, k] · b [k, n]`, all row-major: each row of `dst` accumulates
 /// `a[r, kk] · b[kk, :]` over `kk` in order (contiguous rows of `b`, which vectorise).
-fn axpy_rows<T: Real>(a: &[T], b: &[T], k: usize, n: usize, dst: &mut [T]) {
+fn axpy_rows<T: Real, B: Copy>(a: &[T], b: &[B], k: usize, n: usize, dst: &mut [T], widen: impl Fn(B) -> T) {
     for (r, row) in dst.chunks_mut(n.max(1)).enumerate() {
         row.fill(T::ZERO);
         for kk in 0..k {
             let x = a[r * k + kk];
             for (d, &w) in row.iter_mut().zip(&b[kk * n..(kk + 1) * n]) {
-                *d += x * w;
+                *d += x * widen(w);
             }
         }
     }
@@ -392,6 +410,20 @@ mod tests {
         let a2wide: Vec<f64> = (0..6).flat_map(|_| a2.iter().copied()).collect();
         assert_eq!(y, batch_matmul(&a2wide, &[2, 3, 4, 5], &wide, &[2, 3, 5, 6]).unwrap().1);
         assert!(batch_matmul(&a, &[2, 3, 4, 5], &b[..2 * 5 * 6], &[2, 5, 6]).is_err(), "batch axes 3 and 2 disagree");
+    }
+
+    /// A bf16 right operand read in place gives the product of its widened copy, on the
+    /// row-by-row path and gemm's, repeated over a missing leading axis.
+    #[test]
+    fn batch_matmul_bf16_is_batch_matmul_on_the_widened_operand() {
+        let bits: Vec<u16> = (0..3 * 5 * 6).map(|i| f32_to_bf16(((i as f32) * 0.7).cos())).collect();
+        let wide: Vec<f64> = bits.iter().map(|&b| bf16_to_f32(b) as f64).collect();
+        for m in [1, 4, 5, 9] {
+            let a: Vec<f64> = (0..2 * 3 * m * 5).map(|i| (i as f64 * 0.3).sin()).collect();
+            let got = batch_matmul_bf16(&a, &[2, 3, m, 5], &bits, &[3, 5, 6]).unwrap();
+            assert_eq!(got, batch_matmul(&a, &[2, 3, m, 5], &wide, &[3, 5, 6]).unwrap(), "m = {m}");
+        }
+        assert!(batch_matmul_bf16(&[0.0f32; 10], &[2, 5], &bits[..29], &[29]).is_err());
     }
 
     #[test]

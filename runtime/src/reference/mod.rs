@@ -244,16 +244,57 @@ pub fn run_function(
     weights: &dyn Weights,
     options: &Options,
 ) -> Result<Vec<Tensor>, ExecError> {
-    if options.verify {
-        if let Err(errs) = dsc_compiler::ir::verify(module) {
-            let shown: Vec<String> = errs.iter().take(5).map(|e| e.to_string()).collect();
-            let more = if errs.len() > 5 { format!(" (and {} more)", errs.len() - 5) } else { String::new() };
-            return Err(ExecError::new(ErrorKind::Graph, format!("the module fails verification: {}{more}", shown.join("; "))));
+    let prepared = Prepared::new(module, options)?;
+    run_prepared_function(module, &prepared, function, inputs, weights, options)
+}
+
+/// A module made ready to run many times: verified once (when [`Options::verify`] asks),
+/// each function's evaluation order worked out on its first call and kept. A decode loop
+/// runs the same module every step; redoing both per step was 5% of a step.
+///
+/// It belongs to the module it was made for: run it only with that module.
+pub struct Prepared {
+    schedules: interp::Schedules,
+}
+
+impl Prepared {
+    pub fn new(module: &Module, options: &Options) -> Result<Prepared, ExecError> {
+        if options.verify {
+            if let Err(errs) = dsc_compiler::ir::verify(module) {
+                let shown: Vec<String> = errs.iter().take(5).map(|e| e.to_string()).collect();
+                let more = if errs.len() > 5 { format!(" (and {} more)", errs.len() - 5) } else { String::new() };
+                return Err(ExecError::new(ErrorKind::Graph, format!("the module fails verification: {}{more}", shown.join("; "))));
+            }
         }
+        Ok(Prepared { schedules: interp::Schedules::default() })
     }
+}
+
+/// [`run`] with a [`Prepared`] module (not verified again).
+pub fn run_prepared(
+    module: &Module,
+    prepared: &Prepared,
+    mode: Mode,
+    inputs: &[Tensor],
+    weights: &dyn Weights,
+    options: &Options,
+) -> Result<Vec<Tensor>, ExecError> {
+    let f = module.entry(mode).ok_or_else(|| ExecError::new(ErrorKind::Entry, format!("the module has no {mode} entry point")))?;
+    run_prepared_function(module, prepared, &f.name, inputs, weights, options)
+}
+
+fn run_prepared_function(
+    module: &Module,
+    prepared: &Prepared,
+    function: &str,
+    inputs: &[Tensor],
+    weights: &dyn Weights,
+    options: &Options,
+) -> Result<Vec<Tensor>, ExecError> {
+    let s = &prepared.schedules;
     let go = || match options.precision {
-        Precision::F32 => interp::run::<f32>(module, function, inputs, weights, options.check_finite, options.bf16_inputs),
-        Precision::F64 => interp::run::<f64>(module, function, inputs, weights, options.check_finite, false),
+        Precision::F32 => interp::run::<f32>(module, s, function, inputs, weights, options.check_finite, options.bf16_inputs),
+        Precision::F64 => interp::run::<f64>(module, s, function, inputs, weights, options.check_finite, false),
     };
     match options.threads {
         Some(n) => {
