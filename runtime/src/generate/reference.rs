@@ -18,6 +18,7 @@ use dsc_compiler::passes::mla_absorb::MlaMode;
 use dsc_compiler::passes::{self, PassCx, PassSelection};
 use dsc_dsl::Spec;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Which compiled form of an entry point a step runs.
@@ -123,6 +124,15 @@ pub trait Engine: Send + Sync {
 #[derive(Debug, Clone, Default)]
 pub struct Interpreter {
     pub options: Options,
+    /// Shared by the modules it prepares; bumped when the weights change in place, so
+    /// their kept weight-derived values are computed again ([`Prepared`]).
+    weights_epoch: Arc<AtomicU64>,
+}
+
+impl Interpreter {
+    pub fn new(options: Options) -> Interpreter {
+        Interpreter { options, weights_epoch: Arc::default() }
+    }
 }
 
 impl Engine for Interpreter {
@@ -133,7 +143,10 @@ impl Engine for Interpreter {
         "reference"
     }
     fn prepare(&self, module: &Module, _: Mode) -> Result<Prepared, String> {
-        Prepared::new(module, &self.options).map_err(|e| e.to_string())
+        Prepared::sharing_epoch(module, &self.options, self.weights_epoch.clone()).map_err(|e| e.to_string())
+    }
+    fn weights_changed(&self) {
+        self.weights_epoch.fetch_add(1, Ordering::AcqRel);
     }
     /// A first result (the logits) holding a NaN or an infinity is an error, never an
     /// output: the run is repeated with every value checked, and the error names the first
@@ -200,7 +213,7 @@ impl<W: Weights> ModelBackend<W, Interpreter> {
     /// A backend for `spec` compiled as `compile` says; `options` sets threads and
     /// precision of the interpreter.
     pub fn new(spec: Spec, weights: W, compile: CompileOptions, options: Options) -> ReferenceBackend<W> {
-        ModelBackend::with_engine(spec, weights, compile, Interpreter { options })
+        ModelBackend::with_engine(spec, weights, compile, Interpreter::new(options))
     }
 }
 

@@ -20,22 +20,49 @@ use super::nn::{
 use super::real::Real;
 use super::tensor::{numel, Data, Tensor};
 use super::weights::Weights;
-use super::{ErrorKind, ExecError, KernelError};
+use super::{ErrorKind, ExecError, KernelError, Prepared};
 use dsc_compiler::ir::{
     param_path, solve_symbols, DType, Dim, Function, FusedKernel, Module, Node, NodeId, Op, Operand, Shape, Sym, Ty, Value,
 };
-use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::marker::PhantomData;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-type Val<'a> = Cow<'a, Tensor>;
+/// A value of the walk: a result it owns, a weight or argument it borrows, or a result
+/// computed from weights alone, kept across runs ([`Hoisted`]).
+enum Val<'a> {
+    Owned(Tensor),
+    Borrowed(&'a Tensor),
+    Shared(Arc<Tensor>),
+}
 
-/// Run `function` of `module` on `inputs` in precision `T`, with the evaluation orders
-/// `schedules` keeps for `module`.
+impl std::ops::Deref for Val<'_> {
+    type Target = Tensor;
+    fn deref(&self) -> &Tensor {
+        match self {
+            Val::Owned(t) => t,
+            Val::Borrowed(t) => t,
+            Val::Shared(t) => t,
+        }
+    }
+}
+
+impl Val<'_> {
+    fn into_owned(self) -> Tensor {
+        match self {
+            Val::Owned(t) => t,
+            Val::Borrowed(t) => t.clone(),
+            Val::Shared(t) => Arc::unwrap_or_clone(t),
+        }
+    }
+}
+
+/// Run `function` of `module` on `inputs` in precision `T`, with what `prepared` keeps
+/// for `module`.
 pub(super) fn run<T: Real>(
     module: &Module,
-    schedules: &Schedules,
+    prepared: &Prepared,
     function: &str,
     inputs: &[Tensor],
     weights: &dyn Weights,
@@ -45,8 +72,9 @@ pub(super) fn run<T: Real>(
     let f =
         module.function(function).ok_or_else(|| ExecError::new(ErrorKind::Entry, format!("the module has no function `{function}`")))?;
     let sizes = bind_symbols(f, inputs)?;
-    let it = Interp::<T> { module, schedules, weights, sizes, check_finite, bf16_inputs, _t: PhantomData };
-    let args = inputs.iter().map(Cow::Borrowed).collect();
+    let weights_key = (weights as *const dyn Weights as *const () as usize, prepared.epoch.load(Ordering::Acquire));
+    let it = Interp::<T> { module, prepared, weights, weights_key, sizes, check_finite, bf16_inputs, _t: PhantomData };
+    let args = inputs.iter().map(Val::Borrowed).collect();
     let mut stack = Vec::new();
     it.call(f, None, args, &mut stack)
 }
@@ -87,6 +115,19 @@ fn at_fn(mut e: ExecError, function: &str) -> ExecError {
 pub(super) struct Schedule {
     steps: Vec<Step>,
     n_args: usize,
+    /// Per step: whether its value comes from weights alone, and if so whether a step
+    /// that does not reads it (then it is kept across runs, [`Hoisted`]).
+    hoist: Vec<Hoist>,
+    kept: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hoist {
+    No,
+    /// Read only by other steps computed from weights.
+    Interior,
+    /// The `i`-th value kept.
+    Kept(usize),
 }
 
 struct Step {
@@ -164,7 +205,81 @@ impl Schedule {
         for (node, j) in last_use {
             steps[j].frees.push(step_of[&node]);
         }
-        Ok(Schedule { steps, n_args: g.arguments().len() })
+        let (hoist, kept) = hoisting(g, &steps);
+        Ok(Schedule { steps, n_args: g.arguments().len(), hoist, kept })
+    }
+}
+
+/// Which steps compute from weights alone: pure ops whose inputs are params, constants or
+/// such steps, with no symbol in their shapes or attributes (so every run of the same
+/// weights makes the same value). Absorbed MLA reshapes, slices and transposes `kv_b`
+/// this way in every layer of every decode step: kept, that is a copy of the weight less
+/// per layer and step.
+fn hoisting(g: &dsc_compiler::ir::Graph, steps: &[Step]) -> (Vec<Hoist>, usize) {
+    let fixed = |d: &Dim| d.as_const().is_some();
+    let mut from_weights = vec![false; steps.len()];
+    let mut source = vec![false; steps.len()];
+    for (j, step) in steps.iter().enumerate() {
+        let node = g.node(step.node);
+        let attrs_fixed = match &node.op {
+            Op::Slice { start, .. } => fixed(start),
+            Op::Iota { .. } | Op::Input { .. } | Op::Call { .. } | Op::Return => false,
+            _ => true,
+        };
+        source[j] = matches!(node.op, Op::Param { .. } | Op::Const { .. });
+        from_weights[j] = source[j]
+            || (attrs_fixed
+                && !step.inputs.is_empty()
+                && step.inputs.iter().all(|&(p, _)| from_weights[p])
+                && node.outputs.iter().all(|t| t.shape.iter().all(fixed)));
+    }
+    let mut read_outside = vec![false; steps.len()];
+    for (j, step) in steps.iter().enumerate() {
+        if !from_weights[j] {
+            for &(p, _) in &step.inputs {
+                read_outside[p] = true;
+            }
+        }
+    }
+    let mut kept = 0;
+    let hoist = (0..steps.len())
+        .map(|j| match (from_weights[j] && !source[j], read_outside[j]) {
+            (false, _) => Hoist::No,
+            (true, false) => Hoist::Interior,
+            (true, true) => {
+                kept += 1;
+                Hoist::Kept(kept - 1)
+            }
+        })
+        .collect();
+    (hoist, kept)
+}
+
+/// What weights a [`Hoisted`] set was computed from: the weights' address and the
+/// [`Prepared`]'s weight epoch at the time.
+type WeightsKey = (usize, u64);
+
+/// The values [`Hoist::Kept`] of each (function, layer), computed from weights alone,
+/// kept across runs of the same weights.
+#[derive(Default)]
+pub(super) struct Hoisted(Mutex<HashMap<CallSite, Arc<HoistedSet>>>);
+
+/// A function and the layer its params are scoped to.
+type CallSite = (String, Option<u32>);
+
+struct HoistedSet {
+    weights: WeightsKey,
+    values: Vec<Vec<Arc<Tensor>>>,
+}
+
+impl Hoisted {
+    fn get(&self, function: &str, layer: Option<u32>, weights: WeightsKey) -> Option<Arc<HoistedSet>> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&(function.to_string(), layer)).filter(|h| h.weights == weights).cloned()
+    }
+
+    fn put(&self, function: &str, layer: Option<u32>, set: HoistedSet) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert((function.to_string(), layer), Arc::new(set));
     }
 }
 
@@ -185,7 +300,8 @@ impl Schedules {
 
 struct Interp<'m, T> {
     module: &'m Module,
-    schedules: &'m Schedules,
+    prepared: &'m Prepared,
+    weights_key: WeightsKey,
     weights: &'m dyn Weights,
     sizes: [Option<i64>; 3],
     check_finite: bool,
@@ -203,6 +319,13 @@ fn leading_broadcast_source(g: &dsc_compiler::ir::Graph, v: Value) -> Option<Val
     let (_, from) = *g.input_edges(v.node).first()?;
     let (out, src) = (&g.ty(v).shape.0, &g.ty(from).shape.0);
     (src.len() < out.len() && out[out.len() - src.len()..] == src[..]).then_some(from)
+}
+
+/// Drop the values no later step reads.
+fn release(env: &mut [Vec<Option<Val<'_>>>], steps: &[usize]) {
+    for &p in steps {
+        env[p] = Vec::new();
+    }
 }
 
 /// How a node refers to itself in errors: `%n op`, numbered as the printer does.
@@ -292,7 +415,7 @@ impl<'m, T: Real> Interp<'m, T> {
             return Ok(v); // as is, or a class mismatch `check` reports
         }
         let out = cast::<T>(v.into_owned(), dtype).map_err(|e| KernelError { message: format!("{what}: {}", e.message), ..e })?;
-        Ok(Cow::Owned(out))
+        Ok(Val::Owned(out))
     }
 
     /// Evaluate `f` on `args`, with params scoped to `layer`. `stack` holds the functions
@@ -322,7 +445,9 @@ impl<'m, T: Real> Interp<'m, T> {
         'm: 'a,
     {
         let g = &f.graph;
-        let plan = self.schedules.get(f)?;
+        let plan = self.prepared.schedules.get(f)?;
+        let kept = if plan.kept > 0 { self.prepared.hoisted.get(&f.name, layer, self.weights_key) } else { None };
+        let mut fresh: Vec<Vec<Arc<Tensor>>> = Vec::new();
         if args.len() != plan.n_args {
             let msg = format!("`{}` takes {} arguments, got {}", f.name, plan.n_args, args.len());
             return Err(at_fn(ExecError::new(ErrorKind::Arguments, msg), &f.name));
@@ -344,7 +469,20 @@ impl<'m, T: Real> Interp<'m, T> {
             };
             let ins = &step.inputs;
             if j + 1 == plan.steps.len() {
+                if kept.is_none() && plan.kept > 0 && fresh.len() == plan.kept {
+                    self.prepared.hoisted.put(&f.name, layer, HoistedSet { weights: self.weights_key, values: fresh });
+                }
                 return self.collect_results(ins, &mut env).map_err(here);
+            }
+            let reused = match (plan.hoist[j], &kept) {
+                (Hoist::Interior, Some(_)) => Some(Vec::new()),
+                (Hoist::Kept(i), Some(k)) => Some(k.values[i].iter().map(|t| Some(Val::Shared(t.clone()))).collect()),
+                _ => None,
+            };
+            if let Some(outs) = reused {
+                env.push(outs);
+                release(&mut env, &step.frees);
+                continue;
             }
             let outs: Vec<Val<'a>> = match &node.op {
                 Op::Input { index, name } => {
@@ -362,11 +500,11 @@ impl<'m, T: Real> Interp<'m, T> {
                         .get(&full)
                         .ok_or_else(|| here(KernelError { kind: ErrorKind::MissingWeight, message: format!("missing weight `{full}`") }))?;
                     let ty = node.outputs.first().ok_or_else(|| here(graph_err("a param without a type")))?;
-                    vec![self.coerce(Cow::Borrowed(w), ty.dtype, &format!("weight `{full}`")).map_err(here)?]
+                    vec![self.coerce(Val::Borrowed(w), ty.dtype, &format!("weight `{full}`")).map_err(here)?]
                 }
                 Op::Const { value } => {
                     let ty = node.outputs.first().ok_or_else(|| here(graph_err("a constant without a type")))?;
-                    vec![Cow::Owned(self.constant(value.get(), ty.dtype).map_err(here)?)]
+                    vec![Val::Owned(self.constant(value.get(), ty.dtype).map_err(here)?)]
                 }
                 Op::Call { function, layer: call_layer } => {
                     let callee = self
@@ -382,12 +520,12 @@ impl<'m, T: Real> Interp<'m, T> {
                         }
                     };
                     let call_args: Vec<Val<'_>> =
-                        ins.iter().map(|v| Self::value(&env, *v).map(Cow::Borrowed)).collect::<Result<_, _>>().map_err(here)?;
+                        ins.iter().map(|v| Self::value(&env, *v).map(Val::Borrowed)).collect::<Result<_, _>>().map_err(here)?;
                     let results = self.call(callee, scope, call_args, stack).map_err(|mut e| {
                         e.calls.push(format!("`{}` {}", f.name, node_name(step.pos, node)));
                         e
                     })?;
-                    results.into_iter().map(Cow::Owned).collect()
+                    results.into_iter().map(Val::Owned).collect()
                 }
                 op => {
                     if !op.arity().accepts(ins.len()) {
@@ -405,7 +543,7 @@ impl<'m, T: Real> Interp<'m, T> {
                         }
                     };
                     super::profile::record(op.name(), started);
-                    result.map_err(here)?.into_iter().map(Cow::Owned).collect()
+                    result.map_err(here)?.into_iter().map(Val::Owned).collect()
                 }
             };
             if outs.len() != node.outputs.len() {
@@ -424,10 +562,16 @@ impl<'m, T: Real> Interp<'m, T> {
                     }
                 }
             }
+            let outs = match plan.hoist[j] {
+                Hoist::Kept(_) => {
+                    let shared: Vec<Arc<Tensor>> = outs.into_iter().map(|v| Arc::new(v.into_owned())).collect();
+                    fresh.push(shared.clone());
+                    shared.into_iter().map(Val::Shared).collect()
+                }
+                _ => outs,
+            };
             env.push(outs.into_iter().map(Some).collect());
-            for &p in &step.frees {
-                env[p] = Vec::new();
-            }
+            release(&mut env, &step.frees);
         }
         unreachable!("the return is the last step")
     }
@@ -444,8 +588,8 @@ impl<'m, T: Real> Interp<'m, T> {
     fn take(env: &mut [Vec<Option<Val<'_>>>], (step, output): (usize, u32)) -> Option<Tensor> {
         let slot = env.get_mut(step)?.get_mut(output as usize)?;
         match slot.take()? {
-            Cow::Owned(t) => Some(t),
-            b @ Cow::Borrowed(_) => {
+            Val::Owned(t) => Some(t),
+            b => {
                 *slot = Some(b);
                 None
             }

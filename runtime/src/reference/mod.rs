@@ -73,6 +73,8 @@ pub use weights::{load_safetensors, Weights};
 use dsc_compiler::ir::{Mode, Module};
 use dsc_dsl::span::Span;
 use std::fmt;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 
 /// The float type a run computes in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -249,16 +251,32 @@ pub fn run_function(
 }
 
 /// A module made ready to run many times: verified once (when [`Options::verify`] asks),
-/// each function's evaluation order worked out on its first call and kept. A decode loop
-/// runs the same module every step; redoing both per step was 5% of a step.
+/// each function's evaluation order worked out on its first call and kept, and values
+/// computed from weights alone (absorbed MLA's slices and transposes of `kv_b`) kept
+/// between runs of the same weights. A decode loop runs the same module every step;
+/// redoing the first two per step was 5% of a step, the third another copy of `kv_b`
+/// per layer and step.
 ///
-/// It belongs to the module it was made for: run it only with that module.
+/// It belongs to the module it was made for: run it only with that module. Weights
+/// changed in place must be announced ([`Prepared::weights_changed`]); other weights
+/// (another object) are told apart by their address.
 pub struct Prepared {
     schedules: interp::Schedules,
+    /// Values computed from weights alone, kept between runs of the same weights.
+    hoisted: interp::Hoisted,
+    /// Bumped by [`Prepared::weights_changed`]: kept values of an older epoch are stale.
+    epoch: Arc<AtomicU64>,
 }
 
 impl Prepared {
     pub fn new(module: &Module, options: &Options) -> Result<Prepared, ExecError> {
+        Prepared::sharing_epoch(module, options, Arc::default())
+    }
+
+    /// [`Prepared::new`] whose kept weight-derived values go stale when `epoch` changes:
+    /// an engine shares one epoch among the modules it prepares and bumps it when the
+    /// weights change in place.
+    pub(crate) fn sharing_epoch(module: &Module, options: &Options, epoch: Arc<AtomicU64>) -> Result<Prepared, ExecError> {
         if options.verify {
             if let Err(errs) = dsc_compiler::ir::verify(module) {
                 let shown: Vec<String> = errs.iter().take(5).map(|e| e.to_string()).collect();
@@ -266,7 +284,13 @@ impl Prepared {
                 return Err(ExecError::new(ErrorKind::Graph, format!("the module fails verification: {}{more}", shown.join("; "))));
             }
         }
-        Ok(Prepared { schedules: interp::Schedules::default() })
+        Ok(Prepared { schedules: interp::Schedules::default(), hoisted: interp::Hoisted::default(), epoch })
+    }
+
+    /// The weights changed in place (an optimizer step): values computed from them are
+    /// computed again on the next run.
+    pub fn weights_changed(&self) {
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -291,10 +315,9 @@ fn run_prepared_function(
     weights: &dyn Weights,
     options: &Options,
 ) -> Result<Vec<Tensor>, ExecError> {
-    let s = &prepared.schedules;
     let go = || match options.precision {
-        Precision::F32 => interp::run::<f32>(module, s, function, inputs, weights, options.check_finite, options.bf16_inputs),
-        Precision::F64 => interp::run::<f64>(module, s, function, inputs, weights, options.check_finite, false),
+        Precision::F32 => interp::run::<f32>(module, prepared, function, inputs, weights, options.check_finite, options.bf16_inputs),
+        Precision::F64 => interp::run::<f64>(module, prepared, function, inputs, weights, options.check_finite, false),
     };
     match options.threads {
         Some(n) => {

@@ -359,3 +359,31 @@ fn dead_nodes_are_not_evaluated() {
     assert_eq!(out[1], out[0]);
     assert_eq!(out[2].to_f32_vec(), vec![3.0, -2.0]);
 }
+
+/// `x · permute(W)ᵀ` where the permute reads only a weight: a prepared module keeps the
+/// permuted weight between runs, and computes it again after `weights_changed` or for
+/// another weights object; the answers are those of a fresh run each time.
+#[test]
+fn values_from_weights_alone_are_kept_until_the_weights_change() {
+    let mut g = Graph::new();
+    let x = g.input(0, "x", f32t(&[B, n(2)]), None);
+    let w = g.param("w", f32t(&[n(2), n(3)]), None);
+    let wt = op(&mut g, Op::Permute { perm: vec![1, 0] }, &[w]);
+    let y = op(&mut g, Op::MatMul, &[x, wt]);
+    g.ret(&[y.into()], None);
+    let m = single(g);
+    let xs = Tensor::f32(&[1, 2], vec![1.0, 10.0]);
+    let mut ws = weights(&[("w", Tensor::f32(&[2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]))]);
+    let opts = Options::default();
+    let prepared = Prepared::new(&m, &opts).unwrap();
+    let go = |ws: &HashMap<String, Tensor>| run_prepared(&m, &prepared, Mode::Prefill, std::slice::from_ref(&xs), ws, &opts).unwrap();
+    let fresh = |ws: &HashMap<String, Tensor>| run(&m, Mode::Prefill, std::slice::from_ref(&xs), ws, &opts).unwrap();
+    assert_eq!(go(&ws), fresh(&ws));
+    assert_eq!(go(&ws)[0].to_f32_vec(), vec![41.0, 52.0, 63.0]);
+    ws.insert("w".into(), Tensor::f32(&[2, 3], vec![0.0; 6]));
+    prepared.weights_changed();
+    assert_eq!(go(&ws)[0].to_f32_vec(), vec![0.0; 3]);
+    let other = weights(&[("w", Tensor::f32(&[2, 3], vec![1.0; 6]))]);
+    assert_eq!(go(&other)[0].to_f32_vec(), vec![11.0; 3]);
+    assert_eq!(go(&ws)[0].to_f32_vec(), vec![0.0; 3], "back to the first weights");
+}

@@ -143,7 +143,7 @@ pub fn train(run: GrpoRun, start: Start) -> Result<GrpoSummary, TrainError> {
         "wgpu" => train_on(run, start, crate::wgpu::exec::WgpuEngine::new(), DeviceRunner::new),
         #[cfg(feature = "cuda")]
         "cuda" => train_on(run, start, crate::cuda::CudaEngine::new(0).map_err(TrainError::Unsupported)?, DeviceRunner::new),
-        _ => train_on(run, start, Interpreter { options: Options::default() }, |_, _| Ok(HostRunner)),
+        _ => train_on(run, start, Interpreter::new(Options::default()), |_, _| Ok(HostRunner)),
     }
 }
 
