@@ -684,6 +684,9 @@ impl<'m, T: Real> Interp<'m, T> {
         if x.iter().any(|t| bf16(t)) {
             let native = match op {
                 Op::MatMul | Op::SwiGlu | Op::BatchMatMul => !bf16(x[0]),
+                // Its steps go through `exec` one by one, each widening what it must
+                // (a matmul head reads its bf16 weight in place).
+                Op::Fused(_) => true,
                 Op::ExpertFfn => !bf16(x[0]) && !bf16(x[2]),
                 Op::Gather { .. }
                 | Op::Slice { .. }

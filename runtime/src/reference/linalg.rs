@@ -140,7 +140,7 @@ const DOT_TASK_BYTES: usize = 512 << 10;
 const DOT_MIN_ROWS: usize = 16;
 
 /// `x` as `f32`s when the run's `T` is `f32`.
-fn as_f32<T: Real>(x: &[T]) -> Option<&[f32]> {
+pub(super) fn as_f32<T: Real>(x: &[T]) -> Option<&[f32]> {
     // SAFETY: `Real` is implemented for f32 and f64 only, so a 4-byte `T` is f32.
     (std::mem::size_of::<T>() == 4).then(|| unsafe { std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()) })
 }

@@ -6,9 +6,10 @@
 //! (norms, softmax sums, losses) accumulate in `f64` before rounding to the run's
 //! precision, so an `f32` run is never less accurate than the reference's `f32`.
 
+use super::dot::rows_times_weight;
 use super::elementwise::PAR_MIN;
 use super::layout::{indices, split_at_axis, top_k_lane};
-use super::linalg::{gemm, linear, linear_bf16, Mat};
+use super::linalg::{as_f32, gemm, linear, linear_bf16, Mat};
 use super::real::Real;
 use super::tensor::{numel, Data, Tensor};
 use super::KernelError as KErr;
@@ -247,6 +248,82 @@ pub(crate) fn attention_args<'a, T: Real>(
     Ok(AttentionArgs { b, sq, sk, dk, dv, q: floats::<T>(q, "q")?, k: floats::<T>(k, "k")?, v: floats::<T>(v, "v")?, mask })
 }
 
+/// One query row's scores made probabilities in place of `p`: keys from `visible` on
+/// are -inf (they drop out of the softmax), the others `score · scale [+ mask]`.
+/// Returns the row's log-sum-exp.
+fn softmax_scores<T: Real>(s: &mut [T], p: &mut [T], visible: usize, scale: T, mask: Option<&[T]>) -> f64 {
+    for (j, x) in s.iter_mut().enumerate() {
+        *x = if j >= visible {
+            T::NEG_INF
+        } else {
+            let sc = *x * scale;
+            match mask {
+                Some(m) => sc + m[j],
+                None => sc,
+            }
+        };
+    }
+    let n = s.len();
+    softmax_lane(s, p, n, 1)
+}
+
+/// Query rows per sequence up to which [`shared_kv_attention`] takes every head at once.
+const SHARED_KV_ROWS: usize = 16;
+
+/// Attention of a few query rows against one key/value head that every query head
+/// reads (MQA, and absorbed MLA's latent cache in decode), in an `f32` run: per
+/// sequence all heads' rows at once, scored by the dot kernels, so the cache is read
+/// once per step instead of once per head, and no GEMM packs it. `None` where it does
+/// not apply; the general path gives the same values up to summation order.
+#[allow(clippy::too_many_arguments)]
+fn shared_kv_attention<T: Real>(
+    b: usize,
+    sq: usize,
+    sk: usize,
+    heads: usize,
+    kv_heads: usize,
+    dk: usize,
+    dv: usize,
+    [qd, kd, vd]: [&[T]; 3],
+    md: Option<&[T]>,
+    scale: T,
+    visible: &(dyn Fn(usize) -> usize + Sync),
+    want_lse: bool,
+) -> Option<(Tensor, Option<Tensor>)> {
+    let rows = sq * heads;
+    if kv_heads != 1 || rows > SHARED_KV_ROWS || sk == 0 || dk == 0 {
+        return None;
+    }
+    let (qf, kf) = (as_f32(qd)?, as_f32(kd)?);
+    let one = |bi: usize| -> (Vec<T>, Vec<T>) {
+        let mut s32 = vec![0f32; rows * sk];
+        rows_times_weight(&qf[bi * rows * dk..(bi + 1) * rows * dk], rows, dk, &kf[bi * sk * dk..(bi + 1) * sk * dk], sk, &mut s32, sk);
+        let mut s: Vec<T> = s32.into_iter().map(|x| T::of(x as f64)).collect();
+        let mut p = vec![T::ZERO; rows * sk];
+        let mut lse = vec![T::ZERO; if want_lse { rows } else { 0 }];
+        for r in 0..rows {
+            // Row r is query position r / heads of head r % heads ([sq, heads] order).
+            let i = r / heads;
+            let mask_row = md.map(|m| &m[(bi * sq + i) * sk..(bi * sq + i + 1) * sk]);
+            let l = softmax_scores(&mut s[r * sk..(r + 1) * sk], &mut p[r * sk..(r + 1) * sk], visible(i), scale, mask_row);
+            if want_lse {
+                lse[r] = T::of(l);
+            }
+        }
+        let mut o = vec![T::ZERO; rows * dv];
+        gemm(rows, dv, sk, &mut o, Mat::rows(&p, 0, sk), Mat { data: vd, offset: bi * sk * dv, rs: dv, cs: 1 }, false);
+        (o, lse)
+    };
+    let parts: Vec<(Vec<T>, Vec<T>)> = if b > 1 { (0..b).into_par_iter().map(one).collect() } else { (0..b).map(one).collect() };
+    let (mut out, mut lse) = (Vec::with_capacity(b * rows * dv), Vec::with_capacity(if want_lse { b * rows } else { 0 }));
+    for (o, l) in parts {
+        out.extend(o);
+        lse.extend(l);
+    }
+    let out = Tensor::from_parts(vec![b, sq, heads, dv], T::wrap(out));
+    Some((out, want_lse.then(|| Tensor::from_parts(vec![b, sq, heads], T::wrap(lse)))))
+}
+
 fn attention_impl<T: Real>(
     q: &Tensor,
     k: &Tensor,
@@ -259,6 +336,11 @@ fn attention_impl<T: Real>(
     let AttentionArgs { b, sq, sk, dk, dv, q: qd, k: kd, v: vd, mask: md } = attention_args::<T>("attention", q, k, v, mask, spec)?;
     let group = heads / kv_heads;
     let scale = T::of(spec.scale);
+    // Keys query `i` sees: the causal mask is aligned bottom-right.
+    let visible = |i: usize| if spec.causal { (sk + i + 1).saturating_sub(sq).min(sk) } else { sk };
+    if let Some(r) = shared_kv_attention(b, sq, sk, heads, kv_heads, dk, dv, [qd, kd, vd], md, scale, &visible, want_lse) {
+        return Ok(r);
+    }
     // One task per (batch, head), in blocks of query rows: scores [rows, sk], then
     // probabilities · v → [rows, dv], and the rows' log-sum-exps. Blocking the queries
     // keeps the scratch at ATTENTION_ROWS · sk per task, linear in the sequence (a whole
@@ -285,21 +367,8 @@ fn attention_impl<T: Real>(
             gemm(n, keys, dk, s, qm, km, false);
             for r in 0..n {
                 let i = i0 + r;
-                let row = &mut s[r * keys..(r + 1) * keys];
-                // Keys past the diagonal are invisible: -inf, so they drop out of the softmax.
-                let visible = if spec.causal { (sk + i + 1).saturating_sub(sq).min(sk) } else { sk };
-                for (j, x) in row.iter_mut().enumerate() {
-                    *x = if j >= visible {
-                        T::NEG_INF
-                    } else {
-                        let sc = *x * scale;
-                        match md {
-                            Some(m) => sc + m[(bi * sq + i) * sk + j],
-                            None => sc,
-                        }
-                    };
-                }
-                let l = softmax_lane(row, &mut p[r * keys..(r + 1) * keys], keys, 1);
+                let mask_row = md.map(|m| &m[(bi * sq + i) * sk..(bi * sq + i) * sk + keys]);
+                let l = softmax_scores(&mut s[r * keys..(r + 1) * keys], &mut p[r * keys..(r + 1) * keys], visible(i), scale, mask_row);
                 if want_lse {
                     lse[i] = T::of(l);
                 }

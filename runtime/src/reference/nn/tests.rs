@@ -317,6 +317,32 @@ fn attention_over_several_query_blocks() {
     }
 }
 
+/// In an f32 run, few query rows against one shared key/value head (decode of MQA or
+/// absorbed MLA) take every head at once through the dot kernels: the same numbers as
+/// the formula (in f64) up to f32 rounding, with cached keys, the causal diagonal, a
+/// mask, several sequences, the log-sum-exps, and queries that see no key.
+#[test]
+fn attention_of_few_rows_on_a_shared_kv_head() {
+    for (b, sq, sk, heads) in [(1, 1, 37, 8), (3, 2, 20, 4), (2, 1, 1, 16), (1, 3, 2, 2), (2, 3, 9, 8)] {
+        let (q, k, v) = (fill(&[b, sq, heads, 40], 40), fill(&[b, sk, 1, 40], 41), fill(&[b, sk, 1, 24], 42));
+        let mask = fill(&[b, sq, sk], 43);
+        for (causal, m) in [(true, None), (false, Some(&mask)), (true, Some(&mask))] {
+            let spec = AttentionSpec { heads, kv_heads: 1, scale: 0.3, causal };
+            let m32 = m.map(Tensor::to_f32);
+            let (got, lse) = attention_lse::<f32>(&q.to_f32(), &k.to_f32(), &v.to_f32(), m32.as_ref(), spec).unwrap();
+            assert_eq!(got.shape(), &[b, sq, heads, 24]);
+            // A query that sees no key gets zeros (the formula's 0/0).
+            let want: Vec<f64> = attention_naive(&q, &k, &v, m, spec).into_iter().map(|x| if x.is_nan() { 0.0 } else { x }).collect();
+            close(&got.to_f64_vec(), &want, 1e-5);
+            let (_, lse64) = attention_lse::<f64>(&q, &k, &v, m, spec).unwrap();
+            let (l32, l64) = (lse.to_f64_vec(), lse64.to_f64_vec());
+            for (x, y) in l32.iter().zip(&l64) {
+                assert!(x == y || (x - y).abs() < 1e-4, "{b}×{sq}×{sk}×{heads}: lse {x} vs {y}");
+            }
+        }
+    }
+}
+
 #[test]
 fn attention_query_without_keys_is_zero() {
     // sq = 3 > sk = 2: bottom-right alignment leaves query 0 nothing to see.
