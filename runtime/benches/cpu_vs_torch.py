@@ -17,6 +17,17 @@ With ``--bf16`` dsc also runs a bf16 copy of the checkpoint (made once with tran
 ``MODEL_DIR-bf16``), its weights kept in bf16, as a third column; ``--bf16-inputs`` adds
 its ``--bf16-inputs`` run (bf16 matmul inputs, AVX-512 BF16 where the CPU has it).
 
+With ``--llama-cpp BIN_DIR`` llama.cpp runs the checkpoint converted to GGUF, in f32 and in
+bf16 (``--gguf-f32`` / ``--gguf-bf16``, by default ``MODEL_DIR-f32.gguf`` and
+``MODEL_DIR-bf16.gguf``; a column for each that exists), its KV cache in its default f16:
+
+- prefill: ``llama-bench -p P -n 0`` (the prompt in one batch, last position's logits);
+- decode at batch 1: ``llama-bench -p 0 -n N -d P`` (N tokens after a P-token context);
+- decode at the other batches: ``llama-batched-bench -npp P -ntg N -npl B,...`` (S_TG, every
+  sequence its own P-token prompt, its own KV stream);
+- peak RSS: the larger of those processes' (the weights are mmapped: their pages count);
+- no greedy tokens: both tools decode random tokens, none sampled.
+
 Each side runs in its own subprocess, interleaved (torch, dsc, torch, dsc, ...).
 
 Dependencies, in a venv OUTSIDE the repository (tests never need Python)::
@@ -25,7 +36,32 @@ Dependencies, in a venv OUTSIDE the repository (tests never need Python)::
     /tmp/venv-bench/bin/pip install torch==2.15.0 transformers==5.24.0 safetensors
     cargo bench -p dsc-runtime --bench cpu --no-run
     /tmp/venv-bench/bin/python runtime/benches/cpu_vs_torch.py [--size full|small] \\
-        [--prompt 512] [--new 128] [--batches 1,8,32] [--threads 2] [--rounds 2] [--bf16] [--bf16-inputs]
+        [--prompt 512] [--new 128] [--batches 1,8,32] [--threads 2] [--rounds 2] [--bf16] [--bf16-inputs] \\
+        [--llama-cpp /tmp/llamacpp-build/bin [--gguf-f32 PATH] [--gguf-bf16 PATH]]
+
+llama.cpp, built and its GGUFs made OUTSIDE the repository too (tried with the tree vendored in
+llama-cpp-python 0.3.36: ggml 0.25.3, commit 0c1e570)::
+
+    cd /tmp && /tmp/venv-bench/bin/pip download --no-deps --no-binary llama-cpp-python llama-cpp-python==0.3.36
+    tar xzf llama_cpp_python-0.3.36.tar.gz && L=/tmp/llama_cpp_python-0.3.36/vendor/llama.cpp
+    /tmp/venv-bench/bin/pip install cmake -e $L/gguf-py
+    /tmp/venv-bench/bin/cmake -S $L -B /tmp/llamacpp-build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \\
+        -DGGML_CUDA=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF
+    /tmp/venv-bench/bin/cmake --build /tmp/llamacpp-build -j2 --target llama-bench llama-batched-bench
+
+The converter reads the router's scoring function from ``scoring_func`` in config.json, which
+transformers does not write (without it llama.cpp would route with softmax, not V3's sigmoid):
+add it in a copy of the directory, the weights linked. It also wants a tokenizer, which the
+checkpoint has none of: give it llama.cpp's own 32000-token llama-spm vocabulary (cut to
+``vocab_size``; the tools above only feed it random token ids)::
+
+    M=/tmp/dsc-bench-dsv3-full; mkdir $M-gguf-src && ln -s $M/model.safetensors $M-gguf-src/
+    /tmp/venv-bench/bin/python -c "import json, sys; c = json.load(open(sys.argv[1])); c['scoring_func'] = 'sigmoid'; \\
+        json.dump(c, open(sys.argv[2], 'w'), indent=2)" $M/config.json $M-gguf-src/config.json
+    cd $L && for t in f32 bf16; do /tmp/venv-bench/bin/python -c "import convert_hf_to_gguf as c; \\
+        from conversion.deepseek import DeepseekV2Model as D; \\
+        D.set_vocab = lambda s: s._set_vocab_builtin('llama-spm', s.hparams['vocab_size']); c.main()" \\
+        $M-gguf-src --outtype $t --outfile $M-$t.gguf; done
 """
 
 import argparse
@@ -80,6 +116,47 @@ def torch_worker(a):
     print(json.dumps(out))
 
 
+def llama_worker(a):
+    """llama.cpp on one GGUF: llama-bench for prefill and decode at batch 1, llama-batched-bench
+    for decode at the other batches; one run each, after their own warm-up."""
+    import resource
+    import subprocess
+
+    def tool(name, *flags):
+        cmd = [os.path.join(a.llama_cpp, name), "-m", a.gguf, "-t", str(a.threads)] + [str(f) for f in flags]
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if p.returncode != 0:
+            sys.exit(f"{' '.join(cmd)}: exit {p.returncode}\n{p.stderr[-4000:]}")
+        return p.stdout
+
+    def bench(*flags):
+        return json.loads(tool("llama-bench", "-r", 1, "-o", "json", *flags))[0]["avg_ts"]
+
+    out = {"tool": "llama.cpp", "decode": {}}
+    out["prefill_tokens_per_s"] = bench("-p", a.prompt, "-n", 0)
+    if 1 in a.batches:
+        out["decode"]["1"] = bench("-p", 0, "-n", a.new, "-d", a.prompt)
+    rest = [b for b in a.batches if b != 1]
+    if rest:
+        # Room for the largest batch's sequences, P + N each (it skips what does not fit).
+        lines = tool("llama-batched-bench", "-npp", a.prompt, "-ntg", a.new, "-npl", ",".join(map(str, rest)),
+                     "-c", max(rest) * (a.prompt + a.new), "--output-format", "jsonl")
+        for r in (json.loads(x) for x in lines.splitlines() if x.startswith("{")):
+            out["decode"][str(r["pl"])] = r["speed_tg"]
+        if missing := [b for b in rest if str(b) not in out["decode"]]:
+            sys.exit(f"llama-batched-bench: no result for batch {missing}")
+    for b in a.batches:
+        print(f"llama.cpp {os.path.basename(a.gguf)} batch {b}: {out['decode'][str(b)]:.1f} tokens/s", file=sys.stderr)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps(out))
+
+
+def llama_command(a, gguf):
+    return [sys.executable, os.path.abspath(__file__), "--llama-worker", "--llama-cpp", os.path.abspath(a.llama_cpp),
+            "--gguf", os.path.abspath(gguf), "--prompt", str(a.prompt), "--new", str(a.new),
+            "--batches", ",".join(map(str, a.batches)), "--threads", str(a.threads)]
+
+
 def dsc_command(a, ids_file, model_dir):
     flags = ["--model", model_dir, "--prompt", str(a.prompt), "--new", str(a.new), "--passes", "1",
              "--batches", ",".join(map(str, a.batches)), "--threads", str(a.threads), "--ids", ids_file, "--json"]
@@ -101,12 +178,19 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--bf16", action="store_true", help="also dsc on a bf16 copy of the checkpoint")
     ap.add_argument("--bf16-inputs", action="store_true", help="also dsc on the bf16 copy with --bf16-inputs")
+    ap.add_argument("--llama-cpp", metavar="BIN_DIR", help="also llama.cpp: the directory of its llama-bench and llama-batched-bench")
+    ap.add_argument("--gguf-f32", help="the checkpoint as an f32 GGUF (default MODEL_DIR-f32.gguf)")
+    ap.add_argument("--gguf-bf16", help="the checkpoint as a bf16 GGUF (default MODEL_DIR-bf16.gguf)")
     ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--llama-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--gguf", help=argparse.SUPPRESS)
     a = ap.parse_args()
     a.batches = [int(b) for b in a.batches.split(",")]
     a.model_dir = os.path.abspath(a.model_dir or f"/tmp/dsc-bench-dsv3-{a.size}")
     if a.torch_worker:
         return torch_worker(a)
+    if a.llama_worker:
+        return llama_worker(a)
     make_model(a.model_dir, a.size, 0)
     vocab = json.load(open(os.path.join(a.model_dir, "config.json")))["vocab_size"]
     ids_file = os.path.join(a.model_dir, "bench_prompt.json")
@@ -126,13 +210,19 @@ def main():
             sides["dsc bf16"] = dsc_command(a, ids_file, bf16_dir)
         if a.bf16_inputs:
             sides["dsc bf16 inputs"] = dsc_command(a, ids_file, bf16_dir) + ["--bf16-inputs"]
+    if a.llama_cpp:
+        ggufs = {"llama.cpp f32": a.gguf_f32 or a.model_dir + "-f32.gguf", "llama.cpp bf16": a.gguf_bf16 or a.model_dir + "-bf16.gguf"}
+        ggufs = {k: p for k, p in ggufs.items() if os.path.exists(p)}
+        if not ggufs:
+            sys.exit("--llama-cpp: no GGUF (--gguf-f32, --gguf-bf16; the docstring says how to make them)")
+        sides.update({k: llama_command(a, p) for k, p in ggufs.items()})
     runs = {"torch": [], **{k: [] for k in sides}}
     for r in range(a.rounds):
         runs["torch"].append(run_json(torch_cmd))
         for k, cmd in sides.items():
             runs[k].append(run_json(cmd))
     print(f"{n_params(a.model_dir) / 1e6:.0f}M parameters, prompt {a.prompt}, {a.new} new tokens, {a.threads} threads, "
-          f"{a.rounds} rounds (per-round figures, then dsc / torch of the means)")
+          f"{a.rounds} rounds (per-round figures, then each / torch of the means)")
 
     def row(name, key):
         t = [key(x) for x in runs["torch"]]
@@ -147,7 +237,7 @@ def main():
     for b in a.batches:
         row(f"decode tokens/s at batch {b}", lambda x, b=b: x["decode"][str(b)])
     row("peak RSS MB", lambda x: x["peak_rss_mb"])
-    for k in sides:
+    for k in (k for k in sides if "greedy" in runs[k][0]):
         t, d = runs["torch"][0]["greedy"], runs[k][0]["greedy"]
         same = next((i for i, (x, y) in enumerate(zip(t, d)) if x != y), min(len(t), len(d)))
         print(f"  greedy tokens at batch 1, {k} vs torch: the first {same} of {len(t)} agree")
