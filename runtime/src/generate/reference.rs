@@ -10,7 +10,7 @@
 
 use super::backend::{Backend, BackendError, CacheStore, KvCache, LayerRouting, SampleParams, Sampled, StepInput, StepOutput};
 use super::rewrite::{add_attention_mask, expose_routing, RouteSite};
-use crate::reference::{run_prepared, Options, Prepared, Tensor, Weights};
+use crate::reference::{run_prepared, run_prepared_args, Arg, Options, Prepared, Tensor, Weights};
 use dsc_compiler::ir::Mode;
 use dsc_compiler::ir::Module;
 use dsc_compiler::lower::{lower_mode, lower_prefill, PrefillLogits};
@@ -151,6 +151,11 @@ impl Engine for Interpreter {
     /// A first result (the logits) holding a NaN or an infinity is an error, never an
     /// output: the run is repeated with every value checked, and the error names the first
     /// node that made a non-finite value and its spec span.
+    ///
+    /// A decode step's KV caches (arguments whose first axis counts the cached positions)
+    /// are given to the run, which appends to them in place instead of copying them; for
+    /// the repeat, each is the start of the matching cache result (`cache_of`'s order:
+    /// the same as the arguments').
     fn run_values(
         &self,
         module: &Module,
@@ -167,16 +172,57 @@ impl Engine for Interpreter {
                 Value::Held(h) => match h {},
             })
             .collect();
-        let out = run_prepared(module, prepared, mode, &args, weights, &self.options).map_err(|e| e.to_string())?;
+        let given = cache_arguments(module, mode, args.len());
+        let shapes: Vec<Vec<usize>> = args.iter().map(|t| t.shape().to_vec()).collect();
+        let (mut lent, mut run_args) = (Vec::new(), Vec::with_capacity(args.len()));
+        for (t, &g) in args.into_iter().zip(&given) {
+            if g {
+                run_args.push(Some(t));
+            } else {
+                lent.push(t);
+                run_args.push(None);
+            }
+        }
+        let mut lent_it = lent.iter();
+        let call: Vec<Arg<'_>> =
+            run_args.into_iter().map(|a| a.map_or_else(|| Arg::Lent(lent_it.next().expect("one per lent argument")), Arg::Given)).collect();
+        let out = run_prepared_args(module, prepared, mode, call, weights, &self.options).map_err(|e| e.to_string())?;
         if out.first().is_some_and(|t| t.first_non_finite().is_some()) {
             let checked = Options { check_finite: true, ..self.options.clone() };
-            return match run_prepared(module, prepared, mode, &args, weights, &checked) {
+            let mut caches = out[1..].iter();
+            let mut lent_it = lent.iter();
+            let again: Option<Vec<Tensor>> = given
+                .iter()
+                .zip(&shapes)
+                .map(|(&g, shape)| if g { caches.next().and_then(|c| c.leading(shape)) } else { lent_it.next().cloned() })
+                .collect();
+            let Some(again) = again else {
+                return Err("the logits hold a NaN or an infinity (the step's caches could not be rebuilt to name the node)".into());
+            };
+            return match run_prepared(module, prepared, mode, &again, weights, &checked) {
                 Err(e) => Err(format!("non-finite logits: {e}")),
                 Ok(_) => Err("the logits hold a NaN or an infinity (no single node could be named)".into()),
             };
         }
         Ok(out.into_iter().map(Value::Host).collect())
     }
+}
+
+/// Which arguments of `mode`'s entry are KV caches: declared with the cached positions
+/// (`c`) in their first axis.
+fn cache_arguments(module: &Module, mode: Mode, n: usize) -> Vec<bool> {
+    let mut given = vec![false; n];
+    if let Some(f) = module.entry(mode) {
+        for a in f.graph.arguments() {
+            let node = f.graph.node(a);
+            if let (dsc_compiler::ir::Op::Input { index, .. }, Some(ty)) = (&node.op, node.outputs.first()) {
+                if let (Some(g), Some(d)) = (given.get_mut(*index as usize), ty.shape.first()) {
+                    *g = d.coeff(dsc_compiler::ir::Sym::Cache) != 0;
+                }
+            }
+        }
+    }
+    given
 }
 
 /// A compiled entry point and how to read its results.

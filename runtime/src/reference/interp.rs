@@ -8,7 +8,7 @@
 //! copying.
 
 use super::elementwise::{binary, cast, select, unary, widen_bf16};
-use super::layout::{broadcast, concat, gather, permute, reduce, scatter_add, slice, top_k};
+use super::layout::{broadcast, concat, concat_onto, gather, permute, reduce, scatter_add, slice, top_k};
 use super::linalg::{batch_matmul, batch_matmul_bf16, linear, linear_bf16};
 use super::nn::grad::{
     attention_grad, cross_entropy_grad, expert_ffn_grad, moe_route_grad, rms_norm_grad, swiglu_grad, token_logprob_grad, weight_grad,
@@ -20,7 +20,7 @@ use super::nn::{
 use super::real::Real;
 use super::tensor::{numel, Data, Tensor};
 use super::weights::Weights;
-use super::{ErrorKind, ExecError, KernelError, Prepared};
+use super::{Arg, ErrorKind, ExecError, KernelError, Prepared};
 use dsc_compiler::ir::{
     param_path, solve_symbols, DType, Dim, Function, FusedKernel, Module, Node, NodeId, Op, Operand, Shape, Sym, Ty, Value,
 };
@@ -64,24 +64,30 @@ pub(super) fn run<T: Real>(
     module: &Module,
     prepared: &Prepared,
     function: &str,
-    inputs: &[Tensor],
+    inputs: Vec<Arg<'_>>,
     weights: &dyn Weights,
     check_finite: bool,
     bf16_inputs: bool,
 ) -> Result<Vec<Tensor>, ExecError> {
     let f =
         module.function(function).ok_or_else(|| ExecError::new(ErrorKind::Entry, format!("the module has no function `{function}`")))?;
-    let sizes = bind_symbols(f, inputs)?;
+    let sizes = bind_symbols(f, &inputs.iter().map(Arg::tensor).collect::<Vec<_>>())?;
     let weights_key = (weights as *const dyn Weights as *const () as usize, prepared.epoch.load(Ordering::Acquire));
     let it = Interp::<T> { module, prepared, weights, weights_key, sizes, check_finite, bf16_inputs, _t: PhantomData };
-    let args = inputs.iter().map(Val::Borrowed).collect();
+    let args = inputs
+        .into_iter()
+        .map(|a| match a {
+            Arg::Lent(t) => Val::Borrowed(t),
+            Arg::Given(t) => Val::Owned(t),
+        })
+        .collect();
     let mut stack = Vec::new();
     it.call(f, None, args, &mut stack)
 }
 
 /// Bind `b`, `s`, `c` from the argument shapes ([`solve_symbols`]); an unbound `b` or `s`
 /// is an error only where a shape needs it.
-fn bind_symbols(f: &Function, inputs: &[Tensor]) -> Result<[Option<i64>; 3], ExecError> {
+fn bind_symbols(f: &Function, inputs: &[&Tensor]) -> Result<[Option<i64>; 3], ExecError> {
     let g = &f.graph;
     let mut pairs: Vec<(Dim, i64, String)> = Vec::new();
     for n in g.arguments() {
@@ -519,8 +525,19 @@ impl<'m, T: Real> Interp<'m, T> {
                             return Err(here(KernelError { kind: ErrorKind::Unsupported, message: msg }));
                         }
                     };
-                    let call_args: Vec<Val<'_>> =
-                        ins.iter().map(|v| Self::value(&env, *v).map(Val::Borrowed)).collect::<Result<_, _>>().map_err(here)?;
+                    // A value the call reads last goes in owned, so the callee can reuse
+                    // its buffer (a layer appends to its KV cache in place).
+                    let mut moved: Vec<Option<Tensor>> =
+                        ins.iter().zip(&step.last).map(|(v, &last)| if last { Self::take(&mut env, *v) } else { None }).collect();
+                    let call_args: Vec<Val<'_>> = ins
+                        .iter()
+                        .zip(moved.iter_mut())
+                        .map(|(v, m)| match m.take() {
+                            Some(t) => Ok(Val::Owned(t)),
+                            None => Self::value(&env, *v).map(Val::Borrowed),
+                        })
+                        .collect::<Result<_, _>>()
+                        .map_err(here)?;
                     let results = self.call(callee, scope, call_args, stack).map_err(|mut e| {
                         e.calls.push(format!("`{}` {}", f.name, node_name(step.pos, node)));
                         e
@@ -531,12 +548,21 @@ impl<'m, T: Real> Interp<'m, T> {
                     if !op.arity().accepts(ins.len()) {
                         return Err(here(graph_err(format!("takes {} inputs, got {}", op.arity(), ins.len()))));
                     }
-                    // A reshape or cast that is the last reader of an owned value takes it.
-                    let movable = matches!(op, Op::Reshape { .. } | Op::Cast { .. }) && ins.len() == 1 && step.last[0];
+                    // A reshape or cast that is the last reader of an owned value takes it,
+                    // and so does a cache append its first operand (appending in place).
+                    let movable = match op {
+                        Op::Reshape { .. } | Op::Cast { .. } => ins.len() == 1 && step.last[0],
+                        Op::CacheAppend { .. } => step.last[0],
+                        _ => false,
+                    };
                     let taken = if movable { Self::take(&mut env, ins[0]) } else { None };
                     let started = super::profile::start();
                     let result = match taken {
-                        Some(t) => self.exec_owned(op, t),
+                        Some(t) => {
+                            let rest: Vec<&Tensor> =
+                                ins[1..].iter().map(|v| Self::value(&env, *v)).collect::<Result<_, _>>().map_err(here)?;
+                            self.exec_owned(op, t, &rest)
+                        }
                         None => {
                             let vals: Vec<&Tensor> = ins.iter().map(|v| Self::value(&env, *v)).collect::<Result<_, _>>().map_err(here)?;
                             self.exec(op, &vals)
@@ -620,12 +646,22 @@ impl<'m, T: Real> Interp<'m, T> {
         })
     }
 
-    /// Ops that can reuse their one input's buffer.
-    fn exec_owned(&self, op: &Op, x: Tensor) -> Result<Vec<Tensor>, KernelError> {
+    /// Ops that can reuse their first input's buffer, given it (`rest` are the others).
+    fn exec_owned(&self, op: &Op, x: Tensor, rest: &[&Tensor]) -> Result<Vec<Tensor>, KernelError> {
         match op {
             Op::Reshape { shape } => Ok(vec![self.reshape(x, shape)?]),
             Op::Cast { to } => Ok(vec![cast::<T>(x, *to)?]),
-            _ => self.exec(op, &[&x]),
+            Op::CacheAppend { axis } if rest.iter().all(|r| r.data().kind() == x.data().kind()) => {
+                if *axis as usize >= x.rank() {
+                    return Err(KernelError::shape(format!("axis {axis} out of range for rank {}", x.rank())));
+                }
+                Ok(vec![concat_onto(x, rest, *axis as usize)?])
+            }
+            _ => {
+                let mut all = vec![&x];
+                all.extend_from_slice(rest);
+                self.exec(op, &all)
+            }
         }
     }
 

@@ -179,6 +179,37 @@ pub fn concat(xs: &[&Tensor], axis: usize) -> Result<Tensor, KErr> {
     Ok(Tensor::from_parts(shape, data))
 }
 
+/// [`concat`] onto `first`, reusing its buffer when nothing of `first` comes after the
+/// joined part (every axis before `axis` has length 1: a position-major KV cache
+/// appended along its position axis): a decode step's append then copies only the new
+/// entries, into the buffer's spare room, which grows by doubling. Otherwise, or when
+/// the element types differ, as [`concat`].
+pub fn concat_onto(first: Tensor, rest: &[&Tensor], axis: usize) -> Result<Tensor, KErr> {
+    let rank = first.rank();
+    let fits = axis < rank
+        && first.shape()[..axis].iter().all(|&d| d == 1)
+        && rest.iter().all(|x| {
+            x.data().kind() == first.data().kind() && x.rank() == rank && (0..rank).all(|i| i == axis || x.shape()[i] == first.shape()[i])
+        });
+    if !fits {
+        let mut all = vec![&first];
+        all.extend_from_slice(rest);
+        return concat(&all, axis);
+    }
+    let mut shape = first.shape().to_vec();
+    shape[axis] += rest.iter().map(|x| x.shape()[axis]).sum::<usize>();
+    let kind = first.data().kind();
+    let (_, data) = first.into_parts();
+    let data = with_elem!(&data, E => {
+        let mut v = E::take(data).map_err(|d| KErr::dtype(format!("{kind} data held as {}", d.kind())))?;
+        for x in rest {
+            v.extend_from_slice(view::<E>(x)?);
+        }
+        E::wrap(v)
+    });
+    Ok(Tensor::from_parts(shape, data))
+}
+
 /// Check one index against the axis length; negative indices are errors, not
 /// Python-style counts from the end.
 fn row_index(i: i64, n: usize, what: &str) -> Result<usize, KErr> {
@@ -464,5 +495,39 @@ mod tests {
         let empty = Tensor::zeros(&[2, 0]);
         assert_eq!(reduce::<f32>(&empty, ReduceOp::Sum, 1, false).unwrap().to_f32_vec(), vec![0.0, 0.0]);
         assert_eq!(reduce::<f32>(&empty, ReduceOp::Max, 1, false).unwrap().to_f32_vec()[0], f32::NEG_INFINITY);
+    }
+
+    fn ptr(t: &Tensor) -> *const f32 {
+        match t.data() {
+            Data::F32(v) => v.as_ptr(),
+            _ => unreachable!(),
+        }
+    }
+
+    /// Appending along the outermost non-unit axis gives `concat`'s result in the first
+    /// operand's buffer (its spare room, once there is some); along an inner axis, or
+    /// onto another element type, it is `concat` (or its error).
+    #[test]
+    fn concat_onto_appends_in_place_where_the_layout_allows() {
+        let mut cache = Tensor::f32(&[3, 1, 2], (0..6).map(|i| i as f32).collect());
+        let new = Tensor::f32(&[1, 1, 2], vec![10.0, 11.0]);
+        let mut seen = Vec::new();
+        for step in 0..6 {
+            let want = concat(&[&cache, &new], 0).unwrap();
+            cache = concat_onto(cache, &[&new], 0).unwrap();
+            assert_eq!(cache, want, "step {step}");
+            seen.push(ptr(&cache));
+        }
+        // The buffer grows by doubling: most appends find room where the last one left it.
+        assert!(seen.windows(2).filter(|w| w[0] == w[1]).count() >= 3, "{seen:?}");
+        // [1, 3, 2] along axis 1: the leading axis is 1, so it appends in place too.
+        let a = Tensor::f32(&[1, 3, 2], (0..6).map(|i| i as f32).collect());
+        let b = Tensor::f32(&[1, 2, 2], vec![7.0; 4]);
+        assert_eq!(concat_onto(a.clone(), &[&b], 1).unwrap(), concat(&[&a, &b], 1).unwrap());
+        // [2, 3] along axis 1 interleaves rows: concat's result, copied.
+        let (x, y) = (Tensor::f32(&[2, 3], vec![1.0; 6]), Tensor::f32(&[2, 1], vec![2.0, 3.0]));
+        assert_eq!(concat_onto(x.clone(), &[&y], 1).unwrap(), concat(&[&x, &y], 1).unwrap());
+        assert!(concat_onto(x.clone(), &[&Tensor::i64(&[2, 1], vec![1, 2])], 1).is_err());
+        assert!(concat_onto(x.clone(), &[&Tensor::f32(&[3, 1], vec![0.0; 3])], 1).is_err(), "rows disagree");
     }
 }

@@ -247,7 +247,7 @@ pub fn run_function(
     options: &Options,
 ) -> Result<Vec<Tensor>, ExecError> {
     let prepared = Prepared::new(module, options)?;
-    run_prepared_function(module, &prepared, function, inputs, weights, options)
+    run_prepared_function(module, &prepared, function, inputs.iter().map(Arg::Lent).collect(), weights, options)
 }
 
 /// A module made ready to run many times: verified once (when [`Options::verify`] asks),
@@ -303,6 +303,36 @@ pub fn run_prepared(
     weights: &dyn Weights,
     options: &Options,
 ) -> Result<Vec<Tensor>, ExecError> {
+    run_prepared_args(module, prepared, mode, inputs.iter().map(Arg::Lent).collect(), weights, options)
+}
+
+/// An argument of [`run_prepared_args`].
+pub enum Arg<'a> {
+    /// Read by the run, left as it was.
+    Lent(&'a Tensor),
+    /// The run's to keep: it may reuse the buffer (a decode step appends to a KV cache
+    /// given to it in place, where a lent cache is copied whole).
+    Given(Tensor),
+}
+
+impl Arg<'_> {
+    fn tensor(&self) -> &Tensor {
+        match self {
+            Arg::Lent(t) => t,
+            Arg::Given(t) => t,
+        }
+    }
+}
+
+/// [`run_prepared`] with arguments lent or given.
+pub fn run_prepared_args(
+    module: &Module,
+    prepared: &Prepared,
+    mode: Mode,
+    inputs: Vec<Arg<'_>>,
+    weights: &dyn Weights,
+    options: &Options,
+) -> Result<Vec<Tensor>, ExecError> {
     let f = module.entry(mode).ok_or_else(|| ExecError::new(ErrorKind::Entry, format!("the module has no {mode} entry point")))?;
     run_prepared_function(module, prepared, &f.name, inputs, weights, options)
 }
@@ -311,7 +341,7 @@ fn run_prepared_function(
     module: &Module,
     prepared: &Prepared,
     function: &str,
-    inputs: &[Tensor],
+    inputs: Vec<Arg<'_>>,
     weights: &dyn Weights,
     options: &Options,
 ) -> Result<Vec<Tensor>, ExecError> {

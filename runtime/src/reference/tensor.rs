@@ -146,6 +146,25 @@ impl Tensor {
     pub fn numel(&self) -> usize {
         self.data.len()
     }
+    /// The tensor's first `shape[0]` entries along its first axis, as a tensor of `shape`,
+    /// when the rest of `shape` is this tensor's (what a KV cache was before an append).
+    pub fn leading(&self, shape: &[usize]) -> Option<Tensor> {
+        let ok = shape.len() == self.rank() && !shape.is_empty() && shape[0] <= self.shape[0] && shape[1..] == self.shape[1..];
+        if !ok {
+            return None;
+        }
+        let n = numel(shape);
+        let data = match &self.data {
+            Data::F32(v) => Data::F32(v[..n].to_vec()),
+            Data::F64(v) => Data::F64(v[..n].to_vec()),
+            Data::I32(v) => Data::I32(v[..n].to_vec()),
+            Data::I64(v) => Data::I64(v[..n].to_vec()),
+            Data::Bool(v) => Data::Bool(v[..n].to_vec()),
+            Data::Bf16(v) => Data::Bf16(v[..n].to_vec()),
+        };
+        Some(Tensor { shape: shape.to_vec(), data })
+    }
+
     pub fn data(&self) -> &Data {
         &self.data
     }

@@ -239,6 +239,11 @@ fn calls_scope_params_and_caches_bind_c() {
     let dec = run(&m, Mode::Decode, &args, &w, &Options::default()).unwrap();
     assert!(dec[0].allclose(&full[0], 1e-6, 1e-6), "{:?} vs {:?}", dec[0], full[0]);
     assert!(dec[3].allclose(&full[3], 1e-6, 1e-6));
+    // The caches given to the run instead of lent (moved into the layer calls, appended
+    // in place where the layout allows): the same results.
+    let prepared = Prepared::new(&m, &Options::default()).unwrap();
+    let given: Vec<Arg<'_>> = args.iter().enumerate().map(|(i, t)| if i == 0 { Arg::Lent(t) } else { Arg::Given(t.clone()) }).collect();
+    assert_eq!(run_prepared_args(&m, &prepared, Mode::Decode, given, &w, &Options::default()).unwrap(), dec);
 
     // Layer-scoped names: without layer 1's weights the error names the full path and
     // the call site.
@@ -386,4 +391,35 @@ fn values_from_weights_alone_are_kept_until_the_weights_change() {
     let other = weights(&[("w", Tensor::f32(&[2, 3], vec![1.0; 6]))]);
     assert_eq!(go(&other)[0].to_f32_vec(), vec![11.0; 3]);
     assert_eq!(go(&ws)[0].to_f32_vec(), vec![0.0; 3], "back to the first weights");
+}
+
+/// A decode step whose logits are not finite: the interpreter engine, which gave the
+/// step its position-major cache (appended in place), rebuilds the cache from the step's
+/// result and repeats the step with every value checked, naming the node.
+#[test]
+fn a_decode_step_with_non_finite_logits_names_the_node() {
+    use crate::generate::{Engine, Interpreter, Value as EngineValue};
+    let mut g = Graph::new();
+    let x = g.input(0, "x", f32t(&[B, S, n(2)]), None);
+    let cache = g.input(1, "cache", f32t(&[C, B, n(2)]), None);
+    let w = g.param("w", f32t(&[n(3), n(2)]), None);
+    let new = op(&mut g, Op::Permute { perm: vec![1, 0, 2] }, &[x]);
+    let grown = op(&mut g, Op::CacheAppend { axis: 0 }, &[cache, new]);
+    let y = op(&mut g, Op::MatMul, &[x, w]);
+    g.ret(&[y.into(), grown.into()], None);
+    let mut m = Module::new();
+    m.add_function(Function { name: "step".into(), graph: g });
+    m.set_entry(Mode::Decode, "step");
+    let mut ws = weights(&[("w", Tensor::f32(&[3, 2], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]))]);
+    let engine = Interpreter::new(Options::default());
+    let prepared = engine.prepare(&m, Mode::Decode).unwrap();
+    let args =
+        || vec![EngineValue::Host(Tensor::f32(&[1, 1, 2], vec![1.0, 1.0])), EngineValue::Host(Tensor::f32(&[2, 1, 2], vec![0.5; 4]))];
+    let out = engine.run_values(&m, &prepared, Mode::Decode, args(), &[], &ws).unwrap();
+    let grown = out[1].clone().into_host().unwrap();
+    assert_eq!(grown.to_f32_vec(), vec![0.5, 0.5, 0.5, 0.5, 1.0, 1.0]);
+    ws.insert("w".into(), Tensor::f32(&[3, 2], vec![1.0, f32::NAN, 3.0, 4.0, 5.0, 6.0]));
+    engine.weights_changed();
+    let e = engine.run_values(&m, &prepared, Mode::Decode, args(), &[], &ws).err().unwrap();
+    assert!(e.contains("non-finite logits") && e.contains("param \"w\""), "{e}");
 }
