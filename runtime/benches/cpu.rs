@@ -7,14 +7,14 @@
 //! cargo bench -p dsc-runtime --bench cpu                    # runtime/benches/v3_small.dsc, random weights
 //! cargo bench -p dsc-runtime --bench cpu -- --model DIR     # a hub model directory instead
 //!     [--prompt 512] [--new 128] [--batches 1,8,32] [--passes 3] [--threads T]
-//!     [--ids IDS.json] [--json] [--bf16] [--bf16-inputs]
+//!     [--ids IDS.json] [--json] [--bf16] [--bf16-inputs] [--bf16-cache]
 //! ```
 //!
 //! A model directory's bf16 weights stay bf16, as `dsc generate` keeps them; `--bf16`
 //! rounds the random weights of the default spec to bf16 and keeps them so, to time the
 //! bf16 path against the f32 one on the same shapes. `--bf16-inputs` runs the reference
 //! backend with `Options::bf16_inputs` (bf16 matmul inputs; AVX-512 BF16 where the CPU
-//! has it).
+//! has it); `--bf16-cache` with `Options::bf16_cache` (the KV cache held in bf16).
 //!
 //! `--ids` gives the batch-1 prompt (`{"input_ids": [[...]]}`, its length replaces
 //! `--prompt`); `--json` prints one line (`prefill_tokens_per_s` with the last logits,
@@ -50,6 +50,7 @@ struct Args {
     json: bool,
     bf16: bool,
     bf16_inputs: bool,
+    bf16_cache: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -64,6 +65,7 @@ fn parse() -> Result<Args, String> {
         json: false,
         bf16: false,
         bf16_inputs: false,
+        bf16_cache: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -78,6 +80,7 @@ fn parse() -> Result<Args, String> {
             "--json" => a.json = true,
             "--bf16" => a.bf16 = true,
             "--bf16-inputs" => a.bf16_inputs = true,
+            "--bf16-cache" => a.bf16_cache = true,
             "--ids" => {
                 let path = PathBuf::from(value("--ids")?);
                 let rows = dsc_runtime::cli::logits::read_ids(&path)?;
@@ -179,7 +182,7 @@ fn main() {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().expect("the first pool");
     }
     let compile = CompileOptions::default();
-    let options = Options { bf16_inputs: args.bf16_inputs, ..Options::default() };
+    let options = Options { bf16_inputs: args.bf16_inputs, bf16_cache: args.bf16_cache, ..Options::default() };
     match &args.model {
         Some(dir) => {
             let mut d = ModelDir::open(dir, &OpenOptions::default()).unwrap_or_else(|e| panic!("{e}"));

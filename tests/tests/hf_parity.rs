@@ -588,6 +588,37 @@ fn bf16_inputs_cost_against_f32_inputs() {
     }
 }
 
+/// `Options::bf16_cache`'s cost: the logits of every decode step with the KV cache held
+/// in bf16 against the f32 cache, on each fixture's own (f32) weights, as a fraction of
+/// the largest |logit|; the cache takes half the bytes; and how many greedy tokens agree.
+/// The prompt pass is untouched (its logits are the same), so the cost is the cache's
+/// rounding alone: bounded so a truncating or misplaced append fails.
+#[test]
+fn bf16_cache_cost_against_the_f32_cache() {
+    for case in CASES {
+        let p = prompts(case);
+        let run = |bf16_cache: bool| {
+            let d = open(case, "config.json");
+            let opts = Options { bf16_cache, ..Options::default() };
+            let b = ReferenceBackend::new(d.spec, d.weights, CompileOptions { mla: MlaMode::Absorb, ..Default::default() }, opts);
+            let g = generate(&b, &p[..1], &GenerateOptions { max_new_tokens: 8, keep_logits: true, ..GenerateOptions::default() }).unwrap();
+            let logits: Vec<f32> = g.step_logits[0].concat();
+            (logits, g.tokens, g.stats.cache_bytes)
+        };
+        let ((f32_logits, f32_tokens, f32_bytes), (bf16_logits, bf16_tokens, bf16_bytes)) = (run(false), run(true));
+        let scale = f32_logits.iter().fold(0f64, |m, &v| m.max((v as f64).abs()));
+        let worst = f32_logits.iter().zip(&bf16_logits).fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs())) / scale;
+        let agree = f32_tokens[0].iter().zip(&bf16_tokens[0]).take_while(|(a, b)| a == b).count();
+        eprintln!(
+            "{case}: bf16 cache vs f32 cache: logits {worst:.2e} of the largest |logit| {scale:.2}; cache {bf16_bytes} vs {f32_bytes} bytes; \
+             greedy tokens agree for {agree} of {}",
+            f32_tokens[0].len()
+        );
+        assert_eq!(bf16_bytes * 2, f32_bytes, "{case}: the cache is held in bf16");
+        assert!(worst > 0.0 && worst < 0.02, "{case}: the bf16 cache moved the logits by {worst:.3e} of their scale");
+    }
+}
+
 #[test]
 fn bf16_weights_kept_in_bf16_match_widened() {
     for case in ["llama_gqa", "deepseek_v3"] {

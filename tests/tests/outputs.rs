@@ -29,6 +29,7 @@ pub fn logits_args(model: &Path, input: &Path, out: &Path) -> LogitsArgs {
             threads: None,
             max_context: None,
             bf16_inputs: false,
+            bf16_cache: false,
         },
         input: input.to_path_buf(),
         out: out.to_path_buf(),

@@ -59,6 +59,10 @@ pub struct ModelArgs {
     /// Logits move by about what bf16 activations cost (README: "CPU precision").
     #[arg(long)]
     pub bf16_inputs: bool,
+    /// With the reference backend, hold the KV cache in bf16 between decode steps: half
+    /// its memory, at the cost of rounding what it holds (README: "CPU precision").
+    #[arg(long)]
+    pub bf16_cache: bool,
 }
 
 /// The files a run over a model directory reads: the directory's files, the spec that
@@ -142,11 +146,13 @@ pub fn load(args: &ModelArgs) -> Result<Loaded, String> {
         }
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().map_err(|e| format!("--threads {n}: {e}"))?;
     }
-    if args.bf16_inputs && args.backend != "reference" {
-        return Err(format!(
-            "--bf16-inputs applies to the reference backend; `--backend {}` runs its kernels in the spec's dtype",
-            args.backend
-        ));
+    for (on, flag) in [(args.bf16_inputs, "--bf16-inputs"), (args.bf16_cache, "--bf16-cache")] {
+        if on && args.backend != "reference" {
+            return Err(format!(
+                "{flag} applies to the reference backend; `--backend {}` runs its kernels in the spec's dtype",
+                args.backend
+            ));
+        }
     }
     let compile = CompileOptions { passes, mla: args.mla };
     let backend: Box<dyn Backend> = match args.backend.as_str() {
@@ -164,7 +170,12 @@ pub fn load(args: &ModelArgs) -> Result<Loaded, String> {
             eprintln!("cuda device {index}: {}", engine.backend().device_name());
             Box::new(crate::generate::ModelBackend::with_engine(dir.spec, weights, compile, engine))
         }
-        _ => Box::new(ReferenceBackend::new(dir.spec, weights, compile, Options { bf16_inputs: args.bf16_inputs, ..Options::default() })),
+        _ => Box::new(ReferenceBackend::new(
+            dir.spec,
+            weights,
+            compile,
+            Options { bf16_inputs: args.bf16_inputs, bf16_cache: args.bf16_cache, ..Options::default() },
+        )),
     };
     Ok(Loaded { backend, info: rest })
 }

@@ -10,6 +10,7 @@
 
 use super::backend::{Backend, BackendError, CacheStore, KvCache, LayerRouting, SampleParams, Sampled, StepInput, StepOutput};
 use super::rewrite::{add_attention_mask, expose_routing, RouteSite};
+use crate::reference::elementwise::round_bf16;
 use crate::reference::{run_prepared, run_prepared_args, Arg, Options, Prepared, Tensor, Weights};
 use dsc_compiler::ir::Mode;
 use dsc_compiler::ir::Module;
@@ -162,7 +163,7 @@ impl Engine for Interpreter {
         prepared: &Prepared,
         mode: Mode,
         args: Vec<Value<Self::Held>>,
-        _keep: &[bool],
+        keep: &[bool],
         weights: &dyn Weights,
     ) -> Result<Vec<Value<Self::Held>>, String> {
         let args: Vec<Tensor> = args
@@ -204,7 +205,13 @@ impl Engine for Interpreter {
                 Ok(_) => Err("the logits hold a NaN or an infinity (no single node could be named)".into()),
             };
         }
-        Ok(out.into_iter().map(Value::Host).collect())
+        // The results a device engine would keep (the KV cache) are held in bf16 when asked:
+        // rounded once when a prompt pass makes them, appended to in bf16 after that.
+        let out = out.into_iter().enumerate().map(|(i, t)| match (self.options.bf16_cache && keep.get(i) == Some(&true), i) {
+            (true, 1..) => round_bf16::<f32>(&t).unwrap_or(t),
+            _ => t,
+        });
+        Ok(out.map(Value::Host).collect())
     }
 }
 

@@ -342,6 +342,13 @@ pub fn widen_bf16<T: Real>(t: &Tensor) -> Option<Tensor> {
     Some(Tensor::from_parts(t.shape().to_vec(), T::wrap(bits.iter().map(|&b| T::of(super::weights::bf16_to_f32(b) as f64)).collect())))
 }
 
+/// A float tensor of the run's precision rounded to bf16 (nearest, ties to even); `None`
+/// for any other tensor.
+pub fn round_bf16<T: Real>(t: &Tensor) -> Option<Tensor> {
+    let v = T::view(t.data())?;
+    Some(Tensor::from_parts(t.shape().to_vec(), Data::Bf16(v.iter().map(|&x| super::weights::f32_to_bf16(x.to_f64() as f32)).collect())))
+}
+
 /// Convert to `to`, with floats held in the run's precision `T`.
 ///
 /// Float-to-float casts keep the value: the interpreter computes every float type in `T`

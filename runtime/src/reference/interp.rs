@@ -7,7 +7,7 @@
 //! or same-precision `Cast` that is the last user of an owned value moves it instead of
 //! copying.
 
-use super::elementwise::{binary, cast, select, unary, widen_bf16};
+use super::elementwise::{binary, cast, round_bf16, select, unary, widen_bf16};
 use super::layout::{broadcast, concat, concat_onto, gather, permute, reduce, scatter_add, slice, top_k};
 use super::linalg::{batch_matmul, batch_matmul_bf16, linear, linear_bf16};
 use super::nn::grad::{
@@ -651,11 +651,19 @@ impl<'m, T: Real> Interp<'m, T> {
         match op {
             Op::Reshape { shape } => Ok(vec![self.reshape(x, shape)?]),
             Op::Cast { to } => Ok(vec![cast::<T>(x, *to)?]),
+            Op::CacheAppend { axis } if *axis as usize >= x.rank() => {
+                Err(KernelError::shape(format!("axis {axis} out of range for rank {}", x.rank())))
+            }
             Op::CacheAppend { axis } if rest.iter().all(|r| r.data().kind() == x.data().kind()) => {
-                if *axis as usize >= x.rank() {
-                    return Err(KernelError::shape(format!("axis {axis} out of range for rank {}", x.rank())));
-                }
                 Ok(vec![concat_onto(x, rest, *axis as usize)?])
+            }
+            // A cache held in bf16 (`Options::bf16_cache`) takes its new entries rounded.
+            Op::CacheAppend { axis } if x.as_bf16_bits().is_some() => {
+                let rounded: Vec<Tensor> = rest
+                    .iter()
+                    .map(|r| round_bf16::<T>(r).ok_or_else(|| KernelError::dtype(format!("a {} entry for a bf16 cache", r.data().kind()))))
+                    .collect::<Result<_, _>>()?;
+                Ok(vec![concat_onto(x, &rounded.iter().collect::<Vec<_>>(), *axis as usize)?])
             }
             _ => {
                 let mut all = vec![&x];

@@ -97,8 +97,13 @@ fn permute_impl<E: Elem>(x: &[E], out_shape: &[usize], st: &[usize]) -> Vec<E> {
             base += (rem % out_shape[ax]) * st[ax];
             rem /= out_shape[ax];
         }
-        for (j, o) in out.iter_mut().enumerate() {
-            *o = x[base + j * inner_st];
+        if inner_st == 1 {
+            // The last axis stays last (a cache's [c, b, d] read as [b, c, d]): rows move whole.
+            out.copy_from_slice(&x[base..base + out.len()]);
+        } else {
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = x[base + j * inner_st];
+            }
         }
     };
     let mut out = vec![x[0]; total];

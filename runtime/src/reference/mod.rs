@@ -104,11 +104,16 @@ pub struct Options {
     /// pass multiplies with it ([`dpbf16`]), twice the multiply-adds per instruction of
     /// `f32`. Off by default: the interpreter otherwise keeps activations in `f32`.
     pub bf16_inputs: bool,
+    /// Hold the KV cache in bf16 between steps (new entries rounded to nearest even as
+    /// they are appended), half the memory of the `f32` cache. The values the cache holds
+    /// are the accuracy cost; everything else computes as before (a step widens the
+    /// cache it reads to the run's precision).
+    pub bf16_cache: bool,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { precision: Precision::F32, verify: true, threads: None, check_finite: false, bf16_inputs: false }
+        Options { precision: Precision::F32, verify: true, threads: None, check_finite: false, bf16_inputs: false, bf16_cache: false }
     }
 }
 

@@ -6,7 +6,7 @@
 //! (norms, softmax sums, losses) accumulate in `f64` before rounding to the run's
 //! precision, so an `f32` run is never less accurate than the reference's `f32`.
 
-use super::dot::rows_times_weight;
+use super::dot::{rows_times_matrix, rows_times_weight};
 use super::elementwise::PAR_MIN;
 use super::layout::{indices, split_at_axis, top_k_lane};
 use super::linalg::{as_f32, gemm, linear, linear_bf16, Mat};
@@ -294,25 +294,26 @@ fn shared_kv_attention<T: Real>(
     if kv_heads != 1 || rows > SHARED_KV_ROWS || sk == 0 || dk == 0 {
         return None;
     }
-    let (qf, kf) = (as_f32(qd)?, as_f32(kd)?);
+    let (qf, kf, vf) = (as_f32(qd)?, as_f32(kd)?, as_f32(vd)?);
+    let mf = md.map(as_f32).map(|m| m.expect("the mask is of the run's precision"));
+    let scale = scale.to_f64() as f32;
     let one = |bi: usize| -> (Vec<T>, Vec<T>) {
-        let mut s32 = vec![0f32; rows * sk];
-        rows_times_weight(&qf[bi * rows * dk..(bi + 1) * rows * dk], rows, dk, &kf[bi * sk * dk..(bi + 1) * sk * dk], sk, &mut s32, sk);
-        let mut s: Vec<T> = s32.into_iter().map(|x| T::of(x as f64)).collect();
-        let mut p = vec![T::ZERO; rows * sk];
+        let mut s = vec![0f32; rows * sk];
+        rows_times_weight(&qf[bi * rows * dk..(bi + 1) * rows * dk], rows, dk, &kf[bi * sk * dk..(bi + 1) * sk * dk], sk, &mut s, sk);
+        let mut p = vec![0f32; rows * sk];
         let mut lse = vec![T::ZERO; if want_lse { rows } else { 0 }];
         for r in 0..rows {
             // Row r is query position r / heads of head r % heads ([sq, heads] order).
             let i = r / heads;
-            let mask_row = md.map(|m| &m[(bi * sq + i) * sk..(bi * sq + i + 1) * sk]);
+            let mask_row = mf.map(|m| &m[(bi * sq + i) * sk..(bi * sq + i + 1) * sk]);
             let l = softmax_scores(&mut s[r * sk..(r + 1) * sk], &mut p[r * sk..(r + 1) * sk], visible(i), scale, mask_row);
             if want_lse {
                 lse[r] = T::of(l);
             }
         }
-        let mut o = vec![T::ZERO; rows * dv];
-        gemm(rows, dv, sk, &mut o, Mat::rows(&p, 0, sk), Mat { data: vd, offset: bi * sk * dv, rs: dv, cs: 1 }, false);
-        (o, lse)
+        let mut o = vec![0f32; rows * dv];
+        rows_times_matrix(&p, rows, sk, &vf[bi * sk * dv..(bi + 1) * sk * dv], dv, &mut o);
+        (o.into_iter().map(|x| T::of(x as f64)).collect(), lse)
     };
     let parts: Vec<(Vec<T>, Vec<T>)> = if b > 1 { (0..b).into_par_iter().map(one).collect() } else { (0..b).map(one).collect() };
     let (mut out, mut lse) = (Vec::with_capacity(b * rows * dv), Vec::with_capacity(if want_lse { b * rows } else { 0 }));
