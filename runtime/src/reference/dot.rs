@@ -47,13 +47,33 @@ impl WeightElem for u16 {
 ///
 /// Panics if a slice is shorter than those shapes need (callers check shapes first).
 pub fn rows_times_weight<W: WeightElem>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, y: &mut [f32], ldy: usize) {
-    rows_times_weight_on(simd(), x, m, k, w, n, y, ldy)
+    rows_times_weight_on(simd(), x, m, k, (w, k), n, y, ldy)
 }
 
-/// [`rows_times_weight`] with the tiles of `simd`, which the CPU must have.
+/// [`rows_times_weight`] with `w`'s rows `ldw` apart (a strided view: the keys of one
+/// sequence in a position-major KV cache).
 #[allow(clippy::too_many_arguments)]
-fn rows_times_weight_on<W: WeightElem>(simd: Simd, x: &[f32], m: usize, k: usize, w: &[W], n: usize, y: &mut [f32], ldy: usize) {
-    assert!(x.len() >= m * k && w.len() >= n * k, "dot: operands shorter than [{m}, {k}] and [{n}, {k}]");
+pub fn rows_times_weight_ld<W: WeightElem>(x: &[f32], m: usize, k: usize, w: &[W], ldw: usize, n: usize, y: &mut [f32], ldy: usize) {
+    rows_times_weight_on(simd(), x, m, k, (w, ldw), n, y, ldy)
+}
+
+/// [`rows_times_weight_ld`] with the tiles of `simd`, which the CPU must have.
+#[allow(clippy::too_many_arguments)]
+fn rows_times_weight_on<W: WeightElem>(
+    simd: Simd,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    (w, ldw): (&[W], usize),
+    n: usize,
+    y: &mut [f32],
+    ldy: usize,
+) {
+    assert!(ldw >= k, "dot: weight rows {ldw} apart are shorter than {k}");
+    assert!(
+        x.len() >= m * k && (n == 0 || w.len() >= (n - 1) * ldw + k),
+        "dot: operands shorter than [{m}, {k}] and [{n}, {k}] (rows {ldw} apart)"
+    );
     assert!(m == 0 || n == 0 || y.len() >= (m - 1) * ldy + n, "dot: output shorter than [{m}, {n}] at row stride {ldy}");
     let mut i = 0;
     while i < m {
@@ -61,10 +81,10 @@ fn rows_times_weight_on<W: WeightElem>(simd: Simd, x: &[f32], m: usize, k: usize
         let xs = &x[i * k..(i + r) * k];
         let ys = &mut y[i * ldy..];
         match r {
-            4 => W::block::<4>(simd, xs, k, w, n, ys, ldy),
-            3 => W::block::<3>(simd, xs, k, w, n, ys, ldy),
-            2 => W::block::<2>(simd, xs, k, w, n, ys, ldy),
-            _ => W::block::<1>(simd, xs, k, w, n, ys, ldy),
+            4 => W::block::<4>(simd, xs, k, (w, ldw), n, ys, ldy),
+            3 => W::block::<3>(simd, xs, k, (w, ldw), n, ys, ldy),
+            2 => W::block::<2>(simd, xs, k, (w, ldw), n, ys, ldy),
+            _ => W::block::<1>(simd, xs, k, (w, ldw), n, ys, ldy),
         }
         i += r;
     }
@@ -76,7 +96,7 @@ fn rows_times_weight_on<W: WeightElem>(simd: Simd, x: &[f32], m: usize, k: usize
 /// runs (`simd`, which the CPU has).
 pub trait Block: Sized {
     #[allow(private_interfaces)]
-    fn block<const R: usize>(simd: Simd, x: &[f32], k: usize, w: &[Self], n: usize, y: &mut [f32], ldy: usize);
+    fn block<const R: usize>(simd: Simd, x: &[f32], k: usize, w: (&[Self], usize), n: usize, y: &mut [f32], ldy: usize);
 }
 
 /// The portable tile: the `R` dot products of one weight row, lane-blocked so the
@@ -111,7 +131,7 @@ fn tile_portable<W: WeightElem, const R: usize>(x: &[&[f32]; R], w: &[W], k: usi
 fn walk<W, const R: usize>(
     x: &[f32],
     k: usize,
-    w: &[W],
+    (w, ldw): (&[W], usize),
     n: usize,
     y: &mut [f32],
     ldy: usize,
@@ -119,7 +139,7 @@ fn walk<W, const R: usize>(
 ) {
     let xr: [&[f32]; R] = std::array::from_fn(|r| &x[r * k..(r + 1) * k]);
     for j in 0..n {
-        let acc = tile(&xr, &w[j * k..(j + 1) * k]);
+        let acc = tile(&xr, &w[j * ldw..j * ldw + k]);
         for r in 0..R {
             y[r * ldy + j] = acc[r];
         }
@@ -210,7 +230,7 @@ macro_rules! block_impl {
 
         impl Block for $w {
             #[allow(private_interfaces)]
-            fn block<const R: usize>(simd: Simd, x: &[f32], k: usize, w: &[$w], n: usize, y: &mut [f32], ldy: usize) {
+            fn block<const R: usize>(simd: Simd, x: &[f32], k: usize, w: (&[$w], usize), n: usize, y: &mut [f32], ldy: usize) {
                 #[cfg(target_arch = "x86_64")]
                 {
                     if simd == Simd::Avx512 {
@@ -246,18 +266,20 @@ block_impl!(
     }
 );
 
-/// `y [m, n] = p [m, k] · v [k, n]`, all row-major, for a few rows of `p`: each row of `v`
-/// is read once and added, scaled, to every row of `y` (attention's probabilities times
-/// its values in a decode step, where a GEMM would pack `v` per call). Zero weights (keys
-/// a causal row does not see) are skipped. The loop is written once and compiled for
-/// AVX-512 and AVX2 + FMA as well as the baseline, picked as [`rows_times_weight`] is.
-pub fn rows_times_matrix(p: &[f32], m: usize, k: usize, v: &[f32], n: usize, y: &mut [f32]) {
-    rows_times_matrix_on(simd(), p, m, k, v, n, y)
+/// `y [m, n] = p [m, k] · v [k, n]`, row-major, the rows of `v` `ldv` apart (`v` in
+/// `f32` or bf16), for a few rows of `p`: each row of `v` is read once and added, scaled,
+/// to every row of `y` (attention's probabilities times its values in a decode step,
+/// where a GEMM would pack `v` per call). Zero weights (keys a causal row does not see)
+/// are skipped. The loop is written once and compiled for AVX-512 and AVX2 + FMA as well
+/// as the baseline, picked as [`rows_times_weight`] is.
+pub fn rows_times_matrix<W: WeightElem>(p: &[f32], m: usize, k: usize, v: &[W], ldv: usize, n: usize, y: &mut [f32]) {
+    rows_times_matrix_on(simd(), p, m, k, (v, ldv), n, y)
 }
 
 /// [`rows_times_matrix`] compiled for `simd`, which the CPU must have.
-fn rows_times_matrix_on(simd: Simd, p: &[f32], m: usize, k: usize, v: &[f32], n: usize, y: &mut [f32]) {
-    assert!(p.len() >= m * k && v.len() >= k * n && y.len() >= m * n, "rows_times_matrix: operands shorter than [{m}, {k}] · [{k}, {n}]");
+fn rows_times_matrix_on<W: WeightElem>(simd: Simd, p: &[f32], m: usize, k: usize, v: (&[W], usize), n: usize, y: &mut [f32]) {
+    let fits = k == 0 || (v.1 >= n && v.0.len() >= (k - 1) * v.1 + n);
+    assert!(p.len() >= m * k && fits && y.len() >= m * n, "rows_times_matrix: operands shorter than [{m}, {k}] · [{k}, {n}]");
     match simd {
         // SAFETY: `simd` is a kernel the CPU has (the callers' contract).
         #[cfg(target_arch = "x86_64")]
@@ -269,15 +291,15 @@ fn rows_times_matrix_on(simd: Simd, p: &[f32], m: usize, k: usize, v: &[f32], n:
 }
 
 #[inline(always)]
-fn axpy_rows(p: &[f32], m: usize, k: usize, v: &[f32], n: usize, y: &mut [f32]) {
+fn axpy_rows<W: WeightElem>(p: &[f32], m: usize, k: usize, (v, ldv): (&[W], usize), n: usize, y: &mut [f32]) {
     y[..m * n].fill(0.0);
     for j in 0..k {
-        let vr = &v[j * n..(j + 1) * n];
+        let vr = &v[j * ldv..j * ldv + n];
         for r in 0..m {
             let w = p[r * k + j];
             if w != 0.0 {
                 for (o, &x) in y[r * n..(r + 1) * n].iter_mut().zip(vr) {
-                    *o += w * x;
+                    *o += w * x.widen();
                 }
             }
         }
@@ -286,13 +308,13 @@ fn axpy_rows(p: &[f32], m: usize, k: usize, v: &[f32], n: usize, y: &mut [f32]) 
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-fn axpy_rows_avx512(p: &[f32], m: usize, k: usize, v: &[f32], n: usize, y: &mut [f32]) {
+fn axpy_rows_avx512<W: WeightElem>(p: &[f32], m: usize, k: usize, v: (&[W], usize), n: usize, y: &mut [f32]) {
     axpy_rows(p, m, k, v, n, y)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn axpy_rows_avx2(p: &[f32], m: usize, k: usize, v: &[f32], n: usize, y: &mut [f32]) {
+fn axpy_rows_avx2<W: WeightElem>(p: &[f32], m: usize, k: usize, v: (&[W], usize), n: usize, y: &mut [f32]) {
     axpy_rows(p, m, k, v, n, y)
 }
 
@@ -395,9 +417,9 @@ mod tests {
         }
         for simd in kernels {
             let mut y = vec![0f32; m * n];
-            rows_times_weight_on(simd, &x, m, k, &w, n, &mut y, n);
+            rows_times_weight_on(simd, &x, m, k, (&w, k), n, &mut y, n);
             let mut yb = vec![0f32; m * n];
-            rows_times_weight_on(simd, &x, m, k, &wb, n, &mut yb, n);
+            rows_times_weight_on(simd, &x, m, k, (&wb, k), n, &mut yb, n);
             // x [m, k] · wᵀ [k, n] by rows of wᵀ, with some weights zero (skipped).
             let mut wt = vec![0f32; k * n];
             for j in 0..n {
@@ -407,8 +429,25 @@ mod tests {
             }
             let xz: Vec<f32> = x.iter().enumerate().map(|(i, &v)| if i % 3 == 0 { 0.0 } else { v }).collect();
             let mut ya = vec![f32::NAN; m * n];
-            rows_times_matrix_on(simd, &xz, m, k, &wt, n, &mut ya);
-            for (got, want) in [(&y, naive(&x, m, k, &w, n)), (&yb, naive(&x, m, k, &wbf, n)), (&ya, naive(&xz, m, k, &w, n))] {
+            rows_times_matrix_on(simd, &xz, m, k, (&wt, n), n, &mut ya);
+            // Strided operands: weight rows 3 apart past their end, bf16 rows of v 2 past.
+            let wpad: Vec<f32> =
+                (0..n * (k + 3)).map(|i| if i % (k + 3) < k { w[i / (k + 3) * k + i % (k + 3)] } else { f32::NAN }).collect();
+            let mut ys = vec![0f32; m * n];
+            rows_times_weight_on(simd, &x, m, k, (&wpad[..(n - 1) * (k + 3) + k], k + 3), n, &mut ys, n);
+            let wtb: Vec<u16> = (0..k * (n + 2))
+                .map(|i| if i % (n + 2) < n { (wt[i / (n + 2) * n + i % (n + 2)].to_bits() >> 16) as u16 } else { 0x7fc0 })
+                .collect();
+            let wbt: Vec<f32> = (0..n * k).map(|i| wtb[(i % k) * (n + 2) + i / k].widen()).collect();
+            let mut yab = vec![f32::NAN; m * n];
+            rows_times_matrix_on(simd, &xz, m, k, (&wtb[..(k - 1) * (n + 2) + n], n + 2), n, &mut yab);
+            for (got, want) in [
+                (&y, naive(&x, m, k, &w, n)),
+                (&yb, naive(&x, m, k, &wbf, n)),
+                (&ya, naive(&xz, m, k, &w, n)),
+                (&ys, naive(&x, m, k, &w, n)),
+                (&yab, naive(&xz, m, k, &wbt, n)),
+            ] {
                 for (a, b) in got.iter().zip(&want) {
                     assert!((*a as f64 - b).abs() < 1e-5, "{simd:?}: {a} vs {b}");
                 }

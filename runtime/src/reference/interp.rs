@@ -14,13 +14,15 @@ use super::nn::grad::{
     attention_grad, cross_entropy_grad, expert_ffn_grad, moe_route_grad, rms_norm_grad, swiglu_grad, token_logprob_grad, weight_grad,
 };
 use super::nn::{
-    attention, attention_lse, cross_entropy, expert_ffn, moe_route, moe_route_replay, rms_norm, rope, rope_frequencies, softmax, swiglu,
-    token_logprob, AttentionSpec,
+    attention, attention_lse, attention_views, cross_entropy, expert_ffn, moe_route, moe_route_replay, rms_norm, rope, rope_frequencies,
+    softmax, swiglu, token_logprob, AttentionSpec, KvView,
 };
 use super::real::Real;
 use super::tensor::{numel, Data, Tensor};
 use super::weights::Weights;
 use super::{Arg, ErrorKind, ExecError, KernelError, Prepared};
+use dsc_compiler::codegen::kernels::movement::{fold_view, View};
+use dsc_compiler::codegen::launch::Size;
 use dsc_compiler::ir::{
     param_path, solve_symbols, DType, Dim, Function, FusedKernel, Module, Node, NodeId, Op, Operand, Shape, Sym, Ty, Value,
 };
@@ -146,10 +148,31 @@ struct Step {
     last: Vec<bool>,
     /// Steps whose values no later step reads.
     frees: Vec<usize>,
+    /// An attention node reading its keys and values in place ([`KvFold`]).
+    kv: Option<KvFold>,
+}
+
+/// Where a folded attention node reads its key parts and its value: each a strided view
+/// ([`fold_view`]) of one of its inputs, in place of the permutes, reshapes and concat
+/// that would copy them (a decode step's position-major cache, read batch-major).
+struct KvFold {
+    key: Vec<FoldedView>,
+    value: FoldedView,
+    /// The mask's input.
+    mask: Option<usize>,
+}
+
+/// A view of the step's input `input`: element `(i, j, h, c)` of the `shape` it stands
+/// for is element `offset + Σ index · strides + c` of the input's buffer.
+struct FoldedView {
+    input: usize,
+    offset: Size,
+    strides: [Size; 3],
+    shape: Shape,
 }
 
 impl Schedule {
-    fn of(f: &Function) -> Result<Schedule, ExecError> {
+    pub(super) fn of(f: &Function) -> Result<Schedule, ExecError> {
         let g = &f.graph;
         let fail = |kind, msg: String| at_fn(ExecError::new(kind, msg), &f.name);
         let order = g.topo_order().map_err(|c| fail(ErrorKind::Graph, format!("the graph has a cycle through {} nodes", c.0.len())))?;
@@ -159,6 +182,7 @@ impl Schedule {
         // Inputs per node, checked for dense slots; then the nodes the return needs.
         let mut inputs: HashMap<NodeId, Vec<Value>> = HashMap::new();
         let mut live: HashSet<NodeId> = HashSet::new();
+        let mut folds: HashMap<NodeId, KvFold> = HashMap::new();
         let mut todo = vec![ret];
         while let Some(n) = todo.pop() {
             if !live.insert(n) {
@@ -179,6 +203,12 @@ impl Schedule {
                     if let Some(from) = leading_broadcast_source(g, *v) {
                         *v = from;
                     }
+                }
+            }
+            if let Op::Attention { masked, .. } = g.node(n).op {
+                if let Some((read, fold)) = kv_fold(g, &vals, masked) {
+                    vals = read;
+                    folds.insert(n, fold);
                 }
             }
             todo.extend(vals.iter().map(|v| v.node));
@@ -205,6 +235,7 @@ impl Schedule {
                     inputs: ins.iter().map(|v| (step_of[&v.node], v.output as u32)).collect(),
                     last,
                     frees: Vec::new(),
+                    kv: folds.remove(&n),
                 }
             })
             .collect();
@@ -213,6 +244,16 @@ impl Schedule {
         }
         let (hoist, kept) = hoisting(g, &steps);
         Ok(Schedule { steps, n_args: g.arguments().len(), hoist, kept })
+    }
+}
+
+#[cfg(test)]
+impl Schedule {
+    /// How many attention steps read their keys and values through views, and how many
+    /// permutes are evaluated.
+    pub(super) fn folded(&self, g: &dsc_compiler::ir::Graph) -> (usize, usize) {
+        let permutes = self.steps.iter().filter(|s| matches!(g.node(s.node).op, Op::Permute { .. })).count();
+        (self.steps.iter().filter(|s| s.kv.is_some()).count(), permutes)
     }
 }
 
@@ -327,6 +368,56 @@ fn leading_broadcast_source(g: &dsc_compiler::ir::Graph, v: Value) -> Option<Val
     (src.len() < out.len() && out[out.len() - src.len()..] == src[..]).then_some(from)
 }
 
+/// The inputs an attention node (`q, k, v[, mask]`) reads when its key and value come
+/// through views: `q`, the roots of the key's first part and of the value, the mask,
+/// then the roots of the key's other parts (a key concatenated along its last axis is
+/// read part by part). `None` when nothing would be saved (no operand is a view or a
+/// concat) or a view's last axis is not contiguous.
+fn kv_fold(g: &dsc_compiler::ir::Graph, ins: &[Value], masked: bool) -> Option<(Vec<Value>, KvFold)> {
+    let (k, v) = (*ins.get(1)?, *ins.get(2)?);
+    let parts = match &g.node(k.node).op {
+        Op::Concat { axis: 3 } => g.inputs(k.node).to_vec(),
+        _ => vec![k],
+    };
+    let mut folded = parts.len() > 1;
+    let mut view = |x: Value| -> Option<(Value, Size, [Size; 3], Shape)> {
+        let shape = g.ty(x).shape.clone();
+        if shape.0.len() != 4 {
+            return None;
+        }
+        match fold_view(g, x) {
+            Some(View { root, offset, strides }) => {
+                folded = true;
+                (strides[3].as_const() == Some(1))
+                    .then(|| (root, offset, [strides[0].clone(), strides[1].clone(), strides[2].clone()], shape))
+            }
+            None => {
+                let d = &shape.0;
+                Some((x, Size::lit(0), [Size::product(&d[1..]), Size::product(&d[2..]), Size::product(&d[3..])], shape))
+            }
+        }
+    };
+    let key: Vec<_> = parts.iter().map(|&p| view(p)).collect::<Option<_>>()?;
+    let value = view(v)?;
+    if !folded {
+        return None;
+    }
+    let mut read = vec![ins[0], key[0].0, value.0];
+    if masked {
+        read.push(*ins.get(3)?);
+    }
+    let at = |(input, (_, offset, strides, shape)): (usize, (Value, Size, [Size; 3], Shape))| FoldedView { input, offset, strides, shape };
+    let mut views = Vec::new();
+    for (i, part) in key.into_iter().enumerate() {
+        let input = if i == 0 { 1 } else { read.len() };
+        if i > 0 {
+            read.push(part.0);
+        }
+        views.push(at((input, part)));
+    }
+    Some((read, KvFold { key: views, value: at((2, value)), mask: masked.then_some(3) }))
+}
+
 /// Drop the values no later step reads.
 fn release(env: &mut [Vec<Option<Val<'_>>>], steps: &[usize]) {
     for &p in steps {
@@ -357,6 +448,17 @@ fn graph_err(msg: impl Into<String>) -> KernelError {
 }
 
 impl<'m, T: Real> Interp<'m, T> {
+    /// A launch-table size ([`fold_view`]'s offsets and strides) under the bindings.
+    fn eval_size(&self, s: &Size) -> Result<usize, KernelError> {
+        // An unbound symbol stands as i64::MAX, which no size of a value fits: its use
+        // overflows or fails the views' bounds check.
+        let bound = |s: Sym| self.sizes[s as usize].map_or(i64::MAX as u64, |v| v as u64);
+        let b = dsc_compiler::ir::Bindings { batch: bound(Sym::Batch), seq: bound(Sym::Seq), cache: bound(Sym::Cache) };
+        s.checked_eval(&b)
+            .and_then(|v| usize::try_from(v).ok())
+            .ok_or_else(|| KernelError { kind: ErrorKind::Binding, message: format!("a key/value view's size {s:?} does not evaluate") })
+    }
+
     /// A dim under the bindings.
     fn eval_dim(&self, d: &Dim) -> Result<i64, KernelError> {
         let mut v = d.constant_term();
@@ -543,6 +645,33 @@ impl<'m, T: Real> Interp<'m, T> {
                         e
                     })?;
                     results.into_iter().map(Val::Owned).collect()
+                }
+                Op::Attention { heads, kv_heads, scale, causal, lse, .. } if step.kv.is_some() => {
+                    let fold = step.kv.as_ref().expect("guarded");
+                    let started = super::profile::start();
+                    let value = |i: usize| Self::value(&env, ins[i]);
+                    let view = |f: &FoldedView| -> Result<KvView<'_>, KernelError> {
+                        let shape = self.eval_shape(&f.shape)?;
+                        let size = |s: &Size| self.eval_size(s);
+                        Ok(KvView {
+                            data: value(f.input)?,
+                            offset: size(&f.offset)?,
+                            strides: [size(&f.strides[0])?, size(&f.strides[1])?, size(&f.strides[2])?],
+                            shape: [shape[0], shape[1], shape[2], shape[3]],
+                        })
+                    };
+                    let run = || -> Result<Vec<Tensor>, KernelError> {
+                        let key: Vec<KvView> = fold.key.iter().map(view).collect::<Result<_, _>>()?;
+                        let v = view(&fold.value)?;
+                        let mask = fold.mask.map(value).transpose()?;
+                        let spec =
+                            AttentionSpec { heads: *heads as usize, kv_heads: *kv_heads as usize, scale: scale.get(), causal: *causal };
+                        let (o, l) = attention_views::<T>(value(0)?, &key, &v, mask, spec, *lse)?;
+                        Ok(std::iter::once(o).chain(l).collect())
+                    };
+                    let result = run();
+                    super::profile::record("attention", started);
+                    result.map_err(here)?.into_iter().map(Val::Owned).collect()
                 }
                 op => {
                     if !op.arity().accepts(ins.len()) {

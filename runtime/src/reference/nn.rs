@@ -6,10 +6,10 @@
 //! (norms, softmax sums, losses) accumulate in `f64` before rounding to the run's
 //! precision, so an `f32` run is never less accurate than the reference's `f32`.
 
-use super::dot::{rows_times_matrix, rows_times_weight};
+use super::dot::{rows_times_matrix, rows_times_weight_ld};
 use super::elementwise::PAR_MIN;
 use super::layout::{indices, split_at_axis, top_k_lane};
-use super::linalg::{as_f32, gemm, linear, linear_bf16, Mat};
+use super::linalg::{as_f32, gemm, gemm_acc, linear, linear_bf16, Mat};
 use super::real::Real;
 use super::tensor::{numel, Data, Tensor};
 use super::KernelError as KErr;
@@ -267,39 +267,120 @@ fn softmax_scores<T: Real>(s: &mut [T], p: &mut [T], visible: usize, scale: T, m
     softmax_lane(s, p, n, 1)
 }
 
+/// Where attention reads a key or value operand `[b, sk, kv_heads, d]` in place: element
+/// `(i, j, h, c)` is element `offset + i·strides[0] + j·strides[1] + h·strides[2] + c` of
+/// `data` (the last axis contiguous). A decode step's keys and values are a
+/// position-major cache `[len, b, ..]` read this way instead of permuted to batch-major
+/// per layer and step; `data` is of the run's precision or bf16 (a cache held in bf16).
+#[derive(Clone, Copy)]
+pub struct KvView<'a> {
+    pub data: &'a Tensor,
+    pub offset: usize,
+    pub strides: [usize; 3],
+    /// `[b, sk, kv_heads, d]`.
+    pub shape: [usize; 4],
+}
+
+impl<'a> KvView<'a> {
+    /// A contiguous rank-4 tensor read as it is.
+    pub fn contiguous(t: &'a Tensor, what: &str) -> Result<KvView<'a>, KErr> {
+        let s = t.shape();
+        if s.len() != 4 {
+            return Err(KErr::shape(format!("attention needs a rank-4 {what}, got {s:?}")));
+        }
+        Ok(KvView { data: t, offset: 0, strides: [s[1] * s[2] * s[3], s[2] * s[3], s[3]], shape: [s[0], s[1], s[2], s[3]] })
+    }
+
+    /// Where row `(i, j, h)` starts.
+    fn at(&self, i: usize, j: usize, h: usize) -> usize {
+        self.offset + i * self.strides[0] + j * self.strides[1] + h * self.strides[2]
+    }
+
+    /// Whether every element of the view lies inside `data` (an empty view always does).
+    fn fits(&self) -> bool {
+        if self.shape.contains(&0) {
+            return true;
+        }
+        let mut last = Some(self.offset + self.shape[3] - 1);
+        for a in 0..3 {
+            last = last.and_then(|l| (self.shape[a] - 1).checked_mul(self.strides[a]).and_then(|x| x.checked_add(l)));
+        }
+        last.is_some_and(|l| l < self.data.numel())
+    }
+
+    /// The view over `data` widened from bf16 to the run's precision (`owned` holds it).
+    fn widened(&self, owned: &'a Option<Tensor>) -> KvView<'a> {
+        match owned {
+            Some(t) => KvView { data: t, ..*self },
+            None => *self,
+        }
+    }
+}
+
 /// Query rows per sequence up to which [`shared_kv_attention`] takes every head at once.
 const SHARED_KV_ROWS: usize = 16;
+
+/// A key, value or cache operand's elements as the few-row kernels read them.
+enum Elems<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+fn elems(t: &Tensor) -> Option<Elems<'_>> {
+    match t.data() {
+        Data::F32(v) => Some(Elems::F32(v)),
+        Data::Bf16(v) => Some(Elems::Bf16(v)),
+        _ => None,
+    }
+}
 
 /// Attention of a few query rows against one key/value head that every query head
 /// reads (MQA, and absorbed MLA's latent cache in decode), in an `f32` run: per
 /// sequence all heads' rows at once, scored by the dot kernels, so the cache is read
-/// once per step instead of once per head, and no GEMM packs it. `None` where it does
-/// not apply; the general path gives the same values up to summation order.
+/// once per step instead of once per head, where it lies (f32 or bf16), and no GEMM
+/// packs it. `None` where it does not apply; the general path gives the same values up
+/// to summation order.
 #[allow(clippy::too_many_arguments)]
 fn shared_kv_attention<T: Real>(
-    b: usize,
-    sq: usize,
-    sk: usize,
-    heads: usize,
-    kv_heads: usize,
-    dk: usize,
-    dv: usize,
-    [qd, kd, vd]: [&[T]; 3],
+    q: &[T],
+    [b, sq, heads]: [usize; 3],
+    k: &[KvView],
+    v: &KvView,
     md: Option<&[T]>,
     scale: T,
     visible: &(dyn Fn(usize) -> usize + Sync),
     want_lse: bool,
 ) -> Option<(Tensor, Option<Tensor>)> {
     let rows = sq * heads;
+    let [_, sk, kv_heads, dv] = v.shape;
+    let dk: usize = k.iter().map(|p| p.shape[3]).sum();
     if kv_heads != 1 || rows > SHARED_KV_ROWS || sk == 0 || dk == 0 {
         return None;
     }
-    let (qf, kf, vf) = (as_f32(qd)?, as_f32(kd)?, as_f32(vd)?);
+    let qf = as_f32(q)?;
+    let kd: Vec<Elems> = k.iter().map(|p| elems(p.data)).collect::<Option<_>>()?;
+    let vd = elems(v.data)?;
     let mf = md.map(as_f32).map(|m| m.expect("the mask is of the run's precision"));
     let scale = scale.to_f64() as f32;
     let one = |bi: usize| -> (Vec<T>, Vec<T>) {
         let mut s = vec![0f32; rows * sk];
-        rows_times_weight(&qf[bi * rows * dk..(bi + 1) * rows * dk], rows, dk, &kf[bi * sk * dk..(bi + 1) * sk * dk], sk, &mut s, sk);
+        let mut part = vec![0f32; if k.len() > 1 { rows * sk } else { 0 }];
+        let mut c0 = 0;
+        for (p, (view, data)) in k.iter().zip(&kd).enumerate() {
+            let d = view.shape[3];
+            // This part's columns of the query rows, contiguous.
+            let qp: Vec<f32> = (0..rows).flat_map(|r| &qf[(bi * rows + r) * dk + c0..(bi * rows + r) * dk + c0 + d]).copied().collect();
+            let out = if p == 0 { &mut s } else { &mut part };
+            let at = view.at(bi, 0, 0);
+            match data {
+                Elems::F32(w) => rows_times_weight_ld(&qp, rows, d, &w[at..], view.strides[1], sk, out, sk),
+                Elems::Bf16(w) => rows_times_weight_ld(&qp, rows, d, &w[at..], view.strides[1], sk, out, sk),
+            }
+            if p > 0 {
+                s.iter_mut().zip(&part).for_each(|(a, b)| *a += b);
+            }
+            c0 += d;
+        }
         let mut p = vec![0f32; rows * sk];
         let mut lse = vec![T::ZERO; if want_lse { rows } else { 0 }];
         for r in 0..rows {
@@ -312,7 +393,11 @@ fn shared_kv_attention<T: Real>(
             }
         }
         let mut o = vec![0f32; rows * dv];
-        rows_times_matrix(&p, rows, sk, &vf[bi * sk * dv..(bi + 1) * sk * dv], dv, &mut o);
+        let at = v.at(bi, 0, 0);
+        match &vd {
+            Elems::F32(w) => rows_times_matrix(&p, rows, sk, &w[at..], v.strides[1], dv, &mut o),
+            Elems::Bf16(w) => rows_times_matrix(&p, rows, sk, &w[at..], v.strides[1], dv, &mut o),
+        }
         (o.into_iter().map(|x| T::of(x as f64)).collect(), lse)
     };
     let parts: Vec<(Vec<T>, Vec<T>)> = if b > 1 { (0..b).into_par_iter().map(one).collect() } else { (0..b).map(one).collect() };
@@ -333,15 +418,64 @@ fn attention_impl<T: Real>(
     spec: AttentionSpec,
     want_lse: bool,
 ) -> Result<(Tensor, Option<Tensor>), KErr> {
+    attention_views::<T>(q, &[KvView::contiguous(k, "k")?], &KvView::contiguous(v, "v")?, mask, spec, want_lse)
+}
+
+/// [`attention_lse`] (`want_lse`) or [`attention`] with the keys and values read through
+/// views: the key is `k`'s parts side by side along its last axis (absorbed MLA's latent
+/// and rope caches), each `[b, sk, kv_heads, d_p]`, and `v` is `[b, sk, kv_heads, dv]`.
+pub fn attention_views<T: Real>(
+    q: &Tensor,
+    k: &[KvView],
+    v: &KvView,
+    mask: Option<&Tensor>,
+    spec: AttentionSpec,
+    want_lse: bool,
+) -> Result<(Tensor, Option<Tensor>), KErr> {
     let AttentionSpec { heads, kv_heads, .. } = spec;
-    let AttentionArgs { b, sq, sk, dk, dv, q: qd, k: kd, v: vd, mask: md } = attention_args::<T>("attention", q, k, v, mask, spec)?;
+    let qs = q.shape();
+    let dk: usize = k.iter().map(|p| p.shape[3]).sum();
+    let [_, sk, _, dv] = v.shape;
+    let bad = qs.len() != 4
+        || qs[2] != heads
+        || qs[3] != dk
+        || kv_heads == 0
+        || heads % kv_heads != 0
+        || k.is_empty()
+        || v.shape[..3] != [qs[0], sk, kv_heads]
+        || k.iter().any(|p| p.shape[..3] != v.shape[..3]);
+    if bad {
+        let ks: Vec<[usize; 4]> = k.iter().map(|p| p.shape).collect();
+        return Err(KErr::shape(format!("attention with {heads} heads / {kv_heads} kv heads of q {qs:?}, k {ks:?}, v {:?}", v.shape)));
+    }
+    if let Some(p) = k.iter().chain([v]).find(|p| !p.fits()) {
+        return Err(KErr::shape(format!(
+            "a key/value view {:?} at {} strides {:?} runs past its {} elements",
+            p.shape,
+            p.offset,
+            p.strides,
+            p.data.numel()
+        )));
+    }
+    let (b, sq) = (qs[0], qs[1]);
+    let qd = floats::<T>(q, "q")?;
+    let md = match mask {
+        Some(m) if m.shape() != [b, sq, sk] => return Err(KErr::shape(format!("mask {:?} must be [{b}, {sq}, {sk}]", m.shape()))),
+        Some(m) => Some(floats::<T>(m, "mask")?),
+        None => None,
+    };
     let group = heads / kv_heads;
     let scale = T::of(spec.scale);
     // Keys query `i` sees: the causal mask is aligned bottom-right.
     let visible = |i: usize| if spec.causal { (sk + i + 1).saturating_sub(sq).min(sk) } else { sk };
-    if let Some(r) = shared_kv_attention(b, sq, sk, heads, kv_heads, dk, dv, [qd, kd, vd], md, scale, &visible, want_lse) {
+    if let Some(r) = shared_kv_attention(qd, [b, sq, heads], k, v, md, scale, &visible, want_lse) {
         return Ok(r);
     }
+    // The general path reads the run's precision: a bf16 operand is widened first.
+    let wide: Vec<Option<Tensor>> = k.iter().chain([v]).map(|p| super::elementwise::widen_bf16::<T>(p.data)).collect();
+    let views: Vec<KvView> = k.iter().chain([v]).zip(&wide).map(|(p, w)| p.widened(w)).collect();
+    let data: Vec<&[T]> = views.iter().map(|p| floats::<T>(p.data, "k and v")).collect::<Result<_, _>>()?;
+    let (kv, vv, vd) = (&views[..k.len()], &views[k.len()], data[k.len()]);
     // One task per (batch, head), in blocks of query rows: scores [rows, sk], then
     // probabilities · v → [rows, dv], and the rows' log-sum-exps. Blocking the queries
     // keeps the scratch at ATTENTION_ROWS · sk per task, linear in the sequence (a whole
@@ -352,9 +486,7 @@ fn attention_impl<T: Real>(
         let rows = ATTENTION_ROWS.min(sq);
         let mut s = vec![T::ZERO; rows * sk];
         let mut p = vec![T::ZERO; rows * sk];
-        // kᵀ as a dk×sk view of [b, sk, kv_heads, dk].
-        let km = Mat { data: kd, offset: (bi * sk * kv_heads + kh) * dk, rs: 1, cs: kv_heads * dk };
-        let vm = Mat { data: vd, offset: (bi * sk * kv_heads + kh) * dv, rs: kv_heads * dv, cs: 1 };
+        let vm = Mat { data: vd, offset: vv.at(bi, 0, kh), rs: vv.strides[1], cs: 1 };
         let mut lse = vec![T::ZERO; if want_lse { sq } else { 0 }];
         let mut o = vec![T::ZERO; sq * dv];
         for i0 in (0..sq).step_by(rows.max(1)) {
@@ -364,8 +496,19 @@ fn attention_impl<T: Real>(
             // 0): a causal prompt pass does about half the work.
             let keys = if spec.causal { (sk + i0 + n).saturating_sub(sq).min(sk) } else { sk };
             let (s, p) = (&mut s[..n * keys], &mut p[..n * keys]);
-            let qm = Mat { data: qd, offset: ((bi * sq + i0) * heads + h) * dk, rs: heads * dk, cs: 1 };
-            gemm(n, keys, dk, s, qm, km, false);
+            // Scores: the sum over the key's parts of q's columns times the part (kᵀ as
+            // a d × keys view).
+            let mut c0 = 0;
+            for (part, view) in kv.iter().enumerate() {
+                let qm = Mat { data: qd, offset: ((bi * sq + i0) * heads + h) * dk + c0, rs: heads * dk, cs: 1 };
+                let km = Mat { data: data[part], offset: view.at(bi, 0, kh), rs: 1, cs: view.strides[1] };
+                if part == 0 {
+                    gemm(n, keys, view.shape[3], s, qm, km, false);
+                } else {
+                    gemm_acc(n, keys, view.shape[3], s, qm, km, T::ONE, false);
+                }
+                c0 += view.shape[3];
+            }
             for r in 0..n {
                 let i = i0 + r;
                 let mask_row = md.map(|m| &m[(bi * sq + i) * sk..(bi * sq + i) * sk + keys]);

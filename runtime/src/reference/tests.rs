@@ -423,3 +423,71 @@ fn a_decode_step_with_non_finite_logits_names_the_node() {
     let e = engine.run_values(&m, &prepared, Mode::Decode, args(), &[], &ws).err().unwrap();
     assert!(e.contains("non-finite logits") && e.contains("param \"w\""), "{e}");
 }
+
+/// A decode step's attention over position-major caches (`[c, b, ..]`, appended along
+/// axis 0, permuted batch-major and the key made of two caches side by side, as lowering
+/// writes absorbed MLA) reads the caches in place instead of evaluating the permutes and
+/// the concat, with the values of the same graph whose key and value are made contiguous
+/// first (a cast in between stops the fold): in f32 (the few-row kernels, f32 and bf16
+/// caches) and in f64 (the general path), with a mask.
+#[test]
+fn attention_reads_position_major_caches_in_place() {
+    let graph = |contiguous: bool, masked: bool| {
+        let mut g = Graph::new();
+        let q = g.input(0, "q", f32t(&[B, n(1), n(4), n(6)]), None);
+        let lc = g.input(1, "latent", f32t(&[C, B, n(4)]), None);
+        let rc = g.input(2, "rope", f32t(&[C, B, n(2)]), None);
+        let nl = g.input(3, "new_latent", f32t(&[n(1), B, n(4)]), None);
+        let nr = g.input(4, "new_rope", f32t(&[n(1), B, n(2)]), None);
+        let a1 = op(&mut g, Op::CacheAppend { axis: 0 }, &[lc, nl]);
+        let a2 = op(&mut g, Op::CacheAppend { axis: 0 }, &[rc, nr]);
+        let p1 = op(&mut g, Op::Permute { perm: vec![1, 0, 2] }, &[a1]);
+        let p2 = op(&mut g, Op::Permute { perm: vec![1, 0, 2] }, &[a2]);
+        let r1 = op(&mut g, Op::Reshape { shape: Shape::from([B, C + 1, n(1), n(4)]) }, &[p1]);
+        let r2 = op(&mut g, Op::Reshape { shape: Shape::from([B, C + 1, n(1), n(2)]) }, &[p2]);
+        let mut k = op(&mut g, Op::Concat { axis: 3 }, &[r1, r2]);
+        let mut v = r1;
+        if contiguous {
+            k = op(&mut g, Op::Cast { to: DType::F32 }, &[k]);
+            v = op(&mut g, Op::Cast { to: DType::F32 }, &[v]);
+        }
+        let mut ins = vec![q, k, v];
+        if masked {
+            ins.push(g.input(5, "mask", f32t(&[B, n(1), C + 1]), None));
+        }
+        let att = Op::Attention { heads: 4, kv_heads: 1, scale: Float::new(0.4), causal: true, masked, lse: false };
+        let a = op(&mut g, att, &ins);
+        g.ret(&[a.into(), a1.into(), a2.into()], None);
+        single(g)
+    };
+    let fill = |shape: &[usize], seed: usize| Tensor::from_fn(shape, |i| (((i * 7 + seed * 13) % 23) as f32 / 11.5 - 1.0) * 0.9);
+    for (b, c) in [(1, 6), (3, 5)] {
+        let mut args = vec![fill(&[b, 1, 4, 6], 1), fill(&[c, b, 4], 2), fill(&[c, b, 2], 3), fill(&[1, b, 4], 4), fill(&[1, b, 2], 5)];
+        for masked in [false, true] {
+            if masked {
+                args.push(fill(&[b, 1, c + 1], 6));
+            }
+            let (folded, plain) = (graph(false, masked), graph(true, masked));
+            let f = &folded.functions[0];
+            assert_eq!(interp::Schedule::of(f).unwrap().folded(&f.graph), (1, 0), "the folded graph evaluates no permute");
+            let p = &plain.functions[0];
+            assert_eq!(interp::Schedule::of(p).unwrap().folded(&p.graph), (0, 2));
+            for opts in [Options::default(), f64_opts()] {
+                let want = run(&plain, Mode::Prefill, &args, &HashMap::new(), &opts).unwrap();
+                let got = run(&folded, Mode::Prefill, &args, &HashMap::new(), &opts).unwrap();
+                assert_eq!(got[1..], want[1..]);
+                assert!(got[0].allclose(&want[0], 1e-6, 1e-6), "b={b} masked={masked}: {:?} vs {:?}", got[0], want[0]);
+            }
+            // Caches held in bf16: read as they are, the same values as widened first.
+            let mut bf = args.clone();
+            for t in &mut bf[1..3] {
+                *t = crate::reference::elementwise::round_bf16::<f32>(t).unwrap();
+            }
+            let widened: Vec<Tensor> =
+                bf.iter().map(|t| crate::reference::elementwise::widen_bf16::<f32>(t).unwrap_or_else(|| t.clone())).collect();
+            let want = run(&plain, Mode::Prefill, &widened, &HashMap::new(), &Options::default()).unwrap();
+            let got = run(&folded, Mode::Prefill, &bf, &HashMap::new(), &Options::default()).unwrap();
+            assert!(got[0].allclose(&want[0], 1e-6, 1e-6), "bf16 b={b} masked={masked}");
+        }
+    }
+}

@@ -518,3 +518,19 @@ fn cross_entropy_by_hand() {
     let none = cross_entropy::<f64>(&logits, &Tensor::i64(&[1, 3], vec![-100; 3]), Some(-100)).unwrap();
     assert!(none.to_f64_vec()[0].is_nan());
 }
+
+/// A key/value view that would read past its buffer is refused (no panic, no read out of
+/// bounds), and so is one whose parts disagree with the query's width.
+#[test]
+fn attention_views_out_of_their_buffer_are_errors() {
+    let (q, cache) = (fill(&[2, 1, 4, 6], 50).to_f32(), fill(&[5, 2, 6], 51).to_f32());
+    let spec = AttentionSpec { heads: 4, kv_heads: 1, scale: 0.5, causal: true };
+    let view = |strides: [usize; 3], d: usize| KvView { data: &cache, offset: 0, strides, shape: [2, 5, 1, d] };
+    // Position-major [5, 2, 6]: batch stride 6, key stride 12.
+    assert!(attention_views::<f32>(&q, &[view([6, 12, 0], 6)], &view([6, 12, 0], 6), None, spec, false).is_ok());
+    let e = attention_views::<f32>(&q, &[view([6, 13, 0], 6)], &view([6, 12, 0], 6), None, spec, false).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Shape, "{e}");
+    assert!(e.message.contains("runs past"), "{e}");
+    let e = attention_views::<f32>(&q, &[view([6, 12, 0], 5)], &view([6, 12, 0], 6), None, spec, false).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Shape, "{e}");
+}
