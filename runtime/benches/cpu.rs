@@ -186,7 +186,7 @@ fn main() {
     match &args.model {
         Some(dir) => {
             let mut d = ModelDir::open(dir, &OpenOptions::default()).unwrap_or_else(|e| panic!("{e}"));
-            d.weights.keep_bf16(true);
+            d.weights.keep_stored(true);
             let b = ReferenceBackend::new(d.spec, d.weights, compile, options);
             b.weights().preload();
             run(&b, &dir.display().to_string(), &args);

@@ -16,6 +16,10 @@ float32, with T threads each:
 With ``--bf16`` dsc also runs a bf16 copy of the checkpoint (made once with transformers,
 ``MODEL_DIR-bf16``), its weights kept in bf16, as a third column; ``--bf16-inputs`` adds
 its ``--bf16-inputs`` run (bf16 matmul inputs, AVX-512 BF16 where the CPU has it).
+``--fp8`` adds dsc on an FP8 copy in DeepSeek-V3's layout (``MODEL_DIR-fp8``: every
+``*_proj`` weight of the layers as float8_e4m3fn with a float32 ``weight_scale_inv`` per
+128×128 block, amax / 448; the embedding, head, norms and router in bf16, the router's
+bias in f32, as the published checkpoints hold them), its weights kept as stored.
 
 With ``--llama-cpp BIN_DIR`` llama.cpp runs the checkpoint converted to GGUF, in f32 and in
 bf16 (``--gguf-f32`` / ``--gguf-bf16``, by default ``MODEL_DIR-f32.gguf`` and
@@ -36,7 +40,7 @@ Dependencies, in a venv OUTSIDE the repository (tests never need Python)::
     /tmp/venv-bench/bin/pip install torch==2.15.0 transformers==5.24.0 safetensors
     cargo bench -p dsc-runtime --bench cpu --no-run
     /tmp/venv-bench/bin/python runtime/benches/cpu_vs_torch.py [--size full|small] \\
-        [--prompt 512] [--new 128] [--batches 1,8,32] [--threads 2] [--rounds 2] [--bf16] [--bf16-inputs] \\
+        [--prompt 512] [--new 128] [--batches 1,8,32] [--threads 2] [--rounds 2] [--bf16] [--bf16-inputs] [--fp8] \\
         [--llama-cpp /tmp/llamacpp-build/bin [--gguf-f32 PATH] [--gguf-bf16 PATH]]
 
 llama.cpp, built and its GGUFs made OUTSIDE the repository too (tried with the tree vendored in
@@ -157,6 +161,33 @@ def llama_command(a, gguf):
             "--batches", ",".join(map(str, a.batches)), "--threads", str(a.threads)]
 
 
+def make_fp8_copy(src, dst, block=128):
+    """``src`` quantised as DeepSeek-V3's checkpoints are: see the module docstring."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    os.makedirs(dst, exist_ok=True)
+    out = {}
+    for name, t in load_file(os.path.join(src, "model.safetensors")).items():
+        if not (name.startswith("model.layers.") and name.endswith("_proj.weight") and t.dim() == 2):
+            out[name] = t if name.endswith("e_score_correction_bias") else t.to(torch.bfloat16)
+            continue
+        n, k = t.shape
+        sn, sk = -(-n // block), -(-k // block)
+        padded = torch.zeros(sn * block, sk * block)
+        padded[:n, :k] = t.float()
+        blocks = padded.view(sn, block, sk, block)
+        scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+        q = (blocks / scale[:, None, :, None]).view(sn * block, sk * block)[:n, :k]
+        out[name] = q.contiguous().to(torch.float8_e4m3fn)
+        out[name + "_scale_inv"] = scale.contiguous()
+    save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    config = json.load(open(os.path.join(src, "config.json")))
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                     "weight_block_size": [block, block]}
+    json.dump(config, open(os.path.join(dst, "config.json"), "w"), indent=2)
+
+
 def dsc_command(a, ids_file, model_dir):
     flags = ["--model", model_dir, "--prompt", str(a.prompt), "--new", str(a.new), "--passes", "1",
              "--batches", ",".join(map(str, a.batches)), "--threads", str(a.threads), "--ids", ids_file, "--json"]
@@ -178,6 +209,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--bf16", action="store_true", help="also dsc on a bf16 copy of the checkpoint")
     ap.add_argument("--bf16-inputs", action="store_true", help="also dsc on the bf16 copy with --bf16-inputs")
+    ap.add_argument("--fp8", action="store_true", help="also dsc on an FP8 (block-scaled) copy of the checkpoint")
     ap.add_argument("--llama-cpp", metavar="BIN_DIR", help="also llama.cpp: the directory of its llama-bench and llama-batched-bench")
     ap.add_argument("--gguf-f32", help="the checkpoint as an f32 GGUF (default MODEL_DIR-f32.gguf)")
     ap.add_argument("--gguf-bf16", help="the checkpoint as a bf16 GGUF (default MODEL_DIR-bf16.gguf)")
@@ -210,6 +242,11 @@ def main():
             sides["dsc bf16"] = dsc_command(a, ids_file, bf16_dir)
         if a.bf16_inputs:
             sides["dsc bf16 inputs"] = dsc_command(a, ids_file, bf16_dir) + ["--bf16-inputs"]
+    if a.fp8:
+        fp8_dir = a.model_dir + "-fp8"
+        if not os.path.exists(os.path.join(fp8_dir, "model.safetensors")):
+            make_fp8_copy(a.model_dir, fp8_dir)
+        sides["dsc fp8"] = dsc_command(a, ids_file, fp8_dir)
     if a.llama_cpp:
         ggufs = {"llama.cpp f32": a.gguf_f32 or a.model_dir + "-f32.gguf", "llama.cpp bf16": a.gguf_bf16 or a.model_dir + "-bf16.gguf"}
         ggufs = {k: p for k, p in ggufs.items() if os.path.exists(p)}

@@ -513,7 +513,7 @@ fn last_position_prefill_is_the_last_row() {
     }
 }
 
-/// A checkpoint stored in bf16 is run in bf16 (`keep_bf16`, as `dsc logits` and
+/// A checkpoint stored in bf16 is run in bf16 (`keep_stored`, as `dsc logits` and
 /// `generate` open it: weights never widened whole, matmuls widening a block of rows at a
 /// time): the logits, routing and greedy tokens are those of the same weights widened to
 /// f32 up front, for a dense model and for MLA with MoE.
@@ -559,7 +559,7 @@ fn bf16_inputs_cost_against_f32_inputs() {
         let scale = want.iter().fold(0f64, |m, &v| m.max((v as f64).abs()));
         let run = |bf16_inputs: bool| {
             let mut d = ModelDir::open(&root, &OpenOptions::default()).unwrap();
-            d.weights.keep_bf16(true);
+            d.weights.keep_stored(true);
             let opts = Options { bf16_inputs, ..Options::default() };
             let b = ReferenceBackend::new(d.spec, d.weights, CompileOptions { mla: MlaMode::Absorb, ..Default::default() }, opts);
             let out = forward(&b, &p, true).unwrap();
@@ -626,7 +626,7 @@ fn bf16_weights_kept_in_bf16_match_widened() {
         let p = prompts(case);
         let run = |keep: bool| {
             let mut d = ModelDir::open(&root, &OpenOptions::default()).unwrap();
-            d.weights.keep_bf16(keep);
+            d.weights.keep_stored(keep);
             let b =
                 ReferenceBackend::new(d.spec, d.weights, CompileOptions { mla: MlaMode::Absorb, ..Default::default() }, Options::default());
             let out = forward(&b, &p, true).unwrap();

@@ -7,12 +7,15 @@
 //! checkpoint against its spec costs its headers only, and a run that never reaches a
 //! param (a train-only MTP module) never pays for it.
 //!
-//! With [`CheckpointWeights::keep_bf16`] (inference), a param stored in bf16 is kept in
-//! bf16 (its bits, stacked and cut as the others), half the memory of `f32`: the
-//! interpreter's matmuls widen it a block at a time.
+//! With [`CheckpointWeights::keep_stored`] (inference), a param stored in bf16 or f16 is
+//! kept so (its bits, stacked and cut as the others), half the memory of `f32`, and one
+//! stored in FP8 e4m3 with block scales keeps its bytes and scales (a quarter): the
+//! interpreter's matmuls widen them a block at a time ([`crate::reference::narrow`]).
 
 use super::files::Shard;
 use super::layout::{Piece, Source, Stored};
+use crate::reference::narrow::Fp8;
+use crate::reference::tensor::Data;
 use crate::reference::weights::{bf16_to_f32, f16_to_f32, f8e4m3_to_f32};
 use crate::reference::{Tensor, Weights};
 use rayon::prelude::*;
@@ -31,7 +34,7 @@ pub struct CheckpointWeights {
     shards: Vec<Shard>,
     slots: HashMap<String, Slot>,
     block: [usize; 2],
-    keep_bf16: bool,
+    keep_stored: bool,
 }
 
 /// Below this many elements a tensor is decoded on one thread (rayon's overhead would
@@ -41,13 +44,14 @@ const PAR_MIN: usize = 1 << 16;
 impl CheckpointWeights {
     pub(crate) fn new(shards: Vec<Shard>, plan: HashMap<String, Source>, block: [usize; 2]) -> CheckpointWeights {
         let slots = plan.into_iter().map(|(k, source)| (k, Slot { source, value: OnceLock::new() })).collect();
-        CheckpointWeights { shards, slots, block, keep_bf16: false }
+        CheckpointWeights { shards, slots, block, keep_stored: false }
     }
 
-    /// Keep params stored in bf16 in bf16 instead of widening them to `f32` (set before
-    /// the first [`CheckpointWeights::get`]; training keeps `f32`, which it updates).
-    pub fn keep_bf16(&mut self, on: bool) {
-        self.keep_bf16 = on;
+    /// Keep params in their stored precision (bf16, f16, FP8 with its block scales)
+    /// instead of widening them to `f32` (set before the first [`CheckpointWeights::get`];
+    /// training keeps `f32`, which it updates).
+    pub fn keep_stored(&mut self, on: bool) {
+        self.keep_stored = on;
     }
 
     /// The param names, sorted.
@@ -62,10 +66,15 @@ impl CheckpointWeights {
         self.shards.iter().map(|s| s.len() as u64).sum()
     }
 
-    /// Bytes of the params decoded so far (`f32`, or 2 per element kept in bf16).
+    /// Bytes of the params decoded so far (`f32`; 2 per element kept in bf16 or f16, 1
+    /// per FP8 element and 4 per scale).
     pub fn decoded_bytes(&self) -> u64 {
-        let size = |t: &Tensor| if t.as_bf16_bits().is_some() { 2 } else { 4 };
-        self.slots.values().filter_map(|s| s.value.get()).map(|t| (t.numel() * size(t)) as u64).sum()
+        let size = |t: &Tensor| match t.data() {
+            Data::Bf16(v) | Data::F16(v) => 2 * v.len(),
+            Data::F8(f) => f.bits.len() + 4 * f.scales.len(),
+            _ => 4 * t.numel(),
+        };
+        self.slots.values().filter_map(|s| s.value.get()).map(|t| size(t) as u64).sum()
     }
 
     /// Bytes every param takes once decoded (`f32`), whether or not it has been.
@@ -103,21 +112,40 @@ impl CheckpointWeights {
         t
     }
 
-    /// The param copied out of the mapping: as bf16 bits or widened to `f32`.
+    /// The param copied out of the mapping: in its stored precision (bf16 or f16 bits,
+    /// FP8 bytes and scales) or widened to `f32`.
     fn assemble_copy(&self, source: &Source) -> Tensor {
         let pieces = pieces(source);
         let mut shape = pieces.first().map(|p| p.shape()).unwrap_or_default();
         if let Source::Stack(ps) = source {
             shape.insert(0, ps.len());
         }
-        if self.keep_bf16 && !pieces.is_empty() && pieces.iter().all(|p| p.data.info.dtype == Dtype::BF16 && p.scale.is_none()) {
+        let all = |dtype: Dtype, scaled: bool| {
+            !pieces.is_empty() && pieces.iter().all(|p| p.data.info.dtype == dtype && p.scale.is_some() == scaled)
+        };
+        if self.keep_stored && (all(Dtype::BF16, false) || all(Dtype::F16, false)) {
             // Piece by piece into one buffer (a flat_map collects element by element, which
             // took a third of a small model's start-up).
             let mut bits = Vec::with_capacity(shape.iter().product());
             for p in pieces {
                 bits.extend_from_slice(&self.piece_bits(p));
             }
-            return Tensor::bf16_bits(&shape, bits);
+            let data = if all(Dtype::BF16, false) { Data::Bf16(bits) } else { Data::F16(bits) };
+            return Tensor::from_parts(shape, data);
+        }
+        // FP8 keeps its blocks whole: a piece cut out of a fused tensor (rows that need not
+        // start on a block) is widened instead.
+        if self.keep_stored && shape.len() >= 2 && all(Dtype::F8_E4M3, true) && pieces.iter().all(|p| p.rows.is_none()) {
+            let (rows, cols) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+            let (mut bits, mut scales) = (Vec::with_capacity(shape.iter().product()), Vec::new());
+            for p in pieces {
+                bits.extend_from_slice(&self.piece_bytes(p));
+                scales.extend(self.decode(p.scale.as_ref().expect("all scaled")));
+            }
+            // The layout check gave every scale its block count; `new` checks it again.
+            if let Ok(f) = Fp8::new(bits, scales, rows, cols, self.block) {
+                return Tensor::from_parts(shape, Data::F8(f));
+            }
         }
         let mut data = Vec::with_capacity(shape.iter().product());
         for p in pieces {
@@ -136,11 +164,19 @@ impl CheckpointWeights {
         cut_rows(v, p)
     }
 
-    /// One bf16 piece as its bits, cut as [`Self::piece`] cuts.
+    /// One bf16 or f16 piece as its bits, cut as [`Self::piece`] cuts.
     fn piece_bits(&self, p: &Piece) -> Vec<u16> {
         let shard = &self.shards[p.data.shard];
         let mut v: Vec<u16> = Vec::with_capacity(shard.bytes(&p.data.info).len() / 2);
         shard.stream(&p.data.info, 2, |b| v.extend(b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]))));
+        cut_rows(v, p)
+    }
+
+    /// One FP8 piece's bytes, cut as [`Self::piece`] cuts.
+    fn piece_bytes(&self, p: &Piece) -> Vec<u8> {
+        let shard = &self.shards[p.data.shard];
+        let mut v: Vec<u8> = Vec::with_capacity(shard.bytes(&p.data.info).len());
+        shard.stream(&p.data.info, 1, |b| v.extend_from_slice(b));
         cut_rows(v, p)
     }
 

@@ -73,6 +73,27 @@ fn open(d: &Path) -> Result<ModelDir, CheckpointError> {
     ModelDir::open(d, &OpenOptions::default())
 }
 
+/// [`open`] with the params kept in their stored precision, as inference keeps them.
+fn open_kept(d: &Path) -> ModelDir {
+    let mut md = open(d).unwrap();
+    md.weights.keep_stored(true);
+    md
+}
+
+/// The reference backend's logits for a short prompt.
+fn logits(md: ModelDir) -> Tensor {
+    let b = crate::generate::ReferenceBackend::new(md.spec, md.weights, Default::default(), Default::default());
+    crate::generate::forward(&b, &[vec![3, 1, 4, 1, 5, 9]], false).unwrap().logits
+}
+
+/// Logits kept narrow against logits widened at load: the same values up to the order
+/// of the sums (a block of rows is widened, then multiplied as the `f32` weight is).
+fn same_logits(kept: &Tensor, wide: &Tensor) {
+    let scale = wide.to_f32_vec().iter().fold(0f32, |m, x| m.max(x.abs())) as f64;
+    let d = kept.max_abs_diff(wide).unwrap();
+    assert!(d <= 1e-5 * scale, "kept narrow: logits differ by {d} (largest |logit| {scale})");
+}
+
 fn report(d: &Path) -> TensorReport {
     match open(d) {
         Err(CheckpointError::Tensors(r)) => *r,
@@ -199,6 +220,23 @@ fn bf16_and_f16_weights_are_widened() {
     let d2 = model_dir("f16", "llama_dense", |_| {}, &f16);
     let md = open(&d2).unwrap();
     assert_eq!(&md.weights.get("model.norm.weight").unwrap().to_f32_vec()[..4], &[1.0, -2.0, 1.0, -2.0]);
+    // Kept in f16 (inference): its bits, half the bytes, the same values and logits. The
+    // weights here are the fixture's rounded to f16 (the pattern above is no model).
+    let f16: Vec<Raw> = raw
+        .iter()
+        .map(|r| {
+            let bytes = r.values().iter().flat_map(|&x| half::f16::from_f32(x).to_bits().to_le_bytes()).collect();
+            Raw { dtype: Dtype::F16, bytes, ..r.clone() }
+        })
+        .collect();
+    std::fs::write(d2.join(files::SINGLE), serialize(&f16)).unwrap();
+    let kept = open_kept(&d2);
+    let w = kept.weights.get(name).unwrap();
+    assert!(matches!(w.data(), crate::reference::tensor::Data::F16(_)));
+    assert_eq!(w.to_f32_vec(), open(&d2).unwrap().weights.get(name).unwrap().to_f32_vec());
+    kept.weights.preload();
+    assert_eq!(kept.weights.decoded_bytes() * 2, kept.weights.total_bytes());
+    same_logits(&logits(kept), &logits(open(&d2).unwrap()));
     for d in [d, d2] {
         let _ = std::fs::remove_dir_all(&d);
     }
@@ -257,13 +295,17 @@ fn fp8_block_scaled_weights_dequantise_to_known_values() {
         })
         .collect();
     let d2 = model_dir("fp8-deq", "llama_dense", |_| {}, &deq);
-    let logits = |md: ModelDir| {
-        let b = crate::generate::ReferenceBackend::new(md.spec, md.weights, Default::default(), Default::default());
-        crate::generate::forward(&b, &[vec![3, 1, 4, 1, 5, 9]], false).unwrap().logits
-    };
     let (a, b) = (logits(open(&d).unwrap()), logits(open(&d2).unwrap()));
     assert!(a.to_f32_vec().iter().all(|x| x.is_finite()));
     assert!(a == b, "FP8 and its dequantised f32 copy give different logits");
+    // Kept in FP8 (inference): its bytes and scales, the same values, the same logits.
+    let kept = open_kept(&d);
+    for (name, w) in &want {
+        let t = kept.weights.get(name).unwrap();
+        assert!(matches!(t.data(), crate::reference::tensor::Data::F8(_)), "{name}");
+        assert_eq!(&t.to_f32_vec(), w, "{name}");
+    }
+    same_logits(&logits(kept), &a);
     for d in [d, d2] {
         let _ = std::fs::remove_dir_all(&d);
     }
@@ -277,6 +319,14 @@ fn fp8_experts_are_dequantised_then_stacked() {
     let mut want = Vec::new();
     for r in &raw {
         let is_gate = r.name.starts_with("model.layers.3.mlp.experts.") && r.name.ends_with(".gate_proj.weight");
+        if r.name.ends_with("self_attn.kv_b_proj.weight") {
+            // Absorbed MLA reshapes and slices kv_b in decode: FP8 there is widened once.
+            let bits = fp8_bits(r.shape.iter().product(), 7);
+            let ss = layout::scale_shape(&r.shape, [128, 128]);
+            out.push(Raw { dtype: Dtype::F8_E4M3, bytes: bits, ..r.clone() });
+            out.push(Raw::f32(&format!("{}_scale_inv", r.name), &ss, &vec![0.5; ss.iter().product()]));
+            continue;
+        }
         if !is_gate {
             out.push(r.clone());
             continue;
@@ -293,6 +343,19 @@ fn fp8_experts_are_dequantised_then_stacked() {
     let md = open(&d).unwrap();
     let stacked = md.weights.get("model.layers.3.mlp.experts.gate_proj.weight").unwrap().to_f32_vec();
     assert_eq!(stacked, want.into_iter().flat_map(|p| p.1).collect::<Vec<f32>>());
+    // Kept in FP8, stacked with each expert's scale: the same values, and the experts
+    // (each a slice of the stack) give the logits of the widened stack.
+    let kept = open_kept(&d);
+    let t = kept.weights.get("model.layers.3.mlp.experts.gate_proj.weight").unwrap();
+    assert!(matches!(t.data(), crate::reference::tensor::Data::F8(_)));
+    assert_eq!(t.to_f32_vec(), stacked);
+    let greedy = |md: ModelDir| {
+        let b = crate::generate::ReferenceBackend::new(md.spec, md.weights, Default::default(), Default::default());
+        let opts = crate::generate::GenerateOptions { max_new_tokens: 4, ..Default::default() };
+        crate::generate::generate(&b, &[vec![3, 1, 4, 1, 5, 9]], &opts).unwrap().tokens
+    };
+    assert_eq!(greedy(open_kept(&d)), greedy(open(&d).unwrap()), "decode (absorbed MLA reads kv_b in FP8)");
+    same_logits(&logits(kept), &logits(md));
     let _ = std::fs::remove_dir_all(&d);
 }
 

@@ -136,7 +136,7 @@ pub fn generate_cmd(args: &GenerateArgs) -> Result<(), String> {
         }
         let w = &info.weights;
         eprintln!(
-            "memory: KV cache {} bytes for {} positions × {} sequences ({} values per position per sequence); weights {} bytes decoded (bf16 kept as bf16, the rest as f32) of {} bytes mapped",
+            "memory: KV cache {} bytes for {} positions × {} sequences ({} values per position per sequence); weights {} bytes held (bf16, f16 and FP8 as stored, the rest as f32) of {} bytes mapped",
             s.cache_bytes,
             s.cache_len,
             s.batch,

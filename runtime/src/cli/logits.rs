@@ -126,9 +126,10 @@ pub fn load(args: &ModelArgs) -> Result<Loaded, String> {
     let passes = PassSelection::parse(args.passes.as_deref().unwrap_or("")).map_err(|e| format!("--passes: {e}"))?;
     let opts = OpenOptions { spec: args.spec.clone(), spec_model: args.spec_model.clone(), config: None };
     let mut dir = ModelDir::open(&args.model, &opts).map_err(|e| e.to_string())?;
-    // Inference keeps bf16 weights in bf16: half the memory, and the matmuls widen them
-    // a block at a time (every bf16 is an f32, so the values are the same).
-    dir.weights.keep_bf16(true);
+    // Inference keeps weights in their stored precision (bf16, f16, FP8 with its block
+    // scales): a half or a quarter of the memory, and the matmuls widen them a block at a
+    // time (to the values the f32 path would have: bf16 and f16 exactly, FP8 dequantised).
+    dir.weights.keep_stored(true);
     let weights = Arc::new(dir.weights);
     let max_context = match (args.max_context, dir.max_positions) {
         (Some(n), _) => Some((n, "--max-context".to_string())),

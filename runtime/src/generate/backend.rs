@@ -183,8 +183,8 @@ fn elem_bytes(t: &Tensor) -> usize {
     match t.data() {
         Data::F32(_) | Data::I32(_) => 4,
         Data::F64(_) | Data::I64(_) => 8,
-        Data::Bool(_) => 1,
-        Data::Bf16(_) => 2,
+        Data::Bool(_) | Data::F8(_) => 1,
+        Data::Bf16(_) | Data::F16(_) => 2,
     }
 }
 

@@ -1,6 +1,7 @@
 //! `x · wᵀ` for a few rows of `x` (a decode step's tokens, an expert's rows) by dot
-//! products, with the weight in `f32` or in bf16 (widened in registers), vectorised for
-//! the CPU it runs on.
+//! products, with the weight in `f32`, bf16, f16 or FP8 e4m3 (widened in registers; an
+//! FP8 weight's block scales go into `x`, see [`super::linalg::linear_narrow`]),
+//! vectorised for the CPU it runs on.
 //!
 //! A GEMM packs its operands before multiplying; for a few rows of `x` that costs more
 //! than the arithmetic, and the step is bound by reading the weight anyway. Here each
@@ -22,7 +23,8 @@ pub const ROWS: usize = 4;
 /// Lanes of the portable tile's accumulators.
 const LANES: usize = 16;
 
-/// A weight element the kernel widens to `f32`: `f32` itself or bf16 bits.
+/// A weight element the kernel widens to `f32`: `f32` itself, bf16 bits (`u16`), f16,
+/// or FP8 e4m3 bits (`u8`, unscaled).
 pub trait WeightElem: Copy + Send + Sync + 'static + Block {
     fn widen(self) -> f32;
 }
@@ -41,6 +43,39 @@ impl WeightElem for u16 {
         f32::from_bits((self as u32) << 16)
     }
 }
+
+impl WeightElem for half::f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+impl WeightElem for u8 {
+    /// FP8 e4m3 (the `fn` variant: no infinities, `S.1111.111` is NaN).
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        E4M3[self as usize]
+    }
+}
+
+/// `2^120`: an e4m3 value's bits shifted into an `f32`'s place (exponent bias 7 against
+/// 127) read as an `f32`, times this, is the value (subnormals included: the product of a
+/// subnormal `f32` and a power of two is exact).
+const E4M3_SCALE: f32 = f32::from_bits((120 + 127) << 23);
+
+/// Every e4m3 bit pattern's value, as the vector loads compute it.
+static E4M3: [f32; 256] = {
+    let mut t = [0f32; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mag = (b & 0x7f) as u32;
+        let v = if mag == 0x7f { f32::NAN } else { f32::from_bits(mag << 20) * E4M3_SCALE };
+        t[b] = if b & 0x80 != 0 { -v } else { v };
+        b += 1;
+    }
+    t
+};
 
 /// `y[i·ldy + j] = Σ_kk x[i·k + kk] · w[j·k + kk]` for `i < m`, `j < n`: `x` is `[m, k]`,
 /// `w` is `[n, k]` (rows of a torch `Linear` weight), `y` has row stride `ldy`.
@@ -153,7 +188,7 @@ fn walk<W, const R: usize>(
 macro_rules! block_impl {
     ($w:ty, $avx512:ident, $avx2:ident, $load512:expr, $load256:expr) => {
         #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx512f,avx2,fma")]
+        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
         fn $avx512<const R: usize>(x: &[&[f32]; R], w: &[$w], k: usize) -> [f32; R] {
             use std::arch::x86_64::*;
             let (mut a0, mut a1) = ([_mm512_setzero_ps(); R], [_mm512_setzero_ps(); R]);
@@ -189,7 +224,7 @@ macro_rules! block_impl {
         }
 
         #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         fn $avx2<const R: usize>(x: &[&[f32]; R], w: &[$w], k: usize) -> [f32; R] {
             use std::arch::x86_64::*;
             let (mut a0, mut a1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
@@ -265,6 +300,44 @@ block_impl!(
         _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i))))
     }
 );
+block_impl!(
+    half::f16,
+    tile_avx512_f16,
+    tile_avx2_f16,
+    |p: *const half::f16| {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    },
+    |p: *const half::f16| {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+);
+block_impl!(
+    u8,
+    tile_avx512_e4m3,
+    tile_avx2_e4m3,
+    |p: *const u8| {
+        use std::arch::x86_64::*;
+        // The magnitude's bits into an f32's place, times 2^120; the sign bit moved to
+        // bit 31; the NaN pattern (magnitude 0x7f) made NaN.
+        let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+        let mag = _mm512_and_si512(b, _mm512_set1_epi32(0x7f));
+        let v = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32::<20>(mag)), _mm512_set1_ps(E4M3_SCALE));
+        let sign = _mm512_slli_epi32::<24>(_mm512_and_si512(b, _mm512_set1_epi32(0x80)));
+        let v = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(v), sign));
+        _mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7f)), v, _mm512_set1_ps(f32::NAN))
+    },
+    |p: *const u8| {
+        use std::arch::x86_64::*;
+        let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
+        let mag = _mm256_and_si256(b, _mm256_set1_epi32(0x7f));
+        let v = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32::<20>(mag)), _mm256_set1_ps(E4M3_SCALE));
+        let sign = _mm256_slli_epi32::<24>(_mm256_and_si256(b, _mm256_set1_epi32(0x80)));
+        let v = _mm256_castsi256_ps(_mm256_or_si256(_mm256_castps_si256(v), sign));
+        _mm256_blendv_ps(v, _mm256_set1_ps(f32::NAN), _mm256_castsi256_ps(_mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7f))))
+    }
+);
 
 /// `y [m, n] = p [m, k] · v [k, n]`, row-major, the rows of `v` `ldv` apart (`v` in
 /// `f32` or bf16), for a few rows of `p`: each row of `v` is read once and added, scaled,
@@ -335,7 +408,8 @@ fn simd() -> Simd {
         let cap = std::env::var("DSC_CPU_SIMD").ok();
         #[cfg(target_arch = "x86_64")]
         {
-            let fma = std::is_x86_feature_detected!("fma");
+            // Every AVX2 CPU has F16C; the tiles' f16 loads use it.
+            let fma = std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c");
             if cap.is_none() && fma && std::is_x86_feature_detected!("avx512f") {
                 return Simd::Avx512;
             }
@@ -408,10 +482,10 @@ mod tests {
         let mut kernels = vec![Simd::Portable];
         #[cfg(target_arch = "x86_64")]
         {
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
                 kernels.push(Simd::Avx2);
             }
-            if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+            if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
                 kernels.push(Simd::Avx512);
             }
         }
@@ -441,7 +515,26 @@ mod tests {
             let wbt: Vec<f32> = (0..n * k).map(|i| wtb[(i % k) * (n + 2) + i / k].widen()).collect();
             let mut yab = vec![f32::NAN; m * n];
             rows_times_matrix_on(simd, &xz, m, k, (&wtb[..(k - 1) * (n + 2) + n], n + 2), n, &mut yab);
+            // f16 and FP8 e4m3 weights (no NaN pattern here; see below).
+            let wh: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+            let we: Vec<u8> = (0..n * k).map(|i| ((i * 37 + 11) % 256) as u8 & 0b1011_1110).collect();
+            let (mut yh, mut ye) = (vec![0f32; m * n], vec![0f32; m * n]);
+            rows_times_weight_on(simd, &x, m, k, (&wh, k), n, &mut yh, n);
+            rows_times_weight_on(simd, &x, m, k, (&we, k), n, &mut ye, n);
+            let whf: Vec<f32> = wh.iter().map(|v| v.to_f32()).collect();
+            let wef: Vec<f32> = we.iter().map(|&b| super::super::weights::f8e4m3_to_f32(b)).collect();
+            // Every e4m3 pattern through the vector load: weight row j is pattern j
+            // repeated, x sums to exactly 1 (32 × 1/32), so y[j] is the pattern's value.
+            let pat: Vec<u8> = (0..256 * 32).map(|i| (i / 32) as u8).collect();
+            let mut yp = vec![0f32; 256];
+            rows_times_weight_on(simd, &[1.0 / 32.0; 32], 1, 32, (&pat, 32), 256, &mut yp, 256);
+            for (b, &v) in yp.iter().enumerate() {
+                let want = super::super::weights::f8e4m3_to_f32(b as u8);
+                assert!(v == want || (v.is_nan() && want.is_nan()), "{simd:?}: e4m3 {b:#04x} gave {v}, not {want}");
+            }
             for (got, want) in [
+                (&yh, naive(&x, m, k, &whf, n)),
+                (&ye, naive(&x, m, k, &wef, n)),
                 (&y, naive(&x, m, k, &w, n)),
                 (&yb, naive(&x, m, k, &wbf, n)),
                 (&ya, naive(&xz, m, k, &w, n)),

@@ -366,6 +366,10 @@ pub fn cast<T: Real>(x: Tensor, to: DType) -> Result<Tensor, KErr> {
             Data::I64(v) => T::wrap(map1(&v, |x| T::of(x as f64))),
             Data::Bool(v) => T::wrap(map1(&v, |x| if x { T::ONE } else { T::ZERO })),
             Data::Bf16(v) => T::wrap(map1(&v, |x| T::of(super::weights::bf16_to_f32(x) as f64))),
+            d @ (Data::F16(_) | Data::F8(_)) => {
+                let wide = super::narrow::widen::<T>(&Tensor::from_parts(shape.clone(), d)).expect("narrow data");
+                wide.into_data()
+            }
         },
         DType::I32 => Data::I32(to_int(data, 31, |x| x as i32)?),
         DType::I64 => Data::I64(to_int(data, 63, |x| x as i64)?),
@@ -376,6 +380,7 @@ pub fn cast<T: Real>(x: Tensor, to: DType) -> Result<Tensor, KErr> {
             Data::I64(v) => map1(&v, |x| x != 0),
             Data::Bool(v) => v,
             Data::Bf16(v) => map1(&v, |x| super::weights::bf16_to_f32(x) != 0.0),
+            d @ (Data::F16(_) | Data::F8(_)) => Tensor::from_parts(shape.clone(), d).to_f32_vec().into_iter().map(|x| x != 0.0).collect(),
         }),
     };
     Ok(Tensor::from_parts(shape, out))
@@ -396,6 +401,7 @@ fn to_int<I: Elem>(data: Data, bits: i32, from: impl Fn(f64) -> I + Sync + Send)
         Data::I32(v) => v.iter().map(|&x| x as f64).collect(),
         Data::Bool(v) => v.iter().map(|&x| x as u8 as f64).collect(),
         Data::Bf16(v) => v.iter().map(|&x| (super::weights::bf16_to_f32(x) as f64).trunc()).collect(),
+        Data::F16(_) | Data::F8(_) => Tensor::from_parts(vec![data.len()], data.clone()).to_f64_vec().into_iter().map(f64::trunc).collect(),
         // i64 → i32 goes through i64 to stay exact beyond 2^53.
         Data::I64(v) => {
             let mut out = Vec::with_capacity(v.len());

@@ -7,9 +7,10 @@
 //! or same-precision `Cast` that is the last user of an owned value moves it instead of
 //! copying.
 
-use super::elementwise::{binary, cast, round_bf16, select, unary, widen_bf16};
-use super::layout::{broadcast, concat, concat_onto, gather, permute, reduce, scatter_add, slice, top_k};
-use super::linalg::{batch_matmul, batch_matmul_bf16, linear, linear_bf16};
+use super::elementwise::{binary, cast, round_bf16, select, unary};
+use super::layout::{broadcast, concat, concat_onto, gather, indices, permute, reduce, scatter_add, slice, top_k};
+use super::linalg::{batch_matmul, batch_matmul_bf16, linear, linear_bf16, linear_narrow};
+use super::narrow::{gather_rows, narrow, widen as widen_stored};
 use super::nn::grad::{
     attention_grad, cross_entropy_grad, expert_ffn_grad, moe_route_grad, rms_norm_grad, swiglu_grad, token_logprob_grad, weight_grad,
 };
@@ -489,8 +490,8 @@ impl<'m, T: Real> Interp<'m, T> {
     /// A value against its declared type: element type class and concrete shape.
     fn check(&self, t: &Tensor, ty: &Ty, what: &str) -> Result<(), KernelError> {
         let ok = match ty.dtype {
-            // A weight kept in bf16 stands for any float type.
-            d if d.is_float() => T::view(t.data()).is_some() || matches!(t.data(), Data::Bf16(_)),
+            // A weight kept in its checkpoint's precision stands for any float type.
+            d if d.is_float() => T::view(t.data()).is_some() || matches!(t.data(), Data::Bf16(_) | Data::F16(_) | Data::F8(_)),
             DType::I32 => matches!(t.data(), Data::I32(_)),
             DType::I64 => matches!(t.data(), Data::I64(_)),
             DType::Bool => matches!(t.data(), Data::Bool(_)),
@@ -850,29 +851,33 @@ impl<'m, T: Real> Interp<'m, T> {
                 Err(KernelError::shape(format!("axis {a} out of range for rank {}", t.rank())))
             }
         };
-        // Weights kept in bf16: the ops that read weights take them as they are, the
-        // movement ops move their bits when every float operand is bf16, and any other op
-        // gets its bf16 operands widened to the run's precision first.
+        // Weights kept in their checkpoint's precision (bf16, f16, FP8): the ops that read
+        // weights take them as they are, the movement ops move bf16 bits when every float
+        // operand is bf16, a lookup widens the rows it takes, and any other op gets such
+        // operands widened to the run's precision first.
         let bf16 = |t: &Tensor| matches!(t.data(), Data::Bf16(_));
-        if x.iter().any(|t| bf16(t)) {
+        let stored = |t: &Tensor| matches!(t.data(), Data::Bf16(_) | Data::F16(_) | Data::F8(_));
+        if x.iter().any(|t| stored(t)) {
             let native = match op {
-                Op::MatMul | Op::SwiGlu | Op::BatchMatMul => !bf16(x[0]),
+                Op::MatMul | Op::SwiGlu => !stored(x[0]),
+                Op::BatchMatMul => !stored(x[0]) && (bf16(x[1]) || !stored(x[1])),
                 // Its steps go through `exec` one by one, each widening what it must
-                // (a matmul head reads its bf16 weight in place).
+                // (a matmul head reads its weight in place).
                 Op::Fused(_) => true,
-                Op::ExpertFfn => !bf16(x[0]) && !bf16(x[2]),
+                Op::ExpertFfn => !stored(x[0]) && !stored(x[2]),
+                Op::Gather { axis: 0 } if narrow(x[0]).is_some() && x[0].rank() == 2 && !stored(x[1]) => true,
                 Op::Gather { .. }
                 | Op::Slice { .. }
                 | Op::Permute { .. }
                 | Op::Reshape { .. }
                 | Op::Broadcast { .. }
-                | Op::Concat { .. } => x.iter().all(|t| bf16(t) || !t.data().is_float()),
+                | Op::Concat { .. } => x.iter().all(|t| bf16(t) || !(t.data().is_float() || stored(t))),
                 _ => false,
             };
             if !native {
-                // Exact: every bf16 is an f32 (`cast` to any float type widens to `T`).
-                // The other operands are passed as they are, not copied.
-                let wide: Vec<Option<Tensor>> = x.iter().map(|t| widen_bf16::<T>(t)).collect();
+                // bf16 and f16 widen exactly; FP8 is dequantised by its block scales. The
+                // other operands are passed as they are, not copied.
+                let wide: Vec<Option<Tensor>> = x.iter().map(|t| widen_stored::<T>(t)).collect();
                 let args: Vec<&Tensor> = x.iter().zip(&wide).map(|(&t, w)| w.as_ref().unwrap_or(t)).collect();
                 return self.exec(op, &args);
             }
@@ -891,9 +896,10 @@ impl<'m, T: Real> Interp<'m, T> {
                 }
                 let av = floats::<T>(a, "matmul x")?;
                 let m = av.len().checked_div(k).unwrap_or_else(|| numel(&a.shape()[..a.rank() - 1]));
-                let y = match w.as_bf16_bits() {
-                    Some(bits) => linear_bf16(av, m, k, bits, *n, true, self.bf16_inputs)?,
-                    None => linear(av, m, k, floats::<T>(w, "matmul weight")?, *n, true)?,
+                let y = match (w.as_bf16_bits(), narrow(w)) {
+                    (Some(bits), _) => linear_bf16(av, m, k, bits, *n, true, self.bf16_inputs)?,
+                    (None, Some(wn)) => linear_narrow(av, m, k, wn, 0, *n, true)?,
+                    (None, None) => linear(av, m, k, floats::<T>(w, "matmul weight")?, *n, true)?,
                 };
                 let mut shape = a.shape().to_vec();
                 *shape.last_mut().expect("rank >= 1") = *n;
@@ -912,6 +918,13 @@ impl<'m, T: Real> Interp<'m, T> {
             Op::Select => one(select(x[0], x[1], x[2])?),
             Op::Reduce { op: r, axis: a, keepdim } => one(reduce::<T>(x[0], *r, axis(*a, x[0])?, *keepdim)?),
             Op::Softmax { axis: a } => one(softmax::<T>(x[0], axis(*a, x[0])?)?),
+            // An embedding kept in f16 or FP8: the rows looked up, widened.
+            Op::Gather { axis: 0 } if narrow(x[0]).is_some() => {
+                match gather_rows::<T>(x[0], &indices(x[1], "gather indices")?, x[1].shape()) {
+                    Some(rows) => one(rows?),
+                    None => Err(KernelError::dtype(format!("a gather from {} data of rank {}", x[0].data().kind(), x[0].rank()))),
+                }
+            }
             Op::Gather { axis: a } => one(gather(x[0], x[1], axis(*a, x[0])?)?),
             Op::ScatterAdd { axis: a } => one(scatter_add(x[0], x[1], x[2], axis(*a, x[0])?)?),
             Op::TopK { k, axis: a } => {
@@ -928,7 +941,7 @@ impl<'m, T: Real> Interp<'m, T> {
                 if s < 0 || l < 0 || s + l > n {
                     return Err(KernelError::shape(format!("slice {start}..{start}+{len} = {s}..{} of an axis of {n}", s + l)));
                 }
-                one(slice(x[0], ax, s as usize, l as usize))
+                one(slice(x[0], ax, s as usize, l as usize)?)
             }
             Op::Concat { axis: a } | Op::CacheAppend { axis: a } => one(concat(x, axis(*a, x[0])?)?),
             Op::Cast { to } => one(cast::<T>(x[0].clone(), *to)?),

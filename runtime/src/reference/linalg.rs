@@ -6,6 +6,7 @@
 //! attention, experts) goes through that safe wrapper.
 
 use super::dot::{rows_times_weight, WeightElem};
+use super::narrow::Narrow;
 use super::real::Real;
 use super::weights::{bf16_to_f32, f32_to_bf16};
 use super::KernelError as KErr;
@@ -232,6 +233,78 @@ pub fn linear_bf16<T: Real>(x: &[T], m: usize, k: usize, w: &[u16], n: usize, pa
     }))
 }
 
+/// [`linear`] with the weight kept in f16 or FP8 ([`super::narrow`]): rows `row0 .. row0
+/// + n` of `w` (one expert of a stack starts past row 0); the weight is never widened
+/// whole. A few rows of `x` in `f32` take the dot kernels, which widen f16 and e4m3 in
+/// registers; an FP8 weight's scales go into `x` instead, once per block of weight rows
+/// (`x · (q·s)ᵀ = (x·s) · qᵀ` where `s` is constant along a block of rows: a block row of
+/// scales times `x` is `m · k` multiplies against `block₀ · k` weights). More rows widen
+/// a block of weight rows at a time (dequantised) and multiply it by gemm in `T`.
+pub(crate) fn linear_narrow<T: Real>(
+    x: &[T],
+    m: usize,
+    k: usize,
+    w: Narrow<'_>,
+    row0: usize,
+    n: usize,
+    parallel: bool,
+) -> Result<Vec<T>, KErr> {
+    if x.len() != m * k || w.cols() != k || row0 + n > w.rows() {
+        return Err(KErr::shape(format!(
+            "linear: x has {} elements for [{m}, {k}], weight rows {row0}..{} of [{}, {}]",
+            x.len(),
+            row0 + n,
+            w.rows(),
+            w.cols()
+        )));
+    }
+    if m == 0 || n == 0 {
+        return Ok(vec![T::ZERO; m * n]);
+    }
+    if let Some(x32) = few_f32_rows(x, m, k) {
+        let elem = if matches!(w, Narrow::F8(_)) { 1 } else { 2 };
+        let cols = (DOT_TASK_BYTES / (k * elem).max(1)).max(DOT_MIN_ROWS);
+        return Ok(from_f32(column_blocks(m, n, cols, parallel, |j0, nb| {
+            let mut y = vec![0f32; m * nb];
+            match w {
+                Narrow::F16(bits, _) => {
+                    let h: &[half::f16] = half::slice::HalfBitsSliceExt::reinterpret_cast(bits);
+                    let r = row0 + j0;
+                    rows_times_weight(x32, m, k, &h[r * k..(r + nb) * k], nb, &mut y, nb);
+                }
+                Narrow::F8(f) => {
+                    let mut scaled = vec![0f32; m * k];
+                    let mut j = j0;
+                    while j < j0 + nb {
+                        // Rows g .. g + len share their scales (one block row of one matrix).
+                        let g = row0 + j;
+                        let r = g % f.rows;
+                        let len = ((r / f.block[0] + 1) * f.block[0]).min(f.rows).min(r + (j0 + nb - j)) - r;
+                        let s = f.row_scales(g);
+                        for (xs, xr) in scaled.chunks_mut(k).zip(x32.chunks(k)) {
+                            for ((o, &v), c) in xs.iter_mut().zip(xr).zip(0..) {
+                                *o = v * s[c / f.block[1]];
+                            }
+                        }
+                        rows_times_weight(&scaled, m, k, &f.bits[g * k..(g + len) * k], len, &mut y[j - j0..], nb);
+                        j += len;
+                    }
+                }
+            }
+            y
+        })));
+    }
+    let rows = if m >= 64 { 256 } else { 32 };
+    Ok(column_blocks(m, n, rows, parallel, |j0, nb| {
+        let mut wide = vec![0f32; nb * k];
+        w.widen_rows(row0 + j0, &mut wide);
+        let wide: Vec<T> = wide.into_iter().map(|v| T::of(v as f64)).collect();
+        let mut y = vec![T::ZERO; m * nb];
+        gemm(m, nb, k, &mut y, Mat::rows(x, 0, k), Mat { data: &wide, offset: 0, rs: 1, cs: k }, false);
+        y
+    }))
+}
+
 /// `a: [B.., m, k] · b: [B.., k, n]` → `[B.., m, n]`. An operand may have fewer batch axes
 /// than the other (the ones it lacks are leading): it is repeated over them, as a
 /// broadcast along those axes would, without the copy. Many small products are spread
@@ -363,6 +436,37 @@ mod tests {
         // Ties go to even: 1 + 2^-8 is halfway between 1 and 1 + 2^-7.
         assert_eq!(f32_to_bf16(1.0 + 1.0 / 256.0), 0x3f80);
         assert!(bf16_to_f32(f32_to_bf16(f32::NAN)).is_nan());
+    }
+
+    /// f16 and FP8 weights (stacked matrices with partial scale blocks, rows taken from
+    /// the middle of the stack across a matrix's end), widened a block at a time or read
+    /// by the dot kernels with the scales in `x`: the product in f64 of `x` and the
+    /// dequantised weight, to f32 rounding; a size that does not fit is an error.
+    #[test]
+    fn linear_narrow_is_linear_on_the_dequantised_weight() {
+        use super::super::narrow::{narrow, Fp8};
+        use super::super::tensor::{Data, Tensor};
+        let (mats, rows, k) = (3, 45, 70);
+        let bits: Vec<u8> = (0..mats * rows * k).map(|i| ((i * 53 + 7) % 256) as u8 & 0b1011_1110).collect();
+        let block = [16, 32];
+        let scales: Vec<f32> = (0..mats * 3 * 3).map(|i| 0.5 + 0.125 * i as f32).collect();
+        let f8 = Tensor::from_parts(vec![mats, rows, k], Data::F8(Fp8::new(bits, scales, rows, k, block).unwrap()));
+        let h: Vec<u16> = (0..mats * rows * k).map(|i| half::f16::from_f32((i as f32 * 0.11).cos()).to_bits()).collect();
+        let f16 = Tensor::from_parts(vec![mats * rows, k], Data::F16(h));
+        for w in [&f8, &f16] {
+            let wide = w.to_f64_vec();
+            for (m, row0, n) in [(1, 0, 45), (3, 30, 40), (16, 44, 3), (17, 10, 90), (70, 0, 135)] {
+                let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+                let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+                let want = linear(&x64, m, k, &wide[row0 * k..(row0 + n) * k], n, false).unwrap();
+                for par in [true, false] {
+                    let y = linear_narrow(&x, m, k, narrow(w).unwrap(), row0, n, par).unwrap();
+                    let ok = y.iter().zip(&want).all(|(&a, b)| (a as f64 - b).abs() <= 1e-5 * (1.0 + b.abs()));
+                    assert!(ok, "{} {m} rows, weight rows {row0}..{}", w.data().kind(), row0 + n);
+                }
+            }
+            assert!(linear_narrow(&[0f32; 70], 1, k, narrow(w).unwrap(), 130, 6, false).is_err());
+        }
     }
 
     #[test]

@@ -58,6 +58,7 @@ pub mod elementwise;
 mod interp;
 pub mod layout;
 pub mod linalg;
+pub mod narrow;
 pub mod nn;
 pub mod profile;
 pub mod real;

@@ -9,7 +9,8 @@
 use super::dot::{rows_times_matrix, rows_times_weight_ld};
 use super::elementwise::PAR_MIN;
 use super::layout::{indices, split_at_axis, top_k_lane};
-use super::linalg::{as_f32, gemm, gemm_acc, linear, linear_bf16, Mat};
+use super::linalg::{as_f32, gemm, gemm_acc, linear, linear_bf16, linear_narrow, Mat};
+use super::narrow::{narrow, Narrow};
 use super::real::Real;
 use super::tensor::{numel, Data, Tensor};
 use super::KernelError as KErr;
@@ -805,16 +806,21 @@ pub fn expert_ffn<T: Real>(
     Ok(Tensor::from_parts(x.shape().to_vec(), T::wrap(out)))
 }
 
-/// A weight as the run holds it, or in bf16 (a checkpoint's precision kept), which
-/// [`linear_bf16`] multiplies without widening it whole.
+/// A weight as the run holds it, or in its checkpoint's precision: bf16, which
+/// [`linear_bf16`] multiplies without widening it whole, or f16 / FP8 from element
+/// `offset` on (one expert of a stack), which [`linear_narrow`] widens a block at a time.
 #[derive(Clone, Copy)]
 enum WeightView<'a, T> {
     Real(&'a [T]),
     Bf16(&'a [u16]),
+    Narrow(Narrow<'a>, usize),
 }
 
 impl<'a, T: Real> WeightView<'a, T> {
     fn of(t: &'a Tensor, what: &str) -> Result<WeightView<'a, T>, KErr> {
+        if let Some(n) = narrow(t) {
+            return Ok(WeightView::Narrow(n, 0));
+        }
         match t.as_bf16_bits() {
             Some(bits) => Ok(WeightView::Bf16(bits)),
             None => Ok(WeightView::Real(floats::<T>(t, what)?)),
@@ -826,6 +832,7 @@ impl<'a, T: Real> WeightView<'a, T> {
         match *self {
             WeightView::Real(v) => WeightView::Real(&v[r]),
             WeightView::Bf16(b) => WeightView::Bf16(&b[r]),
+            WeightView::Narrow(n, at) => WeightView::Narrow(n, at + r.start),
         }
     }
 
@@ -834,6 +841,8 @@ impl<'a, T: Real> WeightView<'a, T> {
         match *self {
             WeightView::Real(w) => linear(x, m, k, w, n, par),
             WeightView::Bf16(w) => linear_bf16(x, m, k, w, n, par, bf16_inputs),
+            WeightView::Narrow(w, at) if at % k.max(1) == 0 => linear_narrow(x, m, k, w, at / k.max(1), n, par),
+            WeightView::Narrow(..) => Err(KErr::shape(format!("a weight of rows {k} long sliced mid-row"))),
         }
     }
 }

@@ -1,17 +1,18 @@
 //! Host tensors: a concrete shape and contiguous row-major data of one element type.
 //!
 //! This is the value type of the reference interpreter and of its inputs, outputs and
-//! weights. Storage types the interpreter does not compute in (`bf16`, `f16`, `f8e4m3`)
-//! are widened to `f32` when weights are loaded ([`super::weights`]); inside a run every
-//! float tensor holds the run's [`super::Precision`].
+//! weights. Inside a run every float tensor the ops compute holds the run's
+//! [`super::Precision`]; weights may stay in their checkpoint's precision (`bf16`, `f16`,
+//! FP8 e4m3 with block scales: [`super::narrow`]).
 
-use super::weights::bf16_to_f32;
+use super::narrow::Fp8;
+use super::weights::{bf16_to_f32, f16_to_f32};
 use std::fmt;
 
 /// The elements of a tensor, row-major. One variant per element type the interpreter
-/// computes with, and `Bf16` for weights kept in the checkpoint's precision (their bits;
-/// `matmul`, `expert_ffn` and `gather` read them, widening to f32 as they go, and the
-/// interpreter widens them whole for any other op).
+/// computes with, and `Bf16`, `F16` and `F8` for weights kept in the checkpoint's
+/// precision (their bits; `matmul`, `expert_ffn` and `gather` read them, widening to f32
+/// as they go, and the interpreter widens them whole for any other op).
 #[derive(Clone, PartialEq)]
 pub enum Data {
     F32(Vec<f32>),
@@ -20,6 +21,8 @@ pub enum Data {
     I64(Vec<i64>),
     Bool(Vec<bool>),
     Bf16(Vec<u16>),
+    F16(Vec<u16>),
+    F8(Fp8),
 }
 
 impl Data {
@@ -31,6 +34,8 @@ impl Data {
             Data::I64(v) => v.len(),
             Data::Bool(v) => v.len(),
             Data::Bf16(v) => v.len(),
+            Data::F16(v) => v.len(),
+            Data::F8(f) => f.len(),
         }
     }
 
@@ -47,6 +52,8 @@ impl Data {
             Data::I64(_) => "i64",
             Data::Bool(_) => "bool",
             Data::Bf16(_) => "bf16",
+            Data::F16(_) => "f16",
+            Data::F8(_) => "f8e4m3",
         }
     }
 
@@ -161,6 +168,8 @@ impl Tensor {
             Data::I64(v) => Data::I64(v[..n].to_vec()),
             Data::Bool(v) => Data::Bool(v[..n].to_vec()),
             Data::Bf16(v) => Data::Bf16(v[..n].to_vec()),
+            Data::F16(v) => Data::F16(v[..n].to_vec()),
+            Data::F8(_) => return None,
         };
         Some(Tensor { shape: shape.to_vec(), data })
     }
@@ -211,6 +220,8 @@ impl Tensor {
             Data::I64(v) => v[i] as f64,
             Data::Bool(v) => v[i] as u8 as f64,
             Data::Bf16(v) => bf16_to_f32(v[i]) as f64,
+            Data::F16(v) => f16_to_f32(v[i]) as f64,
+            Data::F8(f) => f.get(i) as f64,
         }
     }
 
@@ -223,6 +234,7 @@ impl Tensor {
             Data::I64(v) => v.iter().map(|&x| x as f64).collect(),
             Data::Bool(v) => v.iter().map(|&x| x as u8 as f64).collect(),
             Data::Bf16(v) => v.iter().map(|&x| bf16_to_f32(x) as f64).collect(),
+            Data::F16(_) | Data::F8(_) => self.to_f32_vec().into_iter().map(|x| x as f64).collect(),
         }
     }
 
@@ -231,6 +243,7 @@ impl Tensor {
         match &self.data {
             Data::F32(v) => v.clone(),
             Data::Bf16(v) => v.iter().map(|&x| bf16_to_f32(x)).collect(),
+            Data::F16(_) | Data::F8(_) => super::narrow::widen::<f32>(self).expect("narrow data").to_f32_vec(),
             _ => self.to_f64_vec().into_iter().map(|x| x as f32).collect(),
         }
     }
@@ -251,6 +264,10 @@ impl Tensor {
             Data::F32(v) => v.iter().position(|x| !x.is_finite()).map(|i| (i, kind(v[i] as f64))),
             Data::F64(v) => v.iter().position(|x| !x.is_finite()).map(|i| (i, kind(v[i]))),
             Data::Bf16(v) => v.iter().position(|&x| !bf16_to_f32(x).is_finite()).map(|i| (i, kind(bf16_to_f32(v[i]) as f64))),
+            Data::F16(_) | Data::F8(_) => {
+                let v = self.to_f32_vec();
+                v.iter().position(|x| !x.is_finite()).map(|i| (i, kind(v[i] as f64)))
+            }
             _ => None,
         }
     }
@@ -302,7 +319,7 @@ impl Tensor {
     pub fn to_f32(&self) -> Tensor {
         match &self.data {
             Data::F64(v) => Tensor::from_parts(self.shape.clone(), Data::F32(v.iter().map(|&x| x as f32).collect())),
-            Data::Bf16(v) => Tensor::from_parts(self.shape.clone(), Data::F32(v.iter().map(|&x| bf16_to_f32(x)).collect())),
+            Data::Bf16(_) | Data::F16(_) | Data::F8(_) => Tensor::from_parts(self.shape.clone(), Data::F32(self.to_f32_vec())),
             _ => self.clone(),
         }
     }
@@ -311,7 +328,7 @@ impl Tensor {
     pub fn to_f64(&self) -> Tensor {
         match &self.data {
             Data::F32(v) => Tensor::from_parts(self.shape.clone(), Data::F64(v.iter().map(|&x| x as f64).collect())),
-            Data::Bf16(v) => Tensor::from_parts(self.shape.clone(), Data::F64(v.iter().map(|&x| bf16_to_f32(x) as f64).collect())),
+            Data::Bf16(_) | Data::F16(_) | Data::F8(_) => Tensor::from_parts(self.shape.clone(), Data::F64(self.to_f64_vec())),
             _ => self.clone(),
         }
     }
