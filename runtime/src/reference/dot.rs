@@ -65,7 +65,7 @@ impl WeightElem for u8 {
 const E4M3_SCALE: f32 = f32::from_bits((120 + 127) << 23);
 
 /// Every e4m3 bit pattern's value, as the vector loads compute it.
-static E4M3: [f32; 256] = {
+pub(super) static E4M3: [f32; 256] = {
     let mut t = [0f32; 256];
     let mut b = 0;
     while b < 256 {

@@ -1,22 +1,21 @@
 //! Weights kept in their checkpoint's precision, as the reference backend holds them for
-//! inference: bf16 (read in place by the dot and `vdpbf16ps` kernels), f16, and FP8 e4m3
-//! with DeepSeek-V3's block scales ([`Fp8`]).
+//! inference: bf16 (its bits, read in place by the dot and `vdpbf16ps` kernels), f16 (its
+//! bits), and FP8 e4m3 with DeepSeek-V3's block scales ([`Fp8`]).
 //!
-//! A matmul over an f16 or FP8 weight widens a block of its rows at a time to `f32`
-//! (dequantised by the blocks' scales) and multiplies the block while it is in cache
-//! ([`super::linalg::linear_narrow`]), so the weight is never widened whole and stays a
-//! half or a quarter of its `f32` bytes in memory. A lookup (`gather` of embedding rows)
-//! widens only the rows it takes ([`gather_rows`]). Any other op gets such an operand
-//! widened whole first ([`widen`]); the interpreter keeps what it computes from weights
-//! alone between runs, so a weight reshaped or sliced that way (absorbed MLA's `kv_b`) is
-//! widened once, not per step.
+//! A matmul over an f16 or FP8 weight ([`super::linalg::linear_narrow`]) reads it in
+//! registers for a few rows of `x` (the dot kernels widen f16 and e4m3 as they load; an
+//! FP8 block's scale goes into `x`), and widens a block of rows at a time for gemm past
+//! that, so the weight is never widened whole and stays a half or a quarter of its `f32`
+//! bytes. A lookup (`gather` of embedding rows) widens only the rows it takes
+//! ([`gather_rows`]). Any other op gets such an operand widened whole first ([`widen`]);
+//! the interpreter keeps what it computes from weights alone between runs, so a weight
+//! reshaped or sliced that way (absorbed MLA's `kv_b`) is widened once, not per step.
 
+use super::dot::E4M3;
 use super::elementwise::widen_bf16;
 use super::real::Real;
 use super::tensor::{Data, Tensor};
-use super::weights::f8e4m3_to_f32;
 use super::KernelError as KErr;
-use std::sync::LazyLock;
 
 /// FP8 e4m3 weights with block scales (DeepSeek-V3's `weight_scale_inv`): the data is
 /// `[lead.., rows, cols]`, and element `(r, c)` of each `[rows, cols]` matrix is
@@ -31,9 +30,6 @@ pub struct Fp8 {
     pub cols: usize,
     pub block: [usize; 2],
 }
-
-/// Every e4m3 bit pattern's value (the `fn` variant: `S.1111.111` is NaN).
-static E4M3: LazyLock<[f32; 256]> = LazyLock::new(|| std::array::from_fn(|b| f8e4m3_to_f32(b as u8)));
 
 impl Fp8 {
     /// Checks that `bits` is whole `[rows, cols]` matrices and `scales` has one scale per
@@ -69,7 +65,7 @@ impl Fp8 {
 
     /// Row `g` of the stacked matrices, dequantised into `out` (`cols` long).
     fn widen_row(&self, g: usize, out: &mut [f32]) {
-        let table = &*E4M3;
+        let table = &E4M3;
         let bits = &self.bits[g * self.cols..(g + 1) * self.cols];
         for ((o, b), &s) in out.chunks_mut(self.block[1]).zip(bits.chunks(self.block[1])).zip(self.row_scales(g)) {
             for (o, &b) in o.iter_mut().zip(b) {
@@ -171,6 +167,7 @@ pub(crate) fn gather_rows<T: Real>(w: &Tensor, ids: &[i64], ids_shape: &[usize])
 mod tests {
     use super::*;
     use crate::checkpoint::store::dequantise;
+    use crate::reference::weights::f8e4m3_to_f32;
 
     /// FP8 rows widen to `dequantise`'s values on partial edge blocks and stacked
     /// matrices; f16 rows to `f16_to_f32`'s; a gather takes the rows asked for and refuses
