@@ -733,6 +733,43 @@ pub fn swiglu<T: Real>(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor, bf
     Ok(Tensor::from_parts(x.shape().to_vec(), T::wrap(out)))
 }
 
+/// The sizes of an expert FFN (forward or backward) and its (token, slot) pairs per
+/// expert: `x [.., h]`, `idx` and `w [.., k]`, `gate` and `up [E, i, h]`, `down [E, h, i]`.
+pub(crate) struct Experts {
+    pub h: usize,
+    pub experts: usize,
+    pub inter: usize,
+    pub k: usize,
+    pub tokens: usize,
+    /// Per expert, the flat (token · k + slot) pairs routed to it, in order.
+    pub buckets: Vec<Vec<usize>>,
+}
+
+impl Experts {
+    /// Checks the shapes (`what` names the op) and the indices (each below `E`).
+    pub(crate) fn of(what: &str, x: &Tensor, idx: &Tensor, w: &Tensor, [gate, up, down]: [&Tensor; 3]) -> Result<Experts, KErr> {
+        let h = *x.shape().last().ok_or_else(|| KErr::shape(format!("{what} of a scalar")))?;
+        let (gs, ds) = (gate.shape(), down.shape());
+        if gs.len() != 3 || gs[2] != h || up.shape() != gs || ds != [gs[0], h, gs[1]] {
+            return Err(KErr::shape(format!("expert weights {gs:?}, {:?}, {ds:?} for h = {h}", up.shape())));
+        }
+        let (experts, inter) = (gs[0], gs[1]);
+        let k = *idx.shape().last().ok_or_else(|| KErr::shape("indices of rank 0".into()))?;
+        if idx.shape()[..idx.rank() - 1] != x.shape()[..x.rank() - 1] || w.shape() != idx.shape() {
+            return Err(KErr::shape(format!("indices {:?} and weights {:?} for x {:?}", idx.shape(), w.shape(), x.shape())));
+        }
+        let mut buckets: Vec<Vec<usize>> = vec![Vec::new(); experts];
+        for (pair, &ex) in indices(idx, "expert indices")?.iter().enumerate() {
+            let ex = usize::try_from(ex)
+                .ok()
+                .filter(|&u| u < experts)
+                .ok_or_else(|| KErr::index(format!("expert index {ex} is out of range for {experts} experts")))?;
+            buckets[ex].push(pair);
+        }
+        Ok(Experts { h, experts, inter, k, tokens: x.numel().checked_div(h).unwrap_or(0), buckets })
+    }
+}
+
 /// Routed experts: per token, `Σ_j w_j · down_e(silu(gate_e x) · up_e x)` over its `k`
 /// (expert, weight) pairs.
 ///
@@ -750,29 +787,9 @@ pub fn expert_ffn<T: Real>(
     down: &Tensor,
     bf16_inputs: bool,
 ) -> Result<Tensor, KErr> {
-    let h = *x.shape().last().ok_or_else(|| KErr::shape("expert_ffn of a scalar".into()))?;
-    let (gs, ds) = (gate.shape(), down.shape());
-    if gs.len() != 3 || gs[2] != h || up.shape() != gs || ds != [gs[0], h, gs[1]] {
-        return Err(KErr::shape(format!("expert weights {gs:?}, {:?}, {ds:?} for h = {h}", up.shape())));
-    }
-    let (experts, inter) = (gs[0], gs[1]);
-    let k = *idx.shape().last().ok_or_else(|| KErr::shape("indices of rank 0".into()))?;
-    let tokens = x.numel().checked_div(h).unwrap_or(0);
-    if idx.shape()[..idx.rank() - 1] != x.shape()[..x.rank() - 1] || w.shape() != idx.shape() {
-        return Err(KErr::shape(format!("indices {:?} and weights {:?} for x {:?}", idx.shape(), w.shape(), x.shape())));
-    }
+    let Experts { h, experts, inter, k, tokens, buckets } = Experts::of("expert_ffn", x, idx, w, [gate, up, down])?;
     let (xv, wv) = (floats::<T>(x, "x")?, floats::<T>(w, "weights")?);
     let (gv, uv, dv) = (WeightView::<T>::of(gate, "gate")?, WeightView::<T>::of(up, "up")?, WeightView::<T>::of(down, "down")?);
-    let ids = indices(idx, "expert indices")?;
-    // (token, slot) pairs per expert, in token then slot order.
-    let mut buckets: Vec<Vec<usize>> = vec![Vec::new(); experts];
-    for (pair, &ex) in ids.iter().enumerate() {
-        let ex = usize::try_from(ex)
-            .ok()
-            .filter(|&u| u < experts)
-            .ok_or_else(|| KErr::index(format!("expert index {ex} is out of range for {experts} experts")))?;
-        buckets[ex].push(pair);
-    }
     let hit: Vec<usize> = (0..experts).filter(|&e| !buckets[e].is_empty()).collect();
     let per_expert = |&e: &usize| -> Result<Vec<T>, KErr> {
         let pairs = &buckets[e];

@@ -8,7 +8,7 @@
 //! Statistics (row dot products, norms, softmax sums, sums over tokens that are not a
 //! product) accumulate in `f64`; the products go through [`gemm()`] as the forward's do.
 
-use super::{attention_args, floats, label_rows, AttentionArgs, AttentionSpec, Ffn};
+use super::{attention_args, floats, label_rows, AttentionArgs, AttentionSpec, Experts, Ffn};
 use crate::reference::elementwise::PAR_MIN;
 use crate::reference::layout::indices;
 use crate::reference::linalg::{gemm, gemm_acc, linear, Mat};
@@ -323,38 +323,17 @@ pub fn expert_ffn_grad<T: Real>(
     down: &Tensor,
     dy: &Tensor,
 ) -> Result<[Tensor; 5], KErr> {
-    let h = *x.shape().last().ok_or_else(|| KErr::shape("expert_ffn_grad of a scalar".into()))?;
+    let Experts { h, experts, inter, k, tokens, buckets } = Experts::of("expert_ffn_grad", x, idx, w, [gate, up, down])?;
+    if dy.shape() != x.shape() {
+        return Err(KErr::shape(format!("dy {:?} for x {:?}", dy.shape(), x.shape())));
+    }
     let (gs, ds) = (gate.shape(), down.shape());
-    if gs.len() != 3 || gs[2] != h || up.shape() != gs || ds != [gs[0], h, gs[1]] {
-        return Err(KErr::shape(format!("expert weights {gs:?}, {:?}, {ds:?} for h = {h}", up.shape())));
-    }
-    let (experts, inter) = (gs[0], gs[1]);
-    let k = *idx.shape().last().ok_or_else(|| KErr::shape("indices of rank 0".into()))?;
-    if idx.shape()[..idx.rank() - 1] != x.shape()[..x.rank() - 1] || w.shape() != idx.shape() || dy.shape() != x.shape() {
-        return Err(KErr::shape(format!(
-            "indices {:?}, weights {:?} and dy {:?} for x {:?}",
-            idx.shape(),
-            w.shape(),
-            dy.shape(),
-            x.shape()
-        )));
-    }
-    let tokens = x.numel().checked_div(h).unwrap_or(0);
     let (xv, wv, dyv) = (floats::<T>(x, "x")?, floats::<T>(w, "weights")?, floats::<T>(dy, "dy")?);
     let (gv, uv, dv) = (floats::<T>(gate, "gate")?, floats::<T>(up, "up")?, floats::<T>(down, "down")?);
-    let ids = indices(idx, "expert indices")?;
-    let mut buckets: Vec<Vec<usize>> = vec![Vec::new(); experts];
-    for (pair, &ex) in ids.iter().enumerate() {
-        let ex = usize::try_from(ex)
-            .ok()
-            .filter(|&u| u < experts)
-            .ok_or_else(|| KErr::index(format!("expert index {ex} is out of range for {experts} experts")))?;
-        buckets[ex].push(pair);
-    }
     let wi = inter * h;
     let (mut dgate, mut dup, mut ddown) = (vec![T::ZERO; experts * wi], vec![T::ZERO; experts * wi], vec![T::ZERO; experts * wi]);
     let mut dx = vec![T::ZERO; tokens * h];
-    let mut dw = vec![T::ZERO; ids.len()];
+    let mut dw = vec![T::ZERO; w.numel()];
     let wrap = |dx: Vec<T>, dw: Vec<T>, dg: Vec<T>, du: Vec<T>, dd: Vec<T>| {
         [
             Tensor::from_parts(x.shape().to_vec(), T::wrap(dx)),
