@@ -110,12 +110,17 @@ fn rows_times_weight_on<W: WeightElem>(
         "dot: operands shorter than [{m}, {k}] and [{n}, {k}] (rows {ldw} apart)"
     );
     assert!(m == 0 || n == 0 || y.len() >= (m - 1) * ldy + n, "dot: output shorter than [{m}, {n}] at row stride {ldy}");
+    // Four weight rows at a time where it pays: rows of at least 4 KiB, or many rows of
+    // x (reading four short weight rows side by side streams them from memory at about
+    // half the speed of one after the other, as with two rows before).
+    let quad = m >= QUAD_MIN_ROWS || k * std::mem::size_of::<W>() >= QUAD_MIN_ROW_BYTES;
     let mut i = 0;
     while i < m {
         let r = (m - i).min(ROWS);
         let xs = &x[i * k..(i + r) * k];
         let ys = &mut y[i * ldy..];
         match r {
+            4 if quad => W::block::<4>(simd.quad(), xs, k, (w, ldw), n, ys, ldy),
             4 => W::block::<4>(simd, xs, k, (w, ldw), n, ys, ldy),
             3 => W::block::<3>(simd, xs, k, (w, ldw), n, ys, ldy),
             2 => W::block::<2>(simd, xs, k, (w, ldw), n, ys, ldy),
@@ -181,12 +186,105 @@ fn walk<W, const R: usize>(
     }
 }
 
+/// [`walk`] for four rows of `x`, four weight rows at a time with `quad`, the last
+/// `n % 4` with `tile`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn walk_quad<W>(
+    x: &[f32],
+    k: usize,
+    (w, ldw): (&[W], usize),
+    n: usize,
+    y: &mut [f32],
+    ldy: usize,
+    quad: impl Fn(&[&[f32]; 4], [&[W]; 4]) -> [[f32; 4]; 4],
+    tile: impl Fn(&[&[f32]; 4], &[W]) -> [f32; 4],
+) {
+    let xr: [&[f32]; 4] = std::array::from_fn(|r| &x[r * k..(r + 1) * k]);
+    let row = |j: usize| &w[j * ldw..j * ldw + k];
+    let mut j = 0;
+    while j + 4 <= n {
+        let acc = quad(&xr, [row(j), row(j + 1), row(j + 2), row(j + 3)]);
+        for r in 0..4 {
+            y[r * ldy + j..r * ldy + j + 4].copy_from_slice(&acc[r]);
+        }
+        j += 4;
+    }
+    for j in j..n {
+        let acc = tile(&xr, row(j));
+        for r in 0..4 {
+            y[r * ldy + j] = acc[r];
+        }
+    }
+}
+
+/// The lane sums of four vectors, `[Σa₀, Σa₁, Σa₂, Σa₃]`: pairs interleaved and added
+/// within each 128-bit lane, then the four 128-bit lanes added.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn reduce_quad(a: [std::arch::x86_64::__m512; 4]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    // Per 128-bit lane: [a0₀+a0₂, a1₀+a1₂, a0₁+a0₃, a1₁+a1₃], and the same of a2, a3.
+    let x01 = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
+    let x23 = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
+    // Per 128-bit lane: [Σa0, Σa1, Σa2, Σa3] of its four elements.
+    let y = _mm512_add_ps(_mm512_shuffle_ps::<0b01_00_01_00>(x01, x23), _mm512_shuffle_ps::<0b11_10_11_10>(x01, x23));
+    let lo = _mm_add_ps(_mm512_extractf32x4_ps::<0>(y), _mm512_extractf32x4_ps::<1>(y));
+    let hi = _mm_add_ps(_mm512_extractf32x4_ps::<2>(y), _mm512_extractf32x4_ps::<3>(y));
+    let mut out = [0f32; 4];
+    // SAFETY: `out` holds four f32s.
+    unsafe { _mm_storeu_ps(out.as_mut_ptr(), _mm_add_ps(lo, hi)) };
+    out
+}
+
 /// Generates, for one weight type, the AVX-512 and AVX2 tiles (`$load512`, `$load256`
 /// widen 16 / 8 weights at a pointer to `f32` lanes) and the run-time choice between
 /// them and the portable tile. Each row of `x` has two accumulators (even and odd
 /// vectors of `k`), so one row's multiply-adds do not wait on each other's latency.
 macro_rules! block_impl {
-    ($w:ty, $avx512:ident, $avx2:ident, $load512:expr, $load256:expr) => {
+    ($w:ty, $avx512:ident, $quad512:ident, $avx2:ident, $load512:expr, $load256:expr) => {
+        /// Four rows of `x` against four weight rows at once (AVX-512): sixteen
+        /// accumulators, each weight and `x` vector loaded once per four multiply-adds,
+        /// and the sixteen horizontal sums done as one transposing reduction
+        /// ([`reduce_quad`]) instead of sixteen: for short rows (attention's 32- and
+        /// 128-long keys, a decode step's 8 to 16 rows) the sums were a third of the work.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+        fn $quad512(x: &[&[f32]; 4], w: [&[$w]; 4], k: usize) -> [[f32; 4]; 4] {
+            use std::arch::x86_64::*;
+            let mut a = [[_mm512_setzero_ps(); 4]; 4];
+            let (full, mut kk) = (k - k % 16, 0);
+            while kk < full {
+                // SAFETY: kk + 16 ≤ k, the length of every row here.
+                let wv = unsafe {
+                    [
+                        $load512(w[0].as_ptr().add(kk)),
+                        $load512(w[1].as_ptr().add(kk)),
+                        $load512(w[2].as_ptr().add(kk)),
+                        $load512(w[3].as_ptr().add(kk)),
+                    ]
+                };
+                for r in 0..4 {
+                    // SAFETY: as above.
+                    let xv = unsafe { _mm512_loadu_ps(x[r].as_ptr().add(kk)) };
+                    for j in 0..4 {
+                        a[r][j] = _mm512_fmadd_ps(xv, wv[j], a[r][j]);
+                    }
+                }
+                kk += 16;
+            }
+            let mut out = [[0f32; 4]; 4];
+            for r in 0..4 {
+                out[r] = reduce_quad(a[r]);
+                for j in 0..4 {
+                    for kk in full..k {
+                        out[r][j] = x[r][kk].mul_add(w[j][kk].widen(), out[r][j]);
+                    }
+                }
+            }
+            out
+        }
+
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f,avx2,fma,f16c")]
         fn $avx512<const R: usize>(x: &[&[f32]; R], w: &[$w], k: usize) -> [f32; R] {
@@ -268,7 +366,20 @@ macro_rules! block_impl {
             fn block<const R: usize>(simd: Simd, x: &[f32], k: usize, w: (&[$w], usize), n: usize, y: &mut [f32], ldy: usize) {
                 #[cfg(target_arch = "x86_64")]
                 {
-                    if simd == Simd::Avx512 {
+                    if simd == Simd::Avx512Quad && R == 4 {
+                        // SAFETY: the CPU has the features the tiles are compiled for.
+                        return walk_quad::<$w>(
+                            x,
+                            k,
+                            w,
+                            n,
+                            y,
+                            ldy,
+                            |x, w| unsafe { $quad512(x, w, k) },
+                            |x, w| unsafe { $avx512::<4>(x, w, k) },
+                        );
+                    }
+                    if matches!(simd, Simd::Avx512 | Simd::Avx512Quad) {
                         // SAFETY: the CPU has the features the tile is compiled for.
                         return walk::<$w, R>(x, k, w, n, y, ldy, |x, w| unsafe { $avx512(x, w, k) });
                     }
@@ -284,12 +395,18 @@ macro_rules! block_impl {
     };
 }
 
-block_impl!(f32, tile_avx512_f32, tile_avx2_f32, |p: *const f32| std::arch::x86_64::_mm512_loadu_ps(p), |p: *const f32| {
-    std::arch::x86_64::_mm256_loadu_ps(p)
-});
+block_impl!(
+    f32,
+    tile_avx512_f32,
+    quad_avx512_f32,
+    tile_avx2_f32,
+    |p: *const f32| std::arch::x86_64::_mm512_loadu_ps(p),
+    |p: *const f32| { std::arch::x86_64::_mm256_loadu_ps(p) }
+);
 block_impl!(
     u16,
     tile_avx512_bf16,
+    quad_avx512_bf16,
     tile_avx2_bf16,
     |p: *const u16| {
         use std::arch::x86_64::*;
@@ -303,6 +420,7 @@ block_impl!(
 block_impl!(
     half::f16,
     tile_avx512_f16,
+    quad_avx512_f16,
     tile_avx2_f16,
     |p: *const half::f16| {
         use std::arch::x86_64::*;
@@ -316,6 +434,7 @@ block_impl!(
 block_impl!(
     u8,
     tile_avx512_e4m3,
+    quad_avx512_e4m3,
     tile_avx2_e4m3,
     |p: *const u8| {
         use std::arch::x86_64::*;
@@ -356,7 +475,7 @@ fn rows_times_matrix_on<W: WeightElem>(simd: Simd, p: &[f32], m: usize, k: usize
     match simd {
         // SAFETY: `simd` is a kernel the CPU has (the callers' contract).
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx512 => unsafe { axpy_rows_avx512(p, m, k, v, n, y) },
+        Simd::Avx512 | Simd::Avx512Quad => unsafe { axpy_rows_avx512(p, m, k, v, n, y) },
         #[cfg(target_arch = "x86_64")]
         Simd::Avx2 => unsafe { axpy_rows_avx2(p, m, k, v, n, y) },
         _ => axpy_rows(p, m, k, v, n, y),
@@ -396,10 +515,28 @@ fn axpy_rows_avx2<W: WeightElem>(p: &[f32], m: usize, k: usize, v: (&[W], usize)
 enum Simd {
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Avx512,
+    /// AVX-512 with four weight rows at a time for four rows of `x` ([`walk_quad`]).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Avx512Quad,
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Avx2,
     Portable,
 }
+
+impl Simd {
+    /// The kernels that take four weight rows at a time, where the CPU has them.
+    fn quad(self) -> Simd {
+        match self {
+            Simd::Avx512 => Simd::Avx512Quad,
+            s => s,
+        }
+    }
+}
+
+/// Rows of `x` from which [`rows_times_weight`] takes four weight rows at a time whatever
+/// their length, and the weight row bytes from which it does for any number of rows.
+const QUAD_MIN_ROWS: usize = 12;
+const QUAD_MIN_ROW_BYTES: usize = 4096;
 
 /// Detected once (`DSC_CPU_SIMD=portable|avx2` caps it, to compare the kernels).
 fn simd() -> Simd {
@@ -441,7 +578,21 @@ mod tests {
     #[test]
     fn matches_the_f64_product() {
         let mut rng = crate::rng::SplitMix64(7);
-        for (m, k, n) in [(1, 16, 1), (1, 37, 5), (3, 64, 3), (4, 100, 7), (5, 513, 9), (9, 48, 2), (2, 5, 4), (0, 8, 3), (3, 0, 2)] {
+        // (13, 40, 6) and (4, 1100, 5) take four weight rows at a time where the CPU can.
+        let sizes = [
+            (1, 16, 1),
+            (1, 37, 5),
+            (3, 64, 3),
+            (4, 100, 7),
+            (5, 513, 9),
+            (9, 48, 2),
+            (2, 5, 4),
+            (0, 8, 3),
+            (3, 0, 2),
+            (13, 40, 6),
+            (4, 1100, 5),
+        ];
+        for (m, k, n) in sizes {
             let x: Vec<f32> = (0..m * k).map(|_| (rng.next_f64() as f32) * 2.0 - 1.0).collect();
             let wf: Vec<f32> = (0..n * k).map(|_| (rng.next_f64() as f32) * 2.0 - 1.0).collect();
             let wb: Vec<u16> = wf.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
@@ -486,7 +637,7 @@ mod tests {
                 kernels.push(Simd::Avx2);
             }
             if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("f16c") {
-                kernels.push(Simd::Avx512);
+                kernels.extend([Simd::Avx512, Simd::Avx512Quad]);
             }
         }
         for simd in kernels {
