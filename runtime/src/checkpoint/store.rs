@@ -125,10 +125,10 @@ impl CheckpointWeights {
         };
         if self.keep_stored && (all(Dtype::BF16, false) || all(Dtype::F16, false)) {
             // Piece by piece into one buffer (a flat_map collects element by element, which
-            // took a third of a small model's start-up).
+            // took a third of a small model's start-up), each streamed into place.
             let mut bits = Vec::with_capacity(shape.iter().product());
             for p in pieces {
-                bits.extend_from_slice(&self.piece_bits(p));
+                self.piece_bits(p, &mut bits);
             }
             let data = if all(Dtype::BF16, false) { Data::Bf16(bits) } else { Data::F16(bits) };
             return Tensor::from_parts(shape, data);
@@ -139,8 +139,8 @@ impl CheckpointWeights {
             let (rows, cols) = (shape[shape.len() - 2], shape[shape.len() - 1]);
             let (mut bits, mut scales) = (Vec::with_capacity(shape.iter().product()), Vec::new());
             for p in pieces {
-                bits.extend_from_slice(&self.piece_bytes(p));
-                scales.extend(self.decode(p.scale.as_ref().expect("all scaled")));
+                self.piece_bytes(p, &mut bits);
+                self.decode(p.scale.as_ref().expect("all scaled"), &mut scales);
             }
             // The layout check gave every scale its block count; `new` checks it again.
             if let Ok(f) = Fp8::new(bits, scales, rows, cols, self.block) {
@@ -149,45 +149,59 @@ impl CheckpointWeights {
         }
         let mut data = Vec::with_capacity(shape.iter().product());
         for p in pieces {
-            data.extend(self.piece(p));
+            self.piece(p, &mut data);
         }
         Tensor::f32(&shape, data)
     }
 
-    /// One piece as `f32`: widened, dequantised, cut.
-    fn piece(&self, p: &Piece) -> Vec<f32> {
-        let mut v = self.decode(&p.data);
-        if let Some(sc) = &p.scale {
-            let s = self.decode(sc);
-            dequantise(&mut v, &p.data.info.shape, &s, &sc.info.shape, self.block);
+    /// One piece appended to `out` as `f32`: widened, dequantised, cut.
+    fn piece(&self, p: &Piece, out: &mut Vec<f32>) {
+        match &p.scale {
+            None => self.whole_or_cut(p, out, |out| self.decode(&p.data, out)),
+            Some(sc) => {
+                let (mut v, mut s) = (Vec::new(), Vec::new());
+                self.decode(&p.data, &mut v);
+                self.decode(sc, &mut s);
+                dequantise(&mut v, &p.data.info.shape, &s, &sc.info.shape, self.block);
+                out.extend_from_slice(&cut_rows(v, p));
+            }
         }
-        cut_rows(v, p)
     }
 
-    /// One bf16 or f16 piece as its bits, cut as [`Self::piece`] cuts.
-    fn piece_bits(&self, p: &Piece) -> Vec<u16> {
+    /// One bf16 or f16 piece's bits appended to `out`, cut as [`Self::piece`] cuts.
+    fn piece_bits(&self, p: &Piece, out: &mut Vec<u16>) {
         let shard = &self.shards[p.data.shard];
-        let mut v: Vec<u16> = Vec::with_capacity(shard.bytes(&p.data.info).len() / 2);
-        shard.stream(&p.data.info, 2, |b| v.extend(b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]))));
-        cut_rows(v, p)
+        self.whole_or_cut(p, out, |out| {
+            shard.stream(&p.data.info, 2, |b| out.extend(b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]))))
+        });
     }
 
-    /// One FP8 piece's bytes, cut as [`Self::piece`] cuts.
-    fn piece_bytes(&self, p: &Piece) -> Vec<u8> {
+    /// One FP8 piece's bytes appended to `out`, cut as [`Self::piece`] cuts.
+    fn piece_bytes(&self, p: &Piece, out: &mut Vec<u8>) {
         let shard = &self.shards[p.data.shard];
-        let mut v: Vec<u8> = Vec::with_capacity(shard.bytes(&p.data.info).len());
-        shard.stream(&p.data.info, 1, |b| v.extend_from_slice(b));
-        cut_rows(v, p)
+        self.whole_or_cut(p, out, |out| shard.stream(&p.data.info, 1, |b| out.extend_from_slice(b)));
     }
 
-    /// A stored tensor's elements as `f32`. The layout check admitted only float types.
-    fn decode(&self, s: &Stored) -> Vec<f32> {
+    /// `fill` appends a stored tensor's elements: straight into `out` when the piece is
+    /// all of it (no second copy of a large weight while it is assembled), else into a
+    /// scratch cut to the piece's rows.
+    fn whole_or_cut<E: Copy>(&self, p: &Piece, out: &mut Vec<E>, fill: impl FnOnce(&mut Vec<E>)) {
+        if p.rows.is_none() {
+            return fill(out);
+        }
+        let mut v = Vec::new();
+        fill(&mut v);
+        out.extend_from_slice(&cut_rows(v, p));
+    }
+
+    /// A stored tensor's elements appended to `out` as `f32`. The layout check admitted
+    /// only float types.
+    fn decode(&self, s: &Stored, out: &mut Vec<f32>) {
         let shard = &self.shards[s.shard];
         // Whole bytes for every dtype `decode_bytes` reads.
         let unit = s.info.dtype.bitsize() / 8;
-        let mut v: Vec<f32> = Vec::with_capacity(shard.bytes(&s.info).len() / unit.max(1));
-        shard.stream(&s.info, unit, |b| v.extend(decode_bytes(b, s.info.dtype)));
-        v
+        out.reserve(shard.bytes(&s.info).len() / unit.max(1));
+        shard.stream(&s.info, unit, |b| out.extend(decode_bytes(b, s.info.dtype)));
     }
 }
 
