@@ -22,7 +22,7 @@ use super::real::Real;
 use super::tensor::{numel, Data, Tensor};
 use super::weights::Weights;
 use super::{Arg, ErrorKind, ExecError, KernelError, Prepared};
-use dsc_compiler::codegen::kernels::movement::{fold_view, View};
+use dsc_compiler::codegen::kernels::movement::{fold_view, strides, View};
 use dsc_compiler::codegen::launch::Size;
 use dsc_compiler::ir::{
     param_path, solve_symbols, DType, Dim, Function, FusedKernel, Module, Node, NodeId, Op, Operand, Shape, Sym, Ty, Value,
@@ -381,42 +381,44 @@ fn kv_fold(g: &dsc_compiler::ir::Graph, ins: &[Value], masked: bool) -> Option<(
         _ => vec![k],
     };
     let mut folded = parts.len() > 1;
-    let mut view = |x: Value| -> Option<(Value, Size, [Size; 3], Shape)> {
+    // Each operand as a view of its root: through the movement nodes before it, or the
+    // operand itself read contiguously.
+    let mut view = |x: Value| -> Option<(View, Shape)> {
         let shape = g.ty(x).shape.clone();
-        if shape.0.len() != 4 {
-            return None;
-        }
-        match fold_view(g, x) {
-            Some(View { root, offset, strides }) => {
+        let view = match fold_view(g, x) {
+            Some(view) => {
                 folded = true;
-                (strides[3].as_const() == Some(1))
-                    .then(|| (root, offset, [strides[0].clone(), strides[1].clone(), strides[2].clone()], shape))
+                view
             }
-            None => {
-                let d = &shape.0;
-                Some((x, Size::lit(0), [Size::product(&d[1..]), Size::product(&d[2..]), Size::product(&d[3..])], shape))
-            }
-        }
+            None => View { root: x, offset: Size::lit(0), strides: strides(&shape.0) },
+        };
+        (shape.0.len() == 4 && view.strides[3].as_const() == Some(1)).then_some((view, shape))
     };
-    let key: Vec<_> = parts.iter().map(|&p| view(p)).collect::<Option<_>>()?;
+    let key: Vec<(View, Shape)> = parts.iter().map(|&p| view(p)).collect::<Option<_>>()?;
     let value = view(v)?;
     if !folded {
         return None;
     }
-    let mut read = vec![ins[0], key[0].0, value.0];
+    let mut read = vec![ins[0], key[0].0.root, value.0.root];
     if masked {
         read.push(*ins.get(3)?);
     }
-    let at = |(input, (_, offset, strides, shape)): (usize, (Value, Size, [Size; 3], Shape))| FoldedView { input, offset, strides, shape };
+    let at = |input: usize, (View { offset, strides, .. }, shape): (View, Shape)| {
+        let [b, s, h, _] = <[Size; 4]>::try_from(strides).expect("rank 4");
+        FoldedView { input, offset, strides: [b, s, h], shape }
+    };
     let mut views = Vec::new();
     for (i, part) in key.into_iter().enumerate() {
-        let input = if i == 0 { 1 } else { read.len() };
-        if i > 0 {
-            read.push(part.0);
-        }
-        views.push(at((input, part)));
+        // The first part's root takes k's place; the others come after the mask.
+        let input = if i == 0 {
+            1
+        } else {
+            read.push(part.0.root);
+            read.len() - 1
+        };
+        views.push(at(input, part));
     }
-    Some((read, KvFold { key: views, value: at((2, value)), mask: masked.then_some(3) }))
+    Some((read, KvFold { key: views, value: at(2, value), mask: masked.then_some(3) }))
 }
 
 /// Drop the values no later step reads.

@@ -168,7 +168,7 @@ pub(crate) fn spec(g: &Graph, n: NodeId) -> Option<Result<KernelSpec, Unsupporte
 }
 
 /// Row-major strides of `shape`.
-fn strides(shape: &[Dim]) -> Vec<Size> {
+pub fn strides(shape: &[Dim]) -> Vec<Size> {
     (0..shape.len()).map(|i| Size::product(&shape[i + 1..])).collect()
 }
 
