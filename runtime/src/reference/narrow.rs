@@ -140,10 +140,17 @@ pub fn widen<T: Real>(t: &Tensor) -> Option<Tensor> {
     if let Some(w) = widen_bf16::<T>(t) {
         return Some(w);
     }
+    let out = widen_f32(t)?;
+    Some(Tensor::from_parts(t.shape().to_vec(), T::wrap(out.into_iter().map(|x| T::of(x as f64)).collect())))
+}
+
+/// An f16 or FP8 tensor's elements as `f32` (dequantised), row-major; `None` for other
+/// tensors.
+pub(crate) fn widen_f32(t: &Tensor) -> Option<Vec<f32>> {
     let n = narrow(t)?;
     let mut out = vec![0f32; t.numel()];
     n.widen_rows(0, &mut out);
-    Some(Tensor::from_parts(t.shape().to_vec(), T::wrap(out.into_iter().map(|x| T::of(x as f64)).collect())))
+    Some(out)
 }
 
 /// Rows `ids` of a `[rows, cols]` f16 or FP8 weight (an embedding lookup), widened:

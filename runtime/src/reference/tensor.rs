@@ -243,7 +243,7 @@ impl Tensor {
         match &self.data {
             Data::F32(v) => v.clone(),
             Data::Bf16(v) => v.iter().map(|&x| bf16_to_f32(x)).collect(),
-            Data::F16(_) | Data::F8(_) => super::narrow::widen::<f32>(self).expect("narrow data").to_f32_vec(),
+            Data::F16(_) | Data::F8(_) => super::narrow::widen_f32(self).expect("narrow data"),
             _ => self.to_f64_vec().into_iter().map(|x| x as f32).collect(),
         }
     }
