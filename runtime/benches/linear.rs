@@ -68,22 +68,29 @@ fn best_over_threads(one: impl Fn() -> f64 + Sync) -> f64 {
     (0..5).map(|_| (0..threads).into_par_iter().map(|_| one()).sum::<f64>()).fold(0.0, f64::max)
 }
 
+/// 1 / seconds for `iters` rounds of `step` on 12 independent chains from `init` (inlined
+/// into each caller, so `step` runs with the caller's vector features).
+#[inline(always)]
+fn time_chains<V: Copy>(iters: usize, init: V, step: impl Fn(V) -> V) -> f64 {
+    let mut acc = [init; 12];
+    let t = Instant::now();
+    for _ in 0..iters {
+        for v in acc.iter_mut() {
+            *v = step(*v);
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    std::hint::black_box(acc);
+    1.0 / secs
+}
+
 /// 1 / seconds for `iters` rounds of 12 independent 16-lane FMAs.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn fma_chains_avx512(iters: usize) -> f64 {
     use std::arch::x86_64::*;
     let (a, b) = (_mm512_set1_ps(0.999_9), _mm512_set1_ps(1e-7));
-    let mut acc = [_mm512_set1_ps(1.0); 12];
-    let t = Instant::now();
-    for _ in 0..iters {
-        for v in acc.iter_mut() {
-            *v = _mm512_fmadd_ps(*v, a, b);
-        }
-    }
-    let secs = t.elapsed().as_secs_f64();
-    std::hint::black_box(acc);
-    1.0 / secs
+    time_chains(iters, _mm512_set1_ps(1.0), |v| _mm512_fmadd_ps(v, a, b))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -91,16 +98,7 @@ fn fma_chains_avx512(iters: usize) -> f64 {
 fn fma_chains_avx2(iters: usize) -> f64 {
     use std::arch::x86_64::*;
     let (a, b) = (_mm256_set1_ps(0.999_9), _mm256_set1_ps(1e-7));
-    let mut acc = [_mm256_set1_ps(1.0); 12];
-    let t = Instant::now();
-    for _ in 0..iters {
-        for v in acc.iter_mut() {
-            *v = _mm256_fmadd_ps(*v, a, b);
-        }
-    }
-    let secs = t.elapsed().as_secs_f64();
-    std::hint::black_box(acc);
-    1.0 / secs
+    time_chains(iters, _mm256_set1_ps(1.0), |v| _mm256_fmadd_ps(v, a, b))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -108,16 +106,7 @@ fn fma_chains_avx2(iters: usize) -> f64 {
 fn dpbf16_chains(iters: usize) -> f64 {
     use std::arch::x86_64::*;
     let x = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1e-3), _mm512_set1_ps(1e-3));
-    let mut acc = [_mm512_setzero_ps(); 12];
-    let t = Instant::now();
-    for _ in 0..iters {
-        for v in acc.iter_mut() {
-            *v = _mm512_dpbf16_ps(*v, x, x);
-        }
-    }
-    let secs = t.elapsed().as_secs_f64();
-    std::hint::black_box(acc);
-    1.0 / secs
+    time_chains(iters, _mm512_setzero_ps(), |v| _mm512_dpbf16_ps(v, x, x))
 }
 
 /// Read bandwidth in bytes/s: every thread sums its part of a 256 MiB buffer (far past
