@@ -302,7 +302,7 @@ impl<'a> KvView<'a> {
         if self.shape.contains(&0) {
             return true;
         }
-        let mut last = Some(self.offset + self.shape[3] - 1);
+        let mut last = self.offset.checked_add(self.shape[3] - 1);
         for a in 0..3 {
             last = last.and_then(|l| (self.shape[a] - 1).checked_mul(self.strides[a]).and_then(|x| x.checked_add(l)));
         }
